@@ -1,0 +1,30 @@
+"""deltatune: parameter-efficient fine-tuning where every fine-tune is a delta.
+
+    import deltatune as dt
+    model = dt.models.load("smollm2-135m")
+    tuned = dt.attach(model, "lora", r=8, alpha=16, targets=["q_proj", "v_proj"])
+    tuned.save("runs/lora"); plain = tuned.merge()
+"""
+
+from deltatune import data, models
+from deltatune.api import export, export_peft, import_, import_peft, inspect, merge, methods
+from deltatune.core.tuned import Tuned, attach, load
+from deltatune.errors import DeltatuneError
+from deltatune.version import __version__
+
+__all__ = [
+    "DeltatuneError",
+    "Tuned",
+    "__version__",
+    "attach",
+    "data",
+    "export",
+    "export_peft",
+    "import_",
+    "import_peft",
+    "inspect",
+    "load",
+    "merge",
+    "methods",
+    "models",
+]

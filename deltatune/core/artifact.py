@@ -1,0 +1,185 @@
+"""Artifacts on disk: ``deltatune.json`` + ``delta.safetensors``, written atomically, read without pickle.
+
+Also the base-model fingerprint: an artifact records which base it was trained on (architecture,
+every parameter's shape and a hash of every tensor the delta touches) and refuses another.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+import uuid
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn as nn
+from safetensors import SafetensorError
+from safetensors.torch import load_file
+
+from deltatune.errors import DeltatuneError
+
+META_FILE = "deltatune.json"
+TENSOR_FILE = "delta.safetensors"
+FORMAT_VERSION = 1
+
+
+# -- fingerprint ---------------------------------------------------------------------------
+def tensor_hash(t: torch.Tensor) -> str:
+    """A short content hash of a tensor's exact bytes (dtype-aware, device-independent)."""
+    data = t.detach().contiguous().cpu()
+    h = hashlib.blake2b(digest_size=8)
+    h.update(f"{data.dtype}{tuple(data.shape)}".encode())
+    h.update(data.view(torch.uint8).numpy().tobytes() if data.numel() else b"")
+    return h.hexdigest()
+
+
+def shapes_hash(model: nn.Module) -> str:
+    h = hashlib.blake2b(digest_size=8)
+    for name, p in model.state_dict().items():
+        h.update(f"{name}:{tuple(p.shape)}:{p.dtype};".encode())
+    return h.hexdigest()
+
+
+def architecture(model: nn.Module) -> str:
+    return type(model).__name__
+
+
+def fingerprint(model: nn.Module, base_tensors: dict[str, torch.Tensor], shapes: str) -> dict[str, Any]:
+    cfg = getattr(model, "config", None)
+    return {
+        "architecture": architecture(model),
+        "model_type": getattr(cfg, "model_type", None),
+        "name_or_path": getattr(cfg, "_name_or_path", None) or None,
+        "num_parameters": sum(p.numel() for p in model.parameters()),
+        "shapes": shapes,
+        "tensors": {name: tensor_hash(t) for name, t in sorted(base_tensors.items())},
+    }
+
+
+def compare_fingerprints(saved: dict[str, Any], current: dict[str, Any]) -> list[str]:
+    """Human-readable differences; empty when the base model is the one the artifact was made on."""
+    diffs = []
+    if saved.get("architecture") != current.get("architecture"):
+        diffs.append(f"architecture {saved.get('architecture')} != {current.get('architecture')}")
+    if saved.get("shapes") != current.get("shapes"):
+        diffs.append("parameter names or shapes differ (another model size or config)")
+    s_t, c_t = saved.get("tensors", {}), current.get("tensors", {})
+    missing = sorted(set(s_t) - set(c_t))
+    changed = sorted(k for k in s_t if k in c_t and s_t[k] != c_t[k])
+    if missing:
+        diffs.append(f"{len(missing)} targeted tensor(s) missing: {', '.join(missing[:10])}")
+    if changed:
+        diffs.append(f"{len(changed)} targeted tensor(s) have other values: {', '.join(changed[:10])}"
+                     + (" ..." if len(changed) > 10 else ""))
+    return diffs
+
+
+# -- atomic directory write ----------------------------------------------------------------
+def _fsync_dir(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def atomic_write_dir(path: str | os.PathLike, files: dict[str, bytes]) -> None:
+    """Write a directory so that readers see the old one or the new one, never a half one."""
+
+    def fill(tmp: Path) -> None:
+        for name, data in files.items():
+            with open(tmp / name, "wb") as f:
+                f.write(data)
+                f.flush()
+                os.fsync(f.fileno())
+
+    atomic_dir(path, fill)
+
+
+def atomic_dir(path: str | os.PathLike, fill) -> None:
+    """Let ``fill(tmp)`` write into a temporary sibling of ``path``, then swap it in with renames.
+
+    The previous directory is removed only after the new one is in place, so an interrupted
+    write (crash, Ctrl-C, full disk) never destroys what was there.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if path.exists() and not path.is_dir():
+        raise DeltatuneError(f"{path} exists and is not a directory: choose another output path")
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
+    try:
+        fill(tmp)
+        _fsync_dir(tmp)
+        old = None
+        if path.exists():
+            old = path.parent / f".{path.name}.old-{uuid.uuid4().hex[:8]}"
+            os.rename(path, old)
+        os.rename(tmp, path)
+        _fsync_dir(path.parent)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def tensors_to_bytes(tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> bytes:
+    from safetensors.torch import save
+
+    clean = {k: v.detach().contiguous().cpu().clone() for k, v in tensors.items()}
+    return save(clean, metadata=metadata)
+
+
+def write_artifact(path: str | os.PathLike, meta: dict[str, Any], tensors: dict[str, torch.Tensor]) -> None:
+    blob = tensors_to_bytes(tensors, {"format": "pt"})
+    meta = dict(meta)
+    meta["files"] = {TENSOR_FILE: {"bytes": len(blob), "sha256": hashlib.sha256(blob).hexdigest()}}
+    atomic_write_dir(path, {TENSOR_FILE: blob, META_FILE: (json.dumps(meta, indent=2, sort_keys=True) + "\n").encode()})
+
+
+def read_meta(path: str | os.PathLike) -> dict[str, Any]:
+    path = Path(path)
+    meta_path = path / META_FILE
+    if not meta_path.is_file():
+        hint = " (it looks like a PEFT adapter: use import_peft / `deltatune import`)" if (path / "adapter_config.json").exists() else ""
+        raise DeltatuneError(f"{path} is not a deltatune artifact: {META_FILE} is missing{hint}")
+    try:
+        meta = json.loads(meta_path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise DeltatuneError(f"{meta_path} is corrupted (not valid JSON: {e}); restore it or re-save the artifact") from e
+    if not isinstance(meta, dict) or "method" not in meta or "config" not in meta:
+        raise DeltatuneError(f"{meta_path} is not a deltatune artifact description (no 'method'/'config')")
+    if meta.get("format_version", 1) > FORMAT_VERSION:
+        raise DeltatuneError(f"{path} was written by a newer deltatune (format {meta['format_version']}); upgrade deltatune")
+    return meta
+
+
+def read_tensors(path: str | os.PathLike, meta: dict[str, Any]) -> dict[str, torch.Tensor]:
+    path = Path(path)
+    tensor_path = path / TENSOR_FILE
+    if not tensor_path.is_file():
+        raise DeltatuneError(f"{tensor_path} is missing: the artifact is incomplete")
+    expected = meta.get("files", {}).get(TENSOR_FILE, {})
+    blob = tensor_path.read_bytes()
+    if "bytes" in expected and len(blob) != expected["bytes"]:
+        raise DeltatuneError(
+            f"{tensor_path} is truncated or corrupted: {len(blob)} bytes, the artifact says {expected['bytes']}"
+        )
+    if "sha256" in expected and hashlib.sha256(blob).hexdigest() != expected["sha256"]:
+        raise DeltatuneError(f"{tensor_path} is corrupted: its checksum does not match {META_FILE}")
+    try:
+        return load_file(tensor_path)
+    except (SafetensorError, OSError, ValueError) as e:
+        raise DeltatuneError(f"{tensor_path} cannot be read ({e}): the file is truncated or corrupted") from e
+
+
+def read_artifact(path: str | os.PathLike) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+    meta = read_meta(path)
+    return meta, read_tensors(path, meta)

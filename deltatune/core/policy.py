@@ -1,0 +1,53 @@
+"""Policies: which parts of a delta train at which step.
+
+The training loop calls a policy around every optimizer step. A policy may change which
+parameters train; when it does it must keep the optimizer consistent (``release_state`` for
+parameters that stop training or whose slot now means something else). Its ``state_dict`` goes
+into every checkpoint so a resumed run takes exactly the decisions of an uninterrupted one; it
+must hold only tensors and JSON values, and must be the same on every data-parallel rank.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+if TYPE_CHECKING:
+    from deltatune.core.tuned import Tuned
+
+
+class Policy:
+    """The static policy: every parameter of the delta trains at every step."""
+
+    name = "static"
+
+    def setup(self, tuned: Tuned) -> None:
+        """Called once the delta is attached (and again after a resume has loaded the state)."""
+
+    def before_optimizer_step(self, step: int, tuned: Tuned, optimizer: torch.optim.Optimizer) -> None:
+        """Gradients of this step are in ``.grad``; the optimizer has not stepped yet."""
+
+    def after_optimizer_step(self, step: int, tuned: Tuned, optimizer: torch.optim.Optimizer) -> None:
+        """The optimizer has stepped; a policy may now change the trainable set."""
+
+    def extra_loss(self, tuned: Tuned) -> torch.Tensor | None:
+        """A regulariser added to the task loss (AdaLoRA's orthogonality, KaSA's terms); None for none."""
+        return None
+
+    def state_dict(self) -> dict[str, Any]:
+        return {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if state:
+            raise ValueError(f"{type(self).__name__} keeps no state but got keys {sorted(state)}")
+
+
+StaticPolicy = Policy
+
+
+def release_state(optimizer: torch.optim.Optimizer, params: list[torch.nn.Parameter]) -> None:
+    """Drop optimizer state (e.g. Adam moments) of ``params``: a parameter that stops training must
+    not keep memory, and one that starts again must not inherit stale moments."""
+    for p in params:
+        optimizer.state.pop(p, None)

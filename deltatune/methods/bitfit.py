@@ -1,0 +1,30 @@
+"""BitFit (Ben Zaken et al., 2022): train only the bias terms, as dense deltas on the biases."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch.nn as nn
+
+from deltatune.core.registry import Built, register
+from deltatune.core.targeting import select_parameters
+from deltatune.errors import DeltatuneError
+from deltatune.methods._common import dense_forms
+
+
+@dataclass
+class BitFitConfig:
+    layers: list[int] | str | None = None
+    types: list[str] | None = None  # owning module types, e.g. ["linear"] to skip LayerNorm biases
+    exclude: list[str] | None = None
+
+
+@register("bitfit", BitFitConfig, "BitFit: train only the bias terms (dense deltas on biases)")
+def build(model: nn.Module, cfg: BitFitConfig, *, loading: bool = False) -> Built:
+    if not any(n == "bias" or n.endswith(".bias") for n, _ in model.named_parameters()):
+        raise DeltatuneError(
+            f"{type(model).__name__} has no bias parameters (Llama-style models have none), so BitFit has "
+            "nothing to train. Use 'lora' or 'lightweight' for this model."
+        )
+    params = select_parameters(model, ["bias"], layers=cfg.layers, types=cfg.types, exclude=cfg.exclude)
+    return Built(dense_forms(model, params))
