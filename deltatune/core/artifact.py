@@ -11,7 +11,6 @@ import json
 import os
 import shutil
 import tempfile
-import uuid
 from pathlib import Path
 from typing import Any
 
@@ -103,31 +102,52 @@ def atomic_write_dir(path: str | os.PathLike, files: dict[str, bytes]) -> None:
     atomic_dir(path, fill)
 
 
+def _previous(path: Path) -> Path:
+    return path.parent / f".{path.name}.previous"
+
+
+def recover(path: str | os.PathLike) -> None:
+    """Finish a swap that a killed process left half done: the previous version is put back."""
+    path = Path(path)
+    prev = _previous(path)
+    if prev.is_dir():
+        if path.exists():
+            shutil.rmtree(prev, ignore_errors=True)
+        else:
+            os.rename(prev, path)
+
+
 def atomic_dir(path: str | os.PathLike, fill) -> None:
     """Let ``fill(tmp)`` write into a temporary sibling of ``path``, then swap it in with renames.
 
     The previous directory is removed only after the new one is in place, so an interrupted
-    write (crash, Ctrl-C, full disk) never destroys what was there.
+    write (crash, Ctrl-C, full disk) never destroys what was there. Between the two renames the
+    previous version sits at ``.<name>.previous``; ``recover`` (run by every reader and writer)
+    puts it back if a process was killed right there.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    recover(path)
     if path.exists() and not path.is_dir():
         raise DeltatuneError(f"{path} exists and is not a directory: choose another output path")
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
+    prev = _previous(path)
+    moved = False
     try:
         fill(tmp)
         _fsync_dir(tmp)
-        old = None
         if path.exists():
-            old = path.parent / f".{path.name}.old-{uuid.uuid4().hex[:8]}"
-            os.rename(path, old)
+            os.rename(path, prev)
+            moved = True
         os.rename(tmp, path)
         _fsync_dir(path.parent)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
+        if moved and not path.exists():
+            os.rename(prev, path)
         raise
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
+    if moved:
+        shutil.rmtree(prev, ignore_errors=True)
 
 
 def tensors_to_bytes(tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> bytes:
@@ -146,6 +166,7 @@ def write_artifact(path: str | os.PathLike, meta: dict[str, Any], tensors: dict[
 
 def read_meta(path: str | os.PathLike) -> dict[str, Any]:
     path = Path(path)
+    recover(path)
     meta_path = path / META_FILE
     if not meta_path.is_file():
         hint = " (it looks like a PEFT adapter: use import_peft / `deltatune import`)" if (path / "adapter_config.json").exists() else ""

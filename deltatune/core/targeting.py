@@ -142,7 +142,7 @@ def _select(
     if not chosen:
         raise DeltatuneError(
             f"the selection names={patterns} layers={layers!r} types={types} exclude={excludes} matches no "
-            f"{owner}: each filter matches something, but not together. Widen one of them."
+            f"{owner} (each name pattern matches, but not together with the other filters). Widen one of them."
         )
     return chosen
 
@@ -168,14 +168,18 @@ def select_parameters(
     types: Sequence[str] | None = None,
     exclude: str | Sequence[str] | None = None,
 ) -> list[tuple[str, nn.Parameter]]:
-    """Parameters (tied ones once, under their first name); ``types`` filters by the owning module."""
-    owners = dict(model.named_modules())
-    items = list(model.named_parameters())  # named_parameters already skips tied duplicates
+    """Parameters; a tied parameter matches under any of its names and comes back once, under its
+    first name. ``types`` filters by the owning module."""
+    owners = dict(model.named_modules(remove_duplicate=False))
+    items = list(model.named_parameters(remove_duplicate=False))
+    canonical = {id(p): n for n, p in reversed(items)}
 
     def owner_of(name: str, _p: object) -> nn.Module:
         return owners[name.rsplit(".", 1)[0]] if "." in name else model
 
-    return _select(items, "parameter", names, layers, types, exclude, owner_of)  # type: ignore[return-value]
+    chosen = _select(items, "parameter", names, layers, types, exclude, owner_of)
+    unique = {id(p): (canonical[id(p)], p) for _, p in chosen}
+    return list(unique.values())  # type: ignore[return-value]
 
 
 def sites_of(model: nn.Module, param: nn.Parameter) -> list[tuple[nn.Module, str]]:

@@ -1,0 +1,75 @@
+"""Every registered method through the life of a delta: attach, train, save, load, merge, unmerge.
+
+Later issues add their methods as rows of ``CASES``; a registered method without a row fails
+``test_every_method_has_a_row``, so no method escapes the matrix.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import MODELS, batch, loss_of, output_of
+
+import deltatune as dt
+
+# (method, options, model) rows
+CASES = [
+    ("lora", {"r": 4, "alpha": 8}, "llama"),
+    ("lora", {"r": 4, "alpha": 8, "targets": ["c_attn", "wte"]}, "gpt2"),
+    ("lora", {"r": 2, "alpha": 4, "use_rslora": True, "targets": ["query", "value"], "bias": "all"}, "bert"),
+    ("full", {}, "llama"),
+    ("full", {"layers": "1:", "types": ["conv1d"]}, "gpt2"),
+    ("bitfit", {}, "gpt2"),
+    ("bitfit", {}, "bert"),
+    ("lightweight", {}, "llama"),
+    ("lightweight", {"parts": [], "last_k": 1}, "gpt2"),
+]
+
+
+def test_every_method_has_a_row() -> None:
+    assert set(dt.methods()) <= {m for m, _, _ in CASES}
+
+
+def _base_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+@pytest.mark.parametrize(("method", "options", "arch"), CASES, ids=[f"{m}-{a}-{i}" for i, (m, _, a) in enumerate(CASES)])
+def test_life_of_a_delta(method: str, options: dict, arch: str, tmp_path) -> None:
+    model = MODELS[arch]()
+    x = batch()
+    before = output_of(model, x)
+    w0 = _base_state(model)
+
+    tuned = dt.attach(model, method, **options)
+    assert torch.equal(output_of(tuned, x), before), "a fresh delta must start exactly at the base model"
+
+    opt = torch.optim.AdamW(tuned.trainable_parameters(), lr=1e-2)
+    for _ in range(3):
+        opt.zero_grad()
+        loss_of(tuned, x).backward()
+        opt.step()
+    with_grad = [p for p in tuned.parameters() if p.grad is not None]
+    assert tuned.num_trainable() == sum(p.numel() for p in with_grad) > 0
+    trained = output_of(tuned, x)
+    assert not torch.allclose(trained, before), "training must change the output"
+
+    tuned.save(tmp_path / "a")
+    fresh = MODELS[arch]()
+    loaded = dt.load(fresh, tmp_path / "a")
+    assert torch.equal(output_of(loaded, x), trained), "save/load must be bit-identical"
+    assert loaded.num_trainable() == tuned.num_trainable()
+
+    plain = tuned.merge()
+    assert type(plain) is type(model)
+    assert not any("parametrizations" in k for k in plain.state_dict()), "merge leaves a plain model"
+    assert torch.allclose(output_of(plain, x), trained, atol=1e-5, rtol=0)
+
+    tuned.unmerge()
+    assert torch.allclose(output_of(tuned, x), trained, atol=1e-5, rtol=0)
+    for form in tuned.forms().values():
+        form.detach()
+    restored = _base_state(model)
+    assert restored.keys() == w0.keys()
+    for k in w0:
+        assert torch.allclose(restored[k], w0[k], atol=1e-6, rtol=0), k
