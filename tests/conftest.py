@@ -60,3 +60,11 @@ def loss_of(model: torch.nn.Module, inputs: dict[str, torch.Tensor]) -> torch.Te
 @pytest.fixture
 def inputs() -> dict[str, torch.Tensor]:
     return batch()
+
+
+@pytest.fixture(scope="session")
+def smollm2() -> torch.nn.Module:
+    """The shipped SmolLM2-135M, loaded once per session; tests deep-copy it before changing it."""
+    from deltatune import models
+
+    return models.load("smollm2-135m")

