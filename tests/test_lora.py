@@ -105,7 +105,7 @@ def test_attach_by_config_object_and_bad_options() -> None:
     from deltatune.methods.lora import LoraConfig
 
     tuned = dt.attach(tiny_llama(), LoraConfig(r=2, alpha=4))
-    assert tuned.method.name == "lora" and tuned.config.r == 2
+    assert tuned.method.name == "lora" and tuned.method_config.r == 2 and tuned.config.model_type == "llama"
     with pytest.raises(dt.DeltatuneError, match="did you mean 'alpha'"):
         dt.attach(tiny_llama(), "lora", alpah=16)
     with pytest.raises(dt.DeltatuneError, match="r=0"):

@@ -34,7 +34,7 @@ class Tuned(nn.Module):
         self.deltas = nn.ModuleDict({_module_key(k): f for k, f in forms.items()})
         self.delta_names = list(forms)
         self.method = method
-        self.config = config
+        self.method_config = config
         self.policy = policy
         self.merged = False
         self._fingerprint: dict[str, Any] | None = None
@@ -165,7 +165,7 @@ class Tuned(nn.Module):
             "format_version": artifact.FORMAT_VERSION,
             "deltatune_version": __version__,
             "method": self.method.name,
-            "config": registry.config_to_dict(self.config),
+            "config": registry.config_to_dict(self.method_config),
             "fingerprint": self.fingerprint(),
             "sizes": {"trainable": self.num_trainable(), "stored_bytes": self.stored_bytes()},
         }
