@@ -120,3 +120,15 @@ def test_generate_through_the_wrapper() -> None:
     tuned = dt.attach(tiny_llama(), "lora", r=2, init=False)
     out = tuned.generate(batch(n=1, length=4)["input_ids"], max_new_tokens=3, do_sample=False)
     assert out.shape == (1, 7)
+
+
+def test_attaching_again_replaces_the_previous_delta() -> None:
+    model = tiny_llama()
+    x = batch()
+    base = output_of(model, x)
+    first = dt.attach(model, "lora", r=2, init=False)
+    with pytest.warns(UserWarning, match="detaching it first"):
+        second = dt.attach(model, "lora", r=2)
+    assert not first.attached and second.attached
+    assert torch.equal(output_of(second, x), base), "the first delta no longer applies"
+    assert second.detach() is model and torch.equal(output_of(model, x), base)

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import warnings
+import weakref
 from typing import Any
 
 import torch
@@ -149,6 +151,18 @@ class Tuned(nn.Module):
         elif getattr(self, "_was_tied", None) is not None:
             cfg.tie_word_embeddings = self._was_tied
 
+    def detach(self) -> nn.Module:
+        """Take the (unmerged) delta off the model and return the untouched base model."""
+        if self.merged:
+            raise DeltatuneError("the delta is merged into the weights; unmerge() before detaching it")
+        for form in self.forms().values():
+            form.detach()
+        return self.model
+
+    @property
+    def attached(self) -> bool:
+        return any(f.attached for f in self.forms().values())
+
     def unmerge(self) -> Tuned:
         if not self.merged:
             raise DeltatuneError("the delta is not merged; there is nothing to unmerge")
@@ -192,12 +206,23 @@ def attach(model: nn.Module, method: str | Any, *, _loading: bool = False, **con
     if isinstance(model, Tuned):
         raise DeltatuneError("this model already has a delta attached; merge() it or attach to the base model")
     m, cfg = _method_and_config(method, config)
+    previous = model.__dict__.get("_deltatune_tuned")
+    previous = previous() if previous is not None else None
+    if previous is not None and previous.attached:
+        # one active delta per model: a new attach replaces the old one rather than stacking on it
+        warnings.warn(
+            f"the model already carries an attached {previous.method.name!r} delta; detaching it first "
+            "(its Tuned object keeps the delta, re-attach with dt.attach or merge it before attaching another)",
+            stacklevel=2,
+        )
+        previous.detach()
     shapes = artifact.shapes_hash(model)
     registry.freeze(model)
     built = m.build(model, cfg, loading=_loading)
     for form in built.forms.values():
         form.attach()
     tuned = Tuned(model, m, cfg, built.forms, built.policy, shapes)
+    model.__dict__["_deltatune_tuned"] = weakref.ref(tuned)  # not an nn.Module attribute: no registration
     built.policy.setup(tuned)
     return tuned
 
