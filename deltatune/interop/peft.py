@@ -3,9 +3,11 @@
 On disk PEFT writes ``adapter_config.json`` + ``adapter_model.safetensors`` with keys
 ``base_model.model.<module path>.lora_A.weight`` (r, in) / ``.lora_B.weight`` (out, r);
 embeddings use ``.lora_embedding_A`` (r, num) / ``.lora_embedding_B`` (dim, r). Fully trained
-tensors (``bias="all"``, ``modules_to_save``) are stored as their trained *values*. We emit exact
-module paths as ``target_modules`` and per-module ``rank_pattern`` / ``alpha_pattern`` where ranks
-differ, so PEFT rebuilds exactly our modules and scales.
+tensors (``bias``, ``modules_to_save``) are stored as their trained *values*; the bias of a module
+that carries a LoRA layer lives under ``<path>.base_layer.bias`` (PEFT's wrapper keeps the original
+module as ``base_layer``, and silently ignores a ``<path>.bias`` key). We emit exact module paths as
+``target_modules`` / ``modules_to_save`` and per-module ``rank_pattern`` / ``alpha_pattern`` where
+ranks differ, so PEFT rebuilds exactly our modules and scales.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ from __future__ import annotations
 import json
 import os
 import re
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
@@ -35,35 +38,57 @@ PEFT_VERSION = "0.21.2"  # the version whose format we write and test against
 
 _TASKS = (
     ("ForCausalLM", "CAUSAL_LM"),
+    ("LMHeadModel", "CAUSAL_LM"),  # GPT-2 and friends
     ("ForSequenceClassification", "SEQ_CLS"),
     ("ForTokenClassification", "TOKEN_CLS"),
     ("ForQuestionAnswering", "QUESTION_ANS"),
-    ("ForConditionalGeneration", "SEQ_2_SEQ_LM"),
+    ("ForSeq2SeqLM", "SEQ_2_SEQ_LM"),
 )
 
 
 def task_type(model: nn.Module) -> str | None:
+    """PEFT's ``task_type`` for a transformers model class (None: a plain ``PeftModel``)."""
     name = type(model).__name__
+    if name.endswith("ForConditionalGeneration"):  # T5/BART are seq2seq; LLaVA-style models are causal
+        return "SEQ_2_SEQ_LM" if getattr(getattr(model, "config", None), "is_encoder_decoder", False) else "CAUSAL_LM"
     return next((task for suffix, task in _TASKS if name.endswith(suffix)), None)
+
+
+# modules PEFT's task classes add to modules_to_save on their own
+_TASK_SAVED = {"SEQ_CLS": ("classifier", "score"), "TOKEN_CLS": ("classifier", "score"), "QUESTION_ANS": ("qa_outputs",)}
+
+
+def _unparametrized(key: str) -> str:
+    """A state-dict key as the model has it without torch parametrisations (deltatune's dense deltas)."""
+    return re.sub(r"(^|\.)parametrizations\.([^.]+)\.original$", r"\1\2", key)
 
 
 def _module_of(form_name: str) -> str:
     return form_name.rsplit(".", 1)[0]
 
 
+def _number(x: float) -> int | float:
+    """PEFT types ``lora_alpha`` as int: write integral values as ints."""
+    return int(x) if float(x).is_integer() else float(x)
+
+
 def export_peft(tuned: Tuned, out: str | os.PathLike) -> Path:
     """Write ``tuned``'s delta as a PEFT LoRA adapter (``PeftModel.from_pretrained`` loads it unchanged)."""
     forms = tuned.forms()
-    low = {n: f for n, f in forms.items() if isinstance(f, LowRank)}
-    dense = {n: f for n, f in forms.items() if isinstance(f, Dense)}
+    low = {n: f for n, f in forms.items() if isinstance(f, LowRank) and f.kind == LowRank.kind}
+    dense = {n: f for n, f in forms.items() if isinstance(f, Dense) and f.kind == Dense.kind}
     other = [n for n in forms if n not in low and n not in dense]
     if not low or other:
         raise DeltatuneError(
             f"method {tuned.method.name!r} has no PEFT LoRA equivalent (PEFT export needs low-rank deltas, "
-            f"plus optional dense ones{'; found ' + forms[other[0]].kind if other else ''})"
+            f"plus optional dense ones{'; found ' + forms[other[0]].kind + ' at ' + other[0] if other else ''})"
         )
     if tuned.merged:
         raise DeltatuneError("the delta is merged into the base; unmerge() before exporting it")
+    rslora = {f.use_rslora for f in low.values()}
+    if len(rslora) > 1:
+        raise DeltatuneError("PEFT has one use_rslora flag per adapter; this delta mixes both scalings")
+
     tensors: dict[str, torch.Tensor] = {}
     for name, f in low.items():
         path = PREFIX + _module_of(name)
@@ -71,52 +96,91 @@ def export_peft(tuned: Tuned, out: str | os.PathLike) -> Path:
             tensors[f"{path}.lora_embedding_A"], tensors[f"{path}.lora_embedding_B"] = f.A, f.B
         else:
             tensors[f"{path}.lora_A.weight"], tensors[f"{path}.lora_B.weight"] = f.A, f.B
-    biases_only = all(n.endswith(".bias") for n in dense)
-    for name, f in dense.items():  # PEFT stores trained values, not differences
-        tensors[PREFIX + name] = (f.base + f.delta).detach()
+
+    # Dense deltas: PEFT stores trained values, not differences, under every module that holds the tensor
+    # (a tied weight is trained at each of its sites). A module with a trained non-bias tensor becomes a
+    # modules_to_save entry (PEFT trains a copy of the whole module); a lone trained bias is PEFT's `bias` option.
+    model = tuned.model
+    module_names: dict[int, str] = {}
+    all_modules: list[str] = []
+    for n, m in model.named_modules(remove_duplicate=False):
+        module_names.setdefault(id(m), n)
+        all_modules.append(n)
+    lora_paths = {_module_of(n) for n in low}
+    trained: dict[str, torch.Tensor] = {}  # "<module path>.<tensor>" -> trained value
+    for f in dense.values():
+        value = (f.base + f.delta).detach()
+        for m, attr in f._sites:
+            trained[f"{module_names[id(m)]}.{attr}"] = value
+    saved_modules = {_module_of(k) for k in trained if not k.endswith(".bias")}
+    clash = sorted(saved_modules & lora_paths)
+    if clash:
+        raise DeltatuneError(
+            f"{clash[0]} carries a low-rank delta and a fully trained tensor; PEFT cannot hold both on one module"
+        )
+    task = task_type(model)
+    # PEFT wraps every module whose name *ends with* (no dot needed) a modules_to_save entry, adds its own entries
+    # for classification heads, and then insists on a saved value for each tensor of each wrapped module.
+    auto = list(_TASK_SAVED.get(task or "", ()))
+    if any(p.endswith(a) for p in lora_paths for a in auto):
+        task, auto = None, []  # LoRA on the head: PEFT's task class would wrap it instead; the plain class does not
+    entries = sorted(saved_modules) + auto
+    wrapped = {n for n in all_modules if n and any(n.endswith(e) for e in entries)}
+    hit = sorted(p for p in lora_paths if any(p == w or p.startswith(w + ".") for w in wrapped))
+    if hit:
+        raise DeltatuneError(
+            f"PEFT would treat {hit[0]} as (part of) a fully trained module, as its name ends with a "
+            "modules_to_save entry, and drop its low-rank delta"
+        )
+    state = {_unparametrized(k): v for k, v in model.state_dict(keep_vars=True).items()}
+    for key, value in state.items():
+        if any(key.startswith(w + ".") for w in wrapped):
+            tensors[PREFIX + key] = trained.get(key, value).detach()
+    bias_modules: set[str] = set()
+    for key, value in trained.items():
+        path = _module_of(key)
+        if PREFIX + key in tensors:
+            continue  # inside a wrapped module
+        if not key.endswith(".bias"):
+            raise DeltatuneError(f"{key} is fully trained but PEFT could only hold it as a module to save")
+        bias_modules.add(path)
+        inner = ".base_layer" if path in lora_paths else ""  # PEFT's LoRA layer keeps the original as base_layer
+        tensors[f"{PREFIX}{path}{inner}.bias"] = value
+    bias_mode = "none"
+    if bias_modules:
+        bias_mode = "lora_only" if bias_modules <= lora_paths else "all"
 
     ranks = {_module_of(n): f.r for n, f in low.items()}
     alphas = {_module_of(n): f.alpha for n, f in low.items()}
-    rslora = {f.use_rslora for f in low.values()}
-    if len(rslora) > 1:
-        raise DeltatuneError("PEFT has one use_rslora flag per adapter; this delta mixes both scalings")
-    r0 = max(set(ranks.values()), key=list(ranks.values()).count)
-    a0 = max(set(alphas.values()), key=list(alphas.values()).count)
-    bias_mode = "none"
-    if dense and biases_only:
-        targeted = {_module_of(n) for n in low}
-        bias_mode = "lora_only" if {_module_of(n) for n in dense} <= targeted else "all"
-    modules_to_save = None
-    if dense and not biases_only:
-        modules_to_save = sorted({_module_of(n) for n in dense})
-    cfg = getattr(tuned.model, "config", None)
+    r0 = Counter(ranks.values()).most_common(1)[0][0]
+    a0 = Counter(alphas.values()).most_common(1)[0][0]
+    layouts = {f.layout for f in low.values()}
+    cfg = getattr(model, "config", None)
     config: dict[str, Any] = {
         "peft_type": "LORA",
-        "task_type": task_type(tuned.model),
+        "task_type": task,
         "base_model_name_or_path": getattr(cfg, "_name_or_path", None) or None,
         "revision": None,
         "inference_mode": True,
         "r": r0,
-        "lora_alpha": a0,
-        "lora_dropout": float(getattr(tuned.config, "dropout", 0.0)),
+        "lora_alpha": _number(a0),
+        "lora_dropout": max(float(getattr(f.dropout, "p", 0.0)) for f in low.values()),
         "target_modules": sorted(ranks),
         "exclude_modules": None,
         "bias": bias_mode,
-        "fan_in_fan_out": any(f.layout == "conv1d" for f in low.values()),
+        # PEFT corrects the flag per layer (with a warning) when an adapter mixes Conv1D and Linear targets
+        "fan_in_fan_out": "conv1d" in layouts,
         "use_rslora": rslora.pop(),
         "use_dora": False,
         "init_lora_weights": True,
-        "modules_to_save": modules_to_save,
+        "modules_to_save": sorted(saved_modules) or None,
         "layers_to_transform": None,
         "layers_pattern": None,
         "rank_pattern": {re.escape(m): r for m, r in ranks.items() if r != r0},
-        "alpha_pattern": {re.escape(m): a for m, a in alphas.items() if a != a0},
+        "alpha_pattern": {re.escape(m): _number(a) for m, a in alphas.items() if a != a0},
         "lora_bias": False,
         "peft_version": PEFT_VERSION,
-        "exported_by": f"deltatune (method {tuned.method.name})",
     }
-    if any(f.layout == "conv1d" for f in low.values()) and any(f.layout == "linear" for f in low.values()):
-        raise DeltatuneError("PEFT has one fan_in_fan_out flag per adapter; this delta mixes Conv1D and Linear targets")
     blob = artifact.tensors_to_bytes(tensors, {"format": "pt"})
     files = {WEIGHTS_FILE: blob, CONFIG_FILE: (json.dumps(config, indent=2, sort_keys=True) + "\n").encode()}
     artifact.atomic_write_dir(out, files)
@@ -126,15 +190,22 @@ def export_peft(tuned: Tuned, out: str | os.PathLike) -> Path:
 def read_peft(adapter: str | os.PathLike) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
     path = Path(adapter)
     cfg_path, w_path = path / CONFIG_FILE, path / WEIGHTS_FILE
+    if not path.is_dir():
+        raise DeltatuneError(f"{path} is not a PEFT adapter folder: no such folder")
     if not cfg_path.is_file():
         raise DeltatuneError(f"{path} is not a PEFT adapter folder: {CONFIG_FILE} is missing")
     if not w_path.is_file():
-        legacy = " (only a pickled adapter_model.bin is there: re-save it with safetensors; deltatune never reads pickle)"
+        legacy = (
+            " (only a pickled adapter_model.bin is there: deltatune never reads pickle; re-save the adapter "
+            "with safetensors, e.g. PeftModel.from_pretrained(...).save_pretrained(dir, safe_serialization=True))"
+        )
         raise DeltatuneError(f"{w_path} is missing{legacy if (path / 'adapter_model.bin').exists() else ''}")
     try:
         config = json.loads(cfg_path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise DeltatuneError(f"{cfg_path} is not valid JSON: {e}") from e
+    if not isinstance(config, dict):
+        raise DeltatuneError(f"{cfg_path} is not a PEFT config (a JSON object)")
     try:
         tensors = load_file(w_path)
     except (SafetensorError, OSError, ValueError) as e:
@@ -142,70 +213,175 @@ def read_peft(adapter: str | os.PathLike) -> tuple[dict[str, Any], dict[str, tor
     return config, tensors
 
 
-_LORA_KEY = re.compile(r"^(?P<mod>.+)\.(?:lora_A\.weight|lora_B\.weight|lora_embedding_A|lora_embedding_B)$")
+_LORA_KEY = re.compile(r"^(?P<mod>.+)\.(?P<t>lora_A\.weight|lora_B\.weight|lora_embedding_A|lora_embedding_B)$")
+
+# config options that change what the adapter computes in ways a plain LoRA delta cannot express
+_UNSUPPORTED = (
+    ("use_dora", "DoRA"),
+    ("lora_bias", "lora_bias (a bias on B)"),
+    ("layer_replication", "layer_replication (it duplicates base layers)"),
+    ("target_parameters", "target_parameters (LoRA on raw nn.Parameters)"),
+    ("trainable_token_indices", "trainable_token_indices (trainable tokens)"),
+    ("alora_invocation_tokens", "aLoRA (activated only after invocation tokens)"),
+    ("use_bdlora", "BD-LoRA"),
+    ("arrow_config", "Arrow routing"),
+    ("velora_config", "VeLoRA"),
+    ("monteclora_config", "MonteCLoRA"),
+    ("kasa_config", "KaSA"),
+)
+# inits that move the base weights (W <- W - s·B0·A0 or a re-quantised W): the adapter only fits that moved base
+_BASE_REWRITING_INITS = ("pissa", "corda", "olora", "loftq", "lora_ga")
+
+
+def _normalise_key(key: str) -> str | None:
+    """A saved key without PEFT's prefix, adapter name and wrapper infixes; None for keys to skip."""
+    key = key[len(PREFIX):] if key.startswith(PREFIX) else key
+    key = re.sub(r"\.lora_(A|B)\.[^.]+\.weight$", r".lora_\1.weight", key)  # adapter name left in (old files)
+    key = re.sub(r"\.lora_embedding_(A|B)\.[^.]+$", r".lora_embedding_\1", key)
+    if _LORA_KEY.match(key):
+        return key
+    if ".original_module." in key:  # ModulesToSaveWrapper's untouched original: the base itself
+        return None
+    key = re.sub(r"\.modules_to_save\.[^.]+\.", ".", key)  # old files: <path>.modules_to_save.<adapter>.<param>
+    return key.replace(".base_layer.", ".")  # the original module inside a LoRA layer
 
 
 def import_peft(model: nn.Module, adapter: str | os.PathLike) -> Tuned:
     """Attach a PEFT LoRA adapter to ``model`` as a deltatune ``lora`` delta (same logits as PEFT)."""
     config, raw = read_peft(adapter)
-    if config.get("peft_type") != "LORA":
-        raise DeltatuneError(f"{adapter} is a {config.get('peft_type')!r} adapter; only PEFT LoRA adapters import")
-    for key, why in (("use_dora", "DoRA"), ("lora_bias", "lora_bias (a bias on B)")):
+    if str(config.get("peft_type", "")).upper() != "LORA":
+        raise DeltatuneError(
+            f"{adapter} is a {config.get('peft_type')!r} adapter; only PEFT LoRA adapters (peft_type 'LORA') import"
+        )
+    for key, why in _UNSUPPORTED:
         if config.get(key):
-            raise DeltatuneError(f"{adapter} uses {why}, which deltatune does not import yet")
+            raise DeltatuneError(f"{adapter} uses {why}, which deltatune does not import")
     init = config.get("init_lora_weights", True)
-    if isinstance(init, str) and init.lower() in {"pissa", "corda", "olora", "loftq"}:
+    if isinstance(init, str) and init.lower().startswith(_BASE_REWRITING_INITS):
         raise DeltatuneError(
             f"{adapter} was initialised with {init!r}, which rewrites the base weights: convert it to a plain "
-            "LoRA with PEFT (path_initial_model_for_weight_conversion) before importing"
+            "LoRA with PEFT (save_pretrained(..., path_initial_model_for_weight_conversion=...)) before importing"
         )
-    tensors = {(k[len(PREFIX):] if k.startswith(PREFIX) else k): v for k, v in raw.items()}
-    tensors = {re.sub(r"\.lora_(A|B)\.[^.]+\.weight$", r".lora_\1.weight", k): v for k, v in tensors.items()}
-    lora_modules = sorted({m.group("mod") for k in tensors if (m := _LORA_KEY.match(k))})
-    if not lora_modules:
-        raise DeltatuneError(f"{adapter} holds no LoRA tensors (keys like '<module>.lora_A.weight')")
-    # current PEFT writes fully trained tensors as "<path>.<param>"; older files as "<path>.modules_to_save.<param>"
-    saved_values = {
-        re.sub(r"\.modules_to_save\.(?:[^.]+\.)?(?=[^.]+$)", ".", k): v for k, v in tensors.items() if not _LORA_KEY.match(k)
-    }
 
-    ranks = {}
-    for mod in lora_modules:
-        a = tensors.get(f"{mod}.lora_A.weight", tensors.get(f"{mod}.lora_embedding_A"))
-        ranks[mod] = int(a.shape[0])
-    alpha = float(config.get("lora_alpha", 8))
-    alpha_pattern = {re.escape(m): float(pattern_value(config.get("alpha_pattern") or {}, m, alpha)) for m in lora_modules}
+    tensors: dict[str, torch.Tensor] = {}
+    for k, v in raw.items():
+        nk = _normalise_key(k)
+        if nk is None:
+            continue
+        if nk in tensors:
+            raise DeltatuneError(f"{adapter} holds two tensors for {nk!r} (the second is {k!r})")
+        tensors[nk] = v
+    lora: dict[str, dict[str, torch.Tensor]] = {}
+    for k, v in tensors.items():
+        if m := _LORA_KEY.match(k):
+            lora.setdefault(m.group("mod"), {})[m.group("t")] = v
+    if not lora:
+        raise DeltatuneError(f"{adapter} holds no LoRA tensors (keys like '<module>.lora_A.weight')")
+    for mod, parts in lora.items():
+        pair = ("lora_embedding_A", "lora_embedding_B") if "lora_embedding_A" in parts else ("lora_A.weight", "lora_B.weight")
+        if set(parts) != set(pair):
+            raise DeltatuneError(f"{adapter}: module {mod!r} has {sorted(parts)}, not a LoRA pair {list(pair)}")
+    lora_modules = sorted(lora)
+    have = {n for n, _ in model.named_modules()}
+    missing = [m for m in lora_modules if m not in have]
+    if missing:
+        raise DeltatuneError(
+            f"{adapter} has LoRA tensors for {missing[0]!r}, which this {type(model).__name__} does not have "
+            f"({len(missing)} of {len(lora_modules)} modules missing): it was made for another base model"
+        )
+
+    # Fully trained tensors, by module. A LoRA layer's own base weight is saved by PEFT when an embedding is
+    # targeted (save_embedding_layers): it must be the model's weight, or the adapter changes the base.
+    saved = {k: v for k, v in tensors.items() if not _LORA_KEY.match(k)}
+    base_state = model.state_dict(keep_vars=True)
+    for key, value in saved.items():
+        if key not in base_state:
+            raise DeltatuneError(f"{adapter} saves {key!r}, which this model does not have: is it the right base model?")
+        if tuple(base_state[key].shape) != tuple(value.shape):
+            raise DeltatuneError(
+                f"{adapter} saves {key!r} with shape {tuple(value.shape)}, the model has {tuple(base_state[key].shape)} "
+                "(a resized vocabulary?): it was made for another base model"
+            )
+    base_copies = [k for k in saved if _module_of(k) in lora and not k.endswith(".bias")]
+    for key in base_copies:
+        if not torch.equal(saved[key].to(base_state[key].dtype), base_state[key].detach()):
+            raise DeltatuneError(
+                f"{adapter} saves a changed base weight {key!r} under its LoRA layer (e.g. an embedding trained or "
+                "resized next to LoRA): deltatune cannot hold a dense and a low-rank delta on one tensor"
+            )
+        del saved[key]
+    modules_to_save = sorted({_module_of(k) for k in saved if not k.endswith(".bias")})
+    loose_biases = {_module_of(k) for k in saved if k.endswith(".bias")} - set(modules_to_save)
     bias = config.get("bias", "none")
-    non_bias = [k for k in saved_values if not k.endswith(".bias")]
-    modules_to_save = sorted({k.rsplit(".", 1)[0] for k in non_bias}) or None
+    if bias not in ("none", "all", "lora_only"):
+        bias = "none"
+    if loose_biases - set(lora):
+        bias = "all"
+    elif loose_biases and bias == "none":
+        bias = "lora_only"
+
+    alpha = float(config.get("lora_alpha", 8))
+    alpha_pattern = config.get("alpha_pattern") or {}
+    ranks = {mod: int(parts.get("lora_A.weight", parts.get("lora_embedding_A")).shape[0]) for mod, parts in lora.items()}
     tuned = attach(
         model,
         "lora",
         r=int(config.get("r", 8)),
         alpha=alpha,
-        dropout=float(config.get("lora_dropout", 0.0)),
+        dropout=float(config.get("lora_dropout") or 0.0),
         targets=lora_modules,
         use_rslora=bool(config.get("use_rslora", False)),
-        bias=bias if bias in ("none", "all", "lora_only") else "none",
+        bias=bias,
         rank_pattern={re.escape(m): r for m, r in ranks.items()},
-        alpha_pattern=alpha_pattern,
-        modules_to_save=modules_to_save,
+        alpha_pattern={re.escape(m): float(pattern_value(alpha_pattern, m, alpha)) for m in lora_modules},
+        modules_to_save=modules_to_save or None,
     )
-    forms = tuned.forms()
-    with torch.no_grad():
-        for mod in lora_modules:
-            form = forms[f"{mod}.weight"]
-            assert isinstance(form, LowRank)
-            emb = form.layout == "embedding"
-            form.load_stored({
-                "A": tensors[f"{mod}.lora_embedding_A" if emb else f"{mod}.lora_A.weight"],
-                "B": tensors[f"{mod}.lora_embedding_B" if emb else f"{mod}.lora_B.weight"],
-            })
-        for name, value in saved_values.items():
-            if name not in forms:
-                continue  # a bias PEFT saved but this config does not train: its value is the base value
-            form = forms[name]
-            assert isinstance(form, Dense)
-            form.delta.copy_(value.to(form.base.dtype) - form.base)
+    try:
+        forms = tuned.forms()
+        unexpected = sorted(set(f"{m}.weight" for m in lora_modules) - set(forms))
+        if unexpected:
+            raise DeltatuneError(f"the LoRA modules {unexpected[:3]} did not become LoRA deltas")
+        with torch.no_grad():
+            for mod, parts in lora.items():
+                form = forms[f"{mod}.weight"]
+                assert isinstance(form, LowRank)
+                emb = form.layout == "embedding"
+                if emb != ("lora_embedding_A" in parts):
+                    raise DeltatuneError(
+                        f"{adapter}: {mod!r} is {'an embedding' if emb else 'not an embedding'} in this model but "
+                        f"the adapter stores {'linear' if emb else 'embedding'} LoRA tensors for it"
+                    )
+                a, b = (parts["lora_embedding_A"], parts["lora_embedding_B"]) if emb else (
+                    parts["lora_A.weight"], parts["lora_B.weight"])
+                form.load_stored({"A": a, "B": b})
+            # a dense delta applies at every site of its tensor: each site must hold the same saved value
+            module_names: dict[int, str] = {}
+            for n, m in model.named_modules(remove_duplicate=False):
+                module_names.setdefault(id(m), n)
+            site_form: dict[str, Dense] = {}
+            for form in forms.values():
+                if isinstance(form, Dense):
+                    for m, attr in form._sites:
+                        site_form[f"{module_names[id(m)]}.{attr}"] = form
+            done: dict[int, str] = {}
+            for name, value in saved.items():
+                form = site_form.get(name)
+                if form is None:
+                    if torch.equal(value.to(base_state[name].dtype), base_state[name].detach()):
+                        continue  # e.g. a buffer of a module to save: the base value
+                    raise DeltatuneError(f"{adapter} saves a changed {name!r}, which a LoRA delta cannot hold")
+                sites = sorted(k for k, f in site_form.items() if f is form)
+                if len(sites) > 1 and not all(k in saved and torch.equal(saved[k], value) for k in sites):
+                    raise DeltatuneError(
+                        f"{adapter} trains {name!r}, whose tensor the model shares with {sorted(set(sites) - {name})} "
+                        "(tied weights), at one site only; deltatune trains a tied tensor at all its sites. Save the "
+                        "adapter with LoraConfig(ensure_weight_tying=True), or untie the weights of the base model"
+                    )
+                if id(form) not in done:
+                    form.delta.copy_(value.to(form.base.dtype) - form.base)
+                    done[id(form)] = name
+    except Exception:
+        for form in tuned.forms().values():
+            form.detach()
+        raise
     return tuned
-

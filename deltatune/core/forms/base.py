@@ -155,7 +155,8 @@ class WeightDelta(Form):
 
     def _hook(self, module: nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor:
         delta = self.output_delta(module, args[0])
-        return output if delta is None else output + delta.to(output.dtype)
+        # add at the higher precision, then round once (as PEFT does for fp32 factors on a bf16 base)
+        return output if delta is None else (output + delta).to(output.dtype)
 
     def detach(self) -> None:
         if not self.attached:

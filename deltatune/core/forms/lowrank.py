@@ -59,7 +59,8 @@ class LowRank(WeightDelta):
         self.scale = self.alpha / math.sqrt(self.r) if self.use_rslora else self.alpha / self.r
         w = self.base
         d_out, d_in = (w.shape[1], w.shape[0]) if self.layout in ("conv1d", "embedding") else w.shape
-        dtype = dtype or (w.dtype if w.is_floating_point() else torch.float32)
+        # like PEFT (autocast_adapter_dtype): factors of a half-precision base train in fp32
+        dtype = dtype or (w.dtype if w.dtype in (torch.float32, torch.float64) else torch.float32)
         self.A = nn.Parameter(torch.empty(self.r, d_in, dtype=dtype, device=w.device))
         self.B = nn.Parameter(torch.empty(d_out, self.r, dtype=dtype, device=w.device))
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
