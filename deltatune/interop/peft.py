@@ -110,7 +110,7 @@ def export_peft(tuned: Tuned, out: str | os.PathLike) -> Path:
     trained: dict[str, torch.Tensor] = {}  # "<module path>.<tensor>" -> trained value
     for f in dense.values():
         value = (f.base + f.delta).detach()
-        for m, attr in f._sites:
+        for m, attr in f.sites:
             trained[f"{module_names[id(m)]}.{attr}"] = value
     saved_modules = {_module_of(k) for k in trained if not k.endswith(".bias")}
     clash = sorted(saved_modules & lora_paths)
@@ -361,7 +361,7 @@ def import_peft(model: nn.Module, adapter: str | os.PathLike) -> Tuned:
             site_form: dict[str, Dense] = {}
             for form in forms.values():
                 if isinstance(form, Dense):
-                    for m, attr in form._sites:
+                    for m, attr in form.sites:
                         site_form[f"{module_names[id(m)]}.{attr}"] = form
             done: dict[int, str] = {}
             for name, value in saved.items():

@@ -120,6 +120,11 @@ class WeightDelta(Form):
         self._hooks: list = []
 
     @property
+    def sites(self) -> list[tuple[nn.Module, str]]:
+        """Every (module, attribute) the delta applies at (several for a tied tensor)."""
+        return list(self._sites)
+
+    @property
     def base(self) -> torch.Tensor:
         module, attr = self._sites[0]
         if parametrize.is_parametrized(module, attr):
