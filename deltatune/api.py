@@ -11,7 +11,7 @@ import torch.nn as nn
 from deltatune.core import artifact, registry
 from deltatune.core.tuned import Tuned, load
 from deltatune.errors import DeltatuneError
-from deltatune.interop.peft import export_peft, import_peft
+from deltatune.interop.peft import export_peft, import_peft, read_peft
 
 FORMATS = ("peft",)
 
@@ -66,8 +66,8 @@ def export(artifact_or_tuned: str | os.PathLike | Tuned, out: str | os.PathLike,
     _check_format(format)
     if isinstance(artifact_or_tuned, Tuned):
         return export_peft(artifact_or_tuned, out)
+    meta = artifact.read_meta(artifact_or_tuned)  # a bad path fails before a model is loaded
     if base is None:
-        meta = artifact.read_meta(artifact_or_tuned)
         base = meta.get("fingerprint", {}).get("name_or_path")
         if not base:
             raise DeltatuneError("the artifact does not say which base model it belongs to: pass base=...")
@@ -77,12 +77,14 @@ def export(artifact_or_tuned: str | os.PathLike | Tuned, out: str | os.PathLike,
 def import_(adapter: str | os.PathLike, out: str | os.PathLike, *, base: str | nn.Module, format: str = "peft") -> Path:
     """Import another library's adapter into a deltatune artifact at ``out`` (``import`` is a Python keyword)."""
     _check_format(format)
+    read_peft(adapter)  # a bad adapter fails before a model is loaded
     import_peft(_base(base), adapter).save(out)
     return Path(out)
 
 
 def merge(path: str | os.PathLike, *, base: str | nn.Module, out: str | os.PathLike) -> Path:
     """Merge an artifact into its base and write a ``save_pretrained`` folder (a plain model)."""
+    artifact.read_meta(path)  # a bad path fails before a model is loaded
     plain = load(_base(base), path).merge()
     if not hasattr(plain, "save_pretrained"):
         raise DeltatuneError(f"{type(plain).__name__} has no save_pretrained; merge in Python and save it yourself")

@@ -207,6 +207,8 @@ def load(
         raise DeltatuneError(
             f"could not load a model from {folder}: {e}; pass a save_pretrained folder"
         ) from e
+    if name in SHIPPED:  # artifacts then name the base portably, not by this machine's cache path
+        model.config._name_or_path = name
     model.eval()
     return model
 

@@ -1,0 +1,226 @@
+"""The ``deltatune`` command: each verb parses its arguments, calls the Python function of the same name
+(in ``deltatune.api`` or ``deltatune.demo``) and prints the result. A ``DeltatuneError`` is printed as one
+red ``error: ...`` line with exit code 2; any other exception is a bug and propagates with its traceback.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+import typer
+import yaml
+from rich.console import Console
+from rich.table import Table
+from rich.text import Text
+
+from deltatune.demo import DEFAULT_LR, DEFAULT_STEPS, human_bytes
+from deltatune.errors import DeltatuneError
+from deltatune.version import __version__
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+app = typer.Typer(
+    name="deltatune",
+    help="Parameter-efficient fine-tuning where every fine-tune is a delta.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+    rich_markup_mode=None,
+)
+
+
+def _out() -> Console:
+    return Console()
+
+
+def _err() -> Console:
+    return Console(stderr=True)
+
+
+def _errors(fn: F) -> F:
+    """Turn a DeltatuneError into one red line on stderr and exit code 2."""
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return fn(*args, **kwargs)
+        except DeltatuneError as e:
+            message = " ".join(str(e).split())  # one line, whatever the message holds
+            _err().print(Text(f"error: {message}", style="red"), soft_wrap=True, highlight=False)
+            raise typer.Exit(2) from None
+
+    return wrapper  # type: ignore[return-value]
+
+
+def _version(value: bool) -> None:
+    if value:
+        typer.echo(f"deltatune {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(
+    version: bool = typer.Option(
+        False, "--version", callback=_version, is_eager=True, help="Print the version and exit."
+    ),
+) -> None:
+    """Parameter-efficient fine-tuning where every fine-tune is a delta."""
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # "Loading weights" bars for sub-second loads only clutter the output
+
+
+@app.command()
+@_errors
+def methods() -> None:
+    """List the registered fine-tuning methods."""
+    from deltatune import api
+
+    table = Table(title="deltatune methods")
+    table.add_column("name", style="bold")
+    table.add_column("description")
+    for name, description in api.methods().items():
+        table.add_row(name, description)
+    _out().print(table)
+
+
+@app.command()
+@_errors
+def inspect(
+    artifact: str = typer.Argument(..., help="An artifact folder (deltatune.json + delta.safetensors)."),
+    as_json: bool = typer.Option(False, "--json", help="Print the description as JSON."),
+) -> None:
+    """Show what an artifact holds: method, config, base model, trainable parameters, size."""
+    from deltatune import api
+
+    info = api.inspect(artifact)
+    if as_json:
+        typer.echo(json.dumps(info, indent=2, default=str))
+        return
+    base = info["base"]
+    table = Table(title=f"deltatune artifact {info['path']}", show_header=False)
+    table.add_column("field", style="bold")
+    table.add_column("value", overflow="fold")
+    table.add_row("method", str(info["method"]))
+    for key, value in info["config"].items():
+        table.add_row(f"config.{key}", json.dumps(value, default=str))
+    table.add_row("base architecture", str(base["architecture"]))
+    table.add_row("base model type", str(base["model_type"]))
+    table.add_row("base name/path", str(base["name_or_path"]))
+    table.add_row("base parameters", _count(base["num_parameters"]))
+    table.add_row("targeted tensors", _count(base["targeted_tensors"]))
+    table.add_row("trainable parameters", _count(info["trainable"]))
+    table.add_row("stored tensors", f"{_count(info['stored_tensors'])} ({_count(info['stored_values'])} values)")
+    table.add_row("stored size", human_bytes(info["stored_bytes"]))
+    table.add_row("file size", human_bytes(info["file_bytes"]))
+    table.add_row("deltatune version", str(info["deltatune_version"]))
+    _out().print(table)
+
+
+def _count(n: int | None) -> str:
+    return "?" if n is None else f"{n:,}"
+
+
+@app.command()
+@_errors
+def export(
+    artifact: str = typer.Argument(..., help="The deltatune artifact folder to export."),
+    out: str = typer.Argument(..., help="The folder to write."),
+    format: str = typer.Option("peft", "--format", help="Target format: peft (Hugging Face PEFT adapter)."),
+    base: str | None = typer.Option(
+        None, "--base", help="Base model: a shipped name or a from_pretrained folder (default: the one the "
+        "artifact records)."
+    ),
+) -> None:
+    """Export an artifact to another library's format (a PEFT LoRA adapter)."""
+    from deltatune import api
+
+    path = api.export(artifact, out, base=base, format=format)
+    _out().print(f"exported {artifact} to {path} ({format})", soft_wrap=True, highlight=False)
+
+
+@app.command("import")
+@_errors
+def import_(
+    adapter: str = typer.Argument(..., help="The adapter folder to import (e.g. a PEFT LoRA adapter)."),
+    out: str = typer.Argument(..., help="The deltatune artifact folder to write."),
+    base: str = typer.Option(..., "--base", help="Base model: a shipped name or a from_pretrained folder."),
+    format: str = typer.Option("peft", "--format", help="Source format: peft (Hugging Face PEFT adapter)."),
+) -> None:
+    """Import another library's adapter as a deltatune artifact."""
+    from deltatune import api
+
+    path = api.import_(adapter, out, base=base, format=format)
+    _out().print(f"imported {adapter} ({format}) to {path}", soft_wrap=True, highlight=False)
+
+
+@app.command()
+@_errors
+def merge(
+    artifact: str = typer.Argument(..., help="The deltatune artifact folder to merge."),
+    base: str = typer.Option(..., "--base", help="Base model: a shipped name or a from_pretrained folder."),
+    out: str = typer.Option(..., "--out", help="The save_pretrained folder to write (a plain model)."),
+) -> None:
+    """Merge an artifact into its base model and write a plain save_pretrained folder."""
+    from deltatune import api
+
+    path = api.merge(artifact, base=base, out=out)
+    _out().print(f"merged {artifact} into {base}: {path}", soft_wrap=True, highlight=False)
+
+
+def _parse_options(items: list[str]) -> dict[str, Any]:
+    """``key=value`` pairs; values are YAML (``r=16``, ``targets=[q_proj,v_proj]``, ``use_rslora=true``)."""
+    options: dict[str, Any] = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise DeltatuneError(f"option {item!r} is not key=value, e.g. --option r=16")
+        try:
+            options[key.strip()] = yaml.safe_load(value)
+        except yaml.YAMLError as e:
+            raise DeltatuneError(f"option {item!r} has a value that is not valid YAML: {e}") from e
+    return options
+
+
+@app.command()
+@_errors
+def demo(
+    steps: int = typer.Option(DEFAULT_STEPS, "--steps", help="Training steps (batches)."),
+    method: str = typer.Option("lora", "--method", help="Method name (see `deltatune methods`)."),
+    option: list[str] = typer.Option(
+        [], "--option", "-o", metavar="KEY=VALUE", help="Method option key=value (YAML value); repeatable, e.g. -o r=16."
+    ),
+    lr: float = typer.Option(DEFAULT_LR, "--lr", help="Peak AdamW learning rate (10% warm-up, linear decay)."),
+    batch_size: int = typer.Option(8, "--batch-size", help="Training batch size."),
+    eval_size: int = typer.Option(300, "--eval-size", help="Held-out tweets to evaluate on."),
+    max_length: int = typer.Option(64, "--max-length", help="Prompt length in tokens (the tweet is truncated)."),
+    seed: int = typer.Option(0, "--seed", help="Seed for data, initialisation and order."),
+    out: str = typer.Option("runs/demo", "--out", help="Where to save the trained artifact."),
+) -> None:
+    """Fine-tune SmolLM2-135M on tweet sentiment with LoRA for a few minutes; print accuracy before/after."""
+    from deltatune import demo as demo_module
+
+    demo_module.demo(
+        steps=steps,
+        method=method,
+        options=_parse_options(option),
+        lr=lr,
+        batch_size=batch_size,
+        eval_size=eval_size,
+        max_length=max_length,
+        seed=seed,
+        out=out,
+        console=_out(),
+    )
+
+
+def main() -> None:
+    """The ``deltatune`` console script."""
+    app()
+
+
+if __name__ == "__main__":
+    main()
