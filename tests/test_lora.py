@@ -132,3 +132,14 @@ def test_attaching_again_replaces_the_previous_delta() -> None:
     assert not first.attached and second.attached
     assert torch.equal(output_of(second, x), base), "the first delta no longer applies"
     assert second.detach() is model and torch.equal(output_of(model, x), base)
+
+
+def test_attaching_again_detaches_a_delta_nobody_references() -> None:
+    model = tiny_llama()
+    x = batch()
+    base = output_of(model, x)
+    dt.attach(model, "lora", r=2, init=False)  # the Tuned is dropped at once; its hooks are not
+    assert not torch.equal(output_of(model, x), base)
+    with pytest.warns(UserWarning, match="detaching it first"):
+        second = dt.attach(model, "lora", r=2)
+    assert torch.equal(output_of(second, x), base)

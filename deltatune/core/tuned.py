@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 import warnings
-import weakref
 from typing import Any
 
 import torch
@@ -15,6 +14,10 @@ from deltatune.core.forms.base import Form
 from deltatune.core.policy import Policy
 from deltatune.errors import DeltatuneError
 from deltatune.version import __version__
+
+# the model remembers the Tuned whose delta it carries, so a second attach can take the first one off
+# even when the user dropped every reference to it (the hooks would otherwise live on unseen)
+_CARRIED = "_deltatune_carried"
 
 
 def _module_key(name: str) -> str:
@@ -136,6 +139,7 @@ class Tuned(nn.Module):
         for form in self.forms().values():
             form.merge()
         self.merged = True
+        self._carry(False)
         self._set_tying(untie=True)
         return self.model
 
@@ -157,7 +161,14 @@ class Tuned(nn.Module):
             raise DeltatuneError("the delta is merged into the weights; unmerge() before detaching it")
         for form in self.forms().values():
             form.detach()
+        self._carry(False)
         return self.model
+
+    def _carry(self, on: bool) -> None:
+        if on:
+            self.model.__dict__[_CARRIED] = self  # a plain attribute: not registered as a submodule
+        elif self.model.__dict__.get(_CARRIED) is self:
+            del self.model.__dict__[_CARRIED]
 
     @property
     def attached(self) -> bool:
@@ -169,6 +180,7 @@ class Tuned(nn.Module):
         for form in reversed(list(self.forms().values())):
             form.unmerge()
         self.merged = False
+        self._carry(True)
         self._set_tying(untie=False)
         return self
 
@@ -206,8 +218,7 @@ def attach(model: nn.Module, method: str | Any, *, _loading: bool = False, **con
     if isinstance(model, Tuned):
         raise DeltatuneError("this model already has a delta attached; merge() it or attach to the base model")
     m, cfg = _method_and_config(method, config)
-    previous = model.__dict__.get("_deltatune_tuned")
-    previous = previous() if previous is not None else None
+    previous = model.__dict__.get(_CARRIED)
     if previous is not None and previous.attached:
         # one active delta per model: a new attach replaces the old one rather than stacking on it
         warnings.warn(
@@ -222,7 +233,7 @@ def attach(model: nn.Module, method: str | Any, *, _loading: bool = False, **con
     for form in built.forms.values():
         form.attach()
     tuned = Tuned(model, m, cfg, built.forms, built.policy, shapes)
-    model.__dict__["_deltatune_tuned"] = weakref.ref(tuned)  # not an nn.Module attribute: no registration
+    tuned._carry(True)
     built.policy.setup(tuned)
     return tuned
 
@@ -236,8 +247,7 @@ def load(model: nn.Module, path: str | os.PathLike) -> Tuned:
     tuned = attach(model, cfg, _loading=True)
     diffs = artifact.compare_fingerprints(meta.get("fingerprint", {}), tuned.fingerprint())
     if diffs:
-        for form in tuned.forms().values():
-            form.detach()
+        tuned.detach()
         raise DeltatuneError(
             f"{path} was trained on another base model ({'; '.join(diffs)}). "
             "Load it onto the model it was made for (see `deltatune inspect`)."

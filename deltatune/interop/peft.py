@@ -381,7 +381,6 @@ def import_peft(model: nn.Module, adapter: str | os.PathLike) -> Tuned:
                     form.delta.copy_(value.to(form.base.dtype) - form.base)
                     done[id(form)] = name
     except Exception:
-        for form in tuned.forms().values():
-            form.detach()
+        tuned.detach()
         raise
     return tuned
