@@ -62,6 +62,17 @@ def inputs() -> dict[str, torch.Tensor]:
     return batch()
 
 
+@pytest.fixture(scope="session", autouse=True)
+def cache(tmp_path_factory: pytest.TempPathFactory):
+    """One fresh DELTATUNE_CACHE for the whole session: the SmolLM2 GGUF conversion (~20 s) runs once,
+    every test sees the same cache, and the user's real cache is never touched."""
+    path = tmp_path_factory.mktemp("deltatune-cache")
+    patch = pytest.MonkeyPatch()
+    patch.setenv("DELTATUNE_CACHE", str(path))
+    yield path
+    patch.undo()
+
+
 @pytest.fixture(scope="session")
 def smollm2() -> torch.nn.Module:
     """The shipped SmolLM2-135M, loaded once per session; tests deep-copy it before changing it."""

@@ -1,12 +1,11 @@
 """The demo on the real SmolLM2-135M, cut to a couple of steps and a handful of tweets.
 
-The SmolLM2 cache lives in a temp dir for this module (one ~20 s conversion), so nothing touches the
+The SmolLM2 cache is the session's temp cache (``cache`` in conftest.py), so nothing touches the
 user's real cache.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -23,15 +22,6 @@ KEYS = {
     "train_seconds", "steps", "method",
 }
 SMALL = {"steps": 2, "batch_size": 2, "eval_size": 6, "max_length": 32, "show": False}
-
-
-@pytest.fixture(scope="module", autouse=True)
-def cache(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
-    path = tmp_path_factory.mktemp("deltatune-cache")
-    patch = pytest.MonkeyPatch()
-    patch.setenv("DELTATUNE_CACHE", str(path))
-    yield path
-    patch.undo()
 
 
 @pytest.fixture(scope="module")

@@ -1,7 +1,7 @@
 """Shipped models and data: exact counts, deterministic splits, the SmolLM2 cache and offline errors.
 
-The SmolLM2 cache lives in a temp dir for this module, so the one GGUF conversion (~20 s) runs once per
-test session and nothing touches the user's real cache.
+The SmolLM2 cache is the session's temp cache (``cache`` in conftest.py), so the one GGUF conversion
+(~20 s) runs once per test session and nothing touches the user's real cache.
 """
 
 from __future__ import annotations
@@ -9,7 +9,6 @@ from __future__ import annotations
 import collections
 import importlib.util
 import json
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -23,16 +22,6 @@ TWEET_COUNTS = {"negative": 16186, "neutral": 15018, "positive": 6954}
 BBC_COUNTS = {"business": 510, "entertainment": 386, "politics": 417, "sports": 511, "tech": 401}
 SMOLLM2_PARAMS = 134_515_008
 PROMPT = "The quick brown fox jumps over the lazy dog."
-
-
-@pytest.fixture(scope="module", autouse=True)
-def cache(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
-    """Point DELTATUNE_CACHE at a fresh temp dir for this module only."""
-    path = tmp_path_factory.mktemp("deltatune-cache")
-    patch = pytest.MonkeyPatch()
-    patch.setenv("DELTATUNE_CACHE", str(path))
-    yield path
-    patch.undo()
 
 
 @pytest.fixture(scope="module")
