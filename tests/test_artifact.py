@@ -122,3 +122,23 @@ def test_save_killed_between_renames_is_recovered(tmp_path) -> None:
     os.rename(tmp_path / "a", tmp_path / ".a.previous")  # what a SIGKILL between the two renames leaves
     loaded = dt.load(tiny_llama(), tmp_path / "a")
     assert (tmp_path / "a" / "delta.safetensors").read_bytes() == before and loaded.num_trainable() > 0
+
+
+def test_saving_over_an_artifact_keeps_its_sub_folders(tmp_path) -> None:
+    """A training run's output folder holds the artifact and checkpoints/: re-saving keeps them."""
+    trained_lora(seed=0).save(tmp_path / "run")
+    (tmp_path / "run" / "checkpoints" / "step-1").mkdir(parents=True)
+    (tmp_path / "run" / "checkpoints" / "step-1" / "x").write_text("kept")
+    trained_lora(seed=1).save(tmp_path / "run")
+    assert (tmp_path / "run" / "checkpoints" / "step-1" / "x").read_text() == "kept"
+    assert sorted(os.listdir(tmp_path / "run")) == ["checkpoints", "delta.safetensors", "deltatune.json"]
+
+
+def test_killed_while_carrying_sub_folders_is_recovered(tmp_path) -> None:
+    trained_lora().save(tmp_path / "run")
+    # what a SIGKILL after moving checkpoints/ into the temporary folder leaves behind
+    tmp = tmp_path / ".run.tmp-dead"
+    (tmp / "checkpoints").mkdir(parents=True)
+    (tmp / ".carried").write_text("checkpoints")
+    dt.load(tiny_llama(), tmp_path / "run")
+    assert (tmp_path / "run" / "checkpoints").is_dir() and not tmp.exists()

@@ -106,8 +106,15 @@ def _previous(path: Path) -> Path:
     return path.parent / f".{path.name}.previous"
 
 
+_CARRIED = ".carried"  # inside a temporary dir: the sub-folders moved over from the previous version
+
+
 def recover(path: str | os.PathLike) -> None:
-    """Finish a swap that a killed process left half done: the previous version is put back."""
+    """Finish a swap that a killed process left half done.
+
+    The previous version is put back if it was moved aside, and sub-folders that had already been
+    carried into an unfinished temporary directory (e.g. a run's ``checkpoints/``) go back home.
+    """
     path = Path(path)
     prev = _previous(path)
     if prev.is_dir():
@@ -115,15 +122,23 @@ def recover(path: str | os.PathLike) -> None:
             shutil.rmtree(prev, ignore_errors=True)
         else:
             os.rename(prev, path)
+    for tmp in path.parent.glob(f".{path.name}.tmp-*"):
+        marker = tmp / _CARRIED
+        if path.is_dir() and marker.is_file():
+            for name in marker.read_text().split("\n"):
+                if name and (tmp / name).exists() and not (path / name).exists():
+                    os.rename(tmp / name, path / name)
+            shutil.rmtree(tmp, ignore_errors=True)
 
 
 def atomic_dir(path: str | os.PathLike, fill) -> None:
     """Let ``fill(tmp)`` write into a temporary sibling of ``path``, then swap it in with renames.
 
     The previous directory is removed only after the new one is in place, so an interrupted
-    write (crash, Ctrl-C, full disk) never destroys what was there. Between the two renames the
-    previous version sits at ``.<name>.previous``; ``recover`` (run by every reader and writer)
-    puts it back if a process was killed right there.
+    write (crash, Ctrl-C, full disk) never destroys what was there. Sub-folders of the previous
+    version that the new one does not have (a training run's ``checkpoints/``) are carried over.
+    Between the renames the previous version sits at ``.<name>.previous``; ``recover`` (run by
+    every reader and writer) puts things back if a process was killed right there.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -133,8 +148,16 @@ def atomic_dir(path: str | os.PathLike, fill) -> None:
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
     prev = _previous(path)
     moved = False
+    carried: list[str] = []
     try:
         fill(tmp)
+        if path.is_dir():
+            carried = sorted(d.name for d in path.iterdir() if d.is_dir() and not (tmp / d.name).exists())
+        if carried:
+            (tmp / _CARRIED).write_text("\n".join(carried))
+            _fsync_dir(tmp)
+            for name in carried:
+                os.rename(path / name, tmp / name)
         _fsync_dir(tmp)
         if path.exists():
             os.rename(path, prev)
@@ -142,10 +165,14 @@ def atomic_dir(path: str | os.PathLike, fill) -> None:
         os.rename(tmp, path)
         _fsync_dir(path.parent)
     except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
         if moved and not path.exists():
             os.rename(prev, path)
+        for name in carried:
+            if (tmp / name).exists() and path.is_dir() and not (path / name).exists():
+                os.rename(tmp / name, path / name)
+        shutil.rmtree(tmp, ignore_errors=True)
         raise
+    (path / _CARRIED).unlink(missing_ok=True)
     if moved:
         shutil.rmtree(prev, ignore_errors=True)
 
