@@ -10,6 +10,7 @@ from deltatune import data, models
 from deltatune.api import export, export_peft, import_, import_peft, inspect, merge, methods
 from deltatune.core.tuned import Tuned, attach, load
 from deltatune.errors import DeltatuneError
+from deltatune.train import train
 from deltatune.version import __version__
 
 __all__ = [
@@ -27,4 +28,5 @@ __all__ = [
     "merge",
     "methods",
     "models",
+    "train",
 ]

@@ -6,6 +6,7 @@ import os
 from pathlib import Path
 from typing import Any
 
+import torch
 import torch.nn as nn
 
 from deltatune.core import artifact, registry
@@ -107,3 +108,55 @@ def _copy_tokenizer(base: str | nn.Module, folder: Path) -> None:
         models.load_tokenizer(str(base)).save_pretrained(folder)
     except Exception:  # a base without a tokenizer (a plain weights folder) is still mergeable
         pass
+
+
+def _artifact_base(path: str | os.PathLike, base: str | None) -> str:
+    meta = artifact.read_meta(path)
+    name = base or meta.get("fingerprint", {}).get("name_or_path")
+    if not name:
+        raise DeltatuneError(f"{path} does not say which base model it belongs to: pass base=...")
+    return str(name)
+
+
+def eval(path: str | os.PathLike, data: dict[str, Any], *, base: str | None = None,  # noqa: A001 (the verb)
+         batch_size: int = 16) -> dict[str, float]:
+    """Evaluate an artifact on a data config (``deltatune.tasks.DataConfig`` keys): loss, perplexity for
+    text and chat, accuracy where there are labels. The held-out split of the data is used."""
+    from deltatune import models, tasks
+
+    name = _artifact_base(path, base)
+    cfg = data if isinstance(data, tasks.DataConfig) else tasks.DataConfig(**data)
+    cfg.check()
+    model = models.load(name, **tasks.model_request(cfg, name))
+    tuned = load(model, path)
+    task = tasks.build_task(cfg, models.load_tokenizer(name), tuned.model)
+    return task.evaluate(tuned, batch_size)
+
+
+def generate(path: str | os.PathLike | None, prompt: str, *, base: str | None = None, max_new_tokens: int = 64,
+             stream: bool = True, chat: bool | None = None) -> str:
+    """Generate from a prompt with the artifact's delta attached (``path=None``: the base model alone).
+
+    The tokenizer's chat template is applied when it has one (``chat=False`` turns it off); with
+    ``stream`` the text is printed as it is produced."""
+    from transformers import TextStreamer
+
+    from deltatune import models
+
+    name = _artifact_base(path, base) if path is not None else base
+    if not name:
+        raise DeltatuneError("generate needs an artifact or base=... (a shipped name or a folder)")
+    model = models.load(name)
+    runner = load(model, path) if path is not None else model
+    tok = models.load_tokenizer(name)
+    use_chat = bool(getattr(tok, "chat_template", None)) if chat is None else chat
+    if use_chat:
+        ids = tok.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True,
+                                      return_tensors="pt", return_dict=True)
+    else:
+        ids = tok(prompt, return_tensors="pt")
+    streamer = TextStreamer(tok, skip_prompt=True, skip_special_tokens=True) if stream else None
+    with torch.no_grad():
+        out = runner.generate(**ids, max_new_tokens=max_new_tokens, do_sample=False, streamer=streamer,
+                              pad_token_id=tok.pad_token_id)
+    return tok.decode(out[0, ids["input_ids"].shape[1]:], skip_special_tokens=True)

@@ -217,6 +217,85 @@ def demo(
     )
 
 
+@app.command()
+@_errors
+def train(
+    config: str = typer.Argument(..., help="The run config (YAML): model, data, method, train, output."),
+    set_: list[str] = typer.Option([], "--set", metavar="KEY=VALUE", help="Override a config key, e.g. --set train.steps=10."),
+    resume: bool = typer.Option(False, "--resume", help="Continue exactly from the newest checkpoint in OUTPUT/checkpoints."),
+) -> None:
+    """Train a method as a YAML config says; the artifact and checkpoints go to its output folder."""
+    from deltatune.train import train as train_fn
+
+    train_fn(config, set_, resume=resume)
+
+
+def _data_config(data: str | None, task: str | None, config: str | None, sets: list[str]) -> dict[str, Any]:
+    from pathlib import Path
+
+    from deltatune import data as data_module
+
+    values: dict[str, Any] = {}
+    if config:
+        from deltatune.train.config import load_config
+
+        values = dict(vars(load_config(config).data))
+    if data:
+        values.pop("name", None)
+        values.pop("path", None)
+        values["name" if data in data_module.SHIPPED and not Path(data).exists() else "path"] = data
+    if task:
+        values["task"] = task
+    values.update(_parse_options(sets))
+    if not values.get("name") and not values.get("path"):
+        raise DeltatuneError("say which data to use: --data NAME_OR_FILE or --config RUN.yaml")
+    return values
+
+
+@app.command("eval")
+@_errors
+def eval_(
+    artifact: str = typer.Argument(..., help="The deltatune artifact folder."),
+    data: str = typer.Option(None, "--data", help="A shipped data set (tweets, bbc) or a local file."),
+    task: str = typer.Option(None, "--task", help="text | chat | classification."),
+    config: str = typer.Option(None, "--config", help="Take the data section of this run config."),
+    set_: list[str] = typer.Option([], "--set", metavar="KEY=VALUE", help="A data option, e.g. --set max_eval=200."),
+    base: str = typer.Option(None, "--base", help="Base model (default: the one the artifact names)."),
+    batch_size: int = typer.Option(16, "--batch-size"),
+    as_json: bool = typer.Option(False, "--json", help="Print JSON."),
+) -> None:
+    """Evaluate an artifact on held-out data: loss, perplexity, accuracy where labels exist."""
+    from deltatune import api
+
+    metrics = api.eval(artifact, _data_config(data, task, config, set_), base=base, batch_size=batch_size)
+    if as_json:
+        typer.echo(json.dumps(metrics, indent=2))
+        return
+    table = Table(title=f"eval {artifact}")
+    table.add_column("metric")
+    table.add_column("value", justify="right")
+    for k, v in metrics.items():
+        table.add_row(k, f"{v:.4f}")
+    _out().print(table)
+
+
+@app.command()
+@_errors
+def generate(
+    artifact: str = typer.Argument(None, help="The deltatune artifact folder (leave out with --base for the base model)."),
+    prompt: str = typer.Option(..., "--prompt", "-p", help="The prompt (a user message for chat models)."),
+    base: str = typer.Option(None, "--base", help="Base model (default: the one the artifact names)."),
+    max_new_tokens: int = typer.Option(64, "--max-new-tokens"),
+    no_chat: bool = typer.Option(False, "--no-chat", help="Do not apply the tokenizer's chat template."),
+) -> None:
+    """Generate text with the delta attached, streamed as it is produced."""
+    from deltatune import api
+
+    api.generate(artifact, prompt, base=base, max_new_tokens=max_new_tokens, stream=True,
+                 chat=False if no_chat else None)
+    typer.echo("")
+
+
 def main() -> None:
     """The ``deltatune`` console script."""
     app()

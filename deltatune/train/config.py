@@ -1,0 +1,197 @@
+"""The run config: one schema for ``deltatune train CONFIG.yaml`` and ``dt.train(config)``.
+
+    model: smollm2-135m
+    data: {name: tweets, task: classification, max_length: 128, eval_fraction: 0.1}
+    method: {name: lora, r: 8, alpha: 16, targets: [q_proj, v_proj]}
+    train: {steps: 100, batch_size: 8, lr: 2.0e-4, seed: 0, eval_every: 50, save_every: 50}
+    output: runs/lora
+
+Validation collects every bad field (its value and what is allowed) into one error.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from deltatune.core import registry
+from deltatune.errors import DeltatuneError
+
+OPTIMIZERS = ("adamw", "adam", "sgd")
+SCHEDULES = ("constant", "linear", "cosine")
+PRECISIONS = ("auto", "fp32", "bf16")
+
+
+@dataclass
+class TrainSettings:
+    steps: int = 100
+    batch_size: int = 8
+    grad_accum: int = 1  # micro-batches of batch_size per optimizer step
+    lr: float = 2e-4
+    optimizer: str = "adamw"
+    weight_decay: float = 0.0
+    schedule: str = "linear"
+    warmup: float = 0.0  # a fraction of steps if < 1, else a number of steps
+    max_grad_norm: float | None = 1.0  # None: no clipping
+    seed: int = 0
+    eval_every: int = 0  # 0: evaluate only at the end
+    save_every: int = 0  # 0: checkpoint only at the end
+    keep_last: int = 2  # checkpoints kept
+    eval_batch_size: int = 16
+    precision: str = "auto"  # auto: bf16 autocast on CUDA, fp32 on CPU
+    gradient_checkpointing: bool = False
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    progress: bool = True
+
+    def problems(self) -> list[str]:
+        out = []
+        for name in ("steps", "batch_size", "grad_accum", "keep_last", "eval_batch_size"):
+            if getattr(self, name) < 1:
+                out.append(f"train.{name}={getattr(self, name)!r}: must be >= 1")
+        for name in ("eval_every", "save_every"):
+            if getattr(self, name) < 0:
+                out.append(f"train.{name}={getattr(self, name)!r}: must be >= 0 (0 = only at the end)")
+        if self.lr <= 0:
+            out.append(f"train.lr={self.lr!r}: must be > 0")
+        if self.warmup < 0:
+            out.append(f"train.warmup={self.warmup!r}: must be >= 0")
+        for name, allowed in (("optimizer", OPTIMIZERS), ("schedule", SCHEDULES), ("precision", PRECISIONS)):
+            if getattr(self, name) not in allowed:
+                out.append(f"train.{name}={getattr(self, name)!r}: allowed are {', '.join(allowed)}")
+        return out
+
+
+@dataclass
+class RunConfig:
+    model: str
+    data: Any  # deltatune.tasks.DataConfig
+    method: dict[str, Any]
+    output: str
+    train: TrainSettings = field(default_factory=TrainSettings)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "model": self.model,
+            "data": dataclasses.asdict(self.data),
+            "method": dict(self.method),
+            "train": dataclasses.asdict(self.train),
+            "output": self.output,
+        }
+
+
+def _nearest(key: str, allowed: list[str]) -> str:
+    near = difflib.get_close_matches(key, allowed, n=1)
+    return f" (did you mean {near[0]!r}?)" if near else f" (allowed: {', '.join(allowed)})"
+
+
+def _section(cls: type, values: Any, prefix: str, problems: list[str]) -> Any:
+    if values is None:
+        values = {}
+    if not isinstance(values, dict):
+        problems.append(f"{prefix}: must be a mapping, got {values!r}")
+        return cls()
+    names = [f.name for f in dataclasses.fields(cls)]
+    hints = typing.get_type_hints(cls)
+    good = {}
+    for key, value in values.items():
+        if key not in names:
+            problems.append(f"unknown key {prefix}.{key}{_nearest(key, names)}")
+        elif not registry._is_instance(value, hints[key]):
+            problems.append(f"{prefix}.{key}={value!r}: should be {hints[key]}")
+        else:
+            good[key] = float(value) if hints[key] is float and isinstance(value, int) else value
+    try:
+        return cls(**good)
+    except (TypeError, ValueError, DeltatuneError) as e:
+        problems.append(f"{prefix}: {e}")
+        return None
+
+
+def parse_config(raw: dict[str, Any]) -> RunConfig:
+    """Validate a config mapping; one DeltatuneError lists every problem."""
+    from deltatune.tasks import DataConfig
+
+    if not isinstance(raw, dict):
+        raise DeltatuneError(f"a run config is a mapping with keys model, data, method, train, output; got {raw!r}")
+    problems: list[str] = []
+    top = ["model", "data", "method", "train", "output"]
+    for key in raw:
+        if key not in top:
+            problems.append(f"unknown key {key!r}{_nearest(key, top)}")
+    for key in ("model", "data", "method", "output"):
+        if key not in raw:
+            problems.append(f"missing key {key!r}")
+    model, output = raw.get("model"), raw.get("output")
+    for key, value in (("model", model), ("output", output)):
+        if key in raw and not isinstance(value, str):
+            problems.append(f"{key}={value!r}: must be a string (a shipped model name or a folder; a folder)")
+    data = _section(DataConfig, raw.get("data"), "data", problems)
+    if data is not None and "data" in raw:
+        problems += data.problems()
+    train = _section(TrainSettings, raw.get("train"), "train", problems)
+    if train is not None:
+        problems += train.problems()
+    method = raw.get("method")
+    if isinstance(method, str):
+        method = {"name": method}
+    if not isinstance(method, dict) or "name" not in method:
+        if "method" in raw:
+            problems.append(f"method={method!r}: must be a mapping with a 'name' (see `deltatune methods`)")
+    else:
+        options = {k: v for k, v in method.items() if k != "name"}
+        try:
+            m = registry.get(str(method["name"]))
+            registry.make_config(m, options)
+        except DeltatuneError as e:
+            problems.append(f"method: {e}")
+    if problems:
+        raise DeltatuneError("bad run config:\n  - " + "\n  - ".join(problems))
+    return RunConfig(model=model, data=data, method=dict(method), output=output, train=train)
+
+
+def _set_dotted(raw: dict[str, Any], key: str, value: Any) -> None:
+    parts = key.split(".")
+    node = raw
+    for p in parts[:-1]:
+        child = node.get(p)
+        if isinstance(child, str) and p == "method":
+            child = {"name": child}
+        if not isinstance(child, dict):
+            child = {}
+        node[p] = child
+        node = child
+    node[parts[-1]] = value
+
+
+def apply_overrides(raw: dict[str, Any], overrides: list[str] | None) -> dict[str, Any]:
+    """``--set train.steps=10 --set method.r=16``: values are parsed as YAML (numbers, lists, null)."""
+    for item in overrides or []:
+        if "=" not in item:
+            raise DeltatuneError(f"--set {item!r}: write key=value, e.g. --set train.steps=10")
+        key, value = item.split("=", 1)
+        _set_dotted(raw, key.strip(), yaml.safe_load(value))
+    return raw
+
+
+def load_config(config: str | Path | dict[str, Any] | RunConfig, overrides: list[str] | None = None) -> RunConfig:
+    if isinstance(config, RunConfig):
+        if overrides:
+            return parse_config(apply_overrides(config.to_dict(), overrides))
+        return config
+    if isinstance(config, (str, Path)):
+        path = Path(config)
+        if not path.is_file():
+            raise DeltatuneError(f"config file {path} does not exist")
+        try:
+            raw = yaml.safe_load(path.read_text())
+        except yaml.YAMLError as e:
+            raise DeltatuneError(f"{path} is not valid YAML: {e}") from e
+    else:
+        raw = dict(config)
+    return parse_config(apply_overrides(raw, overrides))

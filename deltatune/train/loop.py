@@ -1,0 +1,396 @@
+"""The native training loop: read it top to bottom in ``train``.
+
+Policies plug in around the optimizer step; the loop keeps the optimizer consistent when they change
+what trains. Checkpoints hold everything a resumed run needs to continue bit-exactly: the delta,
+optimizer, scheduler, policy state, RNG states and the position in the data.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import random
+import resource
+import signal
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from deltatune.core.tuned import Tuned, attach
+from deltatune.errors import DeltatuneError
+from deltatune.train import state as ckpt
+from deltatune.train.config import RunConfig, TrainSettings, load_config
+
+FAULT_ENV = "DELTATUNE_FAULT_KILL_AT_STEP"  # fault injection for the resume test: SIGKILL self before this step
+
+
+# -- pieces -------------------------------------------------------------------------------
+class Batches:
+    """Seeded, resumable batch order: epoch e visits a permutation seeded by (seed, e); under data
+    parallelism each rank takes its own slice of every global batch."""
+
+    def __init__(self, n: int, batch_size: int, seed: int, rank: int = 0, world: int = 1) -> None:
+        self.n, self.batch_size, self.seed, self.rank, self.world = n, batch_size, seed, rank, world
+        self.global_batch = batch_size * world
+        if n < self.global_batch:
+            raise DeltatuneError(
+                f"the training split has {n} examples, fewer than one batch ({self.global_batch}): "
+                "lower train.batch_size or use more data"
+            )
+        self.epoch, self.cursor = 0, 0
+        self._perm: list[int] | None = None
+
+    def _order(self) -> list[int]:
+        if self._perm is None:
+            g = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
+            self._perm = torch.randperm(self.n, generator=g).tolist()
+        return self._perm
+
+    def next(self) -> list[int]:
+        if self.cursor + self.global_batch > self.n:  # drop the ragged end: every batch is full
+            self.epoch, self.cursor, self._perm = self.epoch + 1, 0, None
+        chunk = self._order()[self.cursor:self.cursor + self.global_batch]
+        self.cursor += self.global_batch
+        return chunk[self.rank * self.batch_size:(self.rank + 1) * self.batch_size]
+
+    def state_dict(self) -> dict[str, int]:
+        return {"epoch": self.epoch, "cursor": self.cursor}
+
+    def load_state_dict(self, s: dict[str, int]) -> None:
+        self.epoch, self.cursor, self._perm = int(s["epoch"]), int(s["cursor"]), None
+
+
+def lr_lambda(settings: TrainSettings):
+    warm = settings.warmup if settings.warmup >= 1 else settings.warmup * settings.steps
+    warm, total = int(round(warm)), settings.steps
+
+    def f(step: int) -> float:
+        if warm and step < warm:
+            return (step + 1) / warm
+        if settings.schedule == "constant":
+            return 1.0
+        progress = (step - warm) / max(1, total - warm)
+        if settings.schedule == "linear":
+            return max(0.0, 1.0 - progress)
+        return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+
+    return f
+
+
+def make_optimizer(params: list[torch.nn.Parameter], s: TrainSettings) -> torch.optim.Optimizer:
+    if s.optimizer == "adamw":
+        return torch.optim.AdamW(params, lr=s.lr, weight_decay=s.weight_decay)
+    if s.optimizer == "adam":
+        return torch.optim.Adam(params, lr=s.lr, weight_decay=s.weight_decay)
+    return torch.optim.SGD(params, lr=s.lr, weight_decay=s.weight_decay, momentum=0.9)
+
+
+def sync_optimizer(optimizer: torch.optim.Optimizer, tuned: Tuned, before: set[int]) -> set[int]:
+    """Keep the optimizer consistent with what trains now: parameters that stopped or started
+    training lose their state (a restart gets fresh moments), new delta tensors join group 0,
+    and tensors that left the delta leave the optimizer."""
+    now_params = list(tuned.deltas.parameters())
+    now = {id(p) for p in now_params if p.requires_grad}
+    changed = before ^ now
+    known: set[int] = set()
+    for group in optimizer.param_groups:
+        kept = [p for p in group["params"] if any(p is q for q in now_params)]
+        for p in group["params"]:
+            if not any(p is q for q in kept):
+                optimizer.state.pop(p, None)
+        group["params"] = kept
+        known |= {id(p) for p in kept}
+    for p in now_params:
+        if id(p) in changed:
+            optimizer.state.pop(p, None)
+            p.grad = None
+        if id(p) not in known:
+            optimizer.param_groups[0]["params"].append(p)
+    return now
+
+
+def pick_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def peak_memory_bytes(device: torch.device) -> int:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device)
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
+
+
+def rng_state() -> dict[str, Any]:
+    out: dict[str, Any] = {"torch": torch.get_rng_state(), "python": random.getstate()}
+    if torch.cuda.is_available():
+        out["cuda"] = torch.cuda.get_rng_state_all()
+    return out
+
+
+def set_rng_state(s: dict[str, Any]) -> None:
+    torch.set_rng_state(s["torch"])
+    v = s["python"]
+    random.setstate((v[0], tuple(v[1]), v[2]))
+    if "cuda" in s and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(s["cuda"])
+
+
+def _distributed() -> tuple[int, int]:
+    """(rank, world size); joins the process group torchrun / accelerate launch set up in the environment."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world > 1 and not dist.is_initialized():
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    return (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+
+
+@dataclass
+class Run:
+    """Everything ``train`` builds, kept together so tests and the demo can reach it."""
+
+    config: RunConfig
+    tuned: Tuned
+    task: Any
+    tokenizer: Any
+    device: torch.device
+
+
+def build(config: RunConfig) -> Run:
+    from deltatune import models, tasks
+
+    s = config.train
+    torch.manual_seed(s.seed)
+    random.seed(s.seed)
+    device = pick_device(s.device)
+    model = models.load(config.model, **tasks.model_request(config.data, config.model))
+    tokenizer = models.load_tokenizer(config.model)
+    task = tasks.build_task(config.data, tokenizer, model)
+    options = {k: v for k, v in config.method.items() if k != "name"}
+    torch.manual_seed(s.seed)  # the delta's initialisation depends on the seed only
+    tuned = attach(model, config.method["name"], **options).to(device)
+    if s.gradient_checkpointing:
+        if not hasattr(model, "gradient_checkpointing_enable"):
+            raise DeltatuneError(f"{type(model).__name__} has no gradient checkpointing; set train.gradient_checkpointing=false")
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    return Run(config, tuned, task, tokenizer, device)
+
+
+def _to(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
+    return {k: v.to(device) for k, v in batch.items()}
+
+
+def _autocast(s: TrainSettings, device: torch.device):
+    use_bf16 = s.precision == "bf16" or (s.precision == "auto" and device.type == "cuda" and torch.cuda.is_bf16_supported())
+    if use_bf16:
+        return torch.autocast(device.type, dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+# -- the loop -------------------------------------------------------------------------------
+def train(config: str | Path | dict | RunConfig, overrides: list[str] | None = None, *, resume: bool = False) -> dict[str, Any]:
+    """Train a method as the config says; write the artifact and checkpoints to ``config.output``.
+
+    Returns the summary: final metrics, history, seconds per step, tokens per second, peak memory."""
+    cfg = load_config(config, overrides)
+    s = cfg.train
+    rank, world = _distributed()
+    run = build(cfg)
+    tuned, task, device = run.tuned, run.task, run.device
+    out = Path(cfg.output)
+    ckpt_dir = out / "checkpoints"
+    model_for_step: torch.nn.Module = tuned
+    if world > 1:
+        model_for_step = torch.nn.parallel.DistributedDataParallel(tuned)
+
+    params = list(tuned.deltas.parameters())  # all delta tensors, trainable or not: a stable order
+    optimizer = make_optimizer(params, s)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(s))
+    batches = Batches(len(task.train), s.batch_size, s.seed, rank, world)
+    history: list[dict[str, Any]] = []
+    start = 0
+    if resume:
+        found = ckpt.checkpoints(ckpt_dir)
+        if not found:
+            raise DeltatuneError(f"--resume: no checkpoint in {ckpt_dir}; start without --resume")
+        saved = ckpt.load_checkpoint(found[-1])
+        if saved["config"] != _comparable(cfg):
+            raise DeltatuneError(
+                f"--resume: {found[-1]} was written by a different config; resume with the same config "
+                "(only train.steps may grow) or write to another output"
+            )
+        with torch.no_grad():
+            tuned.deltas.load_state_dict(saved["delta"])
+        for i, p in enumerate(params):
+            p.requires_grad_(bool(saved["trainable"][str(i)]))
+        tuned.policy.load_state_dict(saved["policy"])
+        optimizer.load_state_dict(saved["optimizer"])
+        scheduler.load_state_dict(saved["scheduler"])
+        batches.load_state_dict(saved["data"])
+        set_rng_state(saved["rng"][rank] if isinstance(saved["rng"], list) else saved["rng"])
+        history, start = saved["history"], int(saved["step"])
+    trainable = {id(p) for p in params if p.requires_grad}
+
+    def checkpoint(step: int) -> None:
+        rngs = [rng_state()]
+        if world > 1:
+            gathered: list[Any] = [None] * world
+            dist.all_gather_object(gathered, rngs[0])
+            rngs = gathered
+        if rank == 0:
+            ckpt.save_checkpoint(ckpt_dir, step, {
+                "step": step,
+                "config": _comparable(cfg),
+                "delta": tuned.deltas.state_dict(),
+                "trainable": {str(i): p.requires_grad for i, p in enumerate(params)},
+                "policy": tuned.policy.state_dict(),
+                "optimizer": optimizer.state_dict(),
+                "scheduler": scheduler.state_dict(),
+                "data": batches.state_dict(),
+                "rng": rngs if world > 1 else rngs[0],
+                "history": history,
+            }, s.keep_last)
+
+    kill_at = int(os.environ.get(FAULT_ENV, "-1"))
+    tokens_seen, step_times = 0, []
+    tuned.train()
+    progress = _Progress(s.steps, start, enabled=s.progress and rank == 0)
+    with progress:
+        for step in range(start, s.steps):
+            if step == kill_at:
+                os.kill(os.getpid(), signal.SIGKILL)
+            t0 = time.perf_counter()
+            optimizer.zero_grad(set_to_none=True)
+            loss_sum, tokens = 0.0, 0
+            for _ in range(s.grad_accum):
+                batch = _to(task.collate([task.train[i] for i in batches.next()]), device)
+                with _autocast(s, device):
+                    loss, n_tok = task.loss(model_for_step, batch)
+                    extra = tuned.policy.extra_loss(tuned)
+                    if extra is not None:
+                        loss = loss + extra
+                (loss / s.grad_accum).backward()
+                loss_sum += loss.item() / s.grad_accum
+                tokens += n_tok
+            if not math.isfinite(loss_sum):
+                last = ckpt.checkpoints(ckpt_dir)
+                where = f"the last good checkpoint is {last[-1]}" if last else "no checkpoint was written yet"
+                raise DeltatuneError(
+                    f"the loss became {loss_sum} at step {step + 1}; stopped ({where}). "
+                    "Lower train.lr, raise train.warmup, or set train.max_grad_norm"
+                )
+            tuned.policy.before_optimizer_step(step, tuned, optimizer)
+            if s.max_grad_norm is not None:
+                torch.nn.utils.clip_grad_norm_([p for p in params if p.grad is not None], s.max_grad_norm)
+            optimizer.step()
+            scheduler.step()
+            tuned.policy.after_optimizer_step(step, tuned, optimizer)
+            trainable = sync_optimizer(optimizer, tuned, trainable)
+            params = list(tuned.deltas.parameters())
+            dt_step = time.perf_counter() - t0
+            step_times.append(dt_step)
+            tokens_seen += tokens * world
+            record: dict[str, Any] = {"step": step + 1, "loss": loss_sum, "lr": scheduler.get_last_lr()[0],
+                                      "tokens_per_s": tokens * world / dt_step}
+            done = step + 1
+            if (s.eval_every and done % s.eval_every == 0) or done == s.steps:
+                record.update({f"eval_{k}": v for k, v in task.evaluate(tuned, s.eval_batch_size).items()})
+                tuned.train()
+            history.append(record)
+            progress.update(record)
+            if (s.save_every and done % s.save_every == 0) or done == s.steps:
+                checkpoint(done)
+
+    summary = _summary(cfg, tuned, history, step_times, tokens_seen, device, start)
+    if rank == 0:
+        tuned.save(out)
+        logs = out / "logs"
+        logs.mkdir(exist_ok=True)
+        (logs / "metrics.json").write_text(json.dumps(summary, indent=2) + "\n")
+        if s.progress:
+            print_summary(summary)
+    return summary
+
+
+def _comparable(cfg: RunConfig) -> dict[str, Any]:
+    """The config as far as it decides the computation (train.steps may grow on resume)."""
+    d = cfg.to_dict()
+    d["train"] = {k: v for k, v in d["train"].items() if k not in ("steps", "progress", "eval_every", "save_every",
+                                                                 "keep_last", "eval_batch_size")}
+    return json.loads(json.dumps(d))
+
+
+def _summary(cfg: RunConfig, tuned: Tuned, history: list[dict], step_times: list[float], tokens: int,
+             device: torch.device, start: int) -> dict[str, Any]:
+    timed = step_times[1:] or step_times  # the first step pays for warm-up
+    final = history[-1] if history else {}
+    return {
+        "method": cfg.method["name"],
+        "model": cfg.model,
+        "output": cfg.output,
+        "steps": len(history),
+        "resumed_from": start,
+        "trainable": tuned.num_trainable(),
+        "model_parameters": sum(p.numel() for p in tuned.model.parameters()),
+        "stored_bytes": tuned.stored_bytes(),
+        "seconds_per_step": sorted(timed)[len(timed) // 2] if timed else None,
+        "tokens_per_s": tokens / sum(step_times) if step_times else None,
+        "peak_memory_bytes": peak_memory_bytes(device),
+        "final": {k: v for k, v in final.items() if k.startswith("eval_") or k == "loss"},
+        "history": history,
+    }
+
+
+def print_summary(summary: dict[str, Any]) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=f"deltatune train: {summary['method']} on {summary['model']}")
+    table.add_column("metric")
+    table.add_column("value", justify="right")
+    rows = [
+        ("steps", f"{summary['steps']}"),
+        ("trainable parameters", f"{summary['trainable']:,} ({100 * summary['trainable'] / summary['model_parameters']:.2f}%)"),
+        ("artifact bytes", f"{summary['stored_bytes']:,}"),
+        ("seconds / step (median)", f"{summary['seconds_per_step']:.3f}" if summary["seconds_per_step"] else "-"),
+        ("tokens / s", f"{summary['tokens_per_s']:.0f}" if summary["tokens_per_s"] else "-"),
+        ("peak memory", f"{summary['peak_memory_bytes'] / 2**30:.2f} GiB"),
+    ] + [(k, f"{v:.4f}") for k, v in summary["final"].items()]
+    for k, v in rows:
+        table.add_row(k, v)
+    table.add_row("output", summary["output"])
+    Console().print(table)
+
+
+class _Progress:
+    """A rich progress bar with loss, lr, tokens/s and ETA; silent when disabled (tests, other ranks)."""
+
+    def __init__(self, total: int, start: int, enabled: bool) -> None:
+        self.enabled = enabled
+        if enabled:
+            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+            self.bar = Progress(TextColumn("train"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[info]}"),
+                                TimeRemainingColumn())
+            self.task = self.bar.add_task("train", total=total, completed=start, info="")
+
+    def __enter__(self) -> _Progress:
+        if self.enabled:
+            self.bar.__enter__()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        if self.enabled:
+            self.bar.__exit__(*exc)
+
+    def update(self, r: dict[str, Any]) -> None:
+        if self.enabled:
+            info = f"loss {r['loss']:.4f} · lr {r['lr']:.2e} · {r['tokens_per_s']:.0f} tok/s"
+            if "eval_loss" in r:
+                info += f" · eval {r['eval_loss']:.4f}"
+            self.bar.update(self.task, advance=1, info=info)

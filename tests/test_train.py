@@ -1,0 +1,183 @@
+"""The training loop: config validation, schedules, policies, checkpoints and exact resume."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM
+
+import deltatune as dt
+from deltatune.train import load_config
+from deltatune.train.config import TrainSettings
+from deltatune.train.loop import FAULT_ENV, Batches, lr_lambda, sync_optimizer
+
+
+@pytest.fixture(scope="session")
+def tiny_folder(tmp_path_factory) -> Path:
+    """A tiny random Llama with SmolLM2's tokenizer, saved as a local from_pretrained folder."""
+    folder = tmp_path_factory.mktemp("tiny-llama")
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=49152, hidden_size=16, intermediate_size=32, num_hidden_layers=2,
+                      num_attention_heads=2, num_key_value_heads=1, tie_word_embeddings=True)
+    LlamaForCausalLM(cfg).save_pretrained(folder)
+    dt.models.load_tokenizer("smollm2-135m").save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def sentiment_file(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("data") / "sentiment.jsonl"
+    words = {"positive": ["great", "lovely", "happy", "superb"], "negative": ["awful", "sad", "terrible", "bad"]}
+    rows = [{"text": f"what a {w} day number {i}", "label": lab} for i in range(12) for lab, ws in words.items()
+            for w in ws[i % 2::2]]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def config(folder: Path, data: Path, out: Path, **train) -> dict:
+    return {
+        "model": str(folder),
+        "data": {"path": str(data), "task": "classification", "max_length": 32, "eval_fraction": 0.25,
+                 "labels": ["negative", "positive"]},
+        "method": {"name": "lora", "r": 4, "alpha": 8, "dropout": 0.1},
+        "train": {"steps": 6, "batch_size": 4, "lr": 1e-2, "warmup": 0.2, "save_every": 2, "eval_every": 3,
+                  "progress": False, **train},
+        "output": str(out),
+    }
+
+
+def test_one_error_lists_every_bad_field(tiny_folder, sentiment_file, tmp_path) -> None:
+    raw = config(tiny_folder, sentiment_file, tmp_path / "o")
+    raw["trian"] = {}
+    raw["train"]["lr"] = -1.0
+    raw["train"]["scheduel"] = "cosine"
+    raw["method"]["alpah"] = 3
+    with pytest.raises(dt.DeltatuneError) as err:
+        load_config(raw)
+    msg = str(err.value)
+    for needle in ("'trian'", "did you mean 'train'", "train.lr=-1.0", "train.scheduel", "did you mean 'schedule'",
+                   "alpah", "did you mean 'alpha'"):
+        assert needle in msg, needle
+
+
+def test_overrides_and_yaml(tiny_folder, sentiment_file, tmp_path) -> None:
+    import yaml
+
+    path = tmp_path / "run.yaml"
+    path.write_text(yaml.safe_dump(config(tiny_folder, sentiment_file, tmp_path / "o")))
+    cfg = load_config(path, ["train.steps=3", "method.r=2", "train.schedule=cosine"])
+    assert cfg.train.steps == 3 and cfg.method["r"] == 2 and cfg.train.schedule == "cosine"
+    with pytest.raises(dt.DeltatuneError, match="key=value"):
+        load_config(path, ["train.steps"])
+
+
+def test_schedules_warm_up_then_decay() -> None:
+    lin = lr_lambda(TrainSettings(steps=10, warmup=2, schedule="linear"))
+    assert [round(lin(i), 3) for i in (0, 1, 2, 6, 10)] == [0.5, 1.0, 1.0, 0.5, 0.0]
+    cos = lr_lambda(TrainSettings(steps=10, warmup=0.0, schedule="cosine"))
+    assert cos(0) == 1.0 and abs(cos(5) - 0.5) < 1e-9 and cos(10) == 0.0
+    assert lr_lambda(TrainSettings(steps=10, schedule="constant"))(7) == 1.0
+
+
+def test_batches_resume_at_the_same_position() -> None:
+    a = Batches(10, 3, seed=1)
+    seen = [a.next() for _ in range(5)]  # crosses an epoch boundary (3 full batches per epoch)
+    b = Batches(10, 3, seed=1)
+    for _ in range(2):
+        b.next()
+    c = Batches(10, 3, seed=1)
+    c.load_state_dict(b.state_dict())
+    assert [c.next() for _ in range(3)] == seen[2:]
+    ranks = [Batches(10, 2, seed=1, rank=r, world=2).next() for r in range(2)]
+    assert sorted(ranks[0] + ranks[1]) == sorted(Batches(10, 4, seed=1).next())
+
+
+def test_sync_optimizer_releases_and_adds_state() -> None:
+    from conftest import batch, loss_of, tiny_llama
+
+    tuned = dt.attach(tiny_llama(), "lora", r=2, init=False)
+    params = list(tuned.deltas.parameters())
+    opt = torch.optim.AdamW(params, lr=1e-2)
+    loss_of(tuned, batch()).backward()
+    opt.step()
+    before = {id(p) for p in params}
+    params[0].requires_grad_(False)
+    now = sync_optimizer(opt, tuned, before)
+    assert params[0] not in opt.state and params[1] in opt.state and id(params[0]) not in now
+    params[0].requires_grad_(True)
+    sync_optimizer(opt, tuned, now)
+    assert params[0] not in opt.state, "a parameter that starts again gets fresh moments"
+
+
+def _run(cfg: dict, env: dict | None = None) -> subprocess.CompletedProcess:
+    code = f"import deltatune as dt; dt.train({cfg!r})"
+    return subprocess.run([sys.executable, "-c", code], env={**os.environ, **(env or {})}, capture_output=True,
+                          text=True, timeout=300)
+
+
+def test_resume_after_sigkill_is_bit_identical(tiny_folder, sentiment_file, tmp_path) -> None:
+    straight = config(tiny_folder, sentiment_file, tmp_path / "straight")
+    killed = config(tiny_folder, sentiment_file, tmp_path / "killed")
+    done = _run(straight)
+    assert done.returncode == 0, done.stderr[-2000:]
+    crash = _run(killed, {FAULT_ENV: "5"})  # SIGKILL before step 5: steps 1-4 done, checkpoint at 4
+    assert crash.returncode == -9, crash.stderr[-2000:]
+    assert sorted(os.listdir(tmp_path / "killed" / "checkpoints")) == ["step-0000002", "step-0000004"]
+    assert not (tmp_path / "killed" / "deltatune.json").exists()
+    summary = dt.train(killed, resume=True)
+    assert summary["resumed_from"] == 4
+    a = (tmp_path / "straight" / "delta.safetensors").read_bytes()
+    b = (tmp_path / "killed" / "delta.safetensors").read_bytes()
+    assert a == b, "a resumed run must end bit-identical to an uninterrupted one"
+    hist = json.loads((tmp_path / "straight" / "logs" / "metrics.json").read_text())["history"]
+    assert [h["loss"] for h in hist] == [h["loss"] for h in summary["history"]]
+    assert sorted(os.listdir(tmp_path / "killed" / "checkpoints")) == ["step-0000004", "step-0000006"]
+
+
+def test_nan_loss_stops_naming_the_step(tiny_folder, sentiment_file, tmp_path) -> None:
+    cfg = config(tiny_folder, sentiment_file, tmp_path / "nan", optimizer="sgd", lr=1e12, max_grad_norm=None,
+                 warmup=0.0)
+    with pytest.raises(dt.DeltatuneError, match=r"at step \d+; stopped"):
+        dt.train(cfg)
+
+
+def test_trained_artifact_loads_and_learned(tiny_folder, sentiment_file, tmp_path) -> None:
+    cfg = config(tiny_folder, sentiment_file, tmp_path / "run", steps=40, lr=5e-3, eval_every=20)
+    cfg["method"] = {"name": "full"}
+    summary = dt.train(cfg)
+    assert summary["trainable"] == dt.inspect(tmp_path / "run")["trainable"]
+    losses = [h["loss"] for h in summary["history"]]
+    assert sum(losses[-4:]) < sum(losses[:4]) - 0.5, losses
+    evals = [(h["step"], h["eval_accuracy"]) for h in summary["history"] if "eval_loss" in h]
+    assert [s for s, _ in evals] == [20, 40] and evals[-1][1] >= 0.9
+    assert "eval_accuracy" in summary["final"] and "eval_loss" in summary["final"]
+    tuned = dt.load(dt.models.load(str(tiny_folder)), tmp_path / "run")
+    assert tuned.num_trainable() == summary["trainable"]
+
+
+def test_cli_train_eval_generate(tiny_folder, sentiment_file, tmp_path) -> None:
+    import yaml
+    from typer.testing import CliRunner
+
+    from deltatune.cli import app
+
+    path = tmp_path / "run.yaml"
+    path.write_text(yaml.safe_dump(config(tiny_folder, sentiment_file, tmp_path / "cli")))
+    runner = CliRunner()
+    r = runner.invoke(app, ["train", str(path), "--set", "train.steps=2", "--set", "train.save_every=0"])
+    assert r.exit_code == 0, r.output
+    assert sorted(os.listdir(tmp_path / "cli" / "checkpoints")) == ["step-0000002"]
+    r = runner.invoke(app, ["eval", str(tmp_path / "cli"), "--config", str(path), "--json"])
+    assert r.exit_code == 0, r.output
+    metrics = json.loads(r.output)
+    assert set(metrics) >= {"loss", "accuracy"} and 0.0 <= metrics["accuracy"] <= 1.0
+    r = runner.invoke(app, ["generate", str(tmp_path / "cli"), "--prompt", "hello", "--max-new-tokens", "3"])
+    assert r.exit_code == 0, r.output
+    r = runner.invoke(app, ["train", str(path), "--set", "train.lr=-1", "--set", "trian.steps=1"])
+    assert r.exit_code == 2 and "train.lr=-1" in r.output and "did you mean 'train'" in r.output
