@@ -219,7 +219,7 @@ def load(name: str) -> TextDataset:
 # ---------------------------------------------------------------- local files
 
 FILE_TYPES = (".jsonl", ".json", ".csv", ".tsv", ".parquet")
-_PYARROW = "pip install pyarrow"
+_PYARROW = "pip install 'deltatune[parquet]' (pyarrow)"
 
 
 @dataclass
