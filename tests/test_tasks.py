@@ -386,11 +386,11 @@ def test_parquet_and_saved_dataset_folder(tmp_path: Path, smol_tok: Any) -> None
 def test_parquet_without_pyarrow_names_the_install(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setitem(sys.modules, "pyarrow", None)  # import fails, as when it is not installed
     (tmp_path / "rows.parquet").write_bytes(b"PAR1")
-    with pytest.raises(DeltatuneError, match="pip install pyarrow"):
+    with pytest.raises(DeltatuneError, match=r"pip install .deltatune\[parquet\]"):
         data.read_records(tmp_path / "rows.parquet")
     (tmp_path / "saved").mkdir()
     (tmp_path / "saved" / "state.json").write_text("{}")
-    with pytest.raises(DeltatuneError, match="pip install pyarrow"):
+    with pytest.raises(DeltatuneError, match=r"pip install .deltatune\[parquet\]"):
         data.read_records(tmp_path / "saved")
 
 
