@@ -181,3 +181,13 @@ def test_cli_train_eval_generate(tiny_folder, sentiment_file, tmp_path) -> None:
     assert r.exit_code == 0, r.output
     r = runner.invoke(app, ["train", str(path), "--set", "train.lr=-1", "--set", "trian.steps=1"])
     assert r.exit_code == 2 and "train.lr=-1" in r.output and "did you mean 'train'" in r.output
+
+
+def test_gradient_checkpointing_trains_the_same_delta(tiny_folder, sentiment_file, tmp_path) -> None:
+    plain = dt.train(config(tiny_folder, sentiment_file, tmp_path / "a", steps=2, save_every=0, eval_every=0))
+    ckpt = dt.train(config(tiny_folder, sentiment_file, tmp_path / "b", steps=2, save_every=0, eval_every=0,
+                           gradient_checkpointing=True))
+    assert [h["loss"] for h in plain["history"]] == pytest.approx([h["loss"] for h in ckpt["history"]], abs=1e-6)
+    a = dt.load(dt.models.load(str(tiny_folder)), tmp_path / "a").delta_state_dict()
+    b = dt.load(dt.models.load(str(tiny_folder)), tmp_path / "b").delta_state_dict()
+    assert all(torch.allclose(a[k], b[k], atol=1e-6) for k in a) and any(bool(a[k].any()) for k in a if k.endswith(".B"))

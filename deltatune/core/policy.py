@@ -23,7 +23,7 @@ class Policy:
     name = "static"
 
     def setup(self, tuned: Tuned) -> None:
-        """Called once the delta is attached (and again after a resume has loaded the state)."""
+        """Called once, when the delta is attached (a resume then calls ``load_state_dict``)."""
 
     def before_optimizer_step(self, step: int, tuned: Tuned, optimizer: torch.optim.Optimizer) -> None:
         """Gradients of this step are in ``.grad``; the optimizer has not stepped yet."""

@@ -96,16 +96,16 @@ def sync_optimizer(optimizer: torch.optim.Optimizer, tuned: Tuned, before: set[i
     training lose their state (a restart gets fresh moments), new delta tensors join group 0,
     and tensors that left the delta leave the optimizer."""
     now_params = list(tuned.deltas.parameters())
+    present = {id(p) for p in now_params}
     now = {id(p) for p in now_params if p.requires_grad}
     changed = before ^ now
     known: set[int] = set()
     for group in optimizer.param_groups:
-        kept = [p for p in group["params"] if any(p is q for q in now_params)]
         for p in group["params"]:
-            if not any(p is q for q in kept):
+            if id(p) not in present:
                 optimizer.state.pop(p, None)
-        group["params"] = kept
-        known |= {id(p) for p in kept}
+        group["params"] = [p for p in group["params"] if id(p) in present]
+        known |= {id(p) for p in group["params"]}
     for p in now_params:
         if id(p) in changed:
             optimizer.state.pop(p, None)
