@@ -30,3 +30,12 @@ __all__ = [
     "models",
     "train",
 ]
+
+
+def __getattr__(name: str):
+    """``dt.hf`` (the transformers.Trainer bridge) loads on first use: importing Trainer is slow."""
+    if name == "hf":
+        import importlib
+
+        return importlib.import_module("deltatune.hf")
+    raise AttributeError(f"module 'deltatune' has no attribute {name!r}")

@@ -146,6 +146,8 @@ def _distributed() -> tuple[int, int]:
     """(rank, world size); joins the process group torchrun / accelerate launch set up in the environment."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world > 1 and not dist.is_initialized():
+        if torch.cuda.is_available():  # one GPU per process, as torchrun / accelerate assign them
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
         dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
     return (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
 
@@ -205,8 +207,14 @@ def train(config: str | Path | dict | RunConfig, overrides: list[str] | None = N
     out = Path(cfg.output)
     ckpt_dir = out / "checkpoints"
     model_for_step: torch.nn.Module = tuned
-    if world > 1:
-        model_for_step = torch.nn.parallel.DistributedDataParallel(tuned)
+
+    def wrap() -> torch.nn.Module:
+        if world == 1:
+            return tuned
+        ids = [torch.cuda.current_device()] if device.type == "cuda" else None
+        return torch.nn.parallel.DistributedDataParallel(tuned, device_ids=ids)
+
+    model_for_step = wrap()
 
     params = list(tuned.deltas.parameters())  # all delta tensors, trainable or not: a stable order
     optimizer = make_optimizer(params, s)
@@ -277,6 +285,10 @@ def train(config: str | Path | dict | RunConfig, overrides: list[str] | None = N
                 (loss / s.grad_accum).backward()
                 loss_sum += loss.item() / s.grad_accum
                 tokens += n_tok
+            if world > 1:  # the global loss: logged, and every rank stops together on NaN
+                t = torch.tensor([loss_sum], dtype=torch.float64, device=device)
+                dist.all_reduce(t)
+                loss_sum = t.item() / world
             if not math.isfinite(loss_sum):
                 last = ckpt.checkpoints(ckpt_dir)
                 where = f"the last good checkpoint is {last[-1]}" if last else "no checkpoint was written yet"
@@ -290,7 +302,10 @@ def train(config: str | Path | dict | RunConfig, overrides: list[str] | None = N
             optimizer.step()
             scheduler.step()
             tuned.policy.after_optimizer_step(step, tuned, optimizer)
-            trainable = sync_optimizer(optimizer, tuned, trainable)
+            now_trainable = sync_optimizer(optimizer, tuned, trainable)
+            if world > 1 and now_trainable != trainable:
+                model_for_step = wrap()  # DDP fixes its parameter list when it wraps
+            trainable = now_trainable
             params = list(tuned.deltas.parameters())
             dt_step = time.perf_counter() - t0
             step_times.append(dt_step)
@@ -314,6 +329,8 @@ def train(config: str | Path | dict | RunConfig, overrides: list[str] | None = N
         (logs / "metrics.json").write_text(json.dumps(summary, indent=2) + "\n")
         if s.progress:
             print_summary(summary)
+    if world > 1:
+        dist.barrier()  # the artifact exists for every rank when train() returns
     return summary
 
 

@@ -1,0 +1,183 @@
+"""Data-parallel training on CPU: two gloo processes under torchrun (and accelerate launch).
+
+Each rank runs ``dt.train``; a tiny driver script (written by the test) keeps the ``Tuned`` that the
+loop builds, dumps its delta per rank, and records who wrote the artifact. The ranks must end with
+bit-identical deltas, rank 0 alone writes the artifact, and training runs its steps and learns.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from transformers import LlamaConfig, LlamaForCausalLM
+
+import deltatune as dt
+
+STEPS = 40
+SAVE_EVERY = 20
+
+DRIVER = r'''
+import json, os, sys
+import torch
+import torch.distributed as dist
+from safetensors.torch import save_file
+
+import deltatune as dt
+from deltatune.core.tuned import Tuned
+from deltatune.train import loop
+
+out = sys.argv[2]
+built = []
+_build = loop.build
+
+
+def build(cfg):  # keep the Run the loop builds: train() does not return the Tuned
+    run = _build(cfg)
+    built.append(run)
+    return run
+
+
+loop.build = build
+_save = Tuned.save
+
+
+def save(self, path):  # log every artifact write, per process
+    with open(os.path.join(out, f"saves-{os.environ.get('RANK', '0')}.txt"), "a") as f:
+        f.write(str(path) + "\n")
+    return _save(self, path)
+
+
+Tuned.save = save
+summary = dt.train(json.loads(open(sys.argv[1]).read()))
+rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+tuned = built[0].tuned
+delta = tuned.delta_state_dict()
+save_file({k: v.detach().contiguous().clone() for k, v in delta.items()}, os.path.join(out, f"rank{rank}.safetensors"))
+flat = torch.cat([v.detach().float().flatten() for _, v in sorted(delta.items())])
+gathered = [torch.empty_like(flat) for _ in range(world)]
+if world > 1:
+    dist.all_gather(gathered, flat)
+else:
+    gathered = [flat]
+same = all(torch.equal(g, flat) for g in gathered)
+with open(os.path.join(out, f"summary-{rank}.json"), "w") as f:
+    json.dump({"rank": rank, "world": world, "same_as_all": same, "steps": summary["steps"],
+               "losses": [h["loss"] for h in summary["history"]]}, f)
+if dist.is_initialized():
+    dist.barrier()
+    dist.destroy_process_group()
+'''
+
+
+WORDS = {"positive": ["great", "lovely", "happy", "superb"], "negative": ["awful", "sad", "terrible", "bad"]}
+
+
+@pytest.fixture(scope="module")
+def tiny_folder(tmp_path_factory) -> Path:
+    """A tiny random Llama with a word-level tokenizer made here: no shipped model to convert, starts in ms."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    folder = tmp_path_factory.mktemp("tiny-llama-ddp")
+    words = ["[PAD]", "[UNK]", "[EOS]", "negative", "positive", "what", "a", "day", "number", *[w for ws in WORDS.values() for w in ws],
+             *[str(i) for i in range(12)]]
+    tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="[UNK]", pad_token="[PAD]",
+                            eos_token="[EOS]").save_pretrained(folder)
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=2,
+                      num_attention_heads=2, num_key_value_heads=1, tie_word_embeddings=True, pad_token_id=0)
+    LlamaForCausalLM(cfg).save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def sentiment_file(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("ddp-data") / "sentiment.jsonl"
+    rows = [{"text": f"what a {w} day number {i}", "label": lab} for i in range(12) for lab, ws in WORDS.items()
+            for w in ws[i % 2::2]]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def config(folder: Path, data: Path, out: Path, **train) -> dict:
+    return {
+        "model": str(folder),
+        "data": {"path": str(data), "task": "classification", "max_length": 32, "eval_fraction": 0.25,
+                 "labels": ["negative", "positive"]},
+        "method": {"name": "lora", "r": 4, "alpha": 8, "dropout": 0.0},
+        "train": {"steps": STEPS, "batch_size": 4, "lr": 3e-2, "warmup": 0.1, "save_every": SAVE_EVERY, "eval_every": 0,
+                  "progress": False, "device": "cpu", **train},
+        "output": str(out),
+    }
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _launch(launcher: list[str], tmp_path: Path, cfg: dict) -> tuple[subprocess.CompletedProcess, Path]:
+    dumps = tmp_path / "dumps"
+    dumps.mkdir()
+    (tmp_path / "run.json").write_text(json.dumps(cfg))
+    (tmp_path / "driver.py").write_text(DRIVER)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MASTER_ADDR": "127.0.0.1", "GLOO_SOCKET_IFNAME": "lo",
+           "TOKENIZERS_PARALLELISM": "false", "CUDA_VISIBLE_DEVICES": ""}
+    cmd = [*launcher, str(tmp_path / "driver.py"), str(tmp_path / "run.json"), str(dumps)]
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240, cwd=tmp_path)
+    return done, dumps
+
+
+def _check(done: subprocess.CompletedProcess, dumps: Path, out: Path) -> None:
+    assert done.returncode == 0, (done.stdout[-3000:], done.stderr[-5000:])
+    summaries = [json.loads((dumps / f"summary-{r}.json").read_text()) for r in range(2)]
+    assert [s["world"] for s in summaries] == [2, 2] and sorted(s["rank"] for s in summaries) == [0, 1]
+    assert all(s["same_as_all"] for s in summaries), "all_gather saw different deltas on the ranks"
+    assert all(s["steps"] == STEPS and len(s["losses"]) == STEPS for s in summaries)
+    a, b = load_file(dumps / "rank0.safetensors"), load_file(dumps / "rank1.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), "ranks must end bit-identical"
+    # the artifact is written once, by rank 0, and it is the delta every rank holds
+    assert (dumps / "saves-0.txt").read_text().splitlines() == [str(out)]
+    assert not (dumps / "saves-1.txt").exists()
+    saved = load_file(out / "delta.safetensors")
+    assert saved.keys() == a.keys() and all(torch.equal(saved[k], a[k]) for k in a)
+    assert sorted(os.listdir(out / "checkpoints")) == [f"step-{SAVE_EVERY:07d}", f"step-{STEPS:07d}"]
+    # the loss of the global batch (the mean of the ranks' halves) goes down
+    losses = [(x + y) / 2 for x, y in zip(summaries[0]["losses"], summaries[1]["losses"], strict=True)]
+    assert sum(losses[-4:]) / 4 < sum(losses[:4]) / 4 - 0.05, losses
+
+
+def test_torchrun_two_cpu_processes(tiny_folder, sentiment_file, tmp_path) -> None:
+    out = tmp_path / "ddp"
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--standalone"]
+    done, dumps = _launch(launcher, tmp_path, config(tiny_folder, sentiment_file, out))
+    _check(done, dumps, out)
+    tuned = dt.load(dt.models.load(str(tiny_folder)), out)  # the artifact loads on a single process
+    assert tuned.num_trainable() > 0
+
+
+def test_accelerate_launch_two_cpu_processes(tiny_folder, sentiment_file, tmp_path) -> None:
+    accelerate = shutil.which("accelerate", path=os.path.dirname(sys.executable)) or shutil.which("accelerate")
+    if accelerate is None:
+        pytest.skip("the accelerate launcher is not installed")
+    out = tmp_path / "ddp"
+    # `accelerate launch --cpu --num_processes 2` starts several CPU processes only through mpirun (it needs
+    # --mpirun_hostfile and an MPI install); without them it silently runs one process. `--multi_gpu` takes
+    # accelerate's torchrun path, which starts the processes on a machine without GPUs just as well: the
+    # loop then joins a gloo group.
+    launcher = [accelerate, "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+                "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(_free_port())]
+    done, dumps = _launch(launcher, tmp_path, config(tiny_folder, sentiment_file, out))
+    _check(done, dumps, out)
