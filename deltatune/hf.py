@@ -39,39 +39,14 @@ from transformers.utils import can_return_loss, find_labels
 from deltatune.core import artifact
 from deltatune.core.tuned import Tuned
 from deltatune.errors import DeltatuneError
+from deltatune.train.state import join, split
 
 ARTIFACT_DIR = "deltatune"  # sub-folder of output_dir / checkpoint-N holding the artifact
 POLICY_JSON = "deltatune_policy.json"
 POLICY_TENSORS = "deltatune_policy.safetensors"
-_TENSOR = "__deltatune_tensor__"
 
 
 # -- policy state on disk -------------------------------------------------------------------
-def _split(value: Any, tensors: dict[str, torch.Tensor], path: str) -> Any:
-    """JSON-able copy of ``value`` with every tensor replaced by a reference into ``tensors``."""
-    if isinstance(value, torch.Tensor):
-        tensors[path] = value
-        return {_TENSOR: path}
-    if isinstance(value, dict):
-        bad = [k for k in value if not isinstance(k, str)]
-        if bad:
-            raise DeltatuneError(f"policy state keys must be strings, got {bad[:3]} at {path or '<root>'}")
-        return {k: _split(v, tensors, f"{path}.{k}" if path else k) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_split(v, tensors, f"{path}.{i}") for i, v in enumerate(value)]
-    return value
-
-
-def _join(value: Any, tensors: dict[str, torch.Tensor]) -> Any:
-    if isinstance(value, dict):
-        if set(value) == {_TENSOR}:
-            return tensors[value[_TENSOR]]
-        return {k: _join(v, tensors) for k, v in value.items()}
-    if isinstance(value, list):
-        return [_join(v, tensors) for v in value]
-    return value
-
-
 def save_policy_state(tuned: Tuned, folder: str | os.PathLike) -> None:
     """Write the policy's ``state_dict`` and the trainable flags of the delta tensors into ``folder``."""
     from safetensors.torch import save_file
@@ -79,7 +54,7 @@ def save_policy_state(tuned: Tuned, folder: str | os.PathLike) -> None:
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     tensors: dict[str, torch.Tensor] = {}
-    state = _split(tuned.policy.state_dict(), tensors, "")
+    state = split(tuned.policy.state_dict(), tensors)
     doc = {
         "policy": type(tuned.policy).__name__,
         "state": state,
@@ -102,8 +77,7 @@ def load_policy_state(tuned: Tuned, folder: str | os.PathLike) -> bool:
     for name, p in tuned.deltas.named_parameters():
         if name in flags:
             p.requires_grad_(bool(flags[name]))
-    tuned.policy.load_state_dict(_join(doc.get("state", {}), tensors))
-    tuned.policy.setup(tuned)  # "called again after a resume has loaded the state"
+    tuned.policy.load_state_dict(join(doc.get("state", {}), tensors))
     return True
 
 
