@@ -390,11 +390,12 @@ class _CausalLMTask(Task):
 
     def _sums(self, model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
         inputs, labels = _split_batch(model, batch)
-        logits = model(**inputs, use_cache=False).logits[:, :-1, :]
-        targets = labels[:, 1:]
+        logits = model(**inputs, use_cache=False).logits
+        # shift the targets, not the logits: slicing the (batch, seq, vocab) logits copies them, and its
+        # backward allocates and fills a second full-size buffer (profiled in docs/benchmarks.md)
+        targets = F.pad(labels, (0, 1), value=IGNORE_INDEX)[:, 1:]
         total = F.cross_entropy(
-            logits.reshape(-1, logits.shape[-1]).float(), targets.reshape(-1),
-            ignore_index=IGNORE_INDEX, reduction="sum",
+            logits.flatten(0, 1).float(), targets.reshape(-1), ignore_index=IGNORE_INDEX, reduction="sum",
         )
         return total, (targets != IGNORE_INDEX).sum()
 

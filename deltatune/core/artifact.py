@@ -17,7 +17,7 @@ from typing import Any
 import torch
 import torch.nn as nn
 from safetensors import SafetensorError
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 
 from deltatune.errors import DeltatuneError
 
@@ -177,18 +177,51 @@ def atomic_dir(path: str | os.PathLike, fill) -> None:
         shutil.rmtree(prev, ignore_errors=True)
 
 
-def tensors_to_bytes(tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> bytes:
-    from safetensors.torch import save
+def _for_saving(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Contiguous CPU tensors that own their storage (safetensors refuses views and shared storage);
+    only those that need it are copied, so a large delta is not duplicated in memory."""
+    out, seen = {}, set()
+    for k, v in tensors.items():
+        t = v.detach().contiguous().cpu()
+        storage = t.untyped_storage()
+        if storage.nbytes() != t.numel() * t.element_size() or t.storage_offset() or storage.data_ptr() in seen:
+            t = t.clone()
+        seen.add(t.untyped_storage().data_ptr())
+        out[k] = t
+    return out
 
-    clean = {k: v.detach().contiguous().cpu().clone() for k, v in tensors.items()}
-    return save(clean, metadata=metadata)
+
+def sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 24), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def write_tensor_dir(path: str | os.PathLike, tensors: dict[str, torch.Tensor], tensor_file: str,
+                     json_files: dict[str, Any], *, checksum_into: str | None = None) -> None:
+    """Atomically write a folder of one safetensors file (streamed to disk, not built in memory) and
+    JSON files; ``checksum_into`` names the JSON file that records the tensor file's size and sha256."""
+
+    def fill(tmp: Path) -> None:
+        save_file(_for_saving(tensors), str(tmp / tensor_file), metadata={"format": "pt"})
+        if checksum_into is not None:
+            json_files[checksum_into] = dict(json_files[checksum_into])
+            json_files[checksum_into]["files"] = {
+                tensor_file: {"bytes": (tmp / tensor_file).stat().st_size, "sha256": sha256_file(tmp / tensor_file)}
+            }
+        for name, doc in json_files.items():
+            (tmp / name).write_text(json.dumps(doc, indent=2, sort_keys=True) + "\n")
+        for name in [tensor_file, *json_files]:
+            with open(tmp / name, "rb") as f:
+                os.fsync(f.fileno())
+
+    atomic_dir(path, fill)
 
 
 def write_artifact(path: str | os.PathLike, meta: dict[str, Any], tensors: dict[str, torch.Tensor]) -> None:
-    blob = tensors_to_bytes(tensors, {"format": "pt"})
-    meta = dict(meta)
-    meta["files"] = {TENSOR_FILE: {"bytes": len(blob), "sha256": hashlib.sha256(blob).hexdigest()}}
-    atomic_write_dir(path, {TENSOR_FILE: blob, META_FILE: (json.dumps(meta, indent=2, sort_keys=True) + "\n").encode()})
+    write_tensor_dir(path, tensors, TENSOR_FILE, {META_FILE: meta}, checksum_into=META_FILE)
 
 
 def read_meta(path: str | os.PathLike) -> dict[str, Any]:

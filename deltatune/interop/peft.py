@@ -181,9 +181,7 @@ def export_peft(tuned: Tuned, out: str | os.PathLike) -> Path:
         "lora_bias": False,
         "peft_version": PEFT_VERSION,
     }
-    blob = artifact.tensors_to_bytes(tensors, {"format": "pt"})
-    files = {WEIGHTS_FILE: blob, CONFIG_FILE: (json.dumps(config, indent=2, sort_keys=True) + "\n").encode()}
-    artifact.atomic_write_dir(out, files)
+    artifact.write_tensor_dir(out, tensors, WEIGHTS_FILE, {CONFIG_FILE: config})
     return Path(out)
 
 

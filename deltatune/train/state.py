@@ -60,12 +60,8 @@ def save_checkpoint(folder: Path, step: int, state: dict[str, Any], keep_last: i
     """Write ``folder/step-NNNNNN`` atomically, then drop all but the newest ``keep_last``."""
     tensors: dict[str, torch.Tensor] = {}
     tree = split(state, tensors)
-    blob = artifact.tensors_to_bytes(tensors)
     path = folder / f"step-{step:07d}"
-    artifact.atomic_write_dir(path, {
-        "state.safetensors": blob,
-        "state.json": (json.dumps(tree, indent=1) + "\n").encode(),
-    })
+    artifact.write_tensor_dir(path, tensors, "state.safetensors", {"state.json": tree})
     for old in checkpoints(folder)[:-keep_last]:
         shutil.rmtree(old, ignore_errors=True)
     return path

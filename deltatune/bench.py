@@ -1,0 +1,522 @@
+"""``deltatune bench``: deltatune's methods against Hugging Face PEFT's LoRA and plain full fine-tuning.
+
+Every run trains the same workload (model, data, batch, sequence length, seed, optimizer, schedule) in a
+fresh subprocess, so its peak memory is its own:
+
+- ``deltatune <method>``: the engine itself, ``dt.train(config)`` (eval only at the end, no progress bar);
+- ``peft lora``: ``peft.get_peft_model`` with ``LoraConfig(r=8, lora_alpha=16, target_modules=[q_proj, v_proj])``;
+- ``plain full``: the bare transformers model with every parameter trainable.
+
+The two baselines run a minimal plain-PyTorch loop doing the engine's work per step: zero_grad, collate
+the same batch (the engine's seeded batch order), forward with the model's own loss (``labels=``: the same
+mean next-token cross-entropy the engine's text task computes), backward, ``loss.item()``, clip the
+gradient norm, AdamW step, LR-scheduler step. Every run then evaluates once with the same eval function
+and batch size (not timed), and its peak memory is read before anything is saved: the engine writes a
+checkpoint at the end, which serialises the whole state in memory, so the bench reads the engine's peak
+just before that checkpoint (the engine's own end-of-run figure is kept as ``engine_peak_memory_bytes``).
+
+The data are the shipped ``tweets`` as causal-LM text packed into full blocks of ``seq_len`` tokens (EOS
+between tweets, no padding), so every run sees exactly the same tokens in the same order.
+
+Figures: seconds per step (median over the steps after ``warmup`` warm-up steps), tokens per second
+(batch × seq_len / that median), peak memory (ru_maxrss on CPU, ``torch.cuda.max_memory_allocated`` on
+CUDA), trainable parameters, artifact bytes (the saved tensor file: ``delta.safetensors``,
+``adapter_model.safetensors``, the full model's ``model.safetensors``) and the final eval loss, each also
+as a ratio to PEFT's LoRA.
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from deltatune.errors import DeltatuneError
+
+DEFAULT_MODEL = "smollm2-135m"
+DEFAULT_METHODS = ("lora", "full")
+BASELINES = ("peft-lora", "plain-full")
+LORA_OPTIONS: dict[str, Any] = {"r": 8, "alpha": 16, "targets": ["q_proj", "v_proj"]}
+FIELDS = ("seconds_per_step", "tokens_per_s", "peak_memory_bytes", "trainable", "artifact_bytes", "eval_loss")
+REFERENCE = "peft lora"
+DOCS_PATH = "docs/benchmarks.md"
+NOTES_MARKER = "<!-- notes: everything below this line is kept when the bench rewrites this file -->"
+
+
+@dataclass
+class Workload:
+    """What every run trains: the same for each method and baseline."""
+
+    model: str = DEFAULT_MODEL
+    steps: int = 10
+    warmup: int = 1  # first steps left out of the median
+    batch_size: int = 4
+    seq_len: int = 128
+    lr: float = 2e-4
+    seed: int = 0
+    threads: int = 2
+    device: str = "auto"
+    max_train: int = 1000  # tweets tokenized for training (packed into seq_len blocks)
+    max_eval: int = 100  # tweets for the final eval
+
+    def run_config(self, method: dict[str, Any], output: str) -> dict[str, Any]:
+        """The engine config of this workload (the baselines read their data and schedule from it too)."""
+        return {
+            "model": self.model,
+            "data": {"name": "tweets", "task": "text", "packing": True, "max_length": self.seq_len,
+                     "max_train": self.max_train, "max_eval": self.max_eval, "seed": self.seed},
+            "method": dict(method),
+            "train": {"steps": self.steps, "batch_size": self.batch_size, "lr": self.lr, "optimizer": "adamw",
+                      "weight_decay": 0.0, "schedule": "linear", "warmup": 0.0, "max_grad_norm": 1.0,
+                      "seed": self.seed, "eval_every": 0, "save_every": 0, "eval_batch_size": self.batch_size,
+                      "device": self.device, "progress": False},
+            "output": output,
+        }
+
+
+def method_options(method: str) -> dict[str, Any]:
+    """deltatune's options for a method in the bench: LoRA as PEFT's baseline is configured."""
+    return dict(LORA_OPTIONS) if method == "lora" else {}
+
+
+# -------------------------------------------------------------------------- in the subprocess
+
+
+def _median(values: list[float]) -> float | None:
+    values = sorted(values)
+    return values[len(values) // 2] if values else None
+
+
+def _timed(times: list[float], warmup: int) -> list[float]:
+    return times[warmup:] if len(times) > warmup else times[-1:]
+
+
+def _file_bytes(folder: Path, pattern: str) -> int:
+    return sum(p.stat().st_size for p in folder.glob(pattern))
+
+
+def _run_engine(w: Workload, method: str, out: Path) -> dict[str, Any]:
+    import deltatune as dt
+    from deltatune.train import loop
+
+    peak: dict[str, int] = {}
+    original = loop.ckpt.save_checkpoint
+
+    def save_checkpoint(*args: Any, **kwargs: Any) -> Any:
+        # the training peak (eval included) before the checkpoint serialises the state in memory
+        peak.setdefault("before_checkpoint", loop.peak_memory_bytes(loop.pick_device(w.device)))
+        return original(*args, **kwargs)
+
+    loop.ckpt.save_checkpoint = save_checkpoint
+    try:
+        summary = dt.train(w.run_config({"name": method, **method_options(method)}, str(out)))
+    finally:
+        loop.ckpt.save_checkpoint = original
+    tokens = w.batch_size * w.seq_len
+    times = [tokens / r["tokens_per_s"] for r in summary["history"]]
+    return {
+        "times": times,
+        "trainable": summary["trainable"],
+        "artifact_bytes": _file_bytes(out, "*.safetensors"),
+        "stored_bytes": summary["stored_bytes"],
+        "eval_loss": summary["final"].get("eval_loss"),
+        "train_loss": summary["history"][-1]["loss"],
+        "peak_memory_bytes": peak.get("before_checkpoint", summary["peak_memory_bytes"]),
+        "engine_peak_memory_bytes": summary["peak_memory_bytes"],
+        "engine_seconds_per_step": summary["seconds_per_step"],
+    }
+
+
+def _run_baseline(w: Workload, kind: str, out: Path) -> dict[str, Any]:
+    import random
+
+    import torch
+
+    from deltatune import models, tasks
+    from deltatune.train import loop
+    from deltatune.train.config import load_config
+
+    cfg = load_config(w.run_config({"name": "lora", **LORA_OPTIONS}, str(out)))
+    s = cfg.train
+    torch.manual_seed(s.seed)
+    random.seed(s.seed)
+    device = loop.pick_device(s.device)
+    model = models.load(cfg.model)
+    tokenizer = models.load_tokenizer(cfg.model)
+    task = tasks.build_task(cfg.data, tokenizer, model)
+    torch.manual_seed(s.seed)
+    if kind == "peft-lora":
+        from peft import LoraConfig, get_peft_model
+
+        config = LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj"], lora_dropout=0.0,
+                            bias="none", task_type="CAUSAL_LM")
+        model = get_peft_model(model, config)
+    else:
+        for p in model.parameters():
+            p.requires_grad_(True)
+    model.to(device)
+    model.train()
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=s.lr, weight_decay=s.weight_decay)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, loop.lr_lambda(s))
+    batches = loop.Batches(len(task.train), s.batch_size, s.seed)
+    times, loss_value = [], float("nan")
+    for _ in range(s.steps):
+        t0 = time.perf_counter()
+        optimizer.zero_grad(set_to_none=True)
+        batch = {k: v.to(device) for k, v in task.collate([task.train[i] for i in batches.next()]).items()}
+        labels = batch.pop("labels")
+        with loop._autocast(s, device):  # the transformers model's own causal-LM loss, as PEFT users train
+            loss = model(**batch, labels=labels, use_cache=False).loss
+        loss.backward()
+        loss_value = loss.item()
+        torch.nn.utils.clip_grad_norm_([p for p in params if p.grad is not None], s.max_grad_norm)
+        optimizer.step()
+        scheduler.step()
+        times.append(time.perf_counter() - t0)
+    final = task.evaluate(model, s.eval_batch_size)
+    peak = loop.peak_memory_bytes(device)
+    model.save_pretrained(out)
+    pattern = "adapter_model.safetensors" if kind == "peft-lora" else "*.safetensors"
+    return {
+        "times": times,
+        "trainable": sum(p.numel() for p in params),
+        "artifact_bytes": _file_bytes(out, pattern),
+        "eval_loss": final["loss"],
+        "train_loss": loss_value,
+        "peak_memory_bytes": peak,
+    }
+
+
+def _worker(spec_path: str, result_path: str) -> None:
+    spec = json.loads(Path(spec_path).read_text())
+    w = Workload(**spec["workload"])
+    import torch
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+    torch.set_num_threads(w.threads)
+    with tempfile.TemporaryDirectory(prefix="deltatune-bench-") as tmp:
+        out = Path(tmp) / "out"
+        if spec["framework"] == "deltatune":
+            raw = _run_engine(w, spec["method"], out)
+        else:
+            raw = _run_baseline(w, spec["method"], out)
+    raw["torch_threads"] = torch.get_num_threads()
+    raw["device"] = "cuda" if (w.device == "auto" and torch.cuda.is_available()) else (
+        "cpu" if w.device == "auto" else w.device)
+    Path(result_path).write_text(json.dumps(raw))
+
+
+# -------------------------------------------------------------------------- in the parent
+
+
+@dataclass
+class _Run:
+    name: str  # "deltatune lora", "peft lora", "plain full"
+    framework: str  # deltatune | peft | plain
+    method: str  # deltatune's method name, or peft-lora / plain-full
+
+
+def _runs(methods: list[str], baselines: bool) -> list[_Run]:
+    runs = [_Run(f"deltatune {m}", "deltatune", m) for m in methods]
+    if baselines:
+        runs += [_Run("peft lora", "peft", "peft-lora"), _Run("plain full", "plain", "plain-full")]
+    return runs
+
+
+def _record(run: _Run, w: Workload, raw: dict[str, Any] | None, error: str | None, wall: float) -> dict[str, Any]:
+    rec: dict[str, Any] = {"name": run.name, "framework": run.framework, "method": run.method, "model": w.model,
+                           "steps": w.steps, "batch_size": w.batch_size, "seq_len": w.seq_len, "wall_s": wall}
+    if raw is None:
+        rec.update({f: None for f in FIELDS})
+        rec["error"] = error
+        return rec
+    timed = _timed(raw["times"], w.warmup)
+    sps = _median(timed)
+    rec.update({
+        "seconds_per_step": sps,
+        "tokens_per_s": w.batch_size * w.seq_len / sps if sps else None,
+        "peak_memory_bytes": raw["peak_memory_bytes"],
+        "trainable": raw["trainable"],
+        "artifact_bytes": raw["artifact_bytes"],
+        "eval_loss": raw["eval_loss"],
+        "train_loss": raw["train_loss"],
+        "first_step_s": raw["times"][0] if raw["times"] else None,
+        "step_times": raw["times"],
+        "device": raw["device"],
+        "torch_threads": raw["torch_threads"],
+    })
+    for key in ("stored_bytes", "engine_peak_memory_bytes", "engine_seconds_per_step"):
+        if key in raw:
+            rec[key] = raw[key]
+    return rec
+
+
+def _add_ratios(records: list[dict[str, Any]]) -> None:
+    ref = next((r for r in records if r["name"] == REFERENCE and r.get("error") is None), None)
+    for r in records:
+        ratios = {}
+        for f in FIELDS:
+            a, b = r.get(f), ref.get(f) if ref else None
+            ratios[f] = a / b if a is not None and b else None
+        r["ratios"] = ratios
+
+
+def _run_one(run: _Run, w: Workload, timeout: float | None) -> tuple[dict[str, Any] | None, str | None]:
+    with tempfile.TemporaryDirectory(prefix="deltatune-bench-") as tmp:
+        spec, result = Path(tmp) / "spec.json", Path(tmp) / "result.json"
+        spec.write_text(json.dumps({"workload": asdict(w), "framework": run.framework, "method": run.method}))
+        env = dict(os.environ)
+        for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):
+            env[var] = str(w.threads)
+        env.setdefault("TOKENIZERS_PARALLELISM", "false")
+        try:
+            proc = subprocess.run([sys.executable, "-m", "deltatune.bench", "--worker", str(spec), str(result)],
+                                  env=env, capture_output=True, text=True, timeout=timeout)
+        except subprocess.TimeoutExpired:
+            return None, f"timed out after {timeout} s"
+        if proc.returncode != 0 or not result.is_file():
+            tail = (proc.stderr or proc.stdout or "").strip().splitlines()[-3:]
+            return None, f"exit code {proc.returncode}: " + " | ".join(tail)
+        return json.loads(result.read_text()), None
+
+
+def bench(
+    model: str = DEFAULT_MODEL,
+    methods: list[str] | str | None = None,
+    steps: int = 10,
+    *,
+    json_path: str | os.PathLike | None = None,
+    write_docs: bool = False,
+    docs_path: str | os.PathLike = DOCS_PATH,
+    batch_size: int = 4,
+    seq_len: int = 128,
+    lr: float = 2e-4,
+    seed: int = 0,
+    threads: int = 2,
+    warmup: int = 1,
+    device: str = "auto",
+    max_train: int = 1000,
+    max_eval: int = 100,
+    baselines: bool = True,
+    timeout: float | None = None,
+    console: Any = None,
+    command: str | None = None,
+) -> list[dict[str, Any]]:
+    """Train the same workload with each deltatune method, PEFT's LoRA and plain full fine-tuning, each in a
+    fresh subprocess; return one record per run (figures and their ratios to PEFT's LoRA).
+
+    ``json_path`` writes the records as JSON; ``write_docs`` writes ``docs_path`` (markdown table, machine,
+    the command), keeping any notes below the notes marker of an existing file."""
+    from deltatune.core import registry
+
+    if isinstance(methods, str):
+        methods = [m.strip() for m in methods.split(",") if m.strip()]
+    methods = list(methods) if methods is not None else list(DEFAULT_METHODS)
+    known = list(registry.names())
+    bad = [m for m in methods if m not in known]
+    if bad:
+        raise DeltatuneError(f"unknown method(s) {', '.join(bad)}; known are: {', '.join(known)}")
+    if steps <= warmup:
+        raise DeltatuneError(f"--steps {steps} must be more than the {warmup} warm-up step(s) left out of the median")
+    for name, value in (("batch_size", batch_size), ("seq_len", seq_len), ("threads", threads)):
+        if value < 1:
+            raise DeltatuneError(f"{name}={value} must be at least 1")
+    from deltatune import models
+
+    models.resolve(model)  # fail fast on a bad model name (and build the SmolLM2 cache once, not per run)
+    w = Workload(model=model, steps=steps, warmup=warmup, batch_size=batch_size, seq_len=seq_len, lr=lr, seed=seed,
+                 threads=threads, device=device, max_train=max_train, max_eval=max_eval)
+    if console is None:
+        from rich.console import Console
+
+        console = Console(stderr=True)
+    runs = _runs(methods, baselines)
+    records = []
+    for i, run in enumerate(runs, 1):
+        t0 = time.perf_counter()
+        with console.status(f"[{i}/{len(runs)}] {run.name}: training {steps} steps in a subprocess ..."):
+            raw, error = _run_one(run, w, timeout)
+        wall = time.perf_counter() - t0
+        rec = _record(run, w, raw, error, wall)
+        records.append(rec)
+        if error:
+            console.print(f"[{i}/{len(runs)}] {run.name}: failed ({error})", style="red", highlight=False)
+        else:
+            console.print(f"[{i}/{len(runs)}] {run.name}: {rec['seconds_per_step']:.3f} s/step, "
+                          f"{_gib(rec['peak_memory_bytes'])} peak, eval loss {rec['eval_loss']:.4f} "
+                          f"({wall:.0f} s)", highlight=False)
+    _add_ratios(records)
+    cmd = command or _default_command(model, methods, steps, json_path)
+    if json_path is not None:
+        payload = {"workload": asdict(w), "machine": machine(threads), "command": cmd, "records": records}
+        Path(json_path).parent.mkdir(parents=True, exist_ok=True)
+        Path(json_path).write_text(json.dumps(payload, indent=2) + "\n")
+    if write_docs:
+        write_markdown(records, w, docs_path, cmd)
+    return records
+
+
+def _default_command(model: str, methods: list[str], steps: int, json_path: Any) -> str:
+    parts = ["deltatune bench"]
+    if model != DEFAULT_MODEL:
+        parts.append(f"--model {model}")
+    parts += [f"--methods {','.join(methods)}", f"--steps {steps}"]
+    if json_path is not None:
+        parts.append(f"--json {json_path}")
+    return " ".join(parts)
+
+
+# -------------------------------------------------------------------------- reporting
+
+
+def _gib(n: int | None) -> str:
+    return "-" if n is None else f"{n / 2**30:.2f} GiB"
+
+
+def _bytes(n: int | None) -> str:
+    if n is None:
+        return "-"
+    for unit, size in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if n >= size:
+            return f"{n / size:.1f} {unit}"
+    return f"{n} B"
+
+
+def _ratio(r: dict[str, Any], field: str) -> str:
+    x = (r.get("ratios") or {}).get(field)
+    return "" if x is None else f" ({x:.2f}×)"
+
+
+def rows(records: list[dict[str, Any]]) -> list[list[str]]:
+    """Table cells per record: each figure with its ratio to PEFT's LoRA."""
+    out = []
+    for r in records:
+        if r.get("error"):
+            out.append([r["name"], "failed: " + str(r["error"])[:80], "", "", "", "", ""])
+            continue
+        out.append([
+            r["name"],
+            f"{r['seconds_per_step']:.3f}{_ratio(r, 'seconds_per_step')}",
+            f"{r['tokens_per_s']:.0f}{_ratio(r, 'tokens_per_s')}",
+            f"{_gib(r['peak_memory_bytes'])}{_ratio(r, 'peak_memory_bytes')}",
+            f"{r['trainable']:,}{_ratio(r, 'trainable')}",
+            f"{_bytes(r['artifact_bytes'])}{_ratio(r, 'artifact_bytes')}",
+            f"{r['eval_loss']:.4f}{_ratio(r, 'eval_loss')}",
+        ])
+    return out
+
+
+HEADERS = ["run", "s / step", "tokens / s", "peak memory", "trainable", "artifact", "eval loss"]
+
+
+def table(records: list[dict[str, Any]], title: str = "deltatune bench (ratio to PEFT LoRA)") -> Any:
+    from rich.table import Table
+
+    t = Table(title=title)
+    for i, h in enumerate(HEADERS):
+        t.add_column(h, justify="left" if i == 0 else "right", no_wrap=i == 0)
+    for row in rows(records):
+        t.add_row(*row)
+    return t
+
+
+def machine(threads: int) -> dict[str, Any]:
+    import peft
+    import torch
+    import transformers
+
+    cpu = platform.processor() or "?"
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    info = {
+        "cpu": cpu, "cores": os.cpu_count(), "torch_threads": threads, "python": platform.python_version(),
+        "torch": torch.__version__, "transformers": transformers.__version__, "peft": peft.__version__,
+        "date": datetime.date.today().isoformat(),
+    }
+    if torch.cuda.is_available():
+        info["gpu"] = torch.cuda.get_device_name(0)
+    try:
+        info["load_average"] = [round(x, 2) for x in os.getloadavg()]
+    except OSError:
+        pass
+    return info
+
+
+def markdown(records: list[dict[str, Any]], w: Workload, command: str) -> str:
+    m = machine(w.threads)
+    lines = [
+        "# Benchmarks: deltatune vs. Hugging Face PEFT and plain full fine-tuning",
+        "",
+        "Generated by `deltatune bench` (`deltatune/bench.py`); re-run the command below to refresh the table.",
+        "",
+        f"Command: `{command}`",
+        "",
+        f"Workload: `{w.model}`, batch {w.batch_size} × {w.seq_len} tokens (the `tweets` texts packed into "
+        f"{w.seq_len}-token blocks, the same tokens in the same order for every run), AdamW lr {w.lr:g} with "
+        f"linear decay, gradient clipping at 1.0, seed {w.seed}, {w.steps} steps (median over the steps after "
+        f"the first {w.warmup}), fp32 on CPU / bf16 autocast on CUDA. Each run is a fresh subprocess.",
+        "",
+        f"Machine: {m['cpu']}, {m['cores']} cores, {m['torch_threads']} torch threads"
+        + (f", GPU {m['gpu']}" if "gpu" in m else "")
+        + f"; torch {m['torch']}, transformers {m['transformers']}, peft {m['peft']}, Python {m['python']}; "
+        f"{m['date']}" + (f"; load average at the end {m['load_average']}" if "load_average" in m else "") + ".",
+        "",
+        "| " + " | ".join(HEADERS) + " |",
+        "|" + "|".join(["---"] + ["---:"] * (len(HEADERS) - 1)) + "|",
+    ]
+    lines += ["| " + " | ".join(row) + " |" for row in rows(records)]
+    lines += [
+        "",
+        "Ratios in parentheses are to `peft lora` (for s/step and memory lower is better, for tokens/s higher).",
+        "",
+        "- **s / step**: median wall time of one optimizer step: zero_grad, collate, forward + loss, backward, "
+        "`loss.item()`, gradient clipping, AdamW step, LR-scheduler step (the engine also runs its policy hooks "
+        "and optimizer bookkeeping, which are part of its step). The final eval is not timed.",
+        "- **tokens / s**: batch × sequence length / s per step.",
+        "- **peak memory**: peak RSS of the run's process (ru_maxrss; on CUDA `torch.cuda.max_memory_allocated`), "
+        "including model loading, tokenization, training and the final eval, read before anything is saved "
+        "(for deltatune runs: before the engine's end-of-run checkpoint).",
+        "- **artifact**: the saved tensor file: deltatune's `delta.safetensors`, PEFT's "
+        "`adapter_model.safetensors`, the plain model's `model.safetensors`.",
+        "- **peft lora**: `get_peft_model(model, LoraConfig(r=8, lora_alpha=16, target_modules=[\"q_proj\", "
+        "\"v_proj\"]))`; **plain full**: the transformers model with every parameter trainable; both trained by "
+        "a minimal PyTorch loop with the engine's batch order, AdamW, schedule and clipping; their loss is the "
+        "transformers model's own (`labels=`), the engine's is its text task's (the same mean next-token "
+        "cross-entropy); every run's eval loss comes from the same eval function.",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def write_markdown(records: list[dict[str, Any]], w: Workload, path: str | os.PathLike, command: str) -> Path:
+    path = Path(path)
+    notes = ""
+    if path.is_file():
+        old = path.read_text()
+        if NOTES_MARKER in old:
+            notes = old.split(NOTES_MARKER, 1)[1]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(markdown(records, w, command) + "\n" + NOTES_MARKER + (notes or "\n"))
+    return path
+
+
+if __name__ == "__main__":
+    if len(sys.argv) == 4 and sys.argv[1] == "--worker":
+        _worker(sys.argv[2], sys.argv[3])
+    else:
+        sys.exit("usage: python -m deltatune.bench --worker SPEC.json RESULT.json (use `deltatune bench`)")
