@@ -16,7 +16,7 @@ from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
-from deltatune.demo import DEFAULT_LR, DEFAULT_STEPS, human_bytes
+from deltatune.demo import human_bytes
 from deltatune.errors import DeltatuneError
 from deltatune.version import __version__
 
@@ -188,32 +188,32 @@ def _parse_options(items: list[str]) -> dict[str, Any]:
 @app.command()
 @_errors
 def demo(
-    steps: int = typer.Option(DEFAULT_STEPS, "--steps", help="Training steps (batches)."),
-    method: str = typer.Option("lora", "--method", help="Method name (see `deltatune methods`)."),
-    option: list[str] = typer.Option(
-        [], "--option", "-o", metavar="KEY=VALUE", help="Method option key=value (YAML value); repeatable, e.g. -o r=16."
+    quick: bool = typer.Option(False, "--quick", help="MiniLM on BBC news topics: under a minute on 2 CPU cores."),
+    out: str = typer.Option("demo-report", "--out", help="Where report.md, the plots and the artifacts go."),
+    methods: str = typer.Option(
+        None, "--methods", help="Comma-separated methods to train, e.g. lora,full (default: all the demo has)."
     ),
-    lr: float = typer.Option(DEFAULT_LR, "--lr", help="Peak AdamW learning rate (10% warm-up, linear decay)."),
-    batch_size: int = typer.Option(8, "--batch-size", help="Training batch size."),
-    eval_size: int = typer.Option(300, "--eval-size", help="Held-out tweets to evaluate on."),
-    max_length: int = typer.Option(64, "--max-length", help="Prompt length in tokens (the tweet is truncated)."),
+    steps: int = typer.Option(None, "--steps", help="Training steps for every method (default: tuned per method)."),
     seed: int = typer.Option(0, "--seed", help="Seed for data, initialisation and order."),
-    out: str = typer.Option("runs/demo", "--out", help="Where to save the trained artifact."),
+    option: list[str] = typer.Option(
+        [], "--option", "-o", metavar="KEY=VALUE", help="LoRA option key=value (YAML value); repeatable, e.g. -o r=16."
+    ),
 ) -> None:
-    """Fine-tune SmolLM2-135M on tweet sentiment with LoRA for a few minutes; print accuracy before/after."""
+    """Zero-shot vs LoRA vs full fine-tuning (and more) on SmolLM2-135M + tweet sentiment; writes a report."""
+    import shlex
+    import sys
+
     from deltatune import demo as demo_module
 
     demo_module.demo(
-        steps=steps,
-        method=method,
-        options=_parse_options(option),
-        lr=lr,
-        batch_size=batch_size,
-        eval_size=eval_size,
-        max_length=max_length,
-        seed=seed,
+        quick=quick,
         out=out,
+        methods=methods,
+        steps=steps,
+        seed=seed,
+        lora_options=_parse_options(option),
         console=_out(),
+        command=shlex.join(["deltatune", *sys.argv[1:]]),
     )
 
 
@@ -294,6 +294,39 @@ def generate(
     api.generate(artifact, prompt, base=base, max_new_tokens=max_new_tokens, stream=True,
                  chat=False if no_chat else None)
     typer.echo("")
+
+
+@app.command()
+@_errors
+def bench(
+    model: str = typer.Option("smollm2-135m", "--model", help="A shipped model name or a from_pretrained folder."),
+    methods: str = typer.Option("lora,full", "--methods", help="Comma-separated deltatune methods to run."),
+    steps: int = typer.Option(10, "--steps", help="Training steps per run (the first is warm-up, not in the median)."),
+    json_path: str = typer.Option(None, "--json", help="Write the records (one per run) to this JSON file."),
+    docs: str = typer.Option(None, "--docs", help="Write the markdown report here (e.g. docs/benchmarks.md)."),
+    batch_size: int = typer.Option(4, "--batch-size", help="Sequences per step."),
+    seq_len: int = typer.Option(128, "--seq-len", help="Tokens per sequence (packed text blocks)."),
+    threads: int = typer.Option(2, "--threads", help="torch threads in each run."),
+    device: str = typer.Option("auto", "--device", help="auto | cpu | cuda | cuda:N."),
+    no_baselines: bool = typer.Option(False, "--no-baselines", help="Skip PEFT LoRA and plain full fine-tuning."),
+) -> None:
+    """Benchmark deltatune's methods against PEFT's LoRA and plain full fine-tuning on one workload."""
+    import shlex
+    import sys
+
+    from deltatune import bench as bench_module
+
+    command = "deltatune " + " ".join(shlex.quote(a) for a in sys.argv[1:])
+    records = bench_module.bench(
+        model, methods, steps, json_path=json_path, write_docs=docs is not None, docs_path=docs or "",
+        batch_size=batch_size, seq_len=seq_len, threads=threads, device=device, baselines=not no_baselines,
+        console=_err(), command=command,
+    )
+    _out().print(bench_module.table(records))
+    if json_path:
+        _out().print(f"records written to {json_path}", highlight=False)
+    if docs:
+        _out().print(f"report written to {docs}", highlight=False)
 
 
 def main() -> None:

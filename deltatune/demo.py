@@ -1,43 +1,77 @@
-"""``deltatune demo``: a short, honest LoRA fine-tune of the shipped SmolLM2-135M on tweet sentiment.
+"""``deltatune demo``: zero-shot vs LoRA vs full fine-tuning (and more) on one task, with the real engine.
 
-The task is framed as next-token classification: the prompt ``"Tweet: {text}\\nSentiment:"`` is fed to the
-causal LM and the logits of the first tokens of ``" negative"``, ``" neutral"`` and ``" positive"`` at the
-last prompt position are the three class scores; the loss is cross-entropy over those three logits. Batches
-are left-padded with explicit position ids, so every example sees the positions it would see alone and the
-class scores are read at position -1 (``logits_to_keep=1``: the 49k-word head runs on one position only).
+The default run: SmolLM2-135M scores the label words " negative" / " positive" after the prompt
+``"Tweet: {text}\\nSentiment:"`` (tweet sentiment restricted to positive vs negative). The zero-shot row is the
+base model on the held-out set; every method is then trained with ``dt.train`` (the same engine as
+``deltatune train``) and evaluated on the same held-out set. ``quick=True`` does the same with MiniLM and a
+fresh classification head on BBC news topics in well under a minute.
 
-Accuracy and loss are measured on a held-out, stratified set of tweets before and after training; the
-training batches come from a disjoint pool. Everything is seeded, so a run repeats exactly on one machine.
+Each run (the zero-shot evaluation included) happens in a fresh ``python -m deltatune.demo --worker``
+subprocess, so the peak memory reported per method is that process's own RSS high-water mark (model
+load, data, training and evaluation), not the demo's accumulated one. A method that cannot apply to the
+model (BitFit on Llama: no biases) is skipped with its reason as a note in the table.
+
+Writes ``OUT/report.md`` (the table, the command, the machine), ``OUT/loss.png`` (training loss of every
+method), ``OUT/accuracy.png`` (held-out accuracy per row) and the artifacts under ``OUT/artifacts/<method>``.
 """
 
 from __future__ import annotations
 
-import math
+import json
 import os
-import random
+import platform
+import shlex
+import shutil
+import subprocess
+import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
-import torch
-import torch.nn.functional as F
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
 from deltatune.errors import DeltatuneError
 
-MODEL = "smollm2-135m"
-DATA = "tweets"
-PROMPT = "Tweet: {text}\nSentiment:"
-LABEL_WORDS = (" negative", " neutral", " positive")
-DEFAULT_OPTIONS: dict[str, dict[str, Any]] = {
-    "lora": {"r": 8, "alpha": 16, "targets": ["q_proj", "v_proj"]},
+ZERO_SHOT = "zero-shot"
+
+# The default demo: SmolLM2-135M, tweets positive vs negative, label-word scoring.
+DEFAULT_SETUP: dict[str, Any] = {
+    "title": "SmolLM2-135M on tweet sentiment (negative vs positive)",
+    "model": "smollm2-135m",
+    "data": {"name": "tweets", "task": "classification", "labels": ["negative", "positive"], "max_length": 64,
+             "eval_fraction": 0.1, "max_train": 2000, "max_eval": 200},
+    "batch_size": 8,
+    "eval_batch_size": 32,
+    # method -> (method config, steps, peak lr); the order is the table's order
+    "methods": {
+        "lora": ({"name": "lora", "r": 8, "alpha": 16, "targets": ["q_proj", "v_proj"]}, 60, 2e-3),
+        "full": ({"name": "full"}, 24, 3e-5),
+        "lightweight": ({"name": "lightweight", "parts": [], "last_k": 2}, 60, 2e-4),
+        "bitfit": ({"name": "bitfit"}, 60, 1e-3),
+    },
 }
-DEFAULT_STEPS = 120
-DEFAULT_LR = 2e-3
-EVAL_FRACTION = 0.2  # of the data set held out; the eval examples are drawn from it, training never sees it
-EVAL_BATCH = 32
+
+# The quick demo: MiniLM with a fresh classification head on BBC news topics (5 classes).
+QUICK_SETUP: dict[str, Any] = {
+    "title": "MiniLM-L6 with a fresh classification head on BBC news topics (5 classes)",
+    "model": "minilm-l6",
+    "data": {"name": "bbc", "task": "classification", "max_length": 64, "eval_fraction": 0.2,
+             "max_train": 240, "max_eval": 100},
+    "batch_size": 8,
+    "eval_batch_size": 32,
+    "methods": {
+        "lora": ({"name": "lora", "r": 8, "alpha": 16, "modules_to_save": ["classifier"]}, 30, 5e-3),
+        "full": ({"name": "full"}, 30, 2e-4),
+    },
+}
+
+# kept for `deltatune demo` and callers of the earlier single-run demo: LoRA's steps and learning rate
+DEFAULT_STEPS = DEFAULT_SETUP["methods"]["lora"][1]
+DEFAULT_LR = DEFAULT_SETUP["methods"]["lora"][2]
+
+COLUMNS = ("method", "trainable params", "peak memory", "s / step", "held-out accuracy", "artifact", "note")
 
 
 def human_bytes(n: int | float | None) -> str:
@@ -52,268 +86,320 @@ def human_bytes(n: int | float | None) -> str:
     return f"{value:.1f} GiB"
 
 
-def _seed(seed: int) -> None:
-    random.seed(seed)
-    torch.manual_seed(seed)
+# -- the worker: one run in its own process -----------------------------------------------------
+def _peak_rss() -> int:
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
+
+
+def _zero_shot(config: dict[str, Any]) -> dict[str, Any]:
+    """The base model on the held-out set, loaded and seeded exactly as ``dt.train`` loads it (so a fresh
+    classification head is the one the methods start from)."""
+    import random
+
+    import torch
+
+    from deltatune import models, tasks
+    from deltatune.train.config import load_config
+
+    cfg = load_config(config)
+    torch.manual_seed(cfg.train.seed)
+    random.seed(cfg.train.seed)
+    model = models.load(cfg.model, **tasks.model_request(cfg.data, cfg.model))
+    tokenizer = models.load_tokenizer(cfg.model)
+    task = tasks.build_task(cfg.data, tokenizer, model)
+    metrics = task.evaluate(model, cfg.train.eval_batch_size)
+    labels = [f["label"] for f in task.eval]
+    majority = max(labels.count(k) for k in set(labels)) / len(labels)
+    return {"accuracy": metrics["accuracy"], "eval_loss": metrics["loss"], "eval_examples": len(labels),
+            "train_examples": len(task.train), "majority_accuracy": majority,
+            "model_parameters": sum(p.numel() for p in model.parameters())}
+
+
+def _worker(spec_path: str, result_path: str) -> None:
+    """Run one spec ({"kind": "zero-shot" | "train", "config": ...}); write the result as JSON."""
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # a "Loading weights" bar would cut through the training bar
+    hf_logging.set_verbosity_error()
+    spec = json.loads(Path(spec_path).read_text())
+    start = time.perf_counter()
     try:
-        import numpy as np
+        if spec["kind"] == ZERO_SHOT:
+            result: dict[str, Any] = {"zero_shot": _zero_shot(spec["config"])}
+        else:
+            import deltatune as dt
+            from deltatune.train import loop
 
-        np.random.seed(seed)
-    except ImportError:  # pragma: no cover - numpy is a dependency
-        pass
-
-
-class _Encoder:
-    """Prompt building and batching: the tweet is truncated, never the prompt around it."""
-
-    def __init__(self, tokenizer: Any, max_length: int) -> None:
-        self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-
-        def ids(s: str) -> list[int]:
-            return tokenizer(s, add_special_tokens=False)["input_ids"]
-
-        self.ids = ids
-        head, tail = PROMPT.split("{text}")
-        self.space = " " if head.endswith(" ") else ""  # the space goes with the tweet, as in the joint text
-        self.head, self.tail = ids(head.removesuffix(" ")), ids(tail)
-        self.budget = max_length - len(self.head) - len(self.tail)
-        if self.budget < 1:
-            raise DeltatuneError(
-                f"max_length={max_length} leaves no room for the tweet: the prompt alone takes "
-                f"{len(self.head) + len(self.tail)} tokens; use max_length >= {len(self.head) + len(self.tail) + 8}"
-            )
-        firsts = [ids(w)[0] for w in LABEL_WORDS]
-        if len(set(firsts)) != len(firsts):
-            raise DeltatuneError(
-                f"the tokenizer maps the label words {LABEL_WORDS} to first tokens {firsts}, which are not "
-                "distinct, so they cannot serve as class scores"
-            )
-        self.label_ids = torch.tensor(firsts)
-
-    def encode(self, text: str) -> list[int]:
-        text = self.space + " ".join(text.split())  # one line: newlines in a tweet would fake a new field
-        return self.head + self.ids(text)[: self.budget] + self.tail
-
-    def batch(self, encoded: list[list[int]]) -> dict[str, torch.Tensor]:
-        """Left-padded input ids, attention mask and position ids (0 at each example's first real token)."""
-        width = max(len(e) for e in encoded)
-        ids = torch.full((len(encoded), width), self.pad_id, dtype=torch.long)
-        mask = torch.zeros((len(encoded), width), dtype=torch.long)
-        for i, e in enumerate(encoded):
-            ids[i, width - len(e):] = torch.tensor(e)
-            mask[i, width - len(e):] = 1
-        positions = (mask.cumsum(-1) - 1).clamp(min=0)
-        return {"input_ids": ids, "attention_mask": mask, "position_ids": positions}
+            loop.print_summary = lambda summary: None  # the demo prints one table for all runs
+            result = {"summary": dt.train(spec["config"])}
+    except DeltatuneError as e:  # the method does not apply to this model: a note, not a crash
+        result = {"error": " ".join(str(e).split())}
+    result["seconds"] = time.perf_counter() - start
+    result["peak_rss_bytes"] = _peak_rss()
+    Path(result_path).write_text(json.dumps(result))
 
 
-def _length_grouped(lengths: list[int], batch_size: int, rng: random.Random) -> list[list[int]]:
-    """Batches of similar length (less padding, ~25% faster on CPU): sort each run of 16 batches by
-    length, cut it into batches, then shuffle the batches."""
-    chunk = batch_size * 16
-    batches: list[list[int]] = []
-    for start in range(0, len(lengths), chunk):
-        part = sorted(range(start, min(start + chunk, len(lengths))), key=lambda i: lengths[i])
-        batches += [part[j:j + batch_size] for j in range(0, len(part), batch_size)]
-    rng.shuffle(batches)
-    return batches
+def _run_worker(spec: dict[str, Any], show: bool, console: Console) -> dict[str, Any]:
+    with tempfile.TemporaryDirectory(prefix="deltatune-demo-") as tmp:
+        spec_path, result_path = Path(tmp) / "spec.json", Path(tmp) / "result.json"
+        spec_path.write_text(json.dumps(spec))
+        console.file.flush()
+        proc = subprocess.run(
+            [sys.executable, "-m", "deltatune.demo", "--worker", str(spec_path), str(result_path)],
+            stdout=None if show else subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+            env={**os.environ, "TOKENIZERS_PARALLELISM": "false"},
+        )
+        if proc.returncode != 0 or not result_path.exists():
+            tail = (proc.stderr or "")[-3000:]
+            raise DeltatuneError(f"the demo run {spec['label']!r} failed (exit code {proc.returncode}): {tail}")
+        return json.loads(result_path.read_text())
 
 
-def _class_logits(model: torch.nn.Module, batch: dict[str, torch.Tensor], label_ids: torch.Tensor) -> torch.Tensor:
-    out = model(**batch, logits_to_keep=1, use_cache=False)
-    return out.logits[:, -1, :].index_select(-1, label_ids).float()
+# -- the demo ----------------------------------------------------------------------------------
+def _config(setup: dict[str, Any], method: dict[str, Any], steps: int, lr: float, seed: int, output: Path,
+            show: bool) -> dict[str, Any]:
+    return {
+        "model": setup["model"],
+        "data": {**setup["data"], "seed": seed},
+        "method": dict(method),
+        "train": {"steps": steps, "batch_size": setup["batch_size"], "lr": lr, "warmup": 0.1, "schedule": "linear",
+                  "seed": seed, "eval_batch_size": setup["eval_batch_size"], "progress": show, "device": "cpu"},
+        "output": str(output),
+    }
 
 
-@torch.no_grad()
-def _evaluate(
-    model: torch.nn.Module, enc: _Encoder, encoded: list[list[int]], labels: list[int],
-    progress: Progress, what: str,
-) -> dict[str, float]:
-    """Accuracy and mean cross-entropy over the three label logits, batched by length (order-free)."""
-    was_training = model.training
-    model.eval()
-    order = sorted(range(len(encoded)), key=lambda i: len(encoded[i]))
-    correct, loss_sum = 0, 0.0
-    task = progress.add_task(what, total=len(order), info="")
-    for start in range(0, len(order), EVAL_BATCH):
-        idx = order[start:start + EVAL_BATCH]
-        logits = _class_logits(model, enc.batch([encoded[i] for i in idx]), enc.label_ids)
-        y = torch.tensor([labels[i] for i in idx])
-        loss_sum += F.cross_entropy(logits, y, reduction="sum").item()
-        correct += int((logits.argmax(-1) == y).sum())
-        progress.update(task, advance=len(idx), info=f"loss {loss_sum / (start + len(idx)):.3f}")
-    progress.remove_task(task)
-    model.train(was_training)
-    return {"accuracy": correct / len(order), "loss": loss_sum / len(order)}
-
-
-def _progress(console: Console, show: bool) -> Progress:
-    return Progress(
-        TextColumn("[bold]{task.description}"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TextColumn("{task.fields[info]}"),
-        TimeElapsedColumn(),
-        console=console,
-        disable=not show,
-        transient=False,
-    )
+def _artifact_bytes(folder: Path) -> int | None:
+    if not (folder / "deltatune.json").is_file():
+        return None
+    return sum(f.stat().st_size for f in folder.iterdir() if f.is_file())
 
 
 def demo(
     *,
-    steps: int = DEFAULT_STEPS,
-    method: str = "lora",
-    options: dict[str, Any] | None = None,
-    lr: float = DEFAULT_LR,
-    batch_size: int = 8,
-    eval_size: int = 300,
-    max_length: int = 64,
+    quick: bool = False,
+    out: str | os.PathLike = "demo-report",
+    methods: list[str] | str | None = None,
+    steps: int | None = None,
     seed: int = 0,
-    out: str | os.PathLike | None = "runs/demo",
-    console: Console | None = None,
+    lora_options: dict[str, Any] | None = None,
     show: bool = True,
-) -> dict[str, Any]:
-    """Fine-tune SmolLM2-135M on tweet sentiment for ``steps`` AdamW steps and report before/after metrics.
+    console: Console | None = None,
+    command: str | None = None,
+) -> list[dict[str, Any]]:
+    """Zero-shot accuracy, then each method trained with ``dt.train`` and scored on the same held-out set.
 
-    ``method`` is any registered method; ``options`` override its demo config (for LoRA: r=8, alpha=16 on
-    q_proj and v_proj; other methods: their defaults). The peak learning rate ``lr`` is reached after a
-    10% warm-up and decays linearly to 0. The artifact is saved to ``out`` (None: not saved); ``show``
-    prints progress and the final table. Returns the metrics as a dict.
-    """
-    import deltatune as dt
+    ``quick``: MiniLM on BBC topics (under a minute) instead of SmolLM2-135M on tweets (under 10 minutes on
+    2 CPU cores). ``methods``: names (or "lora,full") from the setup's list, default all of them; ``steps``
+    overrides every method's step count; ``lora_options`` override LoRA's config (e.g. ``{"r": 16}``).
+    Writes ``out``/report.md, loss.png, accuracy.png and artifacts/<method>. Returns the table rows as
+    dicts (the zero-shot row first)."""
+    setup = QUICK_SETUP if quick else DEFAULT_SETUP
+    if isinstance(methods, str):
+        methods = [m.strip() for m in methods.split(",") if m.strip()]
+    methods = list(setup["methods"]) if methods is None else methods
+    unknown = [m for m in methods if m not in setup["methods"]]
+    if unknown or not methods:
+        raise DeltatuneError(
+            f"methods={methods}: the {'quick ' if quick else ''}demo runs any of {', '.join(setup['methods'])}"
+        )
+    if steps is not None and steps < 1:
+        raise DeltatuneError(f"steps={steps} must be at least 1")
+    if lora_options:
+        from deltatune.core import registry
 
-    if steps < 0:
-        raise DeltatuneError(f"steps={steps} must be 0 or more")
-    if batch_size < 1:
-        raise DeltatuneError(f"batch_size={batch_size} must be at least 1")
-    if eval_size < 1:
-        raise DeltatuneError(f"eval_size={eval_size} must be at least 1")
-    if not lr > 0:
-        raise DeltatuneError(f"lr={lr} must be positive")
-    options = {**DEFAULT_OPTIONS.get(method, {}), **(options or {})}
+        merged = {k: v for k, v in {**setup["methods"]["lora"][0], **lora_options}.items() if k != "name"}
+        try:
+            registry.make_config(registry.get("lora"), merged)
+        except DeltatuneError as e:
+            raise DeltatuneError(f"bad LoRA option(s) {lora_options}: {e}") from None
+
     console = console or Console()
+    out = Path(out)
+    (out / "artifacts").mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
-    _seed(seed)
+    total = len(methods) + 1
+    console.print(f"[bold]deltatune demo[/]: {setup['title']}; report in {out}/")
 
-    # -- data: a held-out eval set and a disjoint, stratified training pool ------------------
-    dataset = dt.data.load(DATA)
-    train_part, held = dataset.split(EVAL_FRACTION, seed=seed)
-    if eval_size > len(held):
-        raise DeltatuneError(f"eval_size={eval_size} is more than the {len(held)} held-out tweets")
-    evalset = held.subset(eval_size, seed=seed)
-    pool = train_part.subset(min(max(steps, 1) * batch_size, len(train_part)), seed=seed)
+    # -- zero-shot --------------------------------------------------------------------------
+    console.print(f"[bold][1/{total}] zero-shot[/]: the base model on the held-out set")
+    first_method = setup["methods"][methods[0]]
+    zs_config = _config(setup, first_method[0], 1, 1e-3, seed, out / "artifacts" / ZERO_SHOT, show)
+    zs = _run_worker({"kind": ZERO_SHOT, "config": zs_config, "label": ZERO_SHOT}, show, console)
+    if "error" in zs:
+        raise DeltatuneError(f"the zero-shot evaluation failed: {zs['error']}")
+    base = zs["zero_shot"]
+    rows: list[dict[str, Any]] = [{
+        "method": ZERO_SHOT, "trainable": 0, "trainable_percent": 0.0, "peak_memory_bytes": zs["peak_rss_bytes"],
+        "seconds_per_step": None, "steps": 0, "lr": None, "accuracy": base["accuracy"],
+        "eval_loss": base["eval_loss"], "artifact": None, "artifact_bytes": None, "seconds": zs["seconds"],
+        "losses": [], "note": "the base model, no training", "config": None,
+    }]
+    console.print(f"    accuracy {base['accuracy']:.1%} on {base['eval_examples']} held-out examples "
+                  f"(majority class: {base['majority_accuracy']:.1%})")
 
-    # -- model ---------------------------------------------------------------------------------
-    from transformers.utils import logging as hf_logging
+    # -- each method in its own process ----------------------------------------------------
+    for i, name in enumerate(methods, start=2):
+        method, n_steps, lr = setup["methods"][name]
+        if name == "lora" and lora_options:
+            method = {**method, **lora_options}
+        n_steps = steps if steps is not None else n_steps
+        folder = out / "artifacts" / name
+        if folder.exists():
+            shutil.rmtree(folder)
+        config = _config(setup, method, n_steps, lr, seed, folder, show)
+        console.print(f"[bold][{i}/{total}] {name}[/]: {n_steps} steps of {setup['batch_size']}, lr {lr:g}")
+        result = _run_worker({"kind": "train", "config": config, "label": name}, show, console)
+        shutil.rmtree(folder / "checkpoints", ignore_errors=True)  # resume state, not part of the demo
+        if "error" in result:
+            console.print(f"    [yellow]skipped[/]: {result['error']}")
+            rows.append({"method": name, "trainable": None, "trainable_percent": None, "peak_memory_bytes": None,
+                         "seconds_per_step": None, "steps": 0, "lr": lr, "accuracy": None, "eval_loss": None,
+                         "artifact": None, "artifact_bytes": None, "seconds": result["seconds"], "losses": [],
+                         "note": f"skipped: {result['error']}", "config": method})
+            continue
+        s = result["summary"]
+        rows.append({
+            "method": name, "trainable": s["trainable"], "trainable_percent": 100 * s["trainable"] / s["model_parameters"],
+            "peak_memory_bytes": result["peak_rss_bytes"], "seconds_per_step": s["seconds_per_step"],
+            "steps": s["steps"], "lr": lr, "accuracy": s["final"].get("eval_accuracy"),
+            "eval_loss": s["final"].get("eval_loss"), "artifact": str(folder), "artifact_bytes": _artifact_bytes(folder),
+            "seconds": result["seconds"], "losses": [h["loss"] for h in s["history"]], "note": "", "config": method,
+        })
+        console.print(f"    accuracy {rows[-1]['accuracy']:.1%} after {s['steps']} steps "
+                      f"({result['seconds']:.0f} s in all)")
 
-    bars = hf_logging.is_progress_bar_enabled()
-    hf_logging.disable_progress_bar()  # a "Loading weights" bar would cut through the status line
-    try:
-        with console.status(f"loading {MODEL}"):
-            model = dt.models.load(MODEL)
-            tokenizer = dt.models.load_tokenizer(MODEL)
-    finally:
-        if bars:
-            hf_logging.enable_progress_bar()
-    enc = _Encoder(tokenizer, max_length)
-    eval_x = [enc.encode(t) for t in evalset.texts]
-    train_x = [enc.encode(t) for t in pool.texts]
-    base_params = sum(p.numel() for p in model.parameters())
-    tuned = dt.attach(model, method, **options)
-    trainable = tuned.trainable_parameters()
-    num_trainable = sum(p.numel() for p in trainable)
-    if not trainable:
-        raise DeltatuneError(f"method {method!r} with options {options} has no trainable parameters")
-
-    with _progress(console, show) as progress:
-        before = _evaluate(tuned, enc, eval_x, evalset.labels, progress, "eval (before)")
-
-        # -- train: AdamW, linear warm-up over the first 10% of steps, then linear decay --------
-        optimizer = torch.optim.AdamW(trainable, lr=lr, weight_decay=0.0)
-        warmup = max(1, steps // 10)
-
-        def lr_factor(step: int) -> float:
-            return (step + 1) / warmup if step < warmup else max(0.0, (steps - step) / max(1, steps - warmup))
-
-        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor)
-        tuned.train()
-        task = progress.add_task("train", total=steps, info="")
-        train_start = time.perf_counter()
-        smooth = float("nan")
-        losses: list[float] = []
-        batches = _length_grouped([len(e) for e in train_x], batch_size, random.Random(seed))
-        for step in range(steps):
-            idx = batches[step % len(batches)]
-            logits = _class_logits(tuned, enc.batch([train_x[i] for i in idx]), enc.label_ids)
-            loss = F.cross_entropy(logits, torch.tensor([pool.labels[i] for i in idx]))
-            value = loss.item()
-            if not math.isfinite(value):
-                raise DeltatuneError(f"the loss became {value} at step {step}: lower the learning rate (lr={lr})")
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            scheduler.step()
-            losses.append(value)
-            smooth = value if step == 0 else 0.9 * smooth + 0.1 * value
-            rate = (step + 1) / (time.perf_counter() - train_start)
-            progress.update(task, advance=1, info=f"loss {smooth:.3f}  {rate:.2f} steps/s")
-        train_seconds = time.perf_counter() - train_start
-        tuned.eval()
-
-        after = _evaluate(tuned, enc, eval_x, evalset.labels, progress, "eval (after)")
-
-    artifact_bytes = None
-    if out is not None:
-        tuned.save(out)
-        artifact_bytes = sum(f.stat().st_size for f in Path(out).iterdir() if f.is_file())
     seconds = time.perf_counter() - start
-    majority = max(evalset.labels.count(k) for k in range(len(evalset.label_names))) / len(evalset)
-
-    metrics: dict[str, Any] = {
-        "method": method,
-        "options": dict(options),
-        "steps": steps,
-        "batch_size": batch_size,
-        "lr": lr,
-        "seed": seed,
-        "eval_examples": len(evalset),
-        "train_examples": min(steps * batch_size, len(pool)),
-        "majority_accuracy": majority,
-        "accuracy_before": before["accuracy"],
-        "accuracy_after": after["accuracy"],
-        "eval_loss_before": before["loss"],
-        "eval_loss_after": after["loss"],
-        "train_loss_first": losses[0] if losses else None,
-        "train_loss_last": smooth if losses else None,
-        "trainable_params": num_trainable,
-        "model_params": base_params,
-        "trainable_percent": 100.0 * num_trainable / base_params,
-        "artifact": str(out) if out is not None else None,
-        "artifact_bytes": artifact_bytes,
-        "train_seconds": train_seconds,
-        "steps_per_second": steps / train_seconds if steps and train_seconds > 0 else None,
-        "seconds": seconds,
-    }
+    info = {"setup": setup, "base": base, "seconds": seconds, "seed": seed, "quick": quick,
+            "command": command or _command(quick, out, methods, steps, seed)}
+    _plots(rows, out, setup, base["majority_accuracy"])
+    (out / "report.md").write_text(_markdown(rows, info))
+    (out / "rows.json").write_text(json.dumps(rows, indent=2) + "\n")
     if show:
-        console.print(_table(metrics))
-    return metrics
+        console.print(_table(rows, setup, base, seconds))
+        console.print(f"report: {out / 'report.md'}, plots: {out / 'loss.png'}, {out / 'accuracy.png'}")
+    return rows
 
 
-def _table(m: dict[str, Any]) -> Table:
-    table = Table(title=f"deltatune demo: {m['method']} on {MODEL}, {DATA} sentiment ({m['eval_examples']} held-out)")
-    table.add_column("")
-    table.add_column("before", justify="right")
-    table.add_column("after", justify="right")
-    table.add_row("accuracy", f"{m['accuracy_before']:.1%}", f"[bold]{m['accuracy_after']:.1%}")
-    table.add_row("eval loss", f"{m['eval_loss_before']:.3f}", f"[bold]{m['eval_loss_after']:.3f}")
-    table.add_row("majority-class accuracy", f"{m['majority_accuracy']:.1%}", "")
-    table.add_row(
-        "trainable params", "", f"{m['trainable_params']:,} ({m['trainable_percent']:.2f}% of {m['model_params']:,})"
-    )
-    table.add_row(
-        "artifact", "", f"{m['artifact']} ({human_bytes(m['artifact_bytes'])})" if m["artifact"] else "not saved"
-    )
-    rate = f", {m['steps_per_second']:.2f} steps/s" if m["steps_per_second"] else ""
-    table.add_row("training", "", f"{m['steps']} steps x {m['batch_size']}{rate}")
-    table.add_row("wall time", "", f"{m['seconds']:.0f} s")
+def _command(quick: bool, out: Path, methods: list[str], steps: int | None, seed: int) -> str:
+    parts = ["deltatune", "demo"] + (["--quick"] if quick else []) + ["--out", str(out), "--methods", ",".join(methods)]
+    parts += (["--steps", str(steps)] if steps is not None else []) + ["--seed", str(seed)]
+    return shlex.join(parts)
+
+
+# -- output ------------------------------------------------------------------------------------
+def _cells(row: dict[str, Any]) -> list[str]:
+    trainable = "-" if row["trainable"] is None else (
+        f"{row['trainable']:,} ({row['trainable_percent']:.2f}%)" if row["trainable"] else "0")
+    return [
+        row["method"],
+        trainable,
+        human_bytes(row["peak_memory_bytes"]) if row["peak_memory_bytes"] else "-",
+        f"{row['seconds_per_step']:.2f}" if row["seconds_per_step"] else "-",
+        f"{row['accuracy']:.1%}" if row["accuracy"] is not None else "-",
+        human_bytes(row["artifact_bytes"]) if row["artifact_bytes"] else "-",
+        row["note"] or (f"{row['steps']} steps, lr {row['lr']:g}" if row["steps"] else ""),
+    ]
+
+
+def _count(n: int) -> str:
+    """460800 -> '460.8K'."""
+    for div, unit in ((1e9, "B"), (1e6, "M"), (1e3, "K")):
+        if n >= div:
+            return f"{n / div:.1f}{unit}"
+    return str(n)
+
+
+def _percent(p: float) -> str:
+    return f"{p:.0f}%" if p >= 99.5 else f"{p:.1f}%" if p >= 1 else f"{p:.2f}%"
+
+
+def _table(rows: list[dict[str, Any]], setup: dict[str, Any], base: dict[str, Any], seconds: float) -> Table:
+    table = Table(title=f"deltatune demo: {setup['title']}", caption=(
+        f"{base['eval_examples']} held-out examples, majority class {base['majority_accuracy']:.1%}; "
+        f"peak memory: each run's process RSS; wall time {seconds:.0f} s"))
+    for col in ("method", "trainable", "peak mem", "s/step", "accuracy", "artifact"):
+        table.add_column(col, justify="left" if col == "method" else "right", no_wrap=True)
+    for row in rows:
+        trainable = "-" if row["trainable"] is None else (
+            f"{_count(row['trainable'])} ({_percent(row['trainable_percent'])})" if row["trainable"] else "0")
+        cells = _cells(row)
+        table.add_row(row["method"], trainable, *cells[2:6])
+    notes = [f"{r['method']}: {r['note']}" for r in rows if r["note"].startswith("skipped")]
+    if notes:
+        table.caption += "\n" + "\n".join(notes)
     return table
+
+
+def _markdown(rows: list[dict[str, Any]], info: dict[str, Any]) -> str:
+    import torch
+
+    setup, base = info["setup"], info["base"]
+    data = setup["data"]
+    lines = [
+        f"# deltatune demo: {setup['title']}",
+        "",
+        f"Command: `{info['command']}`",
+        "",
+        f"Machine: {platform.machine()} {platform.system()}, {os.cpu_count()} CPUs, torch {torch.__version__} with "
+        f"{torch.get_num_threads()} threads, Python {platform.python_version()}. Wall time: {info['seconds']:.0f} s.",
+        "",
+        f"Model `{setup['model']}`; data `{data['name']}` ({', '.join(data['labels']) if data.get('labels') else 'all labels'}), "
+        f"{base['train_examples']} training examples, {base['eval_examples']} held-out examples "
+        f"(majority class {base['majority_accuracy']:.1%}), max_length {data['max_length']}, batch size "
+        f"{setup['batch_size']}, seed {info['seed']}. Each method is trained with `dt.train` (AdamW, 10% warm-up, "
+        "linear decay) in its own process; peak memory is that process's RSS high-water mark (model, data, "
+        "training and evaluation). s / step is the median optimizer step.",
+        "",
+        "| " + " | ".join(COLUMNS) + " |",
+        "|" + "|".join(["---"] + ["---:"] * (len(COLUMNS) - 2) + ["---"]) + "|",
+    ]
+    lines += ["| " + " | ".join(c.replace("|", "\\|") for c in _cells(r)) + " |" for r in rows]
+    lines += ["", "![training loss](loss.png)", "", "![held-out accuracy](accuracy.png)", ""]
+    configs = [f"- `{r['method']}`: `{json.dumps(r['config'])}`" for r in rows if r["config"]]
+    if configs:
+        lines += ["Method configs:", "", *configs, ""]
+    return "\n".join(lines)
+
+
+def _plots(rows: list[dict[str, Any]], out: Path, setup: dict[str, Any], majority: float) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for row in rows:
+        if row["losses"]:
+            ax.plot(range(1, len(row["losses"]) + 1), row["losses"], label=row["method"], alpha=0.85)
+    ax.set_xlabel("step")
+    ax.set_ylabel("training loss")
+    ax.set_title(f"training loss: {setup['model']} on {setup['data']['name']}")
+    if any(r["losses"] for r in rows):
+        ax.legend()
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(out / "loss.png", dpi=100)
+    plt.close(fig)
+
+    scored = [r for r in rows if r["accuracy"] is not None]
+    fig, ax = plt.subplots(figsize=(7, 4))
+    bars = ax.bar([r["method"] for r in scored], [r["accuracy"] for r in scored],
+                  color=["#999999" if r["method"] == ZERO_SHOT else "#3b75af" for r in scored])
+    ax.bar_label(bars, labels=[f"{r['accuracy']:.1%}" for r in scored])
+    ax.axhline(majority, color="#cc4444", linestyle="--", linewidth=1, label=f"majority class {majority:.1%}")
+    ax.legend(loc="lower right")
+    ax.set_ylim(0, 1.05)
+    ax.set_ylabel("held-out accuracy")
+    ax.set_title(f"held-out accuracy: {setup['model']} on {setup['data']['name']}")
+    fig.tight_layout()
+    fig.savefig(out / "accuracy.png", dpi=100)
+    plt.close(fig)
+
+
+if __name__ == "__main__":
+    if len(sys.argv) == 4 and sys.argv[1] == "--worker":
+        _worker(sys.argv[2], sys.argv[3])
+    else:
+        sys.exit("usage: python -m deltatune.demo --worker SPEC.json RESULT.json (run by `deltatune demo`)")

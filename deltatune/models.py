@@ -202,7 +202,11 @@ def load(
     folder = resolve(name)
     auto = _auto_class(folder, name, task)
     try:
-        model = auto.from_pretrained(folder, **{**kwargs, "dtype": dtype, "local_files_only": True})
+        # weights the folder lacks (a fresh classification head) are initialised from a fixed seed, so
+        # the same name always gives the same base model and a trained delta finds its base again
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(0)
+            model = auto.from_pretrained(folder, **{**kwargs, "dtype": dtype, "local_files_only": True})
     except OSError as e:
         raise DeltatuneError(
             f"could not load a model from {folder}: {e}; pass a save_pretrained folder"

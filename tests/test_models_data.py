@@ -284,3 +284,16 @@ def test_cache_dir_precedence(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -
     monkeypatch.delenv("XDG_CACHE_HOME")
     monkeypatch.setenv("HOME", str(tmp_path / "h"))
     assert models.cache_dir() == tmp_path / "h" / ".cache" / "deltatune"
+
+
+def test_fresh_classification_head_is_the_same_every_load() -> None:
+    """A trained head delta must find its base again: fresh heads are initialised from a fixed seed,
+    and the caller's random stream is left as it was."""
+    torch.manual_seed(123)
+    a = models.load("minilm-l6", task="classification", num_labels=5)
+    torch.manual_seed(456)
+    expected = torch.rand(3)
+    torch.manual_seed(456)
+    b = models.load("minilm-l6", task="classification", num_labels=5)
+    assert torch.equal(a.classifier.weight, b.classifier.weight)
+    assert torch.equal(torch.rand(3), expected)
