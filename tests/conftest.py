@@ -57,6 +57,18 @@ def loss_of(model: torch.nn.Module, inputs: dict[str, torch.Tensor]) -> torch.Te
     return logits.float().pow(2).mean() if logits.dim() == 2 else logits.float().logsumexp(-1).mean()
 
 
+SENTIMENT_WORDS = {"positive": ["great", "lovely", "happy", "superb"], "negative": ["awful", "sad", "terrible", "bad"]}
+
+
+def write_sentiment_jsonl(path, words: dict[str, list[str]] = SENTIMENT_WORDS) -> None:
+    """48 labelled one-line texts whose label is carried by one word: a task a tiny model can learn."""
+    import json
+
+    rows = [{"text": f"what a {w} day number {i}", "label": lab} for i in range(12) for lab, ws in words.items()
+            for w in ws[i % 2::2]]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+
+
 @pytest.fixture
 def inputs() -> dict[str, torch.Tensor]:
     return batch()

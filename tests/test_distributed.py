@@ -17,6 +17,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import SENTIMENT_WORDS, write_sentiment_jsonl
 from safetensors.torch import load_file
 from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -78,7 +79,7 @@ if dist.is_initialized():
 '''
 
 
-WORDS = {"positive": ["great", "lovely", "happy", "superb"], "negative": ["awful", "sad", "terrible", "bad"]}
+WORDS = SENTIMENT_WORDS
 
 
 @pytest.fixture(scope="module")
@@ -104,9 +105,7 @@ def tiny_folder(tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def sentiment_file(tmp_path_factory) -> Path:
     path = tmp_path_factory.mktemp("ddp-data") / "sentiment.jsonl"
-    rows = [{"text": f"what a {w} day number {i}", "label": lab} for i in range(12) for lab, ws in WORDS.items()
-            for w in ws[i % 2::2]]
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    write_sentiment_jsonl(path, WORDS)
     return path
 
 

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import write_sentiment_jsonl
 from transformers import LlamaConfig, LlamaForCausalLM
 
 import deltatune as dt
@@ -33,10 +34,7 @@ def tiny_folder(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def sentiment_file(tmp_path_factory) -> Path:
     path = tmp_path_factory.mktemp("data") / "sentiment.jsonl"
-    words = {"positive": ["great", "lovely", "happy", "superb"], "negative": ["awful", "sad", "terrible", "bad"]}
-    rows = [{"text": f"what a {w} day number {i}", "label": lab} for i in range(12) for lab, ws in words.items()
-            for w in ws[i % 2::2]]
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    write_sentiment_jsonl(path)
     return path
 
 
