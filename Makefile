@@ -31,7 +31,7 @@ demo: $(STAMP)
 	$(BIN)/deltatune demo $(ARGS)
 
 lint: $(STAMP)
-	$(BIN)/ruff check deltatune tests
+	$(BIN)/ruff check deltatune tests scripts
 
 test: lint
 	$(BIN)/pytest -p no:cacheprovider $(ARGS)
