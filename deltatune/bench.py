@@ -39,6 +39,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+from deltatune._proc import die_with_parent
 from deltatune.errors import DeltatuneError
 
 DEFAULT_MODEL = "smollm2-135m"
@@ -281,7 +282,8 @@ def _run_one(run: _Run, w: Workload, timeout: float | None) -> tuple[dict[str, A
         env.setdefault("TOKENIZERS_PARALLELISM", "false")
         try:
             proc = subprocess.run([sys.executable, "-m", "deltatune.bench", "--worker", str(spec), str(result)],
-                                  env=env, capture_output=True, text=True, timeout=timeout)
+                                  env=env, capture_output=True, text=True, timeout=timeout,
+                                  preexec_fn=die_with_parent)
         except subprocess.TimeoutExpired:
             return None, f"timed out after {timeout} s"
         if proc.returncode != 0 or not result.is_file():

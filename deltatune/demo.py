@@ -32,6 +32,7 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
+from deltatune._proc import die_with_parent
 from deltatune.errors import DeltatuneError
 
 ZERO_SHOT = "zero-shot"
@@ -149,7 +150,7 @@ def _run_worker(spec: dict[str, Any], show: bool, console: Console) -> dict[str,
         proc = subprocess.run(
             [sys.executable, "-m", "deltatune.demo", "--worker", str(spec_path), str(result_path)],
             stdout=None if show else subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-            env={**os.environ, "TOKENIZERS_PARALLELISM": "false"},
+            env={**os.environ, "TOKENIZERS_PARALLELISM": "false"}, preexec_fn=die_with_parent,
         )
         if proc.returncode != 0 or not result_path.exists():
             tail = (proc.stderr or "")[-3000:]
