@@ -161,22 +161,30 @@ def resolve(name_or_path: str | os.PathLike[str]) -> str:
     )
 
 
-def _auto_class(folder: str, name: str, task: str | None) -> Any:
-    """Pick the transformers auto class: the task if given, else the shipped kind or the config's head."""
-    from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoModelForSequenceClassification
+CAUSAL_SUFFIXES = ("ForCausalLM", "LMHeadModel")  # transformers class names of causal LMs
 
-    if task is None and name in SHIPPED:
-        task = SHIPPED[name].kind
-    if task is None:
-        try:
-            config = AutoConfig.from_pretrained(folder, local_files_only=True)
-        except (OSError, ValueError) as e:
-            raise DeltatuneError(
-                f"{folder} is not a model folder ({e}); pass a save_pretrained folder"
-            ) from e
-        heads = config.architectures or []
-        causal = any(a.endswith(("ForCausalLM", "LMHeadModel")) for a in heads)
-        task = "causal_lm" if causal else "encoder"
+
+def natural_task(name_or_path: str | os.PathLike[str]) -> str:
+    """"causal_lm" or "encoder": the shipped kind, else read from the folder's config (nothing loaded)."""
+    from transformers import AutoConfig
+
+    name = os.fspath(name_or_path)
+    if name in SHIPPED:
+        return SHIPPED[name].kind
+    folder = resolve(name)
+    try:
+        config = AutoConfig.from_pretrained(folder, local_files_only=True)
+    except (OSError, ValueError) as e:
+        raise DeltatuneError(f"{folder} is not a model folder ({e}); pass a save_pretrained folder") from e
+    heads = config.architectures or []
+    return "causal_lm" if any(a.endswith(CAUSAL_SUFFIXES) for a in heads) else "encoder"
+
+
+def _auto_class(name: str, task: str | None) -> Any:
+    """Pick the transformers auto class: the task if given, else the model's natural one."""
+    from transformers import AutoModel, AutoModelForCausalLM, AutoModelForSequenceClassification
+
+    task = task or natural_task(name)
     return {
         "causal_lm": AutoModelForCausalLM,
         "classification": AutoModelForSequenceClassification,
@@ -200,7 +208,7 @@ def load(
         raise DeltatuneError(f"unknown task {task!r}; use one of {', '.join(TASKS)} or leave it out")
     name = os.fspath(name_or_path)
     folder = resolve(name)
-    auto = _auto_class(folder, name, task)
+    auto = _auto_class(name, task)
     try:
         # weights the folder lacks (a fresh classification head) are initialised from a fixed seed, so
         # the same name always gives the same base model and a trained delta finds its base again

@@ -148,7 +148,9 @@ def _unwrap(model: torch.nn.Module) -> torch.nn.Module:
 
 
 def _is_causal(model: torch.nn.Module) -> bool:
-    return type(model).__name__.endswith(("ForCausalLM", "LMHeadModel"))
+    from deltatune.models import CAUSAL_SUFFIXES
+
+    return type(model).__name__.endswith(CAUSAL_SUFFIXES)
 
 
 def _has_head(model: torch.nn.Module) -> bool:
@@ -163,25 +165,13 @@ def _accepts(cls: type, name: str) -> bool:
         return False
 
 
-def _causal_name(model_name: str) -> bool:
-    """Whether a shipped name or model folder is a causal LM (read from config.json, nothing loaded)."""
-    from deltatune import models
-
-    if model_name in models.SHIPPED:
-        return models.SHIPPED[model_name].kind == "causal_lm"
-    config = Path(models.resolve(model_name)) / "config.json"
-    try:
-        heads = json.loads(config.read_text()).get("architectures") or []
-    except (OSError, ValueError) as e:
-        raise DeltatuneError(f"{config} is missing or not JSON ({e}); pass a folder written by save_pretrained") from e
-    return any(str(a).endswith(("ForCausalLM", "LMHeadModel")) for a in heads)
-
-
 def model_request(cfg: DataConfig, model_name: str) -> dict[str, Any]:
     """Keyword arguments for ``deltatune.models.load(model_name, ...)`` so the model fits this data:
     ``{"task": "classification", "num_labels": n}`` when a classification head is used, else ``{}``."""
     cfg.check()
-    causal = _causal_name(model_name)
+    from deltatune import models
+
+    causal = models.natural_task(model_name) == "causal_lm"
     if cfg.task != "classification":
         if not causal:
             raise DeltatuneError(
@@ -426,8 +416,10 @@ class HeadClassificationTask(Task):
 
     kind = "classification-head"
 
+    pad = staticmethod(right_pad)  # a head reads the first token / pools: pad on the right
+
     def collate(self, features: list[dict]) -> dict[str, torch.Tensor]:
-        batch = right_pad([f["input_ids"] for f in features], self.pad_id)
+        batch = self.pad([f["input_ids"] for f in features], self.pad_id)
         batch["labels"] = torch.tensor([f["label"] for f in features], dtype=torch.long)
         return batch
 
@@ -465,10 +457,7 @@ class GenerativeClassificationTask(HeadClassificationTask):
         self.label_words = encoder.label_words
         self.label_token_ids = encoder.label_token_ids
 
-    def collate(self, features: list[dict]) -> dict[str, torch.Tensor]:
-        batch = left_pad([f["input_ids"] for f in features], self.pad_id)
-        batch["labels"] = torch.tensor([f["label"] for f in features], dtype=torch.long)
-        return batch
+    pad = staticmethod(left_pad)  # label words are scored at the last position: pad on the left
 
     def scores(self, model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         inputs, _ = _split_batch(model, batch)
