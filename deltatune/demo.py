@@ -88,12 +88,6 @@ def human_bytes(n: int | float | None) -> str:
 
 
 # -- the worker: one run in its own process -----------------------------------------------------
-def _peak_rss() -> int:
-    import resource
-
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
-
-
 def _zero_shot(config: dict[str, Any]) -> dict[str, Any]:
     """The base model on the held-out set, loaded and seeded exactly as ``dt.train`` loads it (so a fresh
     classification head is the one the methods start from)."""
@@ -138,7 +132,11 @@ def _worker(spec_path: str, result_path: str) -> None:
     except DeltatuneError as e:  # the method does not apply to this model: a note, not a crash
         result = {"error": " ".join(str(e).split())}
     result["seconds"] = time.perf_counter() - start
-    result["peak_rss_bytes"] = _peak_rss()
+    import torch
+
+    from deltatune.train.loop import peak_memory_bytes
+
+    result["peak_rss_bytes"] = peak_memory_bytes(torch.device("cpu"))  # the process RSS high-water mark
     Path(result_path).write_text(json.dumps(result))
 
 
