@@ -147,6 +147,7 @@ class DeltaTuneCallback(TrainerCallback):
                 )
         self.restored = True
         self._before_done = None
+        self.tuned.policy.plan(state.max_steps, args.gradient_accumulation_steps)
         before = {id(p): True for p in self.tuned.deltas.parameters()}  # what the optimizer may have been built with
         optimizer = kw.get("optimizer")
         if optimizer is not None:
@@ -233,6 +234,16 @@ class DeltaTuneTrainer(Trainer):
             extra = extra / self.current_gradient_accumulation_steps
         loss = loss + extra.to(loss.device)
         return (loss, outputs) if return_outputs else loss
+
+    def create_optimizer(self, model: torch.nn.Module | None = None) -> torch.optim.Optimizer:
+        """The policy's own optimizer where it needs one (per-element Adam ages, SM3), else the Trainer's."""
+        if self.optimizer is None:
+            own = self.tuned.policy.make_optimizer(list(self.tuned.deltas.parameters()), self.args.learning_rate,
+                                                   self.args.weight_decay)
+            if own is not None:
+                self.optimizer = own
+                return own
+        return super().create_optimizer(model)
 
     def _clip_grad_norm(self, model: torch.nn.Module) -> Any:
         # the native loop shows the policy the unclipped gradients; do the same

@@ -25,6 +25,20 @@ class Policy:
     def setup(self, tuned: Tuned) -> None:
         """Called once, when the delta is attached (a resume then calls ``load_state_dict``)."""
 
+    def plan(self, total_steps: int, grad_accum: int) -> None:
+        """Called by a training loop before its first step: the run's length (for schedules that
+        depend on it) and the micro-batches per optimizer step."""
+
+    def make_optimizer(self, params: list[torch.nn.Parameter], lr: float, weight_decay: float
+                       ) -> torch.optim.Optimizer | None:
+        """The optimizer this policy needs (per-element Adam ages, SM3); None: the run's own choice."""
+        return None
+
+    def lr_restarts(self, total_steps: int) -> list[int]:
+        """Steps at which the learning-rate schedule starts again from its beginning (warm-up and
+        decay over each segment): a policy with training phases, each with a fresh schedule."""
+        return []
+
     def before_optimizer_step(self, step: int, tuned: Tuned, optimizer: torch.optim.Optimizer) -> None:
         """Gradients of this step are in ``.grad``; the optimizer has not stepped yet."""
 

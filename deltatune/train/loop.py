@@ -66,16 +66,23 @@ class Batches:
         self.epoch, self.cursor, self._perm = int(s["epoch"]), int(s["cursor"]), None
 
 
-def lr_lambda(settings: TrainSettings):
-    warm = settings.warmup if settings.warmup >= 1 else settings.warmup * settings.steps
-    warm, total = int(round(warm)), settings.steps
+def lr_lambda(settings: TrainSettings, restarts: list[int] | None = None):
+    """Warm-up then constant / linear / cosine decay; a policy's ``restarts`` split the run into segments
+    that each get the whole schedule (a training phase with a fresh schedule, as LT-SFT's phase 2)."""
+    total = settings.steps
+    bounds = [0] + sorted(r for r in (restarts or []) if 0 < r < total) + [total]
 
     def f(step: int) -> float:
-        if warm and step < warm:
-            return (step + 1) / warm
+        i = max(j for j in range(len(bounds) - 1) if bounds[j] <= step) if step < total else len(bounds) - 2
+        start, length = bounds[i], bounds[i + 1] - bounds[i]
+        local = step - start
+        warm = settings.warmup if settings.warmup >= 1 else settings.warmup * length
+        warm = int(round(warm))
+        if warm and local < warm:
+            return (local + 1) / warm
         if settings.schedule == "constant":
             return 1.0
-        progress = (step - warm) / max(1, total - warm)
+        progress = (local - warm) / max(1, length - warm)
         if settings.schedule == "linear":
             return max(0.0, 1.0 - progress)
         return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
@@ -214,14 +221,11 @@ def train(config: str | Path | dict | RunConfig, overrides: list[str] | None = N
         ids = [torch.cuda.current_device()] if device.type == "cuda" else None
         return torch.nn.parallel.DistributedDataParallel(tuned, device_ids=ids)
 
-    model_for_step = wrap()
-
-    params = list(tuned.deltas.parameters())  # all delta tensors, trainable or not: a stable order
-    optimizer = make_optimizer(params, s)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(s))
+    tuned.policy.plan(s.steps, s.grad_accum)
     batches = Batches(len(task.train), s.batch_size, s.seed, rank, world)
     history: list[dict[str, Any]] = []
     start = 0
+    saved: dict[str, Any] | None = None
     if resume:
         found = ckpt.checkpoints(ckpt_dir)
         if not found:
@@ -232,11 +236,17 @@ def train(config: str | Path | dict | RunConfig, overrides: list[str] | None = N
                 f"--resume: {found[-1]} was written by a different config; resume with the same config "
                 "(only train.steps may grow) or write to another output"
             )
+        # the policy first: it may restructure the delta (a phase switch) before the tensors load into it
+        tuned.policy.load_state_dict(saved["policy"])
         with torch.no_grad():
             tuned.deltas.load_state_dict(saved["delta"])
-        for i, p in enumerate(params):
+        for i, p in enumerate(tuned.deltas.parameters()):
             p.requires_grad_(bool(saved["trainable"][str(i)]))
-        tuned.policy.load_state_dict(saved["policy"])
+    params = list(tuned.deltas.parameters())  # all delta tensors, trainable or not: a stable order
+    optimizer = tuned.policy.make_optimizer(params, s.lr, s.weight_decay) or make_optimizer(params, s)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(s, tuned.policy.lr_restarts(s.steps)))
+    model_for_step = wrap()
+    if saved is not None:
         optimizer.load_state_dict(saved["optimizer"])
         scheduler.load_state_dict(saved["scheduler"])
         batches.load_state_dict(saved["data"])
