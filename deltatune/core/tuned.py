@@ -60,6 +60,23 @@ class Tuned(nn.Module):
     def forms(self) -> dict[str, Form]:
         return {name: self.deltas[_module_key(name)] for name in self.delta_names}
 
+    def replace_forms(self, new: dict[str, Form], remove: list[str] | tuple[str, ...] = ()) -> None:
+        """Change the delta's structure during training (a policy switching phases, e.g. dense -> sparse):
+        forms in ``remove`` come off, forms in ``new`` go on (replacing one of the same name). Their
+        tensors leave / join the delta; the training loops drop / add them in the optimizer."""
+        if self.merged:
+            raise DeltatuneError("cannot change the forms of a merged delta; unmerge first")
+        for name in list(remove) + [n for n in new if n in self.delta_names]:
+            if name in self.delta_names:
+                self.deltas[_module_key(name)].detach()
+                del self.deltas[_module_key(name)]
+                self.delta_names.remove(name)
+        for name, form in new.items():
+            form.attach()
+            self.deltas[_module_key(name)] = form
+            self.delta_names.append(name)
+        self._fingerprint = None  # the set of base tensors the delta depends on changed
+
     def trainable_parameters(self) -> list[nn.Parameter]:
         seen: dict[int, nn.Parameter] = {}
         for p in self.parameters():

@@ -7,7 +7,7 @@ from collections.abc import Iterable
 import torch.nn as nn
 
 from deltatune.core.forms.dense import Dense
-from deltatune.core.targeting import sites_of
+from deltatune.core.targeting import layer_index, select_modules, sites_of
 
 
 def dense_forms(model: nn.Module, params: Iterable[tuple[str, nn.Parameter]]) -> dict[str, Dense]:
@@ -20,3 +20,17 @@ def dense_forms(model: nn.Module, params: Iterable[tuple[str, nn.Parameter]]) ->
         seen.add(id(p))
         forms[name] = Dense(sites_of(model, p), name)
     return forms
+
+
+def block_matrices(
+    model: nn.Module,
+    targets: list[str] | None,
+    layers: list[int] | str | None = None,
+    exclude: list[str] | None = None,
+) -> list[tuple[str, nn.Module]]:
+    """The weight matrices a sparse method tunes: the named targets, or by default every Linear /
+    GPT-2 Conv1D inside the numbered transformer blocks (not embeddings, not the output head)."""
+    if targets:
+        return select_modules(model, targets, layers=layers, types=["linear", "conv1d"], exclude=exclude)
+    found = select_modules(model, None, layers=layers, types=["linear", "conv1d"], exclude=exclude)
+    return [(n, m) for n, m in found if layer_index(n) is not None]

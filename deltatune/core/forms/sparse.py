@@ -83,12 +83,6 @@ def _compute_dtype(x: torch.Tensor, weight: torch.Tensor) -> torch.dtype:
     return weight.dtype
 
 
-def _effective(weight: torch.Tensor, values: torch.Tensor, indices: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    w = weight.detach().to(dtype, copy=True)
-    w.view(-1).index_add_(0, indices, values.detach().to(dtype))
-    return w
-
-
 class _SparseWeightForward(torch.autograd.Function):
     """``module(x)`` computed with W0 + scatter(indices, values); returns grads for x, values, bias (and
     W0 itself if something else trains it)."""
@@ -101,7 +95,7 @@ class _SparseWeightForward(torch.autograd.Function):
         ctx.has_bias = bias is not None
         ctx.save_for_backward(x, values, weight, indices)
         with torch.autocast(x.device.type, enabled=False):
-            w = _effective(weight, values, indices, dtype)
+            w = form.effective_weight(dtype)
             return form.op(module, x, w, bias)
 
     @staticmethod
@@ -112,7 +106,7 @@ class _SparseWeightForward(torch.autograd.Function):
         gy = grad_out.to(ctx.dtype)
         grad_x = grad_values = grad_weight = grad_bias = None
         if need_x:
-            w = _effective(weight, values, indices, ctx.dtype)
+            w = form.effective_weight(ctx.dtype)
             grad_x = form.op_grad_input(ctx.module, gy, w).to(ctx.x_dtype)
             del w
         if need_values or need_weight or form.grad_observer is not None:
@@ -120,7 +114,7 @@ class _SparseWeightForward(torch.autograd.Function):
             if form.grad_observer is not None:
                 form.grad_observer(form, g_w)
             if need_values:
-                grad_values = g_w.view(-1)[indices].to(values.dtype)
+                grad_values = (g_w.view(-1)[indices] * form.scale).to(values.dtype)
             if need_weight:
                 grad_weight = g_w.to(weight.dtype)
             del g_w
@@ -143,8 +137,10 @@ class Sparse(WeightDelta):
         indices: torch.Tensor | None = None,
         generator: torch.Generator | None = None,
         dtype: torch.dtype | None = None,
+        scale: float = 1.0,
     ) -> None:
         super().__init__(sites, param_name)
+        self.scale = float(scale)  # ΔW = scale · scatter(values) (DSEE's α/r on its sparse part)
         base = self.base
         self.shape = tuple(base.shape)
         self.numel_base = base.numel()
@@ -197,7 +193,17 @@ class Sparse(WeightDelta):
     # -- the delta as a dense tensor ----------------------------------------------------------
     def delta_weight(self) -> torch.Tensor:
         flat = torch.zeros(self.numel_base, dtype=self.values.dtype, device=self.values.device)
-        return flat.index_put((self.indices.long(),), self.values).view(self.shape)
+        return flat.index_put((self.indices.long(),), self.values * self.scale).view(self.shape)
+
+    def scaled_values(self) -> torch.Tensor:
+        return self.values.detach() * self.scale if self.scale != 1.0 else self.values.detach()
+
+    def effective_weight(self, dtype: torch.dtype) -> torch.Tensor:
+        """W0 + ΔW for this layer, as a fresh tensor (built in forward and again in backward, never kept).
+        Subclasses with more fixed entries add them here."""
+        w = self.base.detach().to(dtype, copy=True)
+        w.view(-1).index_add_(0, self.indices, self.scaled_values().to(dtype))
+        return w
 
     def num_trainable(self) -> int:
         return self.k if self.values.requires_grad else 0
@@ -288,7 +294,7 @@ class Sparse(WeightDelta):
             flat = self.base.data.view(-1)
             idx = self.indices.long()
             self._saved = flat[idx].clone()
-            flat.index_add_(0, idx, self.values.to(flat.dtype))
+            flat.index_add_(0, idx, self.scaled_values().to(flat.dtype))
             self._merged_at = flat[idx].clone()
         self.merged = True
 
@@ -301,13 +307,14 @@ class Sparse(WeightDelta):
             if torch.equal(flat[idx], self._merged_at):
                 flat[idx] = self._saved  # untouched since merge: put W0 back bit for bit
             else:  # another delta was merged on top at the same entries: subtract instead
-                flat.index_add_(0, idx, -self.values.to(flat.dtype))
+                flat.index_add_(0, idx, -self.scaled_values().to(flat.dtype))
         self._saved = self._merged_at = None
         self.merged = False
         self.attach()
 
     def extra_repr(self) -> str:
-        return f"shape={self.shape}, k={self.k}, density={self.k / max(1, self.numel_base):.4g}"
+        scale = f", scale={self.scale:g}" if self.scale != 1.0 else ""
+        return f"shape={self.shape}, k={self.k}, density={self.k / max(1, self.numel_base):.4g}{scale}"
 
 
 def _op_kind(module: nn.Module) -> str | None:
