@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 from transformers import (
@@ -91,3 +93,24 @@ def smollm2() -> torch.nn.Module:
     from deltatune import models
 
     return models.load("smollm2-135m")
+
+
+@pytest.fixture(scope="session")
+def tiny_folder(tmp_path_factory) -> Path:
+    """A tiny random Llama with SmolLM2's tokenizer, saved as a local from_pretrained folder."""
+    folder = tmp_path_factory.mktemp("tiny-llama")
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=49152, hidden_size=16, intermediate_size=32, num_hidden_layers=2,
+                      num_attention_heads=2, num_key_value_heads=1, tie_word_embeddings=True)
+    LlamaForCausalLM(cfg).save_pretrained(folder)
+    from deltatune import models
+
+    models.load_tokenizer("smollm2-135m").save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def sentiment_file(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("data") / "sentiment.jsonl"
+    write_sentiment_jsonl(path)
+    return path

@@ -10,32 +10,11 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import write_sentiment_jsonl
-from transformers import LlamaConfig, LlamaForCausalLM
 
 import deltatune as dt
 from deltatune.train import load_config
 from deltatune.train.config import TrainSettings
 from deltatune.train.loop import FAULT_ENV, Batches, lr_lambda, sync_optimizer
-
-
-@pytest.fixture(scope="session")
-def tiny_folder(tmp_path_factory) -> Path:
-    """A tiny random Llama with SmolLM2's tokenizer, saved as a local from_pretrained folder."""
-    folder = tmp_path_factory.mktemp("tiny-llama")
-    torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=49152, hidden_size=16, intermediate_size=32, num_hidden_layers=2,
-                      num_attention_heads=2, num_key_value_heads=1, tie_word_embeddings=True)
-    LlamaForCausalLM(cfg).save_pretrained(folder)
-    dt.models.load_tokenizer("smollm2-135m").save_pretrained(folder)
-    return folder
-
-
-@pytest.fixture(scope="session")
-def sentiment_file(tmp_path_factory) -> Path:
-    path = tmp_path_factory.mktemp("data") / "sentiment.jsonl"
-    write_sentiment_jsonl(path)
-    return path
 
 
 def config(folder: Path, data: Path, out: Path, **train) -> dict:
