@@ -23,6 +23,9 @@ CASES = [
     ("bitfit", {}, "bert"),
     ("lightweight", {}, "llama"),
     ("lightweight", {"parts": [], "last_k": 1}, "gpt2"),
+    ("spiel", {"density": 0.05}, "llama"),
+    ("spiel", {"match": "lora:r=2", "regrow": "sm3"}, "gpt2"),
+    ("spiel", {"k": 300, "targets": ["query", "value"]}, "bert"),
 ]
 
 
