@@ -83,9 +83,21 @@ class Workload:
         }
 
 
-def method_options(method: str) -> dict[str, Any]:
-    """deltatune's options for a method in the bench: LoRA as PEFT's baseline is configured."""
-    return dict(LORA_OPTIONS) if method == "lora" else {}
+ALL_LINEAR = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+# bench names that stand for a method with options: LoRA as PEFT's baseline is configured, and the
+# methods compared with it at the same trainable count (on q,v and on every linear layer of the blocks)
+PRESETS: dict[str, dict[str, Any]] = {
+    "lora": {"name": "lora", **LORA_OPTIONS},
+    "lora-all": {"name": "lora", "r": 8, "alpha": 16, "targets": ALL_LINEAR},
+    "spiel": {"name": "spiel", "match": "lora:r=8", "targets": ["q_proj", "v_proj"]},
+    "spiel-all": {"name": "spiel", "match": "lora:r=8", "targets": ALL_LINEAR},
+    "spiel-sm3": {"name": "spiel", "match": "lora:r=8", "targets": ["q_proj", "v_proj"], "regrow": "sm3"},
+}
+
+
+def method_config(name: str) -> dict[str, Any]:
+    """The method config a bench name stands for: a preset, or a registered method with its defaults."""
+    return dict(PRESETS.get(name, {"name": name}))
 
 
 # -------------------------------------------------------------------------- in the subprocess
@@ -118,7 +130,7 @@ def _run_engine(w: Workload, method: str, out: Path) -> dict[str, Any]:
 
     loop.ckpt.save_checkpoint = save_checkpoint
     try:
-        summary = dt.train(w.run_config({"name": method, **method_options(method)}, str(out)))
+        summary = dt.train(w.run_config(method_config(method), str(out)))
     finally:
         loop.ckpt.save_checkpoint = original
     tokens = w.batch_size * w.seq_len
@@ -259,17 +271,31 @@ def _record(run: _Run, w: Workload, raw: dict[str, Any] | None, error: str | Non
     for key in ("stored_bytes", "engine_peak_memory_bytes", "engine_seconds_per_step"):
         if key in raw:
             rec[key] = raw[key]
+    if timed and sps:  # what occasional slow steps (a policy's selection phase) add over the run, amortised
+        rec["amortised_overhead"] = sum(timed) / (len(timed) * sps) - 1
     return rec
 
 
+def _ratios_to(r: dict[str, Any], ref: dict[str, Any] | None) -> dict[str, float | None]:
+    out = {}
+    for f in FIELDS:
+        a, b = r.get(f), ref.get(f) if ref else None
+        out[f] = a / b if a is not None and b else None
+    return out
+
+
 def _add_ratios(records: list[dict[str, Any]]) -> None:
-    ref = next((r for r in records if r["name"] == REFERENCE and r.get("error") is None), None)
+    """Ratios to PEFT's LoRA for every run; and, for a non-LoRA deltatune run, to the deltatune LoRA run
+    with the same trainable count (the comparison at equal parameters), with that run's name."""
+    ok = [r for r in records if r.get("error") is None]
+    ref = next((r for r in ok if r["name"] == REFERENCE), None)
+    loras = [r for r in ok if r["framework"] == "deltatune" and method_config(r["method"])["name"] == "lora"]
     for r in records:
-        ratios = {}
-        for f in FIELDS:
-            a, b = r.get(f), ref.get(f) if ref else None
-            ratios[f] = a / b if a is not None and b else None
-        r["ratios"] = ratios
+        r["ratios"] = _ratios_to(r, ref)
+        same = next((lo for lo in loras if lo is not r and lo["trainable"] == r.get("trainable")), None)
+        if same is not None and r["framework"] == "deltatune" and method_config(r["method"])["name"] != "lora":
+            r["same_count_lora"] = same["name"]
+            r["ratios_to_same_count_lora"] = _ratios_to(r, same)
 
 
 def _run_one(run: _Run, w: Workload, timeout: float | None) -> tuple[dict[str, Any] | None, str | None]:
@@ -324,7 +350,7 @@ def bench(
     if isinstance(methods, str):
         methods = [m.strip() for m in methods.split(",") if m.strip()]
     methods = list(methods) if methods is not None else list(DEFAULT_METHODS)
-    known = list(registry.names())
+    known = list(registry.names()) + [p for p in PRESETS if p not in registry.names()]
     bad = [m for m in methods if m not in known]
     if bad:
         raise DeltatuneError(f"unknown method(s) {', '.join(bad)}; known are: {', '.join(known)}")
@@ -482,6 +508,7 @@ def markdown(records: list[dict[str, Any]], w: Workload, command: str) -> str:
         "|" + "|".join(["---"] + ["---:"] * (len(HEADERS) - 1)) + "|",
     ]
     lines += ["| " + " | ".join(row) + " |" for row in rows(records)]
+    lines += equal_count_lines(records)
     lines += [
         "",
         "Ratios in parentheses are to `peft lora` (for s/step and memory lower is better, for tokens/s higher).",
@@ -503,6 +530,24 @@ def markdown(records: list[dict[str, Any]], w: Workload, command: str) -> str:
         "",
     ]
     return "\n".join(lines)
+
+
+def equal_count_lines(records: list[dict[str, Any]]) -> list[str]:
+    """A second table: each method against the deltatune LoRA run with exactly its trainable count."""
+    paired = [r for r in records if r.get("ratios_to_same_count_lora")]
+    if not paired:
+        return []
+    out = ["", "At equal trainable parameters (ratio to the deltatune LoRA run with the same count; presets in "
+           "`deltatune/bench.py::PRESETS`):", "",
+           "| run | compared with | trainable | s / step | peak memory | eval loss | amortised slow-step overhead |",
+           "|---|---|---:|---:|---:|---:|---:|"]
+    for r in paired:
+        q = r["ratios_to_same_count_lora"]
+        over = r.get("amortised_overhead")
+        out.append(f"| {r['name']} | {r['same_count_lora']} | {r['trainable']:,} | {q['seconds_per_step']:.2f}× | "
+                   f"{q['peak_memory_bytes']:.2f}× | {q['eval_loss']:.2f}× | "
+                   + ("-" if over is None else f"{100 * over:.1f} %") + " |")
+    return out
 
 
 def write_markdown(records: list[dict[str, Any]], w: Workload, path: str | os.PathLike, command: str) -> Path:

@@ -5,23 +5,9 @@ from __future__ import annotations
 import json
 
 import pytest
-import torch
-from transformers import LlamaConfig, LlamaForCausalLM
 
 from deltatune import bench as bench_module
-from deltatune import models
 from deltatune.errors import DeltatuneError
-
-
-@pytest.fixture(scope="module")
-def tiny_folder(tmp_path_factory: pytest.TempPathFactory):
-    folder = tmp_path_factory.mktemp("tiny-smol")
-    torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=49152, hidden_size=16, intermediate_size=32, num_hidden_layers=2,
-                      num_attention_heads=2, num_key_value_heads=1, tie_word_embeddings=True)
-    LlamaForCausalLM(cfg).save_pretrained(folder)
-    models.load_tokenizer("smollm2-135m").save_pretrained(folder)
-    return folder
 
 
 def test_bench_records(tiny_folder, tmp_path):
@@ -54,3 +40,27 @@ def test_bench_records(tiny_folder, tmp_path):
 def test_bench_rejects_unknown_method(tiny_folder):
     with pytest.raises(DeltatuneError, match="unknown method"):
         bench_module.bench(str(tiny_folder), "nope", 3)
+
+
+def test_equal_count_runs_are_compared_with_the_lora_of_the_same_count() -> None:
+    from deltatune import bench
+
+    def rec(name: str, method: str, framework: str, trainable: int, sps: float, mem: int) -> dict:
+        return {"name": name, "method": method, "framework": framework, "trainable": trainable,
+                "seconds_per_step": sps, "tokens_per_s": 1 / sps, "peak_memory_bytes": mem, "artifact_bytes": 1,
+                "eval_loss": 1.0, "amortised_overhead": 0.05}
+
+    records = [rec("deltatune lora", "lora", "deltatune", 100, 2.0, 1000),
+               rec("deltatune lora-all", "lora-all", "deltatune", 300, 3.0, 1200),
+               rec("deltatune spiel", "spiel", "deltatune", 100, 2.2, 1050),
+               rec("deltatune spiel-all", "spiel-all", "deltatune", 300, 3.3, 1500),
+               rec("peft lora", "peft-lora", "peft", 100, 2.0, 1000)]
+    bench._add_ratios(records)
+    assert records[2]["same_count_lora"] == "deltatune lora"
+    assert records[2]["ratios_to_same_count_lora"]["seconds_per_step"] == pytest.approx(1.1)
+    assert records[3]["same_count_lora"] == "deltatune lora-all"
+    assert records[3]["ratios_to_same_count_lora"]["peak_memory_bytes"] == pytest.approx(1.25)
+    assert "same_count_lora" not in records[0] and "same_count_lora" not in records[4]
+    assert bench.method_config("spiel-all")["targets"] == bench.ALL_LINEAR
+    lines = bench.equal_count_lines(records)
+    assert any("deltatune spiel-all | deltatune lora-all | 300 | 1.10× | 1.25×" in line for line in lines)
