@@ -33,11 +33,16 @@ def _dense(module: nn.Module, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     return x @ w + module.bias
 
 
+@pytest.mark.parametrize("observed", [False, True], ids=["sampled-grad", "dense-grad"])
 @pytest.mark.parametrize("kind", ["linear", "conv1d", "embedding"])
-def test_forward_and_gradients_equal_the_dense_computation(kind: str) -> None:
+def test_forward_and_gradients_equal_the_dense_computation(kind: str, observed: bool) -> None:
+    """Two backward paths: the sampled matmul (only k entries), and the dense per-layer gradient a
+    selection phase observes."""
     module, x = _layer(kind)
     form = Sparse([(module, "weight")], "weight", 12)
     form.attach()
+    if observed:
+        form.grad_observer = lambda f, g: None
     with torch.no_grad():
         form.values.normal_()
     y = module(x)

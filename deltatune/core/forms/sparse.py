@@ -15,6 +15,7 @@ they ended with), so loading resizes ``indices`` and ``values`` in place.
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable
 from typing import Any
 
@@ -109,7 +110,10 @@ class _SparseWeightForward(torch.autograd.Function):
             w = form.effective_weight(ctx.dtype)
             grad_x = form.op_grad_input(ctx.module, gy, w).to(ctx.x_dtype)
             del w
-        if need_values or need_weight or form.grad_observer is not None:
+        if need_values and not need_weight and form.grad_observer is None and form.can_sample(ctx.module):
+            # only the k entries: a sampled matmul, no m×n gradient at all
+            grad_values = (form.sampled_grad(ctx.module, x, gy) * form.scale).to(values.dtype)
+        elif need_values or need_weight or form.grad_observer is not None:
             g_w = form.op_grad_weight(ctx.module, x, gy, weight.shape)  # dense, this layer only
             if form.grad_observer is not None:
                 form.grad_observer(form, g_w)
@@ -284,6 +288,34 @@ class Sparse(WeightDelta):
             return torch.zeros(shape, dtype=gy2.dtype, device=gy2.device).index_add_(0, ids, gy2)
         x2 = x.reshape(-1, x.shape[-1]).to(gy2.dtype)
         return gy2.T @ x2 if kind == "linear" else x2.T @ gy2
+
+    def can_sample(self, module: nn.Module) -> bool:
+        return _op_kind(module) in ("linear", "conv1d") and len(self.shape) == 2 and self.k > 0
+
+    def sampled_grad(self, module: nn.Module, x: torch.Tensor, gy: torch.Tensor) -> torch.Tensor:
+        """(∂L/∂W)[indices] without forming ∂L/∂W: torch's sampled dense-dense matmul (SDDMM) on the
+        support as a CSR pattern (on CPU ~10× faster than the dense gradient at SpIEL's densities)."""
+        gy2 = gy.reshape(-1, gy.shape[-1])
+        x2 = x.reshape(-1, x.shape[-1]).to(gy2.dtype)
+        left, right = (gy2.T, x2) if _op_kind(module) == "linear" else (x2.T, gy2)  # (m, tokens), (tokens, n)
+        n_rows, n_cols = self.shape
+        idx = self.indices.long()
+        order = torch.argsort(idx)  # CSR wants row-major order; swaps leave the slots unsorted
+        flat = idx[order]
+        rows = flat // n_cols
+        crow = torch.zeros(n_rows + 1, dtype=torch.long, device=idx.device)
+        crow[1:] = torch.bincount(rows, minlength=n_rows).cumsum(0)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # "sparse CSR support is in beta": the op itself is stable
+            pattern = torch.sparse_csr_tensor(crow, flat % n_cols, torch.zeros(flat.numel(), dtype=left.dtype,
+                                              device=left.device), size=(n_rows, n_cols), check_invariants=False)
+            try:
+                sampled = torch.sparse.sampled_addmm(pattern, left.contiguous(), right.contiguous(), beta=0.0).values()
+            except RuntimeError:  # a dtype/device without the kernel: gather from the dense gradient instead
+                return (left @ right).reshape(-1)[idx]
+        out = torch.empty_like(sampled)
+        out[order] = sampled
+        return out
 
     # -- merge (exact unmerge: W0 at the indices is kept while merged) --------------------------
     def merge(self) -> None:
