@@ -139,7 +139,7 @@ def _launch(launcher: list[str], tmp_path: Path, cfg: dict) -> tuple[subprocess.
     return done, dumps
 
 
-def _check(done: subprocess.CompletedProcess, dumps: Path, out: Path) -> None:
+def _check(done: subprocess.CompletedProcess, dumps: Path, out: Path, learns: bool = True) -> None:
     assert done.returncode == 0, (done.stdout[-3000:], done.stderr[-5000:])
     summaries = [json.loads((dumps / f"summary-{r}.json").read_text()) for r in range(2)]
     assert [s["world"] for s in summaries] == [2, 2] and sorted(s["rank"] for s in summaries) == [0, 1]
@@ -153,16 +153,28 @@ def _check(done: subprocess.CompletedProcess, dumps: Path, out: Path) -> None:
     saved = load_file(out / "delta.safetensors")
     assert saved.keys() == a.keys() and all(torch.equal(saved[k], a[k]) for k in a)
     assert sorted(os.listdir(out / "checkpoints")) == [f"step-{SAVE_EVERY:07d}", f"step-{STEPS:07d}"]
+    if not learns:
+        return
     # the loss of the global batch (the mean of the ranks' halves) goes down
     losses = [(x + y) / 2 for x, y in zip(summaries[0]["losses"], summaries[1]["losses"], strict=True)]
     assert sum(losses[-4:]) / 4 < sum(losses[:4]) / 4 - 0.05, losses
 
 
-def test_torchrun_two_cpu_processes(tiny_folder, sentiment_file, tmp_path) -> None:
+# SpIEL's regrowth ranks candidates by each rank's own gradients: rank 0 decides and broadcasts, so the
+# supports (and the seeded optimizer state) must still end identical on every rank
+METHODS = {"lora": {"name": "lora", "r": 4, "alpha": 8, "dropout": 0.0},
+           "spiel": {"name": "spiel", "k": 1500, "reselection_steps": 10, "selection_accumulation_steps": 2}}
+
+
+@pytest.mark.parametrize("method", list(METHODS))
+def test_torchrun_two_cpu_processes(method, tiny_folder, sentiment_file, tmp_path) -> None:
     out = tmp_path / "ddp"
     launcher = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--standalone"]
-    done, dumps = _launch(launcher, tmp_path, config(tiny_folder, sentiment_file, out))
-    _check(done, dumps, out)
+    cfg = config(tiny_folder, sentiment_file, out)
+    cfg["method"] = METHODS[method]
+    done, dumps = _launch(launcher, tmp_path, cfg)
+    # the learning check is LoRA's; for SpIEL the point is identical supports on both ranks
+    _check(done, dumps, out, learns=method == "lora")
     tuned = dt.load(dt.models.load(str(tiny_folder)), out)  # the artifact loads on a single process
     assert tuned.num_trainable() > 0
 
