@@ -26,6 +26,9 @@ CASES = [
     ("spiel", {"density": 0.05}, "llama"),
     ("spiel", {"match": "lora:r=2", "regrow": "sm3"}, "gpt2"),
     ("spiel", {"k": 300, "targets": ["query", "value"]}, "bert"),
+    ("spt", {"sensitivity": "random", "budget": 6000}, "llama"),
+    ("spt", {"sensitivity": "random", "budget": 6000, "modules_to_save": ["classifier"]}, "bert"),
+    ("spt", {"sensitivity": "random", "budget": 3000, "r": 4, "alpha": 5}, "gpt2"),
 ]
 
 

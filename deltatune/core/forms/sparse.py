@@ -22,6 +22,7 @@ from typing import Any
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.nn.utils import parametrize
 
 from deltatune.core.forms.base import WeightDelta
 from deltatune.errors import DeltatuneError
@@ -356,7 +357,8 @@ def _op_kind(module: nn.Module) -> str | None:
         if module.scale_grad_by_freq or module.sparse:
             return None  # rare options: fall back to the parametrisation path
         return "embedding"
-    if type(module).__name__ == "Conv1D" and hasattr(module, "nf"):
+    # a module with a parametrised tensor (its bias, say) is an instance of a generated subclass
+    if parametrize.type_before_parametrizations(module).__name__ == "Conv1D" and hasattr(module, "nf"):
         return "conv1d"
     return None
 
