@@ -200,6 +200,11 @@ class Sparse(WeightDelta):
         flat = torch.zeros(self.numel_base, dtype=self.values.dtype, device=self.values.device)
         return flat.index_put((self.indices.long(),), self.values * self.scale).view(self.shape)
 
+    def entries(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Every (index, value of ΔW) of this delta; subclasses with fixed entries add theirs (sums,
+        composition and compression read a sparse delta through this)."""
+        return self.indices, self.scaled_values()
+
     def scaled_values(self) -> torch.Tensor:
         return self.values.detach() * self.scale if self.scale != 1.0 else self.values.detach()
 
