@@ -8,6 +8,7 @@
 
 from deltatune import data, models
 from deltatune.api import export, export_peft, import_, import_peft, inspect, merge, methods
+from deltatune.compose import compose, revert
 from deltatune.core.tuned import Tuned, attach, load
 from deltatune.errors import DeltatuneError
 from deltatune.train import train
@@ -18,6 +19,7 @@ __all__ = [
     "Tuned",
     "__version__",
     "attach",
+    "compose",
     "data",
     "export",
     "export_peft",
@@ -28,6 +30,7 @@ __all__ = [
     "merge",
     "methods",
     "models",
+    "revert",
     "train",
 ]
 

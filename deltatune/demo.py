@@ -48,6 +48,8 @@ DEFAULT_SETUP: dict[str, Any] = {
     # method -> (method config, steps, peak lr); the order is the table's order
     "methods": {
         "lora": ({"name": "lora", "r": 8, "alpha": 16, "targets": ["q_proj", "v_proj"]}, 60, 2e-3),
+        # SpIEL at exactly LoRA's trainable count on the same matrices: the equal-parameter comparison
+        "spiel": ({"name": "spiel", "match": "lora:r=8", "targets": ["q_proj", "v_proj"]}, 60, 1e-3),
         "full": ({"name": "full"}, 24, 3e-5),
         "lightweight": ({"name": "lightweight", "parts": [], "last_k": 2}, 60, 2e-4),
         "bitfit": ({"name": "bitfit"}, 60, 1e-3),

@@ -1,0 +1,332 @@
+"""Composition: several deltas on one base model at once, θ = θ0 + φ_a + φ_b + ..., each removable again.
+
+This is LT-SFT's cross-lingual recipe (a task delta plus a language delta, trained separately) and
+works for every weight-side form::
+
+    both = dt.compose(model, ["runs/task-sft", "runs/lang-sft"])
+    both(**batch)                      # forwards like the model
+    both.revert("lang-sft")            # θ0 + φ_task again, exactly as dt.compose(model, ["runs/task-sft"])
+    plain = both.merge(); both.unmerge()
+
+``compose`` returns a ``Composition`` (a small ``nn.Module``, not a ``Tuned``: it has several methods
+and configs, so it is not saved as one artifact). Each part is an artifact path or a ``Tuned``; it is
+checked against the base model's fingerprint as ``dt.load`` does and kept as its own (frozen) forms.
+
+How the parts reach the forward pass: sparse deltas of one base tensor become ONE sparse form whose
+support is the union and whose values are the sum (a sparse form replaces its module's forward, so
+two could not be stacked); low-rank and dense forms are attached side by side (forward hooks and
+chained parametrisations). Every change (a revert) takes everything off and puts the remaining parts
+on again the same way, so reverting gives exactly the composition of the remaining parts, and
+reverting all leaves the model as it was. The base weights are never written, except by ``merge``;
+``unmerge`` puts back bit for bit what merge overwrote.
+"""
+
+from __future__ import annotations
+
+import os
+import types
+import warnings
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn as nn
+
+from deltatune.core import artifact, registry
+from deltatune.core.forms.base import WeightDelta
+from deltatune.core.forms.dense import Dense
+from deltatune.core.forms.sparse import Sparse, sparse_sum
+from deltatune.core.policy import Policy
+from deltatune.core.tuned import _CARRIED, Tuned
+from deltatune.errors import DeltatuneError
+
+Delta = str | os.PathLike | Tuned
+
+
+@dataclass
+class Part:
+    """One composed delta: its name, method and config, and its forms (loaded, frozen)."""
+
+    name: str
+    method: registry.Method
+    config: Any
+    forms: dict[str, WeightDelta]
+
+
+class SummedSparse(Sparse):
+    """The sum of every part's sparse delta on one base tensor. Where a dense delta of another part is a
+    parametrisation of the same tensor, this one must be too (a patched forward would read W0 and skip it)."""
+
+    def __init__(self, like: Sparse, indices: torch.Tensor, values: torch.Tensor, parametrize_only: bool) -> None:
+        super().__init__(like.sites, like.param_name, indices=indices, dtype=values.dtype)
+        self.set_support(indices, values)
+        self.values.requires_grad_(False)
+        self.parametrize_only = parametrize_only
+
+    def _functional(self) -> bool:
+        return not self.parametrize_only and super()._functional()
+
+
+def _site_keys(form: WeightDelta) -> set[tuple[int, str]]:
+    return {(id(m), a) for m, a in form.sites}
+
+
+def _uses_parametrization(form: WeightDelta) -> bool:
+    # the rule WeightDelta.attach applies: a form without an output path here is a parametrisation
+    return not form._uses_output_path()
+
+
+class Composition(nn.Module):
+    """A base model with several deltas applied at once (see the module docstring).
+
+    Attributes the composition does not have fall through to the model (``generate``, ``config``)."""
+
+    method = types.SimpleNamespace(name="compose")  # how dt.attach names a composition it takes off the model
+
+    def __init__(self, model: nn.Module, parts: list[Part]) -> None:
+        super().__init__()
+        self.model = model
+        self._parts = parts
+        # the parts' tensors live here, so .to(device) moves them with the model
+        self.part_forms = nn.ModuleDict({_key(p.name): nn.ModuleDict({_key(n): f for n, f in p.forms.items()})
+                                         for p in parts})
+        self.summed = nn.ModuleDict()
+        self._applied: list[WeightDelta] = []
+        self.merged = False
+        self._snapshots: list[tuple[torch.Tensor, torch.Tensor]] = []
+        self._was_tied: bool | None = None
+        self._apply()
+        self.model.__dict__[_CARRIED] = self  # a later dt.attach takes the composition off first
+
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            if name == "model":
+                raise
+            return getattr(self.model, name)
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        return self.model(*args, **kwargs)
+
+    # -- what is composed --------------------------------------------------------------------------
+    @property
+    def parts(self) -> list[str]:
+        """The names of the composed deltas, in order (artifact folder names, or the method of a Tuned)."""
+        return [p.name for p in self._parts]
+
+    def applied_forms(self) -> list[WeightDelta]:
+        """The forms acting on the model now (the parts' dense / low-rank forms and the summed sparse ones)."""
+        return list(self._applied)
+
+    @property
+    def attached(self) -> bool:
+        return any(f.attached for f in self._applied)
+
+    # -- applying ----------------------------------------------------------------------------------
+    def _take_off(self) -> None:
+        for form in self._applied:
+            form.detach()
+        self._applied = []
+        self.summed = nn.ModuleDict()
+
+    def _apply(self) -> None:
+        """Put every part on: non-sparse forms side by side in part order, then one summed sparse form per
+        base tensor (tensors a parametrisation holds first: see the note in lt_sft on GPT-2's Conv1D)."""
+        self._take_off()
+        others: list[WeightDelta] = []
+        sparse: dict[int, list[Sparse]] = {}
+        for part in self._parts:
+            for form in part.forms.values():
+                if isinstance(form, Sparse):
+                    if form.k:
+                        sparse.setdefault(id(form.base), []).append(form)
+                elif not (isinstance(form, Dense) and not bool(form.delta.detach().any())):  # an all-zero dense: skip
+                    others.append(form)
+        parametrized = {id(f.base) for f in others if _uses_parametrization(f)}
+        for form in others:
+            form.attach()
+            self._applied.append(form)
+        summed = [self._summed(group, key in parametrized) for key, group in sparse.items()]
+        summed.sort(key=lambda f: f.sites[0][1] == "weight")
+        for form in summed:
+            form.attach()
+            self.summed[str(len(self.summed))] = form
+            self._applied.append(form)
+
+    @staticmethod
+    def _summed(group: list[Sparse], parametrize_only: bool) -> SummedSparse:
+        first = group[0]
+        idx, val = first.entries()
+        for other in group[1:]:
+            if _site_keys(other) != _site_keys(first):
+                raise DeltatuneError(
+                    f"two sparse deltas of {first.param_name} apply at different modules (a tied weight once tied, "
+                    "once not): compose cannot add them; merge one of them into the model first"
+                )
+            idx, val = sparse_sum(idx, val, *other.entries())
+        return SummedSparse(first, idx, val, parametrize_only)
+
+    # -- revert ------------------------------------------------------------------------------------
+    def _index(self, which: int | str) -> int:
+        names = self.parts
+        if isinstance(which, bool) or not isinstance(which, int | str):
+            raise DeltatuneError(f"revert takes a part's position or name, not {which!r}; parts: {names}")
+        if isinstance(which, int):
+            if not -len(names) <= which < len(names):
+                raise DeltatuneError(f"there is no part {which}: the composition has {len(names)} ({names})")
+            return which % len(names)
+        if which not in names:
+            raise DeltatuneError(f"no composed delta is named {which!r}; parts: {names}")
+        return names.index(which)
+
+    def revert(self, which: int | str) -> Composition:
+        """Remove one delta (by position in ``parts`` or by name): the model then computes exactly what the
+        composition of the remaining parts computes; with none left, it is the base model again."""
+        if self.merged:
+            raise DeltatuneError("the composition is merged into the weights: unmerge() before reverting a part")
+        part = self._parts.pop(self._index(which))
+        del self.part_forms[_key(part.name)]
+        self._apply()
+        return self
+
+    def detach(self) -> nn.Module:
+        """Take every part off and return the untouched base model."""
+        if self.merged:
+            raise DeltatuneError("the composition is merged into the weights: unmerge() before detaching it")
+        self._take_off()
+        self._parts = []
+        self.part_forms = nn.ModuleDict()
+        if self.model.__dict__.get(_CARRIED) is self:
+            del self.model.__dict__[_CARRIED]
+        return self.model
+
+    # -- merge -------------------------------------------------------------------------------------
+    def merge(self) -> nn.Module:
+        """Fold the current sum into the base weights and return the plain model."""
+        if self.merged:
+            raise DeltatuneError("the composition is already merged; call unmerge() first")
+        # merge / unmerge of a dense or low-rank delta is a float add / subtract: keep what it overwrites
+        seen: set[int] = set()
+        self._snapshots = []
+        for form in self._applied:
+            if not isinstance(form, Sparse) and id(form.base) not in seen:
+                seen.add(id(form.base))
+                self._snapshots.append((form.base, form.base.detach().clone()))
+        for form in self._applied:
+            form.merge()
+        cfg = getattr(self.model, "config", None)
+        if cfg is not None and any(getattr(f, "unties_on_merge", False) for f in self._applied):
+            self._was_tied = getattr(cfg, "tie_word_embeddings", None)
+            cfg.tie_word_embeddings = False  # a merged tied-embedding delta gave the embedding its own copy
+        self.merged = True
+        return self.model
+
+    def unmerge(self) -> Composition:
+        """Restore the base weights bit for bit and put the deltas back on as before the merge."""
+        if not self.merged:
+            raise DeltatuneError("the composition is not merged; there is nothing to unmerge")
+        for form in reversed(self._applied):
+            form.unmerge()
+            form.detach()
+        with torch.no_grad():
+            for base, saved in self._snapshots:
+                base.copy_(saved)
+        self._snapshots = []
+        for form in self._applied:  # the same order as _apply: the same computation as before the merge
+            form.attach()
+        cfg = getattr(self.model, "config", None)
+        if self._was_tied is not None and cfg is not None:
+            cfg.tie_word_embeddings = self._was_tied
+            self._was_tied = None
+        self.merged = False
+        return self
+
+    def extra_repr(self) -> str:
+        return f"parts={self.parts}, merged={self.merged}"
+
+
+def _key(name: str) -> str:
+    return name.replace(".", ":")  # ModuleDict keys may not contain dots
+
+
+# -- building the parts --------------------------------------------------------------------------
+def _source(item: Delta) -> tuple[str, dict[str, Any], dict[str, torch.Tensor]]:
+    """(name, description with method / config / fingerprint, tensors) of an artifact path or a Tuned."""
+    if isinstance(item, Tuned):
+        if item.merged:
+            raise DeltatuneError(f"the {item.method.name!r} delta to compose is merged into its model: unmerge() it first")
+        meta = {"method": item.method.name, "config": registry.config_to_dict(item.method_config),
+                "fingerprint": item.fingerprint()}
+        tensors = {k: v.detach().clone() for k, v in item.delta_state_dict().items()}
+        return item.method.name, meta, tensors
+    if not isinstance(item, str | os.PathLike):
+        raise DeltatuneError(f"compose takes artifact paths or Tuned models, not {type(item).__name__}")
+    meta, tensors = artifact.read_artifact(item)
+    return Path(item).name, meta, tensors
+
+
+def _part(model: nn.Module, item: Delta, shapes: str) -> Part:
+    name, meta, tensors = _source(item)
+    method = registry.get(meta["method"])
+    cfg = registry.make_config(method, meta["config"])
+    built = method.build(model, cfg, loading=True)
+    for fname, form in built.forms.items():
+        if not isinstance(form, WeightDelta) or not form.mergeable:
+            raise DeltatuneError(
+                f"{name}: its {form.kind} delta at {fname} changes activations, not weights; compose adds weight "
+                "deltas only. Serve it on its own with dt.load"
+            )
+    holder = Tuned(model, method, cfg, built.forms, Policy(), shapes)  # never attached: checks and loads only
+    diffs = artifact.compare_fingerprints(meta.get("fingerprint", {}), holder.fingerprint())
+    if diffs:
+        raise DeltatuneError(
+            f"{name} was trained on another base model ({'; '.join(diffs)}). Compose deltas of the model they were "
+            "made for (see `deltatune inspect`)."
+        )
+    holder.load_delta_state_dict(tensors)
+    for form in built.forms.values():
+        form.requires_grad_(False)
+    return Part(name, method, cfg, built.forms)  # type: ignore[arg-type]
+
+
+def _unique(parts: list[Part]) -> None:
+    seen: dict[str, int] = {}
+    for part in parts:
+        n = seen.get(part.name, 0)
+        seen[part.name] = n + 1
+        if n:
+            part.name = f"{part.name}#{n + 1}"
+
+
+def compose(model: nn.Module, deltas: Sequence[Delta]) -> Composition:
+    """Apply all ``deltas`` (artifact paths or ``Tuned`` models) to ``model`` at once: θ = θ0 + Σ φ.
+
+    Each delta must have been trained on this base model (checked as ``dt.load`` checks). A ``Tuned`` whose
+    delta is attached to ``model`` itself is taken off it first (its delta then acts through the composition)."""
+    if isinstance(model, Tuned | Composition):
+        raise DeltatuneError("compose onto the base model (tuned.detach() returns it), not onto a tuned model")
+    if isinstance(deltas, str | os.PathLike | Tuned) or not deltas:
+        raise DeltatuneError("compose takes a list of deltas: dt.compose(model, ['runs/a', 'runs/b'])")
+    for item in deltas:
+        if isinstance(item, Tuned) and item.model is model and item.attached:
+            item.detach()  # its delta comes back through the composition, not twice
+    previous = model.__dict__.get(_CARRIED)
+    if previous is not None and previous.attached:
+        warnings.warn(f"the model carries an attached {previous.method.name!r} delta; detaching it before composing",
+                      stacklevel=2)
+        previous.detach()
+    shapes = artifact.shapes_hash(model)  # before any part is on: parametrisations rename tensors
+    # every part is built before any is attached: the builders find their tensors by the model's names
+    parts = [_part(model, item, shapes) for item in deltas]
+    _unique(parts)
+    return Composition(model, parts)
+
+
+def revert(composition: Composition, which: int | str) -> Composition:
+    """``composition.revert(which)``: remove one composed delta again, exactly."""
+    if not isinstance(composition, Composition):
+        raise DeltatuneError(f"revert takes what dt.compose returned, not a {type(composition).__name__}")
+    return composition.revert(which)
