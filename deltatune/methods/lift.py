@@ -265,32 +265,7 @@ class LiftSparse(Sparse):
                 setattr(self, name, torch.zeros(saved.shape, dtype=own.dtype, device=own.device))
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
-    # -- merge: the past entries too, unmerge exactly ----------------------------------------------
-    def merge(self) -> None:
-        if self.merged:
-            raise DeltatuneError("this delta is already merged; unmerge it before merging again")
-        self.detach()
-        with torch.no_grad():
-            flat = self.base.data.view(-1)
-            idx, vals = self.entries()
-            self._saved = flat[idx].clone()
-            flat.index_add_(0, idx, vals.to(flat.dtype))
-            self._merged_at = flat[idx].clone()
-        self.merged = True
-
-    def unmerge(self) -> None:
-        if not self.merged:
-            raise DeltatuneError("this delta is not merged; there is nothing to unmerge")
-        with torch.no_grad():
-            flat = self.base.data.view(-1)
-            idx, vals = self.entries()
-            if torch.equal(flat[idx], self._merged_at):
-                flat[idx] = self._saved  # untouched since merge: W0 back bit for bit
-            else:  # another delta was merged on top at the same entries: subtract instead
-                flat.index_add_(0, idx, -vals.to(flat.dtype))
-        self._saved = self._merged_at = None
-        self.merged = False
-        self.attach()
+    # merge / unmerge: the core Sparse form merges every entry of entries() (past ones included), exactly
 
     def extra_repr(self) -> str:
         return super().extra_repr() + (f", past={self.num_past}" if self.num_past else "")

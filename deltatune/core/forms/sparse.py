@@ -330,9 +330,10 @@ class Sparse(WeightDelta):
         self.detach()
         with torch.no_grad():
             flat = self.base.data.view(-1)
-            idx = self.indices.long()
+            idx, vals = self.entries()
+            idx = idx.long()
             self._saved = flat[idx].clone()
-            flat.index_add_(0, idx, self.scaled_values().to(flat.dtype))
+            flat.index_add_(0, idx, vals.to(flat.dtype))
             self._merged_at = flat[idx].clone()
         self.merged = True
 
@@ -341,11 +342,12 @@ class Sparse(WeightDelta):
             raise DeltatuneError("this delta is not merged; there is nothing to unmerge")
         with torch.no_grad():
             flat = self.base.data.view(-1)
-            idx = self.indices.long()
+            idx, vals = self.entries()
+            idx = idx.long()
             if torch.equal(flat[idx], self._merged_at):
                 flat[idx] = self._saved  # untouched since merge: put W0 back bit for bit
             else:  # another delta was merged on top at the same entries: subtract instead
-                flat.index_add_(0, idx, -self.scaled_values().to(flat.dtype))
+                flat.index_add_(0, idx, -vals.to(flat.dtype))
         self._saved = self._merged_at = None
         self.merged = False
         self.attach()
