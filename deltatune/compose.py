@@ -39,7 +39,7 @@ from deltatune.core.forms.base import WeightDelta
 from deltatune.core.forms.dense import Dense
 from deltatune.core.forms.sparse import Sparse, sparse_sum
 from deltatune.core.policy import Policy
-from deltatune.core.tuned import _CARRIED, Tuned
+from deltatune.core.tuned import _CARRIED, ModelWrapper, Tuned
 from deltatune.errors import DeltatuneError
 
 Delta = str | os.PathLike | Tuned
@@ -78,7 +78,7 @@ def _uses_parametrization(form: WeightDelta) -> bool:
     return not form._uses_output_path()
 
 
-class Composition(nn.Module):
+class Composition(ModelWrapper):
     """A base model with several deltas applied at once (see the module docstring).
 
     Attributes the composition does not have fall through to the model (``generate``, ``config``)."""
@@ -99,17 +99,6 @@ class Composition(nn.Module):
         self._was_tied: bool | None = None
         self._apply()
         self.model.__dict__[_CARRIED] = self  # a later dt.attach takes the composition off first
-
-    def __getattr__(self, name: str) -> Any:
-        try:
-            return super().__getattr__(name)
-        except AttributeError:
-            if name == "model":
-                raise
-            return getattr(self.model, name)
-
-    def forward(self, *args: Any, **kwargs: Any) -> Any:
-        return self.model(*args, **kwargs)
 
     # -- what is composed --------------------------------------------------------------------------
     @property

@@ -114,3 +114,22 @@ def sentiment_file(tmp_path_factory) -> Path:
     path = tmp_path_factory.mktemp("data") / "sentiment.jsonl"
     write_sentiment_jsonl(path)
     return path
+
+
+def save_word_llama(folder: Path, extra_words: tuple[str, ...] = ()) -> Path:
+    """A tiny random Llama with a word-level tokenizer of the sentiment data's words, saved as a
+    from_pretrained folder: no shipped model to convert, starts in milliseconds."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    words = ["[PAD]", "[UNK]", "[EOS]", "negative", "positive", "what", "a", "day", "number", *extra_words,
+             *[w for ws in SENTIMENT_WORDS.values() for w in ws], *[str(i) for i in range(12)]]
+    tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="[UNK]", pad_token="[PAD]",
+                            eos_token="[EOS]").save_pretrained(folder)
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=2,
+                      num_attention_heads=2, num_key_value_heads=1, tie_word_embeddings=True, pad_token_id=0)
+    LlamaForCausalLM(cfg).save_pretrained(folder)
+    return folder

@@ -17,9 +17,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import SENTIMENT_WORDS, write_sentiment_jsonl
+from conftest import SENTIMENT_WORDS, save_word_llama, write_sentiment_jsonl
 from safetensors.torch import load_file
-from transformers import LlamaConfig, LlamaForCausalLM
 
 import deltatune as dt
 
@@ -84,22 +83,7 @@ WORDS = SENTIMENT_WORDS
 
 @pytest.fixture(scope="module")
 def tiny_folder(tmp_path_factory) -> Path:
-    """A tiny random Llama with a word-level tokenizer made here: no shipped model to convert, starts in ms."""
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    folder = tmp_path_factory.mktemp("tiny-llama-ddp")
-    words = ["[PAD]", "[UNK]", "[EOS]", "negative", "positive", "what", "a", "day", "number", *[w for ws in WORDS.values() for w in ws],
-             *[str(i) for i in range(12)]]
-    tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="[UNK]"))
-    tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="[UNK]", pad_token="[PAD]",
-                            eos_token="[EOS]").save_pretrained(folder)
-    torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=2,
-                      num_attention_heads=2, num_key_value_heads=1, tie_word_embeddings=True, pad_token_id=0)
-    LlamaForCausalLM(cfg).save_pretrained(folder)
-    return folder
+    return save_word_llama(tmp_path_factory.mktemp("tiny-llama-ddp"))
 
 
 @pytest.fixture(scope="module")

@@ -7,10 +7,10 @@ import json
 import pytest
 import torch
 from conftest import (
-    SENTIMENT_WORDS,
     batch,
     loss_of,
     output_of,
+    save_word_llama,
     tiny_bert,
     tiny_gpt2,
     tiny_llama,
@@ -292,20 +292,7 @@ def test_resume_puts_on_the_forms_the_checkpoint_was_trained_with() -> None:
 @pytest.fixture(scope="module")
 def word_folder(tmp_path_factory):
     """A tiny Llama with a word-level tokenizer built here (no shipped model to convert)."""
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
-
-    folder = tmp_path_factory.mktemp("spt-llama")
-    words = ["[PAD]", "[UNK]", "[EOS]", "negative", "positive", "what", "a", "day", "number", ":",
-             *[w for ws in SENTIMENT_WORDS.values() for w in ws], *[str(i) for i in range(12)]]
-    tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="[UNK]"))
-    tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="[UNK]", pad_token="[PAD]",
-                            eos_token="[EOS]").save_pretrained(folder)
-    torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=2,
-                      num_attention_heads=2, num_key_value_heads=1, tie_word_embeddings=True, pad_token_id=0)
-    LlamaForCausalLM(cfg).save_pretrained(folder)
+    folder = save_word_llama(tmp_path_factory.mktemp("spt-llama"), extra_words=(":",))
     data = folder / "sentiment.jsonl"
     write_sentiment_jsonl(data)
     return folder

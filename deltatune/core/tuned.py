@@ -24,7 +24,23 @@ def _module_key(name: str) -> str:
     return name.replace(".", ":")  # ModuleDict keys may not contain dots
 
 
-class Tuned(nn.Module):
+class ModelWrapper(nn.Module):
+    """A module around ``self.model`` that forwards to it; attribute lookups it does not know fall
+    through to the model, so ``wrapper.generate`` and ``wrapper.config`` work as on the model itself."""
+
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            if name == "model":
+                raise
+            return getattr(self.model, name)
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        return self.model(*args, **kwargs)
+
+
+class Tuned(ModelWrapper):
     """Wraps a model, forwards to it, and owns the delta (forms + policy) attached to it.
 
     Attribute lookups the wrapper does not know fall through to the model, so ``tuned.generate``
@@ -44,17 +60,6 @@ class Tuned(nn.Module):
         self.merged = False
         self._fingerprint: dict[str, Any] | None = None
         self._shapes = shapes  # hashed before attaching: hooks and parametrisations rename tensors
-
-    def __getattr__(self, name: str) -> Any:
-        try:
-            return super().__getattr__(name)
-        except AttributeError:
-            if name == "model":
-                raise
-            return getattr(self.model, name)
-
-    def forward(self, *args: Any, **kwargs: Any) -> Any:
-        return self.model(*args, **kwargs)
 
     # -- the delta ------------------------------------------------------------------------
     def forms(self) -> dict[str, Form]:
