@@ -106,6 +106,7 @@ class SpielPolicy(Policy):
     def setup(self, tuned: Tuned) -> None:
         self.forms = {n: f for n, f in tuned.forms().items() if isinstance(f, Sparse)}
         self._names = {id(f): n for n, f in self.forms.items()}
+        self._by_values = {id(f.values): f for f in self.forms.values()}  # SM3 asks for every tensor, every step
         self._observe(self.phase_open)
 
     def plan(self, total_steps: int, grad_accum: int) -> None:
@@ -117,11 +118,11 @@ class SpielPolicy(Policy):
         return ElementAdamW(params, lr=lr, betas=self.cfg.betas, eps=self.cfg.eps, weight_decay=weight_decay)
 
     def _layout(self, p: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, int, int] | None:
-        for form in self.forms.values():
-            if form.values is p and len(form.shape) == 2:
-                rows, cols = form.rows_cols()
-                return rows, cols, form.shape[0], form.shape[1]
-        return None
+        form = self._by_values.get(id(p))
+        if form is None or len(form.shape) != 2:
+            return None
+        rows, cols = form.rows_cols()
+        return rows, cols, form.shape[0], form.shape[1]
 
     def _observe(self, on: bool) -> None:
         """Candidate statistics come from the dense gradient each sparse layer computes in backward."""

@@ -213,7 +213,6 @@ def train(config: str | Path | dict | RunConfig, overrides: list[str] | None = N
     tuned, task, device = run.tuned, run.task, run.device
     out = Path(cfg.output)
     ckpt_dir = out / "checkpoints"
-    model_for_step: torch.nn.Module = tuned
 
     def wrap() -> torch.nn.Module:
         if world == 1:
@@ -245,7 +244,7 @@ def train(config: str | Path | dict | RunConfig, overrides: list[str] | None = N
     params = list(tuned.deltas.parameters())  # all delta tensors, trainable or not: a stable order
     optimizer = tuned.policy.make_optimizer(params, s.lr, s.weight_decay) or make_optimizer(params, s)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(s, tuned.policy.lr_restarts(s.steps)))
-    model_for_step = wrap()
+    model_for_step: torch.nn.Module = wrap()
     if saved is not None:
         optimizer.load_state_dict(saved["optimizer"])
         scheduler.load_state_dict(saved["scheduler"])
