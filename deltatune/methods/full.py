@@ -1,6 +1,5 @@
-"""Full fine-tuning as a dense delta: every selected tensor gets W = W0 + Δ.
-
-The base stays untouched until merge, and the artifact stores only the tensors that changed.
+"""Full fine-tuning as a dense delta: every selected tensor trains in place, as in plain fine-tuning
+(no second copy of the model), and the artifact stores Δ = W − W0 of only the tensors that changed.
 """
 
 from __future__ import annotations
@@ -11,7 +10,7 @@ import torch.nn as nn
 
 from deltatune.core.registry import Built, register
 from deltatune.core.targeting import select_parameters
-from deltatune.methods._common import dense_forms
+from deltatune.methods._common import dense_forms, inplace_forms
 
 
 @dataclass
@@ -22,7 +21,8 @@ class FullConfig:
     exclude: list[str] | None = None
 
 
-@register("full", FullConfig, "full fine-tuning as a dense delta (stores only the tensors that changed)")
+@register("full", FullConfig, "full fine-tuning, in place (stores only the tensors that changed, as a dense delta)")
 def build(model: nn.Module, cfg: FullConfig, *, loading: bool = False) -> Built:
     params = select_parameters(model, cfg.targets, layers=cfg.layers, types=cfg.types, exclude=cfg.exclude)
-    return Built(dense_forms(model, params))
+    # training updates the model's tensors in place; a loaded artifact is a plain dense delta beside W0
+    return Built(dense_forms(model, params) if loading else inplace_forms(model, params))

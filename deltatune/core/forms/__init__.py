@@ -2,6 +2,7 @@
 
 from deltatune.core.forms.base import Form, WeightDelta
 from deltatune.core.forms.dense import Dense
+from deltatune.core.forms.inplace import InPlace
 from deltatune.core.forms.lowrank import LowRank
 
-__all__ = ["Form", "WeightDelta", "Dense", "LowRank"]
+__all__ = ["Form", "WeightDelta", "Dense", "InPlace", "LowRank"]
