@@ -37,6 +37,15 @@ CASES = [
     ("spt", {"sensitivity": "random", "budget": 6000}, "llama"),
     ("spt", {"sensitivity": "random", "budget": 6000, "modules_to_save": ["classifier"]}, "bert"),
     ("spt", {"sensitivity": "random", "budget": 3000, "r": 4, "alpha": 5}, "gpt2"),
+    ("lisa", {}, "llama"),
+    ("lisa", {"activated_layers": 1}, "gpt2"),
+    ("lisa", {"activated_layers": 3}, "bert"),
+    ("hft", {}, "llama"),
+    ("hft", {"seed": 1}, "gpt2"),
+    ("hft", {}, "bert"),
+    ("id3", {"budget": 500}, "llama"),
+    ("id3", {"density": 0.05, "exp": 1.0, "targets": ["c_attn", "mlp.c_fc"]}, "gpt2"),
+    ("id3", {"budget": 300, "targets": ["query", "value"]}, "bert"),
 ]
 
 

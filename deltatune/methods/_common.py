@@ -5,11 +5,14 @@ from __future__ import annotations
 from collections.abc import Iterable
 from typing import Any
 
+import torch
 import torch.nn as nn
 
 from deltatune.core import registry
+from deltatune.core.forms.base import Form, WeightDelta
 from deltatune.core.forms.dense import Dense
 from deltatune.core.forms.inplace import InPlace
+from deltatune.core.policy import release_state
 from deltatune.core.targeting import layer_index, select_modules, sites_of
 from deltatune.errors import DeltatuneError
 
@@ -64,3 +67,39 @@ def build_base(model: nn.Module, base_name: str, base_options: dict[str, Any], l
     except DeltatuneError as e:
         raise DeltatuneError(f"base_options: {e}") from e
     return method.build(model, cfg, loading=loading)
+
+
+def layerwise_forms(model: nn.Module, loading: bool) -> dict[str, WeightDelta]:
+    """A delta over every floating tensor of the model for a policy that chooses which train when: in-place
+    while training (W0 copied only for tensors that train), a plain dense delta when loading an artifact.
+    Nothing trains until the policy says so."""
+    params = list(model.named_parameters())
+    forms: dict[str, WeightDelta] = dict(dense_forms(model, params) if loading else inplace_forms(model, params, False))
+    set_trainable(forms.values(), False)
+    return forms
+
+
+def forms_by_block(forms: dict[str, Form]) -> tuple[dict[int, list[Form]], list[Form]]:
+    """Forms grouped by the numbered block their tensor lives in, and the forms outside every block
+    (embeddings, final norm, head)."""
+    blocks: dict[int, list[Form]] = {}
+    outside: list[Form] = []
+    for name, form in forms.items():
+        i = layer_index(name)
+        if i is None:
+            outside.append(form)
+        else:
+            blocks.setdefault(i, []).append(form)
+    return dict(sorted(blocks.items())), outside
+
+
+def set_trainable(forms: Iterable[Form], on: bool, optimizer: torch.optim.Optimizer | None = None) -> None:
+    """Switch forms on or off. With an optimizer, their state is released both ways: a tensor that stops
+    must not keep memory, one that starts again must not inherit stale moments."""
+    params = [p for f in forms for p in f.parameters()]
+    for p in params:
+        p.requires_grad_(on)
+        if not on:
+            p.grad = None
+    if optimizer is not None:
+        release_state(optimizer, params)

@@ -1,0 +1,108 @@
+"""LISA: layerwise importance sampled AdamW (Pan et al., 2024; spec: shared/methods/lisa.md).
+
+Full-parameter fine-tuning in which, at any time, only the parameters outside the numbered blocks
+(embeddings, final norm, head) and γ blocks drawn uniformly without replacement train; the draw is
+repeated every K optimizer steps, at steps 0, K, 2K, ... as in LMFlow's ``on_step_begin``.
+
+Memory is the point, so two choices differ from the reference code:
+- the tensors train in place (``InPlace`` form): no second copy of the model, W0 kept only for
+  tensors that have trained, and the artifact is the dense Δ of those tensors alone;
+- at each switch the optimizer state of de-activated blocks is released and activated blocks start
+  fresh (step count 0), as the paper's per-interval jobs did. LMFlow keeps one optimizer whose stale
+  moments grow with every block it visits (its issues #768, #778). The LR schedule stays global.
+
+The draw uses its own seeded generator, saved in checkpoints, so a resumed run and every
+data-parallel rank draw the same blocks without communicating.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import torch
+import torch.nn as nn
+
+from deltatune.core.policy import Policy
+from deltatune.core.registry import Built, register
+from deltatune.errors import DeltatuneError
+from deltatune.methods._common import forms_by_block, layerwise_forms, set_trainable
+
+if TYPE_CHECKING:
+    from deltatune.core.forms.base import Form
+    from deltatune.core.tuned import Tuned
+
+
+@dataclass
+class LisaConfig:
+    activated_layers: int = 2  # γ: LMFlow's default (its shipped script uses 1)
+    interval_steps: int = 20  # K: optimizer steps between two draws (LMFlow default)
+    seed: int = 0  # of the block draws; the same on every rank
+
+    def __post_init__(self) -> None:
+        if self.activated_layers < 1:
+            raise ValueError(f"activated_layers={self.activated_layers} must be >= 1")
+        if self.interval_steps < 1:
+            raise ValueError(f"interval_steps={self.interval_steps} must be >= 1")
+
+
+class LisaPolicy(Policy):
+    name = "lisa"
+
+    def __init__(self, cfg: LisaConfig) -> None:
+        self.cfg = cfg
+        self.blocks: dict[int, list[Form]] = {}
+        self.always: list[Form] = []
+        self.active: list[int] = []
+        self.draws = 0
+        self.generator = torch.Generator().manual_seed(cfg.seed)
+
+    def setup(self, tuned: Tuned) -> None:
+        self.blocks, self.always = forms_by_block(tuned.forms())
+        if not self.blocks:
+            raise DeltatuneError(f"{type(tuned.model).__name__} has no numbered blocks: LISA samples blocks to train")
+        if self.cfg.activated_layers > len(self.blocks):
+            raise DeltatuneError(
+                f"activated_layers={self.cfg.activated_layers} but the model has {len(self.blocks)} blocks; "
+                f"use at most {len(self.blocks)} (that many is full fine-tuning)"
+            )
+        set_trainable(self.always, True)
+        self._switch(None)
+
+    def draw(self) -> list[int]:
+        """γ distinct block indices, uniform without replacement."""
+        order = list(self.blocks)
+        picks = torch.randperm(len(order), generator=self.generator)[: self.cfg.activated_layers]
+        self.draws += 1
+        return sorted(order[int(i)] for i in picks)
+
+    def _switch(self, optimizer: torch.optim.Optimizer | None) -> None:
+        old = set(self.active)
+        self.active = self.draw()
+        new = set(self.active)
+        for i in old - new:
+            set_trainable(self.blocks[i], False, optimizer)  # their moments are released, not kept stale
+        for i in new - old:
+            set_trainable(self.blocks[i], True, optimizer)  # fresh state: step count 0
+        # a block drawn again keeps training with its state, as it would under one uninterrupted optimizer
+
+    def after_optimizer_step(self, step: int, tuned: Tuned, optimizer: torch.optim.Optimizer) -> None:
+        if (step + 1) % self.cfg.interval_steps == 0:
+            self._switch(optimizer)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"active": list(self.active), "draws": self.draws, "generator": self.generator.get_state()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.generator.set_state(state["generator"])
+        self.draws = int(state["draws"])
+        for i in self.blocks:
+            set_trainable(self.blocks[i], False)
+        self.active = [int(i) for i in state["active"]]
+        for i in self.active:
+            set_trainable(self.blocks[i], True)
+
+
+@register("lisa", LisaConfig, "LISA: embeddings + head + γ randomly drawn blocks train in place, redrawn every K steps")
+def build(model: nn.Module, cfg: LisaConfig, *, loading: bool = False) -> Built:
+    return Built(layerwise_forms(model, loading), LisaPolicy(cfg))
