@@ -73,7 +73,11 @@ else:
 same = all(torch.equal(g, flat) for g in gathered)
 with open(os.path.join(out, f"summary-{rank}.json"), "w") as f:
     json.dump({"rank": rank, "world": world, "same_as_all": same, "steps": summary["steps"],
-               "losses": [h["loss"] for h in summary["history"]]}, f)
+               "losses": [h["loss"] for h in summary["history"]],
+               # the policy's choices: what trains now, and its state (tensors as sums)
+               "trainable": sorted(n for n, p in tuned.named_parameters() if p.requires_grad),
+               "policy": {k: (float(v.double().sum()) if torch.is_tensor(v) else v)
+                          for k, v in tuned.policy.state_dict().items() if k != "generator"}}, f, default=str)
 if dist.is_initialized():
     dist.barrier()
     dist.destroy_process_group()
@@ -141,6 +145,8 @@ def _check(done: subprocess.CompletedProcess, dumps: Path, out: Path, learns: bo
     summaries = [json.loads((dumps / f"summary-{r}.json").read_text()) for r in range(2)]
     assert [s["world"] for s in summaries] == [2, 2] and sorted(s["rank"] for s in summaries) == [0, 1]
     assert all(s["same_as_all"] for s in summaries), "all_gather saw different deltas on the ranks"
+    assert summaries[0]["trainable"] == summaries[1]["trainable"] and summaries[0]["trainable"], "active sets differ"
+    assert summaries[0]["policy"] == summaries[1]["policy"], "the policies' states differ"
     assert all(s["steps"] == STEPS and len(s["losses"]) == STEPS for s in summaries)
     a, b = load_file(dumps / "rank0.safetensors"), load_file(dumps / "rank1.safetensors")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), "ranks must end bit-identical"
@@ -158,9 +164,13 @@ def _check(done: subprocess.CompletedProcess, dumps: Path, out: Path, learns: bo
 
 
 # SpIEL's regrowth ranks candidates by each rank's own gradients: rank 0 decides and broadcasts, so the
-# supports (and the seeded optimizer state) must still end identical on every rank
+# supports (and the seeded optimizer state) must still end identical on every rank. LISA draws blocks from a
+# seeded generator (8 switches here), ID3 unmasks by the all-reduced gradients (and switches to sparse at
+# step 10): every rank must take the same decisions without being told.
 METHODS = {"lora": {"name": "lora", "r": 4, "alpha": 8, "dropout": 0.0},
-           "spiel": {"name": "spiel", "k": 1500, "reselection_steps": 10, "selection_accumulation_steps": 2}}
+           "spiel": {"name": "spiel", "k": 1500, "reselection_steps": 10, "selection_accumulation_steps": 2},
+           "lisa": {"name": "lisa", "activated_layers": 1, "interval_steps": 5},
+           "id3": {"name": "id3", "budget": 300, "max_steps": 10}}
 
 
 @pytest.mark.parametrize("method", list(METHODS))

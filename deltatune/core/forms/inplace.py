@@ -31,10 +31,16 @@ class InPlace(WeightDelta):
         if not isinstance(weight, nn.Parameter):
             raise DeltatuneError(f"{param_name!r} is not a parameter; an in-place delta trains parameters only")
         self.weight = weight  # the same Parameter as the model's: the optimizer trains the model's tensor
-        # buffers (not saved: see _save_to_state_dict) so that .to(device) moves them with the model
-        self.register_buffer("w0", None, persistent=False)  # W0, copied at the first forward that can train W
-        self.register_buffer("_parked", None, persistent=False)  # Δ while detached
+        # plain attributes, not buffers: DDP would broadcast every buffer at every forward; _apply moves them
+        self.w0: torch.Tensor | None = None  # W0, copied at the first forward that can train W
+        self._parked: torch.Tensor | None = None  # Δ while detached
         self._settled_version = -1
+
+    def _apply(self, fn: Any, recurse: bool = True) -> InPlace:  # .to(device) / .half() move W0 along
+        super()._apply(fn, recurse)
+        self.w0 = None if self.w0 is None else fn(self.w0)
+        self._parked = None if self._parked is None else fn(self._parked)
+        return self
 
     # -- W0 snapshot ------------------------------------------------------------------------
     @property
