@@ -92,6 +92,9 @@ PRESETS: dict[str, dict[str, Any]] = {
     "spiel": {"name": "spiel", "match": "lora:r=8", "targets": ["q_proj", "v_proj"]},
     "spiel-all": {"name": "spiel", "match": "lora:r=8", "targets": ALL_LINEAR},
     "spiel-sm3": {"name": "spiel", "match": "lora:r=8", "targets": ["q_proj", "v_proj"], "regrow": "sm3"},
+    # LISA's paper default γ=2, but a switch every 5 steps so that a 10-step bench sees one: the peak after a
+    # switch (released and fresh optimizer state) is the one that must stay bounded
+    "lisa": {"name": "lisa", "activated_layers": 2, "interval_steps": 5},
 }
 
 

@@ -51,6 +51,9 @@ DEFAULT_SETUP: dict[str, Any] = {
         # SpIEL at exactly LoRA's trainable count on the same matrices: the equal-parameter comparison
         "spiel": ({"name": "spiel", "match": "lora:r=8", "targets": ["q_proj", "v_proj"]}, 60, 1e-3),
         "full": ({"name": "full"}, 24, 3e-5),
+        # LISA (embeddings/head + 2 random blocks, redrawn every 20 steps): full-rank updates at a fraction of
+        # full fine-tuning's memory; the full-parameter learning rate
+        "lisa": ({"name": "lisa", "activated_layers": 2, "interval_steps": 20}, 60, 3e-5),
         "lightweight": ({"name": "lightweight", "parts": [], "last_k": 2}, 60, 2e-4),
         "bitfit": ({"name": "bitfit"}, 60, 1e-3),
     },
