@@ -121,7 +121,8 @@ def _artifact_base(path: str | os.PathLike, base: str | None) -> str:
 def eval(path: str | os.PathLike, data: dict[str, Any], *, base: str | None = None,  # noqa: A001 (the verb)
          batch_size: int = 16) -> dict[str, float]:
     """Evaluate an artifact on a data config (``deltatune.tasks.DataConfig`` keys): loss, perplexity for
-    text and chat, accuracy where there are labels. The held-out split of the data is used."""
+    text and chat, accuracy where there are labels, ``edit_success`` and ``token_accuracy`` for task
+    ``edit``. The held-out split of the data is used (for edits: the edits themselves)."""
     from deltatune import models, tasks
 
     name = _artifact_base(path, base)

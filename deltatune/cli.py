@@ -257,14 +257,14 @@ def _data_config(data: str | None, task: str | None, config: str | None, sets: l
 def eval_(
     artifact: str = typer.Argument(..., help="The deltatune artifact folder."),
     data: str = typer.Option(None, "--data", help="A shipped data set (tweets, bbc) or a local file."),
-    task: str = typer.Option(None, "--task", help="text | chat | classification."),
+    task: str = typer.Option(None, "--task", help="text | chat | classification | edit."),
     config: str = typer.Option(None, "--config", help="Take the data section of this run config."),
     set_: list[str] = typer.Option([], "--set", metavar="KEY=VALUE", help="A data option, e.g. --set max_eval=200."),
     base: str = typer.Option(None, "--base", help="Base model (default: the one the artifact names)."),
     batch_size: int = typer.Option(16, "--batch-size"),
     as_json: bool = typer.Option(False, "--json", help="Print JSON."),
 ) -> None:
-    """Evaluate an artifact on held-out data: loss, perplexity, accuracy where labels exist."""
+    """Evaluate an artifact on held-out data: loss, perplexity, accuracy where labels exist, edit success for edits."""
     from deltatune import api
 
     metrics = api.eval(artifact, _data_config(data, task, config, set_), base=base, batch_size=batch_size)

@@ -37,6 +37,7 @@ from transformers import Trainer, TrainerCallback, TrainerControl, TrainerState,
 from transformers.utils import can_return_loss, find_labels
 
 from deltatune.core import artifact
+from deltatune.core.policy import Policy
 from deltatune.core.tuned import Tuned
 from deltatune.errors import DeltatuneError
 from deltatune.train.state import join, split
@@ -111,6 +112,9 @@ class DeltaTuneCallback(TrainerCallback):
       like the native loop),
     * ``policy.after_optimizer_step(step, tuned, optimizer)`` in ``on_optimizer_step``, then the optimizer is
       kept consistent with a changed trainable set,
+    * ``policy.skip_step(step, loss)`` right after ``before_optimizer_step`` (``DeltaTuneTrainer`` only: it
+      records the step's loss); True drops the delta's gradients, so the optimizer leaves it as it is,
+    * ``policy.should_stop(step, epoch_end)`` in ``on_step_end``; True stops training,
     * ``on_save``: ``checkpoint-N/deltatune/`` (artifact) and ``checkpoint-N/deltatune_policy.*``,
     * ``on_train_end``: the artifact in ``<output_dir>/deltatune``.
 
@@ -129,12 +133,22 @@ class DeltaTuneCallback(TrainerCallback):
         self.restored = False  # set when the trainer already restored the policy state of a resumed run
         self._trainable: dict[int, bool] = {}
         self._before_done: int | None = None
+        self.step_loss: torch.Tensor | None = None  # DeltaTuneTrainer adds each micro-batch's share of the loss
 
     # the policy around the optimizer step ------------------------------------------------------
     def run_before(self, step: int, optimizer: Any) -> None:
         if self._before_done != step:
             self._before_done = step
             self.tuned.policy.before_optimizer_step(step, self.tuned, _inner_optimizer(optimizer))
+            loss, self.step_loss = self.step_loss, None
+            skips = type(self.tuned.policy).skip_step is not Policy.skip_step  # no sync for policies that never skip
+            if loss is not None and skips:
+                if torch.distributed.is_initialized():  # every rank takes the same decision
+                    torch.distributed.all_reduce(loss)
+                    loss = loss / torch.distributed.get_world_size()
+                if self.tuned.policy.skip_step(step, float(loss)):
+                    for p in self.tuned.deltas.parameters():
+                        p.grad = None
 
     def on_train_begin(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kw: Any):
         if state.global_step > 0 and not self.restored:  # a resumed plain Trainer: find the checkpoint it left
@@ -167,6 +181,11 @@ class DeltaTuneCallback(TrainerCallback):
         self.tuned.policy.after_optimizer_step(state.global_step, self.tuned, inner)
         if inner is not None:
             self._trainable = _sync(inner, self.tuned, self._trainable)
+
+    def on_step_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kw: Any):
+        epoch_end = state.epoch is not None and float(state.epoch).is_integer()
+        if self.tuned.policy.should_stop(state.global_step - 1, epoch_end):
+            control.should_training_stop = True
 
     # saving ---------------------------------------------------------------------------------
     def on_save(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kw: Any):
@@ -234,6 +253,15 @@ class DeltaTuneTrainer(Trainer):
             extra = extra / self.current_gradient_accumulation_steps
         loss = loss + extra.to(loss.device)
         return (loss, outputs) if return_outputs else loss
+
+    def training_step(self, model: torch.nn.Module, inputs: dict[str, Any], num_items_in_batch: Any = None
+                      ) -> torch.Tensor:
+        # the returned share of the step's loss (already divided for accumulation) sums to the step's loss,
+        # which the policy's skip_step sees
+        loss = super().training_step(model, inputs, num_items_in_batch)
+        cb = self.delta_callback
+        cb.step_loss = loss.detach().clone() if cb.step_loss is None else cb.step_loss + loss.detach()
+        return loss
 
     def create_optimizer(self, model: torch.nn.Module | None = None) -> torch.optim.Optimizer:
         """The policy's own optimizer where it needs one (per-element Adam ages, SM3), else the Trainer's."""

@@ -15,6 +15,12 @@ Formats (``Task.kind``):
 - ``classification-generative``: a causal LM reads ``prompt`` and the class scores are the logits of the
   label words' first tokens at the last prompt position; batches are left-padded with explicit position
   ids, so each example sees the positions it would see alone.
+- ``edit``: model editing requests ``{"prompt", "target"}`` (``target_new`` is read too): the target gets a
+  leading space if it has none and the EOS token after it; prompt and target are tokenized separately and
+  concatenated (joint tokenization can merge tokens across the boundary and shift the target), batches are
+  left-padded with an existing token, and the loss is the mean NLL of each edit's target tokens (+EOS),
+  averaged over the edits. Editing has no held-out part: training uses every edit (up to ``max_train``) and
+  evaluation reports ``edit_success`` on the same edits (up to ``max_eval``).
 
 Splits and subsamples are deterministic from ``seed`` (stratified for classification).
 """
@@ -40,8 +46,8 @@ from deltatune.errors import DeltatuneError
 
 log = logging.getLogger(__name__)
 
-TASKS = ("text", "chat", "classification")
-KINDS = ("text", "chat", "classification-head", "classification-generative")
+TASKS = ("text", "chat", "classification", "edit")
+KINDS = ("text", "chat", "classification-head", "classification-generative", "edit")
 DEFAULT_PROMPT = "Text: {text}\nLabel:"
 SHIPPED_PROMPTS = {"tweets": "Tweet: {text}\nSentiment:"}
 IGNORE_INDEX = -100
@@ -54,7 +60,7 @@ class DataConfig:
 
     name: str | None = None  # shipped data set: "tweets", "bbc"
     path: str | None = None  # local file: .jsonl, .json, .csv, .tsv, .parquet, or a datasets save_to_disk folder
-    task: str = "classification"  # "text" | "chat" | "classification"
+    task: str = "classification"  # "text" | "chat" | "classification" | "edit"
     max_length: int = 128
     eval_fraction: float = 0.1
     seed: int = 0  # the split and subsample seed
@@ -78,10 +84,11 @@ class DataConfig:
                 f"unknown data set {self.name!r}; shipped data sets are: {', '.join(data.names())} "
                 "(set data.path for a local file)"
             )
-        if self.name is not None and self.task == "chat":
+        if self.name is not None and self.task in ("chat", "edit"):
+            rows = "messages (or prompt/response)" if self.task == "chat" else "prompt/target"
             raise DeltatuneError(
-                f"the shipped data set {self.name!r} holds labelled texts, not conversations; for task 'chat' "
-                "set data.path to a file with messages (or prompt/response) rows"
+                f"the shipped data set {self.name!r} holds labelled texts, not {self.task} data; for task "
+                f"{self.task!r} set data.path to a file with {rows} rows"
             )
         if isinstance(self.max_length, bool) or not isinstance(self.max_length, int) or self.max_length < 2:
             raise DeltatuneError(f"data.max_length={self.max_length!r} must be an integer of at least 2")
@@ -411,6 +418,57 @@ class ChatTask(_CausalLMTask):
     kind = "chat"
 
 
+class EditTask(Task):
+    """Model editing: left-padded (prompt, target + EOS) pairs, the loss on the target tokens only.
+
+    Features hold ``input_ids`` and ``labels`` (the ids on target tokens, -100 on the prompt). The loss is
+    LocFT-BF's: each edit's mean token NLL over its target, then the mean over the edits, so a long target
+    does not outweigh a short one."""
+
+    kind = "edit"
+
+    def collate(self, features: list[dict]) -> dict[str, torch.Tensor]:
+        batch = left_pad([f["input_ids"] for f in features], self.pad_id)
+        width = batch["input_ids"].shape[1]
+        labels = torch.full((len(features), width), IGNORE_INDEX, dtype=torch.long)
+        for i, f in enumerate(features):
+            labels[i, width - len(f["labels"]):] = torch.tensor(f["labels"], dtype=torch.long)
+        batch["labels"] = labels
+        return batch
+
+    def _per_edit(self, model: torch.nn.Module, batch: dict[str, torch.Tensor]
+                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Per edit: mean target NLL, whether every target token is the argmax (EOS left out), and the
+        share of target tokens that are (teacher forcing)."""
+        inputs, labels = _split_batch(model, batch)
+        logits = model(**inputs, use_cache=False).logits
+        targets = F.pad(labels, (0, 1), value=IGNORE_INDEX)[:, 1:]  # position t predicts token t + 1
+        nll = F.cross_entropy(logits.flatten(0, 1).float(), targets.reshape(-1), ignore_index=IGNORE_INDEX,
+                              reduction="none").view_as(targets)
+        mask = targets != IGNORE_INDEX
+        count = mask.sum(-1).clamp(min=1)
+        mean_nll = (nll * mask).sum(-1) / count
+        answer = mask.clone()  # the target's own tokens: the last target position predicts EOS
+        answer[torch.arange(len(answer)), (mask.cumsum(-1) * mask).argmax(-1)] = False
+        hit = (logits.argmax(-1) == targets) | ~answer
+        n_answer = answer.sum(-1).clamp(min=1)
+        return mean_nll, hit.all(-1), ((hit & answer).sum(-1) / n_answer)
+
+    def loss(self, model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int]:
+        mean_nll, _, _ = self._per_edit(model, batch)
+        return mean_nll.mean(), int(batch["attention_mask"].sum())
+
+    def _evaluate(self, model: torch.nn.Module, batch_size: int) -> dict[str, float]:
+        nll, success, accuracy = 0.0, 0, 0.0
+        for features in self._eval_batches(batch_size):
+            n, ok, acc = self._per_edit(model, self.collate(features))
+            nll += float(n.sum())
+            success += int(ok.sum())
+            accuracy += float(acc.sum())
+        count = len(self.eval)
+        return {"loss": nll / count, "edit_success": success / count, "token_accuracy": accuracy / count}
+
+
 class HeadClassificationTask(Task):
     """A sequence-classification model: cross-entropy over its logits, right padding."""
 
@@ -543,6 +601,51 @@ class PromptEncoder:
     def encode(self, text: str) -> list[int]:
         text = self.space + " ".join(str(text).split())
         return self.head + self.ids(text)[: self.budget] + self.tail
+
+
+def encode_edit(tokenizer: Any, prompt: str, target: str, max_length: int) -> dict[str, list[int]] | None:
+    """Ids and labels of one edit: [BOS] + prompt, then " target" + EOS, each tokenized on its own (joint
+    tokenization may merge across the boundary). A prompt too long loses its start; None when the target
+    alone does not fit."""
+    if not target.startswith(" "):
+        target = " " + target
+    answer = list(tokenizer(target, add_special_tokens=False)["input_ids"]) + [tokenizer.eos_token_id]
+    context = _bos(tokenizer) + list(tokenizer(prompt, add_special_tokens=False)["input_ids"])
+    room = max_length - len(answer)
+    if room < 1:
+        return None
+    context = context[-room:]
+    return {"input_ids": context + answer, "labels": answer}
+
+
+def _edits(records: data.Records) -> list[tuple[str, str]]:
+    out = []
+    for i, row in enumerate(records.rows):
+        prompt, target = row.get("prompt"), row.get("target", row.get("target_new"))
+        if not isinstance(prompt, str) or not isinstance(target, str) or not prompt or not target.strip():
+            raise DeltatuneError(
+                f"row {i + 1} of {records.source} is not an edit: task 'edit' needs a non-empty text in the fields "
+                f"'prompt' and 'target' (or 'target_new'); its fields: {', '.join(map(str, row)) or 'none'}"
+            )
+        out.append((prompt, target))
+    return out
+
+
+def _build_edit(cfg: DataConfig, tokenizer: Any) -> EditTask:
+    if tokenizer.eos_token_id is None:
+        raise DeltatuneError("task 'edit' appends the EOS token to every target, but the tokenizer has none; "
+                             "set tokenizer.eos_token")
+    edits = _edits(_records(cfg))
+    features = []
+    for prompt, target in edits:
+        f = encode_edit(tokenizer, prompt, target, cfg.max_length)
+        if f is not None:
+            features.append(f)
+    if len(features) < len(edits):
+        log.warning("dropped %d of %d edits whose target does not fit in data.max_length=%d tokens",
+                    len(edits) - len(features), len(edits), cfg.max_length)
+    # editing fits the edits themselves: every edit trains, and edit success is measured on them
+    return EditTask(cfg, tokenizer, _cut(features, cfg.max_train), _cut(features, cfg.max_eval))
 
 
 def _check_template(tokenizer: Any) -> str:
@@ -705,6 +808,8 @@ def build_task(cfg: DataConfig, tokenizer: Any, model: torch.nn.Module) -> Task:
                 "use more data or set data.packing: false"
             )
         return TextTask(cfg, tokenizer, train, eval)
+    if cfg.task == "edit":
+        return _build_edit(cfg, tokenizer)
     records = _records(cfg)
     conversations = _conversations(records, cfg)
     _check_template(tokenizer)

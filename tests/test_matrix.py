@@ -46,6 +46,9 @@ CASES = [
     ("id3", {"budget": 500}, "llama"),
     ("id3", {"density": 0.05, "exp": 1.0, "targets": ["c_attn", "mlp.c_fc"]}, "gpt2"),
     ("id3", {"budget": 300, "targets": ["query", "value"]}, "bert"),
+    ("locft", {"layer": 1}, "llama"),
+    ("locft", {"layer": 2}, "gpt2"),
+    ("locft", {"layer": 0}, "bert"),
 ]
 
 

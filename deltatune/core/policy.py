@@ -45,6 +45,17 @@ class Policy:
     def after_optimizer_step(self, step: int, tuned: Tuned, optimizer: torch.optim.Optimizer) -> None:
         """The optimizer has stepped; a policy may now change the trainable set."""
 
+    def skip_step(self, step: int, loss: float) -> bool:
+        """Called after ``before_optimizer_step`` with the step's task loss (the mean over its micro-batches
+        and ranks): True drops this step's update (no optimizer step; the step still counts and the
+        learning-rate schedule still advances). A loss-threshold recipe skips batches it already fits."""
+        return False
+
+    def should_stop(self, step: int, epoch_end: bool) -> bool:
+        """Called after every optimizer step (``epoch_end``: the step finished a pass over the training
+        data): True ends the run after this step, with the final evaluation, checkpoint and artifact."""
+        return False
+
     def extra_loss(self, tuned: Tuned) -> torch.Tensor | None:
         """A regulariser added to the task loss (AdaLoRA's orthogonality, KaSA's terms); None for none."""
         return None

@@ -59,6 +59,10 @@ class Batches:
         self.cursor += self.global_batch
         return chunk[self.rank * self.batch_size:(self.rank + 1) * self.batch_size]
 
+    def epoch_done(self) -> bool:
+        """The batches handed out so far end a pass: the next one starts a new permutation."""
+        return self.cursor + self.global_batch > self.n
+
     def state_dict(self) -> dict[str, int]:
         return {"epoch": self.epoch, "cursor": self.cursor}
 
@@ -306,9 +310,13 @@ def train(config: str | Path | dict | RunConfig, overrides: list[str] | None = N
                     "Lower train.lr, raise train.warmup, or set train.max_grad_norm"
                 )
             tuned.policy.before_optimizer_step(step, tuned, optimizer)
-            if s.max_grad_norm is not None:
-                torch.nn.utils.clip_grad_norm_([p for p in params if p.grad is not None], s.max_grad_norm)
-            optimizer.step()
+            skip = tuned.policy.skip_step(step, loss_sum)
+            if skip:  # no update; the step still counts
+                optimizer.zero_grad(set_to_none=True)
+            else:
+                if s.max_grad_norm is not None:
+                    torch.nn.utils.clip_grad_norm_([p for p in params if p.grad is not None], s.max_grad_norm)
+                optimizer.step()
             scheduler.step()
             tuned.policy.after_optimizer_step(step, tuned, optimizer)
             now_trainable = sync_optimizer(optimizer, tuned, trainable)
@@ -321,14 +329,19 @@ def train(config: str | Path | dict | RunConfig, overrides: list[str] | None = N
             tokens_seen += tokens * world
             record: dict[str, Any] = {"step": step + 1, "loss": loss_sum, "lr": scheduler.get_last_lr()[0],
                                       "tokens_per_s": tokens * world / dt_step}
+            if skip:
+                record["skipped"] = True
             done = step + 1
-            if (s.eval_every and done % s.eval_every == 0) or done == s.steps:
+            stop = tuned.policy.should_stop(step, batches.epoch_done())
+            if (s.eval_every and done % s.eval_every == 0) or done == s.steps or stop:
                 record.update({f"eval_{k}": v for k, v in task.evaluate(tuned, s.eval_batch_size).items()})
                 tuned.train()
             history.append(record)
             progress.update(record)
-            if (s.save_every and done % s.save_every == 0) or done == s.steps:
+            if (s.save_every and done % s.save_every == 0) or done == s.steps or stop:
                 checkpoint(done)
+            if stop:
+                break
 
     summary = _summary(cfg, tuned, history, step_times, tokens_seen, device, start)
     if rank == 0:
