@@ -49,6 +49,9 @@ CASES = [
     ("locft", {"layer": 1}, "llama"),
     ("locft", {"layer": 2}, "gpt2"),
     ("locft", {"layer": 0}, "bert"),
+    ("ist", {"base_options": {"r": 4, "alpha": 8}}, "llama"),
+    ("ist", {"base_options": {"r": 4, "alpha": 8, "targets": ["c_attn", "wte"]}, "update_fraction": 0.5}, "gpt2"),
+    ("ist", {"base_options": {"r": 2, "alpha": 4, "targets": ["query", "value"], "bias": "all"}}, "bert"),
 ]
 
 
