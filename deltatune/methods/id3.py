@@ -42,8 +42,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from deltatune.core.forms.base import WeightDelta
-from deltatune.core.forms.dense import Dense
-from deltatune.core.forms.sparse import Sparse, index_dtype
+from deltatune.core.forms.sparse import Sparse
 from deltatune.core.policy import Policy
 from deltatune.core.registry import Built, register
 from deltatune.core.targeting import (
@@ -57,7 +56,7 @@ from deltatune.core.targeting import (
 from deltatune.core.tuned import Tuned
 from deltatune.errors import DeltatuneError
 from deltatune.methods._common import block_matrices
-from deltatune.methods.lt_sft import top_k_entries
+from deltatune.methods.lt_sft import DenseAsSparse, delta_dtype, top_k_entries
 
 # The paper's GLUE budget is 103K entries on DeBERTa-v3-base, whose block matrices hold ~85M: 0.12%
 # [inferred from the paper's numbers; the official code takes an absolute budget only].
@@ -107,7 +106,7 @@ def unmasked_by(budget: int, max_steps: int, step: int) -> int:
 
 
 # -- forms --------------------------------------------------------------------------------------
-class MaskedDense(Dense):
+class MaskedDense(DenseAsSparse):
     """A dense delta that only the chosen entries (``mask``) may move, stored as ``indices`` (flat,
     sorted) + ``values`` of those entries, the names a ``Sparse`` form loads. Off the mask Δ stays 0;
     entries that moved without a policy (a plain optimizer) are stored too, so save → load is exact."""
@@ -120,37 +119,16 @@ class MaskedDense(Dense):
     def support(self) -> torch.Tensor:
         """Flat indices of the entries the delta holds: the chosen ones (and any other non-zero)."""
         keep = self.mask | (self.delta.detach() != 0)
-        idx = torch.nonzero(keep.reshape(-1)).flatten()
-        return idx.to(index_dtype(keep.numel()))
+        return torch.nonzero(keep.reshape(-1)).flatten()
 
-    def stored_tensors(self) -> dict[str, torch.Tensor]:
-        idx = self.support()
-        return {"indices": idx, "values": self.delta.detach().reshape(-1)[idx.long()]}
-
-    def stored_tensors_names(self) -> list[str]:
-        return ["indices", "values"]
-
-    def optional_tensors(self) -> set[str]:
-        return set()
-
-    def load_stored(self, tensors: dict[str, torch.Tensor]) -> None:
-        if set(tensors) != {"indices", "values"} or tensors["indices"].numel() != tensors["values"].numel():
-            raise DeltatuneError(f"the delta of {self.param_name} needs 'indices' and 'values' of one length")
-        idx = tensors["indices"].long().to(self.delta.device)
+    def loaded_support(self, idx: torch.Tensor) -> None:
         with torch.no_grad():
-            self.delta.zero_()
-            self.delta.view(-1)[idx] = tensors["values"].to(self.delta)
             self.mask.zero_()
             self.mask.view(-1)[idx] = True
 
 
-def _delta_dtype(base: torch.Tensor) -> torch.dtype:
-    # a half-precision base gets fp32 deltas, as the sparse form (small updates would round away)
-    return base.dtype if base.dtype in (torch.float32, torch.float64) else torch.float32
-
-
 def _sparse_on(form: WeightDelta, indices: torch.Tensor | None = None) -> Sparse:
-    return Sparse(form.sites, form.param_name, 0, indices=indices, dtype=_delta_dtype(form.base))
+    return Sparse(form.sites, form.param_name, 0, indices=indices, dtype=delta_dtype(form.base))
 
 
 # -- bit-packed masks (policy state holds tensors only) -------------------------------------------
@@ -372,8 +350,8 @@ def build(model: nn.Module, cfg: Id3Config, *, loading: bool = False) -> Built:
     for name, p in params:
         sites = sites_of(model, p)
         # loading: empty sparse forms take the stored support (dense-phase artifacts store the same names)
-        forms[name] = (Sparse(sites, name, 0, dtype=_delta_dtype(p)) if loading
-                       else MaskedDense(sites, name, dtype=_delta_dtype(p)))
+        forms[name] = (Sparse(sites, name, 0, dtype=delta_dtype(p)) if loading
+                       else MaskedDense(sites, name, dtype=delta_dtype(p)))
     if loading:
         return Built(forms)
     budget = resolve_budget(cfg, sum(p.numel() for _, p in params))

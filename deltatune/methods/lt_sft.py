@@ -178,8 +178,8 @@ def maskable_parameters(model: nn.Module, cfg: LtSftConfig, head: list[tuple[str
     return chosen
 
 
-def _delta_dtype(base: torch.Tensor) -> torch.dtype:
-    # as the sparse form: a half-precision base gets fp32 deltas (small updates would round away)
+def delta_dtype(base: torch.Tensor) -> torch.dtype:
+    """As the sparse form: a half-precision base gets fp32 deltas (small updates would round away)."""
     return base.dtype if base.dtype in (torch.float32, torch.float64) else torch.float32
 
 
@@ -189,10 +189,13 @@ class DenseAsSparse(Dense):
     sorted) and ``values`` of the entries with |Δ| > 1e-7, so an artifact written in the full phase
     has the tensor names of the sparse phase and loads into a ``Sparse`` form."""
 
+    def support(self) -> torch.Tensor:
+        """Flat indices of the entries the artifact keeps."""
+        return torch.nonzero(self.delta.detach().reshape(-1).abs() > EPS, as_tuple=True)[0]
+
     def stored_tensors(self) -> dict[str, torch.Tensor]:
-        flat = self.delta.detach().reshape(-1)
-        idx = torch.nonzero(flat.abs() > EPS, as_tuple=True)[0]
-        return {"indices": idx.to(index_dtype(flat.numel())), "values": flat[idx]}
+        idx = self.support().long()
+        return {"indices": idx.to(index_dtype(self.delta.numel())), "values": self.delta.detach().reshape(-1)[idx]}
 
     def stored_tensors_names(self) -> list[str]:
         return ["indices", "values"]
@@ -203,13 +206,18 @@ class DenseAsSparse(Dense):
     def load_stored(self, tensors: dict[str, torch.Tensor]) -> None:
         if set(tensors) != {"indices", "values"} or tensors["indices"].numel() != tensors["values"].numel():
             raise DeltatuneError(f"the delta of {self.param_name} needs 'indices' and 'values' of one length")
+        idx = tensors["indices"].long().to(self.delta.device)
         with torch.no_grad():
             self.delta.zero_()
-            self.delta.view(-1)[tensors["indices"].long().to(self.delta.device)] = tensors["values"].to(self.delta)
+            self.delta.view(-1)[idx] = tensors["values"].to(self.delta)
+        self.loaded_support(idx)
+
+    def loaded_support(self, idx: torch.Tensor) -> None:
+        """Called with the flat indices an artifact loaded (a subclass may track them)."""
 
 
 def _dense_from(form: WeightDelta, init: torch.Tensor | None = None) -> DenseAsSparse:
-    dense = DenseAsSparse(form.sites, form.param_name, dtype=_delta_dtype(form.base))
+    dense = DenseAsSparse(form.sites, form.param_name, dtype=delta_dtype(form.base))
     if init is not None:
         with torch.no_grad():
             dense.delta.copy_(init)
@@ -217,7 +225,7 @@ def _dense_from(form: WeightDelta, init: torch.Tensor | None = None) -> DenseAsS
 
 
 def _empty_sparse(form: WeightDelta) -> Sparse:
-    return Sparse(form.sites, form.param_name, 0, dtype=_delta_dtype(form.base))
+    return Sparse(form.sites, form.param_name, 0, dtype=delta_dtype(form.base))
 
 
 # -- selection ----------------------------------------------------------------------------------
@@ -440,8 +448,8 @@ def build(model: nn.Module, cfg: LtSftConfig, *, loading: bool = False) -> Built
     for name, p in maskable:
         sites = sites_of(model, p)
         # loading: empty sparse forms take the stored support (full-phase artifacts store the same names)
-        forms[name] = (Sparse(sites, name, 0, dtype=_delta_dtype(p)) if loading
-                       else DenseAsSparse(sites, name, dtype=_delta_dtype(p)))
+        forms[name] = (Sparse(sites, name, 0, dtype=delta_dtype(p)) if loading
+                       else DenseAsSparse(sites, name, dtype=delta_dtype(p)))
     head_forms = dense_forms(model, head)
     forms.update(head_forms)
     if loading:
