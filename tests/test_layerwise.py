@@ -226,3 +226,25 @@ def test_hft_on_gpt2_fused_attention() -> None:
         attn = [n for n, p in model.named_parameters() if p.requires_grad and f"h.{i}.attn." in n and n.endswith("weight")]
         assert len(attn) == 1  # c_attn or c_proj
     run(tuned, 2)
+
+
+def test_lisa_under_transformers_trainer(tmp_path) -> None:
+    from transformers import TrainingArguments
+
+    from deltatune.hf import DeltaTuneTrainer
+
+    model = llama8()
+    tuned = dt.attach(model, "lisa", activated_layers=2, interval_steps=2)
+    g = torch.Generator().manual_seed(3)
+    rows = [{"input_ids": (ids := torch.randint(0, VOCAB, (12,), generator=g)), "labels": ids.clone()} for _ in range(16)]
+    args = TrainingArguments(output_dir=str(tmp_path), max_steps=6, per_device_train_batch_size=2, report_to=[],
+                             use_cpu=True, save_strategy="no", learning_rate=1e-3, disable_tqdm=True, seed=0)
+    trainer = DeltaTuneTrainer(model=tuned, args=args, train_dataset=rows)
+    trainer.train()
+    assert tuned.policy.draws == 4  # at attach, then after steps 2, 4 and 6
+    trainable = {id(p) for p in model.parameters() if p.requires_grad}
+    assert {id(p) for p in trainer.optimizer.state} <= trainable  # no stale moments of earlier blocks
+    tuned.eval()
+    loaded = dt.load(llama8(), tmp_path / "deltatune").eval()
+    x = batch()
+    assert torch.equal(output_of(loaded, x), output_of(tuned, x))

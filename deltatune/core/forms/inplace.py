@@ -60,11 +60,13 @@ class InPlace(WeightDelta):
             return torch.zeros_like(self.weight)
         return self.weight.detach() - self.w0
 
-    def settle(self) -> None:
+    def settle(self, force: bool = False) -> None:
         """Round W onto a point where W == W0 + (W − W0) holds exactly in the weight's dtype, so a model
         loaded from the artifact (which computes W0 + Δ) is bit-identical to this one. Each round changes
         W by at most one rounding; one or two rounds reach the fixed point."""
-        if self.w0 is None or not self.attached or self.weight._version == self._settled_version:
+        if self.w0 is None or not self.attached:
+            return
+        if not force and self.weight._version == self._settled_version:
             return
         with torch.no_grad():
             for _ in range(4):
@@ -82,7 +84,8 @@ class InPlace(WeightDelta):
         self.settle()
 
     def stored_tensors(self) -> dict[str, torch.Tensor]:
-        self.settle()
+        # forced: a fused optimizer kernel (the Trainer's default AdamW) may write W without moving its version
+        self.settle(force=True)
         delta = self.delta_weight().detach()
         return {"delta": delta.clone()} if self.touched and bool(delta.any()) else {}
 
@@ -162,7 +165,7 @@ class InPlace(WeightDelta):
             raise DeltatuneError("this delta is already merged; unmerge it before merging again")
         if not self.attached:
             self.attach()
-        self.settle()
+        self.settle(force=True)
         self._remove_hooks()  # a merged model is a plain model: no hooks left on it
         self.merged = True
 
