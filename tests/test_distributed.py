@@ -138,7 +138,8 @@ def _launch(launcher: list[str], tmp_path: Path, cfg: dict) -> tuple[subprocess.
     return done, dumps
 
 
-def _check(done: subprocess.CompletedProcess, dumps: Path, out: Path, learns: bool = True) -> None:
+def _check(done: subprocess.CompletedProcess, dumps: Path, out: Path, learns: bool = True, same_policy: bool = True
+           ) -> None:
     if done.returncode != 0:  # pytest.fail prints the whole text (an assert message is cut short)
         pytest.fail(f"the launcher exited with {done.returncode}\n--- stdout ---\n{done.stdout[-3000:]}\n"
                     f"--- stderr ---\n{done.stderr[-12000:]}")
@@ -146,7 +147,8 @@ def _check(done: subprocess.CompletedProcess, dumps: Path, out: Path, learns: bo
     assert [s["world"] for s in summaries] == [2, 2] and sorted(s["rank"] for s in summaries) == [0, 1]
     assert all(s["same_as_all"] for s in summaries), "all_gather saw different deltas on the ranks"
     assert summaries[0]["trainable"] == summaries[1]["trainable"] and summaries[0]["trainable"], "active sets differ"
-    assert summaries[0]["policy"] == summaries[1]["policy"], "the policies' states differ"
+    if same_policy:
+        assert summaries[0]["policy"] == summaries[1]["policy"], "the policies' states differ"
     assert all(s["steps"] == STEPS and len(s["losses"]) == STEPS for s in summaries)
     a, b = load_file(dumps / "rank0.safetensors"), load_file(dumps / "rank1.safetensors")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), "ranks must end bit-identical"
@@ -181,7 +183,8 @@ def test_torchrun_two_cpu_processes(method, tiny_folder, sentiment_file, tmp_pat
     cfg["method"] = METHODS[method]
     done, dumps = _launch(launcher, tmp_path, cfg)
     # the learning check is LoRA's; for SpIEL the point is identical supports on both ranks
-    _check(done, dumps, out, learns=method == "lora")
+    # SpIEL's candidate statistics are each rank's own (rank 0 decides): only its decisions must agree
+    _check(done, dumps, out, learns=method == "lora", same_policy=method != "spiel")
     tuned = dt.load(dt.models.load(str(tiny_folder)), out)  # the artifact loads on a single process
     assert tuned.num_trainable() > 0
 

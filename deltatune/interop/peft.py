@@ -7,7 +7,9 @@ tensors (``bias``, ``modules_to_save``) are stored as their trained *values*; th
 that carries a LoRA layer lives under ``<path>.base_layer.bias`` (PEFT's wrapper keeps the original
 module as ``base_layer``, and silently ignores a ``<path>.bias`` key). We emit exact module paths as
 ``target_modules`` / ``modules_to_save`` and per-module ``rank_pattern`` / ``alpha_pattern`` where
-ranks differ, so PEFT rebuilds exactly our modules and scales.
+ranks differ, so PEFT rebuilds exactly our modules and scales. DoRA deltas (method ``dora``) export with
+``use_dora: true`` and their magnitude under ``<module path>.lora_magnitude_vector`` (no ``.weight`` on disk, as
+PEFT saves it); a DoRA adapter imports back as a ``dora`` delta.
 """
 
 from __future__ import annotations
@@ -29,12 +31,14 @@ from deltatune.core.forms.dense import Dense
 from deltatune.core.forms.lowrank import LowRank
 from deltatune.core.tuned import Tuned, attach
 from deltatune.errors import DeltatuneError
+from deltatune.methods.dora import DoRA
 from deltatune.methods.lora import pattern_value
 
 PREFIX = "base_model.model."
 CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"
 PEFT_VERSION = "0.21.2"  # the version whose format we write and test against
+MAGNITUDE = "lora_magnitude_vector"  # DoRA's magnitude vector, PEFT's key on disk (no ".weight")
 
 _TASKS = (
     ("ForCausalLM", "CAUSAL_LM"),
@@ -75,7 +79,7 @@ def _number(x: float) -> int | float:
 def export_peft(tuned: Tuned, out: str | os.PathLike) -> Path:
     """Write ``tuned``'s delta as a PEFT LoRA adapter (``PeftModel.from_pretrained`` loads it unchanged)."""
     forms = tuned.forms()
-    low = {n: f for n, f in forms.items() if isinstance(f, LowRank) and f.kind == LowRank.kind}
+    low = {n: f for n, f in forms.items() if isinstance(f, LowRank) and f.kind in (LowRank.kind, DoRA.kind)}
     dense = {n: f for n, f in forms.items() if isinstance(f, Dense) and f.kind == Dense.kind}
     other = [n for n in forms if n not in low and n not in dense]
     if not low or other:
@@ -88,6 +92,9 @@ def export_peft(tuned: Tuned, out: str | os.PathLike) -> Path:
     rslora = {f.use_rslora for f in low.values()}
     if len(rslora) > 1:
         raise DeltatuneError("PEFT has one use_rslora flag per adapter; this delta mixes both scalings")
+    dora = {n for n, f in low.items() if isinstance(f, DoRA)}
+    if dora and len(dora) != len(low):
+        raise DeltatuneError("PEFT has one use_dora flag per adapter; this delta mixes LoRA and DoRA modules")
 
     tensors: dict[str, torch.Tensor] = {}
     for name, f in low.items():
@@ -96,6 +103,8 @@ def export_peft(tuned: Tuned, out: str | os.PathLike) -> Path:
             tensors[f"{path}.lora_embedding_A"], tensors[f"{path}.lora_embedding_B"] = f.A, f.B
         else:
             tensors[f"{path}.lora_A.weight"], tensors[f"{path}.lora_B.weight"] = f.A, f.B
+        if isinstance(f, DoRA):
+            tensors[f"{path}.{MAGNITUDE}"] = f.magnitude
 
     # Dense deltas: PEFT stores trained values, not differences, under every module that holds the tensor
     # (a tied weight is trained at each of its sites). A module with a trained non-bias tensor becomes a
@@ -171,7 +180,7 @@ def export_peft(tuned: Tuned, out: str | os.PathLike) -> Path:
         # PEFT corrects the flag per layer (with a warning) when an adapter mixes Conv1D and Linear targets
         "fan_in_fan_out": "conv1d" in layouts,
         "use_rslora": rslora.pop(),
-        "use_dora": False,
+        "use_dora": bool(dora),
         "init_lora_weights": True,
         "modules_to_save": sorted(saved_modules) or None,
         "layers_to_transform": None,
@@ -211,11 +220,12 @@ def read_peft(adapter: str | os.PathLike) -> tuple[dict[str, Any], dict[str, tor
     return config, tensors
 
 
-_LORA_KEY = re.compile(r"^(?P<mod>.+)\.(?P<t>lora_A\.weight|lora_B\.weight|lora_embedding_A|lora_embedding_B)$")
+_LORA_KEY = re.compile(
+    r"^(?P<mod>.+)\.(?P<t>lora_A\.weight|lora_B\.weight|lora_embedding_A|lora_embedding_B|lora_magnitude_vector)$"
+)
 
 # config options that change what the adapter computes in ways a plain LoRA delta cannot express
 _UNSUPPORTED = (
-    ("use_dora", "DoRA"),
     ("lora_bias", "lora_bias (a bias on B)"),
     ("layer_replication", "layer_replication (it duplicates base layers)"),
     ("target_parameters", "target_parameters (LoRA on raw nn.Parameters)"),
@@ -236,6 +246,7 @@ def _normalise_key(key: str) -> str | None:
     key = key[len(PREFIX):] if key.startswith(PREFIX) else key
     key = re.sub(r"\.lora_(A|B)\.[^.]+\.weight$", r".lora_\1.weight", key)  # adapter name left in (old files)
     key = re.sub(r"\.lora_embedding_(A|B)\.[^.]+$", r".lora_embedding_\1", key)
+    key = re.sub(r"\.lora_magnitude_vector(\.[^.]+)*$", ".lora_magnitude_vector", key)  # in-memory DoRA names
     if _LORA_KEY.match(key):
         return key
     if ".original_module." in key:  # ModulesToSaveWrapper's untouched original: the base itself
@@ -245,7 +256,8 @@ def _normalise_key(key: str) -> str | None:
 
 
 def import_peft(model: nn.Module, adapter: str | os.PathLike) -> Tuned:
-    """Attach a PEFT LoRA adapter to ``model`` as a deltatune ``lora`` delta (same logits as PEFT)."""
+    """Attach a PEFT LoRA adapter to ``model`` as a deltatune ``lora`` delta, or ``dora`` when it was saved with
+    ``use_dora`` (same logits as PEFT)."""
     config, raw = read_peft(adapter)
     if str(config.get("peft_type", "")).upper() != "LORA":
         raise DeltatuneError(
@@ -275,9 +287,18 @@ def import_peft(model: nn.Module, adapter: str | os.PathLike) -> Tuned:
             lora.setdefault(m.group("mod"), {})[m.group("t")] = v
     if not lora:
         raise DeltatuneError(f"{adapter} holds no LoRA tensors (keys like '<module>.lora_A.weight')")
+    use_dora = bool(config.get("use_dora"))
     for mod, parts in lora.items():
         pair = ("lora_embedding_A", "lora_embedding_B") if "lora_embedding_A" in parts else ("lora_A.weight", "lora_B.weight")
-        if set(parts) != set(pair):
+        if use_dora and MAGNITUDE not in parts:
+            raise DeltatuneError(
+                f"{adapter} says use_dora but module {mod!r} has no {MAGNITUDE}: not a complete DoRA adapter"
+            )
+        if not use_dora and MAGNITUDE in parts:
+            raise DeltatuneError(
+                f"{adapter} holds a DoRA {MAGNITUDE} for {mod!r} but its config says use_dora: false; fix the config"
+            )
+        if set(parts) - {MAGNITUDE} != set(pair):
             raise DeltatuneError(f"{adapter}: module {mod!r} has {sorted(parts)}, not a LoRA pair {list(pair)}")
     lora_modules = sorted(lora)
     have = {n for n, _ in model.named_modules()}
@@ -323,7 +344,7 @@ def import_peft(model: nn.Module, adapter: str | os.PathLike) -> Tuned:
     ranks = {mod: int(parts.get("lora_A.weight", parts.get("lora_embedding_A")).shape[0]) for mod, parts in lora.items()}
     tuned = attach(
         model,
-        "lora",
+        "dora" if use_dora else "lora",
         r=int(config.get("r", 8)),
         alpha=alpha,
         dropout=float(config.get("lora_dropout") or 0.0),
@@ -351,7 +372,7 @@ def import_peft(model: nn.Module, adapter: str | os.PathLike) -> Tuned:
                     )
                 a, b = (parts["lora_embedding_A"], parts["lora_embedding_B"]) if emb else (
                     parts["lora_A.weight"], parts["lora_B.weight"])
-                form.load_stored({"A": a, "B": b})
+                form.load_stored({"A": a, "B": b} | ({"magnitude": parts[MAGNITUDE]} if use_dora else {}))
             # a dense delta applies at every site of its tensor: each site must hold the same saved value
             module_names: dict[int, str] = {}
             for n, m in model.named_modules(remove_duplicate=False):
