@@ -57,6 +57,9 @@ CASES = [
     ("kasa", {"r": 4, "alpha": 8, "truncation": "in_features", "targets": ["mlp.c_proj"]}, "gpt2"),  # wide: drops 0
     ("kasa", {"r": 2, "alpha": 4, "truncation": "none", "targets": ["query", "value"], "modules_to_save": ["classifier"]},
      "bert"),
+    ("dora", {"r": 4, "alpha": 8, "dropout": 0.0}, "llama"),
+    ("dora", {"r": 4, "alpha": 8, "dropout": 0.0, "targets": ["c_attn", "mlp.c_fc", "wte"]}, "gpt2"),
+    ("dora", {"r": 2, "alpha": 4, "dropout": 0.0, "use_rslora": True, "targets": ["query", "value"], "bias": "all"}, "bert"),
 ]
 
 
