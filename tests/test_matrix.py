@@ -60,6 +60,12 @@ CASES = [
     ("dora", {"r": 4, "alpha": 8, "dropout": 0.0}, "llama"),
     ("dora", {"r": 4, "alpha": 8, "dropout": 0.0, "targets": ["c_attn", "mlp.c_fc", "wte"]}, "gpt2"),
     ("dora", {"r": 2, "alpha": 4, "dropout": 0.0, "use_rslora": True, "targets": ["query", "value"], "bias": "all"}, "bert"),
+    ("adalora", {"init_r": 4, "target_r": 2}, "llama"),
+    ("adalora", {"init_r": 2, "target_r": 1}, "gpt2"),
+    ("adalora", {"init_r": 2, "target_r": 1, "targets": ["query", "value"]}, "bert"),
+    ("increlora", {}, "llama"),
+    ("increlora", {"init_r": 2}, "gpt2"),
+    ("increlora", {"targets": ["query", "value"]}, "bert"),
 ]
 
 
