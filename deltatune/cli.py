@@ -191,7 +191,7 @@ def demo(
     quick: bool = typer.Option(False, "--quick", help="MiniLM on BBC news topics: under a minute on 2 CPU cores."),
     out: str = typer.Option("demo-report", "--out", help="Where report.md, the plots and the artifacts go."),
     methods: str = typer.Option(
-        None, "--methods", help="Comma-separated methods to train, e.g. lora,full (default: all the demo has)."
+        None, "--methods", help="Comma-separated methods to train, e.g. lora,full (default: the demo's default set; more, e.g. kasa,dora, by name)."
     ),
     steps: int = typer.Option(None, "--steps", help="Training steps for every method (default: tuned per method)."),
     seed: int = typer.Option(0, "--seed", help="Seed for data, initialisation and order."),

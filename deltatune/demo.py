@@ -45,6 +45,8 @@ DEFAULT_SETUP: dict[str, Any] = {
              "eval_fraction": 0.1, "max_train": 2000, "max_eval": 200},
     "batch_size": 8,
     "eval_batch_size": 32,
+    # what `deltatune demo` runs without --methods (the rest of "methods" runs when named)
+    "default": ["lora", "spiel", "full", "lisa", "lightweight", "bitfit"],
     # method -> (method config, steps, peak lr); the order is the table's order
     "methods": {
         "lora": ({"name": "lora", "r": 8, "alpha": 16, "targets": ["q_proj", "v_proj"]}, 60, 2e-3),
@@ -56,6 +58,16 @@ DEFAULT_SETUP: dict[str, Any] = {
         "lisa": ({"name": "lisa", "activated_layers": 2, "interval_steps": 20}, 60, 3e-5),
         "lightweight": ({"name": "lightweight", "parts": [], "last_k": 2}, 60, 2e-4),
         "bitfit": ({"name": "bitfit"}, 60, 1e-3),
+        # the low-rank family at LoRA's trainable count on the same matrices (q, v), LoRA's recipe: run them with
+        # `deltatune demo --methods lora,kasa,dora,adalora,increlora` (not in the default run: its time budget)
+        "kasa": ({"name": "kasa", "r": 8, "alpha": 16, "targets": ["q_proj", "v_proj"]}, 60, 2e-3),
+        "dora": ({"name": "dora", "r": 8, "alpha": 16, "dropout": 0.0, "targets": ["q_proj", "v_proj"]}, 60, 2e-3),
+        # rank 12 pruned to an average of 8 (scale alpha / init_r = 2, as LoRA's 16 / 8)
+        "adalora": ({"name": "adalora", "init_r": 12, "target_r": 8, "alpha": 24, "targets": ["q_proj", "v_proj"]},
+                    60, 2e-3),
+        # rank 4 grown to an average of 8
+        "increlora": ({"name": "increlora", "init_r": 4, "target_rank": 8, "alpha": 16, "targets": ["q_proj", "v_proj"]},
+                      60, 2e-3),
     },
 }
 
@@ -195,14 +207,14 @@ def demo(
     """Zero-shot accuracy, then each method trained with ``dt.train`` and scored on the same held-out set.
 
     ``quick``: MiniLM on BBC topics (under a minute) instead of SmolLM2-135M on tweets (under 10 minutes on
-    2 CPU cores). ``methods``: names (or "lora,full") from the setup's list, default all of them; ``steps``
+    2 CPU cores). ``methods``: names (or "lora,full") from the setup's list, default its ``default`` list (all of them when it has none); ``steps``
     overrides every method's step count; ``lora_options`` override LoRA's config (e.g. ``{"r": 16}``).
     Writes ``out``/report.md, loss.png, accuracy.png and artifacts/<method>. Returns the table rows as
     dicts (the zero-shot row first)."""
     setup = QUICK_SETUP if quick else DEFAULT_SETUP
     if isinstance(methods, str):
         methods = [m.strip() for m in methods.split(",") if m.strip()]
-    methods = list(setup["methods"]) if methods is None else methods
+    methods = list(setup.get("default", setup["methods"])) if methods is None else methods
     unknown = [m for m in methods if m not in setup["methods"]]
     if unknown or not methods:
         raise DeltatuneError(
