@@ -95,6 +95,13 @@ PRESETS: dict[str, dict[str, Any]] = {
     # LISA's paper default γ=2, but a switch every 5 steps so that a 10-step bench sees one: the peak after a
     # switch (released and fresh optimizer state) is the one that must stay bounded
     "lisa": {"name": "lisa", "activated_layers": 2, "interval_steps": 5},
+    # the low-rank family on LoRA's matrices at LoRA's (final) trainable count
+    "kasa": {"name": "kasa", "r": 8, "alpha": 16, "targets": ["q_proj", "v_proj"]},
+    "dora": {"name": "dora", "r": 8, "alpha": 16, "dropout": 0.0, "targets": ["q_proj", "v_proj"]},
+    "adalora": {"name": "adalora", "init_r": 12, "target_r": 8, "alpha": 24, "targets": ["q_proj", "v_proj"],
+                "tinit": 2, "tfinal": 2, "delta_t": 2},  # prunes within a 10-step bench
+    "increlora": {"name": "increlora", "init_r": 4, "target_rank": 8, "alpha": 16, "targets": ["q_proj", "v_proj"],
+                  "init_warmup": 2, "incre_interval": 2},  # grows within a 10-step bench
 }
 
 

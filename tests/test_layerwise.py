@@ -3,14 +3,26 @@ state, resume, and the reductions (LISA with γ = every block is full fine-tunin
 
 from __future__ import annotations
 
+import shutil
+
 import pytest
 import torch
-from conftest import VOCAB, batch, loss_of, output_of, tiny_gpt2, tiny_llama
+from conftest import (
+    VOCAB,
+    batch,
+    loss_of,
+    output_of,
+    save_word_llama,
+    tiny_gpt2,
+    tiny_llama,
+    write_sentiment_jsonl,
+)
 from transformers import LlamaConfig, LlamaForCausalLM
 
 import deltatune as dt
 from deltatune.core.targeting import layer_index
 from deltatune.methods.lisa import LisaConfig, LisaPolicy
+from deltatune.train.state import checkpoints
 
 
 def llama8(seed: int = 0, tied: bool = True) -> LlamaForCausalLM:
@@ -248,3 +260,36 @@ def test_lisa_under_transformers_trainer(tmp_path) -> None:
     loaded = dt.load(llama8(), tmp_path / "deltatune").eval()
     x = batch()
     assert torch.equal(output_of(loaded, x), output_of(tuned, x))
+
+
+@pytest.fixture(scope="module")
+def word_run(tmp_path_factory) -> tuple[str, str]:
+    root = tmp_path_factory.mktemp("layerwise-run")
+    folder = save_word_llama(root / "model")
+    write_sentiment_jsonl(root / "data.jsonl")
+    return str(folder), str(root / "data.jsonl")
+
+
+@pytest.mark.parametrize("method", [{"name": "lisa", "activated_layers": 1, "interval_steps": 3},
+                                    {"name": "hft", "rounds": 2}], ids=["lisa", "hft"])
+def test_resume_through_dt_train_ends_bit_identical(word_run, method: dict, tmp_path) -> None:
+    folder, path = word_run
+    out = tmp_path / "run"
+    cfg = {
+        "model": folder,
+        "data": {"path": path, "task": "classification", "max_length": 16, "eval_fraction": 0.25,
+                 "labels": ["negative", "positive"], "max_eval": 4},
+        "method": method,
+        "train": {"steps": 8, "batch_size": 4, "lr": 1e-3, "warmup": 1, "weight_decay": 0.01, "save_every": 2,
+                  "keep_last": 4, "eval_every": 0, "progress": False},
+        "output": str(out),
+    }
+    straight = dt.train(cfg)
+    uninterrupted = (out / "delta.safetensors").read_bytes()
+    _, step4, *later = checkpoints(out / "checkpoints")  # step 4: mid-interval for LISA, mid-round for HFT
+    for c in later:
+        shutil.rmtree(c)  # as if the run had died after writing step 4
+    resumed = dt.train(cfg, resume=True)
+    assert resumed["resumed_from"] == 4
+    assert (out / "delta.safetensors").read_bytes() == uninterrupted, "a resumed run must end bit-identical"
+    assert [h["loss"] for h in resumed["history"]] == [h["loss"] for h in straight["history"]]
