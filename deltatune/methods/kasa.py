@@ -32,8 +32,7 @@ from deltatune.core.registry import Built, register
 from deltatune.core.targeting import select_modules, sites_of
 from deltatune.core.tuned import Tuned
 from deltatune.errors import DeltatuneError
-from deltatune.methods._common import dense_forms
-from deltatune.methods.lora import default_targets, pattern_value
+from deltatune.methods.lora import add_trained_extras, default_targets, pattern_value
 
 Truncation = Literal["min", "in_features", "none"]
 Gram = Literal["rank", "full"]
@@ -244,16 +243,5 @@ def build(model: nn.Module, cfg: KasaConfig, *, loading: bool = False) -> Built:
             )
         except DeltatuneError as e:
             raise DeltatuneError(f"{name}: {e}") from e
-    extra: list[tuple[str, nn.Parameter]] = []
-    if cfg.bias == "all":
-        extra += [(n, p) for n, p in model.named_parameters() if n == "bias" or n.endswith(".bias")]
-    elif cfg.bias == "lora_only":
-        extra += [(f"{n}.bias", m.bias) for n, m in modules if getattr(m, "bias", None) is not None]
-    if cfg.modules_to_save:
-        saved = select_modules(model, cfg.modules_to_save)
-        extra += [(f"{n}.{pn}", p) for n, m in saved for pn, p in m.named_parameters()]
-    for pname, form in dense_forms(model, extra).items():
-        if pname in forms:
-            raise DeltatuneError(f"{pname} is both a KaSA target and fully trained: drop it from modules_to_save")
-        forms[pname] = form
+    add_trained_extras(model, modules, cfg.bias, cfg.modules_to_save, forms, "KaSA")
     return Built(forms, KasaPolicy(cfg.beta, cfg.gamma, cfg.gram, cfg.reduction))

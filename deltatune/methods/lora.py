@@ -92,17 +92,24 @@ def build(model: nn.Module, cfg: LoraConfig, *, loading: bool = False) -> Built:
             module, r, alpha, use_rslora=cfg.use_rslora, dropout=cfg.dropout, init=cfg.init,
             tied=[s for s in sites_of(model, module.weight) if s[0] is not module],
         )
+    add_trained_extras(model, modules, cfg.bias, cfg.modules_to_save, forms, "LoRA")
+    return Built(forms)
+
+
+def add_trained_extras(model: nn.Module, modules: list[tuple[str, nn.Module]], bias: str,
+                       modules_to_save: list[str] | None, forms: dict, what: str) -> None:
+    """PEFT's ``bias`` ("all" / "lora_only") and ``modules_to_save`` options, shared by the LoRA-like methods:
+    dense deltas on those tensors, added to ``forms`` (``modules``: the low-rank targets)."""
     extra: list[tuple[str, nn.Parameter]] = []
-    if cfg.bias == "all":
+    if bias == "all":
         extra += [(n, p) for n, p in model.named_parameters() if n == "bias" or n.endswith(".bias")]
-    elif cfg.bias == "lora_only":
+    elif bias == "lora_only":
         extra += [(f"{n}.bias", m.bias) for n, m in modules if getattr(m, "bias", None) is not None]
-    if cfg.modules_to_save:
-        saved = select_modules(model, cfg.modules_to_save)
+    if modules_to_save:
+        saved = select_modules(model, modules_to_save)
         extra += [(f"{n}.{pn}", p) for n, m in saved for pn, p in m.named_parameters()]
     for name, form in dense_forms(model, extra).items():
         if name in forms:
-            raise DeltatuneError(f"{name} is both a LoRA target and fully trained: drop it from modules_to_save")
+            raise DeltatuneError(f"{name} is both a {what} target and fully trained: drop it from modules_to_save")
         forms[name] = form
-    return Built(forms)
 
