@@ -66,6 +66,10 @@ CASES = [
     ("increlora", {}, "llama"),
     ("increlora", {"init_r": 2}, "gpt2"),
     ("increlora", {"targets": ["query", "value"]}, "bert"),
+    ("corda", {"r": 4, "data": "random", "samples": 4}, "llama"),
+    ("corda", {"r": 2, "mode": "kpa", "data": "random", "samples": 4, "targets": ["c_attn", "mlp.c_fc"]}, "gpt2"),
+    ("corda", {"r": 2, "alpha": 4, "data": "random", "samples": 4, "batch_size": 2, "targets": ["query", "value"],
+               "modules_to_save": ["classifier"]}, "bert"),
 ]
 
 

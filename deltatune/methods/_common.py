@@ -103,3 +103,16 @@ def set_trainable(forms: Iterable[Form], on: bool, optimizer: torch.optim.Optimi
             p.grad = None
     if optimizer is not None:
         release_state(optimizer, params)
+
+
+def from_rank0(t: torch.Tensor) -> torch.Tensor:
+    """Rank 0's value of ``t`` on every data-parallel rank (``t`` itself outside distributed runs): for choices a
+    method makes from data that may differ by rank, or from computations (SVD, ties) that need not agree."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
+        return t
+    where = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
+    shared = t.to(where).contiguous()
+    dist.broadcast(shared, 0)
+    return shared.to(t.device)

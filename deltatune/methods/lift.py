@@ -23,7 +23,6 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 import torch
-import torch.distributed as dist
 import torch.nn as nn
 
 from deltatune.core.forms.sparse import Sparse, index_dtype
@@ -32,7 +31,7 @@ from deltatune.core.registry import Built, register
 from deltatune.core.targeting import sites_of
 from deltatune.core.tuned import Tuned
 from deltatune.errors import DeltatuneError
-from deltatune.methods._common import block_matrices
+from deltatune.methods._common import block_matrices, from_rank0
 from deltatune.optim import ElementAdamW
 
 _PAST = ("past_indices", "past_values")
@@ -137,16 +136,6 @@ def _svd_device(w: torch.Tensor) -> torch.device:
     if w.device.type != "cpu":
         return w.device
     return torch.device("cuda") if torch.cuda.is_available() else w.device
-
-
-def _same_on_every_rank(indices: torch.Tensor) -> torch.Tensor:
-    """Rank 0's choice for every rank (their weights agree, but two SVDs need not pick the same ties)."""
-    if not (dist.is_available() and dist.is_initialized()):
-        return indices
-    where = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
-    shared = indices.to(where, torch.int64).contiguous()
-    dist.broadcast(shared, 0)
-    return shared.to(indices.device, indices.dtype)
 
 
 def _positions(keys: torch.Tensor, query: torch.Tensor) -> torch.Tensor:
@@ -353,7 +342,7 @@ class LiftPolicy(Policy):
             seed = zlib.crc32(f"{name}:{self.completed}".encode())
             new = principal_indices(w, form.k, cfg.approx_rank, cfg.svd, cfg.niter, cfg.svd_device, seed)
             del w
-            new = _same_on_every_rank(new)
+            new = from_rank0(new)  # ranks' weights agree, but two SVDs need not pick the same ties
             old_k = form.k
             src = form.reselect(new)
             if optimizer is not None:
@@ -400,6 +389,6 @@ def build(model: nn.Module, cfg: LiftConfig, *, loading: bool = False) -> Built:
         else:  # the first mask, from W0: deterministic
             seed = zlib.crc32(f"{name}.weight:0".encode())
             idx = principal_indices(w.detach(), k, cfg.approx_rank, cfg.svd, cfg.niter, cfg.svd_device, seed)
-            idx = _same_on_every_rank(idx)
+            idx = from_rank0(idx)
         forms[f"{name}.weight"] = LiftSparse(sites_of(model, w), "weight", idx)
     return Built(dict(forms), LiftPolicy(cfg))

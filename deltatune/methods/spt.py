@@ -60,7 +60,6 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 import torch
-import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 
@@ -71,7 +70,7 @@ from deltatune.core.policy import Policy
 from deltatune.core.registry import Built, register
 from deltatune.core.targeting import layer_index, match_name, select_modules, select_parameters, sites_of
 from deltatune.errors import DeltatuneError
-from deltatune.methods._common import block_matrices, dense_forms
+from deltatune.methods._common import block_matrices, dense_forms, from_rank0
 
 log = logging.getLogger(__name__)
 
@@ -377,14 +376,8 @@ def _scores(model: nn.Module, cfg: SptConfig, cands: list[Candidate]) -> dict[st
 
 def _same_on_every_rank(scores: dict[str, torch.Tensor]) -> None:
     """Data parallelism: every rank must choose the same structure, so all take rank 0's measured scores."""
-    if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
-        return
-    nccl = dist.get_backend() == "nccl"
-    device = torch.device("cuda", torch.cuda.current_device()) if nccl else torch.device("cpu")
     for name in sorted(scores):
-        t = scores[name].to(device)
-        dist.broadcast(t, 0)
-        scores[name] = t.to(scores[name].device)
+        scores[name] = from_rank0(scores[name])
 
 
 # ---------------------------------------------------------------- stage 1b: allocation
