@@ -38,11 +38,12 @@ from deltatune.errors import DeltatuneError
 ZERO_SHOT = "zero-shot"
 
 # The default demo: SmolLM2-135M, tweets positive vs negative, label-word scoring.
+TWEETS: dict[str, Any] = {"name": "tweets", "task": "classification", "labels": ["negative", "positive"], "max_length": 64,
+                          "eval_fraction": 0.1, "max_train": 2000, "max_eval": 200}
 DEFAULT_SETUP: dict[str, Any] = {
     "title": "SmolLM2-135M on tweet sentiment (negative vs positive)",
     "model": "smollm2-135m",
-    "data": {"name": "tweets", "task": "classification", "labels": ["negative", "positive"], "max_length": 64,
-             "eval_fraction": 0.1, "max_train": 2000, "max_eval": 200},
+    "data": TWEETS,
     "batch_size": 8,
     "eval_batch_size": 32,
     # what `deltatune demo` runs without --methods (the rest of "methods" runs when named)
@@ -59,12 +60,15 @@ DEFAULT_SETUP: dict[str, Any] = {
         "lightweight": ({"name": "lightweight", "parts": [], "last_k": 2}, 60, 2e-4),
         "bitfit": ({"name": "bitfit"}, 60, 1e-3),
         # the low-rank family at LoRA's trainable count on the same matrices (q, v), LoRA's recipe: run them with
-        # `deltatune demo --methods lora,kasa,dora,adalora,increlora` (not in the default run: its time budget)
+        # `deltatune demo --methods lora,kasa,dora,corda,adalora,increlora` (not in the default run: its time budget)
         "kasa": ({"name": "kasa", "r": 8, "alpha": 16, "targets": ["q_proj", "v_proj"]}, 60, 2e-3),
         "dora": ({"name": "dora", "r": 8, "alpha": 16, "dropout": 0.0, "targets": ["q_proj", "v_proj"]}, 60, 2e-3),
         # rank 12 pruned to an average of 8 (scale alpha / init_r = 2, as LoRA's 16 / 8)
         "adalora": ({"name": "adalora", "init_r": 12, "target_r": 8, "alpha": 24, "targets": ["q_proj", "v_proj"]},
                     60, 2e-3),
+        # CorDA's covariance from 256 training examples (instruction-previewed: the largest r components train)
+        "corda": ({"name": "corda", "r": 8, "alpha": 16, "targets": ["q_proj", "v_proj"], "data": TWEETS, "samples": 256},
+                  60, 2e-3),
         # rank 4 grown to an average of 8
         "increlora": ({"name": "increlora", "init_r": 4, "target_rank": 8, "alpha": 16, "targets": ["q_proj", "v_proj"]},
                       60, 2e-3),
