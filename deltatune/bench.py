@@ -98,6 +98,8 @@ PRESETS: dict[str, dict[str, Any]] = {
     # the low-rank family on LoRA's matrices at LoRA's (final) trainable count
     "kasa": {"name": "kasa", "r": 8, "alpha": 16, "targets": ["q_proj", "v_proj"]},
     "dora": {"name": "dora", "r": 8, "alpha": 16, "dropout": 0.0, "targets": ["q_proj", "v_proj"]},
+    # CorDA's calibration on random tokens: the step time and memory do not depend on what it calibrated on
+    "corda": {"name": "corda", "r": 8, "alpha": 16, "targets": ["q_proj", "v_proj"], "data": "random", "samples": 32},
     "adalora": {"name": "adalora", "init_r": 12, "target_r": 8, "alpha": 24, "targets": ["q_proj", "v_proj"],
                 "tinit": 2, "tfinal": 2, "delta_t": 2},  # prunes within a 10-step bench
     "increlora": {"name": "increlora", "init_r": 4, "target_rank": 8, "alpha": 16, "targets": ["q_proj", "v_proj"],
