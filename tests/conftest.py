@@ -133,3 +133,12 @@ def save_word_llama(folder: Path, extra_words: tuple[str, ...] = ()) -> Path:
                       num_attention_heads=2, num_key_value_heads=1, tie_word_embeddings=True, pad_token_id=0)
     LlamaForCausalLM(cfg).save_pretrained(folder)
     return folder
+
+
+@pytest.fixture(scope="session")
+def word_run(tmp_path_factory) -> tuple[str, str]:
+    """A word-level tiny Llama folder and a sentiment JSONL: a real ``dt.train`` run in a second (resume tests)."""
+    root = tmp_path_factory.mktemp("word-run")
+    folder = save_word_llama(root / "model")
+    write_sentiment_jsonl(root / "data.jsonl")
+    return str(folder), str(root / "data.jsonl")

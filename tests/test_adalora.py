@@ -8,7 +8,7 @@ import shutil
 
 import pytest
 import torch
-from conftest import batch, output_of, save_word_llama, tiny_llama, write_sentiment_jsonl
+from conftest import batch, output_of, tiny_llama
 
 import deltatune as dt
 from deltatune.methods._importance import SmoothedImportance, orthogonality
@@ -205,14 +205,6 @@ def test_bad_schedules_name_the_fix() -> None:
     tuned = dt.attach(tiny_llama(), "adalora")
     tuned.policy.plan(1, 1)  # a one-step run: shares of the run leave one budgeting step
     assert tuned.policy.schedule == (1, 0, 0)
-
-
-@pytest.fixture(scope="module")
-def word_run(tmp_path_factory) -> tuple[str, str]:
-    root = tmp_path_factory.mktemp("adalora-run")
-    folder = save_word_llama(root / "model")
-    write_sentiment_jsonl(root / "data.jsonl")
-    return str(folder), str(root / "data.jsonl")
 
 
 def test_resume_ends_bit_identical_to_an_uninterrupted_run(word_run, tmp_path) -> None:

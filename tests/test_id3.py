@@ -9,7 +9,7 @@ import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from conftest import batch, output_of, save_word_llama, tiny_llama, write_sentiment_jsonl
+from conftest import batch, output_of, tiny_llama
 
 import deltatune as dt
 from deltatune.core.forms.sparse import Sparse
@@ -257,14 +257,6 @@ def test_a_one_step_run_unmasks_the_whole_budget(tmp_path) -> None:
 
 
 # -- resume -----------------------------------------------------------------------------------
-@pytest.fixture(scope="module")
-def word_run(tmp_path_factory) -> tuple[str, str]:
-    root = tmp_path_factory.mktemp("id3-run")
-    folder = save_word_llama(root / "model")
-    write_sentiment_jsonl(root / "data.jsonl")
-    return str(folder), str(root / "data.jsonl")
-
-
 @pytest.mark.parametrize("max_steps", [4, 2], ids=["mid-unmasking", "right-after-switch"])
 def test_resume_ends_bit_identical_to_an_uninterrupted_run(word_run, max_steps: int, tmp_path) -> None:
     folder, path = word_run

@@ -8,7 +8,7 @@ import shutil
 import pytest
 import torch
 import torch.nn as nn
-from conftest import batch, output_of, save_word_llama, tiny_llama, write_sentiment_jsonl
+from conftest import batch, output_of, tiny_llama
 
 import deltatune as dt
 from deltatune.methods.increlora import RESERVE_LAMBDA, growth_schedule
@@ -148,14 +148,6 @@ def test_artifact_round_trip_knows_final_ranks_and_merges(tmp_path) -> None:
     assert (output_of(loaded, x) - trained).abs().max() <= 1e-6
     plain = tuned.merge()
     assert (output_of(plain, x) - trained).abs().max() <= 1e-5
-
-
-@pytest.fixture(scope="module")
-def word_run(tmp_path_factory) -> tuple[str, str]:
-    root = tmp_path_factory.mktemp("increlora-run")
-    folder = save_word_llama(root / "model")
-    write_sentiment_jsonl(root / "data.jsonl")
-    return str(folder), str(root / "data.jsonl")
 
 
 @pytest.mark.parametrize("kill_after", [3, 5], ids=["mid-growth", "after-budget"])

@@ -12,10 +12,8 @@ from conftest import (
     batch,
     loss_of,
     output_of,
-    save_word_llama,
     tiny_gpt2,
     tiny_llama,
-    write_sentiment_jsonl,
 )
 from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -260,14 +258,6 @@ def test_lisa_under_transformers_trainer(tmp_path) -> None:
     loaded = dt.load(llama8(), tmp_path / "deltatune").eval()
     x = batch()
     assert torch.equal(output_of(loaded, x), output_of(tuned, x))
-
-
-@pytest.fixture(scope="module")
-def word_run(tmp_path_factory) -> tuple[str, str]:
-    root = tmp_path_factory.mktemp("layerwise-run")
-    folder = save_word_llama(root / "model")
-    write_sentiment_jsonl(root / "data.jsonl")
-    return str(folder), str(root / "data.jsonl")
 
 
 @pytest.mark.parametrize("method", [{"name": "lisa", "activated_layers": 1, "interval_steps": 3},
