@@ -71,6 +71,7 @@ from deltatune.core.tuned import Tuned
 from deltatune.errors import DeltatuneError
 from deltatune.methods._common import block_matrices, dense_forms, from_rank0
 from deltatune.methods.lora import pattern_value
+from deltatune.methods.spt import data_config
 
 log = logging.getLogger(__name__)
 
@@ -122,7 +123,7 @@ class CordaConfig:
                 "of token-id lists"
             )
         if isinstance(self.data, dict):
-            _data_config(self.data)  # bad keys fail when the config is read, not after the model loaded
+            data_config(self.data)  # bad keys fail when the config is read, not after the model loaded
         if isinstance(self.data, list) and not (
             self.data and all(isinstance(s, list) and s and all(_is_token(t) for t in s) for s in self.data)
         ):
@@ -136,17 +137,6 @@ class CordaConfig:
 
 def _is_token(t: Any) -> bool:
     return isinstance(t, int) and not isinstance(t, bool) and t >= 0
-
-
-def _data_config(data: dict[str, Any]) -> Any:
-    from deltatune.tasks import DataConfig
-
-    try:
-        return DataConfig(**data)
-    except TypeError as e:
-        raise DeltatuneError(f"method data: {e}; it takes the keys of the run's data section") from e
-    except DeltatuneError as e:
-        raise DeltatuneError(f"method {e}") from e
 
 
 # ---------------------------------------------------------------- the form

@@ -120,7 +120,7 @@ class SptConfig:
         if self.sensitivity is not None and self.data is not None:
             raise ValueError("give either sensitivity (scores) or data (to compute them), not both")
         if self.data is not None:
-            _data_config(self.data)  # bad keys fail when the config is read, not after the model loaded
+            data_config(self.data)  # bad keys fail when the config is read, not after the model loaded
         if self.device != "auto":
             try:
                 torch.device(self.device)
@@ -288,7 +288,8 @@ def load_sensitivity(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     return load_file(os.fspath(path))
 
 
-def _data_config(data: dict[str, Any]) -> Any:
+def data_config(data: dict[str, Any]) -> Any:
+    """A method's ``data:`` option as a run-config data section (a bad key is one error naming the option)."""
     from deltatune.tasks import DataConfig
 
     try:
@@ -307,7 +308,7 @@ def task_batches(
     shuffle of its training split, and the task's loss. (Data-aware methods share this.)"""
     from deltatune import models, tasks
 
-    cfg = _data_config(data)
+    cfg = data_config(data)
     name = tokenizer or getattr(getattr(model, "config", None), "_name_or_path", None)
     if not name:
         raise DeltatuneError(
