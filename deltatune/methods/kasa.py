@@ -19,7 +19,7 @@ original base. The extra cost is one rank-d product per layer, as small as the L
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Literal
 
 import torch
@@ -32,7 +32,7 @@ from deltatune.core.registry import Built, register
 from deltatune.core.targeting import select_modules, sites_of
 from deltatune.core.tuned import Tuned
 from deltatune.errors import DeltatuneError
-from deltatune.methods.lora import add_trained_extras, default_targets, pattern_value
+from deltatune.methods.lora import LoraConfig, add_trained_extras, default_targets, pattern_value
 
 Truncation = Literal["min", "in_features", "none"]
 Gram = Literal["rank", "full"]
@@ -40,7 +40,7 @@ Reduction = Literal["sum", "mean"]
 
 
 @dataclass
-class KasaConfig:
+class KasaConfig(LoraConfig):
     # The official GLUE runs (juyongjiang/KaSA main.py): r=8, alpha=16, dropout 0, beta=1e-4, gamma=1e-3;
     # PEFT's KasaConfig has the same beta/gamma defaults.
     r: int = 8
@@ -62,22 +62,11 @@ class KasaConfig:
     # How the per-layer penalties combine: "sum" (default, follows PEFT's _get_kasa_loss) or "mean" (the
     # official main.py divides β·L2 + γ·L3 by the number of KaSA layers). β, γ do not carry over between the two.
     reduction: Reduction = "sum"
-    targets: list[str] | None = None  # None: the architecture's q/v projections (PEFT's defaults, as the official runs)
-    layers: list[int] | str | None = None
-    types: list[str] | None = None
-    exclude: list[str] | None = None
-    use_rslora: bool = False  # scale = alpha / sqrt(r)
-    init: bool | str = True  # True (Kaiming A, zero B) | "gaussian" | False (PEFT's init_lora_weights=False: tests only)
-    bias: Literal["none", "all", "lora_only"] = "none"
-    rank_pattern: dict[str, int] = field(default_factory=dict)  # PEFT semantics: module-name regex -> r
-    alpha_pattern: dict[str, float] = field(default_factory=dict)
-    modules_to_save: list[str] | None = None  # modules trained fully (e.g. a classifier head)
+    # LoRA's other options (targets: None = the architecture's q/v projections, PEFT's defaults as in the official
+    # runs; layers, types, exclude, use_rslora, init, bias, rank_pattern, alpha_pattern, modules_to_save) as in LoraConfig
 
     def __post_init__(self) -> None:
-        if self.r <= 0:
-            raise ValueError(f"r={self.r} must be a positive integer")
-        if not 0.0 <= self.dropout < 1.0:
-            raise ValueError(f"dropout={self.dropout} must be in [0, 1)")
+        super().__post_init__()
         if self.beta < 0 or self.gamma < 0:
             raise ValueError(f"beta={self.beta} and gamma={self.gamma} must be >= 0 (0 turns a penalty off)")
 
