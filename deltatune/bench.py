@@ -5,7 +5,9 @@ fresh subprocess, so its peak memory is its own:
 
 - ``deltatune <method>``: the engine itself, ``dt.train(config)`` (eval only at the end, no progress bar);
 - ``peft lora``: ``peft.get_peft_model`` with ``LoraConfig(r=8, lora_alpha=16, target_modules=[q_proj, v_proj])``;
-- ``plain full``: the bare transformers model with every parameter trainable.
+- ``plain full``: the bare transformers model with every parameter trainable;
+- ``plain forward``: the bare model running the same batches forward only, under ``torch.no_grad`` (inference):
+  the floor that a method with "the memory of inference" (VQT, MeZO) is measured against.
 
 The two baselines run a minimal plain-PyTorch loop doing the engine's work per step: zero_grad, collate
 the same batch (the engine's seeded batch order), forward with the model's own loss (``labels=``: the same
@@ -16,7 +18,10 @@ checkpoint at the end, which serialises the whole state in memory, so the bench 
 just before that checkpoint (the engine's own end-of-run figure is kept as ``engine_peak_memory_bytes``).
 
 The data are the shipped ``tweets`` as causal-LM text packed into full blocks of ``seq_len`` tokens (EOS
-between tweets, no padding), so every run sees exactly the same tokens in the same order.
+between tweets, no padding), so every run sees exactly the same tokens in the same order. With
+``task="classification"`` they are the tweets' sentiment labels read by a sequence-classification model
+(a fresh head, ``data.head: true``; tweets cut to ``seq_len`` tokens): the workload of methods that train a
+head on pooled features (VQT).
 
 Figures: seconds per step (median over the steps after ``warmup`` warm-up steps), tokens per second
 (batch × seq_len / that median), peak memory (ru_maxrss on CPU, ``torch.cuda.max_memory_allocated`` on
@@ -44,7 +49,8 @@ from deltatune.errors import DeltatuneError
 
 DEFAULT_MODEL = "smollm2-135m"
 DEFAULT_METHODS = ("lora", "full")
-BASELINES = ("peft-lora", "plain-full")
+BASELINES = ("peft-lora", "plain-full", "plain-forward")
+TASKS = ("text", "classification")
 LORA_OPTIONS: dict[str, Any] = {"r": 8, "alpha": 16, "targets": ["q_proj", "v_proj"]}
 FIELDS = ("seconds_per_step", "tokens_per_s", "peak_memory_bytes", "trainable", "artifact_bytes", "eval_loss")
 REFERENCE = "peft lora"
@@ -67,13 +73,20 @@ class Workload:
     device: str = "auto"
     max_train: int = 1000  # tweets tokenized for training (packed into seq_len blocks)
     max_eval: int = 100  # tweets for the final eval
+    task: str = "text"  # or "classification" (a sequence-classification model with a fresh head)
+
+    def data(self) -> dict[str, Any]:
+        common = {"name": "tweets", "max_length": self.seq_len, "max_train": self.max_train,
+                  "max_eval": self.max_eval, "seed": self.seed}
+        if self.task == "classification":
+            return {**common, "task": "classification", "head": True}
+        return {**common, "task": "text", "packing": True}
 
     def run_config(self, method: dict[str, Any], output: str) -> dict[str, Any]:
         """The engine config of this workload (the baselines read their data and schedule from it too)."""
         return {
             "model": self.model,
-            "data": {"name": "tweets", "task": "text", "packing": True, "max_length": self.seq_len,
-                     "max_train": self.max_train, "max_eval": self.max_eval, "seed": self.seed},
+            "data": self.data(),
             "method": dict(method),
             "train": {"steps": self.steps, "batch_size": self.batch_size, "lr": self.lr, "optimizer": "adamw",
                       "weight_decay": 0.0, "schedule": "linear", "warmup": 0.0, "max_grad_norm": 1.0,
@@ -174,15 +187,17 @@ def _run_baseline(w: Workload, kind: str, out: Path) -> dict[str, Any]:
     torch.manual_seed(s.seed)
     random.seed(s.seed)
     device = loop.pick_device(s.device)
-    model = models.load(cfg.model)
+    model = models.load(cfg.model, **tasks.model_request(cfg.data, cfg.model))
     tokenizer = models.load_tokenizer(cfg.model)
     task = tasks.build_task(cfg.data, tokenizer, model)
     torch.manual_seed(s.seed)
+    if kind == "plain-forward":
+        return _run_forward(model, task, s, device)
     if kind == "peft-lora":
         from peft import LoraConfig, get_peft_model
 
-        config = LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj"], lora_dropout=0.0,
-                            bias="none", task_type="CAUSAL_LM")
+        config = LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj"], lora_dropout=0.0, bias="none",
+                            task_type="SEQ_CLS" if w.task == "classification" else "CAUSAL_LM")
         model = get_peft_model(model, config)
     else:
         for p in model.parameters():
@@ -221,6 +236,29 @@ def _run_baseline(w: Workload, kind: str, out: Path) -> dict[str, Any]:
     }
 
 
+def _run_forward(model: Any, task: Any, s: Any, device: Any) -> dict[str, Any]:
+    """The same batches through the frozen model, forward only (no autograd graph): inference's memory."""
+    import torch
+
+    from deltatune.train import loop
+
+    model.to(device)
+    model.eval()
+    batches = loop.Batches(len(task.train), s.batch_size, s.seed)
+    times, loss_value = [], float("nan")
+    with torch.no_grad():
+        for _ in range(s.steps):
+            t0 = time.perf_counter()
+            batch = {k: v.to(device) for k, v in task.collate([task.train[i] for i in batches.next()]).items()}
+            labels = batch.pop("labels")
+            with loop._autocast(s, device):
+                loss_value = model(**batch, labels=labels, use_cache=False).loss.item()
+            times.append(time.perf_counter() - t0)
+        final = task.evaluate(model, s.eval_batch_size)
+    return {"times": times, "trainable": 0, "artifact_bytes": 0, "eval_loss": final["loss"],
+            "train_loss": loss_value, "peak_memory_bytes": loop.peak_memory_bytes(device)}
+
+
 def _worker(spec_path: str, result_path: str) -> None:
     spec = json.loads(Path(spec_path).read_text())
     w = Workload(**spec["workload"])
@@ -254,7 +292,8 @@ class _Run:
 def _runs(methods: list[str], baselines: bool) -> list[_Run]:
     runs = [_Run(f"deltatune {m}", "deltatune", m) for m in methods]
     if baselines:
-        runs += [_Run("peft lora", "peft", "peft-lora"), _Run("plain full", "plain", "plain-full")]
+        runs += [_Run("peft lora", "peft", "peft-lora"), _Run("plain full", "plain", "plain-full"),
+                 _Run("plain forward", "plain", "plain-forward")]
     return runs
 
 
@@ -301,6 +340,7 @@ def _add_ratios(records: list[dict[str, Any]]) -> None:
     with the same trainable count (the comparison at equal parameters), with that run's name."""
     ok = [r for r in records if r.get("error") is None]
     ref = next((r for r in ok if r["name"] == REFERENCE), None)
+    forward = next((r for r in ok if r["method"] == "plain-forward"), None)
     loras = [r for r in ok if r["framework"] == "deltatune" and method_config(r["method"])["name"] == "lora"]
     for r in records:
         r["ratios"] = _ratios_to(r, ref)
@@ -308,6 +348,8 @@ def _add_ratios(records: list[dict[str, Any]]) -> None:
         if same is not None and r["framework"] == "deltatune" and method_config(r["method"])["name"] != "lora":
             r["same_count_lora"] = same["name"]
             r["ratios_to_same_count_lora"] = _ratios_to(r, same)
+        if forward is not None and r is not forward and r.get("error") is None:
+            r["ratios_to_forward"] = _ratios_to(r, forward)
 
 
 def _run_one(run: _Run, w: Workload, timeout: float | None) -> tuple[dict[str, Any] | None, str | None]:
@@ -347,6 +389,7 @@ def bench(
     device: str = "auto",
     max_train: int = 1000,
     max_eval: int = 100,
+    task: str = "text",
     baselines: bool = True,
     timeout: float | None = None,
     console: Any = None,
@@ -368,6 +411,8 @@ def bench(
         raise DeltatuneError(f"unknown method(s) {', '.join(bad)}; known are: {', '.join(known)}")
     if steps <= warmup:
         raise DeltatuneError(f"--steps {steps} must be more than the {warmup} warm-up step(s) left out of the median")
+    if task not in TASKS:
+        raise DeltatuneError(f"task={task!r} is not a bench workload; use one of {', '.join(TASKS)}")
     for name, value in (("batch_size", batch_size), ("seq_len", seq_len), ("threads", threads)):
         if value < 1:
             raise DeltatuneError(f"{name}={value} must be at least 1")
@@ -375,7 +420,7 @@ def bench(
 
     models.resolve(model)  # fail fast on a bad model name (and build the SmolLM2 cache once, not per run)
     w = Workload(model=model, steps=steps, warmup=warmup, batch_size=batch_size, seq_len=seq_len, lr=lr, seed=seed,
-                 threads=threads, device=device, max_train=max_train, max_eval=max_eval)
+                 threads=threads, device=device, max_train=max_train, max_eval=max_eval, task=task)
     if console is None:
         from rich.console import Console
 
@@ -396,7 +441,7 @@ def bench(
                           f"{_gib(rec['peak_memory_bytes'])} peak, eval loss {rec['eval_loss']:.4f} "
                           f"({wall:.0f} s)", highlight=False)
     _add_ratios(records)
-    cmd = command or _default_command(model, methods, steps, json_path)
+    cmd = command or _default_command(model, methods, steps, json_path, task)
     if json_path is not None:
         payload = {"workload": asdict(w), "machine": machine(threads), "command": cmd, "records": records}
         Path(json_path).parent.mkdir(parents=True, exist_ok=True)
@@ -406,10 +451,12 @@ def bench(
     return records
 
 
-def _default_command(model: str, methods: list[str], steps: int, json_path: Any) -> str:
+def _default_command(model: str, methods: list[str], steps: int, json_path: Any, task: str = "text") -> str:
     parts = ["deltatune bench"]
     if model != DEFAULT_MODEL:
         parts.append(f"--model {model}")
+    if task != "text":
+        parts.append(f"--task {task}")
     parts += [f"--methods {','.join(methods)}", f"--steps {steps}"]
     if json_path is not None:
         parts.append(f"--json {json_path}")
@@ -521,6 +568,7 @@ def markdown(records: list[dict[str, Any]], w: Workload, command: str) -> str:
     ]
     lines += ["| " + " | ".join(row) + " |" for row in rows(records)]
     lines += equal_count_lines(records)
+    lines += forward_lines(records)
     lines += [
         "",
         "Ratios in parentheses are to `peft lora` (for s/step and memory lower is better, for tokens/s higher).",
@@ -559,6 +607,20 @@ def equal_count_lines(records: list[dict[str, Any]]) -> list[str]:
         out.append(f"| {r['name']} | {r['same_count_lora']} | {r['trainable']:,} | {q['seconds_per_step']:.2f}× | "
                    f"{q['peak_memory_bytes']:.2f}× | {q['eval_loss']:.2f}× | "
                    + ("-" if over is None else f"{100 * over:.1f} %") + " |")
+    return out
+
+
+def forward_lines(records: list[dict[str, Any]]) -> list[str]:
+    """A third table: each run against a forward-only pass of the same batches (inference's floor)."""
+    paired = [r for r in records if r.get("ratios_to_forward")]
+    if not paired:
+        return []
+    out = ["", "Against a forward-only pass of the same batches (`plain forward`: the frozen model under "
+           "`torch.no_grad`): s / step as a ratio to one forward pass, peak memory as a ratio to its peak:", "",
+           "| run | s / step vs forward | peak memory vs forward |", "|---|---:|---:|"]
+    for r in paired:
+        q = r["ratios_to_forward"]
+        out.append(f"| {r['name']} | {q['seconds_per_step']:.2f}× | {q['peak_memory_bytes']:.2f}× |")
     return out
 
 

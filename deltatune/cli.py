@@ -308,7 +308,11 @@ def bench(
     seq_len: int = typer.Option(128, "--seq-len", help="Tokens per sequence (packed text blocks)."),
     threads: int = typer.Option(2, "--threads", help="torch threads in each run."),
     device: str = typer.Option("auto", "--device", help="auto | cpu | cuda | cuda:N."),
-    no_baselines: bool = typer.Option(False, "--no-baselines", help="Skip PEFT LoRA and plain full fine-tuning."),
+    task: str = typer.Option("text", "--task", help="text (packed causal-LM text) | classification (tweet "
+                             "sentiment with a fresh sequence-classification head, for head-training methods "
+                             "such as vqt)."),
+    no_baselines: bool = typer.Option(False, "--no-baselines",
+                                      help="Skip PEFT LoRA, plain full fine-tuning and the forward-only pass."),
 ) -> None:
     """Benchmark deltatune's methods against PEFT's LoRA and plain full fine-tuning on one workload."""
     import shlex
@@ -319,7 +323,7 @@ def bench(
     command = "deltatune " + " ".join(shlex.quote(a) for a in sys.argv[1:])
     records = bench_module.bench(
         model, methods, steps, json_path=json_path, write_docs=docs is not None, docs_path=docs or "",
-        batch_size=batch_size, seq_len=seq_len, threads=threads, device=device, baselines=not no_baselines,
+        batch_size=batch_size, seq_len=seq_len, threads=threads, device=device, task=task, baselines=not no_baselines,
         console=_err(), command=command,
     )
     _out().print(bench_module.table(records))

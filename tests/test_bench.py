@@ -16,12 +16,18 @@ def test_bench_records(tiny_folder, tmp_path):
     records = bench_module.bench(str(tiny_folder), "lora,full", 3, json_path=out, write_docs=True,
                                  docs_path=docs, batch_size=2, seq_len=32, max_train=200, max_eval=20, threads=1)
     by = {r["name"]: r for r in records}
-    assert set(by) == {"deltatune lora", "deltatune full", "peft lora", "plain full"}
+    assert set(by) == {"deltatune lora", "deltatune full", "peft lora", "plain full", "plain forward"}
     for r in records:
         assert r.get("error") is None, r
         for f in bench_module.FIELDS:
-            assert r[f] is not None and r[f] > 0, (r["name"], f)
+            if r["name"] == "plain forward" and f in ("trainable", "artifact_bytes"):
+                assert r[f] == 0  # inference: nothing trains, nothing is saved
+            else:
+                assert r[f] is not None and r[f] > 0, (r["name"], f)
         assert len(r["step_times"]) == 3
+    # every training run is also compared with the forward-only pass of the same batches
+    assert set(by["deltatune lora"]["ratios_to_forward"]) == set(bench_module.FIELDS)
+    assert "ratios_to_forward" not in by["plain forward"]
     assert all(v == pytest.approx(1.0) for v in by["peft lora"]["ratios"].values())
     assert by["deltatune lora"]["trainable"] == by["peft lora"]["trainable"]
     assert by["deltatune full"]["trainable"] == by["plain full"]["trainable"]
@@ -30,7 +36,8 @@ def test_bench_records(tiny_folder, tmp_path):
     assert [r["name"] for r in payload["records"]] == [r["name"] for r in records]
     assert payload["machine"]["torch_threads"] == 1 and payload["workload"]["steps"] == 3
     text = docs.read_text()
-    assert "| peft lora |" in text and "deltatune bench" in text
+    assert "| peft lora |" in text and "deltatune bench" in text and "| deltatune lora | " in text.split(
+        "Against a forward-only pass")[1]
     # a rewrite keeps hand-written notes below the marker
     docs.write_text(text + "my notes\n")
     bench_module.write_markdown(records, bench_module.Workload(model=str(tiny_folder)), docs, "cmd")
