@@ -78,12 +78,15 @@ def _root(
 def methods() -> None:
     """List the registered fine-tuning methods."""
     from deltatune import api
+    from deltatune.core import registry
 
     table = Table(title="deltatune methods")
     table.add_column("name", style="bold")
     table.add_column("description")
+    table.add_column("merges into weights")
     for name, description in api.methods().items():
-        table.add_row(name, description)
+        merges = registry.get(name).mergeable
+        table.add_row(name, description, {True: "yes", False: "no (serve attached)"}.get(merges, str(merges)))
     _out().print(table)
 
 

@@ -48,7 +48,7 @@ DEFAULT_SETUP: dict[str, Any] = {
     "eval_batch_size": 32,
     # what `deltatune demo` runs without --methods (the rest of "methods" runs when named)
     "default": ["lora", "spiel", "full", "lisa", "lightweight", "bitfit"],
-    # method -> (method config, steps, peak lr); the order is the table's order
+    # method -> (method config, steps, peak lr[, data options over "data"]); the order is the table's order
     "methods": {
         "lora": ({"name": "lora", "r": 8, "alpha": 16, "targets": ["q_proj", "v_proj"]}, 60, 2e-3),
         # SpIEL at exactly LoRA's trainable count on the same matrices: the equal-parameter comparison
@@ -179,10 +179,10 @@ def _run_worker(spec: dict[str, Any], show: bool, console: Console) -> dict[str,
 
 # -- the demo ----------------------------------------------------------------------------------
 def _config(setup: dict[str, Any], method: dict[str, Any], steps: int, lr: float, seed: int, output: Path,
-            show: bool) -> dict[str, Any]:
+            show: bool, data: dict[str, Any] | None = None) -> dict[str, Any]:
     return {
         "model": setup["model"],
-        "data": {**setup["data"], "seed": seed},
+        "data": {**setup["data"], **(data or {}), "seed": seed},
         "method": dict(method),
         "train": {"steps": steps, "batch_size": setup["batch_size"], "lr": lr, "warmup": 0.1, "schedule": "linear",
                   "seed": seed, "eval_batch_size": setup["eval_batch_size"], "progress": show, "device": "cpu"},
@@ -261,14 +261,14 @@ def demo(
 
     # -- each method in its own process ----------------------------------------------------
     for i, name in enumerate(methods, start=2):
-        method, n_steps, lr = setup["methods"][name]
+        method, n_steps, lr, *data = setup["methods"][name]
         if name == "lora" and lora_options:
             method = {**method, **lora_options}
         n_steps = steps if steps is not None else n_steps
         folder = out / "artifacts" / name
         if folder.exists():
             shutil.rmtree(folder)
-        config = _config(setup, method, n_steps, lr, seed, folder, show)
+        config = _config(setup, method, n_steps, lr, seed, folder, show, data[0] if data else None)
         console.print(f"[bold][{i}/{total}] {name}[/]: {n_steps} steps of {setup['batch_size']}, lr {lr:g}")
         result = _run_worker({"kind": "train", "config": config, "label": name}, show, console)
         shutil.rmtree(folder / "checkpoints", ignore_errors=True)  # resume state, not part of the demo

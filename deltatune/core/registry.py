@@ -37,13 +37,15 @@ class Method:
     config_cls: type
     build: Builder  # build(model, config, *, loading: bool) -> Built
     description: str
-    mergeable: bool = True
+    # whether ``tuned.merge()`` folds the delta into the weights: True, False (an activation-side delta
+    # that must stay attached), or a phrase saying when it does ("with activation: linear")
+    mergeable: bool | str = True
 
 
 _REGISTRY: dict[str, Method] = {}
 
 
-def register(name: str, config_cls: type, description: str, *, mergeable: bool = True) -> Callable[[Builder], Builder]:
+def register(name: str, config_cls: type, description: str, *, mergeable: bool | str = True) -> Callable[[Builder], Builder]:
     if not dataclasses.is_dataclass(config_cls):
         raise TypeError(f"method {name!r}: config must be a dataclass")
 
