@@ -71,6 +71,15 @@ CASES = [
     ("corda", {"r": 2, "mode": "kpa", "data": "random", "samples": 4, "targets": ["c_attn", "mlp.c_fc"]}, "gpt2"),
     ("corda", {"r": 2, "alpha": 4, "data": "random", "samples": 4, "batch_size": 2, "targets": ["query", "value"],
                "modules_to_save": ["classifier"]}, "bert"),
+    ("adapter", {"r": 4}, "llama"),
+    ("adapter", {"r": 4, "placement": "pfeiffer"}, "gpt2"),
+    ("adapter", {"r": 4, "activation": "linear", "modules_to_save": ["classifier"]}, "bert"),  # mergeable
+    ("parallel_adapter", {"r": 4}, "llama"),
+    ("parallel_adapter", {"r": 4, "sublayers": ["attention", "ffn"]}, "gpt2"),
+    ("parallel_adapter", {"r": 4, "modules_to_save": ["classifier"]}, "bert"),
+    ("scaled_parallel_adapter", {"r": 4}, "llama"),
+    ("scaled_parallel_adapter", {"r": 4, "learnable_scale": True}, "gpt2"),
+    ("scaled_parallel_adapter", {"r": 4, "layers": "1:"}, "bert"),
 ]
 
 

@@ -153,9 +153,11 @@ class Tuned(ModelWrapper):
             raise DeltatuneError("the delta is already merged; call unmerge() first")
         blockers = [n for n, f in self.forms().items() if not f.mergeable]
         if blockers:
+            form = self.forms()[blockers[0]]
             raise DeltatuneError(
-                f"method {self.method.name!r} cannot be merged into weights: its {self.forms()[blockers[0]].kind} "
-                "delta changes activations, not weights. Serve it attached (tuned(...) / tuned.generate)."
+                f"method {self.method.name!r} cannot be merged into weights ({blockers[0]}: "
+                f"{form.why_not_mergeable()}). Serve it attached: tuned(...) / tuned.generate(...), or save it "
+                "with tuned.save() and dt.load() it onto the base model where it is served."
             )
         self.fingerprint()
         for form in self.forms().values():

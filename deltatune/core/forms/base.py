@@ -45,6 +45,10 @@ class Form(nn.Module):
     def detach(self) -> None:
         raise NotImplementedError
 
+    def why_not_mergeable(self) -> str:
+        """Said by ``Tuned.merge`` when ``mergeable`` is False."""
+        return f"its {self.kind} delta changes activations, not weights"
+
     def merge(self) -> None:
         raise DeltatuneError(f"a {self.kind} delta cannot be merged into weights; keep it attached to serve it")
 
