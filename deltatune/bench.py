@@ -117,6 +117,10 @@ PRESETS: dict[str, dict[str, Any]] = {
                 "tinit": 2, "tfinal": 2, "delta_t": 2},  # prunes within a 10-step bench
     "increlora": {"name": "increlora", "init_r": 4, "target_rank": 8, "alpha": 16, "targets": ["q_proj", "v_proj"],
                   "init_warmup": 2, "incre_interval": 2},  # grows within a 10-step bench
+    # the adapter family with the example configs (about 1.1M trainable each on SmolLM2)
+    "adapter": {"name": "adapter", "placement": "houlsby", "r": 16},
+    "parallel_adapter": {"name": "parallel_adapter", "r": 32},
+    "scaled_parallel_adapter": {"name": "scaled_parallel_adapter", "r": 32, "scale": 4.0},
 }
 
 

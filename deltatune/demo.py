@@ -72,6 +72,10 @@ DEFAULT_SETUP: dict[str, Any] = {
         # rank 4 grown to an average of 8
         "increlora": ({"name": "increlora", "init_r": 4, "target_rank": 8, "alpha": 16, "targets": ["q_proj", "v_proj"]},
                       60, 2e-3),
+        # the adapter family (issue 7): run with `deltatune demo --methods lora,adapter,parallel_adapter,...`
+        "adapter": ({"name": "adapter", "placement": "houlsby", "r": 16}, 60, 2e-3),
+        "parallel_adapter": ({"name": "parallel_adapter", "r": 32, "sublayers": ["ffn"]}, 60, 2e-3),
+        "scaled_parallel_adapter": ({"name": "scaled_parallel_adapter", "r": 32, "scale": 4.0}, 60, 1e-3),
     },
 }
 
