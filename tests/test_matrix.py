@@ -80,6 +80,9 @@ CASES = [
     ("scaled_parallel_adapter", {"r": 4}, "llama"),
     ("scaled_parallel_adapter", {"r": 4, "learnable_scale": True}, "gpt2"),
     ("scaled_parallel_adapter", {"r": 4, "layers": "1:"}, "bert"),
+    ("connected", {"r": 4, "adapter_r": 4, "modules_to_save": ["classifier"]}, "bert"),
+    ("connected", {"r": 4, "adapter_r": 4, "variant": "linked", "placement": "houlsby"}, "llama"),
+    ("connected", {"r": 4, "variant": "aside", "activation": "gelu"}, "gpt2"),
 ]
 
 
