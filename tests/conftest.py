@@ -13,6 +13,7 @@ from transformers import (
     GPT2LMHeadModel,
     LlamaConfig,
     LlamaForCausalLM,
+    LlamaForSequenceClassification,
 )
 
 VOCAB = 128
@@ -41,7 +42,15 @@ def tiny_bert(seed: int = 0) -> BertForSequenceClassification:
     return BertForSequenceClassification(cfg).eval()
 
 
-MODELS = {"llama": tiny_llama, "gpt2": tiny_gpt2, "bert": tiny_bert}
+def tiny_llama_cls(seed: int = 0) -> LlamaForSequenceClassification:
+    """A decoder with a classification head (pooling the last non-pad token): for head-training methods (VQT)."""
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=3,
+                      num_attention_heads=4, num_key_value_heads=2, num_labels=3, pad_token_id=0)
+    return LlamaForSequenceClassification(cfg).eval()
+
+
+MODELS = {"llama": tiny_llama, "gpt2": tiny_gpt2, "bert": tiny_bert, "llama-cls": tiny_llama_cls}
 
 
 def batch(seed: int = 1, n: int = 2, length: int = 9) -> dict[str, torch.Tensor]:

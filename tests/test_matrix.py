@@ -83,18 +83,23 @@ CASES = [
     ("connected", {"r": 4, "adapter_r": 4, "modules_to_save": ["classifier"]}, "bert"),
     ("connected", {"r": 4, "adapter_r": 4, "variant": "linked", "placement": "houlsby"}, "llama"),
     ("connected", {"r": 4, "variant": "aside", "activation": "gelu"}, "gpt2"),
+    ("vqt", {}, "bert"),
+    ("vqt", {"tokens": 2}, "llama-cls"),
 ]
 
 
 # prefix / prompt methods change attention from the first step by their papers' design (a prefix key
 # takes attention mass before it has learnt anything): they cannot start at the base model
 PREFIX_METHODS = {"prefix", "prompt", "ptuning_v2", "mam"}
+# VQT replaces the model's head by one on its query features: its logits are a new head's from the start
+# (the base model's own features stay bit-identical: tests/test_vqt.py)
+NEW_HEAD_METHODS = {"vqt"}
 
 
 def starts_at_base(method: str, options: dict) -> bool:
     """KaSA removes the r smallest singular directions of each base weight when it attaches (its paper's
     knowledge-aware truncation): its fresh delta starts at the truncated base by design."""
-    if method in PREFIX_METHODS:
+    if method in PREFIX_METHODS | NEW_HEAD_METHODS:
         return False
     return not (method == "kasa" and options.get("truncation", "min") == "min")
 
