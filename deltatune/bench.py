@@ -121,6 +121,9 @@ PRESETS: dict[str, dict[str, Any]] = {
     "adapter": {"name": "adapter", "placement": "houlsby", "r": 16},
     "parallel_adapter": {"name": "parallel_adapter", "r": 32},
     "scaled_parallel_adapter": {"name": "scaled_parallel_adapter", "r": 32, "scale": 4.0},
+    # query tokens: run with --task classification (VQT trains a head on pooled features)
+    "vqt": {"name": "vqt", "tokens": 1},
+    "connected": {"name": "connected", "r": 64, "adapter_r": 64},
 }
 
 

@@ -76,6 +76,10 @@ DEFAULT_SETUP: dict[str, Any] = {
         "adapter": ({"name": "adapter", "placement": "houlsby", "r": 16}, 60, 2e-3),
         "parallel_adapter": ({"name": "parallel_adapter", "r": 32, "sublayers": ["ffn"]}, 60, 2e-3),
         "scaled_parallel_adapter": ({"name": "scaled_parallel_adapter", "r": 32, "scale": 4.0}, 60, 1e-3),
+        # VQT reads every layer through one query token and trains a new head on those features (the model is
+        # loaded with a sequence-classification head, `data.head: true`; the backbone only runs forward)
+        "vqt": ({"name": "vqt", "tokens": 1}, 60, 5e-3, {"head": True}),
+        "connected": ({"name": "connected", "variant": "aside+adapters", "r": 64, "adapter_r": 64}, 60, 1e-3),
     },
 }
 
