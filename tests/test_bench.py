@@ -71,3 +71,23 @@ def test_equal_count_runs_are_compared_with_the_lora_of_the_same_count() -> None
     assert bench.method_config("spiel-all")["targets"] == bench.ALL_LINEAR
     lines = bench.equal_count_lines(records)
     assert any("deltatune spiel-all | deltatune lora-all | 300 | 1.10× | 1.25×" in line for line in lines)
+
+
+def test_bench_classification_workload_compares_vqt_with_a_forward_pass(tiny_folder):
+    """The head workload: a sequence-classification model on the tweets' labels; VQT and PEFT's LoRA
+    train on it, and each run is compared with the forward-only pass of the same batches."""
+    records = bench_module.bench(str(tiny_folder), "vqt", 3, task="classification", batch_size=2, seq_len=32,
+                                 max_train=40, max_eval=10, threads=1)
+    by = {r["name"]: r for r in records}
+    assert set(by) == {"deltatune vqt", "peft lora", "plain full", "plain forward"}
+    for r in records:
+        assert r.get("error") is None, r
+    vqt = by["deltatune vqt"]
+    hidden, layers, labels = 16, 2, 3  # the tweets' negative / neutral / positive
+    assert vqt["trainable"] == layers * hidden + hidden * (1 + layers) * labels + labels  # queries + head
+    assert vqt["ratios_to_forward"]["peak_memory_bytes"] > 0
+
+
+def test_bench_rejects_unknown_task(tiny_folder):
+    with pytest.raises(DeltatuneError, match="not a bench workload"):
+        bench_module.bench(str(tiny_folder), "lora", 3, task="chat")
