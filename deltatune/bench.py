@@ -124,6 +124,11 @@ PRESETS: dict[str, dict[str, Any]] = {
     # query tokens: run with --task classification (VQT trains a head on pooled features)
     "vqt": {"name": "vqt", "tokens": 1},
     "connected": {"name": "connected", "r": 64, "adapter_r": 64},
+    # zeroth-order: the step is two forward passes (compare with `plain forward`); "lr" is the run's learning
+    # rate for this preset (MeZO's paper grid: 1e-6 on the full model, 1e-4 over LoRA), not a method option
+    "mezo": {"name": "mezo", "lr": 1e-6},
+    "mezo-lora": {"name": "mezo", "base": "lora", "eps": 1e-2, "base_options": LORA_OPTIONS, "lr": 1e-4},
+    "sparse_mezo": {"name": "sparse_mezo", "lr": 1e-6},
 }
 
 
@@ -162,7 +167,11 @@ def _run_engine(w: Workload, method: str, out: Path) -> dict[str, Any]:
 
     loop.ckpt.save_checkpoint = save_checkpoint
     try:
-        summary = dt.train(w.run_config(method_config(method), str(out)))
+        method_cfg = method_config(method)
+        config = w.run_config({k: v for k, v in method_cfg.items() if k != "lr"}, str(out))
+        if "lr" in method_cfg:
+            config["train"]["lr"] = method_cfg["lr"]
+        summary = dt.train(config)
     finally:
         loop.ckpt.save_checkpoint = original
     tokens = w.batch_size * w.seq_len

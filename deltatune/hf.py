@@ -8,9 +8,10 @@
     trainer.train()                      # the artifact lands in <output_dir>/deltatune
     again = dt.load(base_model, "<output_dir>/deltatune")
 
-``DeltaTuneTrainer`` is a thin ``Trainer`` subclass: it adds the policy's extra loss, reads the wrapped
-model's forward signature (so ``remove_unused_columns`` and ``label_names`` behave as for the plain
-model), writes only the delta when it saves (``<dir>/deltatune``, never the frozen base) and restores
+``DeltaTuneTrainer`` is a thin ``Trainer`` subclass: it adds the policy's extra loss, lets a policy that
+takes the whole step (``Policy.train_step``: zeroth-order steps from forward passes) take it, reads the
+wrapped model's forward signature (so ``remove_unused_columns`` and ``label_names`` behave as for the
+plain model), writes only the delta when it saves (``<dir>/deltatune``, never the frozen base) and restores
 the delta and the policy state on ``resume_from_checkpoint``. It installs ``DeltaTuneCallback`` itself.
 
 With a plain ``Trainer``, pass ``**dt.hf.trainer_kwargs(tuned)`` (model + callback) and set
@@ -256,12 +257,41 @@ class DeltaTuneTrainer(Trainer):
 
     def training_step(self, model: torch.nn.Module, inputs: dict[str, Any], num_items_in_batch: Any = None
                       ) -> torch.Tensor:
+        own = self._policy_step(model, inputs, num_items_in_batch)
+        if own is not None:  # the policy took the whole step
+            return own
         # the returned share of the step's loss (already divided for accumulation) sums to the step's loss,
         # which the policy's skip_step sees
         loss = super().training_step(model, inputs, num_items_in_batch)
         cb = self.delta_callback
         cb.step_loss = loss.detach().clone() if cb.step_loss is None else cb.step_loss + loss.detach()
         return loss
+
+    def _policy_step(self, model: torch.nn.Module, inputs: dict[str, Any], num_items_in_batch: Any
+                     ) -> torch.Tensor | None:
+        """The step of a policy that takes it whole (``Policy.train_step``: zeroth-order training from forward
+        passes, no backward); None for every other policy. The optimizer's and scheduler's steps that follow
+        find no gradients and change nothing but the learning rate."""
+        policy = self.tuned.policy
+        if type(policy).train_step is Policy.train_step:
+            return None
+        inputs = self._prepare_inputs(inputs)
+
+        def loss_fn(batch: dict[str, Any]) -> torch.Tensor:
+            with self.compute_loss_context_manager():
+                loss = self.compute_loss(model, batch, num_items_in_batch=num_items_in_batch).detach().float()
+            if torch.distributed.is_initialized():  # every rank takes the same step
+                loss = loss.clone()
+                torch.distributed.all_reduce(loss)
+                loss = loss / torch.distributed.get_world_size()
+            return loss
+
+        loss = policy.train_step(self.state.global_step, self.tuned, inputs, loss_fn, self._get_learning_rate(),
+                                 self.args.weight_decay)
+        if loss is None:
+            return None
+        self.delta_callback._before_done = self.state.global_step  # as in the native loop: no before_optimizer_step
+        return torch.tensor(loss, device=self.args.device)
 
     def create_optimizer(self, model: torch.nn.Module | None = None) -> torch.optim.Optimizer:
         """The policy's own optimizer where it needs one (per-element Adam ages, SM3), else the Trainer's."""

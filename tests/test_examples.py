@@ -11,6 +11,9 @@ from deltatune.train import load_config
 
 EXAMPLES = sorted((Path(__file__).parent.parent / "examples").glob("*.yaml"))
 
+# methods whose example trains all 135M parameters (in place): the test narrows them to the last block
+FULL_MODEL = {"full", "mezo", "sparse_mezo"}
+
 
 def test_every_method_has_an_example() -> None:
     used = {load_config(p).method["name"] for p in EXAMPLES}
@@ -21,7 +24,7 @@ def test_every_method_has_an_example() -> None:
 def test_example_runs(path: Path, tmp_path: Path) -> None:
     # a full fine-tune of all 135M parameters writes ~2 GB of checkpoint (delta + Adam moments): test it on
     # the last block only, the same code path
-    narrow = ["method.layers='29:'"] if load_config(path).method["name"] == "full" else []
+    narrow = ["method.layers='29:'"] if load_config(path).method["name"] in FULL_MODEL else []
     cfg = load_config(path, narrow + [
         "train.steps=1", "train.batch_size=2", "train.eval_every=0", "train.save_every=0", "train.progress=false",
         "data.max_train=8", "data.max_eval=4", f"output={tmp_path / 'run'}",

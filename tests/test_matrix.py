@@ -85,6 +85,14 @@ CASES = [
     ("connected", {"r": 4, "variant": "aside", "activation": "gelu"}, "gpt2"),
     ("vqt", {}, "bert"),
     ("vqt", {"tokens": 2}, "llama-cls"),
+    ("mezo", {}, "llama"),
+    ("mezo", {"layers": "1:", "types": ["conv1d"]}, "gpt2"),
+    ("mezo", {"base": "lora", "base_options": {"r": 2, "alpha": 4, "targets": ["query", "value"], "bias": "all"}},
+     "bert"),
+    ("sparse_mezo", {}, "llama"),
+    ("sparse_mezo", {"threshold": "dynamic", "base": "lora", "base_options": {"r": 4, "alpha": 8, "targets": ["c_attn"]}},
+     "gpt2"),
+    ("sparse_mezo", {"sparsity": 0.5}, "bert"),
 ]
 
 

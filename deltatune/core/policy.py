@@ -1,6 +1,7 @@
 """Policies: which parts of a delta train at which step.
 
-The training loop calls a policy around every optimizer step. A policy may change which
+The training loop calls a policy around every optimizer step, or lets it take the whole step
+(``train_step``: zeroth-order training from forward passes). A policy may change which
 parameters train; when it does it must keep the optimizer consistent (``release_state`` for
 parameters that stop training or whose slot now means something else). Its ``state_dict`` goes
 into every checkpoint so a resumed run takes exactly the decisions of an uninterrupted one; it
@@ -9,6 +10,7 @@ must hold only tensors and JSON values, and must be the same on every data-paral
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -55,6 +57,18 @@ class Policy:
         """Called after every optimizer step (``epoch_end``: the step finished a pass over the training
         data): True ends the run after this step, with the final evaluation, checkpoint and artifact."""
         return False
+
+    def train_step(self, step: int, tuned: Tuned, batch: Any, loss_fn: Callable[[Any], torch.Tensor], lr: float,
+                   weight_decay: float) -> float | None:
+        """Take step ``step`` here, instead of the loop's backward and optimizer step (a zeroth-order method
+        estimates the update from forward passes), and return its loss for the log; None (the default): the
+        loop takes its usual step with ``batch`` as the first micro-batch. ``loss_fn(batch)`` is the task loss
+        as the loop computes it (the policy's extra loss included, under the run's mixed precision, averaged
+        over data-parallel ranks so every rank sees the same number); gradients and train/eval mode are the
+        policy's business. ``lr`` is the schedule's learning rate for this step, ``weight_decay`` the run's.
+        After such a step the loop calls neither ``before_optimizer_step`` nor ``skip_step``; the schedule
+        advances, then ``after_optimizer_step`` and ``should_stop`` run as usual."""
+        return None
 
     def extra_loss(self, tuned: Tuned) -> torch.Tensor | None:
         """A regulariser added to the task loss (AdaLoRA's orthogonality, KaSA's terms); None for none."""

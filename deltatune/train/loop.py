@@ -1,8 +1,9 @@
 """The native training loop: read it top to bottom in ``train``.
 
-Policies plug in around the optimizer step; the loop keeps the optimizer consistent when they change
-what trains. Checkpoints hold everything a resumed run needs to continue bit-exactly: the delta,
-optimizer, scheduler, policy state, RNG states and the position in the data.
+Policies plug in around the optimizer step, or take the whole step (``Policy.train_step``); the loop
+keeps the optimizer consistent when they change what trains. Checkpoints hold everything a resumed run
+needs to continue bit-exactly: the delta, optimizer, scheduler, policy state, RNG states and the
+position in the data.
 """
 
 from __future__ import annotations
@@ -277,6 +278,25 @@ def train(config: str | Path | dict | RunConfig, overrides: list[str] | None = N
                 "history": history,
             }, s.keep_last)
 
+    def next_batch() -> dict[str, torch.Tensor]:
+        return _to(task.collate([task.train[i] for i in batches.next()]), device)
+
+    policy_tokens = [0]  # tokens of the batch that a policy taking its own step evaluated (for tokens/s)
+
+    def policy_loss(batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """The batch's loss as the loop computes it, for a policy that takes its own step; the mean over ranks,
+        so that every rank takes the same step."""
+        with _autocast(s, device):
+            loss, policy_tokens[0] = task.loss(model_for_step, batch)
+            extra = tuned.policy.extra_loss(tuned)
+            if extra is not None:
+                loss = loss + extra
+        loss = loss.detach().float().clone()
+        if world > 1:
+            dist.all_reduce(loss)
+            loss = loss / world
+        return loss
+
     kill_at = int(os.environ.get(FAULT_ENV, "-1"))
     tokens_seen, step_times = 0, []
     tuned.train()
@@ -287,21 +307,28 @@ def train(config: str | Path | dict | RunConfig, overrides: list[str] | None = N
                 os.kill(os.getpid(), signal.SIGKILL)
             t0 = time.perf_counter()
             optimizer.zero_grad(set_to_none=True)
-            loss_sum, tokens = 0.0, 0
-            for _ in range(s.grad_accum):
-                batch = _to(task.collate([task.train[i] for i in batches.next()]), device)
-                with _autocast(s, device):
-                    loss, n_tok = task.loss(model_for_step, batch)
-                    extra = tuned.policy.extra_loss(tuned)
-                    if extra is not None:
-                        loss = loss + extra
-                (loss / s.grad_accum).backward()
-                loss_sum += loss.item() / s.grad_accum
-                tokens += n_tok
-            if world > 1:  # the global loss: logged, and every rank stops together on NaN
-                t = torch.tensor([loss_sum], dtype=torch.float64, device=device)
-                dist.all_reduce(t)
-                loss_sum = t.item() / world
+            batch = next_batch()
+            policy_tokens[0] = 0
+            own = tuned.policy.train_step(step, tuned, batch, policy_loss, optimizer.param_groups[0]["lr"], s.weight_decay)
+            if own is not None:  # the policy took the whole step (zeroth-order): no backward, no optimizer step
+                loss_sum, tokens = own, policy_tokens[0]
+            else:
+                loss_sum, tokens = 0.0, 0
+                for i in range(s.grad_accum):
+                    if i:
+                        batch = next_batch()
+                    with _autocast(s, device):
+                        loss, n_tok = task.loss(model_for_step, batch)
+                        extra = tuned.policy.extra_loss(tuned)
+                        if extra is not None:
+                            loss = loss + extra
+                    (loss / s.grad_accum).backward()
+                    loss_sum += loss.item() / s.grad_accum
+                    tokens += n_tok
+                if world > 1:  # the global loss: logged, and every rank stops together on NaN
+                    t = torch.tensor([loss_sum], dtype=torch.float64, device=device)
+                    dist.all_reduce(t)
+                    loss_sum = t.item() / world
             if not math.isfinite(loss_sum):
                 last = ckpt.checkpoints(ckpt_dir)
                 where = f"the last good checkpoint is {last[-1]}" if last else "no checkpoint was written yet"
@@ -309,14 +336,16 @@ def train(config: str | Path | dict | RunConfig, overrides: list[str] | None = N
                     f"the loss became {loss_sum} at step {step + 1}; stopped ({where}). "
                     "Lower train.lr, raise train.warmup, or set train.max_grad_norm"
                 )
-            tuned.policy.before_optimizer_step(step, tuned, optimizer)
-            skip = tuned.policy.skip_step(step, loss_sum)
-            if skip:  # no update; the step still counts
-                optimizer.zero_grad(set_to_none=True)
-            else:
-                if s.max_grad_norm is not None:
-                    torch.nn.utils.clip_grad_norm_([p for p in params if p.grad is not None], s.max_grad_norm)
-                optimizer.step()
+            skip = False
+            if own is None:
+                tuned.policy.before_optimizer_step(step, tuned, optimizer)
+                skip = tuned.policy.skip_step(step, loss_sum)
+                if skip:  # no update; the step still counts
+                    optimizer.zero_grad(set_to_none=True)
+                else:
+                    if s.max_grad_norm is not None:
+                        torch.nn.utils.clip_grad_norm_([p for p in params if p.grad is not None], s.max_grad_norm)
+                    optimizer.step()
             scheduler.step()
             tuned.policy.after_optimizer_step(step, tuned, optimizer)
             now_trainable = sync_optimizer(optimizer, tuned, trainable)

@@ -1,0 +1,496 @@
+"""MeZO (Malladi et al., NeurIPS 2023, arXiv 2305.17333): fine-tuning from forward passes only, at the
+memory of inference.
+
+Each step estimates the derivative of the loss along one random Gaussian direction z with two forward
+passes on the same batch (SPSA) and moves every trainable tensor along z by that scalar:
+
+    g = (L(θ + εz) − L(θ − εz)) / 2ε,        θ ← θ − η (g·z + λθ)
+
+z is never stored: it is regenerated from the step's seed whenever it is needed, one chunk of one tensor
+at a time. The algorithm and defaults follow the official code (princeton-nlp/MeZO@552cb1b,
+``large_models/trainer.py``, ``zo_perturb_parameters`` / ``zo_forward`` / ``zo_step`` / ``zo_update``):
+ε = 1e-3 (full-parameter; its grid uses 1e-2 for LoRA, 1e-1 for prefixes), one perturbation per step, the
+loss in eval mode (dropout off) without autograd, no gradient accumulation. The learning rate is the run's
+``train.lr`` (the papers: 1e-6 / 1e-7 full-parameter, 1e-4 / 5e-5 LoRA, constant schedule). Differences,
+each for a reason:
+
+- **The perturbation is applied at forward time, not written into the weights.** The official code writes
+  θ + εz, θ − εz and θ back in place (+εz, −2εz, +εz); in fp32 about half of the entries do not come back
+  bit for bit, and in fp16 the drift makes the loss collapse (MeZO issue #42). Here a trainable tensor is
+  never written during the estimate: a forward pre-hook on each module that holds it points the parameter
+  at a temporary W + εz, and the module's forward hook points it back, so one module's perturbed tensor
+  exists at a time and W is exact by construction. The tensors of another method's delta (``base``: LoRA
+  factors, adapters; small) are pointed at perturbed copies for the whole forward. z is drawn twice for
+  the estimate and once for the update (the official code draws it four times).
+- **Seeds**: each step's seed comes from a dedicated generator whose state is in the policy state (a
+  resumed run draws the same seeds; the global RNG is never reseeded, unlike the official
+  ``torch.manual_seed``, which correlates data order and dropout with the perturbations). z of chunk c of
+  tensor i is drawn from a generator seeded with a hash of (step seed, i, c): chunks of 2^22 entries
+  bound the temporary memory whatever a tensor's size, and z is always drawn in fp32, so it does not
+  depend on the tensor's dtype.
+- **n-SPSA** (``n_spsa`` > 1, the paper's variant): n seeds, n estimates, then one update
+  θ ← θ − η (Σ_k g_k z_k / n + λθ).
+- **Weight decay** skips tensors with fewer than two dimensions (biases, LayerNorm / RMSNorm weights); the
+  official code matches the names "bias", "layer_norm", "layernorm", "ln".
+- The logged loss is the mean of L(θ + εz) and L(θ − εz) (the official code logs the first); a step whose
+  estimate is not finite makes no update, and the loop stops on its loss.
+
+What trains:
+
+- ``dt.attach(model, "mezo")``: every parameter (or ``targets`` / ``layers`` / ``types`` / ``exclude``, as
+  in ``full``), trained in place: the artifact is ``full``'s dense delta W − W0. W0 is kept in host
+  memory (``OffloadedInPlace``), copied when a tensor is first updated, so the device holds the model,
+  one module's perturbed tensor and one chunk of z. The trained W is put on a point its artifact
+  reproduces bit for bit (``InPlace.settle``) when the artifact is written, not after every step (that
+  would bring W0 back to the device at every step).
+- ``dt.attach(model, "mezo", base="lora", base_options={...})``: the parameters of another method (one
+  with a static policy) trained with zeroth-order steps; the artifact is that method's.
+
+Train with ``deltatune train`` (the native loop hands the step to ``policy.train_step``) or
+``deltatune.hf.DeltaTuneTrainer``; in your own loop call ``tuned.policy.train_step(step, tuned, batch,
+loss_fn, lr, weight_decay)`` once per step with ``loss_fn(batch) -> loss`` (no backward, no optimizer).
+
+fp16 / bf16 trainable tensors: the estimate stays exact (nothing is written in place), but an update
+η·g·z of about 1e-6 is far below the rounding step of a 16-bit weight and is mostly lost, so a warning
+asks for fp32 weights (mixed precision through autocast is fine: the native loop computes in bf16 from
+fp32 weights on CUDA).
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import torch
+import torch.nn as nn
+
+from deltatune.core.forms.base import Form
+from deltatune.core.forms.inplace import InPlace
+from deltatune.core.policy import Policy
+from deltatune.core.registry import Built, register
+from deltatune.core.targeting import select_parameters, sites_of
+from deltatune.errors import DeltatuneError
+from deltatune.methods._common import build_base, dense_forms
+
+if TYPE_CHECKING:
+    from deltatune.core.tuned import Tuned
+
+CHUNK = 1 << 22  # entries of z drawn at once (16 MiB in fp32): the temporary memory of a perturbation
+ZEROTH_ORDER = ("mezo", "sparse_mezo")  # methods that cannot be another zeroth-order method's base
+MASK64 = (1 << 64) - 1
+
+
+@dataclass
+class MezoConfig:
+    eps: float = 1e-3  # ε, the perturbation scale (official full-parameter value; its grid: LoRA 1e-2, prefix 1e-1)
+    n_spsa: int = 1  # perturbations averaged per step (official: 1)
+    seed: int = 0  # the generator of the per-step seeds (its state is checkpointed)
+    base: str | None = None  # None: train the model's own tensors; else a method whose parameters MeZO trains
+    base_options: dict[str, Any] = field(default_factory=dict)  # that method's options, e.g. {r: 8, alpha: 16}
+    # without base: which tensors train (as in full); None trains every parameter
+    targets: list[str] | None = None
+    layers: list[int] | str | None = None
+    types: list[str] | None = None
+    exclude: list[str] | None = None
+
+    def __post_init__(self) -> None:
+        if not self.eps > 0:
+            raise ValueError(f"eps={self.eps} must be > 0 (the perturbation scale; MeZO uses 1e-3)")
+        if self.n_spsa < 1:
+            raise ValueError(f"n_spsa={self.n_spsa} must be >= 1 (perturbations per step)")
+        if self.base in ZEROTH_ORDER:
+            raise ValueError(f"base={self.base!r}: the base is the method whose parameters MeZO trains, e.g. 'lora'")
+        if self.base is None and self.base_options:
+            raise ValueError("base_options without base: name the method they belong to (base='lora')")
+        chosen = [k for k in ("targets", "layers", "types", "exclude") if getattr(self, k) is not None]
+        if self.base is not None and chosen:
+            raise ValueError(f"{', '.join(chosen)} select the model's own tensors; with base={self.base!r} put the "
+                             "base method's targets in base_options")
+
+
+@register("mezo", MezoConfig, "MeZO: zeroth-order SPSA steps from two forward passes, z regenerated from seeds "
+          "(Malladi et al., 2023); the full model in place, or another method's parameters (base)")
+def build(model: nn.Module, cfg: MezoConfig, *, loading: bool = False) -> Built:
+    return Built(zeroth_order_forms(model, cfg, loading), MezoPolicy(cfg))
+
+
+def zeroth_order_forms(model: nn.Module, cfg: MezoConfig, loading: bool) -> dict[str, Form]:
+    """The delta a zeroth-order method trains: the model's own tensors (a dense delta, W0 in host memory while
+    training), or the forms of the base method."""
+    if cfg.base is None:
+        params = select_parameters(model, cfg.targets, layers=cfg.layers, types=cfg.types, exclude=cfg.exclude)
+        return dict(dense_forms(model, params) if loading else offloaded_forms(model, params))
+    base = build_base(model, cfg.base, cfg.base_options, loading)
+    if type(base.policy) is not Policy:
+        raise DeltatuneError(
+            f"base={cfg.base!r} has its own policy ({type(base.policy).__name__}) that decides what trains and how; "
+            "a zeroth-order method takes the whole step itself: use a base with a static policy, e.g. base='lora'"
+        )
+    return base.forms
+
+
+# -- the model's tensors, trained in place with W0 in host memory -----------------------------------------
+class OffloadedInPlace(InPlace):
+    """``InPlace`` with its W0 copy in host memory, so that the device holds nothing but the model.
+
+    W is settled (``W0 + (W − W0) == W`` exactly: the artifact reproduces it bit for bit) whenever the
+    artifact is written or the delta merged, and, while ``settle_every_step`` is on (the default: gradient
+    training through ``.backward()``, as the method matrix does), before the first forward after each
+    optimizer step as ``InPlace`` does. A zeroth-order policy turns it off when it takes its first step:
+    it would bring W0 back to the device at every step."""
+
+    def __init__(self, sites: list[tuple[nn.Module, str]], param_name: str) -> None:
+        self.__dict__["_w0_host"] = None  # before InPlace.__init__ assigns w0 through the property below
+        super().__init__(sites, param_name)
+        self.settle_every_step = True
+
+    @property
+    def w0(self) -> torch.Tensor | None:  # type: ignore[override]
+        """W0 on the weight's device (a temporary copy when the weight is on an accelerator)."""
+        host = self.__dict__["_w0_host"]
+        return None if host is None else host.to(self.weight.device)
+
+    @w0.setter
+    def w0(self, value: torch.Tensor | None) -> None:
+        self.__dict__["_w0_host"] = None if value is None else value.detach().to("cpu")
+
+    @property
+    def touched(self) -> bool:
+        return self.__dict__["_w0_host"] is not None
+
+    def snapshot(self) -> None:
+        if self.__dict__["_w0_host"] is None:
+            self.__dict__["_w0_host"] = self.weight.detach().to("cpu", copy=True)
+
+    def _apply(self, fn: Any, recurse: bool = True) -> OffloadedInPlace:
+        # .to(device) moves the weight; W0 stays in host memory and only follows a change of dtype
+        host, self.__dict__["_w0_host"] = self.__dict__["_w0_host"], None
+        super()._apply(fn, recurse)
+        self.__dict__["_w0_host"] = None if host is None else host.to(self.weight.dtype)
+        return self
+
+    def settle(self, force: bool = False) -> None:
+        if not self.touched or not self.attached:
+            return
+        if not force and (not self.settle_every_step or self.weight._version == self._settled_version):
+            return
+        w0 = self.w0  # one transfer per settle
+        with torch.no_grad():
+            for _ in range(4):  # as InPlace.settle: one or two rounds reach the fixed point
+                again = w0 + (self.weight - w0)
+                if torch.equal(again, self.weight):
+                    break
+                self.weight.copy_(again)
+        self._settled_version = self.weight._version
+
+    def _forward_pre_hook(self, module: nn.Module, args: Any) -> None:
+        if not self.touched and self.weight.requires_grad and torch.is_grad_enabled():
+            self.snapshot()  # gradient training: before any optimizer step writes W
+        self.settle()
+
+
+def offloaded_forms(model: nn.Module, params: Iterable[tuple[str, nn.Parameter]]) -> dict[str, OffloadedInPlace]:
+    """One in-place delta per floating parameter (tied parameters once), all trainable."""
+    forms: dict[str, OffloadedInPlace] = {}
+    seen: set[int] = set()
+    for name, p in params:
+        if id(p) in seen or not p.is_floating_point():
+            continue
+        seen.add(id(p))
+        forms[name] = OffloadedInPlace(sites_of(model, p), name)
+        p.requires_grad_(True)
+    return forms
+
+
+# -- z, regenerated from seeds ------------------------------------------------------------------------------
+def _splitmix64(x: int) -> int:
+    x = (x + 0x9E3779B97F4A7C15) & MASK64
+    x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & MASK64
+    x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & MASK64
+    return x ^ (x >> 31)
+
+
+def chunk_seed(seed: int, index: int, chunk: int) -> int:
+    """The seed of z's chunk ``chunk`` of tensor ``index`` at a step with seed ``seed`` (a 64-bit hash)."""
+    return _splitmix64(_splitmix64(_splitmix64(seed) ^ index) ^ chunk)
+
+
+def chunks(n: int) -> Iterator[tuple[int, int, int]]:
+    """(chunk number, start, end) over n flat entries."""
+    for c, start in enumerate(range(0, n, CHUNK)):
+        yield c, start, min(n, start + CHUNK)
+
+
+class Noise:
+    """z one chunk at a time: N(0, 1) in fp32 from a generator seeded with ``chunk_seed``. One generator per
+    device, reseeded for every chunk, so z depends on nothing but (step seed, tensor, chunk) and the device."""
+
+    def __init__(self) -> None:
+        self._generators: dict[torch.device, torch.Generator] = {}
+
+    def __call__(self, seed: int, index: int, chunk: int, n: int, device: torch.device) -> torch.Tensor:
+        g = self._generators.get(device)
+        if g is None:
+            g = self._generators[device] = torch.Generator(device=device)
+        g.manual_seed(chunk_seed(seed, index, chunk))
+        return torch.randn(n, generator=g, device=device, dtype=torch.float32)
+
+
+@dataclass
+class Entry:
+    """One delta tensor the policy may train: its position in the delta (part of z's seed), where it is read."""
+
+    index: int
+    name: str
+    param: nn.Parameter
+    form: Form
+    modules: list[nn.Module] | None  # the model's modules holding it (perturbed per module); None: whole forward
+    decay: bool  # weight decay applies (not to biases and norm weights)
+
+
+class ZerothOrderOptimizer(torch.optim.Optimizer):
+    """What a zeroth-order policy gives the loop as its optimizer: no state, only the parameter groups whose
+    learning rate the schedule sets. It never steps: the policy's ``train_step`` updates the parameters."""
+
+    def __init__(self, params: list[nn.Parameter], lr: float, weight_decay: float) -> None:
+        super().__init__(params, {"lr": lr, "weight_decay": weight_decay})
+        # torch's LR schedulers warn when the schedule advances before the optimizer ever stepped: this one
+        # never steps, by design
+        self._opt_called = True
+
+    def step(self, closure: Callable[[], Any] | None = None) -> None:  # type: ignore[override]
+        if any(p.grad is not None for group in self.param_groups for p in group["params"]):
+            raise DeltatuneError(
+                "a zeroth-order method got gradients: its steps come from forward passes in policy.train_step. "
+                "Train with `deltatune train` or deltatune.hf.DeltaTuneTrainer, or call tuned.policy.train_step "
+                "yourself instead of backward() and optimizer.step()"
+            )
+
+
+# -- the policy ----------------------------------------------------------------------------------------------
+class MezoPolicy(Policy):
+    """SPSA steps over the trainable tensors of the delta; subclasses restrict z with a mask (``mask``)."""
+
+    name = "mezo"
+
+    def __init__(self, cfg: MezoConfig) -> None:
+        self.cfg = cfg
+        self.generator = torch.Generator().manual_seed(cfg.seed)  # the per-step seeds
+        self.noise = Noise()
+        self.entries: list[Entry] = []
+        self.last: list[tuple[int, float]] = []  # (seed, projected gradient g) of each perturbation of the last step
+        self._started = False
+        self._warned_unread = False
+
+    # -- wiring ------------------------------------------------------------------------------------------------
+    def setup(self, tuned: Tuned) -> None:
+        owner = {id(p): (name, form) for name, form in tuned.forms().items() for p in form.parameters()}
+        self.entries = []
+        for i, p in enumerate(tuned.deltas.parameters()):  # a stable order: the index is part of z's seed
+            name, form = owner[id(p)]
+            modules = [m for m, _ in form.sites] if isinstance(form, InPlace) else None
+            self.entries.append(Entry(i, name, p, form, modules, decay=p.dim() >= 2))
+
+    def plan(self, total_steps: int, grad_accum: int) -> None:
+        if grad_accum != 1:
+            raise DeltatuneError(
+                f"train.grad_accum={grad_accum}: {self.name} takes one batch per step (two forward passes estimate "
+                "its gradient; the official code asserts no accumulation). Set train.grad_accum=1 and raise "
+                "train.batch_size instead"
+            )
+
+    def make_optimizer(self, params: list[nn.Parameter], lr: float, weight_decay: float) -> torch.optim.Optimizer:
+        return ZerothOrderOptimizer(params, lr, weight_decay)
+
+    def before_optimizer_step(self, step: int, tuned: Tuned, optimizer: torch.optim.Optimizer) -> None:
+        if any(e.param.grad is not None for e in self.entries):  # a loop ran backward: it would not train MeZO
+            raise DeltatuneError(
+                f"{self.name} trains from forward passes (policy.train_step), but a training loop computed gradients "
+                "for its parameters: use `deltatune train` or deltatune.hf.DeltaTuneTrainer, whose steps call "
+                "policy.train_step"
+            )
+
+    # -- the step ----------------------------------------------------------------------------------------------
+    def train_step(self, step: int, tuned: Tuned, batch: Any, loss_fn: Callable[[Any], torch.Tensor], lr: float,
+                   weight_decay: float) -> float:
+        live = [e for e in self.entries if e.param.requires_grad]
+        if not self._started:
+            self._start(live)
+        seeds = [self.next_seed() for _ in range(self.cfg.n_spsa)]
+        self.begin_step(live)
+        estimates: list[float] = []
+        losses: list[float] = []
+        for seed in seeds:
+            plus = self.perturbed_loss(tuned, live, batch, loss_fn, seed, self.cfg.eps)
+            minus = self.perturbed_loss(tuned, live, batch, loss_fn, seed, -self.cfg.eps)
+            estimates.append((plus - minus) / (2 * self.cfg.eps))
+            losses += [plus, minus]
+        self.last = list(zip(seeds, estimates, strict=True))
+        if all(math.isfinite(g) for g in estimates):
+            self.update(live, self.last, lr, weight_decay)
+        return sum(losses) / len(losses)
+
+    def next_seed(self) -> int:
+        return int(torch.randint(0, 2**62, (), generator=self.generator))
+
+    def _start(self, live: list[Entry]) -> None:
+        self._started = True
+        low = sorted({str(e.param.dtype) for e in live if e.param.dtype in (torch.float16, torch.bfloat16)})
+        if low:
+            warnings.warn(
+                f"{self.name} trains {', '.join(low)} tensors: an update lr·g·z (about 1e-6) is mostly below their "
+                "rounding step and lost. Load the model in float32 (mixed precision via autocast is fine)",
+                stacklevel=3,
+            )
+        for e in live:
+            if isinstance(e.form, OffloadedInPlace):
+                e.form.settle_every_step = False  # settled when saved: W0 stays in host memory
+
+    def begin_step(self, live: list[Entry]) -> None:
+        """Called once per step before the first perturbation (a mask's thresholds)."""
+
+    def mask(self, entry: Entry, values: torch.Tensor) -> torch.Tensor | None:
+        """The entries of a chunk of ``entry``'s unperturbed values that z may move; None: all of them."""
+        return None
+
+    def direction(self, seed: int, entry: Entry, chunk: int, values: torch.Tensor) -> torch.Tensor:
+        """z (fp32, masked) for one chunk of ``entry`` whose unperturbed values are ``values``."""
+        z = self.noise(seed, entry.index, chunk, values.numel(), values.device)
+        m = self.mask(entry, values)
+        return z if m is None else z.mul_(m)
+
+    def perturbed(self, entry: Entry, seed: int, scale: float) -> torch.Tensor:
+        """A new tensor W + scale·z; W itself is left as it is."""
+        w = entry.param.detach()
+        flat = w.reshape(-1)
+        out = torch.empty(w.shape, dtype=w.dtype, device=w.device)
+        flat_out = out.view(-1)
+        for c, a, b in chunks(flat.numel()):
+            torch.add(flat[a:b], self.direction(seed, entry, c, flat[a:b]), alpha=scale, out=flat_out[a:b])
+        return out
+
+    def perturbed_loss(self, tuned: Tuned, live: list[Entry], batch: Any, loss_fn: Callable[[Any], torch.Tensor],
+                       seed: int, scale: float) -> float:
+        """L(θ + scale·z) in eval mode without autograd; the weights are untouched afterwards."""
+        modes = [(m, m.training) for m in tuned.modules()]
+        try:
+            tuned.eval()
+            with torch.no_grad(), _Perturbation(self, live, seed, scale) as perturbation:
+                loss = float(loss_fn(batch))
+            if perturbation.unread:
+                self._warn_unread(perturbation.unread)
+            return loss
+        finally:
+            for m, training in modes:
+                m.training = training
+            torch.clear_autocast_cache()  # autocast caches a parameter's cast by identity, not by its data
+
+    def _warn_unread(self, unread: list[Entry]) -> None:
+        if self._warned_unread:
+            return
+        self._warned_unread = True
+        names = ", ".join(e.name for e in unread[:4]) + (", ..." if len(unread) > 4 else "")
+        warnings.warn(
+            f"{len(unread)} trainable tensors were not read through their modules in the loss's forward ({names}): "
+            f"{self.name} perturbs a tensor when its module runs, so these get noise but no signal. Exclude them "
+            "(exclude=[...]) if the loss does not use them",
+            stacklevel=4,
+        )
+
+    def update(self, live: list[Entry], estimates: list[tuple[int, float]], lr: float, weight_decay: float) -> None:
+        """θ ← θ − lr·(Σ_k g_k z_k / n + λθ), one chunk at a time (the mask from the chunk before it moves)."""
+        n = len(estimates)
+        with torch.no_grad():
+            for e in live:
+                if isinstance(e.form, InPlace):
+                    e.form.snapshot()  # W0, before the first write (MeZO's forwards never build a gradient)
+                w = e.param.detach()
+                target = w if w.is_contiguous() else w.contiguous()
+                flat = target.view(-1)
+                for c, a, b in chunks(flat.numel()):
+                    values = flat[a:b]
+                    m = self.mask(e, values)
+                    step: torch.Tensor | None = None
+                    for seed, g in estimates:
+                        z = self.noise(seed, e.index, c, b - a, values.device)
+                        if m is not None:
+                            z.mul_(m)
+                        step = z.mul_(g / n) if step is None else step.add_(z, alpha=g / n)
+                    assert step is not None
+                    if weight_decay and e.decay:
+                        step.add_(values if m is None else values * m, alpha=weight_decay)
+                    values.sub_(step, alpha=lr)
+                if target is not w:
+                    w.copy_(target)
+
+    # -- checkpoint --------------------------------------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        return {"generator": self.generator.get_state()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.generator.set_state(state["generator"].to(torch.uint8).cpu())
+
+
+class _Perturbation:
+    """While active, every trainable tensor reads as W + scale·z: the model's tensors through forward hooks on
+    the modules that hold them (one module's perturbed tensor at a time; a tied tensor is perturbed again, with
+    the same z, at each of its modules), the other delta tensors for the whole block."""
+
+    def __init__(self, policy: MezoPolicy, live: list[Entry], seed: int, scale: float) -> None:
+        self.policy, self.live, self.seed, self.scale = policy, live, seed, scale
+        self.original: dict[int, torch.Tensor] = {}  # entry index -> its own data while it reads perturbed
+        self.read: set[int] = set()
+        self.handles: list[Any] = []
+        self.unread: list[Entry] = []
+
+    def __enter__(self) -> _Perturbation:
+        by_module: dict[int, tuple[nn.Module, list[Entry]]] = {}
+        try:
+            for e in self.live:
+                if e.modules is None:
+                    self._swap_in(e)
+                else:
+                    for m in e.modules:
+                        by_module.setdefault(id(m), (m, []))[1].append(e)
+            for module, entries in by_module.values():
+                swapped: list[list[Entry]] = []  # a stack: one list per active call of this module
+                self.handles.append(module.register_forward_pre_hook(self._pre(entries, swapped)))
+                self.handles.append(module.register_forward_hook(self._post(swapped), always_call=True))
+        except BaseException:
+            self.__exit__()
+            raise
+        return self
+
+    def _swap_in(self, e: Entry) -> bool:
+        if e.index in self.original:  # already perturbed (an enclosing module holds it too)
+            return False
+        self.original[e.index] = e.param.data
+        e.param.data = self.policy.perturbed(e, self.seed, self.scale)
+        self.read.add(e.index)
+        return True
+
+    def _swap_out(self, e: Entry) -> None:
+        e.param.data = self.original.pop(e.index)
+
+    def _pre(self, entries: list[Entry], swapped: list[list[Entry]]) -> Callable[..., None]:
+        def hook(module: nn.Module, args: Any) -> None:
+            swapped.append([e for e in entries if self._swap_in(e)])
+        return hook
+
+    def _post(self, swapped: list[list[Entry]]) -> Callable[..., None]:
+        def hook(module: nn.Module, args: Any, output: Any) -> None:
+            for e in swapped.pop() if swapped else []:
+                self._swap_out(e)
+        return hook
+
+    def __exit__(self, *exc: Any) -> None:
+        for h in self.handles:
+            h.remove()
+        self.handles = []
+        for e in self.live:
+            if e.index in self.original:
+                self._swap_out(e)
+        self.unread = [e for e in self.live if e.modules is not None and e.index not in self.read]
