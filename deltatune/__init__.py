@@ -11,6 +11,7 @@ from deltatune.api import export, export_peft, import_, import_peft, inspect, me
 from deltatune.compose import compose, revert
 from deltatune.core.tuned import Tuned, attach, load
 from deltatune.errors import DeltatuneError
+from deltatune.merging import merge_deltas
 from deltatune.train import train
 from deltatune.version import __version__
 
@@ -28,6 +29,7 @@ __all__ = [
     "inspect",
     "load",
     "merge",
+    "merge_deltas",
     "methods",
     "models",
     "revert",

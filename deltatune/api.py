@@ -98,6 +98,29 @@ def merge(path: str | os.PathLike, *, base: str | nn.Module, out: str | os.PathL
     return Path(out)
 
 
+def compose(out: str | os.PathLike, deltas: list[str], *, base: str | None = None) -> Path:
+    """``deltatune compose``: θ0 + the sum of several artifacts, merged and written as a plain model (with a
+    record of its parts, so ``revert`` can take one out exactly). In Python, ``dt.compose`` keeps the
+    composition live instead."""
+    from deltatune.merging import compose_model
+
+    return compose_model(deltas, out, base=base)
+
+
+def revert(composed: str | os.PathLike, part: str, out: str | os.PathLike) -> Path:
+    """``deltatune revert``: the composed model without ``part``, rebuilt from the base (exact)."""
+    from deltatune.merging import revert_model
+
+    return revert_model(composed, part, out)
+
+
+def merge_deltas(out: str | os.PathLike, deltas: list[str], **options: Any) -> Any:
+    """``deltatune merge-deltas``: ``dt.merge_deltas(deltas, out, ...)`` (task arithmetic, TIES, DARE)."""
+    from deltatune.merging import merge_deltas as merge_
+
+    return merge_(deltas, out, **options)
+
+
 def _copy_tokenizer(base: str | nn.Module, folder: Path) -> None:
     """Ship the tokenizer with a merged model so the folder is usable on its own."""
     if isinstance(base, nn.Module):

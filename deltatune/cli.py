@@ -299,6 +299,74 @@ def generate(
     typer.echo("")
 
 
+def _floats(text: str | None, option: str) -> list[float] | None:
+    """``0.5,0.5`` -> [0.5, 0.5]."""
+    if text is None:
+        return None
+    try:
+        return [float(x) for x in text.split(",")]
+    except ValueError as e:
+        raise DeltatuneError(f"{option} takes comma-separated numbers, e.g. {option} 0.5,0.5 (got {text!r})") from e
+
+
+@app.command("merge-deltas")
+@_errors
+def merge_deltas(
+    out: str = typer.Argument(..., help="The artifact folder to write."),
+    deltas: list[str] = typer.Argument(..., help="The artifact folders to merge (deltas of one base model)."),
+    how: str = typer.Option("task_arithmetic", "--how",
+                            help="task_arithmetic | ties | dare_linear | dare_ties | magnitude_prune | cat."),
+    weights: str = typer.Option(None, "--weights", help="One weight per delta, comma-separated (default: 1 each)."),
+    density: float = typer.Option(None, "--density",
+                                  help="Fraction of entries kept: ties, dare_*, magnitude_prune (e.g. 0.2)."),
+    seed: int = typer.Option(0, "--seed", help="Seed of DARE's random masks."),
+    majority: str = typer.Option("total", "--majority", help="TIES' sign election: total (by mass) | frequency."),
+    rank: int = typer.Option(None, "--rank", help="Truncate every merged ΔW to this rank with an SVD (a LoRA artifact)."),
+    space: str = typer.Option("delta", "--space",
+                              help="delta (merge each ΔW) | factors (PEFT's merge of LoRA factors A and B apart)."),
+    base: str = typer.Option(None, "--base", help="Base model: a shipped name or a from_pretrained folder "
+                             "(default: the one the artifacts record)."),
+) -> None:
+    """Merge deltas trained on different tasks into one artifact (task arithmetic, TIES, DARE)."""
+    from deltatune import api
+    from deltatune.demo import human_bytes
+
+    tuned = api.merge_deltas(out, deltas, how=how, weights=_floats(weights, "--weights"), density=density, seed=seed,
+                             majority=majority, rank=rank, space=space, base=base)
+    _out().print(f"merged {len(deltas)} deltas ({how}) into {out}: a {tuned.method.name} artifact of "
+                 f"{human_bytes(tuned.stored_bytes())}", soft_wrap=True, highlight=False)
+
+
+@app.command()
+@_errors
+def compose(
+    out: str = typer.Argument(..., help="The save_pretrained folder to write (a plain model)."),
+    deltas: list[str] = typer.Argument(..., help="The artifact folders to apply together (θ0 + their sum)."),
+    base: str = typer.Option(None, "--base", help="Base model: a shipped name or a from_pretrained folder "
+                             "(default: the one the first artifact records)."),
+) -> None:
+    """Apply several deltas at once (their sum, e.g. a task and a language delta) and write the merged model."""
+    from deltatune import api
+
+    path = api.compose(out, deltas, base=base)
+    _out().print(f"composed {len(deltas)} deltas into {path} (undo one with `deltatune revert`)", soft_wrap=True,
+                 highlight=False)
+
+
+@app.command()
+@_errors
+def revert(
+    composed: str = typer.Argument(..., help="A model folder written by `deltatune compose`."),
+    part: str = typer.Argument(..., help="The part to take out: its artifact folder name or path."),
+    out: str = typer.Argument(..., help="The save_pretrained folder to write."),
+) -> None:
+    """Take one delta out of a composed model: rebuilt from the base with the other parts (exact)."""
+    from deltatune import api
+
+    path = api.revert(composed, part, out)
+    _out().print(f"{composed} without {part} written to {path}", soft_wrap=True, highlight=False)
+
+
 @app.command()
 @_errors
 def bench(

@@ -19,7 +19,7 @@ import deltatune as dt
 from deltatune.cli import _parse_options, app
 from deltatune.errors import DeltatuneError
 
-VERBS = ("methods", "inspect", "export", "import", "merge", "demo")
+VERBS = ("methods", "inspect", "export", "import", "merge", "demo", "compose", "revert", "merge-deltas")
 runner = CliRunner()
 
 
@@ -195,3 +195,52 @@ def test_installed_console_script() -> None:
     assert done.returncode == 2
     assert done.stderr.strip().startswith("error: ") and len(done.stderr.strip().splitlines()) == 1
     assert "Traceback" not in done.stderr
+
+
+def _sparse_artifact(base_dir: Path, folder: Path, seed: int) -> Path:
+    """A sparse delta with random values (so composing it visibly changes the model)."""
+    torch.manual_seed(seed)
+    tuned = dt.attach(dt.models.load(base_dir), "spiel", k=200, targets=["q_proj", "o_proj"])
+    with torch.no_grad():
+        for p in tuned.trainable_parameters():
+            p.normal_(0, 0.05)
+    tuned.save(folder)
+    return folder
+
+
+def test_compose_then_revert_is_exact(artifact: tuple[Path, int], base_dir: Path, tmp_path: Path) -> None:
+    """`compose OUT A B` writes θ0 + φ_a + φ_b; `revert OUT B` gives exactly `compose A` (rebuilt from θ0)."""
+    lora, _ = artifact
+    sparse = _sparse_artifact(base_dir, tmp_path / "sparse", seed=3)
+    result = run("compose", tmp_path / "both", lora, sparse, "--base", base_dir)
+    assert result.exit_code == 0, result.output
+    assert run("compose", tmp_path / "lora-only", lora, "--base", base_dir).exit_code == 0
+    result = run("revert", tmp_path / "both", "sparse", tmp_path / "reverted")
+    assert result.exit_code == 0, result.output
+    both = dt.models.load(tmp_path / "both").state_dict()
+    reverted = dt.models.load(tmp_path / "reverted").state_dict()
+    alone = dt.models.load(tmp_path / "lora-only").state_dict()
+    assert all(torch.equal(reverted[k], alone[k]) for k in alone)
+    assert not all(torch.equal(both[k], alone[k]) for k in alone)
+    # reverting the last part gives the base model back
+    assert run("revert", tmp_path / "reverted", "lora", tmp_path / "base-again").exit_code == 0
+    base = dt.models.load(base_dir).state_dict()
+    again = dt.models.load(tmp_path / "base-again").state_dict()
+    assert all(torch.equal(again[k], base[k]) for k in base)
+    one_error_line(run("revert", tmp_path / "both", "nope", tmp_path / "x"), "not one of the composed parts")
+    one_error_line(run("revert", base_dir, "lora", tmp_path / "x"), "deltatune-composition.json")
+
+
+def test_merge_deltas_verb_writes_a_loadable_artifact(artifact: tuple[Path, int], base_dir: Path,
+                                                      tmp_path: Path) -> None:
+    """Task arithmetic of a delta with itself at weights 0.5, 0.5 is the delta (as a dense ΔW)."""
+    lora, _ = artifact
+    result = run("merge-deltas", tmp_path / "merged", lora, lora, "--weights", "0.5,0.5", "--base", base_dir)
+    assert result.exit_code == 0, result.output
+    x = {"input_ids": torch.randint(0, 128, (2, 6), generator=torch.Generator().manual_seed(0))}
+    with torch.no_grad():
+        want = dt.load(dt.models.load(base_dir), lora)(**x).logits
+        got = dt.load(dt.models.load(base_dir), tmp_path / "merged")(**x).logits
+    assert torch.allclose(got, want, atol=1e-5)
+    one_error_line(run("merge-deltas", tmp_path / "m2", lora, lora, "--weights", "a,b", "--base", base_dir),
+                   "--weights takes comma-separated numbers")
