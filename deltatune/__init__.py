@@ -9,6 +9,7 @@
 from deltatune import data, models
 from deltatune.api import export, export_peft, import_, import_peft, inspect, merge, methods
 from deltatune.compose import compose, revert
+from deltatune.compress import compress
 from deltatune.core.tuned import Tuned, attach, load
 from deltatune.errors import DeltatuneError
 from deltatune.merging import merge_deltas
@@ -21,6 +22,7 @@ __all__ = [
     "__version__",
     "attach",
     "compose",
+    "compress",
     "data",
     "export",
     "export_peft",

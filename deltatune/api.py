@@ -58,7 +58,17 @@ def inspect(path: str | os.PathLike) -> dict[str, Any]:
         "stored_values": sum(t.numel() for t in tensors.values()),
         "stored_bytes": sum(t.numel() * t.element_size() for t in tensors.values()),
         "file_bytes": meta.get("files", {}).get(artifact.TENSOR_FILE, {}).get("bytes"),
+        # a compressed artifact (deltatune compress): the size of what it was made from, and how
+        "original_bytes": meta.get("sizes", {}).get("original_bytes") or meta["config"].get("source_bytes"),
+        "compression": meta.get("compression"),
     }
+
+
+def compress(artifact_path: str | os.PathLike, out: str | os.PathLike, **options: Any) -> Path:
+    """``deltatune compress``: ComPEFT (top-k + ternary, bit-packed) of a saved delta; see deltatune.compress."""
+    from deltatune.compress import compress as compress_
+
+    return compress_(artifact_path, out, **options)
 
 
 def export(artifact_or_tuned: str | os.PathLike | Tuned, out: str | os.PathLike, *, base: str | nn.Module | None = None,

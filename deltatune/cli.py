@@ -109,7 +109,10 @@ def inspect(
     table.add_column("value", overflow="fold")
     table.add_row("method", str(info["method"]))
     for key, value in info["config"].items():
-        table.add_row(f"config.{key}", json.dumps(value, default=str))
+        text = json.dumps(value, default=str)
+        if isinstance(value, dict) and len(text) > 200:  # e.g. a compressed artifact's record per tensor
+            text = f"{len(value)} entries (see --json)"
+        table.add_row(f"config.{key}", text)
     table.add_row("base architecture", str(base["architecture"]))
     table.add_row("base model type", str(base["model_type"]))
     table.add_row("base name/path", str(base["name_or_path"]))
@@ -119,6 +122,12 @@ def inspect(
     table.add_row("stored tensors", f"{_count(info['stored_tensors'])} ({_count(info['stored_values'])} values)")
     table.add_row("stored size", human_bytes(info["stored_bytes"]))
     table.add_row("file size", human_bytes(info["file_bytes"]))
+    if info.get("original_bytes"):
+        comp = info.get("compression") or {}
+        table.add_row("original size", human_bytes(info["original_bytes"]))
+        if comp:
+            table.add_row("compression", f"{comp['ratio']:.1f}x smaller; {comp['kept']:,} of {comp['entries']:,} "
+                          f"task-vector entries kept ({comp['density']:.2%})")
     table.add_row("deltatune version", str(info["deltatune_version"]))
     _out().print(table)
 
@@ -297,6 +306,30 @@ def generate(
     api.generate(artifact, prompt, base=base, max_new_tokens=max_new_tokens, stream=True,
                  chat=False if no_chat else None)
     typer.echo("")
+
+
+@app.command()
+@_errors
+def compress(
+    artifact: str = typer.Argument(..., help="The deltatune artifact folder to compress (a weight-side delta)."),
+    out: str = typer.Argument(..., help="The compressed artifact folder to write."),
+    density: float = typer.Option(0.2, "--density", help="Fraction of task-vector entries kept (ComPEFT's k/100)."),
+    alpha: float = typer.Option(1.0, "--alpha", help="Kept entries become ±alpha·std(task vector)."),
+    scope: str = typer.Option("global", "--scope", help="global (one top-k and scale, as the paper) or tensor."),
+    lowrank: str = typer.Option("delta", "--lowrank", help="Low-rank deltas: delta (ΔW = s·B·A) or factors (A and B)."),
+    values: str = typer.Option("ternary", "--values", help="ternary (ComPEFT) or pruned (top-k only, values kept)."),
+    base: str = typer.Option(None, "--base", help="Base model (default: the one the artifact records)."),
+) -> None:
+    """Compress a saved delta with ComPEFT (top-k + ternary, bit-packed); the result loads like any artifact."""
+    from deltatune import api
+
+    path = api.compress(artifact, out, density=density, alpha=alpha, scope=scope, lowrank=lowrank, values=values,
+                        base=base)
+    info = api.inspect(path)
+    comp = info["compression"]
+    _out().print(f"compressed {artifact} to {path}: {human_bytes(info['original_bytes'])} -> "
+                 f"{human_bytes(info['stored_bytes'])} ({comp['ratio']:.1f}x smaller), {comp['kept']:,} of "
+                 f"{comp['entries']:,} entries kept", soft_wrap=True, highlight=False)
 
 
 def _floats(text: str | None, option: str) -> list[float] | None:

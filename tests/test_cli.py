@@ -19,7 +19,7 @@ import deltatune as dt
 from deltatune.cli import _parse_options, app
 from deltatune.errors import DeltatuneError
 
-VERBS = ("methods", "inspect", "export", "import", "merge", "demo", "compose", "revert", "merge-deltas")
+VERBS = ("methods", "inspect", "export", "import", "merge", "demo", "compose", "revert", "merge-deltas", "compress")
 runner = CliRunner()
 
 
@@ -244,3 +244,17 @@ def test_merge_deltas_verb_writes_a_loadable_artifact(artifact: tuple[Path, int]
     assert torch.allclose(got, want, atol=1e-5)
     one_error_line(run("merge-deltas", tmp_path / "m2", lora, lora, "--weights", "a,b", "--base", base_dir),
                    "--weights takes comma-separated numbers")
+
+
+def test_compress_verb_and_inspect_show_both_sizes(artifact: tuple[Path, int], base_dir: Path, tmp_path: Path) -> None:
+    lora, _ = artifact
+    result = run("compress", lora, tmp_path / "small", "--density", "0.1", "--base", base_dir)
+    assert result.exit_code == 0, result.output
+    assert "smaller" in result.output
+    shown = run("inspect", tmp_path / "small")
+    assert shown.exit_code == 0, shown.output
+    assert "original size" in shown.output and "compression" in shown.output
+    info = dt.inspect(tmp_path / "small")
+    assert info["compression"]["density"] == pytest.approx(0.1, abs=1e-3)
+    assert info["stored_bytes"] < info["original_bytes"]
+    one_error_line(run("compress", lora, tmp_path / "bad", "--density", "0", "--base", base_dir), "density")

@@ -17,7 +17,8 @@ FULL_MODEL = {"full", "mezo", "sparse_mezo"}
 
 def test_every_method_has_an_example() -> None:
     used = {load_config(p).method["name"] for p in EXAMPLES}
-    assert set(dt.methods()) <= used, f"methods without an example: {set(dt.methods()) - used}"
+    trained = set(dt.methods()) - {"compeft"}  # made by `deltatune compress`, not trained
+    assert trained <= used, f"methods without an example: {trained - used}"
 
 
 @pytest.mark.parametrize("path", EXAMPLES, ids=[p.stem for p in EXAMPLES])
