@@ -145,6 +145,10 @@ def _median(values: list[float]) -> float | None:
     return values[len(values) // 2] if values else None
 
 
+def _mean(values: list[float] | None) -> float:
+    return sum(values) / len(values) if values else 0.0
+
+
 def _timed(times: list[float], warmup: int) -> list[float]:
     return times[warmup:] if len(times) > warmup else times[-1:]
 
@@ -174,10 +178,10 @@ def _run_engine(w: Workload, method: str, out: Path) -> dict[str, Any]:
         summary = dt.train(config)
     finally:
         loop.ckpt.save_checkpoint = original
-    tokens = w.batch_size * w.seq_len
-    times = [tokens / r["tokens_per_s"] for r in summary["history"]]
+    times = [r["seconds"] for r in summary["history"]]
     return {
         "times": times,
+        "tokens": [r["tokens"] for r in summary["history"]],
         "trainable": summary["trainable"],
         "artifact_bytes": _file_bytes(out, "*.safetensors"),
         "stored_bytes": summary["stored_bytes"],
@@ -224,12 +228,13 @@ def _run_baseline(w: Workload, kind: str, out: Path) -> dict[str, Any]:
     optimizer = torch.optim.AdamW(params, lr=s.lr, weight_decay=s.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, loop.lr_lambda(s))
     batches = loop.Batches(len(task.train), s.batch_size, s.seed)
-    times, loss_value = [], float("nan")
+    times, tokens, loss_value = [], [], float("nan")
     for _ in range(s.steps):
         t0 = time.perf_counter()
         optimizer.zero_grad(set_to_none=True)
         batch = {k: v.to(device) for k, v in task.collate([task.train[i] for i in batches.next()]).items()}
         labels = batch.pop("labels")
+        tokens.append(int(batch["attention_mask"].sum()) if "attention_mask" in batch else labels.numel())
         with loop._autocast(s, device):  # the transformers model's own causal-LM loss, as PEFT users train
             loss = model(**batch, labels=labels, use_cache=False).loss
         loss.backward()
@@ -244,6 +249,7 @@ def _run_baseline(w: Workload, kind: str, out: Path) -> dict[str, Any]:
     pattern = "adapter_model.safetensors" if kind == "peft-lora" else "*.safetensors"
     return {
         "times": times,
+        "tokens": tokens,
         "trainable": sum(p.numel() for p in params),
         "artifact_bytes": _file_bytes(out, pattern),
         "eval_loss": final["loss"],
@@ -261,17 +267,18 @@ def _run_forward(model: Any, task: Any, s: Any, device: Any) -> dict[str, Any]:
     model.to(device)
     model.eval()
     batches = loop.Batches(len(task.train), s.batch_size, s.seed)
-    times, loss_value = [], float("nan")
+    times, tokens, loss_value = [], [], float("nan")
     with torch.no_grad():
         for _ in range(s.steps):
             t0 = time.perf_counter()
             batch = {k: v.to(device) for k, v in task.collate([task.train[i] for i in batches.next()]).items()}
             labels = batch.pop("labels")
+            tokens.append(int(batch["attention_mask"].sum()) if "attention_mask" in batch else labels.numel())
             with loop._autocast(s, device):
                 loss_value = model(**batch, labels=labels, use_cache=False).loss.item()
             times.append(time.perf_counter() - t0)
         final = task.evaluate(model, s.eval_batch_size)
-    return {"times": times, "trainable": 0, "artifact_bytes": 0, "eval_loss": final["loss"],
+    return {"times": times, "tokens": tokens, "trainable": 0, "artifact_bytes": 0, "eval_loss": final["loss"],
             "train_loss": loss_value, "peak_memory_bytes": loop.peak_memory_bytes(device)}
 
 
@@ -324,7 +331,8 @@ def _record(run: _Run, w: Workload, raw: dict[str, Any] | None, error: str | Non
     sps = _median(timed)
     rec.update({
         "seconds_per_step": sps,
-        "tokens_per_s": w.batch_size * w.seq_len / sps if sps else None,
+        # real (non-padding) tokens per step: the packed text workload has batch × seq_len of them
+        "tokens_per_s": _mean(raw.get("tokens")) / sps if sps and raw.get("tokens") else None,
         "peak_memory_bytes": raw["peak_memory_bytes"],
         "trainable": raw["trainable"],
         "artifact_bytes": raw["artifact_bytes"],
@@ -592,7 +600,7 @@ def markdown(records: list[dict[str, Any]], w: Workload, command: str) -> str:
         "- **s / step**: median wall time of one optimizer step: zero_grad, collate, forward + loss, backward, "
         "`loss.item()`, gradient clipping, AdamW step, LR-scheduler step (the engine also runs its policy hooks "
         "and optimizer bookkeeping, which are part of its step). The final eval is not timed.",
-        "- **tokens / s**: batch × sequence length / s per step.",
+        "- **tokens / s**: real (non-padding) tokens per step / s per step (batch × sequence length for packed text).",
         "- **peak memory**: peak RSS of the run's process (ru_maxrss; on CUDA `torch.cuda.max_memory_allocated`), "
         "including model loading, tokenization, training and the final eval, read before anything is saved "
         "(for deltatune runs: before the engine's end-of-run checkpoint).",

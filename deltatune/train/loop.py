@@ -357,7 +357,8 @@ def train(config: str | Path | dict | RunConfig, overrides: list[str] | None = N
             step_times.append(dt_step)
             tokens_seen += tokens * world
             record: dict[str, Any] = {"step": step + 1, "loss": loss_sum, "lr": scheduler.get_last_lr()[0],
-                                      "tokens_per_s": tokens * world / dt_step}
+                                      "tokens_per_s": tokens * world / dt_step, "seconds": dt_step,
+                                      "tokens": tokens * world}
             if skip:
                 record["skipped"] = True
             done = step + 1
