@@ -93,6 +93,18 @@ CASES = [
     ("sparse_mezo", {"threshold": "dynamic", "base": "lora", "base_options": {"r": 4, "alpha": 8, "targets": ["c_attn"]}},
      "gpt2"),
     ("sparse_mezo", {"sparsity": 0.5}, "bert"),
+    ("prefix", {"length": 4, "reparam": False}, "llama"),
+    ("prefix", {"length": 4, "mid_dim": 16}, "gpt2"),
+    ("prefix", {"length": 4, "reparam": False, "modules_to_save": ["classifier"]}, "bert"),
+    ("prompt", {"length": 4}, "llama"),
+    ("prompt", {"length": 4, "init": "random"}, "gpt2"),
+    ("prompt", {"length": 4, "modules_to_save": ["classifier"]}, "bert"),
+    ("ptuning_v2", {"length": 4}, "llama"),
+    ("ptuning_v2", {"length": 4, "reparam": True, "mid_dim": 16}, "gpt2"),
+    ("ptuning_v2", {"length": 4}, "bert"),
+    ("mam", {"prefix_length": 3, "mid_dim": 16, "r": 4}, "llama"),
+    ("mam", {"prefix_length": 3, "reparam": False, "r": 4}, "gpt2"),
+    ("mam", {"prefix_length": 3, "mid_dim": 16, "r": 4, "modules_to_save": ["classifier"]}, "bert"),
 ]
 
 
@@ -116,7 +128,8 @@ def starts_at_base(method: str, options: dict) -> bool:
 
 def folds_on_save(method: str, options: dict) -> bool:
     """Prefix tuning's reparametrisation MLP trains but is folded into the prefixes it produces when saved."""
-    return method in {"prefix", "mam"} and options.get("reparam", True)
+    reparam_by_default = {"prefix": True, "mam": True, "ptuning_v2": False}
+    return method in reparam_by_default and options.get("reparam", reparam_by_default[method])
 
 
 def test_every_method_has_a_row() -> None:
