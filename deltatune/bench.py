@@ -124,6 +124,10 @@ PRESETS: dict[str, dict[str, Any]] = {
     # query tokens: run with --task classification (VQT trains a head on pooled features)
     "vqt": {"name": "vqt", "tokens": 1},
     "connected": {"name": "connected", "r": 64, "adapter_r": 64},
+    "prefix": {"name": "prefix", "length": 30},
+    "prompt": {"name": "prompt", "length": 100},
+    "ptuning_v2": {"name": "ptuning_v2", "length": 20, "init": "vocab"},
+    "mam": {"name": "mam", "prefix_length": 16, "r": 16},
     # zeroth-order: the step is two forward passes (compare with `plain forward`); "lr" is the run's learning
     # rate for this preset (MeZO's paper grid: 1e-6 on the full model, 1e-4 over LoRA), not a method option
     "mezo": {"name": "mezo", "lr": 1e-6},

@@ -80,6 +80,10 @@ DEFAULT_SETUP: dict[str, Any] = {
         # loaded with a sequence-classification head, `data.head: true`; the backbone only runs forward)
         "vqt": ({"name": "vqt", "tokens": 1}, 60, 5e-3, {"head": True}),
         "connected": ({"name": "connected", "variant": "aside+adapters", "r": 64, "adapter_r": 64}, 60, 1e-3),
+        "prefix": ({"name": "prefix", "length": 30, "reparam": True, "mid_dim": 800}, 60, 2e-4),
+        "prompt": ({"name": "prompt", "length": 100, "init": "vocab"}, 60, 3e-2),
+        "ptuning_v2": ({"name": "ptuning_v2", "length": 20, "init": "vocab"}, 60, 1e-2),
+        "mam": ({"name": "mam", "prefix_length": 16, "mid_dim": 800, "r": 16, "scale": 4.0}, 60, 1e-3),
         # zeroth-order (issue 9) at LoRA's compute budget: a LoRA step is ~3 forward passes' worth (forward +
         # backward), a MeZO step 2 forward passes, so 90 MeZO steps = 180 forward passes ≈ LoRA's 60 steps;
         # MeZO's paper learning rates (1e-6 on the full model; 1e-4 with eps 1e-2 over LoRA)
