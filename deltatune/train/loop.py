@@ -281,16 +281,21 @@ def train(config: str | Path | dict | RunConfig, overrides: list[str] | None = N
     def next_batch() -> dict[str, torch.Tensor]:
         return _to(task.collate([task.train[i] for i in batches.next()]), device)
 
+    def batch_loss(batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int]:
+        """The task loss (+ the policy's regulariser) under the run's mixed precision, and the batch's tokens."""
+        with _autocast(s, device):
+            loss, n_tok = task.loss(model_for_step, batch)
+            extra = tuned.policy.extra_loss(tuned)
+            if extra is not None:
+                loss = loss + extra
+        return loss, n_tok
+
     policy_tokens = [0]  # tokens of the batch that a policy taking its own step evaluated (for tokens/s)
 
     def policy_loss(batch: dict[str, torch.Tensor]) -> torch.Tensor:
         """The batch's loss as the loop computes it, for a policy that takes its own step; the mean over ranks,
         so that every rank takes the same step."""
-        with _autocast(s, device):
-            loss, policy_tokens[0] = task.loss(model_for_step, batch)
-            extra = tuned.policy.extra_loss(tuned)
-            if extra is not None:
-                loss = loss + extra
+        loss, policy_tokens[0] = batch_loss(batch)
         loss = loss.detach().float().clone()
         if world > 1:
             dist.all_reduce(loss)
@@ -317,11 +322,7 @@ def train(config: str | Path | dict | RunConfig, overrides: list[str] | None = N
                 for i in range(s.grad_accum):
                     if i:
                         batch = next_batch()
-                    with _autocast(s, device):
-                        loss, n_tok = task.loss(model_for_step, batch)
-                        extra = tuned.policy.extra_loss(tuned)
-                        if extra is not None:
-                            loss = loss + extra
+                    loss, n_tok = batch_loss(batch)
                     (loss / s.grad_accum).backward()
                     loss_sum += loss.item() / s.grad_accum
                     tokens += n_tok
