@@ -246,7 +246,7 @@ def test_adapter_variant_cannot_merge() -> None:
                 form.up.weight.normal_()
     x = batch()
     out = output_of(tuned, x)
-    with pytest.raises(dt.DeltatuneError, match="cannot be merged into weights: its adapter delta"):
+    with pytest.raises(dt.DeltatuneError, match=r"cannot be merged into weights \(.*: its adapter delta changes activations"):
         tuned.merge()
     assert torch.equal(output_of(tuned, x), out), "a refused merge leaves the model as it was"
 
