@@ -7,6 +7,7 @@ import gc
 import math
 import shutil
 import warnings
+from pathlib import Path
 
 import pytest
 import torch
@@ -113,19 +114,30 @@ def test_projected_gradient_and_update_by_hand(n_spsa: int) -> None:
         assert torch.allclose(p, expected, atol=1e-7, rtol=1e-6), n
 
 
-def test_the_artifact_reproduces_the_trained_model(tmp_path) -> None:
+@pytest.mark.parametrize("keep_w0", ["disk", "memory"])
+def test_the_artifact_reproduces_the_trained_model(tmp_path, keep_w0) -> None:
     model = tiny_llama()
-    tuned = dt.attach(model, "mezo")
+    w0 = weights(model)
+    tuned = dt.attach(model, "mezo", keep_w0=keep_w0, w0_dir=str(tmp_path))
     x = batch()
     for _ in range(3):
         step(tuned, x, lr=0.5)  # large moves: W - W0 rounds, so the artifact needs W settled when it is written
     forms = list(tuned.forms().values())
-    assert all(f.touched and f.__dict__["_w0_host"].device.type == "cpu" for f in forms)  # W0 in host memory
+    kept = [f.__dict__["_w0_kept"] for f in forms]
+    if keep_w0 == "disk":  # one raw file per trained tensor, holding W0 exactly; nothing of it in memory
+        assert all(isinstance(k, mezo.TensorFile) for k in kept)
+        assert sorted(p.name for p in tmp_path.glob("deltatune-w0-*.bin")) == sorted(Path(k.path).name for k in kept)
+    else:
+        assert all(k.device.type == "cpu" for k in kept)
+    assert all(torch.equal(f.w0, w0[n]) for n, f in tuned.forms().items())
     tuned.save(tmp_path / "a")
     assert set(dt.inspect(tmp_path / "a")["config"]) >= {"eps", "n_spsa", "base"}
     assert torch.equal(output_of(dt.load(tiny_llama(), tmp_path / "a"), x), output_of(tuned, x))
     tuned.detach()
     assert torch.equal(output_of(model, x), output_of(tiny_llama(), x)), "detaching restores W0"
+    del tuned, forms, kept
+    gc.collect()
+    assert not list(tmp_path.glob("deltatune-w0-*.bin")), "W0's files go with the delta"
 
 
 # -- 3. unbiasedness on a quadratic ------------------------------------------------------------------------------
@@ -204,7 +216,7 @@ def live_tensor_elements() -> int:
 def test_no_parameter_sized_buffer_survives_a_step(monkeypatch) -> None:
     tuned = dt.attach(tiny_llama(), "mezo")
     x = batch()
-    step(tuned, x)  # the first update copies W0 (the artifact's reference) into host memory, once
+    step(tuned, x)  # the first update writes W0 (the artifact's reference) to disk, once
     before = live_tensor_elements()
     with Draws() as draws:
         step(tuned, x)

@@ -38,11 +38,11 @@ each for a reason:
 What trains:
 
 - ``dt.attach(model, "mezo")``: every parameter (or ``targets`` / ``layers`` / ``types`` / ``exclude``, as
-  in ``full``), trained in place: the artifact is ``full``'s dense delta W − W0. W0 is kept in host
-  memory (``OffloadedInPlace``), copied when a tensor is first updated, so the device holds the model,
-  one module's perturbed tensor and one chunk of z. The trained W is put on a point its artifact
-  reproduces bit for bit (``InPlace.settle``) when the artifact is written, not after every step (that
-  would bring W0 back to the device at every step).
+  in ``full``), trained in place: the artifact is ``full``'s dense delta W − W0. W0 is written to a file
+  on disk when a tensor is first updated (``OffloadedInPlace``; ``keep_w0: memory`` keeps it in host RAM
+  instead), so the process holds the model, one module's perturbed tensor and one chunk of z: the memory
+  of inference. The trained W is put on a point its artifact reproduces bit for bit (``InPlace.settle``)
+  when the artifact is written, not after every step (that would read W0 back at every step).
 - ``dt.attach(model, "mezo", base="lora", base_options={...})``: the parameters of another method (one
   with a static policy) trained with zeroth-order steps; the artifact is that method's.
 
@@ -58,11 +58,15 @@ fp32 weights on CUDA).
 
 from __future__ import annotations
 
+import contextlib
 import math
+import os
+import tempfile
 import warnings
+import weakref
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal
 
 import torch
 import torch.nn as nn
@@ -95,8 +99,14 @@ class MezoConfig:
     layers: list[int] | str | None = None
     types: list[str] | None = None
     exclude: list[str] | None = None
+    # without base: where W0 (the artifact's reference) waits while W trains in place. "disk": a file per
+    # tensor (the process holds the model only: inference's memory); "memory": a copy in host RAM
+    keep_w0: Literal["disk", "memory"] = "disk"
+    w0_dir: str | None = None  # the folder of those files (None: the system's temporary folder)
 
     def __post_init__(self) -> None:
+        if self.keep_w0 not in ("disk", "memory"):
+            raise ValueError(f"keep_w0={self.keep_w0!r} must be 'disk' or 'memory' (where W0 waits while W trains)")
         if not self.eps > 0:
             raise ValueError(f"eps={self.eps} must be > 0 (the perturbation scale; MeZO uses 1e-3)")
         if self.n_spsa < 1:
@@ -118,11 +128,13 @@ def build(model: nn.Module, cfg: MezoConfig, *, loading: bool = False) -> Built:
 
 
 def zeroth_order_forms(model: nn.Module, cfg: MezoConfig, loading: bool) -> dict[str, Form]:
-    """The delta a zeroth-order method trains: the model's own tensors (a dense delta, W0 in host memory while
-    training), or the forms of the base method."""
+    """The delta a zeroth-order method trains: the model's own tensors (a dense delta, W0 kept off the device
+    while training), or the forms of the base method."""
     if cfg.base is None:
         params = select_parameters(model, cfg.targets, layers=cfg.layers, types=cfg.types, exclude=cfg.exclude)
-        return dict(dense_forms(model, params) if loading else offloaded_forms(model, params))
+        if loading:
+            return dict(dense_forms(model, params))
+        return dict(offloaded_forms(model, params, cfg.keep_w0, cfg.w0_dir))
     base = build_base(model, cfg.base, cfg.base_options, loading)
     if type(base.policy) is not Policy:
         raise DeltatuneError(
@@ -132,44 +144,90 @@ def zeroth_order_forms(model: nn.Module, cfg: MezoConfig, loading: bool) -> dict
     return base.forms
 
 
-# -- the model's tensors, trained in place with W0 in host memory -----------------------------------------
+# -- the model's tensors, trained in place with W0 kept off the device ---------------------------------------
+class TensorFile:
+    """A tensor kept in a raw file (its bytes, never pickled), mapped back into memory when read. The file is
+    removed when this object is collected or the process exits."""
+
+    def __init__(self, tensor: torch.Tensor, directory: str | None = None) -> None:
+        t = tensor.detach().to("cpu").contiguous()  # no copy for a contiguous host tensor
+        self.shape, self.dtype, self.nbytes = t.shape, t.dtype, t.numel() * t.element_size()
+        fd, self.path = tempfile.mkstemp(prefix="deltatune-w0-", suffix=".bin", dir=directory)
+        self._remove = weakref.finalize(self, _remove_file, self.path)
+        with os.fdopen(fd, "wb") as f:
+            t.reshape(-1).view(torch.uint8).numpy().tofile(f)
+
+    def read(self) -> torch.Tensor:
+        """The tensor, memory-mapped copy-on-write: its pages are read from disk as they are used."""
+        if self.nbytes == 0:
+            return torch.empty(self.shape, dtype=self.dtype)
+        raw = torch.from_file(self.path, shared=False, size=self.nbytes, dtype=torch.uint8)
+        return raw.view(self.dtype).view(self.shape)
+
+
+def _remove_file(path: str) -> None:
+    with contextlib.suppress(OSError):
+        os.remove(path)
+
+
 class OffloadedInPlace(InPlace):
-    """``InPlace`` with its W0 copy in host memory, so that the device holds nothing but the model.
+    """``InPlace`` with its W0 copy off the device: in a file on disk (``keep_w0="disk"``, the default: the
+    process holds nothing but the model, as inference does) or in host memory (``"memory"``: no disk
+    writes, but a second copy of every trained tensor in RAM). W0 is written once, when a tensor is first
+    updated, and read back only when the delta is needed (the artifact, merge, detach).
 
     W is settled (``W0 + (W − W0) == W`` exactly: the artifact reproduces it bit for bit) whenever the
     artifact is written or the delta merged, and, while ``settle_every_step`` is on (the default: gradient
     training through ``.backward()``, as the method matrix does), before the first forward after each
     optimizer step as ``InPlace`` does. A zeroth-order policy turns it off when it takes its first step:
-    it would bring W0 back to the device at every step."""
+    it would read W0 back at every step."""
 
-    def __init__(self, sites: list[tuple[nn.Module, str]], param_name: str) -> None:
-        self.__dict__["_w0_host"] = None  # before InPlace.__init__ assigns w0 through the property below
+    def __init__(self, sites: list[tuple[nn.Module, str]], param_name: str, keep_w0: str = "disk",
+                 directory: str | None = None) -> None:
+        self.__dict__["_w0_kept"] = None  # before InPlace.__init__ assigns w0 through the property below
+        self.__dict__["_keep"] = (keep_w0, directory)
         super().__init__(sites, param_name)
         self.settle_every_step = True
 
+    def _keep_w0(self, value: torch.Tensor | None) -> None:
+        keep, directory = self.__dict__["_keep"]
+        if value is None:
+            kept: TensorFile | torch.Tensor | None = None
+        elif keep == "disk":
+            kept = TensorFile(value, directory)
+        else:
+            kept = value.detach().to("cpu", copy=True)
+        self.__dict__["_w0_kept"] = kept
+
+    def _w0_host(self) -> torch.Tensor | None:
+        kept = self.__dict__["_w0_kept"]
+        return kept.read() if isinstance(kept, TensorFile) else kept
+
     @property
     def w0(self) -> torch.Tensor | None:  # type: ignore[override]
-        """W0 on the weight's device (a temporary copy when the weight is on an accelerator)."""
-        host = self.__dict__["_w0_host"]
+        """W0 on the weight's device (read from its file, or a temporary copy on an accelerator)."""
+        host = self._w0_host()
         return None if host is None else host.to(self.weight.device)
 
     @w0.setter
     def w0(self, value: torch.Tensor | None) -> None:
-        self.__dict__["_w0_host"] = None if value is None else value.detach().to("cpu")
+        self._keep_w0(value)
 
     @property
     def touched(self) -> bool:
-        return self.__dict__["_w0_host"] is not None
+        return self.__dict__["_w0_kept"] is not None
 
     def snapshot(self) -> None:
-        if self.__dict__["_w0_host"] is None:
-            self.__dict__["_w0_host"] = self.weight.detach().to("cpu", copy=True)
+        if self.__dict__["_w0_kept"] is None:
+            self._keep_w0(self.weight)
 
     def _apply(self, fn: Any, recurse: bool = True) -> OffloadedInPlace:
-        # .to(device) moves the weight; W0 stays in host memory and only follows a change of dtype
-        host, self.__dict__["_w0_host"] = self.__dict__["_w0_host"], None
+        # .to(device) moves the weight; W0 stays where it is kept and only follows a change of dtype
+        kept, self.__dict__["_w0_kept"] = self.__dict__["_w0_kept"], None
         super()._apply(fn, recurse)
-        self.__dict__["_w0_host"] = None if host is None else host.to(self.weight.dtype)
+        self.__dict__["_w0_kept"] = kept
+        if kept is not None and kept.dtype != self.weight.dtype:
+            self._keep_w0(self._w0_host().to(self.weight.dtype))  # type: ignore[union-attr]
         return self
 
     def settle(self, force: bool = False) -> None:
@@ -177,7 +235,7 @@ class OffloadedInPlace(InPlace):
             return
         if not force and (not self.settle_every_step or self.weight._version == self._settled_version):
             return
-        w0 = self.w0  # one transfer per settle
+        w0 = self.w0  # one read per settle
         with torch.no_grad():
             for _ in range(4):  # as InPlace.settle: one or two rounds reach the fixed point
                 again = w0 + (self.weight - w0)
@@ -192,7 +250,8 @@ class OffloadedInPlace(InPlace):
         self.settle()
 
 
-def offloaded_forms(model: nn.Module, params: Iterable[tuple[str, nn.Parameter]]) -> dict[str, OffloadedInPlace]:
+def offloaded_forms(model: nn.Module, params: Iterable[tuple[str, nn.Parameter]], keep_w0: str = "disk",
+                    directory: str | None = None) -> dict[str, OffloadedInPlace]:
     """One in-place delta per floating parameter (tied parameters once), all trainable."""
     forms: dict[str, OffloadedInPlace] = {}
     seen: set[int] = set()
@@ -200,7 +259,7 @@ def offloaded_forms(model: nn.Module, params: Iterable[tuple[str, nn.Parameter]]
         if id(p) in seen or not p.is_floating_point():
             continue
         seen.add(id(p))
-        forms[name] = OffloadedInPlace(sites_of(model, p), name)
+        forms[name] = OffloadedInPlace(sites_of(model, p), name, keep_w0, directory)
         p.requires_grad_(True)
     return forms
 
@@ -347,7 +406,7 @@ class MezoPolicy(Policy):
             )
         for e in live:
             if isinstance(e.form, OffloadedInPlace):
-                e.form.settle_every_step = False  # settled when saved: W0 stays in host memory
+                e.form.settle_every_step = False  # settled when saved: W0 stays where it is kept
 
     def begin_step(self, live: list[Entry]) -> None:
         """Called once per step before the first perturbation (a mask's thresholds)."""
