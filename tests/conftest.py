@@ -151,3 +151,43 @@ def word_run(tmp_path_factory) -> tuple[str, str]:
     folder = save_word_llama(root / "model")
     write_sentiment_jsonl(root / "data.jsonl")
     return str(folder), str(root / "data.jsonl")
+
+
+def word_run_config(word_run: tuple[str, str], method: dict, out: Path, **train: object) -> dict:
+    """A ``dt.train`` config on the ``word_run`` model and data that checkpoints as it goes (the resume tests);
+    ``train`` overrides the defaults: 8 steps of 4, lr 1e-2, warmup 1, weight decay 0.01, a checkpoint every 2
+    steps, no eval."""
+    folder, path = word_run
+    return {
+        "model": folder,
+        "data": {"path": path, "task": "classification", "max_length": 16, "eval_fraction": 0.25,
+                 "labels": ["negative", "positive"], "max_eval": 4},
+        "method": method,
+        "train": {"steps": 8, "batch_size": 4, "lr": 1e-2, "warmup": 1, "weight_decay": 0.01, "save_every": 2,
+                  "keep_last": 4, "eval_every": 0, "progress": False, **train},
+        "output": str(out),
+    }
+
+
+def train_then_resume(cfg: dict, keep: int, inspect=None) -> tuple[dict, dict]:
+    """Train ``cfg`` straight through, delete every checkpoint after the first ``keep`` (as if the run had died
+    after writing the last one kept), resume, and check that the resumed run ends bit-identical to the
+    uninterrupted one with the same losses. ``inspect(checkpoint_folders)`` sees the checkpoints before the
+    deletion. Returns both runs' summaries."""
+    import shutil
+
+    import deltatune as dt
+    from deltatune.train.state import checkpoints
+
+    out = Path(cfg["output"])
+    straight = dt.train(cfg)
+    uninterrupted = (out / "delta.safetensors").read_bytes()
+    folders = checkpoints(out / "checkpoints")
+    if inspect is not None:
+        inspect(folders)
+    for c in folders[keep:]:
+        shutil.rmtree(c)
+    resumed = dt.train(cfg, resume=True)
+    assert (out / "delta.safetensors").read_bytes() == uninterrupted, "a resumed run must end bit-identical"
+    assert [h["loss"] for h in resumed["history"]] == [h["loss"] for h in straight["history"]]
+    return straight, resumed

@@ -4,16 +4,13 @@ term, artifact round trips with pruned ranks, and exact resume through dt.train 
 
 from __future__ import annotations
 
-import shutil
-
 import pytest
 import torch
-from conftest import batch, output_of, tiny_llama
+from conftest import batch, output_of, tiny_llama, train_then_resume, word_run_config
 
 import deltatune as dt
 from deltatune.methods._importance import SmoothedImportance, orthogonality
 from deltatune.methods.adalora import budget_at
-from deltatune.train.state import checkpoints
 
 peft = pytest.importorskip("peft")
 from peft import AdaLoraConfig, get_peft_model  # noqa: E402
@@ -208,26 +205,11 @@ def test_bad_schedules_name_the_fix() -> None:
 
 
 def test_resume_ends_bit_identical_to_an_uninterrupted_run(word_run, tmp_path) -> None:
-    folder, path = word_run
     out = tmp_path / "run"
-    cfg = {
-        "model": folder,
-        "data": {"path": path, "task": "classification", "max_length": 16, "eval_fraction": 0.25,
-                 "labels": ["negative", "positive"], "max_eval": 4},
-        "method": {"name": "adalora", "init_r": 3, "target_r": 1, "tinit": 1, "tfinal": 2, "delta_t": 1},
-        "train": {"steps": 8, "batch_size": 4, "lr": 1e-2, "warmup": 1, "weight_decay": 0.01, "save_every": 3,
-                  "keep_last": 3, "eval_every": 0, "progress": False},
-        "output": str(out),
-    }
-    straight = dt.train(cfg)
-    uninterrupted = (out / "delta.safetensors").read_bytes()
-    _, step6 = checkpoints(out / "checkpoints")[:2]
-    shutil.rmtree(step6)  # died after step 3: mid-pruning, with smoothed scores in the checkpoint
-    for c in checkpoints(out / "checkpoints")[1:]:
-        shutil.rmtree(c)
-    resumed = dt.train(cfg, resume=True)
+    method = {"name": "adalora", "init_r": 3, "target_r": 1, "tinit": 1, "tfinal": 2, "delta_t": 1}
+    cfg = word_run_config(word_run, method, out, save_every=3, keep_last=3)
+    _, resumed = train_then_resume(cfg, keep=1)  # died after step 3: mid-pruning, smoothed scores checkpointed
     assert resumed["resumed_from"] == 3
-    assert (out / "delta.safetensors").read_bytes() == uninterrupted, "a resumed run must end bit-identical"
-    assert [h["loss"] for h in resumed["history"]] == [h["loss"] for h in straight["history"]]
+    folder = word_run[0]
     loaded = dt.load(dt.models.load(folder), out)
     assert sum(f.r for f in loaded.forms().values()) == len(loaded.forms()), "target_r = 1 per matrix"

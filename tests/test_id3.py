@@ -3,19 +3,17 @@ trip, ties), the dense -> sparse switch, bad budgets, and exact resume through d
 
 from __future__ import annotations
 
-import shutil
-
 import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from conftest import batch, output_of, tiny_llama
+from conftest import batch, output_of, tiny_llama, train_then_resume, word_run_config
 
 import deltatune as dt
 from deltatune.core.forms.sparse import Sparse
 from deltatune.methods.id3 import MaskedDense, pack_mask, unmask_count, unmasked_by, unpack_mask
 from deltatune.train.loop import sync_optimizer
-from deltatune.train.state import checkpoints, load_checkpoint
+from deltatune.train.state import load_checkpoint
 
 NAMES = ["0.weight", "2.weight"]
 N_TOY = 6 * 8 + 8 * 4
@@ -259,34 +257,23 @@ def test_a_one_step_run_unmasks_the_whole_budget(tmp_path) -> None:
 # -- resume -----------------------------------------------------------------------------------
 @pytest.mark.parametrize("max_steps", [4, 2], ids=["mid-unmasking", "right-after-switch"])
 def test_resume_ends_bit_identical_to_an_uninterrupted_run(word_run, max_steps: int, tmp_path) -> None:
-    folder, path = word_run
     out = tmp_path / "run"
-    cfg = {
-        "model": folder,
-        "data": {"path": path, "task": "classification", "max_length": 16, "eval_fraction": 0.25,
-                 "labels": ["negative", "positive"], "max_eval": 4},
-        "method": {"name": "id3", "budget": 200, "max_steps": max_steps, "exp": 0.5},
-        "train": {"steps": 6, "batch_size": 4, "lr": 1e-2, "warmup": 1, "weight_decay": 0.01, "save_every": 2,
-                  "keep_last": 3, "eval_every": 0, "progress": False},
-        "output": str(out),
-    }
-    straight = dt.train(cfg)
-    uninterrupted = (out / "delta.safetensors").read_bytes()
-    step2, *later = checkpoints(out / "checkpoints")
-    policy = load_checkpoint(step2)["policy"]
-    if max_steps == 4:
-        assert policy["phase"] == "dense"
-        assert all(m.dtype == torch.uint8 for m in policy["masks"].values()), "masks are bit-packed"
-        assert sum(m.numel() for m in policy["masks"].values()) == sum((n + 7) // 8 for n in [256, 128, 128, 256, 512,
-                                                                                                 512, 512] * 2)
-    else:
-        assert policy["phase"] == "sparse" and policy["moments"], "the switch's moments wait in the checkpoint"
-    for c in later:
-        shutil.rmtree(c)  # as if the run had died after writing step 2
-    resumed = dt.train(cfg, resume=True)
+    method = {"name": "id3", "budget": 200, "max_steps": max_steps, "exp": 0.5}
+    cfg = word_run_config(word_run, method, out, steps=6, keep_last=3)
+
+    def inspect(folders: list) -> None:  # the run dies after writing step 2
+        policy = load_checkpoint(folders[0])["policy"]
+        if max_steps == 4:
+            assert policy["phase"] == "dense"
+            assert all(m.dtype == torch.uint8 for m in policy["masks"].values()), "masks are bit-packed"
+            assert sum(m.numel() for m in policy["masks"].values()) == sum((n + 7) // 8 for n in [256, 128, 128, 256,
+                                                                                                     512, 512, 512] * 2)
+        else:
+            assert policy["phase"] == "sparse" and policy["moments"], "the switch's moments wait in the checkpoint"
+
+    straight, resumed = train_then_resume(cfg, keep=1, inspect=inspect)
     assert resumed["resumed_from"] == 2
-    assert (out / "delta.safetensors").read_bytes() == uninterrupted, "a resumed run must end bit-identical"
-    assert [h["loss"] for h in resumed["history"]] == [h["loss"] for h in straight["history"]]
+    folder = word_run[0]
     assert straight["trainable"] == 200
     loaded = dt.load(dt.models.load(folder), out)
     assert sum(f.k for f in loaded.forms().values()) == 200

@@ -3,17 +3,14 @@ timing and budget, advance learning, artifact round trips with final ranks, exac
 
 from __future__ import annotations
 
-import shutil
-
 import pytest
 import torch
 import torch.nn as nn
-from conftest import batch, output_of, tiny_llama
+from conftest import batch, output_of, tiny_llama, train_then_resume, word_run_config
 
 import deltatune as dt
 from deltatune.methods.increlora import RESERVE_LAMBDA, growth_schedule
 from deltatune.train.loop import sync_optimizer
-from deltatune.train.state import checkpoints
 
 TARGETS = ["q_proj", "v_proj"]
 
@@ -152,25 +149,11 @@ def test_artifact_round_trip_knows_final_ranks_and_merges(tmp_path) -> None:
 
 @pytest.mark.parametrize("kill_after", [3, 5], ids=["mid-growth", "after-budget"])
 def test_resume_ends_bit_identical_to_an_uninterrupted_run(word_run, kill_after: int, tmp_path) -> None:
-    folder, path = word_run
     out = tmp_path / "run"
-    cfg = {
-        "model": folder,
-        "data": {"path": path, "task": "classification", "max_length": 16, "eval_fraction": 0.25,
-                 "labels": ["negative", "positive"], "max_eval": 4},
-        "method": {"name": "increlora", "target_rank": 2, "top_h": 3, "init_warmup": 1, "incre_interval": 1,
-                   "dropout": 0.1},
-        "train": {"steps": 8, "batch_size": 4, "lr": 1e-2, "warmup": 1, "weight_decay": 0.01, "save_every": 1,
-                  "keep_last": 10, "eval_every": 0, "progress": False},
-        "output": str(out),
-    }
-    straight = dt.train(cfg)
-    uninterrupted = (out / "delta.safetensors").read_bytes()
-    for c in checkpoints(out / "checkpoints")[kill_after:]:
-        shutil.rmtree(c)
-    resumed = dt.train(cfg, resume=True)
+    method = {"name": "increlora", "target_rank": 2, "top_h": 3, "init_warmup": 1, "incre_interval": 1, "dropout": 0.1}
+    cfg = word_run_config(word_run, method, out, save_every=1, keep_last=10)
+    _, resumed = train_then_resume(cfg, keep=kill_after)
     assert resumed["resumed_from"] == kill_after
-    assert (out / "delta.safetensors").read_bytes() == uninterrupted, "a resumed run must end bit-identical"
-    assert [h["loss"] for h in resumed["history"]] == [h["loss"] for h in straight["history"]]
+    folder = word_run[0]
     loaded = dt.load(dt.models.load(folder), out)
     assert sum(int(f.ranknum) for f in loaded.forms().values()) == 2 * len(loaded.forms())

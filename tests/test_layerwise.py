@@ -3,8 +3,6 @@ state, resume, and the reductions (LISA with γ = every block is full fine-tunin
 
 from __future__ import annotations
 
-import shutil
-
 import pytest
 import torch
 from conftest import (
@@ -14,13 +12,14 @@ from conftest import (
     output_of,
     tiny_gpt2,
     tiny_llama,
+    train_then_resume,
+    word_run_config,
 )
 from transformers import LlamaConfig, LlamaForCausalLM
 
 import deltatune as dt
 from deltatune.core.targeting import layer_index
 from deltatune.methods.lisa import LisaConfig, LisaPolicy
-from deltatune.train.state import checkpoints
 
 
 def llama8(seed: int = 0, tied: bool = True) -> LlamaForCausalLM:
@@ -263,23 +262,6 @@ def test_lisa_under_transformers_trainer(tmp_path) -> None:
 @pytest.mark.parametrize("method", [{"name": "lisa", "activated_layers": 1, "interval_steps": 3},
                                     {"name": "hft", "rounds": 2}], ids=["lisa", "hft"])
 def test_resume_through_dt_train_ends_bit_identical(word_run, method: dict, tmp_path) -> None:
-    folder, path = word_run
-    out = tmp_path / "run"
-    cfg = {
-        "model": folder,
-        "data": {"path": path, "task": "classification", "max_length": 16, "eval_fraction": 0.25,
-                 "labels": ["negative", "positive"], "max_eval": 4},
-        "method": method,
-        "train": {"steps": 8, "batch_size": 4, "lr": 1e-3, "warmup": 1, "weight_decay": 0.01, "save_every": 2,
-                  "keep_last": 4, "eval_every": 0, "progress": False},
-        "output": str(out),
-    }
-    straight = dt.train(cfg)
-    uninterrupted = (out / "delta.safetensors").read_bytes()
-    _, step4, *later = checkpoints(out / "checkpoints")  # step 4: mid-interval for LISA, mid-round for HFT
-    for c in later:
-        shutil.rmtree(c)  # as if the run had died after writing step 4
-    resumed = dt.train(cfg, resume=True)
+    cfg = word_run_config(word_run, method, tmp_path / "run", lr=1e-3)
+    _, resumed = train_then_resume(cfg, keep=2)  # died after step 4: mid-interval for LISA, mid-round for HFT
     assert resumed["resumed_from"] == 4
-    assert (out / "delta.safetensors").read_bytes() == uninterrupted, "a resumed run must end bit-identical"
-    assert [h["loss"] for h in resumed["history"]] == [h["loss"] for h in straight["history"]]
