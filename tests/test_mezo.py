@@ -233,6 +233,21 @@ def test_no_parameter_sized_buffer_survives_a_step(monkeypatch) -> None:
 
 
 # -- 6. sparse MeZO ----------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_the_threshold_of_a_large_tensor_is_the_exact_kth_magnitude(monkeypatch, dtype) -> None:
+    """A tensor of several z chunks gets h by bisection, chunk by chunk (no tensor-sized temporary): the same h
+    as kthvalue, with ties, zeros and negative values."""
+    g = torch.Generator().manual_seed(0)
+    w = torch.randn(37, 29, generator=g).to(dtype)
+    w[0, :5] = 0.0
+    w[1, :9] = w[2, 3]  # ties at one magnitude
+    w[3, :4] = -w[2, 3]
+    monkeypatch.setattr(mezo, "CHUNK", 100)  # 1,073 entries: 11 chunks
+    for sparsity in (0.0, 0.5, 0.75, 0.99, 0.999):
+        k = min(w.numel(), max(1, round((1.0 - sparsity) * w.numel())))
+        assert magnitude_threshold(w, sparsity) == float(w.reshape(-1).abs().float().kthvalue(k).values), sparsity
+
+
 def test_sparse_moves_only_small_entries_at_the_sparsity() -> None:
     model = tiny_llama(tied=False)
     tuned = dt.attach(model, "sparse_mezo", sparsity=0.75)

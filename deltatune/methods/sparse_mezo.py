@@ -31,6 +31,7 @@ Choices (the spec marks what the sources leave open):
 
 from __future__ import annotations
 
+import struct
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -38,7 +39,7 @@ import torch
 import torch.nn as nn
 
 from deltatune.core.registry import Built, register
-from deltatune.methods.mezo import Entry, MezoConfig, MezoPolicy, zeroth_order_forms
+from deltatune.methods.mezo import Entry, MezoConfig, MezoPolicy, chunks, zeroth_order_forms
 
 if TYPE_CHECKING:
     from deltatune.core.tuned import Tuned
@@ -64,10 +65,32 @@ def build(model: nn.Module, cfg: SparseMezoConfig, *, loading: bool = False) -> 
 
 
 def magnitude_threshold(w: torch.Tensor, sparsity: float) -> float:
-    """h such that |w| ≤ h holds for the (1 − sparsity) smallest-magnitude fraction of w (at least one entry)."""
-    flat = w.detach().reshape(-1).abs().float()  # exact for fp16 / bf16; kthvalue needs a float32 tensor
+    """h such that |w| ≤ h holds for the (1 − sparsity) smallest-magnitude fraction of w (at least one entry):
+    the k-th smallest |w| in float32 (exact for fp16 / bf16 weights too).
+
+    A tensor of one z chunk uses ``kthvalue``. A larger one (an embedding) would need temporaries several times
+    its size, more than a MeZO step holds, so h is found by a radix select over the bit patterns of |w| as
+    float32 (non-negative floats sort as their bit patterns do): two passes, chunk by chunk, counting the high
+    16 bits, then the low 15 bits inside the bucket that holds the k-th value. Exact."""
+    flat = w.detach().reshape(-1)
     k = min(flat.numel(), max(1, round((1.0 - sparsity) * flat.numel())))
-    return float(flat.kthvalue(k).values)
+    spans = [(a, b) for _, a, b in chunks(flat.numel())]
+    if len(spans) <= 1:
+        return float(flat.abs().float().kthvalue(k).values)
+
+    def bits(a: int, b: int) -> torch.Tensor:  # |w| as float32 bit patterns (sign bit 0: 31 bits)
+        return flat[a:b].float().abs().view(torch.int32)
+
+    high_counts = sum(torch.bincount((bits(a, b) >> 15).long(), minlength=1 << 16) for a, b in spans)
+    cumulative = high_counts.cumsum(0)
+    high = int(torch.searchsorted(cumulative, k))  # the first bucket whose cumulative count reaches k
+    before = int(cumulative[high - 1]) if high else 0
+    low_counts = torch.zeros(1 << 15, dtype=torch.int64)
+    for a, b in spans:
+        chunk = bits(a, b)
+        low_counts += torch.bincount((chunk[(chunk >> 15) == high] & 0x7FFF).long(), minlength=1 << 15)
+    low = int(torch.searchsorted(low_counts.cumsum(0), k - before))
+    return struct.unpack("<f", struct.pack("<I", (high << 15) | low))[0]
 
 
 class SparseMezoPolicy(MezoPolicy):
