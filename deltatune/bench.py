@@ -5,6 +5,9 @@ fresh subprocess, so its peak memory is its own:
 
 - ``deltatune <method>``: the engine itself, ``dt.train(config)`` (eval only at the end, no progress bar);
 - ``peft lora``: ``peft.get_peft_model`` with ``LoraConfig(r=8, lora_alpha=16, target_modules=[q_proj, v_proj])``;
+- ``peft prefix`` / ``peft prompt`` (named in ``methods`` as ``peft-prefix`` / ``peft-prompt``): PEFT's prefix tuning
+  (30 virtual tokens through its reparametrisation MLP of 800) and prompt tuning (100 virtual tokens), the
+  ``prefix`` / ``prompt`` presets' sizes, to compare those with PEFT's own;
 - ``plain full``: the bare transformers model with every parameter trainable;
 - ``plain forward``: the bare model running the same batches forward only, under ``torch.no_grad`` (inference):
   the floor that a method with "the memory of inference" (VQT, MeZO) is measured against.
@@ -50,6 +53,7 @@ from deltatune.errors import DeltatuneError
 DEFAULT_MODEL = "smollm2-135m"
 DEFAULT_METHODS = ("lora", "full")
 BASELINES = ("peft-lora", "plain-full", "plain-forward")
+PEFT_EXTRA = ("peft-prefix", "peft-prompt")  # PEFT runs named in ``methods``, next to deltatune's prefix / prompt
 TASKS = ("text", "classification")
 LORA_OPTIONS: dict[str, Any] = {"r": 8, "alpha": 16, "targets": ["q_proj", "v_proj"]}
 FIELDS = ("seconds_per_step", "tokens_per_s", "peak_memory_bytes", "trainable", "artifact_bytes", "eval_loss")
@@ -217,12 +221,10 @@ def _run_baseline(w: Workload, kind: str, out: Path) -> dict[str, Any]:
     torch.manual_seed(s.seed)
     if kind == "plain-forward":
         return _run_forward(model, task, s, device)
-    if kind == "peft-lora":
-        from peft import LoraConfig, get_peft_model
+    if kind.startswith("peft-"):
+        from peft import get_peft_model
 
-        config = LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj"], lora_dropout=0.0, bias="none",
-                            task_type="SEQ_CLS" if w.task == "classification" else "CAUSAL_LM")
-        model = get_peft_model(model, config)
+        model = get_peft_model(model, _peft_config(kind, "SEQ_CLS" if w.task == "classification" else "CAUSAL_LM"))
     else:
         for p in model.parameters():
             p.requires_grad_(True)
@@ -247,10 +249,12 @@ def _run_baseline(w: Workload, kind: str, out: Path) -> dict[str, Any]:
         optimizer.step()
         scheduler.step()
         times.append(time.perf_counter() - t0)
-    final = task.evaluate(model, s.eval_batch_size)
+    # PEFT's prompt tuning returns logits for its virtual tokens too, ahead of the input's: the eval reads the input's
+    virtual = model.peft_config["default"].num_virtual_tokens if kind == "peft-prompt" else 0
+    final = task.evaluate(_input_logits(model, virtual) if virtual else model, s.eval_batch_size)
     peak = loop.peak_memory_bytes(device)
     model.save_pretrained(out)
-    pattern = "adapter_model.safetensors" if kind == "peft-lora" else "*.safetensors"
+    pattern = "adapter_model.safetensors" if kind.startswith("peft-") else "*.safetensors"
     return {
         "times": times,
         "tokens": tokens,
@@ -260,6 +264,39 @@ def _run_baseline(w: Workload, kind: str, out: Path) -> dict[str, Any]:
         "train_loss": loss_value,
         "peak_memory_bytes": peak,
     }
+
+
+def _input_logits(model: Any, virtual: int) -> Any:
+    """``model`` whose output logits drop the first ``virtual`` positions (PEFT prompt tuning's soft tokens)."""
+    import torch
+
+    class InputLogits(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.model = model
+
+        def forward(self, **inputs: Any) -> Any:
+            out = self.model(**inputs)
+            out.logits = out.logits[:, virtual:]
+            return out
+
+    return InputLogits()
+
+
+def _peft_config(kind: str, task_type: str) -> Any:
+    """PEFT's config for a PEFT run: LoRA as ``LORA_OPTIONS``; prefix and prompt tuning at the sizes of the
+    ``prefix`` and ``prompt`` presets."""
+    import peft
+
+    if kind == "peft-lora":
+        return peft.LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj"], lora_dropout=0.0, bias="none",
+                               task_type=task_type)
+    if kind == "peft-prefix":
+        return peft.PrefixTuningConfig(num_virtual_tokens=30, prefix_projection=True, encoder_hidden_size=800,
+                                       task_type=task_type)
+    if kind == "peft-prompt":
+        return peft.PromptTuningConfig(num_virtual_tokens=100, task_type=task_type)
+    raise DeltatuneError(f"no PEFT run is called {kind!r}")
 
 
 def _run_forward(model: Any, task: Any, s: Any, device: Any) -> dict[str, Any]:
@@ -317,7 +354,8 @@ class _Run:
 
 
 def _runs(methods: list[str], baselines: bool) -> list[_Run]:
-    runs = [_Run(f"deltatune {m}", "deltatune", m) for m in methods]
+    runs = [_Run(m.replace("-", " "), "peft", m) if m in PEFT_EXTRA else _Run(f"deltatune {m}", "deltatune", m)
+            for m in methods]
     if baselines:
         runs += [_Run("peft lora", "peft", "peft-lora"), _Run("plain full", "plain", "plain-full"),
                  _Run("plain forward", "plain", "plain-forward")]
@@ -433,7 +471,7 @@ def bench(
     if isinstance(methods, str):
         methods = [m.strip() for m in methods.split(",") if m.strip()]
     methods = list(methods) if methods is not None else list(DEFAULT_METHODS)
-    known = list(registry.names()) + [p for p in PRESETS if p not in registry.names()]
+    known = list(registry.names()) + [p for p in PRESETS if p not in registry.names()] + list(PEFT_EXTRA)
     bad = [m for m in methods if m not in known]
     if bad:
         raise DeltatuneError(f"unknown method(s) {', '.join(bad)}; known are: {', '.join(known)}")

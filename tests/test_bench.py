@@ -44,6 +44,19 @@ def test_bench_records(tiny_folder, tmp_path):
     assert docs.read_text().endswith("my notes\n")
 
 
+def test_peft_prefix_and_prompt_run_next_to_deltatune_s(tiny_folder):
+    """`peft-prefix` / `peft-prompt` in methods run PEFT's own prefix and prompt tuning at the presets' sizes."""
+    records = bench_module.bench(str(tiny_folder), "prompt,peft-prompt,prefix,peft-prefix", 2, batch_size=2,
+                                 seq_len=16, max_train=40, max_eval=4, threads=1, baselines=False)
+    by = {r["name"]: r for r in records}
+    assert list(by) == ["deltatune prompt", "peft prompt", "deltatune prefix", "peft prefix"]
+    assert all(r.get("error") is None and r["framework"] == ("peft" if r["name"].startswith("peft") else "deltatune")
+               for r in records), records
+    hidden = 16  # the tiny Llama's hidden size: 100 soft tokens of it in both
+    assert by["deltatune prompt"]["trainable"] == by["peft prompt"]["trainable"] == 100 * hidden
+    assert all(r["artifact_bytes"] > 0 and r["eval_loss"] > 0 for r in records)
+
+
 def test_bench_rejects_unknown_method(tiny_folder):
     with pytest.raises(DeltatuneError, match="unknown method"):
         bench_module.bench(str(tiny_folder), "nope", 3)
