@@ -387,8 +387,9 @@ def _markdown(rows: list[dict[str, Any]], info: dict[str, Any]) -> str:
         f"{base['train_examples']} training examples, {base['eval_examples']} held-out examples "
         f"(majority class {base['majority_accuracy']:.1%}), max_length {data['max_length']}, batch size "
         f"{setup['batch_size']}, seed {info['seed']}. Each method is trained with `dt.train` (AdamW, or a "
-        "zeroth-order method's own two-forward step; 10% warm-up, linear decay) in its own process; peak memory is that process's RSS high-water mark (model, data, "
-        "training and evaluation). s / step is the median optimizer step.",
+        "zeroth-order method's own two-forward step; 10% warm-up, linear decay) in its own process; peak memory "
+        "is that process's RSS high-water mark (model, data, training and evaluation). s / step is the median "
+        "optimizer step.",
         "",
         "| " + " | ".join(COLUMNS) + " |",
         "|" + "|".join(["---"] + ["---:"] * (len(COLUMNS) - 2) + ["---"]) + "|",
