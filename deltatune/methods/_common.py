@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable
-from typing import Any
+from collections.abc import Callable, Iterable
+from typing import Any, TypeVar
 
 import torch
 import torch.nn as nn
@@ -16,17 +16,26 @@ from deltatune.core.policy import release_state
 from deltatune.core.targeting import layer_index, select_modules, sites_of
 from deltatune.errors import DeltatuneError
 
+F = TypeVar("F", bound=Form)
 
-def dense_forms(model: nn.Module, params: Iterable[tuple[str, nn.Parameter]]) -> dict[str, Dense]:
-    """One dense delta per parameter (tied parameters once, applied at every module holding them)."""
-    forms: dict[str, Dense] = {}
+
+def per_parameter_forms(model: nn.Module, params: Iterable[tuple[str, nn.Parameter]],
+                        make: Callable[[list[tuple[nn.Module, str]], str], F]) -> dict[str, F]:
+    """One form per floating parameter, ``make(sites, name)``; a tied parameter once, applied at every module
+    holding it."""
+    forms: dict[str, F] = {}
     seen: set[int] = set()
     for name, p in params:
         if id(p) in seen or not p.is_floating_point():
             continue
         seen.add(id(p))
-        forms[name] = Dense(sites_of(model, p), name)
+        forms[name] = make(sites_of(model, p), name)
     return forms
+
+
+def dense_forms(model: nn.Module, params: Iterable[tuple[str, nn.Parameter]]) -> dict[str, Dense]:
+    """One dense delta per parameter (tied parameters once, applied at every module holding them)."""
+    return per_parameter_forms(model, params, Dense)
 
 
 def block_matrices(
@@ -47,14 +56,9 @@ def inplace_forms(model: nn.Module, params: Iterable[tuple[str, nn.Parameter]], 
                   ) -> dict[str, InPlace]:
     """One in-place dense delta per parameter (tied parameters once): the model's own tensors train, and
     W0 is copied only for the tensors that get a gradient."""
-    forms: dict[str, InPlace] = {}
-    seen: set[int] = set()
-    for name, p in params:
-        if id(p) in seen or not p.is_floating_point():
-            continue
-        seen.add(id(p))
-        forms[name] = InPlace(sites_of(model, p), name)
-        p.requires_grad_(trainable)
+    forms = per_parameter_forms(model, params, InPlace)
+    for form in forms.values():
+        form.weight.requires_grad_(trainable)
     return forms
 
 

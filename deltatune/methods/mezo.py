@@ -75,9 +75,9 @@ from deltatune.core.forms.base import Form
 from deltatune.core.forms.inplace import InPlace
 from deltatune.core.policy import Policy
 from deltatune.core.registry import Built, register
-from deltatune.core.targeting import select_parameters, sites_of
+from deltatune.core.targeting import select_parameters
 from deltatune.errors import DeltatuneError
-from deltatune.methods._common import build_base, dense_forms
+from deltatune.methods._common import build_base, dense_forms, per_parameter_forms
 
 if TYPE_CHECKING:
     from deltatune.core.tuned import Tuned
@@ -253,14 +253,9 @@ class OffloadedInPlace(InPlace):
 def offloaded_forms(model: nn.Module, params: Iterable[tuple[str, nn.Parameter]], keep_w0: str = "disk",
                     directory: str | None = None) -> dict[str, OffloadedInPlace]:
     """One in-place delta per floating parameter (tied parameters once), all trainable."""
-    forms: dict[str, OffloadedInPlace] = {}
-    seen: set[int] = set()
-    for name, p in params:
-        if id(p) in seen or not p.is_floating_point():
-            continue
-        seen.add(id(p))
-        forms[name] = OffloadedInPlace(sites_of(model, p), name, keep_w0, directory)
-        p.requires_grad_(True)
+    forms = per_parameter_forms(model, params, lambda sites, name: OffloadedInPlace(sites, name, keep_w0, directory))
+    for form in forms.values():
+        form.weight.requires_grad_(True)
     return forms
 
 
