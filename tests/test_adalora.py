@@ -19,12 +19,7 @@ TOL = 1e-5
 TARGETS = ["q_proj", "v_proj"]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny tensors: threads only add waits
 
 
 def pair(seed: int = 3, **schedule):

@@ -30,13 +30,7 @@ LLAMA_TARGETS = ["q_proj", "v_proj", "down_proj", "embed_tokens"]  # Linear (squ
 GPT2_TARGETS = ["c_attn", "c_fc", "wte"]  # GPT-2 Conv1D + embedding
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models: one intra-op thread is much faster than a team waiting for a busy core. Restored after."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny tensors: threads only add waits
 
 
 def base_model(arch: str) -> nn.Module:

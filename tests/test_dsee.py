@@ -30,13 +30,7 @@ def _base(model) -> dict[str, torch.Tensor]:
     return {re.sub(r"\.parametrizations\.(\w+)\.original$", r".\1", n): p for n, p in model.named_parameters()}
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny matrices gain nothing from threads, and on a loaded machine the thread pool's waits dominate."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny tensors: threads only add waits
 
 
 def _spiky(seed: int, m: int = 48, n: int = 40) -> tuple[torch.Tensor, set[int]]:

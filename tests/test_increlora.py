@@ -15,12 +15,7 @@ from deltatune.train.loop import sync_optimizer
 TARGETS = ["q_proj", "v_proj"]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny tensors: threads only add waits
 
 
 def loss(tuned, x) -> torch.Tensor:

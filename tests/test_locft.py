@@ -21,13 +21,7 @@ from deltatune.train.loop import Batches
 WORDS = ["[PAD]", "[UNK]", "[EOS]"] + [f"w{i}" for i in range(61)]
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models run fastest on one thread (and other test runs share the cores)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny tensors: threads only add waits
 
 
 def word_tokenizer():

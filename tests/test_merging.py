@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn as nn
-from conftest import batch, output_of, tiny_gpt2, tiny_llama
+from conftest import batch, output_of, random_lora, tiny_gpt2, tiny_llama
 
 import deltatune as dt
 from deltatune.core import artifact
@@ -25,12 +25,7 @@ V1 = "model.layers.1.self_attn.v_proj.weight"
 NORM = "model.layers.1.input_layernorm.weight"
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny tensors: one thread is much faster than a team waiting for a busy core
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny tensors: threads only add waits
 
 
 # -- the rules on hand-made tensors ------------------------------------------------------------------------
@@ -80,13 +75,7 @@ def test_dare_drops_with_probability_and_rescales() -> None:
 # -- every weight-side form, the artifact ------------------------------------------------------------------
 def _lora(path: Path, make=tiny_llama, seed: int = 1, **opts) -> dt.Tuned:
     """Save a LoRA with clearly non-zero random factors (B is zero at a real init)."""
-    opts = {"r": 4, "alpha": 8, "targets": ["q_proj", "v_proj"], **opts}
-    tuned = dt.attach(make(), "lora", **opts)
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for form in tuned.forms().values():
-            form.A.copy_(torch.randn(form.A.shape, generator=g) * 0.3)
-            form.B.copy_(torch.randn(form.B.shape, generator=g) * 0.3)
+    tuned = random_lora(make, seed, **{"targets": ["q_proj", "v_proj"], **opts})
     tuned.save(path)
     return tuned
 

@@ -37,14 +37,7 @@ TOL = 1e-5
 PREFIX = "base_model.model."
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """These models are tiny: one intra-op thread is ~1000x faster per op than an OpenMP team that has to wait
-    for a busy second core (seen: 23 ms vs 3 us for a 32x32 linear under load). Restored afterwards."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny tensors: threads only add waits
 
 
 # -- tiny models ------------------------------------------------------------------------------------------

@@ -8,7 +8,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn as nn
-from conftest import batch, output_of, tiny_gpt2, tiny_llama
+from conftest import batch, output_of, random_lora, tiny_gpt2, tiny_llama
 
 import deltatune as dt
 from deltatune.quantize import Int8Linear, quantizable, quantize_base, quantize_model, quantize_weight
@@ -16,24 +16,13 @@ from deltatune.quantize import Int8Linear, quantizable, quantize_base, quantize_
 REL_TOL = 0.01
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny tensors: threads only add waits
 
 
 def _lora(make, targets, seed: int = 1) -> dt.Tuned:
     """ΔW entries of about the size of the tiny models' weights (std 0.02): the error of the int8 merge grows with
     each output channel's largest |W0 + ΔW|, so a delta that dwarfs W0 costs more."""
-    tuned = dt.attach(make(), "lora", r=4, alpha=8, targets=targets)
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for form in tuned.forms().values():
-            form.A.copy_(torch.randn(form.A.shape, generator=g) * 0.1)
-            form.B.copy_(torch.randn(form.B.shape, generator=g) * 0.1)
-    return tuned
+    return random_lora(make, seed, scale=0.1, targets=targets)
 
 
 def _dequantized_copy(make, quantized: nn.Module) -> nn.Module:

@@ -7,29 +7,18 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import batch, output_of, tiny_gpt2, tiny_llama
+from conftest import batch, output_of, random_lora, tiny_gpt2, tiny_llama
 
 import deltatune as dt
 
 Q0 = "model.layers.0.self_attn.q_proj.weight"
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny tensors: threads only add waits
 
 
 def _lora(path: Path, make=tiny_llama, seed: int = 1, **opts) -> Path:
-    tuned = dt.attach(make(), "lora", **{"r": 4, "alpha": 8, **opts})
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for form in tuned.forms().values():
-            form.A.copy_(torch.randn(form.A.shape, generator=g) * 0.3)
-            form.B.copy_(torch.randn(form.B.shape, generator=g) * 0.3)
-    tuned.save(path)
+    random_lora(make, seed, **opts).save(path)
     return path
 
 
