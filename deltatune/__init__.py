@@ -6,13 +6,15 @@
     tuned.save("runs/lora"); plain = tuned.merge()
 """
 
-from deltatune import data, models
+import deltatune.methods  # noqa: F401  (importing the package registers every method)
+from deltatune import data
 from deltatune.api import export, export_peft, import_, import_peft, inspect, merge, methods
-from deltatune.compose import compose, revert
-from deltatune.compress import compress
 from deltatune.core.tuned import Tuned, attach, load
+from deltatune.data import models
 from deltatune.errors import DeltatuneError
-from deltatune.merging import merge_deltas
+from deltatune.ops.compose import compose, revert
+from deltatune.ops.compress import compress
+from deltatune.ops.merging import merge_deltas
 from deltatune.train import train
 from deltatune.version import __version__
 

@@ -11,6 +11,7 @@ import torch.nn as nn
 
 from deltatune.core import artifact, registry
 from deltatune.core.tuned import Tuned, load
+from deltatune.data import models
 from deltatune.errors import DeltatuneError
 from deltatune.interop.peft import export_peft, import_peft, read_peft
 
@@ -25,14 +26,6 @@ def methods() -> dict[str, str]:
 def _check_format(format: str) -> None:
     if format not in FORMATS:
         raise DeltatuneError(f"unknown format {format!r}: supported formats are {', '.join(FORMATS)}")
-
-
-def _base(base: str | nn.Module) -> nn.Module:
-    if isinstance(base, nn.Module):
-        return base
-    from deltatune import models
-
-    return models.load(str(base))
 
 
 def inspect(path: str | os.PathLike) -> dict[str, Any]:
@@ -65,8 +58,8 @@ def inspect(path: str | os.PathLike) -> dict[str, Any]:
 
 
 def compress(artifact_path: str | os.PathLike, out: str | os.PathLike, **options: Any) -> Path:
-    """``deltatune compress``: ComPEFT (top-k + ternary, bit-packed) of a saved delta; see deltatune.compress."""
-    from deltatune.compress import compress as compress_
+    """``deltatune compress``: ComPEFT (top-k + ternary, bit-packed) of a saved delta; see deltatune.ops.compress."""
+    from deltatune.ops.compress import compress as compress_
 
     return compress_(artifact_path, out, **options)
 
@@ -82,27 +75,27 @@ def export(artifact_or_tuned: str | os.PathLike | Tuned, out: str | os.PathLike,
         base = meta.get("fingerprint", {}).get("name_or_path")
         if not base:
             raise DeltatuneError("the artifact does not say which base model it belongs to: pass base=...")
-    return export_peft(load(_base(base), artifact_or_tuned), out)
+    return export_peft(load(models.load_base(base), artifact_or_tuned), out)
 
 
 def import_(adapter: str | os.PathLike, out: str | os.PathLike, *, base: str | nn.Module, format: str = "peft") -> Path:
     """Import another library's adapter into a deltatune artifact at ``out`` (``import`` is a Python keyword)."""
     _check_format(format)
     read_peft(adapter)  # a bad adapter fails before a model is loaded
-    import_peft(_base(base), adapter).save(out)
+    import_peft(models.load_base(base), adapter).save(out)
     return Path(out)
 
 
 def merge(path: str | os.PathLike, *, base: str | nn.Module, out: str | os.PathLike) -> Path:
     """Merge an artifact into its base and write a ``save_pretrained`` folder (a plain model)."""
     artifact.read_meta(path)  # a bad path fails before a model is loaded
-    plain = load(_base(base), path).merge()
+    plain = load(models.load_base(base), path).merge()
     if not hasattr(plain, "save_pretrained"):
         raise DeltatuneError(f"{type(plain).__name__} has no save_pretrained; merge in Python and save it yourself")
 
     def fill(tmp: Path) -> None:
         plain.save_pretrained(tmp)
-        _copy_tokenizer(base, tmp)
+        models.copy_tokenizer(base, tmp)
 
     artifact.atomic_dir(out, fill)
     return Path(out)
@@ -112,35 +105,23 @@ def compose(out: str | os.PathLike, deltas: list[str], *, base: str | None = Non
     """``deltatune compose``: θ0 + the sum of several artifacts, merged and written as a plain model (with a
     record of its parts, so ``revert`` can take one out exactly). In Python, ``dt.compose`` keeps the
     composition live instead."""
-    from deltatune.merging import compose_model
+    from deltatune.ops.merging import compose_model
 
     return compose_model(deltas, out, base=base)
 
 
 def revert(composed: str | os.PathLike, part: str, out: str | os.PathLike) -> Path:
     """``deltatune revert``: the composed model without ``part``, rebuilt from the base (exact)."""
-    from deltatune.merging import revert_model
+    from deltatune.ops.merging import revert_model
 
     return revert_model(composed, part, out)
 
 
 def merge_deltas(out: str | os.PathLike, deltas: list[str], **options: Any) -> Any:
     """``deltatune merge-deltas``: ``dt.merge_deltas(deltas, out, ...)`` (task arithmetic, TIES, DARE)."""
-    from deltatune.merging import merge_deltas as merge_
+    from deltatune.ops.merging import merge_deltas as merge_
 
     return merge_(deltas, out, **options)
-
-
-def _copy_tokenizer(base: str | nn.Module, folder: Path) -> None:
-    """Ship the tokenizer with a merged model so the folder is usable on its own."""
-    if isinstance(base, nn.Module):
-        return
-    try:
-        from deltatune import models
-
-        models.load_tokenizer(str(base)).save_pretrained(folder)
-    except Exception:  # a base without a tokenizer (a plain weights folder) is still mergeable
-        pass
 
 
 def _artifact_base(path: str | os.PathLike, base: str | None) -> str:
@@ -153,10 +134,10 @@ def _artifact_base(path: str | os.PathLike, base: str | None) -> str:
 
 def eval(path: str | os.PathLike, data: dict[str, Any], *, base: str | None = None,  # noqa: A001 (the verb)
          batch_size: int = 16) -> dict[str, float]:
-    """Evaluate an artifact on a data config (``deltatune.tasks.DataConfig`` keys): loss, perplexity for
+    """Evaluate an artifact on a data config (``deltatune.data.tasks.DataConfig`` keys): loss, perplexity for
     text and chat, accuracy where there are labels, ``edit_success`` and ``token_accuracy`` for task
     ``edit``. The held-out split of the data is used (for edits: the edits themselves)."""
-    from deltatune import models, tasks
+    from deltatune.data import tasks
 
     name = _artifact_base(path, base)
     cfg = data if isinstance(data, tasks.DataConfig) else tasks.DataConfig(**data)
@@ -174,8 +155,6 @@ def generate(path: str | os.PathLike | None, prompt: str, *, base: str | None = 
     The tokenizer's chat template is applied when it has one (``chat=False`` turns it off); with
     ``stream`` the text is printed as it is produced."""
     from transformers import TextStreamer
-
-    from deltatune import models
 
     name = _artifact_base(path, base) if path is not None else base
     if not name:

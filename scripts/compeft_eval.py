@@ -13,9 +13,9 @@ import time
 from pathlib import Path
 
 from deltatune import api
-from deltatune.compress import compress
+from deltatune.cli.demo import TWEETS
 from deltatune.core import artifact
-from deltatune.demo import TWEETS
+from deltatune.ops.compress import compress
 
 
 def _value(text: str):

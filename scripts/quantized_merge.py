@@ -6,8 +6,8 @@ negative vs positive, the demo's 200 held-out examples) of a LoRA artifact serve
 ARTIFACT defaults to the first LoRA artifact of a demo run found under runs/, demo-report/ or /work/runs/
 (``deltatune demo --methods lora`` writes OUT/artifacts/lora). Rows: the fp32 base; the LoRA unmerged and merged
 in fp32; the int8 base alone; merged-then-quantised (``tuned.merge(quantize="int8")``: the quantisation error
-lands on W0 + ΔW); int8 base + unmerged fp32 LoRA (``deltatune.quantize.quantize_base``: the error lands on W0
-only). Int8 = symmetric per-output-channel weights on every Linear but the tied head (deltatune/quantize.py).
+lands on W0 + ΔW); int8 base + unmerged fp32 LoRA (``deltatune.ops.quantize.quantize_base``: the error lands on W0
+only). Int8 = symmetric per-output-channel weights on every Linear but the tied head (deltatune/core/int8.py).
 """
 
 from __future__ import annotations
@@ -21,9 +21,9 @@ from pathlib import Path
 import torch
 
 import deltatune as dt
-from deltatune import models, tasks
-from deltatune.demo import TWEETS
-from deltatune.quantize import Int8Linear, quantize_base, quantize_model
+from deltatune.cli.demo import TWEETS
+from deltatune.data import models, tasks
+from deltatune.ops.quantize import Int8Linear, quantize_base, quantize_model
 
 MODEL = "smollm2-135m"
 SEARCH = ["runs/*/artifacts/lora", "demo-report/artifacts/lora", "/work/runs/*/artifacts/lora",

@@ -99,7 +99,7 @@ def cache(tmp_path_factory: pytest.TempPathFactory):
 @pytest.fixture(scope="session")
 def smollm2() -> torch.nn.Module:
     """The shipped SmolLM2-135M, loaded once per session; tests deep-copy it before changing it."""
-    from deltatune import models
+    from deltatune.data import models
 
     return models.load("smollm2-135m")
 
@@ -112,7 +112,7 @@ def tiny_folder(tmp_path_factory) -> Path:
     cfg = LlamaConfig(vocab_size=49152, hidden_size=16, intermediate_size=32, num_hidden_layers=2,
                       num_attention_heads=2, num_key_value_heads=1, tie_word_embeddings=True)
     LlamaForCausalLM(cfg).save_pretrained(folder)
-    from deltatune import models
+    from deltatune.data import models
 
     models.load_tokenizer("smollm2-135m").save_pretrained(folder)
     return folder

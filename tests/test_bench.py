@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from deltatune import bench as bench_module
+from deltatune.cli import bench as bench_module
 from deltatune.errors import DeltatuneError
 
 
@@ -63,7 +63,7 @@ def test_bench_rejects_unknown_method(tiny_folder):
 
 
 def test_equal_count_runs_are_compared_with_the_lora_of_the_same_count() -> None:
-    from deltatune import bench
+    from deltatune.cli import bench
 
     def rec(name: str, method: str, framework: str, trainable: int, sps: float, mem: int) -> dict:
         return {"name": name, "method": method, "framework": framework, "trainable": trainable,

@@ -16,7 +16,7 @@ import torch
 from typer.testing import CliRunner
 
 import deltatune as dt
-from deltatune.cli import _parse_options, app
+from deltatune.cli.main import _parse_options, app
 from deltatune.errors import DeltatuneError
 
 VERBS = ("methods", "inspect", "export", "import", "merge", "demo", "compose", "revert", "merge-deltas", "compress")

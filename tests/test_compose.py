@@ -10,8 +10,8 @@ import torch.nn as nn
 from conftest import batch, output_of, tiny_gpt2, tiny_llama
 
 import deltatune as dt
-from deltatune.compose import SummedSparse
 from deltatune.core.forms.base import Form
+from deltatune.ops.compose import SummedSparse
 
 Q0 = "model.layers.0.self_attn.q_proj.weight"
 EMBED = "model.embed_tokens.weight"

@@ -14,9 +14,9 @@ import torch.nn as nn
 from conftest import batch, loss_of, output_of, tiny_gpt2, tiny_llama
 
 import deltatune as dt
-from deltatune.compress import (
-    Piece,
-    compress,
+from deltatune.core import artifact
+from deltatune.errors import DeltatuneError
+from deltatune.methods._bitpack import (
     decode,
     decode_positions,
     encode,
@@ -25,12 +25,9 @@ from deltatune.compress import (
     packed_bytes,
     rice_parameter,
     rice_size,
-    select,
-    top_n,
 )
-from deltatune.core import artifact
-from deltatune.errors import DeltatuneError
 from deltatune.methods.compeft import PackedDense, PackedLowRank, PackedSparse
+from deltatune.ops.compress import Piece, compress, select, top_n
 
 
 def _state(model: nn.Module) -> dict[str, torch.Tensor]:

@@ -10,9 +10,9 @@ import torch
 from typer.testing import CliRunner
 
 import deltatune as dt
-from deltatune import demo as demo_module
-from deltatune.cli import app
-from deltatune.demo import QUICK_SETUP, ZERO_SHOT, demo
+from deltatune.cli import demo as demo_module
+from deltatune.cli.demo import QUICK_SETUP, ZERO_SHOT, demo
+from deltatune.cli.main import app
 from deltatune.errors import DeltatuneError
 
 PNG = b"\x89PNG\r\n\x1a\n"

@@ -11,7 +11,7 @@ from transformers import LlamaConfig, LlamaForCausalLM, Trainer, TrainingArgumen
 
 import deltatune as dt
 from deltatune.core.policy import Policy
-from deltatune.hf import POLICY_JSON, DeltaTuneCallback, DeltaTuneTrainer, trainer_kwargs
+from deltatune.train.hf import POLICY_JSON, DeltaTuneCallback, DeltaTuneTrainer, trainer_kwargs
 
 VOCAB = 128
 

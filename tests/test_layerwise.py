@@ -240,7 +240,7 @@ def test_hft_on_gpt2_fused_attention() -> None:
 def test_lisa_under_transformers_trainer(tmp_path) -> None:
     from transformers import TrainingArguments
 
-    from deltatune.hf import DeltaTuneTrainer
+    from deltatune.train.hf import DeltaTuneTrainer
 
     model = llama8()
     tuned = dt.attach(model, "lisa", activated_layers=2, interval_steps=2)

@@ -281,7 +281,7 @@ def test_searched_run_resumes_bit_identically(edit_folder, tmp_path) -> None:
 def test_trainer_bridge_skips_and_stops() -> None:
     from transformers import TrainerControl, TrainerState, TrainingArguments
 
-    from deltatune.hf import DeltaTuneCallback
+    from deltatune.train.hf import DeltaTuneCallback
 
     tuned = dt.attach(MODELS["llama"](), "locft", layer=1, threshold=0.5, epochs=5)
     callback = DeltaTuneCallback(tuned)

@@ -14,7 +14,7 @@ from conftest import batch, output_of, random_lora, tiny_gpt2, tiny_llama
 import deltatune as dt
 from deltatune.core import artifact
 from deltatune.core.forms.lowrank import LowRank
-from deltatune.merging import combine, compose_model, drop, elect, merge_deltas, trim
+from deltatune.ops.merging import combine, compose_model, drop, elect, merge_deltas, trim
 
 peft = pytest.importorskip("peft")
 from peft import PeftModel  # noqa: E402

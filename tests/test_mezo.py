@@ -385,7 +385,7 @@ def test_the_loop_applies_the_scheduled_learning_rate(word_run, tmp_path, monkey
 def test_delta_tune_trainer_takes_zeroth_order_steps(tmp_path) -> None:
     from transformers import Trainer, TrainingArguments
 
-    from deltatune.hf import DeltaTuneTrainer, trainer_kwargs
+    from deltatune.train.hf import DeltaTuneTrainer, trainer_kwargs
 
     model = tiny_llama()
     tuned = dt.attach(model, "mezo", base="lora", base_options={"r": 4, "alpha": 8}, eps=1e-2)

@@ -15,7 +15,8 @@ from typing import Any
 import pytest
 import torch
 
-from deltatune import data, models
+from deltatune import data
+from deltatune.data import models
 from deltatune.errors import DeltatuneError
 
 TWEET_COUNTS = {"negative": 16186, "neutral": 15018, "positive": 6954}

@@ -722,7 +722,7 @@ def test_error_import_wrong_base(tmp_path):
 def smollm2_own():
     """This module's own SmolLM2 (it gets a delta attached): loaded once, the PEFT base is a deep copy."""
     if not hasattr(dt.models, "load"):
-        pytest.skip("deltatune.models has no load() yet")
+        pytest.skip("deltatune.data.models has no load() yet")
     return dt.models.load("smollm2-135m")
 
 

@@ -24,9 +24,9 @@ from safetensors.torch import load_file
 import deltatune as dt
 from deltatune.core import registry
 from deltatune.core.forms.attention import prepend_keys
+from deltatune.data.tasks import left_pad, right_pad
 from deltatune.errors import DeltatuneError
 from deltatune.methods._prefix import ENCODER_NAME, stored_count
-from deltatune.tasks import left_pad, right_pad
 
 # the tiny models: 3 layers; llama 2 key/value heads of 8 (GQA), gpt2 / bert 4 heads of 8
 L, D_KV = 3, {"llama": 16, "gpt2": 32, "bert": 32}
@@ -334,7 +334,7 @@ def test_trainer_bridge_resume_restores_the_mlp(tmp_path) -> None:
     """transformers.Trainer checkpoints hold the artifact (folded) and the policy state (the MLP)."""
     from transformers import TrainingArguments
 
-    from deltatune.hf import DeltaTuneTrainer
+    from deltatune.train.hf import DeltaTuneTrainer
 
     g = torch.Generator().manual_seed(3)
     rows = [{"input_ids": ids, "labels": ids.clone()} for ids in torch.randint(0, VOCAB, (8, 10), generator=g)]

@@ -16,7 +16,7 @@ def test_worker_dies_with_its_parent(tmp_path) -> None:
     pid_file = tmp_path / "worker.pid"
     parent = (
         "import subprocess, sys\n"
-        "from deltatune._proc import die_with_parent\n"
+        "from deltatune.cli._proc import die_with_parent\n"
         "w = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(60)'], preexec_fn=die_with_parent)\n"
         f"open({str(pid_file)!r}, 'w').write(str(w.pid))\n"
         "w.wait()\n"

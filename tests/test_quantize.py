@@ -11,7 +11,8 @@ import torch.nn as nn
 from conftest import batch, output_of, random_lora, tiny_gpt2, tiny_llama
 
 import deltatune as dt
-from deltatune.quantize import Int8Linear, quantizable, quantize_base, quantize_model, quantize_weight
+from deltatune.core.int8 import Int8Linear, quantizable, quantize_model, quantize_weight
+from deltatune.ops.quantize import quantize_base
 
 REL_TOL = 0.01
 

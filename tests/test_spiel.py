@@ -12,8 +12,8 @@ import torch.nn as nn
 from conftest import tiny_llama
 
 import deltatune as dt
+from deltatune.core.optim import SM3
 from deltatune.methods.spiel import SpielPolicy
-from deltatune.optim import SM3
 from deltatune.train.loop import FAULT_ENV
 
 IN, OUT = 16, 12

@@ -1,4 +1,4 @@
-"""Data formats for training (deltatune.tasks): text, packing, chat masks, head and generative classification.
+"""Data formats for training (deltatune.data.tasks): text, packing, chat masks, head and generative classification.
 
 Tiny random models built from configs, with the real SmolLM2 and MiniLM tokenizers; the data are small
 files written to tmp_path, plus the shipped tweets and bbc sets.
@@ -20,9 +20,10 @@ import torch.nn.functional as F
 from transformers import BertConfig, BertForSequenceClassification, LlamaConfig, LlamaForCausalLM
 
 import deltatune as dt
-from deltatune import data, models, tasks
+from deltatune import data
+from deltatune.data import models, tasks
+from deltatune.data.tasks import DataConfig
 from deltatune.errors import DeltatuneError
-from deltatune.tasks import DataConfig
 
 IM_END = "<|im_end|>"
 

@@ -142,7 +142,7 @@ def test_cli_train_eval_generate(tiny_folder, sentiment_file, tmp_path) -> None:
     import yaml
     from typer.testing import CliRunner
 
-    from deltatune.cli import app
+    from deltatune.cli.main import app
 
     path = tmp_path / "run.yaml"
     path.write_text(yaml.safe_dump(config(tiny_folder, sentiment_file, tmp_path / "cli")))

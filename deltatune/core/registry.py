@@ -1,7 +1,7 @@
 """The method registry: a method is one module that declares a config dataclass and a builder.
 
-The core never names a method. ``deltatune.methods`` imports every module of its package, and
-each registers itself with ``@register``.
+The core never names a method, and never imports one: ``deltatune/__init__.py`` imports the
+``deltatune.methods`` package, which imports every module in it, and each registers itself with ``@register``.
 """
 
 from __future__ import annotations
@@ -58,17 +58,11 @@ def register(name: str, config_cls: type, description: str, *, mergeable: bool |
     return deco
 
 
-def _ensure_loaded() -> None:
-    import deltatune.methods  # noqa: F401  (importing registers every method)
-
-
 def names() -> list[str]:
-    _ensure_loaded()
     return sorted(_REGISTRY)
 
 
 def get(name: str) -> Method:
-    _ensure_loaded()
     if name not in _REGISTRY:
         near = difflib.get_close_matches(name, list(_REGISTRY), n=3)
         hint = f" Did you mean {' or '.join(map(repr, near))}?" if near else ""
@@ -77,7 +71,6 @@ def get(name: str) -> Method:
 
 
 def method_of_config(config: Any) -> Method:
-    _ensure_loaded()
     for m in _REGISTRY.values():
         if type(config) is m.config_cls:
             return m

@@ -9,7 +9,7 @@ from typing import Any
 import torch
 import torch.nn as nn
 
-from deltatune.core import artifact, registry
+from deltatune.core import artifact, int8, registry
 from deltatune.core.forms.base import Form
 from deltatune.core.policy import Policy
 from deltatune.errors import DeltatuneError
@@ -58,7 +58,7 @@ class Tuned(ModelWrapper):
         self.method_config = config
         self.policy = policy
         self.merged = False
-        self._quantized = False  # the base was quantised under the delta (deltatune.quantize)
+        self._quantized = False  # the base was quantised under the delta (deltatune.ops.quantize)
         self._fingerprint: dict[str, Any] | None = None
         self._shapes = shapes  # hashed before attaching: hooks and parametrisations rename tensors
 
@@ -145,35 +145,35 @@ class Tuned(ModelWrapper):
             self._fingerprint = artifact.fingerprint(self.model, self.base_tensors(), self._shapes)
         return self._fingerprint
 
-    # -- several deltas on one model (deltatune.tenants) ------------------------------------
+    # -- several deltas on one model (deltatune.core.tenants) ------------------------------------
     def add(self, name: str, delta: str | os.PathLike | Tuned) -> Tuned:
         """Load another delta (an artifact path or a Tuned of this base) onto the model under ``name``, kept
         off until ``use(name)`` or ``adapter_names``; this Tuned's own delta is named "default"."""
-        from deltatune.tenants import tenants_of
+        from deltatune.core.tenants import tenants_of
 
         tenants_of(self).add(name, delta)
         return self
 
     def use(self, name: str | None) -> Tuned:
         """Serve delta ``name`` (None: the base model). save / merge / training then act on that delta."""
-        from deltatune.tenants import tenants_of
+        from deltatune.core.tenants import tenants_of
 
         tenants_of(self).use(name)
         return self
 
     def forward(self, *args: Any, adapter_names: list[str | None] | None = None, **kwargs: Any) -> Any:
         """The model's forward; ``adapter_names`` (one delta name per row, "__base__" or None for the base)
-        computes each row with its own delta (low-rank deltas: see deltatune.tenants)."""
+        computes each row with its own delta (low-rank deltas: see deltatune.core.tenants)."""
         if adapter_names is None:
             return self.model(*args, **kwargs)
-        from deltatune.tenants import tenants_of
+        from deltatune.core.tenants import tenants_of
 
         return tenants_of(self).mixed(adapter_names, self.model, *args, **kwargs)
 
     def generate(self, *args: Any, adapter_names: list[str | None] | None = None, **kwargs: Any) -> Any:
         if adapter_names is None:
             return self.model.generate(*args, **kwargs)
-        from deltatune.tenants import tenants_of
+        from deltatune.core.tenants import tenants_of
 
         return tenants_of(self).mixed(adapter_names, self.model.generate, *args, **kwargs)
 
@@ -182,7 +182,7 @@ class Tuned(ModelWrapper):
         """Fold the delta into the base weights and return the plain model (no hooks, no wrappers).
 
         The delta is kept, so ``unmerge`` can take it out again. ``quantize="int8"`` then makes every
-        Linear / GPT-2 Conv1D weight int8 with per-output-channel scales (deltatune.quantize); such a
+        Linear / GPT-2 Conv1D weight int8 with per-output-channel scales (deltatune.ops.quantize); such a
         model cannot be unmerged."""
         if self.merged:
             raise DeltatuneError("the delta is already merged; call unmerge() first")
@@ -190,9 +190,7 @@ class Tuned(ModelWrapper):
             raise DeltatuneError("the base is quantised to int8 (quantize_base): the delta stays unmerged on it; to "
                                  "merge, dt.load the artifact onto the fp base and tuned.merge(quantize='int8')")
         if quantize is not None:
-            from deltatune.quantize import check_scheme
-
-            check_scheme(quantize)
+            int8.check_scheme(quantize)
         tenants = self._modules.get("tenants")
         if tenants is not None:
             tenants.check_in_use()  # type: ignore[operator]
@@ -211,10 +209,8 @@ class Tuned(ModelWrapper):
         self._carry(False)
         self._set_tying(untie=True)
         if quantize is not None:
-            from deltatune.quantize import quantize_model
-
             self._quantized = True
-            return quantize_model(self.model, quantize)
+            return int8.quantize_model(self.model, quantize)
         return self.model
 
     def _set_tying(self, untie: bool) -> None:
@@ -260,6 +256,11 @@ class Tuned(ModelWrapper):
         self._carry(True)
         self._set_tying(untie=False)
         return self
+
+    def mark_quantized(self) -> None:
+        """The base under the (unmerged) delta was quantised (``deltatune.ops.quantize.quantize_base``): the delta
+        can still be saved, no longer merged."""
+        self._quantized = True
 
     # -- save -----------------------------------------------------------------------------
     def describe(self) -> dict[str, Any]:

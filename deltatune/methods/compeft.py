@@ -1,6 +1,6 @@
 """ComPEFT artifacts (Yadav et al., TMLR 2024, arXiv 2311.13171): a delta compressed by ``dt.compress``.
 
-This method is made, not trained: ``deltatune.compress.compress`` writes its artifact (the config records
+This method is made, not trained: ``deltatune.ops.compress.compress`` writes its artifact (the config records
 the source method and, per compressed tensor, its form, shape and position encoding); ``dt.load`` builds
 here, for each compressed base tensor, a form that decodes the bit-packed payload (positions as a
 Golomb-Rice code or a bitmap, one sign bit per kept entry, one fp32 scale) into an ordinary delta:
@@ -20,7 +20,6 @@ from typing import Any, Literal
 import torch
 import torch.nn as nn
 
-from deltatune.compress import decode, encode, packed_bytes
 from deltatune.core.forms.base import Form
 from deltatune.core.forms.dense import Dense
 from deltatune.core.forms.lowrank import LowRank
@@ -28,6 +27,7 @@ from deltatune.core.forms.sparse import Sparse
 from deltatune.core.registry import Built, register
 from deltatune.core.targeting import sites_of
 from deltatune.errors import DeltatuneError
+from deltatune.methods._bitpack import decode, encode, packed_bytes
 
 
 @dataclass

@@ -25,7 +25,7 @@ A′ = [A; A₀], B′ = [B, −B₀], on the *untouched* base). So
 
 Calibration (``data``, one of):
 
-- a mapping in the format of the run's ``data`` section (``deltatune.tasks.DataConfig``): the first
+- a mapping in the format of the run's ``data`` section (``deltatune.data.tasks.DataConfig``): the first
   ``samples`` examples of a seeded shuffle of its training split, tokenized with the model's tokenizer and
   run through the task's own forward (``deltatune.methods.spt.task_batches``, shared with SPT / IST). In
   YAML an alias reuses the run's section: ``data: &data {...}`` and ``method: {name: corda, data: *data}``;

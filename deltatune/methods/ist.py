@@ -104,7 +104,7 @@ class IstConfig:
             if getattr(self, name) < 1:
                 raise ValueError(f"{name}={getattr(self, name)} must be >= 1")
         if self.data is not None:
-            from deltatune.tasks import DataConfig
+            from deltatune.data.tasks import DataConfig
 
             try:
                 DataConfig(**self.data)  # bad keys fail when the config is read, not after the model loaded

@@ -26,13 +26,13 @@ import torch
 import torch.nn as nn
 
 from deltatune.core.forms.sparse import Sparse, index_dtype
+from deltatune.core.optim import ElementAdamW
 from deltatune.core.policy import Policy
 from deltatune.core.registry import Built, register
 from deltatune.core.targeting import sites_of
 from deltatune.core.tuned import Tuned
 from deltatune.errors import DeltatuneError
 from deltatune.methods._common import block_matrices, from_rank0
-from deltatune.optim import ElementAdamW
 
 _PAST = ("past_indices", "past_values")
 
@@ -50,7 +50,7 @@ class LiftConfig:
     # the official optimizer's timing (scripts: 400 for MATH-10K, 2000 for commonsense-170K)
     update_interval: int = 200
     # the official scripts' Adam betas and the optimizer's eps. Bias correction counts each entry's own
-    # updates (deltatune.optim.ElementAdamW): the official code uses the tensor's global step, which
+    # updates (deltatune.core.optim.ElementAdamW): the official code uses the tensor's global step, which
     # over-scales a newcomer's first updates after a refresh (a pitfall the spec lists). eps is added as
     # torch's AdamW adds it (to √v̂), so with a full mask one step equals torch.optim.AdamW.
     betas: tuple[float, float] = (0.9, 0.95)

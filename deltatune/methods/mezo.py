@@ -47,7 +47,7 @@ What trains:
   with a static policy) trained with zeroth-order steps; the artifact is that method's.
 
 Train with ``deltatune train`` (the native loop hands the step to ``policy.train_step``) or
-``deltatune.hf.DeltaTuneTrainer``; in your own loop call ``tuned.policy.train_step(step, tuned, batch,
+``deltatune.train.hf.DeltaTuneTrainer``; in your own loop call ``tuned.policy.train_step(step, tuned, batch,
 loss_fn, lr, weight_decay)`` once per step with ``loss_fn(batch) -> loss`` (no backward, no optimizer).
 
 fp16 / bf16 trainable tensors: the estimate stays exact (nothing is written in place), but an update
@@ -319,7 +319,7 @@ class ZerothOrderOptimizer(torch.optim.Optimizer):
         if any(p.grad is not None for group in self.param_groups for p in group["params"]):
             raise DeltatuneError(
                 "a zeroth-order method got gradients: its steps come from forward passes in policy.train_step. "
-                "Train with `deltatune train` or deltatune.hf.DeltaTuneTrainer, or call tuned.policy.train_step "
+                "Train with `deltatune train` or deltatune.train.hf.DeltaTuneTrainer, or call tuned.policy.train_step "
                 "yourself instead of backward() and optimizer.step()"
             )
 
@@ -363,7 +363,7 @@ class MezoPolicy(Policy):
         if any(e.param.grad is not None for e in self.entries):  # a loop ran backward: it would not train MeZO
             raise DeltatuneError(
                 f"{self.name} trains from forward passes (policy.train_step), but a training loop computed gradients "
-                "for its parameters: use `deltatune train` or deltatune.hf.DeltaTuneTrainer, whose steps call "
+                "for its parameters: use `deltatune train` or deltatune.train.hf.DeltaTuneTrainer, whose steps call "
                 "policy.train_step"
             )
 

@@ -21,13 +21,13 @@ import torch.distributed as dist
 import torch.nn as nn
 
 from deltatune.core.forms.sparse import Sparse, split_budget
+from deltatune.core.optim import SM3, ElementAdamW
 from deltatune.core.policy import Policy
 from deltatune.core.registry import Built, register
 from deltatune.core.targeting import sites_of
 from deltatune.core.tuned import Tuned
 from deltatune.errors import DeltatuneError
 from deltatune.methods._common import block_matrices
-from deltatune.optim import SM3, ElementAdamW
 
 _MATCH = re.compile(r"^lora:r=(\d+)$")
 

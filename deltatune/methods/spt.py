@@ -28,7 +28,7 @@ fresh classification head, trains fully on top, like the paper's head, outside t
 Where the sensitivity comes from (the builder sees only the model and the config, and configs are
 JSON / YAML), exactly one of:
 
-- ``data``: a mapping in the format of the run's ``data`` section (``deltatune.tasks.DataConfig``).
+- ``data``: a mapping in the format of the run's ``data`` section (``deltatune.data.tasks.DataConfig``).
   The builder tokenizes it with the model's own tokenizer (``tokenizer`` overrides the name) and runs
   the pass on ``sensitivity_batches`` batches before the delta exists, so the optimizer sees the final
   forms from step 0 and a run loses no steps to calibration. In YAML an alias reuses the run's
@@ -96,7 +96,7 @@ class SptConfig:
     modules_to_save: list[str] | None = None  # trained fully outside the budget (a fresh classification head)
     # where the sensitivity comes from: a .safetensors file / a dict (Python) / "random", or data
     sensitivity: str | dict[str, Any] | None = None
-    data: dict[str, Any] | None = None  # a run-config data section (deltatune.tasks.DataConfig keys)
+    data: dict[str, Any] | None = None  # a run-config data section (deltatune.data.tasks.DataConfig keys)
     tokenizer: str | None = None  # for data: tokenizer name or folder; None: the model's own (config._name_or_path)
     sensitivity_batches: int = 8  # C: engine.py default (train_spt.py's default is 16)
     sensitivity_batch_size: int = 32  # official batch size of the sensitivity pass
@@ -290,7 +290,7 @@ def load_sensitivity(path: str | os.PathLike) -> dict[str, torch.Tensor]:
 
 def data_config(data: dict[str, Any]) -> Any:
     """A method's ``data:`` option as a run-config data section (a bad key is one error naming the option)."""
-    from deltatune.tasks import DataConfig
+    from deltatune.data.tasks import DataConfig
 
     try:
         return DataConfig(**data)
@@ -306,7 +306,7 @@ def task_batches(
 ) -> tuple[list[dict[str, torch.Tensor]], LossFn]:
     """Calibration batches from a run-config ``data`` mapping: the first ``batches`` batches of a seeded
     shuffle of its training split, and the task's loss. (Data-aware methods share this.)"""
-    from deltatune import models, tasks
+    from deltatune.data import models, tasks
 
     cfg = data_config(data)
     name = tokenizer or getattr(getattr(model, "config", None), "_name_or_path", None)

@@ -330,7 +330,7 @@ def _check_model(model: nn.Module) -> None:
     if not name.endswith("ForSequenceClassification") or not hasattr(model, "base_model"):
         raise DeltatuneError(
             f"VQT trains a linear head on a classification model, but {name} is not a ...ForSequenceClassification "
-            "model; load one with deltatune.models.load(name, task='classification', num_labels=n) (in a YAML "
+            "model; load one with deltatune.data.models.load(name, task='classification', num_labels=n) (in a YAML "
             "config: data: {task: classification, head: true})"
         )
     if model.base_model is model:

@@ -70,7 +70,7 @@ class TrainSettings:
 @dataclass
 class RunConfig:
     model: str
-    data: Any  # deltatune.tasks.DataConfig
+    data: Any  # deltatune.data.tasks.DataConfig
     method: dict[str, Any]
     output: str
     train: TrainSettings = field(default_factory=TrainSettings)
@@ -115,7 +115,7 @@ def _section(cls: type, values: Any, prefix: str, problems: list[str]) -> Any:
 
 def parse_config(raw: dict[str, Any]) -> RunConfig:
     """Validate a config mapping; one DeltatuneError lists every problem."""
-    from deltatune.tasks import DataConfig
+    from deltatune.data.tasks import DataConfig
 
     if not isinstance(raw, dict):
         raise DeltatuneError(f"a run config is a mapping with keys model, data, method, train, output; got {raw!r}")

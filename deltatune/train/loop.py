@@ -176,7 +176,7 @@ class Run:
 
 
 def build(config: RunConfig) -> Run:
-    from deltatune import models, tasks
+    from deltatune.data import models, tasks
 
     s = config.train
     torch.manual_seed(s.seed)

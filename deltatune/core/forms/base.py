@@ -128,6 +128,13 @@ class WeightDelta(Form):
         """Every (module, attribute) the delta applies at (several for a tied tensor)."""
         return list(self._sites)
 
+    def move_sites(self, replacements: dict[int, nn.Module]) -> None:
+        """Point the (detached) delta at new modules: ``replacements`` maps id(old module) to its replacement
+        (a base layer swapped for another of the same function, e.g. an int8 layer under a low-rank delta)."""
+        if self.attached:
+            raise DeltatuneError("detach the delta before moving it to other modules")
+        self._sites = [(replacements.get(id(m), m), attr) for m, attr in self._sites]
+
     @property
     def base(self) -> torch.Tensor:
         module, attr = self._sites[0]

@@ -26,8 +26,8 @@ from typing import Any
 import torch
 import torch.nn as nn
 
-from deltatune.compose import _source  # the one reader of "artifact path or Tuned" (compose, merges, tenants)
 from deltatune.core import artifact, registry
+from deltatune.core.delta import read_delta
 from deltatune.core.forms.base import Form, WeightDelta
 from deltatune.core.policy import Policy
 from deltatune.core.tuned import Tuned, _module_key
@@ -43,7 +43,7 @@ def load_delta(model: nn.Module, item: Delta, shapes: str, *, fix: str) -> tuple
     """Build the delta of an artifact path or a ``Tuned`` on ``model`` (as ``dt.load`` does, checking the base
     fingerprint) without attaching it. Returns its name (the folder name, or the method of a Tuned) and a
     ``Tuned`` holding the loaded forms; ``fix`` ends the message for a delta of another base model."""
-    name, meta, tensors = _source(item)
+    name, meta, tensors = read_delta(item)
     method = registry.get(meta["method"])
     cfg = registry.make_config(method, meta["config"])
     built = method.build(model, cfg, loading=True)

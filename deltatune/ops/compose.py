@@ -28,13 +28,13 @@ import types
 import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import torch
 import torch.nn as nn
 
 from deltatune.core import artifact, registry
+from deltatune.core.delta import read_delta
 from deltatune.core.forms.base import WeightDelta
 from deltatune.core.forms.dense import Dense
 from deltatune.core.forms.sparse import Sparse, sparse_sum
@@ -242,23 +242,8 @@ def _key(name: str) -> str:
 
 
 # -- building the parts --------------------------------------------------------------------------
-def _source(item: Delta) -> tuple[str, dict[str, Any], dict[str, torch.Tensor]]:
-    """(name, description with method / config / fingerprint, tensors) of an artifact path or a Tuned."""
-    if isinstance(item, Tuned):
-        if item.merged:
-            raise DeltatuneError(f"the {item.method.name!r} delta to compose is merged into its model: unmerge() it first")
-        meta = {"method": item.method.name, "config": registry.config_to_dict(item.method_config),
-                "fingerprint": item.fingerprint()}
-        tensors = {k: v.detach().clone() for k, v in item.delta_state_dict().items()}
-        return item.method.name, meta, tensors
-    if not isinstance(item, str | os.PathLike):
-        raise DeltatuneError(f"compose takes artifact paths or Tuned models, not {type(item).__name__}")
-    meta, tensors = artifact.read_artifact(item)
-    return Path(item).name, meta, tensors
-
-
 def _part(model: nn.Module, item: Delta, shapes: str) -> Part:
-    name, meta, tensors = _source(item)
+    name, meta, tensors = read_delta(item)
     method = registry.get(meta["method"])
     cfg = registry.make_config(method, meta["config"])
     built = method.build(model, cfg, loading=True)

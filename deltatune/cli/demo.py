@@ -6,7 +6,7 @@ base model on the held-out set; every method is then trained with ``dt.train`` (
 ``deltatune train``) and evaluated on the same held-out set. ``quick=True`` does the same with MiniLM and a
 fresh classification head on BBC news topics in well under a minute.
 
-Each run (the zero-shot evaluation included) happens in a fresh ``python -m deltatune.demo --worker``
+Each run (the zero-shot evaluation included) happens in a fresh ``python -m deltatune.cli.demo --worker``
 subprocess, so the peak memory reported per method is that process's own RSS high-water mark (model
 load, data, training and evaluation), not the demo's accumulated one. A method that cannot apply to the
 model (BitFit on Llama: no biases) is skipped with its reason as a note in the table.
@@ -32,7 +32,7 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
-from deltatune._proc import die_with_parent
+from deltatune.cli._proc import die_with_parent
 from deltatune.errors import DeltatuneError
 
 ZERO_SHOT = "zero-shot"
@@ -134,7 +134,7 @@ def _zero_shot(config: dict[str, Any]) -> dict[str, Any]:
 
     import torch
 
-    from deltatune import models, tasks
+    from deltatune.data import models, tasks
     from deltatune.train.config import load_config
 
     cfg = load_config(config)
@@ -185,7 +185,7 @@ def _run_worker(spec: dict[str, Any], show: bool, console: Console) -> dict[str,
         spec_path.write_text(json.dumps(spec))
         console.file.flush()
         proc = subprocess.run(
-            [sys.executable, "-m", "deltatune.demo", "--worker", str(spec_path), str(result_path)],
+            [sys.executable, "-m", "deltatune.cli.demo", "--worker", str(spec_path), str(result_path)],
             stdout=None if show else subprocess.PIPE, stderr=subprocess.PIPE, text=True,
             env={**os.environ, "TOKENIZERS_PARALLELISM": "false"}, preexec_fn=die_with_parent,
         )
@@ -441,4 +441,4 @@ if __name__ == "__main__":
     if len(sys.argv) == 4 and sys.argv[1] == "--worker":
         _worker(sys.argv[2], sys.argv[3])
     else:
-        sys.exit("usage: python -m deltatune.demo --worker SPEC.json RESULT.json (run by `deltatune demo`)")
+        sys.exit("usage: python -m deltatune.cli.demo --worker SPEC.json RESULT.json (run by `deltatune demo`)")

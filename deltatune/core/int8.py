@@ -1,4 +1,4 @@
-"""Int8 weights with per-output-channel scales, in plain torch (no bitsandbytes, any device).
+"""Int8 layers: weights with per-output-channel scales, in plain torch (no bitsandbytes, any device).
 
 Two uses, for the question "does merging a delta into a quantised base hurt?":
 
@@ -25,8 +25,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from deltatune.core.forms.lowrank import LowRank, layout_of
-from deltatune.core.tuned import Tuned
+from deltatune.core.forms.lowrank import layout_of
 from deltatune.errors import DeltatuneError
 
 SCHEMES = ("int8",)
@@ -98,7 +97,7 @@ def quantizable(model: nn.Module, include_head: bool = False) -> list[tuple[str,
     return found
 
 
-def _replace(model: nn.Module, name: str, new: nn.Module) -> None:
+def replace_module(model: nn.Module, name: str, new: nn.Module) -> None:
     parent_name, _, child = name.rpartition(".")
     setattr(model.get_submodule(parent_name) if parent_name else model, child, new)
 
@@ -107,58 +106,12 @@ def quantize_model(model: nn.Module, scheme: str = "int8", *, include_head: bool
     """Replace every Linear / GPT-2 Conv1D of ``model`` (see the module docstring for which) by an
     ``Int8Linear``, in place, and return the model. A model with a delta attached: use ``quantize_base``."""
     check_scheme(scheme)
-    if isinstance(model, Tuned):
+    if hasattr(model, "deltas") and hasattr(model, "model"):  # a Tuned (not imported: tuned.py imports this module)
         raise DeltatuneError("quantize_model takes a plain model: tuned.merge(quantize='int8') merges first, "
                              "quantize_base(tuned) keeps the delta unmerged")
     for name, m in quantizable(model, include_head):
         if m._forward_hooks or hasattr(m, "parametrizations") or "forward" in m.__dict__:
             raise DeltatuneError(f"{name} has a delta attached: merge it first (tuned.merge(quantize='int8')) or "
                                  "use quantize_base(tuned)")
-        _replace(model, name, Int8Linear.from_module(m))
+        replace_module(model, name, Int8Linear.from_module(m))
     return model
-
-
-def quantize_base(target: nn.Module | Tuned, scheme: str = "int8", *, include_head: bool = False) -> nn.Module | Tuned:
-    """Quantise the base model's Linear / GPT-2 Conv1D weights to int8 and keep a ``Tuned``'s delta unmerged on
-    top, in its own precision (a plain model is just quantised). The delta must act from the layer input
-    (low-rank forms); one that needs the fp base weight (dense, sparse, DoRA) is refused: merge it instead.
-    The Tuned can still save its delta, but no longer merge it."""
-    if not isinstance(target, Tuned):
-        return quantize_model(target, scheme, include_head=include_head)
-    check_scheme(scheme)
-    tuned = target
-    if tuned.merged:
-        raise DeltatuneError("the delta is merged: quantize_base keeps it unmerged; unmerge() first, or use "
-                             "tuned.merge(quantize='int8')")
-    tuned.fingerprint()  # of the fp base, kept for save()
-    layers = dict(quantizable(tuned.model, include_head))
-    by_module = {id(m): n for n, m in layers.items()}
-    forms_at: dict[str, list[LowRank]] = {}
-    for fname, form in tuned.forms().items():
-        sites = getattr(form, "sites", [])
-        on = [by_module[id(m)] for m, _ in sites if id(m) in by_module]
-        if not on:
-            continue
-        plain = isinstance(form, LowRank) and type(form).output_delta is LowRank.output_delta
-        if not (plain and form._uses_output_path()):
-            raise DeltatuneError(
-                f"{fname}: its {form.kind} delta needs the full-precision weight of {on[0]}, so it cannot stay "
-                "unmerged on an int8 base; merge it instead: tuned.merge(quantize='int8')"
-            )
-        forms_at.setdefault(on[0], []).append(form)
-    was_attached = tuned.attached
-    for forms in forms_at.values():
-        for form in forms:
-            form.detach()
-    for name, m in layers.items():
-        new = Int8Linear.from_module(m)
-        _replace(tuned.model, name, new)
-        for form in forms_at.get(name, []):
-            # the form's output path reads only the layer input: it acts on the int8 layer as it did on W0
-            form._sites = [(new, attr) for _, attr in form._sites]
-    if was_attached:
-        for forms in forms_at.values():
-            for form in forms:
-                form.attach()
-    tuned._quantized = True
-    return tuned

@@ -1,5 +1,5 @@
 """The ``deltatune`` command: each verb parses its arguments, calls the Python function of the same name
-(in ``deltatune.api`` or ``deltatune.demo``) and prints the result. A ``DeltatuneError`` is printed as one
+(in ``deltatune.api`` or ``deltatune.cli.demo``) and prints the result. A ``DeltatuneError`` is printed as one
 red ``error: ...`` line with exit code 2; any other exception is a bug and propagates with its traceback.
 """
 
@@ -16,7 +16,7 @@ from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
-from deltatune.demo import human_bytes
+from deltatune.cli.demo import human_bytes
 from deltatune.errors import DeltatuneError
 from deltatune.version import __version__
 
@@ -215,7 +215,7 @@ def demo(
     import shlex
     import sys
 
-    from deltatune import demo as demo_module
+    from deltatune.cli import demo as demo_module
 
     demo_module.demo(
         quick=quick,
@@ -362,7 +362,7 @@ def merge_deltas(
 ) -> None:
     """Merge deltas trained on different tasks into one artifact (task arithmetic, TIES, DARE)."""
     from deltatune import api
-    from deltatune.demo import human_bytes
+    from deltatune.cli.demo import human_bytes
 
     tuned = api.merge_deltas(out, deltas, how=how, weights=_floats(weights, "--weights"), density=density, seed=seed,
                              majority=majority, rank=rank, space=space, base=base)
@@ -423,7 +423,7 @@ def bench(
     import shlex
     import sys
 
-    from deltatune import bench as bench_module
+    from deltatune.cli import bench as bench_module
 
     command = "deltatune " + " ".join(shlex.quote(a) for a in sys.argv[1:])
     records = bench_module.bench(

@@ -18,8 +18,9 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
+import torch.nn as nn
 
-from deltatune.data import package_folder
+from deltatune.data.sets import package_folder
 from deltatune.errors import DeltatuneError
 
 if TYPE_CHECKING:
@@ -239,3 +240,20 @@ def load_tokenizer(name_or_path: str | os.PathLike[str]) -> PreTrainedTokenizerB
     if tokenizer.pad_token is None and tokenizer.eos_token is not None:
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer
+
+
+def load_base(base: str | nn.Module) -> nn.Module:
+    """A model passed through, or loaded from a shipped name / local folder."""
+    if isinstance(base, nn.Module):
+        return base
+    return load(str(base))
+
+
+def copy_tokenizer(base: str | nn.Module, folder: Path) -> None:
+    """Ship the tokenizer with a merged model so the folder is usable on its own."""
+    if isinstance(base, nn.Module):
+        return
+    try:
+        load_tokenizer(str(base)).save_pretrained(folder)
+    except Exception:  # a base without a tokenizer (a plain weights folder) is still mergeable
+        pass

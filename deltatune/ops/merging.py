@@ -58,9 +58,9 @@ import torch.nn as nn
 from deltatune.core import artifact, registry
 from deltatune.core.forms.base import WeightDelta
 from deltatune.core.forms.lowrank import LowRank
+from deltatune.core.tenants import Delta, load_delta
 from deltatune.core.tuned import _CARRIED, Tuned, attach
 from deltatune.errors import DeltatuneError
-from deltatune.tenants import Delta, load_delta
 
 HOWS = ("task_arithmetic", "ties", "dare_linear", "dare_ties", "magnitude_prune", "cat")
 NEEDS_DENSITY = ("ties", "dare_linear", "dare_ties", "magnitude_prune")
@@ -193,7 +193,7 @@ def _check_options(deltas: Sequence[Delta], how: str, weights: Sequence[float] |
 
 
 def _base_model(deltas: Sequence[Delta], base: str | nn.Module | None) -> nn.Module:
-    from deltatune.api import _base
+    from deltatune.data import models
 
     if base is None:
         first = deltas[0]
@@ -202,7 +202,7 @@ def _base_model(deltas: Sequence[Delta], base: str | nn.Module | None) -> nn.Mod
         if not base:
             raise DeltatuneError("the deltas do not say which base model they belong to: pass base=<the base model "
                                  "or its name>")
-    model = _base(base)
+    model = models.load_base(base)
     carried = model.__dict__.get(_CARRIED)
     if isinstance(model, Tuned) or (carried is not None and carried.attached):
         raise DeltatuneError("base must be the base model without a delta attached (tuned.detach() returns it)")
@@ -376,15 +376,15 @@ def compose_model(deltas: Sequence[str | os.PathLike], out: str | os.PathLike, *
                   base: str | nn.Module | None = None) -> Path:
     """Apply every delta to the base (θ0 + Σ φ_i, ``dt.compose``), merge, and write a ``save_pretrained``
     folder at ``out`` (the several-delta version of ``deltatune merge``)."""
-    from deltatune.api import _base, _copy_tokenizer
-    from deltatune.compose import compose
+    from deltatune.data import models
+    from deltatune.ops.compose import compose
 
     if isinstance(deltas, str | os.PathLike) or not deltas:
         raise DeltatuneError("compose takes a list of artifacts: deltatune compose OUT A B ...")
     name = base or artifact.read_meta(deltas[0]).get("fingerprint", {}).get("name_or_path")
     if not name:
         raise DeltatuneError(f"{deltas[0]} does not say which base model it belongs to: pass base=...")
-    model = _base(name)
+    model = models.load_base(name)
     plain = compose(model, list(deltas)).merge()
     if not hasattr(plain, "save_pretrained"):
         raise DeltatuneError(f"{type(plain).__name__} has no save_pretrained; compose in Python and save it yourself")
@@ -394,7 +394,7 @@ def compose_model(deltas: Sequence[str | os.PathLike], out: str | os.PathLike, *
 
     def fill(tmp: Path) -> None:
         plain.save_pretrained(tmp)
-        _copy_tokenizer(name, tmp)
+        models.copy_tokenizer(name, tmp)
         # what was composed, so that `revert` can rebuild the model without one part exactly (from θ0)
         (tmp / COMPOSITION_FILE).write_text(json.dumps(record, indent=2) + "\n")
 
@@ -424,13 +424,13 @@ def revert_model(composed: str | os.PathLike, part: str | os.PathLike, out: str 
     if record.get("base") is None:
         raise DeltatuneError(f"{composed} was composed on an in-memory base model; revert it in Python")
     if not remaining:
-        from deltatune.api import _base, _copy_tokenizer
+        from deltatune.data import models
 
-        model = _base(record["base"])
+        model = models.load_base(record["base"])
 
         def fill(tmp: Path) -> None:
             model.save_pretrained(tmp)
-            _copy_tokenizer(record["base"], tmp)
+            models.copy_tokenizer(record["base"], tmp)
 
         artifact.atomic_dir(out, fill)
         return Path(out)

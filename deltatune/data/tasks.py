@@ -155,7 +155,7 @@ def _unwrap(model: torch.nn.Module) -> torch.nn.Module:
 
 
 def _is_causal(model: torch.nn.Module) -> bool:
-    from deltatune.models import CAUSAL_SUFFIXES
+    from deltatune.data.models import CAUSAL_SUFFIXES
 
     return type(model).__name__.endswith(CAUSAL_SUFFIXES)
 
@@ -173,10 +173,10 @@ def _accepts(cls: type, name: str) -> bool:
 
 
 def model_request(cfg: DataConfig, model_name: str) -> dict[str, Any]:
-    """Keyword arguments for ``deltatune.models.load(model_name, ...)`` so the model fits this data:
+    """Keyword arguments for ``deltatune.data.models.load(model_name, ...)`` so the model fits this data:
     ``{"task": "classification", "num_labels": n}`` when a classification head is used, else ``{}``."""
     cfg.check()
-    from deltatune import models
+    from deltatune.data import models
 
     causal = models.natural_task(model_name) == "causal_lm"
     if cfg.task != "classification":
@@ -842,7 +842,7 @@ def _build_classification(cfg: DataConfig, tokenizer: Any, base: torch.nn.Module
     causal, has_head = _is_causal(base), _has_head(base)
     head = cfg.head if cfg.head is not None else not causal
     load_hint = (
-        f"load it with deltatune.models.load(name, **deltatune.tasks.model_request(cfg, name)), i.e. "
+        f"load it with deltatune.data.models.load(name, **deltatune.data.tasks.model_request(cfg, name)), i.e. "
         f"task='classification', num_labels={len(names)}"
     )
     if head:
