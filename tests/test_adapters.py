@@ -1,5 +1,5 @@
-"""Bottleneck adapters (adapter, parallel_adapter, scaled_parallel_adapter) against the unified-view spec
-(shared/methods/unified.md, "How to test (CPU)" 1, 4, 5) and the life of a delta."""
+"""Bottleneck adapters (adapter, parallel_adapter, scaled_parallel_adapter) against the invariants of the
+unified view (He et al., ICLR 2022) and the life of a delta."""
 
 from __future__ import annotations
 

@@ -31,9 +31,8 @@ VARIANTS: dict[str, set[str]] = {
     "kasa": {"lora"},
     "scaled_parallel_adapter": {"parallel_adapter"},
 }
-# imports still to be moved into methods/_*.py (this commit only moves modules between layers)
-PENDING: dict[str, set[str]] = {"connected": {"lora"}, "corda": {"lora", "spt"}, "dsee": {"lora"}, "id3": {"lt_sft"},
-                                "increlora": {"adalora"}, "ist": {"spt"}, "sparse_mezo": {"mezo"}, "_adapters": {"lora"}}
+# imports still to be moved into methods/_*.py (a method that must import another, for now)
+PENDING: dict[str, set[str]] = {}
 
 
 def _layer(module: str) -> str:

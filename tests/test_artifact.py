@@ -98,6 +98,30 @@ def test_another_base_model_is_refused_naming_the_tensors(tmp_path) -> None:
         dt.load(bigger, tmp_path / "a")
 
 
+@pytest.mark.parametrize("carried", ["lora", "lt-sft"])  # a forward hook, and a parametrisation that renames W
+def test_a_refused_artifact_leaves_the_delta_the_model_carries_attached(tmp_path, carried) -> None:
+    trained_lora().save(tmp_path / "a")
+    model = tiny_llama(seed=7)
+    tuned = dt.attach(model, carried)
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for p in tuned.trainable_parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    x = batch()
+    before = output_of(tuned, x)
+    trainable = [n for n, p in tuned.named_parameters() if p.requires_grad]
+    with pytest.raises(dt.DeltatuneError, match="another base model"):
+        dt.load(model, tmp_path / "a")
+    assert tuned.attached and torch.equal(output_of(tuned, x), before), "the carried delta still acts"
+    assert [n for n, p in tuned.named_parameters() if p.requires_grad] == trainable, "and still trains"
+    dt.attach(tiny_llama(seed=7), "lora").save(tmp_path / "b")
+    with pytest.warns(UserWarning, match="detaching it first"):
+        other = dt.load(model, tmp_path / "b")  # an artifact of this base replaces it, as before
+    assert other.attached and not tuned.attached
+    other.detach()
+    assert torch.equal(output_of(model, x), output_of(tiny_llama(seed=7), x)), "nothing is left on the base"
+
+
 def test_nothing_is_read_with_pickle(tmp_path, monkeypatch) -> None:
     import pickle
 

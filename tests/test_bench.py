@@ -10,6 +10,7 @@ from deltatune.cli import bench as bench_module
 from deltatune.errors import DeltatuneError
 
 
+@pytest.mark.slow  # a subprocess per run
 def test_bench_records(tiny_folder, tmp_path):
     out = tmp_path / "bench.json"
     docs = tmp_path / "benchmarks.md"
@@ -44,6 +45,7 @@ def test_bench_records(tiny_folder, tmp_path):
     assert docs.read_text().endswith("my notes\n")
 
 
+@pytest.mark.slow  # a subprocess per run
 def test_peft_prefix_and_prompt_run_next_to_deltatune_s(tiny_folder):
     """`peft-prefix` / `peft-prompt` in methods run PEFT's own prefix and prompt tuning at the presets' sizes."""
     records = bench_module.bench(str(tiny_folder), "prompt,peft-prompt,prefix,peft-prefix", 2, batch_size=2,
@@ -86,6 +88,7 @@ def test_equal_count_runs_are_compared_with_the_lora_of_the_same_count() -> None
     assert any("deltatune spiel-all | deltatune lora-all | 300 | 1.10× | 1.25×" in line for line in lines)
 
 
+@pytest.mark.slow  # a subprocess per run
 def test_bench_classification_workload_compares_vqt_with_a_forward_pass(tiny_folder):
     """The head workload: a sequence-classification model on the tweets' labels; VQT and PEFT's LoRA
     train on it, and each run is compared with the forward-only pass of the same batches."""
@@ -104,3 +107,23 @@ def test_bench_classification_workload_compares_vqt_with_a_forward_pass(tiny_fol
 def test_bench_rejects_unknown_task(tiny_folder):
     with pytest.raises(DeltatuneError, match="not a bench workload"):
         bench_module.bench(str(tiny_folder), "lora", 3, task="chat")
+
+
+def test_bench_methods_are_the_presets_with_the_short_run_changes() -> None:
+    from deltatune.cli import bench_workload as workload
+    from deltatune.train import load_config
+
+    w = bench_module.Workload()
+    lora = load_config("lora").method
+    assert bench_module.method_config("lora") == lora
+    assert bench_module.method_config("lora-all") == {**lora, "targets": bench_module.ALL_LINEAR}
+    assert bench_module.method_config("lisa") == {**load_config("lisa").method, "interval_steps": 5}
+    corda = bench_module.method_config("corda", w.data())
+    assert corda["data"] == "random" and corda["r"] == load_config("corda").method["r"]
+    assert bench_module.method_config("compeft") == {"name": "compeft"}  # no preset: the method's defaults
+    # first-order runs train at the workload's learning rate, zeroth-order ones at their preset's
+    assert workload.learning_rate("lora", w) == w.lr
+    assert workload.learning_rate("mezo", w) == load_config("mezo").train.lr
+    peft_lora = workload._peft_config("peft-lora", "CAUSAL_LM")
+    assert (peft_lora.r, peft_lora.lora_alpha, sorted(peft_lora.target_modules)) == (
+        lora["r"], lora["alpha"], sorted(lora["targets"]))

@@ -7,11 +7,11 @@ from dataclasses import dataclass
 import pytest
 import torch
 import torch.nn as nn
-from conftest import batch, output_of, tiny_gpt2, tiny_llama
+from conftest import batch, output_of, random_lora, tiny_gpt2, tiny_llama
 
 import deltatune as dt
 from deltatune.core.forms.base import Form
-from deltatune.ops.compose import SummedSparse
+from deltatune.ops.compose import SummedSparse, save_composed, save_reverted
 
 Q0 = "model.layers.0.self_attn.q_proj.weight"
 EMBED = "model.embed_tokens.weight"
@@ -214,3 +214,47 @@ def test_activation_side_deltas_and_bad_input_are_refused(two) -> None:
         comp.revert(3)
     with pytest.raises(dt.DeltatuneError, match="base model"):
         dt.compose(dt.load(tiny_llama(), path_a), [path_a])
+
+
+def test_save_composed_writes_the_merged_plain_model_and_save_reverted_takes_a_part_out(tmp_path) -> None:
+    from transformers import LlamaForCausalLM
+
+    for name, seed in (("a", 1), ("b", 2)):
+        random_lora(tiny_llama, seed, targets=["q_proj", "v_proj"]).save(tmp_path / name)
+    x = batch()
+    out = save_composed([tmp_path / "a", tmp_path / "b"], tmp_path / "plain", base=tiny_llama())
+    loaded = LlamaForCausalLM.from_pretrained(out).eval()
+    reference = dt.compose(tiny_llama(), [tmp_path / "a", tmp_path / "b"])
+    assert torch.allclose(output_of(loaded, x), output_of(reference, x), atol=1e-5, rtol=0)
+    with pytest.raises(dt.DeltatuneError, match="in-memory base model"):
+        save_reverted(out, "a", tmp_path / "without-a")  # the base was a module, not a name: nothing to rebuild from
+
+
+def test_a_refused_part_leaves_the_delta_the_model_carries_attached(two) -> None:
+    path_a = two[0]
+    model = tiny_llama(seed=3)
+    tuned = dt.attach(model, "lt-sft")
+    with torch.no_grad():
+        tuned.forms()[Q0].delta.add_(0.5)
+    x = batch()
+    before = output_of(tuned, x)
+    with pytest.raises(dt.DeltatuneError, match="another base model"):
+        dt.compose(model, [path_a])
+    assert tuned.attached and torch.equal(output_of(tuned, x), before)
+
+
+def test_a_composition_taken_off_by_a_refused_load_goes_back_on(two, tmp_path) -> None:
+    path_a, path_b = two[0], two[1]
+    _sparse_delta(lambda: tiny_llama(seed=5), tmp_path / "other", {Q0: (range(0, 5), 6)})
+    model = tiny_llama()
+    both = dt.compose(model, [path_a, path_b])
+    x = batch()
+    before = output_of(both, x)
+    with pytest.raises(dt.DeltatuneError, match="another base model"):
+        dt.load(model, tmp_path / "other")
+    assert both.attached and torch.equal(output_of(both, x), before)
+    plain = both.detach()
+    both.revert("a")  # while detached: nothing goes back on
+    assert not both.attached and torch.equal(output_of(plain, x), output_of(tiny_llama(), x))
+    both.reattach()
+    assert torch.equal(output_of(both, x), output_of(dt.compose(tiny_llama(), [path_b]), x))

@@ -1,4 +1,4 @@
-"""ComPEFT compression (spec: compeft.md): density rule, ternary values, bit-packed codec and its size,
+"""ComPEFT compression: density rule, ternary values, bit-packed codec and its size,
 and compressed artifacts that load, merge and compose like any other, for low-rank, dense and sparse sources."""
 
 from __future__ import annotations
@@ -39,7 +39,7 @@ def _pieces(*sizes: int, seed: int = 0) -> list[Piece]:
     return [Piece(f"t{i}", torch.randn(n, generator=g), n) for i, n in enumerate(sizes)]
 
 
-# -- spec test 1: the density rule ---------------------------------------------------------------------------------
+# -- the density rule ------------------------------------------------------------------------------------------------
 def test_strict_top_n_keeps_exactly_floor_density_d_and_the_largest() -> None:
     pieces = _pieces(50_000, 30_000, 20_000)  # d = 10^5, continuous values
     kept = select(pieces, 0.2, 1.0, "global", "ternary")
@@ -63,7 +63,7 @@ def test_ties_at_the_threshold_go_to_the_first_tensors_and_positions_and_zeros_a
     assert [t.numel() for t in top_n([torch.zeros(8)], 3)] == [0]
 
 
-# -- spec test 2: the values -----------------------------------------------------------------------------------------
+# -- the values ------------------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("scope", ["global", "tensor"])
 def test_kept_values_are_alpha_std_with_the_sign_of_tau(scope: str) -> None:
     pieces = _pieces(3000, 1000, seed=1)
@@ -88,7 +88,7 @@ def test_kept_values_are_alpha_std_with_the_sign_of_tau(scope: str) -> None:
         assert kept["t1"][0].numel() > kept["t0"][0].numel(), "the global top-k favours the wider tensor"
 
 
-# -- spec tests 3-4: codec, sizes, density 1.0, pruning only ----------------------------------------------------------
+# -- codec, sizes, density 1.0, pruning only -------------------------------------------------------------------------
 @pytest.mark.parametrize(("numel", "density", "encoding"), [(10_007, 0.001, "rice"), (10_007, 0.1, "rice"),
                                                               (10_007, 0.6, "bitmap"), (13, 1.0, "bitmap")])
 def test_positions_round_trip_bit_exact_with_the_smaller_encoding(numel: int, density: float, encoding: str) -> None:
@@ -114,7 +114,7 @@ def test_a_single_position_and_an_empty_set_round_trip() -> None:
 
 def test_golomb_size_of_a_bernoulli_mask_is_within_2_percent_of_the_formula() -> None:
     p, numel = 0.1, 1_000_000
-    assert rice_parameter(p) == 3  # the spec's worked example
+    assert rice_parameter(p) == 3  # p = 0.1: b = 3
     g = torch.Generator().manual_seed(0)
     pos = torch.nonzero(torch.rand(numel, generator=g) < p).view(-1)
     _, record = encode_positions(pos, numel, rice_bits=3)
@@ -403,7 +403,7 @@ def test_lowrank_factors_mode_keeps_a_low_rank_form_with_ternary_factors(tmp_pat
 
 
 def test_a_zero_delta_compresses_to_an_empty_one_and_the_model_is_unchanged(tmp_path: Path) -> None:
-    dt.attach(tiny_llama(), "lora", r=4).save(tmp_path / "lora")  # B = 0: ΔW = 0 (spec test 5's analogue)
+    dt.attach(tiny_llama(), "lora", r=4).save(tmp_path / "lora")  # B = 0: ΔW = 0
     out = compress(tmp_path / "lora", tmp_path / "c", base=tiny_llama())
     model = tiny_llama()
     before = output_of(model, batch())

@@ -1,4 +1,4 @@
-"""IAA connected modules against their spec (shared/methods/connected.md, "How to test (CPU)")."""
+"""IAA connected modules against the paper's invariants."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""CorDA against its spec (shared/methods/corda.md, "How to test") and against PEFT's CorDA init."""
+"""CorDA against the paper's invariants and against PEFT's CorDA init."""
 
 from __future__ import annotations
 
@@ -269,7 +269,7 @@ def word_folder(tmp_path_factory):
 
 
 def test_yaml_run_calibrates_on_its_data_and_resumes(word_folder, tmp_path) -> None:
-    from deltatune.methods.spt import task_batches
+    from deltatune.methods._calibration import task_batches
     from deltatune.train import load_config
 
     (tmp_path / "run.yaml").write_text(f"""

@@ -11,7 +11,7 @@ from typer.testing import CliRunner
 
 import deltatune as dt
 from deltatune.cli import demo as demo_module
-from deltatune.cli.demo import QUICK_SETUP, ZERO_SHOT, demo
+from deltatune.cli.demo import DEFAULT_SETUP, QUICK_SETUP, ZERO_SHOT, demo, run_config
 from deltatune.cli.main import app
 from deltatune.errors import DeltatuneError
 
@@ -24,6 +24,7 @@ def quick_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[list[dict], Pat
     return demo(quick=True, out=out, show=False), out
 
 
+@pytest.mark.slow  # the quick demo: three subprocesses that load MiniLM and train
 def test_rows(quick_run: tuple[list[dict], Path]) -> None:
     rows, _ = quick_run
     assert [r["method"] for r in rows] == [ZERO_SHOT, "lora", "full"]
@@ -31,12 +32,13 @@ def test_rows(quick_run: tuple[list[dict], Path]) -> None:
     assert zero["trainable"] == 0 and zero["artifact"] is None and zero["peak_memory_bytes"] > 0
     for row in rows[1:]:
         assert row["trainable"] > 0 and row["seconds_per_step"] > 0 and row["peak_memory_bytes"] > 0
-        assert row["steps"] == QUICK_SETUP["methods"][row["method"]][1] and len(row["losses"]) == row["steps"]
+        assert row["steps"] == run_config(QUICK_SETUP, row["method"])["train"]["steps"] == len(row["losses"])
         assert row["accuracy"] > zero["accuracy"], f"{row['method']} did not beat zero-shot"
     lora, full = rows[1], rows[2]
     assert lora["trainable"] < full["trainable"] and lora["artifact_bytes"] < full["artifact_bytes"]
 
 
+@pytest.mark.slow  # the quick demo: three subprocesses that load MiniLM and train
 def test_report_files(quick_run: tuple[list[dict], Path]) -> None:
     rows, out = quick_run
     report = (out / "report.md").read_text()
@@ -50,6 +52,7 @@ def test_report_files(quick_run: tuple[list[dict], Path]) -> None:
     assert not (out / "artifacts" / "lora" / "checkpoints").exists()
 
 
+@pytest.mark.slow  # the quick demo: three subprocesses that load MiniLM and train
 def test_artifacts_load(quick_run: tuple[list[dict], Path]) -> None:
     rows, out = quick_run
     classes = len(dt.data.load("bbc").label_names)
@@ -78,3 +81,23 @@ def test_cli_passes_options(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> 
     assert result.exit_code == 0, result.output
     assert seen["quick"] and seen["out"] == str(tmp_path) and seen["methods"] == "lora"
     assert seen["steps"] == 3 and seen["seed"] == 1 and seen["lora_options"] == {"r": 4}
+
+
+def test_rows_train_their_presets_with_the_demos_changes() -> None:
+    from deltatune.train import load_config
+
+    for setup in (DEFAULT_SETUP, QUICK_SETUP):
+        for name, row in setup["methods"].items():
+            preset, config = load_config(row.preset), load_config(run_config(setup, name, seed=3, output="o"))
+            assert config.model == setup["model"] and config.output == "o"
+            assert {k: v for k, v in config.method.items() if k != "data"} == \
+                {k: v for k, v in preset.method.items() if k != "data"}, name
+            assert config.train.lr == preset.train.lr and config.train.seed == config.data.seed == 3
+            assert config.train.steps == row.train.get("steps", preset.train.steps)
+            assert config.data.head == preset.data.head and config.data.name == setup["data"]["name"]
+            if "data" in config.method:  # CorDA calibrates on the demo's data
+                assert config.method["data"]["max_train"] == setup["data"]["max_train"]
+    # the LoRA row's learning rate, as docs/demo-results.md measured it
+    assert run_config(DEFAULT_SETUP, "lora")["train"]["lr"] == 2e-3
+    assert run_config(DEFAULT_SETUP, "mezo", steps=5)["train"]["steps"] == 5
+    assert run_config(DEFAULT_SETUP, "lora", lora_options={"r": 16})["method"]["r"] == 16

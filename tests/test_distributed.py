@@ -23,6 +23,8 @@ from safetensors.torch import load_file
 
 import deltatune as dt
 
+pytestmark = pytest.mark.slow  # every test launches two training processes
+
 STEPS = 40
 SAVE_EVERY = 20
 

@@ -12,7 +12,9 @@ from conftest import batch, loss_of, output_of, tiny_bert, tiny_llama
 
 import deltatune as dt
 from deltatune.methods import dsee
-from deltatune.methods.dsee import DseeConfig, MaskedSparse, parts_of
+from deltatune.methods._attention_heads import attention_blocks
+from deltatune.methods._masked_sparse import MaskedSparse
+from deltatune.methods.dsee import DseeConfig, parts_of
 
 FAST = {"r": 4, "alpha": 8, "num_sparse": 8, "outer_iters": 3}  # a short decomposition: tests stay fast
 
@@ -235,7 +237,7 @@ def test_head_pruning_removes_the_lowest_heads_and_matches_masking_them(tmp_path
     # reference: the same model with those heads' contributions cut before the output projection
     x = batch()
     hooks = []
-    for att in dsee.attention_blocks(model):
+    for att in attention_blocks(model):
         def cut(module, args, heads=lowest[att.layer]):
             y = args[0].clone()
             for h in heads:
@@ -249,7 +251,7 @@ def test_head_pruning_removes_the_lowest_heads_and_matches_masking_them(tmp_path
     n_trainable = tuned.num_trainable()
     removed = dsee.prune_heads(tuned, 2)
     assert removed == lowest and tuned.method_config.pruned_heads == {str(k): v for k, v in lowest.items()}
-    for att in dsee.attention_blocks(model):
+    for att in attention_blocks(model):
         assert att.core.num_attention_heads == 2  # q/k/v lose h·d_head = 16 outputs, the output projection its inputs
         assert all(getattr(att.core, a).weight.shape == (16, 32) for a in ("query", "key", "value"))
         assert att.out.dense.weight.shape == (32, 16)

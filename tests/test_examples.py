@@ -1,34 +1,37 @@
-"""Every shipped example config validates and runs (cut to one step on a small subset)."""
+"""Every shipped preset (deltatune/presets/, `deltatune train NAME`) validates and runs, cut to one step on a
+small subset."""
 
 from __future__ import annotations
-
-from pathlib import Path
 
 import pytest
 
 import deltatune as dt
-from deltatune.train import load_config
+from deltatune.train import load_config, preset_names
 
-EXAMPLES = sorted((Path(__file__).parent.parent / "examples").glob("*.yaml"))
+PRESETS = preset_names()
 
 # methods whose example trains all 135M parameters (in place): the test narrows them to the last block
-FULL_MODEL = {"full", "mezo", "sparse_mezo"}
+def trains_full_model(method: dict) -> bool:
+    options = {k: v for k, v in method.items() if k != "name"}
+    return dt.core.registry.get(method["name"]).has("full_model", options)
 
 
-def test_every_method_has_an_example() -> None:
-    used = {load_config(p).method["name"] for p in EXAMPLES}
+def test_every_method_has_a_preset() -> None:
+    used = {load_config(name).method["name"] for name in PRESETS}
     trained = set(dt.methods()) - {"compeft"}  # made by `deltatune compress`, not trained
-    assert trained <= used, f"methods without an example: {trained - used}"
+    assert trained <= used, f"methods without a preset: {trained - used}"
 
 
-@pytest.mark.parametrize("path", EXAMPLES, ids=[p.stem for p in EXAMPLES])
-def test_example_runs(path: Path, tmp_path: Path) -> None:
+@pytest.mark.slow  # most presets load the shipped 135M model
+@pytest.mark.parametrize("name", PRESETS)
+def test_preset_runs(name: str, tmp_path) -> None:
     # a full fine-tune of all 135M parameters writes ~2 GB of checkpoint (delta + Adam moments): test it on
-    # the last block only, the same code path
-    method = load_config(path).method
+    # the last block only, the same code path (MiniLM's 22M are small enough to train whole)
+    preset = load_config(name)
+    method = preset.method
     # (over another method's tensors, `base: lora`, nothing is narrowed: the base's targets are small)
-    narrow = ["method.layers='29:'"] if method["name"] in FULL_MODEL and "base" not in method else []
-    cfg = load_config(path, narrow + [
+    narrow = ["method.layers='29:'"] if trains_full_model(method) and preset.model == "smollm2-135m" else []
+    cfg = load_config(name, narrow + [
         "train.steps=1", "train.batch_size=2", "train.eval_every=0", "train.save_every=0", "train.progress=false",
         "data.max_train=8", "data.max_eval=4", f"output={tmp_path / 'run'}",
     ])

@@ -174,3 +174,21 @@ def test_gradient_checkpointing_still_trains_the_delta(tmp_path) -> None:
     after = tuned.delta_state_dict()
     assert any(not torch.equal(after[k], before[k]) for k in before)
     assert tuned.model.is_activation_checkpointing
+
+
+def test_a_skipped_step_changes_nothing_the_optimizer_holds(tmp_path) -> None:
+    """skip_step drops every gradient the optimizer would apply, as in the native loop: the delta and a base
+    tensor the user trains next to it both stay as they are."""
+
+    class SkipAll(Policy):
+        def skip_step(self, step, loss) -> bool:
+            return True
+
+    tuned = dt.attach(base(), "lora", r=4, init=False)
+    tuned.policy = SkipAll()
+    tuned.model.model.norm.weight.requires_grad_(True)
+    before = snapshot(tuned)
+    DeltaTuneTrainer(model=tuned, args=arguments(tmp_path), train_dataset=dataset()).train()
+    after = snapshot(tuned)
+    assert all(torch.equal(after[k], before[k]) for k in before)
+    assert tuned.model.model.norm.weight.requires_grad, "the user's tensor still trains"

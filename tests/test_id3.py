@@ -1,5 +1,5 @@
 """ID3: the spec's CPU tests (schedule, selection, λ, monotone masks, masked weight decay, summary round
-trip, ties), the dense -> sparse switch, bad budgets, and exact resume through dt.train (spec: id3.md)."""
+trip, ties), the dense -> sparse switch, bad budgets, and exact resume through dt.train."""
 
 from __future__ import annotations
 

@@ -1,5 +1,5 @@
 """IncreLoRA: start at the base, the module score against autograd, one allocation's bookkeeping, the growth
-timing and budget, advance learning, artifact round trips with final ranks, exact resume (spec: increlora.md)."""
+timing and budget, advance learning, artifact round trips with final ranks, exact resume."""
 
 from __future__ import annotations
 

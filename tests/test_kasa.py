@@ -1,4 +1,4 @@
-"""KaSA against its spec (shared/methods/kasa.md, "How to test") and against PEFT's KaSA variant."""
+"""KaSA against the paper's invariants and against PEFT's KaSA variant."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""LIFT: budget, Principal-Weight masks, sparse Adam, refresh, artifact of the union, decay, resume (spec: lift.md)."""
+"""LIFT: budget, Principal-Weight masks, sparse Adam, refresh, artifact of the union, decay, resume."""
 
 from __future__ import annotations
 

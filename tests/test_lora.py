@@ -1,4 +1,4 @@
-"""LoRA against its spec (shared/methods/lora.md, "How to test")."""
+"""LoRA against the paper's invariants and PEFT."""
 
 from __future__ import annotations
 

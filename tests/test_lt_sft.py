@@ -11,7 +11,7 @@ from conftest import batch, loss_of, output_of, tiny_bert, tiny_llama
 
 import deltatune as dt
 from deltatune.core.forms.sparse import Sparse
-from deltatune.methods.lt_sft import DenseAsSparse, top_k_entries
+from deltatune.methods._sparse_selection import DenseAsSparse, top_k_entries
 from deltatune.train.loop import sync_optimizer
 
 

@@ -1,4 +1,10 @@
-"""Every registered method through the life of a delta: attach, train, save, load, merge, unmerge.
+"""Every registered method through the life of a delta: attach, train with its own policy in the real training
+loop (``dt.train``), load the artifact, merge, unmerge.
+
+Each row's options shorten its policy's intervals so that the policy acts within ``STEPS`` steps: SpIEL
+reselects, LISA and HFT switch layers, AdaLoRA prunes and IncreLoRA grows ranks, LT-SFT and DSEE change
+phase, IST probes, ID3 unmasks, LIFT refreshes its masks, LocFT searches its layer, MeZO takes its own steps.
+Whether a fresh delta starts at the base model comes from the method's traits in the registry.
 
 Later issues add their methods as rows of ``CASES``; a registered method without a row fails
 ``test_every_method_has_a_row``, so no method escapes the matrix.
@@ -6,14 +12,30 @@ Later issues add their methods as rows of ``CASES``; a registered method without
 
 from __future__ import annotations
 
+import math
+from pathlib import Path
+
 import pytest
 import torch
-from conftest import MODELS, batch, loss_of, output_of
+from conftest import MODELS, batch, output_of, save_word_llama, write_sentiment_jsonl
 
 import deltatune as dt
+from deltatune.core import registry
+from deltatune.data import models
+from deltatune.data.tasks import DataConfig, load_for_task
 from deltatune.errors import DeltatuneError
 
-# (method, options, model) rows
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny tensors: threads only add waits
+
+STEPS = 4
+RUN_DATA = "<the run's data section>"  # an option replaced by the run's data (YAML: `data: *data`)
+# three labels: the classification heads of the tiny encoder and decoder have three outputs
+WORDS = {"negative": ["awful", "sad", "terrible", "bad"], "positive": ["great", "lovely", "happy", "superb"],
+         "neutral": ["okay", "fine", "plain", "usual"]}
+
+RESELECT = {"reselection_steps": 2, "selection_accumulation_steps": 1}  # SpIEL: regrow at step 2
+
+# (method, options, model) rows; options shorten each policy's intervals to act within STEPS
 CASES = [
     ("lora", {"r": 4, "alpha": 8}, "llama"),
     ("lora", {"r": 4, "alpha": 8, "targets": ["c_attn", "wte"]}, "gpt2"),
@@ -24,34 +46,35 @@ CASES = [
     ("bitfit", {}, "bert"),
     ("lightweight", {}, "llama"),
     ("lightweight", {"parts": [], "last_k": 1}, "gpt2"),
-    ("spiel", {"density": 0.05}, "llama"),
-    ("spiel", {"match": "lora:r=2", "regrow": "sm3"}, "gpt2"),
-    ("spiel", {"k": 300, "targets": ["query", "value"]}, "bert"),
+    ("spiel", {"density": 0.05, **RESELECT}, "llama"),
+    ("spiel", {"match": "lora:r=2", "regrow": "sm3", **RESELECT}, "gpt2"),
+    ("spiel", {"k": 300, "targets": ["query", "value"], **RESELECT}, "bert"),
     ("lt-sft", {}, "llama"),
     ("lt-sft", {"density": 0.05, "n_iterations": 2}, "llama"),
-    ("lift", {"lora_rank": 2, "approx_rank": 2}, "llama"),
-    ("lift", {"lora_rank": 1, "approx_rank": 2}, "gpt2"),
-    ("lift", {"lora_rank": 1, "approx_rank": 1, "targets": ["query", "value"]}, "bert"),
+    ("lift", {"lora_rank": 2, "approx_rank": 2, "update_interval": 2}, "llama"),
+    ("lift", {"lora_rank": 1, "approx_rank": 2, "update_interval": 2}, "gpt2"),
+    ("lift", {"lora_rank": 1, "approx_rank": 1, "targets": ["query", "value"], "update_interval": 2}, "bert"),
     ("dsee", {"r": 4, "alpha": 8, "num_sparse": 8, "outer_iters": 3}, "bert"),
     ("dsee", {"r": 4, "alpha": 8, "num_sparse": 8, "outer_iters": 3}, "llama"),
     ("dsee", {"r": 4, "alpha": 8, "num_sparse": 8, "outer_iters": 3}, "gpt2"),
     ("spt", {"sensitivity": "random", "budget": 6000}, "llama"),
     ("spt", {"sensitivity": "random", "budget": 6000, "modules_to_save": ["classifier"]}, "bert"),
     ("spt", {"sensitivity": "random", "budget": 3000, "r": 4, "alpha": 5}, "gpt2"),
-    ("lisa", {}, "llama"),
-    ("lisa", {"activated_layers": 1}, "gpt2"),
-    ("lisa", {"activated_layers": 3}, "bert"),
-    ("hft", {}, "llama"),
-    ("hft", {"seed": 1}, "gpt2"),
+    ("lisa", {"interval_steps": 2}, "llama"),
+    ("lisa", {"activated_layers": 1, "interval_steps": 2}, "gpt2"),
+    ("lisa", {"activated_layers": 3, "interval_steps": 2}, "bert"),
+    ("hft", {"rounds": 2}, "llama"),
+    ("hft", {"seed": 1, "rounds": 2}, "gpt2"),
     ("hft", {}, "bert"),
     ("id3", {"budget": 500}, "llama"),
     ("id3", {"density": 0.05, "exp": 1.0, "targets": ["c_attn", "mlp.c_fc"]}, "gpt2"),
     ("id3", {"budget": 300, "targets": ["query", "value"]}, "bert"),
     ("locft", {"layer": 1}, "llama"),
-    ("locft", {"layer": 2}, "gpt2"),
+    ("locft", {"search_layers": [1, 2]}, "gpt2"),
     ("locft", {"layer": 0}, "bert"),
-    ("ist", {"base_options": {"r": 4, "alpha": 8}}, "llama"),
-    ("ist", {"base_options": {"r": 4, "alpha": 8, "targets": ["c_attn", "wte"]}, "update_fraction": 0.5}, "gpt2"),
+    ("ist", {"base_options": {"r": 4, "alpha": 8}, "score_interval": 2, "data": RUN_DATA}, "llama"),
+    ("ist", {"base_options": {"r": 4, "alpha": 8, "targets": ["c_attn", "wte"]}, "update_fraction": 0.5,
+             "score_interval": 2}, "gpt2"),
     ("ist", {"base_options": {"r": 2, "alpha": 4, "targets": ["query", "value"], "bias": "all"}}, "bert"),
     ("kasa", {"r": 4, "alpha": 8}, "llama"),  # truncates: starts at the truncated base, not at the base
     ("kasa", {"r": 4, "alpha": 8, "truncation": "none"}, "llama"),
@@ -61,12 +84,12 @@ CASES = [
     ("dora", {"r": 4, "alpha": 8, "dropout": 0.0}, "llama"),
     ("dora", {"r": 4, "alpha": 8, "dropout": 0.0, "targets": ["c_attn", "mlp.c_fc", "wte"]}, "gpt2"),
     ("dora", {"r": 2, "alpha": 4, "dropout": 0.0, "use_rslora": True, "targets": ["query", "value"], "bias": "all"}, "bert"),
-    ("adalora", {"init_r": 4, "target_r": 2}, "llama"),
-    ("adalora", {"init_r": 2, "target_r": 1}, "gpt2"),
-    ("adalora", {"init_r": 2, "target_r": 1, "targets": ["query", "value"]}, "bert"),
-    ("increlora", {}, "llama"),
-    ("increlora", {"init_r": 2}, "gpt2"),
-    ("increlora", {"targets": ["query", "value"]}, "bert"),
+    ("adalora", {"init_r": 4, "target_r": 2, "delta_t": 1}, "llama"),
+    ("adalora", {"init_r": 2, "target_r": 1, "delta_t": 1}, "gpt2"),
+    ("adalora", {"init_r": 2, "target_r": 1, "targets": ["query", "value"], "delta_t": 1}, "bert"),
+    ("increlora", {"init_warmup": 0, "incre_interval": 1}, "llama"),
+    ("increlora", {"init_r": 2, "init_warmup": 0, "incre_interval": 1}, "gpt2"),
+    ("increlora", {"targets": ["query", "value"], "init_warmup": 0, "incre_interval": 1}, "bert"),
     ("corda", {"r": 4, "data": "random", "samples": 4}, "llama"),
     ("corda", {"r": 2, "mode": "kpa", "data": "random", "samples": 4, "targets": ["c_attn", "mlp.c_fc"]}, "gpt2"),
     ("corda", {"r": 2, "alpha": 4, "data": "random", "samples": 4, "batch_size": 2, "targets": ["query", "value"],
@@ -108,32 +131,54 @@ CASES = [
 ]
 
 
-# prefix / prompt methods change attention from the first step by their papers' design (a prefix key
-# takes attention mass before it has learnt anything): they cannot start at the base model
-PREFIX_METHODS = {"prefix", "prompt", "ptuning_v2", "mam"}
-# VQT replaces the model's head by one on its query features: its logits are a new head's from the start
-# (the base model's own features stay bit-identical: tests/test_vqt.py)
-NEW_HEAD_METHODS = {"vqt"}
-# methods whose deltas are made from other artifacts, not trained (tests/test_compress.py)
-MADE_BY_OPERATIONS = {"compeft"}
-
-
-def starts_at_base(method: str, options: dict) -> bool:
-    """KaSA removes the r smallest singular directions of each base weight when it attaches (its paper's
-    knowledge-aware truncation): its fresh delta starts at the truncated base by design."""
-    if method in PREFIX_METHODS | NEW_HEAD_METHODS:
-        return False
-    return not (method == "kasa" and options.get("truncation", "min") == "min")
-
-
-def folds_on_save(method: str, options: dict) -> bool:
-    """Prefix tuning's reparametrisation MLP trains but is folded into the prefixes it produces when saved."""
-    reparam_by_default = {"prefix": True, "mam": True, "ptuning_v2": False}
-    return method in reparam_by_default and options.get("reparam", reparam_by_default[method])
-
-
 def test_every_method_has_a_row() -> None:
-    assert set(dt.methods()) - MADE_BY_OPERATIONS <= {m for m, _, _ in CASES}
+    trained = {m for m in dt.methods() if registry.get(m).traits.made_by is None}
+    assert trained <= {m for m, _, _ in CASES}
+
+
+def test_traits_answer_for_every_method_and_follow_the_options() -> None:
+    for name in dt.methods():
+        m = registry.get(name)
+        for trait in ("starts_at_base", "full_model", "gradient_free", "new_head"):
+            assert isinstance(m.has(trait), bool), (name, trait)  # a trait of the config accepts the defaults
+    mezo, kasa = registry.get("mezo"), registry.get("kasa")
+    assert mezo.has("full_model") and not mezo.has("full_model", {"base": "lora"})
+    assert mezo.has("gradient_free", {"base": "lora"}) and not registry.get("lora").has("gradient_free")
+    assert kasa.has("starts_at_base", {"truncation": "none"}) and not kasa.has("starts_at_base")
+    assert registry.get("compeft").traits.made_by == "compress"
+
+
+@pytest.fixture(scope="module")
+def data_path(tmp_path_factory) -> str:
+    path = tmp_path_factory.mktemp("matrix-data") / "sentiment.jsonl"
+    write_sentiment_jsonl(path, WORDS)
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def folders(tmp_path_factory) -> dict[str, str]:
+    """Each tiny model of ``MODELS`` saved as a model folder with a word-level tokenizer of the data's words."""
+    root = tmp_path_factory.mktemp("matrix-models")
+    tokenizer = models.load_tokenizer(save_word_llama(root / "tokenizer", ("neutral", *WORDS["neutral"])))
+    out = {}
+    for arch, make in MODELS.items():
+        folder = root / arch
+        make().save_pretrained(folder)
+        tokenizer.save_pretrained(folder)
+        out[arch] = str(folder)
+    return out
+
+
+def _run_config(folder: str, data: dict, method: str, options: dict, out: Path) -> dict:
+    options = {k: (data if v == RUN_DATA else v) for k, v in options.items()}
+    return {
+        "model": folder,
+        "data": data,
+        "method": {"name": method, **options},
+        "train": {"steps": STEPS, "batch_size": 4, "lr": 1e-2, "schedule": "constant", "eval_batch_size": 8,
+                  "progress": False},
+        "output": str(out),
+    }
 
 
 def _base_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
@@ -141,50 +186,61 @@ def _base_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
 
 
 @pytest.mark.parametrize(("method", "options", "arch"), CASES, ids=[f"{m}-{a}-{i}" for i, (m, _, a) in enumerate(CASES)])
-def test_life_of_a_delta(method: str, options: dict, arch: str, tmp_path) -> None:
-    model = MODELS[arch]()
+def test_life_of_a_delta(method: str, options: dict, arch: str, folders, data_path, tmp_path) -> None:
+    data = {"path": data_path, "task": "classification", "labels": list(WORDS), "max_length": 16,
+            "eval_fraction": 0.25, "max_train": 16, "max_eval": 6}
+    cfg = _run_config(folders[arch], data, method, options, tmp_path / "run")
+    resolved = {k: v for k, v in cfg["method"].items() if k != "name"}
+    m = registry.get(method)
+    config = registry.make_config(m, dict(resolved))
+
+    def fresh() -> tuple[torch.nn.Module, object]:
+        model, _, task = load_for_task(DataConfig(**data), folders[arch], seed=0)
+        return model, task
+
+    model, _ = fresh()
     x = batch()
     before = output_of(model, x)
+    torch.manual_seed(0)  # as the loop seeds its attach: the delta the run starts from
+    initial = output_of(dt.attach(model, method, **resolved), x)
+    if m.has("starts_at_base", config):
+        assert torch.equal(initial, before), "a fresh delta must start exactly at the base model"
+
+    summary = dt.train(cfg)
+    assert summary["steps"] == STEPS and summary["trainable"] > 0
+    assert all(math.isfinite(h["loss"]) for h in summary["history"])
+
+    model, task = fresh()
     w0 = _base_state(model)
+    loaded = dt.load(model, tmp_path / "run")
+    trained = output_of(loaded, x)
+    assert not torch.equal(trained, initial), "training must change the output"
+    loaded.save(tmp_path / "again")
+    stored = (tmp_path / "run" / "delta.safetensors").read_bytes()
+    assert (tmp_path / "again" / "delta.safetensors").read_bytes() == stored, "a loaded delta saves back bit for bit"
+    # the run evaluated its delta in memory: saving settles an in-place weight onto its stored value (one rounding)
+    # and drops AdaLoRA's pruned components (a narrower matmul), so the two evaluations agree to float precision
+    evaluated = {k: v for k, v in summary["final"].items() if k.startswith("eval_")}
+    assert {f"eval_{k}": v for k, v in task.evaluate(loaded, 8).items()} == pytest.approx(evaluated, rel=1e-6)
+    assert loaded.num_trainable() > 0, "a loaded delta trains on"
 
-    tuned = dt.attach(model, method, **options)
-    if starts_at_base(method, options):
-        assert torch.equal(output_of(tuned, x), before), "a fresh delta must start exactly at the base model"
-
-    opt = torch.optim.AdamW(tuned.trainable_parameters(), lr=1e-2)
-    for _ in range(3):
-        opt.zero_grad()
-        loss_of(tuned, x).backward()
-        opt.step()
-    with_grad = [p for p in tuned.parameters() if p.grad is not None]
-    assert tuned.num_trainable() == sum(p.numel() for p in with_grad) > 0
-    trained = output_of(tuned, x)
-    assert not torch.allclose(trained, before), "training must change the output"
-
-    tuned.save(tmp_path / "a")
-    fresh = MODELS[arch]()
-    loaded = dt.load(fresh, tmp_path / "a")
-    assert torch.equal(output_of(loaded, x), trained), "save/load must be bit-identical"
-    if not folds_on_save(method, options):
-        assert loaded.num_trainable() == tuned.num_trainable()
-
-    if not all(f.mergeable for f in tuned.forms().values()):
+    if not all(f.mergeable for f in loaded.forms().values()):
         # an activation-side delta: merging is refused with a clear error and changes nothing
         with pytest.raises(DeltatuneError, match="cannot be merged"):
-            tuned.merge()
-        assert torch.equal(output_of(tuned, x), trained)
-        tuned.detach()
+            loaded.merge()
+        assert torch.equal(output_of(loaded, x), trained)
+        loaded.detach()
         assert torch.equal(output_of(model, x), before), "detaching restores the base model"
         return
 
-    plain = tuned.merge()
+    plain = loaded.merge()
     assert type(plain) is type(model)
     assert not any("parametrizations" in k for k in plain.state_dict()), "merge leaves a plain model"
     assert torch.allclose(output_of(plain, x), trained, atol=1e-5, rtol=0)
 
-    tuned.unmerge()
-    assert torch.allclose(output_of(tuned, x), trained, atol=1e-5, rtol=0)
-    for form in tuned.forms().values():
+    loaded.unmerge()
+    assert torch.allclose(output_of(loaded, x), trained, atol=1e-5, rtol=0)
+    for form in loaded.forms().values():
         form.detach()
     restored = _base_state(model)
     assert restored.keys() == w0.keys()

@@ -14,7 +14,7 @@ from conftest import batch, output_of, random_lora, tiny_gpt2, tiny_llama
 import deltatune as dt
 from deltatune.core import artifact
 from deltatune.core.forms.lowrank import LowRank
-from deltatune.ops.merging import combine, compose_model, drop, elect, merge_deltas, trim
+from deltatune.ops.merging import combine, drop, elect, merge_deltas, trim
 
 peft = pytest.importorskip("peft")
 from peft import PeftModel  # noqa: E402
@@ -202,18 +202,6 @@ def test_bad_options_are_refused(tmp_path) -> None:
     tied = merge_deltas([tmp_path / "emb", a], how="cat", base=tiny_llama())  # low-rank keeps the tie as LoRA does
     assert torch.allclose(output_of(tied, batch()), output_of(dt.compose(tiny_llama(), [tmp_path / "emb", a]), batch()),
                           atol=1e-5, rtol=0)
-
-
-def test_compose_model_writes_the_merged_plain_model(tmp_path) -> None:
-    from transformers import LlamaForCausalLM
-
-    _lora(tmp_path / "a", seed=1)
-    _lora(tmp_path / "b", seed=2)
-    x = batch()
-    out = compose_model([tmp_path / "a", tmp_path / "b"], tmp_path / "plain", base=tiny_llama())
-    loaded = LlamaForCausalLM.from_pretrained(out).eval()
-    reference = dt.compose(tiny_llama(), [tmp_path / "a", tmp_path / "b"])
-    assert torch.allclose(output_of(loaded, x), output_of(reference, x), atol=1e-5, rtol=0)
 
 
 # -- against PEFT's add_weighted_adapter ------------------------------------------------------------------

@@ -16,8 +16,9 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 import deltatune as dt
 from deltatune.errors import DeltatuneError
-from deltatune.methods import mezo
-from deltatune.methods.mezo import Entry, MezoPolicy, ZerothOrderOptimizer
+from deltatune.methods import _zeroth_order as zo
+from deltatune.methods._offloaded_w0 import TensorFile
+from deltatune.methods._zeroth_order import Entry, MezoPolicy, ZerothOrderOptimizer
 from deltatune.methods.sparse_mezo import magnitude_threshold
 
 
@@ -27,7 +28,7 @@ def weights(model: nn.Module) -> dict[str, torch.Tensor]:
 
 def z_of(policy: MezoPolicy, seed: int, e: Entry) -> torch.Tensor:
     """z of one tensor, rebuilt chunk by chunk from the seed (unmasked)."""
-    parts = [policy.noise(seed, e.index, c, b - a, e.param.device) for c, a, b in mezo.chunks(e.param.numel())]
+    parts = [policy.noise(seed, e.index, c, b - a, e.param.device) for c, a, b in zo.chunks(e.param.numel())]
     return torch.cat(parts).view(e.param.shape)
 
 
@@ -68,7 +69,7 @@ def test_16_bit_weights_warn() -> None:
 
 # -- 2. seed replay ----------------------------------------------------------------------------------------------
 def test_the_same_seed_regenerates_the_same_direction() -> None:
-    noise = mezo.Noise()
+    noise = zo.Noise()
     cpu = torch.device("cpu")
     a, b = noise(7, 3, 0, 1000, cpu), noise(7, 3, 0, 1000, cpu)
     assert torch.equal(a, b)
@@ -123,7 +124,7 @@ def test_the_artifact_reproduces_the_trained_model(tmp_path, keep_w0) -> None:
     forms = list(tuned.forms().values())
     kept = [f.__dict__["_w0_kept"] for f in forms]
     if keep_w0 == "disk":  # one raw file per trained tensor, holding W0 exactly; nothing of it in memory
-        assert all(isinstance(k, mezo.TensorFile) for k in kept)
+        assert all(isinstance(k, TensorFile) for k in kept)
         assert sorted(p.name for p in tmp_path.glob("deltatune-w0-*.bin")) == sorted(Path(k.path).name for k in kept)
     else:
         assert all(k.device.type == "cpu" for k in kept)
@@ -224,7 +225,7 @@ def test_no_parameter_sized_buffer_survives_a_step(monkeypatch) -> None:
     assert max(draws.sizes) == max(sizes) < sum(sizes)  # z of one tensor at a time, never the whole model's
     # two perturbed forwards and the update; the tied embedding is perturbed again (same z) at the LM head
     assert len(draws.sizes) == 3 * len(sizes) + 2
-    monkeypatch.setattr(mezo, "CHUNK", 100)  # z of a large tensor is drawn in chunks
+    monkeypatch.setattr(zo, "CHUNK", 100)  # z of a large tensor is drawn in chunks
     state = weights(tuned.model)
     with Draws() as draws:
         tuned.policy.perturbed_loss(tuned, tuned.policy.entries, x, lambda b: loss_of(tuned, b), 3, 1e-3)
@@ -242,7 +243,7 @@ def test_the_threshold_of_a_large_tensor_is_the_exact_kth_magnitude(monkeypatch,
     w[0, :5] = 0.0
     w[1, :9] = w[2, 3]  # ties at one magnitude
     w[3, :4] = -w[2, 3]
-    monkeypatch.setattr(mezo, "CHUNK", 100)  # 1,073 entries: 11 chunks
+    monkeypatch.setattr(zo, "CHUNK", 100)  # 1,073 entries: 11 chunks
     for sparsity in (0.0, 0.5, 0.75, 0.99, 0.999):
         k = min(w.numel(), max(1, round((1.0 - sparsity) * w.numel())))
         assert magnitude_threshold(w, sparsity) == float(w.reshape(-1).abs().float().kthvalue(k).values), sparsity
@@ -339,6 +340,9 @@ def test_bad_configurations_are_refused() -> None:
         dt.attach(tiny_llama(), "mezo", base="lora", targets=["q_proj"])
     with pytest.raises(DeltatuneError, match="sparsity"):
         dt.attach(tiny_llama(), "sparse_mezo", sparsity=1.0)
+    for zeroth_order in ("mezo", "sparse_mezo"):  # gradient-free methods: the base is what MeZO's steps train
+        with pytest.raises(DeltatuneError, match="the base is the method whose parameters"):
+            dt.attach(tiny_llama(), "sparse_mezo", base=zeroth_order)
     tuned = dt.attach(tiny_llama(), "mezo")
     with pytest.raises(DeltatuneError, match="grad_accum=1"):
         tuned.policy.plan(10, 2)

@@ -1,5 +1,6 @@
-"""Prefix tuning, prompt tuning and P-tuning v2 against their spec (shared/methods/unified.md, "How to test"
-2, 3 and 6, plus the reparametrisation's folding and the parameter counts)."""
+"""Prefix tuning, prompt tuning and P-tuning v2 against the unified view's invariants
+(He et al., ICLR 2022: the gated-adapter view, padding, generation with the KV cache), the reparametrisation's
+folding and the parameter counts."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""SpIEL: budget, schedule, drop and regrow rules, optimizer seeding, SM3 growth, resume (spec: spiel.md)."""
+"""SpIEL: budget, schedule, drop and regrow rules, optimizer seeding, SM3 growth, resume."""
 
 from __future__ import annotations
 

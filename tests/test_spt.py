@@ -20,6 +20,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 import deltatune as dt
 from deltatune.methods import spt
+from deltatune.methods._calibration import task_batches
 from deltatune.methods.spt import Candidate, SptConfig, allocate, structured_params
 
 
@@ -318,7 +319,7 @@ output: {tmp_path / 'run'}
 
     # the same scores by hand: the task's first C batches of a seeded shuffle, the task's loss
     model = dt.models.load(str(word_folder))
-    batches, loss_fn = spt.task_batches(model, cfg.method["data"], batches=2, batch_size=4)
+    batches, loss_fn = task_batches(model, cfg.method["data"], batches=2, batch_size=4)
     by_hand = dt.attach(model, "spt", sensitivity=spt.sensitivity(model, batches, loss_fn), budget=400, r=2)
     assert by_hand.method_config.allocation == plan
     assert dt.load(dt.models.load(str(word_folder)), tmp_path / "run").num_trainable() == plan["cost"]

@@ -314,6 +314,20 @@ def test_tweets_filtered_to_negative_and_positive(smol_tok: Any) -> None:
     assert all(len(f["input_ids"]) <= 64 for f in task.train + task.eval)
 
 
+def test_load_for_task_reads_the_data_once_and_sizes_the_head(monkeypatch: pytest.MonkeyPatch) -> None:
+    from deltatune.data import rows
+
+    reads = []
+    read = rows.classification_data
+    monkeypatch.setattr(rows, "classification_data", lambda cfg: reads.append(cfg) or read(cfg))
+    cfg = DataConfig(name="bbc", max_train=20, max_eval=10, max_length=32)
+    model, tokenizer, task = tasks.load_for_task(cfg, "minilm-l6", seed=5)
+    assert len(reads) == 1, "the label count and the task come from one read"
+    assert model.config.num_labels == 5 and task.kind == "classification-head" and tokenizer.cls_token_id is not None
+    again = tasks.load_for_task(cfg, "minilm-l6", seed=5).model
+    torch.testing.assert_close(again.classifier.weight, model.classifier.weight)  # the seed fixes the fresh head
+
+
 # ---------------------------------------------------------------- classification with a head
 
 

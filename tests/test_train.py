@@ -12,9 +12,10 @@ import pytest
 import torch
 
 import deltatune as dt
-from deltatune.train import load_config
-from deltatune.train.config import TrainSettings
+from deltatune.train import Callback, load_config, preset_names
+from deltatune.train.config import PRESETS_DIR, TrainSettings
 from deltatune.train.loop import FAULT_ENV, Batches, lr_lambda, sync_optimizer
+from deltatune.train.step import PolicyStep
 
 
 def config(folder: Path, data: Path, out: Path, **train) -> dict:
@@ -92,12 +93,87 @@ def test_sync_optimizer_releases_and_adds_state() -> None:
     assert params[0] not in opt.state, "a parameter that starts again gets fresh moments"
 
 
+def test_presets_load_by_name(tmp_path, monkeypatch) -> None:
+    assert {"lora", "lora-minilm", "spiel", "full", "locft"} <= set(preset_names())
+    by_name, by_file = load_config("lora"), load_config(PRESETS_DIR / "lora.yaml")
+    assert by_name == by_file and by_name.method["name"] == "lora"
+    assert load_config("lora.yaml", ["train.steps=3"]).train.steps == 3
+    # a preset's data file ships next to it, wherever the run starts
+    monkeypatch.chdir(tmp_path)
+    assert Path(load_config("locft").data.path) == PRESETS_DIR / "edits.jsonl"
+    # a file of that name comes first
+    (tmp_path / "lora").write_text("model: m\ndata: {name: tweets}\nmethod: lora\noutput: o\n")
+    assert load_config("lora").model == "m"
+    with pytest.raises(dt.DeltatuneError, match=r"neither a config file nor a preset; did you mean the preset 'lora'\?.*"
+                                                r"lora-minilm"):
+        load_config("examples/lorra.yaml")
+
+
+class Recorder(Callback):
+    def __init__(self) -> None:
+        self.events: list[tuple] = []
+
+    def on_begin(self, total_steps, start_step) -> None:
+        self.events.append(("begin", total_steps, start_step))
+
+    def on_eval(self, step, metrics) -> None:
+        self.events.append(("eval", step, sorted(metrics)))
+
+    def on_step_end(self, record) -> None:
+        self.events.append(("step", record["step"], "eval_loss" in record))
+
+    def on_checkpoint(self, step, path) -> None:
+        self.events.append(("checkpoint", step, path.name))
+
+    def on_end(self, summary) -> None:
+        self.events.append(("end", None if summary is None else summary["steps"]))
+
+
+def test_callbacks_see_every_event_in_order(tiny_folder, sentiment_file, tmp_path) -> None:
+    seen = Recorder()
+    dt.train(config(tiny_folder, sentiment_file, tmp_path / "run", steps=4, eval_every=2, save_every=4),
+             callbacks=[seen])
+    metrics = ["accuracy", "loss"]
+    assert seen.events == [
+        ("begin", 4, 0), ("step", 1, False), ("eval", 2, metrics), ("step", 2, True), ("step", 3, False),
+        ("eval", 4, metrics), ("step", 4, True), ("checkpoint", 4, "step-0000004"), ("end", 4),
+    ]
+    failed = Recorder()
+    with pytest.raises(dt.DeltatuneError, match=r"at step \d+; stopped"):
+        dt.train(config(tiny_folder, sentiment_file, tmp_path / "nan", optimizer="sgd", lr=1e12, max_grad_norm=None,
+                        warmup=0.0), callbacks=[failed])
+    assert failed.events[-1] == ("end", None), "a failed run still ends its callbacks (a progress bar stops)"
+
+
+def test_a_skipped_step_drops_every_gradient_and_the_optimizer_follows_the_trainable_set() -> None:
+    from conftest import batch, loss_of, tiny_llama
+
+    from deltatune.core.policy import Policy
+
+    class SkipAll(Policy):
+        def skip_step(self, step, loss) -> bool:
+            return loss > 0
+
+    tuned = dt.attach(tiny_llama(), "lora", r=2, init=False)
+    tuned.policy = SkipAll()
+    params = list(tuned.deltas.parameters())
+    opt = torch.optim.AdamW(params, lr=1e-2)
+    step = PolicyStep(tuned)
+    loss_of(tuned, batch()).backward()
+    assert not step.before(0, opt, None), "no loss known: nothing is skipped"
+    assert step.before(0, opt, 1.0) and all(p.grad is None for p in params)
+    params[0].requires_grad_(False)
+    assert step.after(0, opt) and id(params[0]) not in step.trainable
+    assert not step.after(1, opt), "the trainable set did not change again"
+
+
 def _run(cfg: dict, env: dict | None = None) -> subprocess.CompletedProcess:
     code = f"import deltatune as dt; dt.train({cfg!r})"
     return subprocess.run([sys.executable, "-c", code], env={**os.environ, **(env or {})}, capture_output=True,
                           text=True, timeout=300)
 
 
+@pytest.mark.slow  # three training processes
 def test_resume_after_sigkill_is_bit_identical(tiny_folder, sentiment_file, tmp_path) -> None:
     straight = config(tiny_folder, sentiment_file, tmp_path / "straight")
     killed = config(tiny_folder, sentiment_file, tmp_path / "killed")

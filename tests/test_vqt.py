@@ -130,7 +130,7 @@ def head_loss(form: QueryTokens, reading: Reading, labels: torch.Tensor) -> torc
 @pytest.mark.parametrize("impl", ["sdpa", "eager"])
 @pytest.mark.parametrize("arch", ["bert", "llama"])
 def test_backbone_is_bit_identical_to_the_frozen_model(arch: str, impl: str) -> None:
-    """Spec 1 (and the issue's "base tokens' hidden states bit-identical"): with any Q, every block's output
+    """Spec 1 (the base tokens' hidden states stay bit-identical): with any Q, every block's output
     on the real tokens and the pooled final representation equal the frozen model's exactly; detaching
     gives the model's own logits back exactly."""
     model = MAKE[arch]()
@@ -237,7 +237,7 @@ def test_no_query_tokens_is_linear_probing_on_the_normalised_final_token(arch: s
         assert torch.equal(tuned(**x).logits, head(F.normalize(cls, dim=-1)))
 
 
-# ---------------------------------------------------------------- the issue's tests
+# ---------------------------------------------------------------- end to end
 
 
 def saved_by_forward(run) -> tuple[list[torch.Tensor], object]:

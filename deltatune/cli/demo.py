@@ -6,6 +6,11 @@ base model on the held-out set; every method is then trained with ``dt.train`` (
 ``deltatune train``) and evaluated on the same held-out set. ``quick=True`` does the same with MiniLM and a
 fresh classification head on BBC news topics in well under a minute.
 
+Every row trains the method's preset (``deltatune/presets/<name>.yaml``, what ``deltatune train <name>`` runs):
+its method config, learning rate, schedule and step count. The demo changes only what makes the rows one
+comparison (``run_config`` lists each change and why): the model and data, the batch size, a step budget where
+a row says so, evaluation at the end only, the seed, the CPU, and the output folder.
+
 Each run (the zero-shot evaluation included) happens in a fresh ``python -m deltatune.cli.demo --worker``
 subprocess, so the peak memory reported per method is that process's own RSS high-water mark (model
 load, data, training and evaluation), not the demo's accumulated one. A method that cannot apply to the
@@ -27,19 +32,32 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 from rich.console import Console
 from rich.table import Table
 
 from deltatune.cli._proc import die_with_parent
 from deltatune.errors import DeltatuneError
+from deltatune.train.config import read_config
 
 ZERO_SHOT = "zero-shot"
+
+
+class Row(NamedTuple):
+    """A demo row: the preset it trains, and ``train`` settings the demo changes for this row only."""
+
+    preset: str
+    train: dict[str, Any] = {}
+
 
 # The default demo: SmolLM2-135M, tweets positive vs negative, label-word scoring.
 TWEETS: dict[str, Any] = {"name": "tweets", "task": "classification", "labels": ["negative", "positive"], "max_length": 64,
                           "eval_fraction": 0.1, "max_train": 2000, "max_eval": 200}
+# a MeZO step is two forward passes, a first-order step about three (forward + backward): 90 MeZO steps match
+# the 60 steps of the LoRA row in forward passes; the presets' long constant-lr runs would not fit the demo, so
+# these rows take the warm-up and linear decay every other row has
+MEZO_BUDGET: dict[str, Any] = {"steps": 90, "warmup": 0.1, "schedule": "linear"}
 DEFAULT_SETUP: dict[str, Any] = {
     "title": "SmolLM2-135M on tweet sentiment (negative vs positive)",
     "model": "smollm2-135m",
@@ -48,52 +66,37 @@ DEFAULT_SETUP: dict[str, Any] = {
     "eval_batch_size": 32,
     # what `deltatune demo` runs without --methods (the rest of "methods" runs when named)
     "default": ["lora", "spiel", "full", "lisa", "lightweight", "bitfit"],
-    # method -> (method config, steps, peak lr[, data options over "data"]); the order is the table's order
+    # the table's rows, in its order. Beyond the default set: the low-rank family at LoRA's trainable count
+    # (`--methods lora,kasa,dora,corda,adalora,increlora`), the adapter and prompt families, the connected
+    # pathway and the zeroth-order methods
     "methods": {
-        "lora": ({"name": "lora", "r": 8, "alpha": 16, "targets": ["q_proj", "v_proj"]}, 60, 2e-3),
-        # SpIEL at exactly LoRA's trainable count on the same matrices: the equal-parameter comparison
-        "spiel": ({"name": "spiel", "match": "lora:r=8", "targets": ["q_proj", "v_proj"]}, 60, 1e-3),
-        "full": ({"name": "full"}, 24, 3e-5),
-        # LISA (embeddings/head + 2 random blocks, redrawn every 20 steps): full-rank updates at a fraction of
-        # full fine-tuning's memory; the full-parameter learning rate
-        "lisa": ({"name": "lisa", "activated_layers": 2, "interval_steps": 20}, 60, 3e-5),
-        "lightweight": ({"name": "lightweight", "parts": [], "last_k": 2}, 60, 2e-4),
-        "bitfit": ({"name": "bitfit"}, 60, 1e-3),
-        # the low-rank family at LoRA's trainable count on the same matrices (q, v), LoRA's recipe: run them with
-        # `deltatune demo --methods lora,kasa,dora,corda,adalora,increlora` (not in the default run: its time budget)
-        "kasa": ({"name": "kasa", "r": 8, "alpha": 16, "targets": ["q_proj", "v_proj"]}, 60, 2e-3),
-        "dora": ({"name": "dora", "r": 8, "alpha": 16, "dropout": 0.0, "targets": ["q_proj", "v_proj"]}, 60, 2e-3),
-        # rank 12 pruned to an average of 8 (scale alpha / init_r = 2, as LoRA's 16 / 8)
-        "adalora": ({"name": "adalora", "init_r": 12, "target_r": 8, "alpha": 24, "targets": ["q_proj", "v_proj"]},
-                    60, 2e-3),
-        # CorDA's covariance from 256 training examples (instruction-previewed: the largest r components train)
-        "corda": ({"name": "corda", "r": 8, "alpha": 16, "targets": ["q_proj", "v_proj"], "data": TWEETS, "samples": 256},
-                  60, 2e-3),
-        # rank 4 grown to an average of 8
-        "increlora": ({"name": "increlora", "init_r": 4, "target_rank": 8, "alpha": 16, "targets": ["q_proj", "v_proj"]},
-                      60, 2e-3),
-        # the adapter family (issue 7): run with `deltatune demo --methods lora,adapter,parallel_adapter,...`
-        "adapter": ({"name": "adapter", "placement": "houlsby", "r": 16}, 60, 2e-3),
-        "parallel_adapter": ({"name": "parallel_adapter", "r": 32, "sublayers": ["ffn"]}, 60, 2e-3),
-        "scaled_parallel_adapter": ({"name": "scaled_parallel_adapter", "r": 32, "scale": 4.0}, 60, 1e-3),
-        # VQT reads every layer through one query token and trains a new head on those features (the model is
-        # loaded with a sequence-classification head, `data.head: true`; the backbone only runs forward)
-        "vqt": ({"name": "vqt", "tokens": 1}, 60, 5e-3, {"head": True}),
-        "connected": ({"name": "connected", "variant": "aside+adapters", "r": 64, "adapter_r": 64}, 60, 1e-3),
-        "prefix": ({"name": "prefix", "length": 30, "reparam": True, "mid_dim": 800}, 60, 2e-4),
-        "prompt": ({"name": "prompt", "length": 100, "init": "vocab"}, 60, 3e-2),
-        "ptuning_v2": ({"name": "ptuning_v2", "length": 20, "init": "vocab"}, 60, 1e-2),
-        "mam": ({"name": "mam", "prefix_length": 16, "mid_dim": 800, "r": 16, "scale": 4.0}, 60, 1e-3),
-        # zeroth-order (issue 9) at LoRA's compute budget: a LoRA step is ~3 forward passes' worth (forward +
-        # backward), a MeZO step 2 forward passes, so 90 MeZO steps = 180 forward passes ≈ LoRA's 60 steps;
-        # MeZO's paper learning rates (1e-6 on the full model; 1e-4 with eps 1e-2 over LoRA)
-        "mezo": ({"name": "mezo"}, 90, 1e-6),
-        "mezo-lora": ({"name": "mezo", "base": "lora", "eps": 1e-2,
-                       "base_options": {"r": 8, "alpha": 16, "targets": ["q_proj", "v_proj"]}}, 90, 1e-4),
+        "lora": Row("lora"),
+        "spiel": Row("spiel"),  # at exactly LoRA's trainable count on the same matrices
+        "full": Row("full"),
+        "lisa": Row("lisa"),
+        "lightweight": Row("lightweight"),
+        "bitfit": Row("bitfit"),  # skipped on SmolLM2 (no biases), with the reason as a note
+        "kasa": Row("kasa"),
+        "dora": Row("dora"),
+        "adalora": Row("adalora"),
+        "corda": Row("corda"),
+        "increlora": Row("increlora"),
+        "adapter": Row("adapter"),
+        "parallel_adapter": Row("parallel_adapter"),
+        "scaled_parallel_adapter": Row("scaled_parallel_adapter"),
+        "vqt": Row("vqt"),  # loads the model with a classification head (data.head: true in its preset)
+        "connected": Row("connected"),
+        "prefix": Row("prefix"),
+        "prompt": Row("prompt"),
+        "ptuning_v2": Row("ptuning_v2"),
+        "mam": Row("mam"),
+        "mezo": Row("mezo", MEZO_BUDGET),
+        "mezo-lora": Row("mezo-lora", MEZO_BUDGET),
     },
 }
 
-# The quick demo: MiniLM with a fresh classification head on BBC news topics (5 classes).
+# The quick demo: MiniLM with a fresh classification head on BBC news topics (5 classes), 30 steps per method
+# so that the whole demo stays under a minute.
 QUICK_SETUP: dict[str, Any] = {
     "title": "MiniLM-L6 with a fresh classification head on BBC news topics (5 classes)",
     "model": "minilm-l6",
@@ -102,14 +105,45 @@ QUICK_SETUP: dict[str, Any] = {
     "batch_size": 8,
     "eval_batch_size": 32,
     "methods": {
-        "lora": ({"name": "lora", "r": 8, "alpha": 16, "modules_to_save": ["classifier"]}, 30, 5e-3),
-        "full": ({"name": "full"}, 30, 2e-4),
+        "lora": Row("lora-minilm", {"steps": 30}),
+        "full": Row("full-minilm", {"steps": 30}),
     },
 }
 
-# kept for `deltatune demo` and callers of the earlier single-run demo: LoRA's steps and learning rate
-DEFAULT_STEPS = DEFAULT_SETUP["methods"]["lora"][1]
-DEFAULT_LR = DEFAULT_SETUP["methods"]["lora"][2]
+
+def run_config(setup: dict[str, Any], name: str, *, seed: int = 0, output: str | os.PathLike = "demo-report",
+               steps: int | None = None, lora_options: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The run config of demo row ``name``: its preset, with what the demo changes and why.
+
+    - ``model`` and ``data``: the demo's task, the same for every row. ``data.head`` stays the preset's (VQT
+      trains a classification head), and a method that reads data itself (CorDA's calibration) reads the
+      demo's data too.
+    - ``train.batch_size``: one batch size for every row; ``train.eval_batch_size``: larger evaluation batches
+      (faster, the same metrics).
+    - ``train.steps`` (and more) where the row says so; ``steps`` (``--steps``) for every row.
+    - ``train.eval_every`` / ``train.save_every`` = 0: one evaluation and one checkpoint, at the end (the demo
+      keeps no checkpoint).
+    - ``train.seed`` and ``data.seed``: the demo's ``seed``; ``train.device``: the CPU the published numbers
+      were measured on; ``train.progress``: off (the demo shows a bar of its own).
+    - ``output``; ``lora_options`` (``-o r=16``) change the LoRA row's method.
+    """
+    row = setup["methods"][name]
+    preset = read_config(row.preset)
+    data = {**setup["data"], "seed": seed}
+    head = (preset.get("data") or {}).get("head")
+    if head is not None:
+        data["head"] = head
+    method = dict(preset["method"])
+    if "data" in method:
+        method["data"] = dict(data)
+    if name == "lora" and lora_options:
+        method.update(lora_options)
+    train = {**preset.get("train", {}), "batch_size": setup["batch_size"], "eval_batch_size": setup["eval_batch_size"],
+             "eval_every": 0, "save_every": 0, "seed": seed, "device": "cpu", "progress": False, **row.train}
+    if steps is not None:
+        train["steps"] = steps
+    return {"model": setup["model"], "data": data, "method": method, "train": train, "output": str(output)}
+
 
 COLUMNS = ("method", "trainable params", "peak memory", "s / step", "held-out accuracy", "artifact", "note")
 
@@ -130,19 +164,11 @@ def human_bytes(n: int | float | None) -> str:
 def _zero_shot(config: dict[str, Any]) -> dict[str, Any]:
     """The base model on the held-out set, loaded and seeded exactly as ``dt.train`` loads it (so a fresh
     classification head is the one the methods start from)."""
-    import random
-
-    import torch
-
-    from deltatune.data import models, tasks
+    from deltatune.data.tasks import load_for_task
     from deltatune.train.config import load_config
 
     cfg = load_config(config)
-    torch.manual_seed(cfg.train.seed)
-    random.seed(cfg.train.seed)
-    model = models.load(cfg.model, **tasks.model_request(cfg.data, cfg.model))
-    tokenizer = models.load_tokenizer(cfg.model)
-    task = tasks.build_task(cfg.data, tokenizer, model)
+    model, _, task = load_for_task(cfg.data, cfg.model, seed=cfg.train.seed)
     metrics = task.evaluate(model, cfg.train.eval_batch_size)
     labels = [f["label"] for f in task.eval]
     majority = max(labels.count(k) for k in set(labels)) / len(labels)
@@ -164,10 +190,10 @@ def _worker(spec_path: str, result_path: str) -> None:
             result: dict[str, Any] = {"zero_shot": _zero_shot(spec["config"])}
         else:
             import deltatune as dt
-            from deltatune.train import loop
+            from deltatune.train.callbacks import ProgressBar
 
-            loop.print_summary = lambda summary: None  # the demo prints one table for all runs
-            result = {"summary": dt.train(spec["config"])}
+            # a progress bar, but no summary table per run: the demo prints one table for all of them
+            result = {"summary": dt.train(spec["config"], callbacks=[ProgressBar()] if spec.get("show") else [])}
     except DeltatuneError as e:  # the method does not apply to this model: a note, not a crash
         result = {"error": " ".join(str(e).split())}
     result["seconds"] = time.perf_counter() - start
@@ -196,18 +222,6 @@ def _run_worker(spec: dict[str, Any], show: bool, console: Console) -> dict[str,
 
 
 # -- the demo ----------------------------------------------------------------------------------
-def _config(setup: dict[str, Any], method: dict[str, Any], steps: int, lr: float, seed: int, output: Path,
-            show: bool, data: dict[str, Any] | None = None) -> dict[str, Any]:
-    return {
-        "model": setup["model"],
-        "data": {**setup["data"], **(data or {}), "seed": seed},
-        "method": dict(method),
-        "train": {"steps": steps, "batch_size": setup["batch_size"], "lr": lr, "warmup": 0.1, "schedule": "linear",
-                  "seed": seed, "eval_batch_size": setup["eval_batch_size"], "progress": show, "device": "cpu"},
-        "output": str(output),
-    }
-
-
 def _artifact_bytes(folder: Path) -> int | None:
     if not (folder / "deltatune.json").is_file():
         return None
@@ -229,8 +243,9 @@ def demo(
     """Zero-shot accuracy, then each method trained with ``dt.train`` and scored on the same held-out set.
 
     ``quick``: MiniLM on BBC topics (under a minute) instead of SmolLM2-135M on tweets (under 10 minutes on
-    2 CPU cores). ``methods``: names (or "lora,full") from the setup's list, default its ``default`` list (all of them when it has none); ``steps``
-    overrides every method's step count; ``lora_options`` override LoRA's config (e.g. ``{"r": 16}``).
+    2 CPU cores). ``methods``: names (or "lora,full") from the setup's list, default its ``default`` list (all
+    of them when it has none); ``steps`` overrides every method's step count; ``lora_options`` override
+    LoRA's config (e.g. ``{"r": 16}``). Each row trains its preset as ``run_config`` says.
     Writes ``out``/report.md, loss.png, accuracy.png and artifacts/<method>. Returns the table rows as
     dicts (the zero-shot row first)."""
     setup = QUICK_SETUP if quick else DEFAULT_SETUP
@@ -247,9 +262,9 @@ def demo(
     if lora_options:
         from deltatune.core import registry
 
-        merged = {k: v for k, v in {**setup["methods"]["lora"][0], **lora_options}.items() if k != "name"}
+        method = run_config(setup, "lora", lora_options=lora_options)["method"]
         try:
-            registry.make_config(registry.get("lora"), merged)
+            registry.make_config(registry.get("lora"), {k: v for k, v in method.items() if k != "name"})
         except DeltatuneError as e:
             raise DeltatuneError(f"bad LoRA option(s) {lora_options}: {e}") from None
 
@@ -262,8 +277,8 @@ def demo(
 
     # -- zero-shot --------------------------------------------------------------------------
     console.print(f"[bold][1/{total}] zero-shot[/]: the base model on the held-out set")
-    first_method = setup["methods"][methods[0]]
-    zs_config = _config(setup, first_method[0], 1, 1e-3, seed, out / "artifacts" / ZERO_SHOT, show)
+    zs_config = run_config(setup, methods[0], seed=seed, output=out / "artifacts" / ZERO_SHOT)
+    zs_config["data"] = {**setup["data"], "seed": seed}  # the base model as it is: no head a row's preset asks for
     zs = _run_worker({"kind": ZERO_SHOT, "config": zs_config, "label": ZERO_SHOT}, show, console)
     if "error" in zs:
         raise DeltatuneError(f"the zero-shot evaluation failed: {zs['error']}")
@@ -279,16 +294,14 @@ def demo(
 
     # -- each method in its own process ----------------------------------------------------
     for i, name in enumerate(methods, start=2):
-        method, n_steps, lr, *data = setup["methods"][name]
-        if name == "lora" and lora_options:
-            method = {**method, **lora_options}
-        n_steps = steps if steps is not None else n_steps
         folder = out / "artifacts" / name
         if folder.exists():
             shutil.rmtree(folder)
-        config = _config(setup, method, n_steps, lr, seed, folder, show, data[0] if data else None)
-        console.print(f"[bold][{i}/{total}] {name}[/]: {n_steps} steps of {setup['batch_size']}, lr {lr:g}")
-        result = _run_worker({"kind": "train", "config": config, "label": name}, show, console)
+        config = run_config(setup, name, seed=seed, output=folder, steps=steps, lora_options=lora_options)
+        method, n_steps, lr = config["method"], config["train"]["steps"], config["train"]["lr"]
+        console.print(f"[bold][{i}/{total}] {name}[/]: {n_steps} steps of {setup['batch_size']}, lr {lr:g} "
+                      f"(preset {setup['methods'][name].preset})")
+        result = _run_worker({"kind": "train", "config": config, "label": name, "show": show}, show, console)
         shutil.rmtree(folder / "checkpoints", ignore_errors=True)  # resume state, not part of the demo
         if "error" in result:
             console.print(f"    [yellow]skipped[/]: {result['error']}")
@@ -386,8 +399,9 @@ def _markdown(rows: list[dict[str, Any]], info: dict[str, Any]) -> str:
         f"Model `{setup['model']}`; data `{data['name']}` ({', '.join(data['labels']) if data.get('labels') else 'all labels'}), "
         f"{base['train_examples']} training examples, {base['eval_examples']} held-out examples "
         f"(majority class {base['majority_accuracy']:.1%}), max_length {data['max_length']}, batch size "
-        f"{setup['batch_size']}, seed {info['seed']}. Each method is trained with `dt.train` (AdamW, or a "
-        "zeroth-order method's own two-forward step; 10% warm-up, linear decay) in its own process; peak memory "
+        f"{setup['batch_size']}, seed {info['seed']}. Each method is trained with `dt.train` from its preset "
+        "(`deltatune/presets/`: the method config, learning rate and steps; AdamW, or a zeroth-order method's own "
+        "two-forward step; 10% warm-up, linear decay) in its own process; peak memory "
         "is that process's RSS high-water mark (model, data, training and evaluation). s / step is the median "
         "optimizer step.",
         "",

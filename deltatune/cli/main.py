@@ -205,7 +205,7 @@ def demo(
     methods: str = typer.Option(
         None, "--methods", help="Comma-separated methods to train, e.g. lora,full (default: the demo's default set; more, e.g. kasa,dora, by name)."
     ),
-    steps: int = typer.Option(None, "--steps", help="Training steps for every method (default: tuned per method)."),
+    steps: int = typer.Option(None, "--steps", help="Training steps for every method (default: each method's preset)."),
     seed: int = typer.Option(0, "--seed", help="Seed for data, initialisation and order."),
     option: list[str] = typer.Option(
         [], "--option", "-o", metavar="KEY=VALUE", help="LoRA option key=value (YAML value); repeatable, e.g. -o r=16."
@@ -232,11 +232,12 @@ def demo(
 @app.command()
 @_errors
 def train(
-    config: str = typer.Argument(..., help="The run config (YAML): model, data, method, train, output."),
+    config: str = typer.Argument(..., help="The run config: a YAML file (model, data, method, train, output) or the "
+                                 "name of a shipped preset, e.g. lora, lora-minilm, spiel (deltatune/presets/)."),
     set_: list[str] = typer.Option([], "--set", metavar="KEY=VALUE", help="Override a config key, e.g. --set train.steps=10."),
     resume: bool = typer.Option(False, "--resume", help="Continue exactly from the newest checkpoint in OUTPUT/checkpoints."),
 ) -> None:
-    """Train a method as a YAML config says; the artifact and checkpoints go to its output folder."""
+    """Train a method as a YAML config or a preset says; the artifact and checkpoints go to its output folder."""
     from deltatune.train import train as train_fn
 
     train_fn(config, set_, resume=resume)
@@ -364,7 +365,7 @@ def merge_deltas(
     from deltatune import api
     from deltatune.cli.demo import human_bytes
 
-    tuned = api.merge_deltas(out, deltas, how=how, weights=_floats(weights, "--weights"), density=density, seed=seed,
+    tuned = api.merge_deltas(deltas, out, how=how, weights=_floats(weights, "--weights"), density=density, seed=seed,
                              majority=majority, rank=rank, space=space, base=base)
     _out().print(f"merged {len(deltas)} deltas ({how}) into {out}: a {tuned.method.name} artifact of "
                  f"{human_bytes(tuned.stored_bytes())}", soft_wrap=True, highlight=False)
@@ -381,7 +382,7 @@ def compose(
     """Apply several deltas at once (their sum, e.g. a task and a language delta) and write the merged model."""
     from deltatune import api
 
-    path = api.compose(out, deltas, base=base)
+    path = api.compose(deltas, out, base=base)
     _out().print(f"composed {len(deltas)} deltas into {path} (undo one with `deltatune revert`)", soft_wrap=True,
                  highlight=False)
 
@@ -404,8 +405,9 @@ def revert(
 @_errors
 def bench(
     model: str = typer.Option("smollm2-135m", "--model", help="A shipped model name or a from_pretrained folder."),
-    methods: str = typer.Option("lora,full", "--methods", help="Comma-separated deltatune methods (or bench presets) "
-                                "to run; peft-prefix and peft-prompt add PEFT's prefix and prompt tuning."),
+    methods: str = typer.Option("lora,full", "--methods", help="Comma-separated deltatune methods, presets or bench "
+                                "variants (lora-all, spiel-all, spiel-sm3) to run; peft-prefix and peft-prompt add "
+                                "PEFT's prefix and prompt tuning."),
     steps: int = typer.Option(10, "--steps", help="Training steps per run (the first is warm-up, not in the median)."),
     json_path: str = typer.Option(None, "--json", help="Write the records (one per run) to this JSON file."),
     docs: str = typer.Option(None, "--docs", help="Write the markdown report here (e.g. docs/benchmarks.md)."),

@@ -89,19 +89,6 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def atomic_write_dir(path: str | os.PathLike, files: dict[str, bytes]) -> None:
-    """Write a directory so that readers see the old one or the new one, never a half one."""
-
-    def fill(tmp: Path) -> None:
-        for name, data in files.items():
-            with open(tmp / name, "wb") as f:
-                f.write(data)
-                f.flush()
-                os.fsync(f.fileno())
-
-    atomic_dir(path, fill)
-
-
 def _previous(path: Path) -> Path:
     return path.parent / f".{path.name}.previous"
 

@@ -22,8 +22,6 @@ if TYPE_CHECKING:
 class Policy:
     """The static policy: every parameter of the delta trains at every step."""
 
-    name = "static"
-
     def setup(self, tuned: Tuned) -> None:
         """Called once, when the delta is attached (a resume then calls ``load_state_dict``)."""
 
@@ -80,9 +78,6 @@ class Policy:
     def load_state_dict(self, state: dict[str, Any]) -> None:
         if state:
             raise ValueError(f"{type(self).__name__} keeps no state but got keys {sorted(state)}")
-
-
-StaticPolicy = Policy
 
 
 def release_state(optimizer: torch.optim.Optimizer, params: list[torch.nn.Parameter]) -> None:

@@ -29,6 +29,28 @@ class Built:
 
 
 Builder = Callable[..., Built]
+# a trait that holds for some options of a method and not others is a function of its config
+ConfigTrait = bool | Callable[[Any], bool]
+
+
+@dataclass(frozen=True)
+class Traits:
+    """What a method's delta does, declared where the method registers, so that tests, operations and the command
+    line ask the registry (``Method.has``) instead of naming methods."""
+
+    # a fresh delta leaves the model's output exactly as it was (False by design: a prefix takes attention mass
+    # before it has learnt anything, a new head has logits of its own, KaSA truncates the base it attaches to)
+    starts_at_base: ConfigTrait = True
+    # trains the model's own weights in place, every chosen one at once: the delta, its checkpoints and the
+    # optimizer state are the size of the model (full fine-tuning, MeZO without a base method)
+    full_model: ConfigTrait = False
+    # trains from forward passes only: the policy takes the whole step (``Policy.train_step``), nothing has a
+    # gradient, and a zeroth-order method cannot be another one's base
+    gradient_free: bool = False
+    # the logits come from a head of the delta's own (the model is loaded with a task head the delta replaces)
+    new_head: bool = False
+    # the operation that makes this method's deltas from other artifacts ("compress"); None: it is trained
+    made_by: str | None = None
 
 
 @dataclass(frozen=True)
@@ -40,19 +62,31 @@ class Method:
     # whether ``tuned.merge()`` folds the delta into the weights: True, False (an activation-side delta
     # that must stay attached), or a phrase saying when it does ("with activation: linear")
     mergeable: bool | str = True
+    traits: Traits = dataclasses.field(default_factory=Traits)
+
+    def has(self, trait: str, config: Any = None) -> bool:
+        """Whether the method's delta has ``trait`` (a field of ``Traits``) with these options: a config, a dict
+        of option values, or None for the defaults."""
+        value = getattr(self.traits, trait)
+        if not callable(value):
+            return bool(value)
+        if not isinstance(config, self.config_cls):
+            config = make_config(self, dict(config or {}))
+        return bool(value(config))
 
 
 _REGISTRY: dict[str, Method] = {}
 
 
-def register(name: str, config_cls: type, description: str, *, mergeable: bool | str = True) -> Callable[[Builder], Builder]:
+def register(name: str, config_cls: type, description: str, *, mergeable: bool | str = True,
+             traits: Traits | None = None) -> Callable[[Builder], Builder]:
     if not dataclasses.is_dataclass(config_cls):
         raise TypeError(f"method {name!r}: config must be a dataclass")
 
     def deco(build: Builder) -> Builder:
         if name in _REGISTRY and _REGISTRY[name].build is not build:
             raise ValueError(f"method {name!r} is registered twice")
-        _REGISTRY[name] = Method(name, config_cls, build, description, mergeable)
+        _REGISTRY[name] = Method(name, config_cls, build, description, mergeable, traits or Traits())
         return build
 
     return deco

@@ -18,7 +18,6 @@ activations elsewhere cannot differ per row, and is refused with a clear message
 from __future__ import annotations
 
 import contextlib
-import os
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -26,44 +25,20 @@ from typing import Any
 import torch
 import torch.nn as nn
 
-from deltatune.core import artifact, registry
-from deltatune.core.delta import read_delta
+from deltatune.core.delta import Delta
 from deltatune.core.forms.base import Form, WeightDelta
-from deltatune.core.policy import Policy
-from deltatune.core.tuned import Tuned, _module_key
+from deltatune.core.tuned import DeltaSource, Tuned, _module_key, delta_of
 from deltatune.errors import DeltatuneError
 
 BASE = "__base__"  # PEFT's name for "no adapter" in adapter_names
 DEFAULT = "default"  # the name of the delta the Tuned was made with (PEFT's first adapter)
 
-Delta = str | os.PathLike | Tuned
-
-
-def load_delta(model: nn.Module, item: Delta, shapes: str, *, fix: str) -> tuple[str, Tuned]:
-    """Build the delta of an artifact path or a ``Tuned`` on ``model`` (as ``dt.load`` does, checking the base
-    fingerprint) without attaching it. Returns its name (the folder name, or the method of a Tuned) and a
-    ``Tuned`` holding the loaded forms; ``fix`` ends the message for a delta of another base model."""
-    name, meta, tensors = read_delta(item)
-    method = registry.get(meta["method"])
-    cfg = registry.make_config(method, meta["config"])
-    built = method.build(model, cfg, loading=True)
-    holder = Tuned(model, method, cfg, built.forms, built.policy, shapes)  # never attached here
-    diffs = artifact.compare_fingerprints(meta.get("fingerprint", {}), holder.fingerprint())
-    if diffs:
-        raise DeltatuneError(f"{name} was trained on another base model ({'; '.join(diffs)}). {fix}")
-    holder.load_delta_state_dict(tensors)
-    return name, holder
-
 
 @dataclass
 class Entry:
-    """A named delta: what the Tuned holds while it is in use, kept here while it is parked."""
+    """A named delta: the Tuned holds it while it is in use, the parking while it is not."""
 
-    method: registry.Method
-    config: Any
-    policy: Policy
-    forms: dict[str, Form]
-    fingerprint: dict[str, Any] | None
+    delta: Delta
     set_up: bool = True  # whether policy.setup(tuned) ran (a parked delta's policy is set up at its first use)
     trainable: dict[int, bool] = field(default_factory=dict)  # requires_grad of its parameters while parked
 
@@ -76,7 +51,7 @@ class Tenants(nn.Module):
         super().__init__()
         object.__setattr__(self, "tuned", tuned)  # a back-reference, not a submodule
         self.parked = nn.ModuleDict()
-        self.entries: dict[str, Entry] = {DEFAULT: self._entry_of_tuned()}
+        self.entries: dict[str, Entry] = {DEFAULT: Entry(tuned.delta)}
         self.current = DEFAULT  # the delta the Tuned holds now
 
     @property
@@ -89,19 +64,14 @@ class Tenants(nn.Module):
         return self.current if self.tuned.attached else None
 
     def forms_of(self, name: str) -> dict[str, Form]:
-        # the Tuned's own forms may have changed since they were recorded (a policy's replace_forms)
-        return self.tuned.forms() if name == self.current else self.entries[name].forms
-
-    def _entry_of_tuned(self) -> Entry:
-        t = self.tuned
-        return Entry(t.method, t.method_config, t.policy, t.forms(), t._fingerprint)
+        return self.entries[name].delta.forms  # the one in use is the Tuned's own Delta: always current
 
     def _check(self, what: str) -> None:
         if self.tuned.merged:
             raise DeltatuneError(f"the delta in use is merged into the weights: unmerge() before {what}")
 
     # -- add ----------------------------------------------------------------------------------------
-    def add(self, name: str, delta: Delta) -> None:
+    def add(self, name: str, delta: DeltaSource) -> None:
         self._check("adding a delta")
         if not isinstance(name, str) or not name or name == BASE or "." in name:
             raise DeltatuneError(f"a delta's name must be a non-empty string without dots, not {name!r} "
@@ -115,14 +85,12 @@ class Tenants(nn.Module):
         on = self.active
         self._take_off()
         try:
-            _, holder = load_delta(tuned.model, delta, tuned._shapes,
-                                   fix="Add deltas of the model they were made for (see `deltatune inspect`).")
+            added = delta_of(delta).build(tuned.model, shapes=tuned.delta.base_shapes,
+                                          fix="Add deltas of the model they were made for (see `deltatune inspect`).")
         finally:
             if on is not None:
                 self._put_on()
-        entry = Entry(holder.method, holder.method_config, holder.policy, holder.forms(), holder._fingerprint,
-                      set_up=False)
-        self._park(name, entry)
+        self._park(name, Entry(added, set_up=False))
 
     # -- use ----------------------------------------------------------------------------------------
     def use(self, name: str | None) -> None:
@@ -157,7 +125,7 @@ class Tenants(nn.Module):
         by_module: dict[int, tuple[nn.Module, list[tuple[WeightDelta, list[int]]]]] = {}
         for name, rows in groups.items():
             for fname, form in self.forms_of(name).items():
-                if not (isinstance(form, WeightDelta) and form._uses_output_path()):
+                if not (isinstance(form, WeightDelta) and form.uses_output_path()):
                     raise DeltatuneError(
                         f"adapter_names selects deltas per row, which needs deltas computed from a layer's input "
                         f"(low-rank forms): {name!r} has a {form.kind} delta at {fname} that changes "
@@ -194,43 +162,33 @@ class Tenants(nn.Module):
 
     # -- moving deltas between the Tuned and the parking ---------------------------------------------
     def _take_off(self) -> None:
-        for form in self.tuned.forms().values():
-            form.detach()
-        self.tuned._carry(False)
+        self.tuned.detach()
 
     def _put_on(self) -> None:
         tuned = self.tuned
         entry = self.entries[self.current]
-        for form in tuned.forms().values():
-            form.attach()
-        tuned._carry(True)
+        tuned.reattach()
         if not entry.set_up:
             entry.set_up = True
-            entry.policy.setup(tuned)
+            entry.delta.policy.setup(tuned)
 
     def _park(self, name: str, entry: Entry) -> None:
-        params = {id(p): p for f in entry.forms.values() for p in f.parameters()}
+        forms = entry.delta.forms
+        params = {id(p): p for f in forms.values() for p in f.parameters()}
         entry.trainable = {k: p.requires_grad for k, p in params.items()}
         for p in params.values():
             p.requires_grad_(False)  # a parked delta must not train (nor reach an optimizer)
-        self.parked[name] = nn.ModuleDict({_module_key(k): f for k, f in entry.forms.items()})
+        self.parked[name] = nn.ModuleDict({_module_key(k): f for k, f in forms.items()})
         self.entries[name] = entry
 
     def _swap(self, name: str) -> None:
         """Make delta ``name`` the Tuned's own (detached); park the one it held."""
-        tuned = self.tuned
-        old = self.entries[self.current]
-        old.forms, old.policy, old.fingerprint = tuned.forms(), tuned.policy, tuned._fingerprint
-        old.method, old.config = tuned.method, tuned.method_config
-        self._park(self.current, old)
+        self._park(self.current, self.entries[self.current])
         new = self.entries[name]
         del self.parked[name]
-        for p in {id(p): p for f in new.forms.values() for p in f.parameters()}.values():
+        for p in {id(p): p for f in new.delta.forms.values() for p in f.parameters()}.values():
             p.requires_grad_(new.trainable.get(id(p), p.requires_grad))
-        tuned.deltas = nn.ModuleDict({_module_key(k): f for k, f in new.forms.items()})
-        tuned.delta_names = list(new.forms)
-        tuned.method, tuned.method_config, tuned.policy = new.method, new.config, new.policy
-        tuned._fingerprint = new.fingerprint
+        self.tuned.swap_delta(new.delta)
         self.current = name
 
 

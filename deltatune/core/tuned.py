@@ -2,26 +2,60 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import warnings
+from collections.abc import Iterator
 from typing import Any
 
 import torch
 import torch.nn as nn
 
-from deltatune.core import artifact, int8, registry
+from deltatune.core import int8, registry
+from deltatune.core.delta import Delta
 from deltatune.core.forms.base import Form
 from deltatune.core.policy import Policy
 from deltatune.errors import DeltatuneError
-from deltatune.version import __version__
 
-# the model remembers the Tuned whose delta it carries, so a second attach can take the first one off
-# even when the user dropped every reference to it (the hooks would otherwise live on unseen)
+# the model remembers what carries its attached delta (a Tuned, or a composition of several), so a second attach can
+# take the first one off even when the user dropped every reference to it (the hooks would otherwise live on unseen)
 _CARRIED = "_deltatune_carried"
 
 
 def _module_key(name: str) -> str:
     return name.replace(".", ":")  # ModuleDict keys may not contain dots
+
+
+def carried_by(model: nn.Module) -> Any | None:
+    """What carries the delta attached to ``model`` now (a ``Tuned`` or a composition), or None."""
+    holder = model.__dict__.get(_CARRIED)
+    return holder if holder is not None and holder.attached else None
+
+
+def carry(model: nn.Module, holder: Any, on: bool) -> None:
+    """Record that ``holder`` carries the delta attached to ``model`` (``on``), or no longer does."""
+    if on:
+        model.__dict__[_CARRIED] = holder  # a plain attribute: not registered as a submodule
+    elif model.__dict__.get(_CARRIED) is holder:
+        del model.__dict__[_CARRIED]
+
+
+@contextlib.contextmanager
+def carried_taken_off(model: nn.Module) -> Iterator[Any | None]:
+    """Take the delta ``model`` carries (if any) off while the body runs, and put it back on if the body fails.
+
+    The body sees the base model (builders look tensors up by names that a parametrisation changes), and a
+    delta refused there (another base model) leaves the model as it was. Yields what carried the delta."""
+    holder = carried_by(model)
+    if holder is None:
+        yield None
+        return
+    holder.detach()
+    try:
+        yield holder
+    except BaseException:
+        holder.reattach()
+        raise
 
 
 class ModelWrapper(nn.Module):
@@ -41,30 +75,56 @@ class ModelWrapper(nn.Module):
 
 
 class Tuned(ModelWrapper):
-    """Wraps a model, forwards to it, and owns the delta (forms + policy) attached to it.
+    """Wraps a model, forwards to it, and attaches one ``Delta`` (forms + policy) to it.
 
     Attribute lookups the wrapper does not know fall through to the model, so ``tuned.generate``
-    and ``tuned.config`` work as on the model itself.
+    and ``tuned.config`` work as on the model itself. ``tuned.delta`` is the Delta; ``tuned.deltas`` holds its
+    forms as submodules, so ``.to(device)`` and ``parameters()`` reach them.
     """
 
-    def __init__(
-        self, model: nn.Module, method: registry.Method, config: Any, forms: dict[str, Form], policy: Policy, shapes: str
-    ) -> None:
+    def __init__(self, model: nn.Module, delta: Delta) -> None:
         super().__init__()
         self.model = model
-        self.deltas = nn.ModuleDict({_module_key(k): f for k, f in forms.items()})
-        self.delta_names = list(forms)
-        self.method = method
-        self.method_config = config
-        self.policy = policy
+        self.delta = delta
+        self.deltas = nn.ModuleDict()
+        self._register_forms()
         self.merged = False
         self._quantized = False  # the base was quantised under the delta (deltatune.ops.quantize)
-        self._fingerprint: dict[str, Any] | None = None
-        self._shapes = shapes  # hashed before attaching: hooks and parametrisations rename tensors
 
     # -- the delta ------------------------------------------------------------------------
+    @property
+    def method(self) -> registry.Method:
+        return self.delta.method
+
+    @property
+    def method_config(self) -> Any:
+        return self.delta.config
+
+    @property
+    def policy(self) -> Policy:
+        return self.delta.policy
+
+    @policy.setter
+    def policy(self, policy: Policy) -> None:
+        self.delta.policy = policy
+
+    @property
+    def delta_names(self) -> list[str]:
+        return list(self.delta.forms)
+
     def forms(self) -> dict[str, Form]:
-        return {name: self.deltas[_module_key(name)] for name in self.delta_names}
+        return dict(self.delta.forms)
+
+    def _register_forms(self) -> None:
+        """Make ``deltas`` hold exactly the delta's forms, in its order (changed in place: a form that stays keeps
+        its position, so the parameter order the training loops rely on only ever grows at the end)."""
+        wanted = {_module_key(name): form for name, form in self.delta.forms.items()}
+        for key in list(self.deltas.keys()):
+            if wanted.get(key) is not self.deltas[key]:
+                del self.deltas[key]
+        for key, form in wanted.items():
+            if key not in self.deltas:
+                self.deltas[key] = form
 
     def replace_forms(self, new: dict[str, Form], remove: list[str] | tuple[str, ...] = ()) -> None:
         """Change the delta's structure during training (a policy switching phases, e.g. dense -> sparse):
@@ -72,16 +132,22 @@ class Tuned(ModelWrapper):
         tensors leave / join the delta; the training loops drop / add them in the optimizer."""
         if self.merged:
             raise DeltatuneError("cannot change the forms of a merged delta; unmerge first")
-        for name in list(remove) + [n for n in new if n in self.delta_names]:
-            if name in self.delta_names:
-                self.deltas[_module_key(name)].detach()
-                del self.deltas[_module_key(name)]
-                self.delta_names.remove(name)
-        for name, form in new.items():
+        for form in self.delta.replace_forms(new, remove):
+            form.detach()
+        for form in new.values():
             form.attach()
-            self.deltas[_module_key(name)] = form
-            self.delta_names.append(name)
-        self._fingerprint = None  # the set of base tensors the delta depends on changed
+        self._register_forms()
+
+    def swap_delta(self, delta: Delta) -> Delta:
+        """Hold ``delta`` (built on this model, not attached) instead of the delta held now, which is returned.
+        Nothing is attached or detached here (several named deltas on one model: deltatune.core.tenants)."""
+        if self.merged:
+            raise DeltatuneError("the delta is merged into the weights: unmerge() before switching deltas")
+        if delta.model is not self.model:
+            raise DeltatuneError("the delta is not built on this Tuned's model")
+        old, self.delta = self.delta, delta
+        self._register_forms()
+        return old
 
     def trainable_parameters(self) -> list[nn.Parameter]:
         seen: dict[int, nn.Parameter] = {}
@@ -94,56 +160,22 @@ class Tuned(ModelWrapper):
         return sum(p.numel() for p in self.trainable_parameters())
 
     def stored_bytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in self.delta_state_dict().values())
+        return self.delta.stored_bytes()
 
     def delta_state_dict(self) -> dict[str, torch.Tensor]:
         """Artifact tensors, keyed ``<form name>.<tensor name>``."""
-        out = {}
-        for name, form in self.forms().items():
-            for tname, t in form.stored_tensors().items():
-                out[f"{name}.{tname}"] = t
-        return out
+        return self.delta.state_dict()
 
     def load_delta_state_dict(self, tensors: dict[str, torch.Tensor]) -> None:
-        forms = self.forms()
-        by_form: dict[str, dict[str, torch.Tensor]] = {name: {} for name in forms}
-        unexpected = []
-        for key, value in tensors.items():
-            owner = next((n for n in forms if key.startswith(n + ".") and key[len(n) + 1:]), None)
-            if owner is None:
-                unexpected.append(key)
-            else:
-                by_form[owner][key[len(owner) + 1:]] = value
-        missing = [
-            f"{name}.{t}"
-            for name, form in forms.items()
-            for t in form.stored_tensors_names()
-            if t not in by_form[name] and t not in form.optional_tensors()
-        ]
-        if unexpected or missing:
-            raise DeltatuneError(
-                "the artifact does not fit this delta: "
-                + (f"unexpected tensors {unexpected[:5]}; " if unexpected else "")
-                + (f"missing tensors {missing[:5]}" if missing else "")
-                + ". It was saved with another method config."
-            )
-        for name, form in forms.items():
-            form.load_stored(by_form[name])
+        self.delta.load_state_dict(tensors)
 
     # -- identity of the base -------------------------------------------------------------
     def base_tensors(self) -> dict[str, torch.Tensor]:
-        out: dict[str, torch.Tensor] = {}
-        for name, form in self.forms().items():
-            out.update({f"{name}.{k}" if k else name: t for k, t in form.base_tensors().items()})
-        return out
+        return self.delta.base_tensors()
 
     def fingerprint(self) -> dict[str, Any]:
         """Computed from the untouched base (before any merge) and cached."""
-        if self._fingerprint is None:
-            if self.merged:
-                raise DeltatuneError("cannot fingerprint a merged model; unmerge first")
-            self._fingerprint = artifact.fingerprint(self.model, self.base_tensors(), self._shapes)
-        return self._fingerprint
+        return self.delta.fingerprint()
 
     # -- several deltas on one model (deltatune.core.tenants) ------------------------------------
     def add(self, name: str, delta: str | os.PathLike | Tuned) -> Tuned:
@@ -234,11 +266,20 @@ class Tuned(ModelWrapper):
         self._carry(False)
         return self.model
 
+    def reattach(self) -> Tuned:
+        """Put the delta that ``detach`` took off back on the model."""
+        if self.merged:
+            raise DeltatuneError("the delta is merged into the weights: there is nothing to put back on")
+        other = carried_by(self.model)
+        if other is not None and other is not self:
+            raise DeltatuneError(f"the model carries another attached {other.method.name!r} delta: detach it first")
+        for form in self.forms().values():
+            form.attach()
+        self._carry(True)
+        return self
+
     def _carry(self, on: bool) -> None:
-        if on:
-            self.model.__dict__[_CARRIED] = self  # a plain attribute: not registered as a submodule
-        elif self.model.__dict__.get(_CARRIED) is self:
-            del self.model.__dict__[_CARRIED]
+        carry(self.model, self, on)
 
     @property
     def attached(self) -> bool:
@@ -264,19 +305,11 @@ class Tuned(ModelWrapper):
 
     # -- save -----------------------------------------------------------------------------
     def describe(self) -> dict[str, Any]:
-        return {
-            "format": "deltatune",
-            "format_version": artifact.FORMAT_VERSION,
-            "deltatune_version": __version__,
-            "method": self.method.name,
-            "config": registry.config_to_dict(self.method_config),
-            "fingerprint": self.fingerprint(),
-            "sizes": {"trainable": self.num_trainable(), "stored_bytes": self.stored_bytes()},
-        }
+        return self.delta.describe()
 
     def save(self, path: str | os.PathLike) -> None:
         """Write ``deltatune.json`` + ``delta.safetensors`` atomically (an interrupted save keeps the old one)."""
-        artifact.write_artifact(path, self.describe(), self.delta_state_dict())
+        self.delta.save(path)
 
 
 def _method_and_config(method: str | Any, values: dict[str, Any]) -> tuple[registry.Method, Any]:
@@ -296,39 +329,58 @@ def attach(model: nn.Module, method: str | Any, *, _loading: bool = False, **con
     if isinstance(model, Tuned):
         raise DeltatuneError("this model already has a delta attached; merge() it or attach to the base model")
     m, cfg = _method_and_config(method, config)
-    previous = model.__dict__.get(_CARRIED)
-    if previous is not None and previous.attached:
-        # one active delta per model: a new attach replaces the old one rather than stacking on it
-        warnings.warn(
-            f"the model already carries an attached {previous.method.name!r} delta; detaching it first "
-            "(its Tuned object keeps the delta, re-attach with dt.attach or merge it before attaching another)",
-            stacklevel=2,
-        )
-        previous.detach()
-    shapes = artifact.shapes_hash(model)
-    registry.freeze(model)
-    built = m.build(model, cfg, loading=_loading)
-    for form in built.forms.values():
-        form.attach()
-    tuned = Tuned(model, m, cfg, built.forms, built.policy, shapes)
-    tuned._carry(True)
-    built.policy.setup(tuned)
-    return tuned
+    return _put_on(model, Delta(m, cfg), loading=_loading)
 
 
 def load(model: nn.Module, path: str | os.PathLike) -> Tuned:
-    """Attach the delta saved at ``path`` to ``model``, after checking it is the same base model."""
-    meta = artifact.read_meta(path)
-    m = registry.get(meta["method"])
-    cfg = registry.make_config(m, meta["config"])
-    tensors = artifact.read_tensors(path, meta)
-    tuned = attach(model, cfg, _loading=True)
-    diffs = artifact.compare_fingerprints(meta.get("fingerprint", {}), tuned.fingerprint())
-    if diffs:
-        tuned.detach()
-        raise DeltatuneError(
-            f"{path} was trained on another base model ({'; '.join(diffs)}). "
-            "Load it onto the model it was made for (see `deltatune inspect`)."
+    """Attach the delta saved at ``path`` to ``model``, after checking it is the same base model (before anything
+    on the model changes: a refused artifact leaves the delta the model carries attached)."""
+    if isinstance(model, Tuned):
+        raise DeltatuneError("this model already has a delta attached; merge() it or attach to the base model")
+    return _put_on(model, Delta.read(path), loading=True)
+
+
+def _put_on(model: nn.Module, delta: Delta, *, loading: bool) -> Tuned:
+    """Build ``delta`` on ``model`` (its base checked), attach it, set its policy up and load its tensors; the
+    delta the model carried comes off, or stays on when anything here fails."""
+    with carried_taken_off(model) as previous:
+        trainable = [p for p in model.parameters() if p.requires_grad]
+        registry.freeze(model)
+        try:
+            delta.build(model, loading=loading, load=False)
+            for form in delta.forms.values():
+                form.attach()
+            tuned = Tuned(model, delta)
+            tuned._carry(True)
+            try:
+                delta.policy.setup(tuned)
+                delta.load_tensors()  # after setup, as a resumed run restores the policy before the tensors
+            except BaseException:
+                tuned.detach()
+                raise
+        except BaseException:
+            for p in trainable:
+                p.requires_grad_(True)
+            raise
+    if previous is not None:
+        # one active delta per model: a new one replaces the old one rather than stacking on it
+        warnings.warn(
+            f"the model already carries an attached {previous.method.name!r} delta; detaching it first "
+            "(it keeps the delta: reattach() puts it back on; or merge it before attaching another)",
+            stacklevel=3,
         )
-    tuned.load_delta_state_dict(tensors)
     return tuned
+
+
+def delta_of(item: DeltaSource) -> Delta:
+    """The delta of an artifact path (read), or of a ``Tuned`` (a copy, apart from its model), not built yet."""
+    if isinstance(item, Tuned):
+        if item.merged:
+            raise DeltatuneError(f"the {item.method.name!r} delta is merged into its model: unmerge() it first")
+        return item.delta.snapshot()
+    if not isinstance(item, str | os.PathLike):
+        raise DeltatuneError(f"a delta is an artifact path or a Tuned model or Tuned models, not {type(item).__name__}")
+    return Delta.read(item)
+
+
+DeltaSource = str | os.PathLike | Tuned

@@ -31,8 +31,8 @@ from deltatune.core.forms.dense import Dense
 from deltatune.core.forms.lowrank import LowRank
 from deltatune.core.tuned import Tuned, attach
 from deltatune.errors import DeltatuneError
+from deltatune.methods._lowrank import pattern_value
 from deltatune.methods.dora import DoRA
-from deltatune.methods.lora import pattern_value
 
 PREFIX = "base_model.model."
 CONFIG_FILE = "adapter_config.json"

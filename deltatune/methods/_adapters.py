@@ -31,7 +31,7 @@ from deltatune.core.forms.module import (
 from deltatune.core.registry import Built
 from deltatune.core.targeting import resolve_layers
 from deltatune.errors import DeltatuneError
-from deltatune.methods.lora import add_trained_extras
+from deltatune.methods._lowrank import add_trained_extras
 
 SUBLAYER_KINDS = ("attention", "ffn")
 # the last projection of a sublayer module that is not itself a Linear / Conv1D (Llama, GPT-2, OPT-like)

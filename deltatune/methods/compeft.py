@@ -24,7 +24,7 @@ from deltatune.core.forms.base import Form
 from deltatune.core.forms.dense import Dense
 from deltatune.core.forms.lowrank import LowRank
 from deltatune.core.forms.sparse import Sparse
-from deltatune.core.registry import Built, register
+from deltatune.core.registry import Built, Traits, register
 from deltatune.core.targeting import sites_of
 from deltatune.errors import DeltatuneError
 from deltatune.methods._bitpack import decode, encode, packed_bytes
@@ -174,6 +174,7 @@ def _lookup(model: nn.Module, name: str, record: dict) -> tuple[nn.Module, nn.Pa
     "compeft",
     CompeftConfig,
     "ComPEFT: a saved weight delta compressed to sparse ternary ±scale (made by dt.compress, not trained)",
+    traits=Traits(made_by="compress"),
 )
 def build(model: nn.Module, cfg: CompeftConfig, *, loading: bool = False) -> Built:
     if not loading:

@@ -35,7 +35,7 @@ from deltatune.core.forms.base import Form
 from deltatune.core.forms.module import Bottleneck, ModuleForm, Sublayer, add_to_output, blocks, sublayers
 from deltatune.core.registry import Built, register
 from deltatune.errors import DeltatuneError
-from deltatune.methods.lora import add_trained_extras
+from deltatune.methods._lowrank import add_trained_extras
 
 Variant = Literal["aside", "aside+adapters", "linked", "adapters"]
 PLACEMENTS: dict[str, tuple[str, ...]] = {"pfeiffer": ("ffn",), "houlsby": ("attention", "ffn")}
@@ -48,11 +48,11 @@ class ConnectedConfig:
     # aside bottleneck m: the spec's suggestion for BERT-base (adapters 64 + aside 64 ≈ 2% of the parameters
     # with Pfeiffer placement; the paper's own value is unknown)
     r: int = 64
-    adapter_r: int = 64  # scattered adapters' bottleneck (spec: 64 for BERT-base)
+    adapter_r: int = 64  # scattered adapters' bottleneck (the paper: 64 for BERT-base)
     # Pfeiffer (one adapter per block, after the FFN) keeps the total near the spec's 0.5–2% of BERT-base;
     # Houlsby (after attention and FFN) doubles the adapters; variant "aside" has no adapters and ignores it
     placement: Literal["pfeiffer", "houlsby"] = "pfeiffer"
-    activation: str = "relu"  # σ of every bottleneck (spec: ReLU or GELU)
+    activation: str = "relu"  # σ of every bottleneck (the paper: ReLU or GELU)
     # W_down init: "bert" = N(0, 0.02) (the adapter repos' init), "lora" = Kaiming-uniform; W_up is zero either way
     init: Literal["bert", "lora"] = "bert"
     modules_to_save: list[str] | None = None  # trained fully, e.g. ["classifier"] for a fresh head

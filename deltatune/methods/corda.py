@@ -27,7 +27,7 @@ Calibration (``data``, one of):
 
 - a mapping in the format of the run's ``data`` section (``deltatune.data.tasks.DataConfig``): the first
   ``samples`` examples of a seeded shuffle of its training split, tokenized with the model's tokenizer and
-  run through the task's own forward (``deltatune.methods.spt.task_batches``, shared with SPT / IST). In
+  run through the task's own forward (``deltatune.methods._calibration.task_batches``, shared with SPT / IST). In
   YAML an alias reuses the run's section: ``data: &data {...}`` and ``method: {name: corda, data: *data}``;
 - ``"random"``: ``samples`` sequences of ``random_length`` uniform token ids (seeded) — a data-free way to
   exercise the method (tests, the method matrix); it is not a meaningful context;
@@ -69,9 +69,9 @@ from deltatune.core.registry import Built, register
 from deltatune.core.targeting import sites_of
 from deltatune.core.tuned import Tuned
 from deltatune.errors import DeltatuneError
+from deltatune.methods._calibration import data_config, task_batches
 from deltatune.methods._common import block_matrices, dense_forms, from_rank0
-from deltatune.methods.lora import pattern_value
-from deltatune.methods.spt import data_config
+from deltatune.methods._lowrank import pattern_value
 
 log = logging.getLogger(__name__)
 
@@ -356,8 +356,6 @@ def calibration_batches(model: nn.Module, cfg: CordaConfig) -> tuple[list[dict[s
             "list of token-id lists"
         )
     if isinstance(cfg.data, dict):
-        from deltatune.methods.spt import task_batches
-
         batches, loss_fn = task_batches(model, cfg.data, tokenizer=cfg.tokenizer,
                                         batches=max(1, cfg.samples // cfg.batch_size),
                                         batch_size=cfg.batch_size, seed=cfg.seed)

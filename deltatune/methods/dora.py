@@ -33,6 +33,7 @@ from deltatune.core.forms.lowrank import LowRank
 from deltatune.core.registry import Built, register
 from deltatune.errors import DeltatuneError
 from deltatune.methods import lora
+from deltatune.methods._lowrank import default_targets
 
 
 class DoRA(LowRank):
@@ -163,7 +164,7 @@ def _targets(model: nn.Module, cfg: DoraConfig) -> list[str]:
     if cfg.targets:
         return cfg.targets
     model_type = getattr(getattr(model, "config", None), "model_type", None)
-    return PAPER_TARGETS if model_type in _LLAMA_LIKE else lora.default_targets(model)
+    return PAPER_TARGETS if model_type in _LLAMA_LIKE else default_targets(model)
 
 
 @register("dora", DoraConfig, "DoRA: magnitude m per output times the direction of W0 + (alpha/r)·B·A "

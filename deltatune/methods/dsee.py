@@ -27,7 +27,6 @@ terms of ΔW by α/r; head counts come from the model; S is stored as values on 
 
 from __future__ import annotations
 
-import math
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Literal
@@ -37,13 +36,14 @@ import torch.nn as nn
 
 from deltatune.core.forms.base import Form, WeightDelta
 from deltatune.core.forms.lowrank import LowRank
-from deltatune.core.forms.sparse import Sparse, index_dtype
 from deltatune.core.policy import Policy, release_state
 from deltatune.core.registry import Built, register
-from deltatune.core.targeting import layer_index, select_modules
+from deltatune.core.targeting import select_modules
 from deltatune.errors import DeltatuneError
+from deltatune.methods._attention_heads import attention_blocks, cut_heads, original_ids, remap_positions
 from deltatune.methods._common import block_matrices, dense_forms
-from deltatune.methods.lora import default_targets
+from deltatune.methods._lowrank import default_targets
+from deltatune.methods._masked_sparse import MaskedSparse
 
 if TYPE_CHECKING:
     from deltatune.core.tuned import Tuned
@@ -181,187 +181,6 @@ def sparse_support(weight: torch.Tensor, n: int, cfg: DseeConfig, generator: tor
     return top_entries(dec.residual.abs(), n).to(weight.device)
 
 
-# -- masks on disk: one bit per entry of the base tensor ----------------------------------------------
-_SHIFTS = torch.arange(8, dtype=torch.uint8)
-
-
-def pack_mask(indices: torch.Tensor, numel: int) -> torch.Tensor:
-    """Flat positions -> a little-endian bitmap (uint8, ceil(numel/8) bytes): 8x smaller than int32
-    indices once more than 1/32 of the entries are pruned."""
-    bits = torch.zeros(math.ceil(numel / 8) * 8, dtype=torch.uint8)
-    bits[indices.long().cpu()] = 1
-    return (bits.view(-1, 8) << _SHIFTS).sum(1, dtype=torch.uint8)
-
-
-def unpack_mask(packed: torch.Tensor, numel: int) -> torch.Tensor:
-    if packed.dtype != torch.uint8 or packed.dim() != 1 or packed.numel() != math.ceil(numel / 8):
-        raise DeltatuneError(
-            f"a pruning mask of {packed.numel()} {packed.dtype} bytes does not fit a tensor of {numel} entries: "
-            "the artifact was made for another base model or is damaged"
-        )
-    bits = (packed.cpu().unsqueeze(1) >> _SHIFTS) & 1
-    return bits.view(-1)[:numel].nonzero().view(-1)
-
-
-# -- the form: sparse values on Ω plus a fixed pruning mask on W --------------------------------------
-class MaskedSparse(Sparse):
-    """W = M⊙W0 + scale·scatter(Ω, values): DSEE's S (trainable values on a fixed support, scaled by α/r)
-    and a fixed pruning mask M (flat positions of W0 that are zero for good). A mask-only form
-    (``trainable=False``, no Ω) prunes a matrix DSEE does not adapt.
-
-    Until it has a support or a mask the form changes nothing and leaves the module's forward alone,
-    so a matrix that may be pruned later costs nothing in stage 1."""
-
-    kind = "sparse+mask"
-
-    def __init__(self, sites: list[tuple[nn.Module, str]], param_name: str, indices: torch.Tensor | None = None,
-                 *, scale: float = 1.0, trainable: bool = True) -> None:
-        base = getattr(*sites[0])
-        empty = torch.empty(0, dtype=index_dtype(base.numel()), device=base.device)
-        super().__init__(sites, param_name, indices=empty if indices is None else indices, scale=scale)
-        self.trainable = trainable
-        self.values.requires_grad_(trainable)
-        self.register_buffer("pruned", empty.clone())
-        # W0 at the pruned positions, taken while unmerged: the delta there is −W0 whatever else is merged
-        self.register_buffer("w0_pruned", torch.empty(0, dtype=base.dtype, device=base.device), persistent=False)
-        self._idle = False
-        self._packed: torch.Tensor | None = None  # the mask as stored, packed once per mask (saves call it often)
-
-    # -- the mask ----------------------------------------------------------------------------------
-    @property
-    def num_pruned(self) -> int:
-        return self.pruned.numel()
-
-    def set_pruned(self, indices: torch.Tensor) -> None:
-        """Fix the pruned positions (replacing any earlier mask); W0 must not be merged."""
-        if self.merged:
-            raise DeltatuneError("cannot change the pruning mask of a merged delta; unmerge first")
-        idx = indices.to(self.pruned.device).long()
-        if idx.numel() > 1 and not bool((idx[1:] > idx[:-1]).all()):
-            idx = idx.sort().values  # masks from global_smallest arrive sorted: no sort, no unique pass
-            if bool((idx[1:] == idx[:-1]).any()):
-                raise DeltatuneError(f"pruning mask of {self.param_name} repeats an entry; each may appear once")
-        if idx.numel() and (int(idx[0]) < 0 or int(idx[-1]) >= self.numel_base):
-            raise DeltatuneError(
-                f"pruned position outside {self.param_name} ({self.numel_base} entries): the mask was made for "
-                "another base model"
-            )
-        idx = idx.to(index_dtype(self.numel_base))
-        with torch.no_grad():
-            self.pruned.data = idx
-            self.w0_pruned.data = self.base.detach().reshape(-1)[idx.long()].clone()
-        self._packed = None
-        self._refresh()
-
-    def set_support(self, indices: torch.Tensor, values: torch.Tensor | None = None) -> None:
-        super().set_support(indices, values)
-        self._refresh()
-
-    def support_delta(self) -> torch.Tensor:
-        """scale·scatter(Ω, values): DSEE's (α/r)·S⊙M_S, without the pruning mask."""
-        return super().delta_weight()
-
-    def delta_weight(self) -> torch.Tensor:
-        delta = self.support_delta()
-        if self.num_pruned:
-            flat = delta.reshape(-1).index_add(0, self.pruned.long(), -self.w0_pruned.to(delta.dtype))
-            delta = flat.view(self.shape)
-        return delta
-
-    def effective_weight(self, dtype: torch.dtype) -> torch.Tensor:
-        w = self.base.detach().to(dtype, copy=True)
-        flat = w.view(-1)
-        if self.num_pruned:
-            flat.index_fill_(0, self.pruned.long(), 0)
-        if self.k:
-            flat.index_add_(0, self.indices.long(), self.scaled_values().to(dtype))
-        return w
-
-    # -- attach lazily: nothing to add, nothing patched ----------------------------------------------
-    def attach(self) -> None:
-        if self.attached:
-            return
-        if self.k == 0 and self.num_pruned == 0:
-            self.attached = self._idle = True
-            return
-        super().attach()
-
-    def detach(self) -> None:
-        if self.attached and self._idle:
-            self.attached = self._idle = False
-            return
-        super().detach()
-
-    def _refresh(self) -> None:
-        if self.attached:
-            self.detach()
-            self.attach()
-
-    # -- merge: W' = M⊙W + ΔW, exact unmerge --------------------------------------------------------
-    def merge(self) -> None:
-        if self.merged:
-            raise DeltatuneError("this delta is already merged; unmerge it before merging again")
-        self.detach()
-        with torch.no_grad():
-            flat = self.base.data.view(-1)
-            touched = torch.unique(torch.cat([self.indices.long(), self.pruned.long()]))
-            self._touched, self._saved = touched, flat[touched].clone()
-            flat.index_add_(0, self.pruned.long(), -self.w0_pruned.to(flat.dtype))
-            flat.index_add_(0, self.indices.long(), self.scaled_values().to(flat.dtype))
-            self._merged_at = flat[touched].clone()
-        self.merged = True
-
-    def unmerge(self) -> None:
-        if not self.merged:
-            raise DeltatuneError("this delta is not merged; there is nothing to unmerge")
-        with torch.no_grad():
-            flat = self.base.data.view(-1)
-            if torch.equal(flat[self._touched], self._merged_at):
-                flat[self._touched] = self._saved  # untouched since merge: W0 back bit for bit
-            else:  # another delta was merged on top at the same entries: subtract ours
-                flat.index_add_(0, self.indices.long(), -self.scaled_values().to(flat.dtype))
-                flat.index_add_(0, self.pruned.long(), self.w0_pruned.to(flat.dtype))
-        self._touched = self._saved = self._merged_at = None
-        self.merged = False
-        self.attach()
-
-    # -- what it trains and stores -------------------------------------------------------------------
-    def stored_tensors(self) -> dict[str, torch.Tensor]:
-        out = {"indices": self.indices, "values": self.values.detach()} if self.trainable else {}
-        if self.num_pruned:
-            if self._packed is None:
-                self._packed = pack_mask(self.pruned, self.numel_base)
-            out["pruned_mask"] = self._packed
-        return out
-
-    def stored_tensors_names(self) -> list[str]:
-        return (["indices", "values"] if self.trainable else []) + ["pruned_mask"]
-
-    def optional_tensors(self) -> set[str]:
-        return {"pruned_mask"}  # stored only once something is pruned
-
-    def stored_bytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in self.stored_tensors().values())
-
-    def load_stored(self, tensors: dict[str, torch.Tensor]) -> None:
-        unknown = set(tensors) - set(self.stored_tensors_names())
-        if unknown:
-            raise DeltatuneError(f"unexpected tensors {sorted(unknown)} for the DSEE delta of {self.param_name}")
-        mask = tensors.get("pruned_mask")
-        self.set_pruned(unpack_mask(mask, self.numel_base) if mask is not None else self.pruned[:0])
-        if self.trainable:
-            super().load_stored({k: v for k, v in tensors.items() if k != "pruned_mask"})
-
-    def _load_from_state_dict(self, state_dict: dict, prefix: str, *args: Any, **kwargs: Any) -> None:
-        pruned = state_dict.get(prefix + "pruned")
-        if pruned is not None and not torch.equal(pruned.to(self.pruned.device), self.pruned):
-            self.set_pruned(pruned)  # a checkpoint taken after pruning, loading into a fresh form
-        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
-
-    def extra_repr(self) -> str:
-        return super().extra_repr() + f", pruned={self.num_pruned}"
-
-
 # -- the parts of the delta on one matrix ------------------------------------------------------------
 LOWRANK, SPARSE, PRUNED = "lowrank", "sparse", "pruned"
 
@@ -453,92 +272,6 @@ def prune_unstructured(tuned: Tuned, ratio: float, ratio_qv: float, mode: str = 
 
 
 # -- stage 2b: structured pruning of attention heads ---------------------------------------------------
-@dataclass
-class Attention:
-    """A BERT-style attention block: ``self`` holds query/key/value, ``output.dense`` mixes the heads."""
-
-    layer: int
-    core: nn.Module
-    out: nn.Module
-
-
-def attention_blocks(model: nn.Module) -> list[Attention]:
-    found = []
-    for name, m in model.named_modules():
-        core, out = m._modules.get("self"), m._modules.get("output")
-        if (core is not None and out is not None and hasattr(core, "attention_head_size")
-                and all(isinstance(getattr(core, a, None), nn.Linear) for a in ("query", "key", "value"))
-                and isinstance(getattr(out, "dense", None), nn.Linear) and layer_index(name) is not None):
-            found.append(Attention(layer_index(name), core, out))
-    if len({a.layer for a in found}) != len(found):
-        raise DeltatuneError("head pruning supports one attention block per layer (no cross-attention); set prune_heads=0")
-    if not found:
-        raise DeltatuneError(
-            f"head pruning needs BERT-style attention (query/key/value and output.dense, as BERT, RoBERTa, "
-            f"ELECTRA); {type(model).__name__} has none. Set prune_heads=0 and prune unstructured instead."
-        )
-    return found
-
-
-def _slice_linear(layer: nn.Linear, keep: torch.Tensor, dim: int) -> nn.Linear:
-    """A frozen copy of ``layer`` keeping ``keep`` along ``dim`` (0: outputs, 1: inputs), same dtype/device.
-    (transformers' prune_linear_layer makes an fp32 layer with trainable weights: wrong for a frozen base.)"""
-    w = layer.weight.detach().index_select(dim, keep.to(layer.weight.device))
-    # skip_init: no random init (a draw from the global RNG here would shift every later dropout mask)
-    new = nn.utils.skip_init(nn.Linear, w.shape[1], w.shape[0], bias=layer.bias is not None, device=w.device,
-                             dtype=w.dtype)
-    with torch.no_grad():
-        new.weight.copy_(w)
-        if layer.bias is not None:
-            new.bias.copy_(layer.bias.detach()[keep.to(w.device)] if dim == 0 else layer.bias.detach())
-    new.requires_grad_(False)
-    return new
-
-
-def _cut_heads(model: nn.Module, positions: dict[int, list[int]]) -> dict[int, tuple[nn.Module, int, torch.Tensor]]:
-    """Remove heads (current positions per layer) from the model; returns id(old module) -> (new module,
-    dim cut, kept indices along it), for moving the forms that lived on the old modules."""
-    replaced: dict[int, tuple[nn.Module, int, torch.Tensor]] = {}
-    for att in attention_blocks(model):
-        drop = sorted(set(positions.get(att.layer, [])))
-        if not drop:
-            continue
-        heads, size = att.core.num_attention_heads, att.core.attention_head_size
-        if drop[-1] >= heads or len(drop) >= heads:
-            raise DeltatuneError(
-                f"cannot remove heads {drop} of layer {att.layer}: it has {heads}; a layer keeps at least one"
-            )
-        kept_heads = [h for h in range(heads) if h not in drop]
-        keep = torch.cat([torch.arange(h * size, (h + 1) * size) for h in kept_heads])
-        for owner, attr, dim in ((att.core, "query", 0), (att.core, "key", 0), (att.core, "value", 0),
-                                 (att.out, "dense", 1)):
-            old = getattr(owner, attr)
-            new = _slice_linear(old, keep, dim)
-            setattr(owner, attr, new)
-            replaced[id(old)] = (new, dim, keep)
-        att.core.num_attention_heads = len(kept_heads)
-        att.core.all_head_size = len(kept_heads) * size
-    return replaced
-
-
-def _remap(indices: torch.Tensor, shape: tuple[int, int], dim: int, keep: torch.Tensor
-           ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Flat positions in a (rows, cols) matrix after keeping ``keep`` along ``dim``: the new positions of
-    the entries that survive, and which of the old ones do."""
-    cols = shape[1]
-    new_pos = torch.full((shape[dim],), -1, dtype=torch.long)
-    new_pos[keep.cpu()] = torch.arange(keep.numel())
-    idx = indices.long().cpu()
-    r, c = idx // cols, idx % cols
-    if dim == 0:
-        r, new_cols = new_pos[r], cols
-        alive = r >= 0
-    else:
-        c, new_cols = new_pos[c], keep.numel()
-        alive = c >= 0
-    return (r * new_cols + c)[alive].to(indices.device), alive
-
-
 def _moved_form(form: Form, new: nn.Module, dim: int, keep: torch.Tensor) -> Form:
     """The same delta on a matrix that lost rows (dim 0) or columns (dim 1)."""
     if isinstance(form, LowRank) and form.layout == "linear":
@@ -553,23 +286,17 @@ def _moved_form(form: Form, new: nn.Module, dim: int, keep: torch.Tensor) -> For
         return moved
     if isinstance(form, MaskedSparse):
         shape = (form.shape[0], form.shape[1])
-        idx, alive = _remap(form.indices, shape, dim, keep)
+        idx, alive = remap_positions(form.indices, shape, dim, keep)
         moved = MaskedSparse([(new, "weight")], "weight", idx, scale=form.scale, trainable=form.trainable)
         with torch.no_grad():
             moved.values.copy_(form.values.detach()[alive.to(form.values.device)])
-        pruned, _ = _remap(form.pruned, shape, dim, keep)
+        pruned, _ = remap_positions(form.pruned, shape, dim, keep)
         moved.set_pruned(pruned)
         return moved
     raise DeltatuneError(
         f"head pruning cannot move a {form.kind} delta off an attention matrix; drop that module from "
         "modules_to_save / targets or set prune_heads=0"
     )
-
-
-def _original_ids(removed: list[int], heads_now: int) -> list[int]:
-    """The original index of each head still present, given the original indices removed before."""
-    total = heads_now + len(removed)
-    return [h for h in range(total) if h not in set(removed)]
 
 
 def remove_heads(tuned: Tuned, heads: dict[int, list[int]]) -> None:
@@ -581,14 +308,14 @@ def remove_heads(tuned: Tuned, heads: dict[int, list[int]]) -> None:
     done = {int(k): list(v) for k, v in (cfg.pruned_heads or {}).items()}
     positions: dict[int, list[int]] = {}
     for att in attention_blocks(tuned.model):
-        present = _original_ids(done.get(att.layer, []), att.core.num_attention_heads)
+        present = original_ids(done.get(att.layer, []), att.core.num_attention_heads)
         wanted = [h for h in heads.get(att.layer, []) if h in present]
         if wanted:
             positions[att.layer] = [present.index(h) for h in wanted]
             done[att.layer] = sorted(done.get(att.layer, []) + wanted)
     if not positions:
         return
-    replaced = _cut_heads(tuned.model, positions)
+    replaced = cut_heads(tuned.model, positions)
     moved: dict[str, Form] = {}
     for name, form in tuned.forms().items():
         if isinstance(form, WeightDelta) and id(form.sites[0][0]) in replaced:
@@ -627,7 +354,7 @@ def prune_heads(tuned: Tuned, per_layer: int, mode: str = "abs") -> dict[int, li
     for layer, score in head_scores(tuned, mode).items():
         if per_layer >= score.numel():
             raise DeltatuneError(f"prune_heads={per_layer} would remove every head of layer {layer} ({score.numel()})")
-        present = _original_ids(done.get(layer, []), blocks[layer].core.num_attention_heads)
+        present = original_ids(done.get(layer, []), blocks[layer].core.num_attention_heads)
         lowest = torch.sort(score, stable=True).indices[:per_layer].tolist()
         chosen[layer] = sorted(present[i] for i in lowest)
     remove_heads(tuned, chosen)
@@ -722,7 +449,7 @@ def build(model: nn.Module, cfg: DseeConfig, *, loading: bool = False) -> Built:
         if cfg.prune_heads >= fewest:
             raise DeltatuneError(f"prune_heads={cfg.prune_heads} would leave no head in a layer with {fewest}; lower it")
     if cfg.pruned_heads:  # the artifact's model lost heads: remove the same ones before the forms go on
-        _cut_heads(model, {int(k): list(v) for k, v in cfg.pruned_heads.items()})
+        cut_heads(model, {int(k): list(v) for k, v in cfg.pruned_heads.items()})
     adapted = _adapted(model, cfg)
     generator = torch.Generator().manual_seed(cfg.seed)
     scale = cfg.alpha / cfg.r

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 
 import torch.nn as nn
 
-from deltatune.core.registry import Built, register
+from deltatune.core.registry import Built, Traits, register
 from deltatune.core.targeting import select_parameters
 from deltatune.methods._common import dense_forms, inplace_forms
 
@@ -21,7 +21,8 @@ class FullConfig:
     exclude: list[str] | None = None
 
 
-@register("full", FullConfig, "full fine-tuning, in place (stores only the tensors that changed, as a dense delta)")
+@register("full", FullConfig, "full fine-tuning, in place (stores only the tensors that changed, as a dense delta)",
+          traits=Traits(full_model=True))
 def build(model: nn.Module, cfg: FullConfig, *, loading: bool = False) -> Built:
     params = select_parameters(model, cfg.targets, layers=cfg.layers, types=cfg.types, exclude=cfg.exclude)
     # training updates the model's tensors in place; a loaded artifact is a plain dense delta beside W0

@@ -1,4 +1,4 @@
-"""HFT: half fine-tuning (Hui et al., ACL 2025; spec: shared/methods/hft.md).
+"""HFT: half fine-tuning (Hui et al., ACL 2025).
 
 Each round, half of the parameters of every block train and the other half stay frozen at the values
 they had when the round began. The selection is category-level, per block, as in the paper:

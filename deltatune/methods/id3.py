@@ -56,7 +56,7 @@ from deltatune.core.targeting import (
 from deltatune.core.tuned import Tuned
 from deltatune.errors import DeltatuneError
 from deltatune.methods._common import block_matrices
-from deltatune.methods.lt_sft import DenseAsSparse, delta_dtype, top_k_entries
+from deltatune.methods._sparse_selection import DenseAsSparse, delta_dtype, top_k_entries
 
 # The paper's GLUE budget is 103K entries on DeBERTa-v3-base, whose block matrices hold ~85M: 0.12%
 # [inferred from the paper's numbers; the official code takes an absolute budget only].

@@ -1,6 +1,6 @@
 """IncreLoRA (Zhang et al., 2023, arXiv 2308.12043): incremental rank allocation over SVD-form deltas.
 
-Every targeted matrix starts as AdaLoRA's triplet form (``adalora.SVDTriplet``) of rank ``init_r`` with
+Every targeted matrix starts as AdaLoRA's triplet form (``_svd_triplet.SVDTriplet``) of rank ``init_r`` with
 λ = 0, so training starts at the base model. The policy (official FeiyuZhang98/IncreLoRA ``RankAllocator``):
 
 1. step 0: every matrix gets ``incre_rank_num`` rank-1 *reserve* components (A, B ~ N(0, 0.02²), λ fixed at
@@ -49,7 +49,7 @@ from deltatune.core.targeting import sites_of
 from deltatune.core.tuned import Tuned
 from deltatune.errors import DeltatuneError
 from deltatune.methods._importance import SmoothedImportance, orthogonality
-from deltatune.methods.adalora import SVDTriplet, svd_targets
+from deltatune.methods._svd_triplet import SVDTriplet, svd_targets
 
 RESERVE_LAMBDA = 1e-5  # λ of a reserve component under advance learning (official add_reserve_param)
 STORE = "increlora.chunks"  # the name of the form holding the grown components

@@ -33,7 +33,7 @@ The algorithm and defaults follow the official code (antgroup/importance-aware-s
 Where the probe batches come from (the builder sees only the model and the config), either:
 
 - ``data``: a run-config ``data`` section (in YAML ``method: {name: ist, data: *data}``); the builder
-  tokenizes it with the model's tokenizer (``deltatune.methods.spt.task_batches``) into a pool of
+  tokenizes it with the model's tokenizer (``deltatune.methods._calibration.task_batches``) into a pool of
   ``probe_batches`` batches of ``probe_batch`` training examples from a seeded shuffle. Probe j uses
   pool batch j mod ``probe_batches`` (the official code takes the next batch of the training loader; a
   fixed seeded pool keeps the source deterministic and resumable from one counter in the state).
@@ -54,7 +54,6 @@ draws with the same generator and takes rank 0's scores after a probe.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -67,12 +66,12 @@ from deltatune.core.policy import Policy
 from deltatune.core.registry import Built, register
 from deltatune.core.targeting import layer_index
 from deltatune.errors import DeltatuneError
+from deltatune.methods._calibration import LossFn, task_batches
 from deltatune.methods._common import build_base
 
 if TYPE_CHECKING:
     from deltatune.core.tuned import Tuned
 
-LossFn = Callable[[nn.Module, Any], torch.Tensor]
 MAX_REDRAWS = 100  # tries for a suppression group unlike the earlier ones before a repeat is accepted
 
 
@@ -136,8 +135,6 @@ def build(model: nn.Module, cfg: IstConfig, *, loading: bool = False) -> Built:
     probe: list[Any] | None = None
     loss_fn: LossFn | None = None
     if cfg.data is not None and not loading:  # an artifact loads without data: probing is for training only
-        from deltatune.methods.spt import task_batches
-
         probe, loss_fn = task_batches(model, cfg.data, tokenizer=cfg.tokenizer, batches=cfg.probe_batches,
                                       batch_size=cfg.probe_batch, seed=cfg.seed)
     return Built(base.forms, IstPolicy(cfg, probe, loss_fn))

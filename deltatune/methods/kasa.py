@@ -28,11 +28,12 @@ import torch.nn as nn
 from deltatune.core.forms.base import Form
 from deltatune.core.forms.lowrank import LowRank, layout_of
 from deltatune.core.policy import Policy
-from deltatune.core.registry import Built, register
+from deltatune.core.registry import Built, Traits, register
 from deltatune.core.targeting import select_modules, sites_of
 from deltatune.core.tuned import Tuned
 from deltatune.errors import DeltatuneError
-from deltatune.methods.lora import LoraConfig, add_trained_extras, default_targets, pattern_value
+from deltatune.methods._lowrank import add_trained_extras, default_targets, pattern_value
+from deltatune.methods.lora import LoraConfig
 
 Truncation = Literal["min", "in_features", "none"]
 Gram = Literal["rank", "full"]
@@ -215,7 +216,10 @@ class KasaPolicy(Policy):
         return total / len(deltas) if self.reduction == "mean" else total
 
 
-@register("kasa", KasaConfig, "KaSA: truncate the r smallest singular components of W, SVD-form ΔW = s·B·diag(Δσ)·A")
+# the truncation removes singular directions of W when the delta attaches (the paper's knowledge-aware
+# truncation; with "in_features" none on a wide matrix): a fresh delta starts at the truncated base, by design
+@register("kasa", KasaConfig, "KaSA: truncate the r smallest singular components of W, SVD-form ΔW = s·B·diag(Δσ)·A",
+          traits=Traits(starts_at_base=lambda cfg: cfg.truncation == "none"))
 def build(model: nn.Module, cfg: KasaConfig, *, loading: bool = False) -> Built:
     targets = cfg.targets or default_targets(model)
     modules = select_modules(model, targets, layers=cfg.layers, types=cfg.types, exclude=cfg.exclude)

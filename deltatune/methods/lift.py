@@ -6,7 +6,7 @@ W_r̃ = U_r̃ Σ_r̃ V_r̃ᵀ (of the approximation itself: not of W, not of the
 get updates and Adam moments (2k numbers per matrix). Every I optimizer steps the mask is recomputed
 from the current weights W0 + Δ; entries in both masks keep their moments, newcomers start at zero,
 and entries that leave the mask keep what they learnt, frozen. Schedule, budget and selection follow
-the official code (zihanghliu/LIFT ``src/sparseAdam.py``) as ``../shared/methods/lift.md`` records;
+the official code (zihanghliu/LIFT ``src/sparseAdam.py``);
 where it has bugs (a no-op weight decay, the global-step bias correction of fresh entries, saving
 only the last mask) we do not copy them.
 

@@ -1,4 +1,4 @@
-"""LISA: layerwise importance sampled AdamW (Pan et al., 2024; spec: shared/methods/lisa.md).
+"""LISA: layerwise importance sampled AdamW (Pan et al., 2024).
 
 Full-parameter fine-tuning in which, at any time, only the parameters outside the numbered blocks
 (embeddings, final norm, head) and γ blocks drawn uniformly without replacement train; the draw is

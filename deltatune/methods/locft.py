@@ -18,7 +18,7 @@ projection of one block (Llama ``mlp.down_proj``, GPT-2 ``mlp.c_proj``, BERT ``o
   deltas are still zero and are removed after the step, and the chosen layer is written into the config
   (so the artifact loads as a fixed-layer one).
 
-Recipe of the paper (set in the run config, see examples/locft.yaml): Adam with weight decay 0
+Recipe of the paper (set in the run config, see the ``locft`` preset): Adam with weight decay 0
 (``optimizer: adam``), constant learning rate 5e-5 (5e-4 in the official Llama-3 / Qwen2.5 configs), batch of
 100 edits, no gradient clipping. The native loop drops the ragged end of every epoch (all batches full):
 choose a ``train.batch_size`` that divides the number of edits so every epoch visits every edit once.

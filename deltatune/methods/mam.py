@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 import torch.nn as nn
 
-from deltatune.core.registry import Built, register
+from deltatune.core.registry import Built, Traits, register
 from deltatune.methods._adapters import BottleneckConfig, build_adapters
 from deltatune.methods._common import dense_forms
 from deltatune.methods._prefix import head_parameters, prefix_forms
@@ -43,7 +43,8 @@ class MamConfig:
 
 
 @register("mam", MamConfig, "MAM adapter (unified view): prefix tuning on attention + scaled parallel adapter "
-          "(s=4) on the FFN", mergeable=False)
+          "(s=4) on the FFN", mergeable=False,
+          traits=Traits(starts_at_base=False))
 def build(model: nn.Module, cfg: MamConfig, *, loading: bool = False) -> Built:
     built = prefix_forms(model, cfg.prefix_length, cfg.reparam, cfg.mid_dim, loading=loading, layers=cfg.layers)
     adapters = build_adapters(model, cfg.adapter_config(), kinds=["ffn"], reads="input", scale=cfg.scale)

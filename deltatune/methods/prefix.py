@@ -15,7 +15,7 @@ from typing import Literal
 
 import torch.nn as nn
 
-from deltatune.core.registry import Built, register
+from deltatune.core.registry import Built, Traits, register
 from deltatune.methods._common import dense_forms
 from deltatune.methods._prefix import head_parameters, prefix_forms
 
@@ -42,7 +42,8 @@ class PrefixConfig:
 
 
 @register("prefix", PrefixConfig, "prefix tuning: learned keys/values before every attention layer's own "
-          "(reparametrisation MLP while training, folded away in the artifact)", mergeable=False)
+          "(reparametrisation MLP while training, folded away in the artifact)", mergeable=False,
+          traits=Traits(starts_at_base=False))
 def build(model: nn.Module, cfg: PrefixConfig, *, loading: bool = False) -> Built:
     built = prefix_forms(model, cfg.length, cfg.reparam, cfg.mid_dim, loading=loading, layers=cfg.layers,
                          init=cfg.init)

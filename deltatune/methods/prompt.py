@@ -34,7 +34,7 @@ import torch.nn as nn
 
 from deltatune.core.forms.attention import attention_modules, set_kv_hook
 from deltatune.core.forms.module import ModuleForm
-from deltatune.core.registry import Built, register
+from deltatune.core.registry import Built, Traits, register
 from deltatune.errors import DeltatuneError
 from deltatune.methods._common import dense_forms
 from deltatune.methods._prefix import KVUnhook, Snapshot, add_prefix, head_parameters
@@ -249,7 +249,8 @@ class SoftPrompt(ModuleForm):
 
 
 @register("prompt", PromptConfig, "prompt tuning: soft tokens before the input (a prefix of their own "
-          "keys/values in causal models; after [CLS] in encoders)", mergeable=False)
+          "keys/values in causal models; after [CLS] in encoders)", mergeable=False,
+          traits=Traits(starts_at_base=False))
 def build(model: nn.Module, cfg: PromptConfig, *, loading: bool = False) -> Built:
     forms: dict[str, Any] = {"prompt": SoftPrompt(model, cfg.length, cfg.init, loading)}
     if cfg.modules_to_save:

@@ -15,7 +15,7 @@ from typing import Literal
 
 import torch.nn as nn
 
-from deltatune.core.registry import Built, register
+from deltatune.core.registry import Built, Traits, register
 from deltatune.methods._common import dense_forms
 from deltatune.methods._prefix import head_parameters, prefix_forms
 
@@ -40,7 +40,8 @@ class PtuningV2Config:
 
 
 @register("ptuning_v2", PtuningV2Config, "P-tuning v2: deep prompts (prefix keys/values at every layer) "
-          "and the classification head, trained", mergeable=False)
+          "and the classification head, trained", mergeable=False,
+          traits=Traits(starts_at_base=False))
 def build(model: nn.Module, cfg: PtuningV2Config, *, loading: bool = False) -> Built:
     built = prefix_forms(model, cfg.length, cfg.reparam, cfg.mid_dim, loading=loading, layers=cfg.layers,
                          init=cfg.init)

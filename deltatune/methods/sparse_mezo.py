@@ -8,7 +8,7 @@ whose magnitude is at most a per-tensor threshold h: m = 1[|θ| ≤ h], and ever
 h is the magnitude below which a fraction 1 − s of the tensor's entries lie (s, ``sparsity``, is the
 fraction left alone; entries tied with h are all included, so a tensor of equal values, e.g. a fresh
 LayerNorm weight, is perturbed whole). Everything else is ``mezo``'s (``deltatune/methods/mezo.py``):
-defaults, seeds, forward-time perturbation, ``base``.
+defaults, seeds, forward-time perturbation, ``base`` (the engine is ``_zeroth_order``).
 
 Choices (the spec marks what the sources leave open):
 
@@ -39,14 +39,21 @@ import torch
 import torch.nn as nn
 
 from deltatune.core.registry import Built, register
-from deltatune.methods.mezo import Entry, MezoConfig, MezoPolicy, chunks, zeroth_order_forms
+from deltatune.methods._zeroth_order import (
+    ZEROTH_ORDER_TRAITS,
+    Entry,
+    MezoPolicy,
+    ZerothOrderConfig,
+    chunks,
+    zeroth_order_forms,
+)
 
 if TYPE_CHECKING:
     from deltatune.core.tuned import Tuned
 
 
 @dataclass
-class SparseMezoConfig(MezoConfig):
+class SparseMezoConfig(ZerothOrderConfig):
     sparsity: float = 0.75  # s: the fraction of each tensor left alone (paper: 0.5-0.8 works best)
     threshold: Literal["fixed", "dynamic"] = "fixed"  # h from the initial weights, or recomputed every step
 
@@ -59,7 +66,7 @@ class SparseMezoConfig(MezoConfig):
 
 
 @register("sparse_mezo", SparseMezoConfig, "Sparse MeZO: MeZO's zeroth-order steps on the small-magnitude entries "
-          "of each tensor only, mask recomputed on the fly (Liu et al., 2024)")
+          "of each tensor only, mask recomputed on the fly (Liu et al., 2024)", traits=ZEROTH_ORDER_TRAITS)
 def build(model: nn.Module, cfg: SparseMezoConfig, *, loading: bool = False) -> Built:
     return Built(zeroth_order_forms(model, cfg, loading), SparseMezoPolicy(cfg))
 

@@ -5,8 +5,7 @@ optimizer steps on the values with periodic reselection: drop the slots whose va
 regrow as many new indices, chosen either from the accumulated gradients of a candidate set
 (``regrow="grad"``, SpIEL-AG) or from SM3's row/column accumulators (``regrow="sm3"``, SpIEL-MA, no
 dense gradient at all). The schedule, the drop/grow rules, the optimizer seeding of regrown slots and
-the per-element bias correction follow the official code (AlanAnsell/peft ``tuners/sft``), as
-``../shared/methods/spiel.md`` records.
+the per-element bias correction follow the official code (AlanAnsell/peft ``tuners/sft``).
 """
 
 from __future__ import annotations

@@ -70,11 +70,11 @@ from deltatune.core.policy import Policy
 from deltatune.core.registry import Built, register
 from deltatune.core.targeting import layer_index, match_name, select_modules, select_parameters, sites_of
 from deltatune.errors import DeltatuneError
+from deltatune.methods._calibration import LossFn, data_config, task_batches
 from deltatune.methods._common import block_matrices, dense_forms, from_rank0
 
 log = logging.getLogger(__name__)
 
-LossFn = Callable[[nn.Module, Any], torch.Tensor]
 RANDOM = "random"  # the reserved value of ``sensitivity`` for seeded uniform scores
 
 
@@ -286,40 +286,6 @@ def load_sensitivity(path: str | os.PathLike) -> dict[str, torch.Tensor]:
             "deltatune.methods.spt.save_sensitivity, 'random', or set data to compute the scores"
         )
     return load_file(os.fspath(path))
-
-
-def data_config(data: dict[str, Any]) -> Any:
-    """A method's ``data:`` option as a run-config data section (a bad key is one error naming the option)."""
-    from deltatune.data.tasks import DataConfig
-
-    try:
-        return DataConfig(**data)
-    except TypeError as e:
-        raise DeltatuneError(f"method data: {e}; it takes the keys of the run's data section") from e
-    except DeltatuneError as e:
-        raise DeltatuneError(f"method {e}") from e
-
-
-def task_batches(
-    model: nn.Module, data: dict[str, Any], *, tokenizer: str | None = None, batches: int = 8, batch_size: int = 32,
-    seed: int = 0,
-) -> tuple[list[dict[str, torch.Tensor]], LossFn]:
-    """Calibration batches from a run-config ``data`` mapping: the first ``batches`` batches of a seeded
-    shuffle of its training split, and the task's loss. (Data-aware methods share this.)"""
-    from deltatune.data import models, tasks
-
-    cfg = data_config(data)
-    name = tokenizer or getattr(getattr(model, "config", None), "_name_or_path", None)
-    if not name:
-        raise DeltatuneError(
-            "the model does not say which tokenizer it has (config._name_or_path is empty): set the method's "
-            "tokenizer option to a shipped model name or a folder with the tokenizer"
-        )
-    task = tasks.build_task(cfg, models.load_tokenizer(name), model)
-    order = torch.randperm(len(task.train), generator=torch.Generator().manual_seed(seed)).tolist()
-    size = min(batch_size, len(order))
-    chunks = [order[i:i + size] for i in range(0, len(order) - size + 1, size)][:batches]
-    return [task.collate([task.train[i] for i in c]) for c in chunks], lambda m, b: task.loss(m, b)[0]
 
 
 def _pass_device(cfg: SptConfig) -> torch.device:

@@ -40,7 +40,7 @@ import torch.nn.functional as F
 
 from deltatune.core.forms.attention import attention_modules, clear_kv_hook, set_kv_hook
 from deltatune.core.forms.module import ModuleForm, blocks
-from deltatune.core.registry import Built, register
+from deltatune.core.registry import Built, Traits, register
 from deltatune.errors import DeltatuneError
 
 # VPT's init for ViT-B/16: Xavier-uniform bound of the patch embedding (fan-in 3·p², fan-out D), p = 16.
@@ -339,7 +339,8 @@ def _check_model(model: nn.Module) -> None:
 
 @register("vqt", VqtConfig,
           "VQT: learned query tokens per layer read the frozen model; a linear head on their outputs classifies "
-          "(no backprop through the backbone)", mergeable=False)
+          "(no backprop through the backbone)", mergeable=False,
+          traits=Traits(starts_at_base=False, new_head=True))
 def build(model: nn.Module, cfg: VqtConfig, *, loading: bool = False) -> Built:
     _check_model(model)
     return Built({"vqt": QueryTokens(model, cfg.tokens, cfg.dropout, cfg.init_range, cfg.normalize)})

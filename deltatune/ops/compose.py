@@ -1,5 +1,16 @@
 """Composition: several deltas on one base model at once, θ = θ0 + φ_a + φ_b + ..., each removable again.
 
+Words, as the package uses them:
+
+- *compose*: apply several deltas at once, each kept apart so that ``revert`` removes one exactly
+  (``dt.compose`` -> ``Composition``);
+- *merge* (``Composition.merge``, ``Tuned.merge``, ``deltatune merge``): fold what is applied into the base
+  weights, giving a plain model; ``unmerge`` takes it out again;
+- *merge deltas* (``dt.merge_deltas``, ``deltatune merge-deltas``, ``deltatune.ops.merging``): combine several
+  deltas into one new delta (task arithmetic, TIES, DARE);
+- ``save_composed`` / ``save_reverted`` (the ``deltatune compose`` / ``deltatune revert`` verbs): compose, merge
+  and write the plain model as a ``save_pretrained`` folder, with a record of its parts.
+
 This is LT-SFT's cross-lingual recipe (a task delta plus a language delta, trained separately) and
 works for every weight-side form::
 
@@ -23,36 +34,33 @@ reverting all leaves the model as it was. The base weights are never written, ex
 
 from __future__ import annotations
 
+import json
 import os
 import types
 import warnings
 from collections.abc import Sequence
-from dataclasses import dataclass
-from typing import Any
+from pathlib import Path
 
 import torch
 import torch.nn as nn
 
-from deltatune.core import artifact, registry
-from deltatune.core.delta import read_delta
+from deltatune.core import artifact
+from deltatune.core.delta import Delta
 from deltatune.core.forms.base import WeightDelta
 from deltatune.core.forms.dense import Dense
 from deltatune.core.forms.sparse import Sparse, sparse_sum
-from deltatune.core.policy import Policy
-from deltatune.core.tuned import _CARRIED, ModelWrapper, Tuned
+from deltatune.core.tuned import (
+    DeltaSource,
+    ModelWrapper,
+    Tuned,
+    carried_by,
+    carried_taken_off,
+    carry,
+    delta_of,
+)
 from deltatune.errors import DeltatuneError
 
-Delta = str | os.PathLike | Tuned
-
-
-@dataclass
-class Part:
-    """One composed delta: its name, method and config, and its forms (loaded, frozen)."""
-
-    name: str
-    method: registry.Method
-    config: Any
-    forms: dict[str, WeightDelta]
+COMPOSITION_FILE = "deltatune-composition.json"  # in a folder save_composed wrote: its base and parts
 
 
 class SummedSparse(Sparse):
@@ -75,7 +83,7 @@ def _site_keys(form: WeightDelta) -> set[tuple[int, str]]:
 
 def _uses_parametrization(form: WeightDelta) -> bool:
     # the rule WeightDelta.attach applies: a form without an output path here is a parametrisation
-    return not form._uses_output_path()
+    return not form.uses_output_path()
 
 
 class Composition(ModelWrapper):
@@ -85,7 +93,7 @@ class Composition(ModelWrapper):
 
     method = types.SimpleNamespace(name="compose")  # how dt.attach names a composition it takes off the model
 
-    def __init__(self, model: nn.Module, parts: list[Part]) -> None:
+    def __init__(self, model: nn.Module, parts: list[Delta]) -> None:
         super().__init__()
         self.model = model
         self._parts = parts
@@ -94,11 +102,12 @@ class Composition(ModelWrapper):
                                          for p in parts})
         self.summed = nn.ModuleDict()
         self._applied: list[WeightDelta] = []
+        self.on = True  # False between detach() and reattach()
         self.merged = False
         self._snapshots: list[tuple[torch.Tensor, torch.Tensor]] = []
         self._was_tied: bool | None = None
         self._apply()
-        self.model.__dict__[_CARRIED] = self  # a later dt.attach takes the composition off first
+        carry(self.model, self, True)  # a later dt.attach takes the composition off first
 
     # -- what is composed --------------------------------------------------------------------------
     @property
@@ -178,19 +187,30 @@ class Composition(ModelWrapper):
             raise DeltatuneError("the composition is merged into the weights: unmerge() before reverting a part")
         part = self._parts.pop(self._index(which))
         del self.part_forms[_key(part.name)]
-        self._apply()
+        if self.on:
+            self._apply()
         return self
 
     def detach(self) -> nn.Module:
-        """Take every part off and return the untouched base model."""
+        """Take every part off and return the untouched base model (``reattach`` puts them back on)."""
         if self.merged:
             raise DeltatuneError("the composition is merged into the weights: unmerge() before detaching it")
         self._take_off()
-        self._parts = []
-        self.part_forms = nn.ModuleDict()
-        if self.model.__dict__.get(_CARRIED) is self:
-            del self.model.__dict__[_CARRIED]
+        self.on = False
+        carry(self.model, self, False)
         return self.model
+
+    def reattach(self) -> Composition:
+        """Put the parts that ``detach`` took off back on the model."""
+        if self.merged:
+            raise DeltatuneError("the composition is merged into the weights: there is nothing to put back on")
+        other = carried_by(self.model)
+        if other is not None and other is not self:
+            raise DeltatuneError(f"the model carries another attached {other.method.name!r} delta: detach it first")
+        self._apply()
+        self.on = True
+        carry(self.model, self, True)
+        return self
 
     # -- merge -------------------------------------------------------------------------------------
     def merge(self) -> nn.Module:
@@ -242,31 +262,22 @@ def _key(name: str) -> str:
 
 
 # -- building the parts --------------------------------------------------------------------------
-def _part(model: nn.Module, item: Delta, shapes: str) -> Part:
-    name, meta, tensors = read_delta(item)
-    method = registry.get(meta["method"])
-    cfg = registry.make_config(method, meta["config"])
-    built = method.build(model, cfg, loading=True)
-    for fname, form in built.forms.items():
+def _part(model: nn.Module, item: DeltaSource, shapes: str) -> Delta:
+    part = delta_of(item).build(model, shapes=shapes, load=False,
+                                fix="Compose deltas of the model they were made for (see `deltatune inspect`).")
+    for fname, form in part.forms.items():
         if not isinstance(form, WeightDelta) or not form.mergeable:
             raise DeltatuneError(
-                f"{name}: its {form.kind} delta at {fname} changes activations, not weights; compose adds weight "
+                f"{part.name}: its {form.kind} delta at {fname} changes activations, not weights; compose adds weight "
                 "deltas only. Serve it on its own with dt.load"
             )
-    holder = Tuned(model, method, cfg, built.forms, Policy(), shapes)  # never attached: checks and loads only
-    diffs = artifact.compare_fingerprints(meta.get("fingerprint", {}), holder.fingerprint())
-    if diffs:
-        raise DeltatuneError(
-            f"{name} was trained on another base model ({'; '.join(diffs)}). Compose deltas of the model they were "
-            "made for (see `deltatune inspect`)."
-        )
-    holder.load_delta_state_dict(tensors)
-    for form in built.forms.values():
+    part.load_tensors()
+    for form in part.forms.values():
         form.requires_grad_(False)
-    return Part(name, method, cfg, built.forms)  # type: ignore[arg-type]
+    return part
 
 
-def _unique(parts: list[Part]) -> None:
+def _unique(parts: list[Delta]) -> None:
     seen: dict[str, int] = {}
     for part in parts:
         n = seen.get(part.name, 0)
@@ -275,26 +286,24 @@ def _unique(parts: list[Part]) -> None:
             part.name = f"{part.name}#{n + 1}"
 
 
-def compose(model: nn.Module, deltas: Sequence[Delta]) -> Composition:
+def compose(model: nn.Module, deltas: Sequence[DeltaSource]) -> Composition:
     """Apply all ``deltas`` (artifact paths or ``Tuned`` models) to ``model`` at once: θ = θ0 + Σ φ.
 
     Each delta must have been trained on this base model (checked as ``dt.load`` checks). A ``Tuned`` whose
-    delta is attached to ``model`` itself is taken off it first (its delta then acts through the composition)."""
+    delta is attached to ``model`` itself is taken off it first (its delta then acts through the composition);
+    when a delta is refused, the model keeps the delta it carried."""
     if isinstance(model, Tuned | Composition):
         raise DeltatuneError("compose onto the base model (tuned.detach() returns it), not onto a tuned model")
     if isinstance(deltas, str | os.PathLike | Tuned) or not deltas:
         raise DeltatuneError("compose takes a list of deltas: dt.compose(model, ['runs/a', 'runs/b'])")
-    for item in deltas:
-        if isinstance(item, Tuned) and item.model is model and item.attached:
-            item.detach()  # its delta comes back through the composition, not twice
-    previous = model.__dict__.get(_CARRIED)
-    if previous is not None and previous.attached:
+    with carried_taken_off(model) as previous:
+        shapes = artifact.shapes_hash(model)  # before any part is on: parametrisations rename tensors
+        # every part is built before any is attached: the builders find their tensors by the model's names
+        parts = [_part(model, item, shapes) for item in deltas]
+    if previous is not None and not any(item is previous for item in deltas):
+        # a Tuned composed here comes back through the composition, not twice; anything else is replaced
         warnings.warn(f"the model carries an attached {previous.method.name!r} delta; detaching it before composing",
                       stacklevel=2)
-        previous.detach()
-    shapes = artifact.shapes_hash(model)  # before any part is on: parametrisations rename tensors
-    # every part is built before any is attached: the builders find their tensors by the model's names
-    parts = [_part(model, item, shapes) for item in deltas]
     _unique(parts)
     return Composition(model, parts)
 
@@ -304,3 +313,65 @@ def revert(composition: Composition, which: int | str) -> Composition:
     if not isinstance(composition, Composition):
         raise DeltatuneError(f"revert takes what dt.compose returned, not a {type(composition).__name__}")
     return composition.revert(which)
+
+
+# -- a composition written as a plain model (deltatune compose / deltatune revert) --------------------------
+def save_composed(deltas: Sequence[str | os.PathLike], out: str | os.PathLike, *,
+                  base: str | nn.Module | None = None) -> Path:
+    """Compose every delta on the base (θ0 + Σ φ_i), merge, and write a ``save_pretrained`` folder at ``out``
+    with a record of the parts (the several-delta version of ``deltatune merge``)."""
+    from deltatune.data import models
+
+    if isinstance(deltas, str | os.PathLike) or not deltas:
+        raise DeltatuneError("compose takes a list of artifacts: deltatune compose OUT A B ...")
+    name = base or artifact.read_meta(deltas[0]).get("fingerprint", {}).get("name_or_path")
+    if not name:
+        raise DeltatuneError(f"{deltas[0]} does not say which base model it belongs to: pass base=...")
+    model = models.load_base(name)
+    plain = compose(model, list(deltas)).merge()
+    if not hasattr(plain, "save_pretrained"):
+        raise DeltatuneError(f"{type(plain).__name__} has no save_pretrained; compose in Python and save it yourself")
+
+    record = {"base": str(name) if not isinstance(name, nn.Module) else None,
+              "parts": [str(Path(d).resolve()) for d in deltas]}
+
+    def fill(tmp: Path) -> None:
+        plain.save_pretrained(tmp)
+        models.copy_tokenizer(name, tmp)
+        # what was composed, so that save_reverted can rebuild the model without one part exactly (from θ0)
+        (tmp / COMPOSITION_FILE).write_text(json.dumps(record, indent=2) + "\n")
+
+    artifact.atomic_dir(out, fill)
+    return Path(out)
+
+
+def save_reverted(composed: str | os.PathLike, part: str | os.PathLike, out: str | os.PathLike) -> Path:
+    """The model ``save_composed`` wrote at ``composed`` without ``part`` (a path or a folder name from its
+    parts), rebuilt from the base: θ0 + the sum of the remaining parts, exactly as composing them alone.
+    Subtracting from the merged weights would not be exact in floating point; the record of what was
+    composed makes it so."""
+    record_path = Path(composed) / COMPOSITION_FILE
+    if not record_path.is_file():
+        raise DeltatuneError(f"{composed} has no {COMPOSITION_FILE}: revert works on a model written by "
+                             "`deltatune compose` (which records its base and parts)")
+    record = json.loads(record_path.read_text())
+    parts = list(record["parts"])
+    chosen = [p for p in parts if p == str(Path(part).resolve()) or Path(p).name == str(part)]
+    if len(chosen) != 1:
+        raise DeltatuneError(f"{part!r} is not one of the composed parts {[Path(p).name for p in parts]}; "
+                             "name it by its folder name or path")
+    remaining = [p for p in parts if p != chosen[0]]
+    if record.get("base") is None:
+        raise DeltatuneError(f"{composed} was composed on an in-memory base model; revert it in Python")
+    if not remaining:
+        from deltatune.data import models
+
+        model = models.load_base(record["base"])
+
+        def fill(tmp: Path) -> None:
+            model.save_pretrained(tmp)
+            models.copy_tokenizer(record["base"], tmp)
+
+        artifact.atomic_dir(out, fill)
+        return Path(out)
+    return save_composed(remaining, out, base=record["base"])

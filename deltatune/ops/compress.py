@@ -11,21 +11,21 @@ of the gaps between kept entries or as a bitmap, whichever is smaller, one sign 
 one fp32 scale. The artifact is a registered method (``compeft``, deltatune/methods/compeft.py) whose
 forms decode that payload into sparse (or, when most entries are kept, dense) deltas of ±scale.
 
-Choices (see the spec, shared/methods/compeft.md):
+Choices:
 
 - density rule: exactly n = ⌊density·d⌋ entries are kept (strict top-n; ties at the threshold go to the
   lower flat position in sorted-name order). The official ``kthvalue`` rule keeps n+1 and more on ties, an
-  off-by-one the spec lists as a bug. Entries with τ_i = 0 are never kept (they have no sign), so a zero
+  off-by-one not reproduced here. Entries with τ_i = 0 are never kept (they have no sign), so a zero
   task vector compresses to an empty delta.
 - density 1.0 keeps every non-zero entry and still ternarises it (pruning-free ComPEFT); the official
   code's k=100 returns the model unchanged, which would not compress anything.
 - scope "global" (default): one top-n and one σ over the whole task vector, as the official code; scope
-  "tensor": each tensor its own top-n and σ (the spec's pitfall: results differ).
-- low-rank deltas: ``lowrank="delta"`` (default, as the issue asks) compresses ΔW = s·B·A, so the result
+  "tensor": each tensor its own top-n and σ (results differ from the global scope).
+- low-rank deltas: ``lowrank="delta"`` (default) compresses ΔW = s·B·A, so the result
   is a sparse ternary ΔW that composes with every other form; ``lowrank="factors"`` compresses A and B
   themselves (the paper's LoRA experiments, θ_init = 0) and keeps a low-rank form with ternary factors:
   r·(in+out) entries instead of in·out, the paper's compression ratios.
-- ``values="pruned"``: the spec's pruning-only baseline (``replace_factor=-1``): kept entries keep τ_i
+- ``values="pruned"``: the paper's pruning-only baseline (``replace_factor=-1``): kept entries keep τ_i
   (fp32 each), positions packed the same way.
 
 Golomb-Rice stream: the code of gap g with parameter b is q = g >> b in unary (q ones, one zero) and the
@@ -46,6 +46,7 @@ from typing import Any
 import torch
 import torch.nn as nn
 
+from deltatune.core.delta import Delta
 from deltatune.errors import DeltatuneError
 from deltatune.methods._bitpack import (
     encode,
@@ -162,6 +163,10 @@ def _check_options(density: Any, alpha: Any, scope: str, lowrank: str, values: s
 
 def _base_model(path: str | os.PathLike, meta: dict, base: str | nn.Module | None) -> nn.Module:
     if isinstance(base, nn.Module):
+        from deltatune.core.tuned import Tuned, carried_by
+
+        if isinstance(base, Tuned) or carried_by(base) is not None:
+            raise DeltatuneError("base must be the base model without a delta attached (tuned.detach() returns it)")
         return base
     name = base or meta.get("fingerprint", {}).get("name_or_path")
     if not name:
@@ -180,22 +185,22 @@ def names_of(model: nn.Module) -> tuple[dict[int, str], dict[int, str]]:
     return params, {id(m): n for n, m in model.named_modules(remove_duplicate=False)}
 
 
-def task_vector(tuned: Any, lowrank: str, names: tuple[dict[int, str], dict[int, str]]
+def task_vector(delta: Delta, lowrank: str, names: tuple[dict[int, str], dict[int, str]]
                 ) -> tuple[list[Piece], dict[str, dict]]:
-    """The pieces of a loaded delta's task vector and, per compressed form, its record skeleton:
+    """The pieces of a built delta's task vector and, per compressed form, its record skeleton:
     ``{"form": "sparse" | "dense", "shape"}`` for a materialised ΔW (named by the base tensor's first
     parameter name), ``{"form": "lowrank", "r", "scale", "shape"}`` for kept factors (named by the module).
-    ``names``: ``names_of`` the model before the delta was attached."""
+    ``names``: ``names_of`` the model with nothing attached."""
     from deltatune.core.forms.base import WeightDelta
     from deltatune.core.forms.lowrank import LowRank
     from deltatune.core.forms.sparse import Sparse
 
     param_names, module_names = names
     groups: dict[int, list] = {}
-    for name, form in tuned.forms().items():
+    for name, form in delta.forms.items():
         if not isinstance(form, WeightDelta) or not form.mergeable:
             raise DeltatuneError(
-                f"{tuned.method.name!r} has a {form.kind} delta at {name}, which changes activations, not weights: "
+                f"{delta.method.name!r} has a {form.kind} delta at {name}, which changes activations, not weights: "
                 "ComPEFT compresses weight deltas (low-rank, dense, sparse and their sums)"
             )
         groups.setdefault(id(form.base), []).append(form)
@@ -248,24 +253,20 @@ def compress(path: str | os.PathLike, out: str | os.PathLike, *, density: float 
     B, the paper's LoRA setting); ``values``: "ternary" or "pruned" (top-k only, values kept);
     ``base``: the base model or its name (default: the one the artifact records). Returns ``out``."""
     from deltatune.core import artifact, registry
-    from deltatune.core.tuned import load
 
     _check_options(density, alpha, scope, lowrank, values)
-    meta = artifact.read_meta(path)
-    source = registry.get(meta["method"])
-    if source.name == "compeft":
+    delta = Delta.read(path)
+    meta, source = delta.record, delta.method
+    if source.traits.made_by == "compress":
         raise DeltatuneError(f"{path} is already ComPEFT-compressed: compress the artifact it was made from")
     if source.mergeable is False:
         raise DeltatuneError(f"{path} holds a {source.name!r} delta, which changes activations, not weights: ComPEFT "
                              "compresses weight deltas (low-rank, dense, sparse and their sums)")
     model = _base_model(path, meta, base)
     shapes, names = artifact.shapes_hash(model), names_of(model)
-    tuned = load(model, path)
-    try:
-        pieces, layout = task_vector(tuned, lowrank, names)
-        original = int(meta.get("sizes", {}).get("stored_bytes") or tuned.stored_bytes())
-    finally:
-        tuned.detach()
+    delta.build(model, shapes=shapes)  # not attached: only its task vector is read
+    pieces, layout = task_vector(delta, lowrank, names)
+    original = int(meta.get("sizes", {}).get("stored_bytes") or delta.stored_bytes())
     kept = select(pieces, density, alpha, scope, values)
     tensors, records = _encode_all(kept, pieces, layout, values)
     method = registry.get("compeft")

@@ -1,6 +1,9 @@
-"""Merging deltas trained on different tasks into one: task arithmetic, TIES, DARE, magnitude pruning, and
-the exact low-rank concatenation; also the function behind ``deltatune compose`` (several deltas folded into
-a plain model).
+"""Merging deltas trained on different tasks into one delta: task arithmetic, TIES, DARE, magnitude pruning, and
+the exact low-rank concatenation (``dt.merge_deltas``, ``deltatune merge-deltas``).
+
+Words: *merge deltas* (this module) makes one new delta of several; *combine* is its rule on one tensor's task
+vectors. Folding a delta into the base weights is ``Tuned.merge`` / ``deltatune merge``, and applying several deltas
+at once, each removable, is ``deltatune.ops.compose``.
 
 Every weight-side delta (low-rank, dense, sparse, sums of them) becomes its task vector per base tensor,
 ΔW_i = the sum of that delta's forms on the tensor, and the merge combines the ΔW_i of the deltas that touch
@@ -45,21 +48,19 @@ swaps PEFT's ``random_pruning`` for one drawing from a generator seeded as here.
 
 from __future__ import annotations
 
-import json
 import math
 import os
 from collections.abc import Sequence
-from pathlib import Path
 from typing import Any, Literal
 
 import torch
 import torch.nn as nn
 
 from deltatune.core import artifact, registry
+from deltatune.core.delta import Delta
 from deltatune.core.forms.base import WeightDelta
 from deltatune.core.forms.lowrank import LowRank
-from deltatune.core.tenants import Delta, load_delta
-from deltatune.core.tuned import _CARRIED, Tuned, attach
+from deltatune.core.tuned import DeltaSource, Tuned, attach, carried_by, delta_of
 from deltatune.errors import DeltatuneError
 
 HOWS = ("task_arithmetic", "ties", "dare_linear", "dare_ties", "magnitude_prune", "cat")
@@ -115,7 +116,7 @@ def combine(tensors: list[torch.Tensor], weights: list[float], how: str, density
 
 # -- merge_deltas -----------------------------------------------------------------------------------------
 def merge_deltas(
-    deltas: Sequence[Delta],
+    deltas: Sequence[DeltaSource],
     out: str | os.PathLike | None = None,
     *,
     how: str = "task_arithmetic",
@@ -136,33 +137,34 @@ def merge_deltas(
     (a module without a delta attached, or a name / folder as for ``deltatune merge``); by default the model named
     in the first delta's fingerprint is loaded."""
     weights = _check_options(deltas, how, weights, density, majority, rank, space)
-    model = _base_model(deltas, base)
+    parts = [delta_of(d) for d in deltas]  # every artifact is read (and checked) before a model is loaded
+    model = _base_model(parts[0], base)
     shapes = artifact.shapes_hash(model)
-    parts = [load_delta(model, d, shapes, fix="Merge deltas of one base model (see `deltatune inspect`).")
-             for d in deltas]
-    for name, holder in parts:
-        for fname, form in holder.forms().items():
+    for part in parts:
+        part.build(model, shapes=shapes, fix="Merge deltas of one base model (see `deltatune inspect`).")
+    for part in parts:
+        for fname, form in part.forms.items():
             if not isinstance(form, WeightDelta) or not form.mergeable:
-                raise DeltatuneError(f"{name}: its {form.kind} delta at {fname} changes activations, not weights; "
-                                     "only weight-side deltas (low-rank, dense, sparse) can be merged")
-    by_tensor = _by_tensor(model, [h for _, h in parts])
-    merge_args = dict(weights=weights, density=density, seed=seed, majority=majority)
+                raise DeltatuneError(f"{part.name}: its {form.kind} delta at {fname} changes activations, not "
+                                     "weights; only weight-side deltas (low-rank, dense, sparse) can be merged")
+    by_tensor = _by_tensor(model, parts)
+    combine_args = dict(weights=weights, density=density, seed=seed, majority=majority)
     if how == "cat":
         tuned = _cat(model, by_tensor, weights)
     elif space == "factors":
-        tuned = _factorwise(model, by_tensor, how, **merge_args)  # type: ignore[arg-type]
+        tuned = _factorwise(model, by_tensor, how, **combine_args)  # type: ignore[arg-type]
     else:
-        merged = _merge_delta_space(by_tensor, how, **merge_args)  # type: ignore[arg-type]
+        merged = _combine_task_vectors(by_tensor, how, **combine_args)  # type: ignore[arg-type]
         tuned = _as_lowrank(model, by_tensor, merged, rank) if rank else _as_dense(model, by_tensor, merged)
     if out is not None:
         record = {"how": how, "space": space, "weights": list(weights), "density": density, "seed": seed,
                   "majority": majority, "rank": rank,
-                  "sources": [{"name": n, "method": h.method.name} for n, h in parts]}
+                  "sources": [{"name": part.name, "method": part.method.name} for part in parts]}
         artifact.write_artifact(out, {**tuned.describe(), "merged_from": record}, tuned.delta_state_dict())
     return tuned
 
 
-def _check_options(deltas: Sequence[Delta], how: str, weights: Sequence[float] | None, density: float | None,
+def _check_options(deltas: Sequence[DeltaSource], how: str, weights: Sequence[float] | None, density: float | None,
                    majority: str, rank: int | None, space: str) -> list[float]:
     if isinstance(deltas, str | os.PathLike | Tuned) or not deltas:
         raise DeltatuneError("merge_deltas takes a list of deltas: dt.merge_deltas(['runs/a', 'runs/b'], how='ties', "
@@ -192,29 +194,26 @@ def _check_options(deltas: Sequence[Delta], how: str, weights: Sequence[float] |
     return w
 
 
-def _base_model(deltas: Sequence[Delta], base: str | nn.Module | None) -> nn.Module:
+def _base_model(first: Delta, base: str | nn.Module | None) -> nn.Module:
     from deltatune.data import models
 
     if base is None:
-        first = deltas[0]
-        fp = first.fingerprint() if isinstance(first, Tuned) else artifact.read_meta(first).get("fingerprint", {})
-        base = fp.get("name_or_path")
+        base = first.fingerprint().get("name_or_path")
         if not base:
             raise DeltatuneError("the deltas do not say which base model they belong to: pass base=<the base model "
                                  "or its name>")
     model = models.load_base(base)
-    carried = model.__dict__.get(_CARRIED)
-    if isinstance(model, Tuned) or (carried is not None and carried.attached):
+    if isinstance(model, Tuned) or carried_by(model) is not None:
         raise DeltatuneError("base must be the base model without a delta attached (tuned.detach() returns it)")
     return model
 
 
-def _by_tensor(model: nn.Module, holders: list[Tuned]) -> dict[str, list[tuple[int, list[WeightDelta]]]]:
+def _by_tensor(model: nn.Module, parts: list[Delta]) -> dict[str, list[tuple[int, list[WeightDelta]]]]:
     """Base tensor name (model order) -> [(delta index, its forms on that tensor)] for the deltas touching it."""
     names = {id(p): n for n, p in model.named_parameters()}
     found: dict[str, dict[int, list[WeightDelta]]] = {}
-    for i, holder in enumerate(holders):
-        for form in holder.forms().values():
+    for i, part in enumerate(parts):
+        for form in part.forms.values():
             found.setdefault(names[id(form.base)], {}).setdefault(i, []).append(form)  # type: ignore[union-attr]
     order = {n: k for k, n in enumerate(names.values())}
     return {n: sorted(found[n].items()) for n in sorted(found, key=order.__getitem__)}
@@ -228,7 +227,7 @@ def _task_vector(forms: list[WeightDelta]) -> torch.Tensor:
     return total
 
 
-def _merge_delta_space(by_tensor: dict[str, list[tuple[int, list[WeightDelta]]]], how: str, weights: list[float],
+def _combine_task_vectors(by_tensor: dict[str, list[tuple[int, list[WeightDelta]]]], how: str, weights: list[float],
                        density: float | None, seed: int, majority: Majority) -> dict[str, torch.Tensor]:
     generator: torch.Generator | None = None
     merged = {}
@@ -369,69 +368,3 @@ def _factorwise(model: nn.Module, by_tensor: dict[str, Any], how: str, weights: 
         b = combine(b_s, wb, how, density, generator, majority).to(b_s[0].dtype)
         factors[_module_name(model, forms[0][1].sites[0][0])] = (a, b)
     return _lora(model, factors)
-
-
-# -- compose to a plain model (deltatune compose) -----------------------------------------------------------
-def compose_model(deltas: Sequence[str | os.PathLike], out: str | os.PathLike, *,
-                  base: str | nn.Module | None = None) -> Path:
-    """Apply every delta to the base (θ0 + Σ φ_i, ``dt.compose``), merge, and write a ``save_pretrained``
-    folder at ``out`` (the several-delta version of ``deltatune merge``)."""
-    from deltatune.data import models
-    from deltatune.ops.compose import compose
-
-    if isinstance(deltas, str | os.PathLike) or not deltas:
-        raise DeltatuneError("compose takes a list of artifacts: deltatune compose OUT A B ...")
-    name = base or artifact.read_meta(deltas[0]).get("fingerprint", {}).get("name_or_path")
-    if not name:
-        raise DeltatuneError(f"{deltas[0]} does not say which base model it belongs to: pass base=...")
-    model = models.load_base(name)
-    plain = compose(model, list(deltas)).merge()
-    if not hasattr(plain, "save_pretrained"):
-        raise DeltatuneError(f"{type(plain).__name__} has no save_pretrained; compose in Python and save it yourself")
-
-    record = {"base": str(name) if not isinstance(name, nn.Module) else None,
-              "parts": [str(Path(d).resolve()) for d in deltas]}
-
-    def fill(tmp: Path) -> None:
-        plain.save_pretrained(tmp)
-        models.copy_tokenizer(name, tmp)
-        # what was composed, so that `revert` can rebuild the model without one part exactly (from θ0)
-        (tmp / COMPOSITION_FILE).write_text(json.dumps(record, indent=2) + "\n")
-
-    artifact.atomic_dir(out, fill)
-    return Path(out)
-
-
-COMPOSITION_FILE = "deltatune-composition.json"
-
-
-def revert_model(composed: str | os.PathLike, part: str | os.PathLike, out: str | os.PathLike) -> Path:
-    """The model ``compose_model`` wrote at ``composed`` without ``part`` (a path or a folder name from its
-    parts), rebuilt from the base: θ0 + the sum of the remaining parts, exactly as composing them alone.
-    Subtracting from the merged weights would not be exact in floating point; the record of what was
-    composed makes it so."""
-    record_path = Path(composed) / COMPOSITION_FILE
-    if not record_path.is_file():
-        raise DeltatuneError(f"{composed} has no {COMPOSITION_FILE}: revert works on a model written by "
-                             "`deltatune compose` (which records its base and parts)")
-    record = json.loads(record_path.read_text())
-    parts = list(record["parts"])
-    chosen = [p for p in parts if p == str(Path(part).resolve()) or Path(p).name == str(part)]
-    if len(chosen) != 1:
-        raise DeltatuneError(f"{part!r} is not one of the composed parts {[Path(p).name for p in parts]}; "
-                             "name it by its folder name or path")
-    remaining = [p for p in parts if p != chosen[0]]
-    if record.get("base") is None:
-        raise DeltatuneError(f"{composed} was composed on an in-memory base model; revert it in Python")
-    if not remaining:
-        from deltatune.data import models
-
-        model = models.load_base(record["base"])
-
-        def fill(tmp: Path) -> None:
-            model.save_pretrained(tmp)
-            models.copy_tokenizer(record["base"], tmp)
-
-        artifact.atomic_dir(out, fill)
-        return Path(out)
-    return compose_model(remaining, out, base=record["base"])

@@ -38,7 +38,7 @@ def quantize_base(target: nn.Module | Tuned, scheme: str = "int8", *, include_he
         if not on:
             continue
         plain = isinstance(form, LowRank) and type(form).output_delta is LowRank.output_delta
-        if not (plain and form._uses_output_path()):
+        if not (plain and form.uses_output_path()):
             raise DeltatuneError(
                 f"{fname}: its {form.kind} delta needs the full-precision weight of {on[0]}, so it cannot stay "
                 "unmerged on an int8 base; merge it instead: tuned.merge(quantize='int8')"

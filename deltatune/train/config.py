@@ -1,5 +1,9 @@
 """The run config: one schema for ``deltatune train CONFIG.yaml`` and ``dt.train(config)``.
 
+A config is a YAML file, a mapping, or the name of a preset that ships with the package
+(``deltatune/presets/<name>.yaml``: ``lora``, ``lora-minilm``, ... one or more per method; ``preset_names()``
+lists them). The demo and the bench start from the same presets.
+
     model: smollm2-135m
     data: {name: tweets, task: classification, max_length: 128, eval_fraction: 0.1}
     method: {name: lora, r: 8, alpha: 16, targets: [q_proj, v_proj]}
@@ -23,6 +27,7 @@ import yaml
 from deltatune.core import registry
 from deltatune.errors import DeltatuneError
 
+PRESETS_DIR = Path(__file__).resolve().parent.parent / "presets"
 OPTIMIZERS = ("adamw", "adam", "sgd")
 SCHEDULES = ("constant", "linear", "cosine")
 PRECISIONS = ("auto", "fp32", "bf16")
@@ -179,19 +184,49 @@ def apply_overrides(raw: dict[str, Any], overrides: list[str] | None) -> dict[st
     return raw
 
 
+def preset_names() -> list[str]:
+    """The presets that ship with the package: ``deltatune train NAME`` / ``dt.train("NAME")``."""
+    return sorted(p.stem for p in PRESETS_DIR.glob("*.yaml"))
+
+
+def preset_path(name: str) -> Path | None:
+    """The file of preset ``name`` (``lora`` or ``lora.yaml``), None when there is no such preset."""
+    stem = name.removesuffix(".yaml")
+    if not stem or "/" in stem or "\\" in stem or stem.startswith("."):
+        return None
+    path = PRESETS_DIR / f"{stem}.yaml"
+    return path if path.is_file() else None
+
+
+def read_config(config: str | Path) -> dict[str, Any]:
+    """The mapping in a config file or a preset (a file of that name comes first). A preset's relative
+    ``data.path`` names a file shipped next to it (``locft``'s edits)."""
+    path = Path(config)
+    preset = None if path.is_file() else preset_path(str(config))
+    if preset is None and not path.is_file():
+        near = difflib.get_close_matches(path.stem, preset_names(), n=1)
+        hint = f"; did you mean the preset {near[0]!r}?" if near else ""
+        raise DeltatuneError(
+            f"{config} is neither a config file nor a preset{hint} (presets: {', '.join(preset_names())})"
+        )
+    source = preset or path
+    try:
+        raw = yaml.safe_load(source.read_text())
+    except yaml.YAMLError as e:
+        raise DeltatuneError(f"{source} is not valid YAML: {e}") from e
+    if preset is not None and isinstance(raw, dict) and isinstance(raw.get("data"), dict):
+        shipped = raw["data"].get("path")
+        if isinstance(shipped, str) and not Path(shipped).is_absolute() and (PRESETS_DIR / shipped).exists():
+            raw["data"] = {**raw["data"], "path": str(PRESETS_DIR / shipped)}
+    return raw
+
+
 def load_config(config: str | Path | dict[str, Any] | RunConfig, overrides: list[str] | None = None) -> RunConfig:
+    """A validated ``RunConfig`` from a YAML path, a preset name, a mapping or a ``RunConfig``, with
+    ``key=value`` overrides (``train.steps=10``) applied."""
     if isinstance(config, RunConfig):
         if overrides:
             return parse_config(apply_overrides(config.to_dict(), overrides))
         return config
-    if isinstance(config, (str, Path)):
-        path = Path(config)
-        if not path.is_file():
-            raise DeltatuneError(f"config file {path} does not exist")
-        try:
-            raw = yaml.safe_load(path.read_text())
-        except yaml.YAMLError as e:
-            raise DeltatuneError(f"{path} is not valid YAML: {e}") from e
-    else:
-        raw = dict(config)
+    raw = read_config(config) if isinstance(config, (str, Path)) else dict(config)
     return parse_config(apply_overrides(raw, overrides))

@@ -38,10 +38,11 @@ from transformers import Trainer, TrainerCallback, TrainerControl, TrainerState,
 from transformers.utils import can_return_loss, find_labels
 
 from deltatune.core import artifact
-from deltatune.core.policy import Policy
+from deltatune.core.delta import Delta
 from deltatune.core.tuned import Tuned
 from deltatune.errors import DeltatuneError
 from deltatune.train.state import join, split
+from deltatune.train.step import PolicyStep, inner_optimizer, mean_over_ranks, skips_steps, takes_whole_steps
 
 ARTIFACT_DIR = "deltatune"  # sub-folder of output_dir / checkpoint-N holding the artifact
 POLICY_JSON = "deltatune_policy.json"
@@ -83,39 +84,19 @@ def load_policy_state(tuned: Tuned, folder: str | os.PathLike) -> bool:
     return True
 
 
-def _inner_optimizer(optimizer: Any) -> Any:
-    """accelerate wraps the optimizer; policies get the torch optimizer, as in the native loop."""
-    return getattr(optimizer, "optimizer", optimizer)
-
-
-def _sync(optimizer: torch.optim.Optimizer, tuned: Tuned, before: dict[int, bool]) -> dict[int, bool]:
-    """After a policy changed what trains: tensors that stopped or started training lose their optimizer
-    state, tensors that train and are unknown to the optimizer join its first group. Parameters the policy
-    did not touch (a head the user unfroze, say) are left as they are."""
-    now = {id(p): p.requires_grad for p in tuned.deltas.parameters()}
-    known = {id(p) for g in optimizer.param_groups for p in g["params"]}
-    for p in tuned.deltas.parameters():
-        if before.get(id(p)) != p.requires_grad:
-            optimizer.state.pop(p, None)
-            p.grad = None
-        if p.requires_grad and id(p) not in known:
-            optimizer.param_groups[0]["params"].append(p)
-            known.add(id(p))
-    return now
-
-
 # -- the callback -------------------------------------------------------------------------------
 class DeltaTuneCallback(TrainerCallback):
     """Runs the policy of ``tuned`` inside a ``transformers.Trainer`` and saves the delta.
 
-    * ``policy.before_optimizer_step(step, tuned, optimizer)`` in ``on_pre_optimizer_step`` (gradients are
-      present; under a plain Trainer they are already clipped, ``DeltaTuneTrainer`` calls it before clipping
-      like the native loop),
-    * ``policy.after_optimizer_step(step, tuned, optimizer)`` in ``on_optimizer_step``, then the optimizer is
-      kept consistent with a changed trainable set,
-    * ``policy.skip_step(step, loss)`` right after ``before_optimizer_step`` (``DeltaTuneTrainer`` only: it
-      records the step's loss); True drops the delta's gradients, so the optimizer leaves it as it is,
-    * ``policy.should_stop(step, epoch_end)`` in ``on_step_end``; True stops training,
+    The policy's hooks are the native loop's (``train/step.py``, ``PolicyStep``):
+
+    * ``before_optimizer_step(step, tuned, optimizer)`` then ``skip_step(step, loss)``, before the Trainer
+      clips (``DeltaTuneTrainer``) or in ``on_pre_optimizer_step`` (a plain Trainer: the gradients are then
+      already clipped). ``skip_step`` sees the step's loss with ``DeltaTuneTrainer`` only (it records it);
+      True drops every gradient the optimizer holds, so the optimizer step changes nothing,
+    * ``after_optimizer_step(step, tuned, optimizer)`` in ``on_optimizer_step``, then the optimizer is kept
+      consistent with a changed trainable set,
+    * ``should_stop(step, epoch_end)`` in ``on_step_end``; True stops training,
     * ``on_save``: ``checkpoint-N/deltatune/`` (artifact) and ``checkpoint-N/deltatune_policy.*``,
     * ``on_train_end``: the artifact in ``<output_dir>/deltatune``.
 
@@ -132,24 +113,22 @@ class DeltaTuneCallback(TrainerCallback):
         self.save_on_checkpoint = save_on_checkpoint
         self.artifact_dir = artifact_dir
         self.restored = False  # set when the trainer already restored the policy state of a resumed run
-        self._trainable: dict[int, bool] = {}
+        # the Trainer builds its optimizer from the tensors that train: a tensor joins it when it starts training
+        self.policy_step = PolicyStep(tuned, add_frozen=False)
         self._before_done: int | None = None
         self.step_loss: torch.Tensor | None = None  # DeltaTuneTrainer adds each micro-batch's share of the loss
 
     # the policy around the optimizer step ------------------------------------------------------
     def run_before(self, step: int, optimizer: Any) -> None:
-        if self._before_done != step:
-            self._before_done = step
-            self.tuned.policy.before_optimizer_step(step, self.tuned, _inner_optimizer(optimizer))
-            loss, self.step_loss = self.step_loss, None
-            skips = type(self.tuned.policy).skip_step is not Policy.skip_step  # no sync for policies that never skip
-            if loss is not None and skips:
-                if torch.distributed.is_initialized():  # every rank takes the same decision
-                    torch.distributed.all_reduce(loss)
-                    loss = loss / torch.distributed.get_world_size()
-                if self.tuned.policy.skip_step(step, float(loss)):
-                    for p in self.tuned.deltas.parameters():
-                        p.grad = None
+        """The policy's hooks before optimizer step ``step``, once per step (both the clipping override and
+        ``on_pre_optimizer_step`` call it)."""
+        if self._before_done == step:
+            return
+        self._before_done = step
+        step_loss, self.step_loss = self.step_loss, None
+        # the mean over ranks (a collective) only for a policy that may skip
+        use = step_loss is not None and skips_steps(self.tuned.policy)
+        self.policy_step.before(step, inner_optimizer(optimizer), float(mean_over_ranks(step_loss)) if use else None)
 
     def on_train_begin(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kw: Any):
         if state.global_step > 0 and not self.restored:  # a resumed plain Trainer: find the checkpoint it left
@@ -163,14 +142,13 @@ class DeltaTuneCallback(TrainerCallback):
         self.restored = True
         self._before_done = None
         self.tuned.policy.plan(state.max_steps, args.gradient_accumulation_steps)
-        before = {id(p): True for p in self.tuned.deltas.parameters()}  # what the optimizer may have been built with
+        self.policy_step = PolicyStep(self.tuned, add_frozen=False)
         optimizer = kw.get("optimizer")
-        if optimizer is not None:
-            known = {id(p) for g in optimizer.param_groups for p in g["params"]}
-            before = {id(p): id(p) in known for p in self.tuned.deltas.parameters()}
-            self._trainable = _sync(_inner_optimizer(optimizer), self.tuned, before)
-        else:
-            self._trainable = {id(p): p.requires_grad for p in self.tuned.deltas.parameters()}
+        if optimizer is not None:  # the optimizer was built before plan() and a restored state: align it
+            inner = inner_optimizer(optimizer)
+            known = {id(p) for g in inner.param_groups for p in g["params"]}
+            self.policy_step.trainable = {id(p) for p in self.tuned.deltas.parameters() if id(p) in known}
+            self.policy_step.sync(inner)
 
     def on_pre_optimizer_step(self, args: TrainingArguments, state: TrainerState, control: TrainerControl,
                               optimizer: Any = None, **kw: Any):
@@ -178,10 +156,7 @@ class DeltaTuneCallback(TrainerCallback):
 
     def on_optimizer_step(self, args: TrainingArguments, state: TrainerState, control: TrainerControl,
                           optimizer: Any = None, **kw: Any):
-        inner = _inner_optimizer(optimizer)
-        self.tuned.policy.after_optimizer_step(state.global_step, self.tuned, inner)
-        if inner is not None:
-            self._trainable = _sync(inner, self.tuned, self._trainable)
+        self.policy_step.after(state.global_step, inner_optimizer(optimizer))
 
     def on_step_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kw: Any):
         epoch_end = state.epoch is not None and float(state.epoch).is_integer()
@@ -273,18 +248,14 @@ class DeltaTuneTrainer(Trainer):
         passes, no backward); None for every other policy. The optimizer's and scheduler's steps that follow
         find no gradients and change nothing but the learning rate."""
         policy = self.tuned.policy
-        if type(policy).train_step is Policy.train_step:
+        if not takes_whole_steps(policy):
             return None
         inputs = self._prepare_inputs(inputs)
 
         def loss_fn(batch: dict[str, Any]) -> torch.Tensor:
             with self.compute_loss_context_manager():
                 loss = self.compute_loss(model, batch, num_items_in_batch=num_items_in_batch).detach().float()
-            if torch.distributed.is_initialized():  # every rank takes the same step
-                loss = loss.clone()
-                torch.distributed.all_reduce(loss)
-                loss = loss / torch.distributed.get_world_size()
-            return loss
+            return mean_over_ranks(loss)  # every rank takes the same step
 
         loss = policy.train_step(self.state.global_step, self.tuned, inputs, loss_fn, self._get_learning_rate(),
                                  self.args.weight_decay)
@@ -323,12 +294,10 @@ class DeltaTuneTrainer(Trainer):
         folder = Path(folder) / self.delta_callback.artifact_dir
         if not (folder / artifact.META_FILE).is_file():
             return False
-        meta, tensors = artifact.read_artifact(folder)
-        diffs = artifact.compare_fingerprints(meta.get("fingerprint", {}), self.tuned.fingerprint())
-        if diffs:
-            raise DeltatuneError(f"{folder} was saved for another base model ({'; '.join(diffs)})")
+        saved = Delta.read(folder)
+        saved.check_fits(self.tuned.fingerprint(), fix="Resume on the base model the run started from.")
         with torch.no_grad():
-            self.tuned.load_delta_state_dict(tensors)
+            self.tuned.load_delta_state_dict(saved.state_dict())
         return True
 
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model: torch.nn.Module | None = None) -> None:

@@ -1,9 +1,10 @@
 """The native training loop: read it top to bottom in ``train``.
 
-Policies plug in around the optimizer step, or take the whole step (``Policy.train_step``); the loop
-keeps the optimizer consistent when they change what trains. Checkpoints hold everything a resumed run
-needs to continue bit-exactly: the delta, optimizer, scheduler, policy state, RNG states and the
-position in the data.
+Policies plug in around the optimizer step (``train/step.py``, shared with the ``transformers.Trainer``
+bridge), or take the whole step (``Policy.train_step``); the optimizer follows when they change what
+trains. Callers watch a run through callbacks (``train/callbacks.py``: progress bar, summary table, their
+own). Checkpoints hold everything a resumed run needs to continue bit-exactly: the delta, optimizer,
+scheduler, policy state, RNG states and the position in the data.
 """
 
 from __future__ import annotations
@@ -26,7 +27,10 @@ import torch.distributed as dist
 from deltatune.core.tuned import Tuned, attach
 from deltatune.errors import DeltatuneError
 from deltatune.train import state as ckpt
+from deltatune.train.callbacks import Callback, ProgressBar, SummaryTable
 from deltatune.train.config import RunConfig, TrainSettings, load_config
+from deltatune.train.step import PolicyStep, mean_over_ranks
+from deltatune.train.step import sync_optimizer as sync_optimizer  # callers and tests import it from here
 
 FAULT_ENV = "DELTATUNE_FAULT_KILL_AT_STEP"  # fault injection for the resume test: SIGKILL self before this step
 
@@ -103,30 +107,6 @@ def make_optimizer(params: list[torch.nn.Parameter], s: TrainSettings) -> torch.
     return torch.optim.SGD(params, lr=s.lr, weight_decay=s.weight_decay, momentum=0.9)
 
 
-def sync_optimizer(optimizer: torch.optim.Optimizer, tuned: Tuned, before: set[int]) -> set[int]:
-    """Keep the optimizer consistent with what trains now: parameters that stopped or started
-    training lose their state (a restart gets fresh moments), new delta tensors join group 0,
-    and tensors that left the delta leave the optimizer."""
-    now_params = list(tuned.deltas.parameters())
-    present = {id(p) for p in now_params}
-    now = {id(p) for p in now_params if p.requires_grad}
-    changed = before ^ now
-    known: set[int] = set()
-    for group in optimizer.param_groups:
-        for p in group["params"]:
-            if id(p) not in present:
-                optimizer.state.pop(p, None)
-        group["params"] = [p for p in group["params"] if id(p) in present]
-        known |= {id(p) for p in group["params"]}
-    for p in now_params:
-        if id(p) in changed:
-            optimizer.state.pop(p, None)
-            p.grad = None
-        if id(p) not in known:
-            optimizer.param_groups[0]["params"].append(p)
-    return now
-
-
 def pick_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -176,15 +156,12 @@ class Run:
 
 
 def build(config: RunConfig) -> Run:
-    from deltatune.data import models, tasks
+    """The model, tokenizer and task of the config, and the delta attached, on the run's device."""
+    from deltatune.data.tasks import load_for_task
 
     s = config.train
-    torch.manual_seed(s.seed)
-    random.seed(s.seed)
     device = pick_device(s.device)
-    model = models.load(config.model, **tasks.model_request(config.data, config.model))
-    tokenizer = models.load_tokenizer(config.model)
-    task = tasks.build_task(config.data, tokenizer, model)
+    model, tokenizer, task = load_for_task(config.data, config.model, seed=s.seed)
     options = {k: v for k, v in config.method.items() if k != "name"}
     torch.manual_seed(s.seed)  # the delta's initialisation depends on the seed only
     tuned = attach(model, config.method["name"], **options).to(device)
@@ -199,7 +176,8 @@ def _to(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch
     return {k: v.to(device) for k, v in batch.items()}
 
 
-def _autocast(s: TrainSettings, device: torch.device):
+def autocast(s: TrainSettings, device: torch.device) -> contextlib.AbstractContextManager:
+    """The run's mixed precision: bf16 autocast where asked (or on a CUDA device that has it), else none."""
     use_bf16 = s.precision == "bf16" or (s.precision == "auto" and device.type == "cuda" and torch.cuda.is_bf16_supported())
     if use_bf16:
         return torch.autocast(device.type, dtype=torch.bfloat16)
@@ -207,8 +185,10 @@ def _autocast(s: TrainSettings, device: torch.device):
 
 
 # -- the loop -------------------------------------------------------------------------------
-def train(config: str | Path | dict | RunConfig, overrides: list[str] | None = None, *, resume: bool = False) -> dict[str, Any]:
-    """Train a method as the config says; write the artifact and checkpoints to ``config.output``.
+def train(config: str | Path | dict | RunConfig, overrides: list[str] | None = None, *, resume: bool = False,
+          callbacks: list[Callback] | None = None) -> dict[str, Any]:
+    """Train a method as the config says (a YAML path, a preset name, a mapping or a ``RunConfig``); write
+    the artifact and checkpoints to ``config.output``. ``callbacks`` watch the run (``train/callbacks.py``).
 
     Returns the summary: final metrics, history, seconds per step, tokens per second, peak memory."""
     cfg = load_config(config, overrides)
@@ -218,6 +198,7 @@ def train(config: str | Path | dict | RunConfig, overrides: list[str] | None = N
     tuned, task, device = run.tuned, run.task, run.device
     out = Path(cfg.output)
     ckpt_dir = out / "checkpoints"
+    callbacks = ([ProgressBar(), SummaryTable()] if s.progress and rank == 0 else []) + list(callbacks or [])
 
     def wrap() -> torch.nn.Module:
         if world == 1:
@@ -256,34 +237,35 @@ def train(config: str | Path | dict | RunConfig, overrides: list[str] | None = N
         batches.load_state_dict(saved["data"])
         set_rng_state(saved["rng"][rank] if isinstance(saved["rng"], list) else saved["rng"])
         history, start = saved["history"], int(saved["step"])
-    trainable = {id(p) for p in params if p.requires_grad}
+    policy_step = PolicyStep(tuned)  # the optimizer holds every delta tensor (add_frozen): a stable order
 
-    def checkpoint(step: int) -> None:
+    def checkpoint(step: int) -> Path | None:
         rngs = [rng_state()]
         if world > 1:
             gathered: list[Any] = [None] * world
             dist.all_gather_object(gathered, rngs[0])
             rngs = gathered
-        if rank == 0:
-            ckpt.save_checkpoint(ckpt_dir, step, {
-                "step": step,
-                "config": _comparable(cfg),
-                "delta": tuned.deltas.state_dict(),
-                "trainable": {str(i): p.requires_grad for i, p in enumerate(params)},
-                "policy": tuned.policy.state_dict(),
-                "optimizer": optimizer.state_dict(),
-                "scheduler": scheduler.state_dict(),
-                "data": batches.state_dict(),
-                "rng": rngs if world > 1 else rngs[0],
-                "history": history,
-            }, s.keep_last)
+        if rank != 0:
+            return None
+        return ckpt.save_checkpoint(ckpt_dir, step, {
+            "step": step,
+            "config": _comparable(cfg),
+            "delta": tuned.deltas.state_dict(),
+            "trainable": {str(i): p.requires_grad for i, p in enumerate(params)},
+            "policy": tuned.policy.state_dict(),
+            "optimizer": optimizer.state_dict(),
+            "scheduler": scheduler.state_dict(),
+            "data": batches.state_dict(),
+            "rng": rngs if world > 1 else rngs[0],
+            "history": history,
+        }, s.keep_last)
 
     def next_batch() -> dict[str, torch.Tensor]:
         return _to(task.collate([task.train[i] for i in batches.next()]), device)
 
     def batch_loss(batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int]:
         """The task loss (+ the policy's regulariser) under the run's mixed precision, and the batch's tokens."""
-        with _autocast(s, device):
+        with autocast(s, device):
             loss, n_tok = task.loss(model_for_step, batch)
             extra = tuned.policy.extra_loss(tuned)
             if extra is not None:
@@ -296,17 +278,14 @@ def train(config: str | Path | dict | RunConfig, overrides: list[str] | None = N
         """The batch's loss as the loop computes it, for a policy that takes its own step; the mean over ranks,
         so that every rank takes the same step."""
         loss, policy_tokens[0] = batch_loss(batch)
-        loss = loss.detach().float().clone()
-        if world > 1:
-            dist.all_reduce(loss)
-            loss = loss / world
-        return loss
+        return mean_over_ranks(loss.detach().float().clone())
 
     kill_at = int(os.environ.get(FAULT_ENV, "-1"))
     tokens_seen, step_times = 0, []
     tuned.train()
-    progress = _Progress(s.steps, start, enabled=s.progress and rank == 0)
-    with progress:
+    for cb in callbacks:
+        cb.on_begin(s.steps, start)
+    try:
         for step in range(start, s.steps):
             if step == kill_at:
                 os.kill(os.getpid(), signal.SIGKILL)
@@ -326,10 +305,8 @@ def train(config: str | Path | dict | RunConfig, overrides: list[str] | None = N
                     (loss / s.grad_accum).backward()
                     loss_sum += loss.item() / s.grad_accum
                     tokens += n_tok
-                if world > 1:  # the global loss: logged, and every rank stops together on NaN
-                    t = torch.tensor([loss_sum], dtype=torch.float64, device=device)
-                    dist.all_reduce(t)
-                    loss_sum = t.item() / world
+                if world > 1:  # the global loss: logged, seen by skip_step, and every rank stops together on NaN
+                    loss_sum = mean_over_ranks(torch.tensor([loss_sum], dtype=torch.float64, device=device)).item()
             if not math.isfinite(loss_sum):
                 last = ckpt.checkpoints(ckpt_dir)
                 where = f"the last good checkpoint is {last[-1]}" if last else "no checkpoint was written yet"
@@ -339,20 +316,14 @@ def train(config: str | Path | dict | RunConfig, overrides: list[str] | None = N
                 )
             skip = False
             if own is None:
-                tuned.policy.before_optimizer_step(step, tuned, optimizer)
-                skip = tuned.policy.skip_step(step, loss_sum)
-                if skip:  # no update; the step still counts
-                    optimizer.zero_grad(set_to_none=True)
-                else:
+                skip = policy_step.before(step, optimizer, loss_sum)
+                if not skip:  # a skipped step makes no update; it still counts
                     if s.max_grad_norm is not None:
                         torch.nn.utils.clip_grad_norm_([p for p in params if p.grad is not None], s.max_grad_norm)
                     optimizer.step()
             scheduler.step()
-            tuned.policy.after_optimizer_step(step, tuned, optimizer)
-            now_trainable = sync_optimizer(optimizer, tuned, trainable)
-            if world > 1 and now_trainable != trainable:
+            if policy_step.after(step, optimizer) and world > 1:
                 model_for_step = wrap()  # DDP fixes its parameter list when it wraps
-            trainable = now_trainable
             params = list(tuned.deltas.parameters())
             dt_step = time.perf_counter() - t0
             step_times.append(dt_step)
@@ -365,23 +336,34 @@ def train(config: str | Path | dict | RunConfig, overrides: list[str] | None = N
             done = step + 1
             stop = tuned.policy.should_stop(step, batches.epoch_done())
             if (s.eval_every and done % s.eval_every == 0) or done == s.steps or stop:
-                record.update({f"eval_{k}": v for k, v in task.evaluate(tuned, s.eval_batch_size).items()})
+                metrics = task.evaluate(tuned, s.eval_batch_size)
                 tuned.train()
+                record.update({f"eval_{k}": v for k, v in metrics.items()})
+                for cb in callbacks:
+                    cb.on_eval(done, metrics)
             history.append(record)
-            progress.update(record)
+            for cb in callbacks:
+                cb.on_step_end(record)
             if (s.save_every and done % s.save_every == 0) or done == s.steps or stop:
-                checkpoint(done)
+                path = checkpoint(done)
+                if path is not None:
+                    for cb in callbacks:
+                        cb.on_checkpoint(done, path)
             if stop:
                 break
 
-    summary = _summary(cfg, tuned, history, step_times, tokens_seen, device, start)
-    if rank == 0:
-        tuned.save(out)
-        logs = out / "logs"
-        logs.mkdir(exist_ok=True)
-        (logs / "metrics.json").write_text(json.dumps(summary, indent=2) + "\n")
-        if s.progress:
-            print_summary(summary)
+        summary = _summary(cfg, tuned, history, step_times, tokens_seen, device, start)
+        if rank == 0:
+            tuned.save(out)
+            logs = out / "logs"
+            logs.mkdir(exist_ok=True)
+            (logs / "metrics.json").write_text(json.dumps(summary, indent=2) + "\n")
+    except BaseException:
+        for cb in callbacks:  # a progress bar stops, a callback lets go of what it holds
+            cb.on_end(None)
+        raise
+    for cb in callbacks:
+        cb.on_end(summary)
     if world > 1:
         dist.barrier()  # the artifact exists for every rank when train() returns
     return summary
@@ -414,53 +396,3 @@ def _summary(cfg: RunConfig, tuned: Tuned, history: list[dict], step_times: list
         "final": {k: v for k, v in final.items() if k.startswith("eval_") or k == "loss"},
         "history": history,
     }
-
-
-def print_summary(summary: dict[str, Any]) -> None:
-    from rich.console import Console
-    from rich.table import Table
-
-    table = Table(title=f"deltatune train: {summary['method']} on {summary['model']}")
-    table.add_column("metric")
-    table.add_column("value", justify="right")
-    rows = [
-        ("steps", f"{summary['steps']}"),
-        ("trainable parameters", f"{summary['trainable']:,} ({100 * summary['trainable'] / summary['model_parameters']:.2f}%)"),
-        ("artifact bytes", f"{summary['stored_bytes']:,}"),
-        ("seconds / step (median)", f"{summary['seconds_per_step']:.3f}" if summary["seconds_per_step"] else "-"),
-        ("tokens / s", f"{summary['tokens_per_s']:.0f}" if summary["tokens_per_s"] else "-"),
-        ("peak memory", f"{summary['peak_memory_bytes'] / 2**30:.2f} GiB"),
-    ] + [(k, f"{v:.4f}") for k, v in summary["final"].items()]
-    for k, v in rows:
-        table.add_row(k, v)
-    table.add_row("output", summary["output"])
-    Console().print(table)
-
-
-class _Progress:
-    """A rich progress bar with loss, lr, tokens/s and ETA; silent when disabled (tests, other ranks)."""
-
-    def __init__(self, total: int, start: int, enabled: bool) -> None:
-        self.enabled = enabled
-        if enabled:
-            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
-
-            self.bar = Progress(TextColumn("train"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[info]}"),
-                                TimeRemainingColumn())
-            self.task = self.bar.add_task("train", total=total, completed=start, info="")
-
-    def __enter__(self) -> _Progress:
-        if self.enabled:
-            self.bar.__enter__()
-        return self
-
-    def __exit__(self, *exc: Any) -> None:
-        if self.enabled:
-            self.bar.__exit__(*exc)
-
-    def update(self, r: dict[str, Any]) -> None:
-        if self.enabled:
-            info = f"loss {r['loss']:.4f} · lr {r['lr']:.2e} · {r['tokens_per_s']:.0f} tok/s"
-            if "eval_loss" in r:
-                info += f" · eval {r['eval_loss']:.4f}"
-            self.bar.update(self.task, advance=1, info=info)

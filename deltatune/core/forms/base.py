@@ -153,14 +153,15 @@ class WeightDelta(Form):
         """The delta's contribution to ``module(x)``; None when the form has no output path here."""
         return None
 
-    def _uses_output_path(self) -> bool:
+    def uses_output_path(self) -> bool:
+        """Whether the delta acts through a forward hook computed from the module's input (not a parametrisation)."""
         module, attr = self._sites[0]
         return len(self._sites) == 1 and attr == "weight" and type(self).output_delta is not WeightDelta.output_delta
 
     def attach(self) -> None:
         if self.attached:
             return
-        if self._uses_output_path():
+        if self.uses_output_path():
             module = self._sites[0][0]
             self._hooks.append(module.register_forward_hook(self._hook))
         else:

@@ -19,8 +19,6 @@ import torch.nn.functional as F
 from deltatune.core.forms.base import WeightDelta
 from deltatune.errors import DeltatuneError
 
-LAYOUTS = ("linear", "conv1d", "embedding")
-
 
 def layout_of(module: nn.Module) -> str:
     """The low-rank layout for a module, or an error naming the supported types."""
