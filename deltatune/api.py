@@ -1,7 +1,9 @@
 """The Python functions behind the CLI verbs (each verb calls the function of the same name).
 
 They take their inputs first and the folder they write (``out``) last, as ``dt.merge_deltas`` does; the CLI puts
-``OUT`` first only where a list of artifacts must come last on a command line. The words: ``merge`` folds one
+``OUT`` first only where a list of artifacts must come last on a command line. Every writer owns ``out`` through
+``artifact.destination``: it refuses an ``out`` that is or holds one of its inputs, and a non-empty folder that is
+not its own kind of output unless ``overwrite=True`` (``--overwrite``). The words: ``merge`` folds one
 delta into its base and writes a plain model; ``merge_deltas`` makes one new delta of several; ``compose`` writes
 θ0 + the sum of several deltas as a plain model and ``revert`` rebuilds it without one (``deltatune.ops.compose``
 says more).
@@ -72,56 +74,60 @@ def compress(artifact_path: str | os.PathLike, out: str | os.PathLike, **options
 
 
 def export(artifact_or_tuned: str | os.PathLike | Tuned, out: str | os.PathLike, *, base: str | nn.Module | None = None,
-           format: str = "peft") -> Path:
+           format: str = "peft", overwrite: bool = False) -> Path:
     """Export an artifact (a path, with its base model) or a tuned model to another library's format."""
     _check_format(format)
     if isinstance(artifact_or_tuned, Tuned):
-        return export_peft(artifact_or_tuned, out)
+        return export_peft(artifact_or_tuned, out, overwrite=overwrite)
     meta = artifact.read_meta(artifact_or_tuned)  # a bad path fails before a model is loaded
     if base is None:
         base = meta.get("fingerprint", {}).get("name_or_path")
         if not base:
             raise DeltatuneError("the artifact does not say which base model it belongs to: pass base=...")
-    return export_peft(load(models.load_base(base), artifact_or_tuned), out)
+    with artifact.destination(out, "peft", inputs=[artifact_or_tuned, base], overwrite=overwrite):
+        return export_peft(load(models.load_base(base), artifact_or_tuned), out)
 
 
-def import_(adapter: str | os.PathLike, out: str | os.PathLike, *, base: str | nn.Module, format: str = "peft") -> Path:
+def import_(adapter: str | os.PathLike, out: str | os.PathLike, *, base: str | nn.Module, format: str = "peft",
+            overwrite: bool = False) -> Path:
     """Import another library's adapter into a deltatune artifact at ``out`` (``import`` is a Python keyword)."""
     _check_format(format)
     read_peft(adapter)  # a bad adapter fails before a model is loaded
-    import_peft(models.load_base(base), adapter).save(out)
+    with artifact.destination(out, "artifact", inputs=[adapter, base], overwrite=overwrite):
+        import_peft(models.load_base(base), adapter).save(out)
     return Path(out)
 
 
-def merge(path: str | os.PathLike, *, base: str | nn.Module, out: str | os.PathLike) -> Path:
+def merge(path: str | os.PathLike, *, base: str | nn.Module, out: str | os.PathLike, overwrite: bool = False) -> Path:
     """Merge an artifact into its base and write a ``save_pretrained`` folder (a plain model)."""
     artifact.read_meta(path)  # a bad path fails before a model is loaded
-    plain = load(models.load_base(base), path).merge()
-    if not hasattr(plain, "save_pretrained"):
-        raise DeltatuneError(f"{type(plain).__name__} has no save_pretrained; merge in Python and save it yourself")
+    with artifact.destination(out, "model", inputs=[path, base], overwrite=overwrite) as dest:
+        plain = load(models.load_base(base), path).merge()
+        if not hasattr(plain, "save_pretrained"):
+            raise DeltatuneError(f"{type(plain).__name__} has no save_pretrained; merge in Python and save it yourself")
 
-    def fill(tmp: Path) -> None:
-        plain.save_pretrained(tmp)
-        models.copy_tokenizer(base, tmp)
+        def fill(tmp: Path) -> None:
+            plain.save_pretrained(tmp)
+            models.copy_tokenizer(base, tmp)
 
-    artifact.atomic_dir(out, fill)
+        dest.write(fill)
     return Path(out)
 
 
-def compose(deltas: list[str], out: str | os.PathLike, *, base: str | None = None) -> Path:
+def compose(deltas: list[str], out: str | os.PathLike, *, base: str | None = None, overwrite: bool = False) -> Path:
     """``deltatune compose``: θ0 + the sum of several artifacts, merged and written as a plain model (with a
     record of its parts, so ``revert`` can take one out exactly). In Python, ``dt.compose`` keeps the
     composition live instead."""
     from deltatune.ops.compose import save_composed
 
-    return save_composed(deltas, out, base=base)
+    return save_composed(deltas, out, base=base, overwrite=overwrite)
 
 
-def revert(composed: str | os.PathLike, part: str, out: str | os.PathLike) -> Path:
+def revert(composed: str | os.PathLike, part: str, out: str | os.PathLike, *, overwrite: bool = False) -> Path:
     """``deltatune revert``: the composed model without ``part``, rebuilt from the base (exact)."""
     from deltatune.ops.compose import save_reverted
 
-    return save_reverted(composed, part, out)
+    return save_reverted(composed, part, out, overwrite=overwrite)
 
 
 def merge_deltas(deltas: list[str], out: str | os.PathLike, **options: Any) -> Any:
@@ -145,9 +151,10 @@ def eval(path: str | os.PathLike, data: dict[str, Any], *, base: str | None = No
     text and chat, accuracy where there are labels, ``edit_success`` and ``token_accuracy`` for task
     ``edit``. The held-out split of the data is used (for edits: the edits themselves)."""
     from deltatune.data import tasks
+    from deltatune.train.config import parse_data_section
 
     name = _artifact_base(path, base)
-    cfg = data if isinstance(data, tasks.DataConfig) else tasks.DataConfig(**data)
+    cfg = data if isinstance(data, tasks.DataConfig) else parse_data_section(dict(data))
     cfg.check()
     model, _, task = tasks.load_for_task(cfg, name)
     tuned = load(model, path)
@@ -162,6 +169,8 @@ def generate(path: str | os.PathLike | None, prompt: str, *, base: str | None = 
     ``stream`` the text is printed as it is produced."""
     from transformers import TextStreamer
 
+    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
+        raise DeltatuneError(f"max_new_tokens={max_new_tokens!r}: must be a whole number of at least 1")
     name = _artifact_base(path, base) if path is not None else base
     if not name:
         raise DeltatuneError("generate needs an artifact or base=... (a shipped name or a folder)")

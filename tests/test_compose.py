@@ -99,7 +99,7 @@ def test_merge_folds_the_sum_and_unmerge_restores_bitwise(two) -> None:
     plain = both.merge()
     assert plain is model and not any("parametrizations" in k for k in plain.state_dict())
     reference = _with_weights(tiny_llama, a, b).state_dict()
-    assert all(torch.allclose(plain.state_dict()[k], reference[k], atol=1e-6, rtol=0) for k in reference)
+    assert all(torch.allclose(plain.state_dict()[k], reference[k], atol=1e-6, rtol=1e-5) for k in reference)
     assert torch.allclose(output_of(plain, x), composed, atol=1e-5, rtol=0)
     with pytest.raises(dt.DeltatuneError, match="unmerge"):
         both.revert(0)
@@ -139,7 +139,7 @@ def test_lora_full_and_sparse_on_one_weight_compose_and_revert(tmp_path) -> None
 
     plain = mixed.merge()
     ref_w = reference.state_dict()
-    assert all(torch.allclose(plain.state_dict()[k], ref_w[k], atol=1e-6, rtol=0) for k in ref_w)
+    assert all(torch.allclose(plain.state_dict()[k], ref_w[k], atol=1e-6, rtol=1e-5) for k in ref_w)
     mixed.unmerge()
     assert torch.equal(output_of(mixed, x), composed)
 

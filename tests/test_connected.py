@@ -95,8 +95,8 @@ def test_pathway_matches_the_equations(arch: str) -> None:
         assert g.abs().max() > 1e-2  # the pathway does change the representation
         if arch == "bert":
             got = tuned.bert(**x).last_hidden_state
-            assert torch.allclose(got, expected, atol=1e-6, rtol=0)
-            assert torch.allclose(tuned(**x).logits, model.classifier(model.bert.pooler(expected)), atol=1e-6, rtol=0)
+            assert torch.allclose(got, expected, atol=1e-6, rtol=1e-5)
+            assert torch.allclose(tuned(**x).logits, model.classifier(model.bert.pooler(expected)), atol=1e-6, rtol=1e-5)
         else:
             assert torch.allclose(tuned(**x).logits, model.lm_head(model.model.norm(expected)), atol=1e-5, rtol=0)
 

@@ -102,7 +102,7 @@ def test_covariance_is_the_hook_formula_and_padding_stays_out() -> None:
         rows = rows / rows.max().abs()  # the signed max, as the official code
         by_hand += rows.T @ rows
     assert tokens[name] == 9
-    assert torch.allclose(covs[name], by_hand / 2, atol=1e-6, rtol=0)
+    assert torch.allclose(covs[name], by_hand / 2, atol=1e-6, rtol=1e-5)
 
 
 def test_damping_terminates_on_a_rank_deficient_covariance_and_doubles_until_accurate() -> None:

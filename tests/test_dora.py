@@ -234,7 +234,7 @@ def test_merge_and_unmerge(arch: str, tied: bool) -> None:
     assert max_diff(output_of(tuned, x), want) <= TOL
     tuned.detach()
     for k, v in model.state_dict().items():
-        assert torch.allclose(v, w0[k], atol=1e-6, rtol=0), k
+        assert torch.allclose(v, w0[k], atol=1e-6, rtol=1e-5), k
 
 
 def test_train_save_load_is_bit_identical(tmp_path: Path) -> None:

@@ -13,7 +13,8 @@ from conftest import MODELS, batch, output_of
 from transformers import LlamaConfig, LlamaForCausalLM
 
 import deltatune as dt
-from deltatune import api, tasks
+from deltatune import api
+from deltatune.data import tasks
 from deltatune.errors import DeltatuneError
 from deltatune.methods.locft import LocFTConfig, LocFTPolicy
 from deltatune.train.loop import Batches

@@ -159,7 +159,7 @@ def test_prompt_equals_prepending_the_embeddings(arch: str) -> None:
     assert plain == (b, x["input_ids"].shape[1], VOCAB), "logits align with the caller's positions"
     real = x["attention_mask"].bool()
     assert torch.allclose(ours.logits[real], ref.logits[:, k:][real], atol=1e-5, rtol=0)
-    assert torch.allclose(ours.loss, ref.loss, atol=1e-6, rtol=0), "the loss of tuned(ids, mask, labels=...)"
+    assert torch.allclose(ours.loss, ref.loss, atol=1e-6, rtol=1e-5), "the loss of tuned(ids, mask, labels=...)"
     # without position ids or mask (positions 0.. as the model would number them)
     tuned = dt.attach(model, "prompt", length=4)
     tuned.forms()["prompt"].load_stored({"embedding": prompt})
@@ -184,8 +184,8 @@ def test_prompt_on_bert_goes_after_cls() -> None:
         embeds = torch.cat([e[:, :1], prompt.expand(2, -1, -1), e[:, 1:]], 1)
         mask = torch.cat([x["attention_mask"][:, :1], torch.ones(2, 4, dtype=torch.long), x["attention_mask"][:, 1:]], 1)
         ref = model(inputs_embeds=embeds, attention_mask=mask, labels=y)
-    assert torch.allclose(ours.logits, ref.logits, atol=1e-6, rtol=0)
-    assert torch.allclose(ours.loss, ref.loss, atol=1e-6, rtol=0)
+    assert torch.allclose(ours.logits, ref.logits, atol=1e-6, rtol=1e-5)
+    assert torch.allclose(ours.loss, ref.loss, atol=1e-6, rtol=1e-5)
 
 
 def test_prompt_init_from_vocabulary_or_uniform() -> None:

@@ -46,7 +46,7 @@ def test_each_row_gets_its_own_delta(tmp_path, make, targets) -> None:
     with torch.no_grad():
         mixed = tuned(**x, adapter_names=names).logits
     for i, name in enumerate(names):
-        assert torch.allclose(mixed[i], alone[name or "__base__"][i], atol=1e-6, rtol=0), (i, name)
+        assert torch.allclose(mixed[i], alone[name or "__base__"][i], atol=1e-6, rtol=1e-5), (i, name)
     assert torch.equal(output_of(tuned, x), alone["default"]), "after the call the delta in use serves again"
 
 
@@ -83,7 +83,7 @@ def test_use_switches_deltas_and_the_base(tmp_path) -> None:
     with pytest.raises(dt.DeltatuneError, match="the weight itself"):
         tuned(**x, adapter_names=["default", "dense"])
     # (merge + unmerge restored W0 to float tolerance, not bit for bit)
-    assert torch.allclose(output_of(tuned, x), output_of(dt.load(tiny_llama(), f), x), atol=1e-6, rtol=0), \
+    assert torch.allclose(output_of(tuned, x), output_of(dt.load(tiny_llama(), f), x), atol=1e-6, rtol=1e-5), \
         "a refused call changes nothing"
 
 

@@ -196,11 +196,11 @@ def test_gradients_equal_full_autograd_with_queries_inside_the_model(arch: str, 
     naive = naive_reading(model, form, x)
     head_loss(form, naive, y).backward()
     for o, r in zip(ours.queries, naive.queries, strict=True):
-        torch.testing.assert_close(o, r, atol=1e-6, rtol=0)
-    torch.testing.assert_close(ours.cls, naive.cls, atol=1e-6, rtol=0)
+        torch.testing.assert_close(o, r, atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(ours.cls, naive.cls, atol=1e-6, rtol=1e-5)
     for n, p in form.named_parameters():
         assert grads[n].abs().sum() > 0, n
-        torch.testing.assert_close(grads[n], p.grad, atol=1e-6, rtol=0, msg=n)
+        torch.testing.assert_close(grads[n], p.grad, atol=1e-6, rtol=1e-5, msg=n)
 
 
 @pytest.mark.parametrize("arch", ["bert", "llama"])
@@ -216,7 +216,7 @@ def test_feature_dimension_and_unit_norm_chunks(arch: str) -> None:
     chunks = [f[:, :d]] + list(f[:, d:].split(t * d, dim=1))
     assert len(chunks) == 1 + n_layers
     for chunk in chunks:
-        torch.testing.assert_close(chunk.norm(dim=-1), torch.ones(2), atol=1e-6, rtol=0)
+        torch.testing.assert_close(chunk.norm(dim=-1), torch.ones(2), atol=1e-6, rtol=1e-5)
     assert tuned.num_trainable() == n_layers * t * d + d * (1 + n_layers * t) * c + c
     assert not form.training, "attached to a model in eval mode, the form starts in eval mode (no Q dropout)"
     assert form.queries.abs().max() <= vpt_range(d) and form.queries.std() > vpt_range(d) / 4

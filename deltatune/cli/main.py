@@ -1,14 +1,16 @@
 """The ``deltatune`` command: each verb parses its arguments, calls the Python function of the same name
 (in ``deltatune.api`` or ``deltatune.cli.demo``) and prints the result. A ``DeltatuneError`` is printed as one
-red ``error: ...`` line with exit code 2; any other exception is a bug and propagates with its traceback.
+red ``error: ...`` line with exit code 2, and so is an ``OSError`` (a full disk, a read-only or forbidden folder:
+the path and what went wrong); any other exception is a bug and propagates with its traceback.
 """
 
 from __future__ import annotations
 
+import errno
 import functools
 import json
 from collections.abc import Callable
-from typing import Any, TypeVar
+from typing import Any, NoReturn, TypeVar
 
 import typer
 import yaml
@@ -41,18 +43,43 @@ def _err() -> Console:
 
 
 def _errors(fn: F) -> F:
-    """Turn a DeltatuneError into one red line on stderr and exit code 2."""
+    """Turn a DeltatuneError or an OSError into one red line on stderr and exit code 2."""
 
     @functools.wraps(fn)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         try:
             return fn(*args, **kwargs)
         except DeltatuneError as e:
-            message = " ".join(str(e).split())  # one line, whatever the message holds
-            _err().print(Text(f"error: {message}", style="red"), soft_wrap=True, highlight=False)
-            raise typer.Exit(2) from None
+            _fail(str(e))
+        except OSError as e:  # the machine's state, not a bug: say which path and what the system said
+            _fail(_os_error_message(e))
 
     return wrapper  # type: ignore[return-value]
+
+
+def _fail(message: str) -> NoReturn:
+    one_line = " ".join(message.split())  # one line, whatever the message holds
+    _err().print(Text(f"error: {one_line}", style="red"), soft_wrap=True, highlight=False)
+    raise typer.Exit(2) from None
+
+
+# what to do about the errors a reader or writer meets most, by errno
+_OS_ERROR_FIXES = {
+    errno.ENOSPC: "free space on that disk or write the output to another one",
+    errno.EDQUOT: "free space within your quota or write the output elsewhere",
+    errno.EROFS: "the file system is read-only: write the output to a writable folder",
+    errno.EACCES: "use a path you have access to, or change its permissions",
+    errno.EPERM: "use a path you have access to, or change its permissions",
+}
+
+
+def _os_error_message(e: OSError) -> str:
+    """``<path>: <the errno's text> (<ERRNO>); <what to do>``, for an OSError from any reader or writer."""
+    paths = " -> ".join(str(p) for p in (e.filename, e.filename2) if p is not None)
+    what = e.strerror or str(e) or type(e).__name__
+    code = f" ({errno.errorcode[e.errno]})" if e.errno in errno.errorcode else ""
+    fix = _OS_ERROR_FIXES.get(e.errno or 0)
+    return f"{paths + ': ' if paths else ''}{what}{code}{'; ' + fix if fix else ''}"
 
 
 def _version(value: bool) -> None:
@@ -146,11 +173,13 @@ def export(
         None, "--base", help="Base model: a shipped name or a from_pretrained folder (default: the one the "
         "artifact records)."
     ),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace what OUT holds (without it a folder that is "
+                                   "not empty and not this command's kind of output is refused)."),
 ) -> None:
     """Export an artifact to another library's format (a PEFT LoRA adapter)."""
     from deltatune import api
 
-    path = api.export(artifact, out, base=base, format=format)
+    path = api.export(artifact, out, base=base, format=format, overwrite=overwrite)
     _out().print(f"exported {artifact} to {path} ({format})", soft_wrap=True, highlight=False)
 
 
@@ -161,11 +190,13 @@ def import_(
     out: str = typer.Argument(..., help="The deltatune artifact folder to write."),
     base: str = typer.Option(..., "--base", help="Base model: a shipped name or a from_pretrained folder."),
     format: str = typer.Option("peft", "--format", help="Source format: peft (Hugging Face PEFT adapter)."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace what OUT holds (without it a folder that is "
+                                   "not empty and not this command's kind of output is refused)."),
 ) -> None:
     """Import another library's adapter as a deltatune artifact."""
     from deltatune import api
 
-    path = api.import_(adapter, out, base=base, format=format)
+    path = api.import_(adapter, out, base=base, format=format, overwrite=overwrite)
     _out().print(f"imported {adapter} ({format}) to {path}", soft_wrap=True, highlight=False)
 
 
@@ -175,11 +206,13 @@ def merge(
     artifact: str = typer.Argument(..., help="The deltatune artifact folder to merge."),
     base: str = typer.Option(..., "--base", help="Base model: a shipped name or a from_pretrained folder."),
     out: str = typer.Option(..., "--out", help="The save_pretrained folder to write (a plain model)."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace what OUT holds (without it a folder that is "
+                                   "not empty and not this command's kind of output is refused)."),
 ) -> None:
     """Merge an artifact into its base model and write a plain save_pretrained folder."""
     from deltatune import api
 
-    path = api.merge(artifact, base=base, out=out)
+    path = api.merge(artifact, base=base, out=out, overwrite=overwrite)
     _out().print(f"merged {artifact} into {base}: {path}", soft_wrap=True, highlight=False)
 
 
@@ -236,22 +269,25 @@ def train(
                                  "name of a shipped preset, e.g. lora, lora-minilm, spiel (deltatune/presets/)."),
     set_: list[str] = typer.Option([], "--set", metavar="KEY=VALUE", help="Override a config key, e.g. --set train.steps=10."),
     resume: bool = typer.Option(False, "--resume", help="Continue exactly from the newest checkpoint in OUTPUT/checkpoints."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace what the output folder holds (a new run "
+                                   "refuses a folder that is not empty)."),
 ) -> None:
     """Train a method as a YAML config or a preset says; the artifact and checkpoints go to its output folder."""
     from deltatune.train import train as train_fn
 
-    train_fn(config, set_, resume=resume)
+    train_fn(config, set_, resume=resume, overwrite=overwrite)
 
 
-def _data_config(data: str | None, task: str | None, config: str | None, sets: list[str]) -> dict[str, Any]:
+def _data_config(data: str | None, task: str | None, config: str | None, sets: list[str]) -> Any:
+    """The data config of ``eval``: a run config's data section, then --data / --task, then --set ``key=value``
+    (``data.key=value`` too, as ``train --set`` spells it), checked key by key."""
     from pathlib import Path
 
     from deltatune import data as data_module
+    from deltatune.train.config import load_config, parse_data_section
 
     values: dict[str, Any] = {}
     if config:
-        from deltatune.train.config import load_config
-
         values = dict(vars(load_config(config).data))
     if data:
         values.pop("name", None)
@@ -259,10 +295,15 @@ def _data_config(data: str | None, task: str | None, config: str | None, sets: l
         values["name" if data in data_module.SHIPPED and not Path(data).exists() else "path"] = data
     if task:
         values["task"] = task
-    values.update(_parse_options(sets))
+    values.update({key.removeprefix("data."): value for key, value in _parse_options(sets).items()})
     if not values.get("name") and not values.get("path"):
         raise DeltatuneError("say which data to use: --data NAME_OR_FILE or --config RUN.yaml")
-    return values
+    return parse_data_section(values)
+
+
+def _at_least_one(value: int, option: str) -> None:
+    if value < 1:
+        raise DeltatuneError(f"{option} {value}: must be at least 1")
 
 
 @app.command("eval")
@@ -280,6 +321,7 @@ def eval_(
     """Evaluate an artifact on held-out data: loss, perplexity, accuracy where labels exist, edit success for edits."""
     from deltatune import api
 
+    _at_least_one(batch_size, "--batch-size")
     metrics = api.eval(artifact, _data_config(data, task, config, set_), base=base, batch_size=batch_size)
     if as_json:
         typer.echo(json.dumps(metrics, indent=2))
@@ -304,6 +346,7 @@ def generate(
     """Generate text with the delta attached, streamed as it is produced."""
     from deltatune import api
 
+    _at_least_one(max_new_tokens, "--max-new-tokens")
     api.generate(artifact, prompt, base=base, max_new_tokens=max_new_tokens, stream=True,
                  chat=False if no_chat else None)
     typer.echo("")
@@ -320,12 +363,14 @@ def compress(
     lowrank: str = typer.Option("delta", "--lowrank", help="Low-rank deltas: delta (ΔW = s·B·A) or factors (A and B)."),
     values: str = typer.Option("ternary", "--values", help="ternary (ComPEFT) or pruned (top-k only, values kept)."),
     base: str = typer.Option(None, "--base", help="Base model (default: the one the artifact records)."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace what OUT holds (without it a folder that is "
+                                   "not empty and not this command's kind of output is refused)."),
 ) -> None:
     """Compress a saved delta with ComPEFT (top-k + ternary, bit-packed); the result loads like any artifact."""
     from deltatune import api
 
     path = api.compress(artifact, out, density=density, alpha=alpha, scope=scope, lowrank=lowrank, values=values,
-                        base=base)
+                        base=base, overwrite=overwrite)
     info = api.inspect(path)
     comp = info["compression"]
     _out().print(f"compressed {artifact} to {path}: {human_bytes(info['original_bytes'])} -> "
@@ -360,13 +405,15 @@ def merge_deltas(
                               help="delta (merge each ΔW) | factors (PEFT's merge of LoRA factors A and B apart)."),
     base: str = typer.Option(None, "--base", help="Base model: a shipped name or a from_pretrained folder "
                              "(default: the one the artifacts record)."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace what OUT holds (without it a folder that is "
+                                   "not empty and not this command's kind of output is refused)."),
 ) -> None:
     """Merge deltas trained on different tasks into one artifact (task arithmetic, TIES, DARE)."""
     from deltatune import api
     from deltatune.cli.demo import human_bytes
 
     tuned = api.merge_deltas(deltas, out, how=how, weights=_floats(weights, "--weights"), density=density, seed=seed,
-                             majority=majority, rank=rank, space=space, base=base)
+                             majority=majority, rank=rank, space=space, base=base, overwrite=overwrite)
     _out().print(f"merged {len(deltas)} deltas ({how}) into {out}: a {tuned.method.name} artifact of "
                  f"{human_bytes(tuned.stored_bytes())}", soft_wrap=True, highlight=False)
 
@@ -378,11 +425,13 @@ def compose(
     deltas: list[str] = typer.Argument(..., help="The artifact folders to apply together (θ0 + their sum)."),
     base: str = typer.Option(None, "--base", help="Base model: a shipped name or a from_pretrained folder "
                              "(default: the one the first artifact records)."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace what OUT holds (without it a folder that is "
+                                   "not empty and not this command's kind of output is refused)."),
 ) -> None:
     """Apply several deltas at once (their sum, e.g. a task and a language delta) and write the merged model."""
     from deltatune import api
 
-    path = api.compose(deltas, out, base=base)
+    path = api.compose(deltas, out, base=base, overwrite=overwrite)
     _out().print(f"composed {len(deltas)} deltas into {path} (undo one with `deltatune revert`)", soft_wrap=True,
                  highlight=False)
 
@@ -393,11 +442,13 @@ def revert(
     composed: str = typer.Argument(..., help="A model folder written by `deltatune compose`."),
     part: str = typer.Argument(..., help="The part to take out: its artifact folder name or path."),
     out: str = typer.Argument(..., help="The save_pretrained folder to write."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace what OUT holds (without it a folder that is "
+                                   "not empty and not this command's kind of output is refused)."),
 ) -> None:
     """Take one delta out of a composed model: rebuilt from the base with the other parts (exact)."""
     from deltatune import api
 
-    path = api.revert(composed, part, out)
+    path = api.revert(composed, part, out, overwrite=overwrite)
     _out().print(f"{composed} without {part} written to {path}", soft_wrap=True, highlight=False)
 
 

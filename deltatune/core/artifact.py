@@ -6,11 +6,17 @@ every parameter's shape and a hash of every tensor the delta touches) and refuse
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
+import glob
 import hashlib
 import json
 import os
 import shutil
 import tempfile
+import threading
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -93,14 +99,21 @@ def _previous(path: Path) -> Path:
     return path.parent / f".{path.name}.previous"
 
 
+def _temporaries(path: Path) -> list[Path]:
+    return list(path.parent.glob(f".{glob.escape(path.name)}.tmp-*"))
+
+
 _CARRIED = ".carried"  # inside a temporary dir: the sub-folders moved over from the previous version
 
 
 def recover(path: str | os.PathLike) -> None:
-    """Finish a swap that a killed process left half done.
+    """Finish a swap that a killed process left half done. Only the folder's owner may call it (a writer in
+    ``destination``, or a reader that took the lock: ``_recover_to_read``), since a live writer's swap looks
+    the same as a broken one.
 
-    The previous version is put back if it was moved aside, and sub-folders that had already been
-    carried into an unfinished temporary directory (e.g. a run's ``checkpoints/``) go back home.
+    The previous version is put back if it was moved aside, sub-folders that had already been carried into
+    an unfinished temporary directory (e.g. a run's ``checkpoints/``) go back home, and what is left of
+    unfinished temporary directories is removed.
     """
     path = Path(path)
     prev = _previous(path)
@@ -109,23 +122,25 @@ def recover(path: str | os.PathLike) -> None:
             shutil.rmtree(prev, ignore_errors=True)
         else:
             os.rename(prev, path)
-    for tmp in path.parent.glob(f".{path.name}.tmp-*"):
+    for tmp in _temporaries(path):
         marker = tmp / _CARRIED
-        if path.is_dir() and marker.is_file():
+        if marker.is_file():
+            if not path.is_dir():
+                continue  # the carried sub-folders have no home to go back to: keep them where they are
             for name in marker.read_text().split("\n"):
                 if name and (tmp / name).exists() and not (path / name).exists():
                     os.rename(tmp / name, path / name)
-            shutil.rmtree(tmp, ignore_errors=True)
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
-def atomic_dir(path: str | os.PathLike, fill) -> None:
+def atomic_dir(path: str | os.PathLike, fill: Callable[[Path], None], *, carry: bool = True) -> None:
     """Let ``fill(tmp)`` write into a temporary sibling of ``path``, then swap it in with renames.
 
     The previous directory is removed only after the new one is in place, so an interrupted
-    write (crash, Ctrl-C, full disk) never destroys what was there. Sub-folders of the previous
-    version that the new one does not have (a training run's ``checkpoints/``) are carried over.
-    Between the renames the previous version sits at ``.<name>.previous``; ``recover`` (run by
-    every reader and writer) puts things back if a process was killed right there.
+    write (crash, Ctrl-C, full disk) never destroys what was there. With ``carry``, sub-folders of the
+    previous version that the new one does not have (a training run's ``checkpoints/``) are carried over.
+    Between the renames the previous version sits at ``.<name>.previous``; ``recover`` puts things back
+    if a process was killed right there. The caller owns ``path`` (``destination``).
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -138,7 +153,7 @@ def atomic_dir(path: str | os.PathLike, fill) -> None:
     carried: list[str] = []
     try:
         fill(tmp)
-        if path.is_dir():
+        if path.is_dir() and carry:
             carried = sorted(d.name for d in path.iterdir() if d.is_dir() and not (tmp / d.name).exists())
         if carried:
             (tmp / _CARRIED).write_text("\n".join(carried))
@@ -164,6 +179,194 @@ def atomic_dir(path: str | os.PathLike, fill) -> None:
         shutil.rmtree(prev, ignore_errors=True)
 
 
+# -- one writer per folder, and nothing replaced that is not the writer's own --------------------
+@dataclass(frozen=True)
+class OutputKind:
+    """What a writer writes, so that ``destination`` knows what it may replace without being told to."""
+
+    what: str  # how messages name it
+    marker: str | None = None  # a folder holding this file is this kind's output (None: only an empty folder is)
+    files: frozenset[str] | None = None  # every file such a folder holds at its top (None: any)
+    fix: str = "pass --overwrite to replace it (overwrite=True in Python)"
+
+    def owns(self, path: Path, names: list[str]) -> bool:
+        """``path`` (holding ``names``) is an output of this kind: its own files, and sub-folders (which stay)."""
+        if self.marker is None or self.marker not in names:
+            return False
+        return self.files is None or all(n in self.files or (path / n).is_dir() for n in names)
+
+
+OUTPUT_KINDS = {
+    "artifact": OutputKind("a deltatune artifact", META_FILE, frozenset({META_FILE, TENSOR_FILE})),
+    "peft": OutputKind("a PEFT adapter", "adapter_config.json",
+                       frozenset({"adapter_config.json", "adapter_model.safetensors", "README.md"})),
+    "model": OutputKind("a saved model (a save_pretrained folder)", "config.json"),
+    # a run adds to its folder as it goes (checkpoints, then the artifact): it starts in an empty one
+    "run": OutputKind("a training run", fix="pass --resume to continue the run there or --overwrite to replace it "
+                                            "(resume=True / overwrite=True in Python)"),
+}
+
+
+@dataclass
+class Destination:
+    """A folder one writer owns (see ``destination``); its writes swap the new contents in atomically."""
+
+    path: Path
+    kind: str
+    carry: bool  # a write keeps the sub-folders of what is there (a run's checkpoints/); not when replacing it
+
+    def write(self, fill: Callable[[Path], None]) -> Path:
+        atomic_dir(self.path, fill, carry=self.carry)
+        return self.path
+
+    def write_tensors(self, tensors: dict[str, torch.Tensor], tensor_file: str, json_files: dict[str, Any], *,
+                      checksum_into: str | None = None) -> Path:
+        write_tensor_dir(self.path, tensors, tensor_file, json_files, checksum_into=checksum_into, carry=self.carry)
+        return self.path
+
+
+class _Busy(DeltatuneError):
+    def __init__(self, path: Path, holder: str) -> None:
+        super().__init__(f"{path} is in use by {holder} (a deltatune process writing it): wait until it is done, "
+                         "or write to another folder")
+        self.holder = holder
+
+
+_OWNED: dict[Path, tuple[int, Destination]] = {}  # folders this process owns: the owning thread, the destination
+
+
+def _lock_file(path: Path) -> Path:
+    return path.parent / f".{path.name}.lock"
+
+
+def _holder(fd: int) -> str:
+    try:
+        pid = os.pread(fd, 32, 0).decode().strip()
+    except (OSError, UnicodeDecodeError):
+        pid = ""
+    return f"PID {pid}" if pid.isdigit() else "another process"
+
+
+def _same_file(fd: int, path: Path) -> bool:
+    try:
+        return os.fstat(fd).st_ino == os.stat(path).st_ino
+    except FileNotFoundError:
+        return False
+
+
+def _lock(path: Path) -> int:
+    """Take the advisory lock of ``path`` (the file ``.<name>.lock`` beside it) without waiting; its holder
+    writes its PID into it, for the message another process gets. The kernel releases it when the process
+    dies, so a killed run never leaves its folder locked."""
+    lock = _lock_file(path)
+    while True:
+        fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = _holder(fd)
+            os.close(fd)
+            raise _Busy(path, holder) from None
+        if _same_file(fd, lock):  # else its last holder removed it as we opened it: take the new one
+            break
+        os.close(fd)
+    os.ftruncate(fd, 0)
+    os.write(fd, f"{os.getpid()}\n".encode())
+    return fd
+
+
+def _unlock(path: Path, fd: int) -> None:
+    with contextlib.suppress(OSError):
+        os.unlink(_lock_file(path))  # removed while still held: nothing is left beside the folder
+    os.close(fd)
+
+
+def _refuse_overlap(path: Path, inputs: Iterable[Any]) -> None:
+    """Refuse an output that is an input, lies inside one (the base model's folder) or holds one: replacing
+    it would destroy what the writer reads."""
+    real = path.resolve()
+    for item in inputs:
+        if not isinstance(item, str | os.PathLike) or not os.path.exists(item):
+            continue  # a shipped model's name, an in-memory model: nothing on disk to protect
+        source = Path(item).resolve()
+        where = "is" if real == source else "lies inside" if source in real.parents else \
+            "holds" if real in source.parents else None
+        if where is not None:
+            raise DeltatuneError(f"the output {path} {where} {item}, which this command reads: "
+                                 "write the output to a folder apart from its inputs")
+
+
+def _make_room(path: Path, kind: str, overwrite: bool, resume: bool) -> bool:
+    """Check what ``path`` holds against what a ``kind`` writer may replace; returns whether its sub-folders stay."""
+    if path.exists() and not path.is_dir():
+        raise DeltatuneError(f"{path} exists and is not a folder: choose another output path")
+    names = sorted(p.name for p in path.iterdir()) if path.is_dir() else []
+    spec = OUTPUT_KINDS[kind]
+    if not names or resume or spec.owns(path, names):
+        return True
+    if overwrite:
+        if spec.marker is None:  # a run writes into its folder as it goes: the old contents go now
+            shutil.rmtree(path)
+            return True
+        return False
+    listing = ", ".join(names[:5]) + (", ..." if len(names) > 5 else "")
+    not_own = f" and is not {spec.what}" if spec.marker is not None else ""
+    raise DeltatuneError(f"{path} is not empty{not_own} (it holds {listing}): choose another output folder, or {spec.fix}")
+
+
+@contextlib.contextmanager
+def destination(out: str | os.PathLike, kind: str, *, inputs: Iterable[Any] = (), overwrite: bool = False,
+                resume: bool = False) -> Iterator[Destination]:
+    """Own the folder ``out`` for writing a ``kind`` output (``OUTPUT_KINDS``) until the block ends: the one
+    gate of every writer.
+
+    It takes the folder's lock (another process gets "in use by PID N"), finishes a swap that a killed writer
+    left half done, refuses ``out`` when it is, lies inside or holds one of ``inputs`` (what the writer reads:
+    artifacts, the base model's folder, data), and refuses a folder that holds anything but this kind's own
+    output unless ``overwrite`` (then all of it is replaced) or ``resume`` (a run continued where it stopped).
+    Writes go through the ``Destination`` it yields (atomic swaps). A writer called inside the block for the
+    same folder (a run saving its artifact) shares it without checking again.
+    """
+    path = Path(os.path.abspath(out))
+    owned = _OWNED.get(path)
+    if owned is not None and owned[0] == threading.get_ident():
+        yield owned[1]
+        return
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = _lock(path)
+    try:
+        recover(path)
+        _refuse_overlap(path, inputs)
+        dest = Destination(path, kind, carry=_make_room(path, kind, overwrite, resume))
+        _OWNED[path] = (threading.get_ident(), dest)
+        try:
+            yield dest
+        finally:
+            del _OWNED[path]
+    finally:
+        _unlock(path, fd)
+
+
+def _recover_to_read(path: Path) -> None:
+    """Before a read: finish a swap a killed writer left half done, but never one that a live writer is making
+    (it holds the lock: its swap is in progress, not broken, and its temporary folder is its work)."""
+    if Path(os.path.abspath(path)) in _OWNED or not (_previous(path).is_dir() or _temporaries(path)):
+        return
+    try:
+        fd = _lock(path)
+    except _Busy as busy:
+        if not path.exists():
+            raise DeltatuneError(f"{path} is being replaced right now by {busy.holder}: read it again when "
+                                 "that process is done") from None
+        return
+    except OSError:
+        return  # a folder this process may not write to: read what is there
+    try:
+        recover(path)
+    finally:
+        _unlock(path, fd)
+
+
 def _for_saving(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """Contiguous CPU tensors that own their storage (safetensors refuses views and shared storage);
     only those that need it are copied, so a large delta is not duplicated in memory."""
@@ -178,6 +381,16 @@ def _for_saving(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return out
 
 
+def check_file(path: Path, expected: dict[str, Any], record: str) -> None:
+    """Raise unless ``path`` has the size and sha256 that ``record`` (the JSON file beside it) says it was
+    written with; a record without them (written by an older deltatune) checks nothing."""
+    size = path.stat().st_size
+    if "bytes" in expected and size != expected["bytes"]:
+        raise DeltatuneError(f"{path} is truncated or corrupted: {size} bytes, {record} says {expected['bytes']}")
+    if "sha256" in expected and sha256_file(path) != expected["sha256"]:
+        raise DeltatuneError(f"{path} is corrupted: its checksum does not match {record}")
+
+
 def sha256_file(path: Path) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:
@@ -187,9 +400,10 @@ def sha256_file(path: Path) -> str:
 
 
 def write_tensor_dir(path: str | os.PathLike, tensors: dict[str, torch.Tensor], tensor_file: str,
-                     json_files: dict[str, Any], *, checksum_into: str | None = None) -> None:
+                     json_files: dict[str, Any], *, checksum_into: str | None = None, carry: bool = True) -> None:
     """Atomically write a folder of one safetensors file (streamed to disk, not built in memory) and
-    JSON files; ``checksum_into`` names the JSON file that records the tensor file's size and sha256."""
+    JSON files; ``checksum_into`` names the JSON file that records the tensor file's size and sha256
+    (``check_file`` checks it on reading). The caller owns ``path`` (``destination``)."""
 
     def fill(tmp: Path) -> None:
         save_file(_for_saving(tensors), str(tmp / tensor_file), metadata={"format": "pt"})
@@ -204,16 +418,20 @@ def write_tensor_dir(path: str | os.PathLike, tensors: dict[str, torch.Tensor], 
             with open(tmp / name, "rb") as f:
                 os.fsync(f.fileno())
 
-    atomic_dir(path, fill)
+    atomic_dir(path, fill, carry=carry)
 
 
-def write_artifact(path: str | os.PathLike, meta: dict[str, Any], tensors: dict[str, torch.Tensor]) -> None:
-    write_tensor_dir(path, tensors, TENSOR_FILE, {META_FILE: meta}, checksum_into=META_FILE)
+def write_artifact(path: str | os.PathLike, meta: dict[str, Any], tensors: dict[str, torch.Tensor], *,
+                   overwrite: bool = False) -> None:
+    """Write an artifact at ``path``: a new or empty folder, or one holding an artifact (replaced atomically);
+    ``overwrite`` replaces any other folder."""
+    with destination(path, "artifact", overwrite=overwrite) as dest:
+        dest.write_tensors(tensors, TENSOR_FILE, {META_FILE: meta}, checksum_into=META_FILE)
 
 
 def read_meta(path: str | os.PathLike) -> dict[str, Any]:
     path = Path(path)
-    recover(path)
+    _recover_to_read(path)
     meta_path = path / META_FILE
     if not meta_path.is_file():
         hint = " (it looks like a PEFT adapter: use import_peft / `deltatune import`)" if (path / "adapter_config.json").exists() else ""
@@ -234,14 +452,7 @@ def read_tensors(path: str | os.PathLike, meta: dict[str, Any]) -> dict[str, tor
     tensor_path = path / TENSOR_FILE
     if not tensor_path.is_file():
         raise DeltatuneError(f"{tensor_path} is missing: the artifact is incomplete")
-    expected = meta.get("files", {}).get(TENSOR_FILE, {})
-    blob = tensor_path.read_bytes()
-    if "bytes" in expected and len(blob) != expected["bytes"]:
-        raise DeltatuneError(
-            f"{tensor_path} is truncated or corrupted: {len(blob)} bytes, the artifact says {expected['bytes']}"
-        )
-    if "sha256" in expected and hashlib.sha256(blob).hexdigest() != expected["sha256"]:
-        raise DeltatuneError(f"{tensor_path} is corrupted: its checksum does not match {META_FILE}")
+    check_file(tensor_path, meta.get("files", {}).get(TENSOR_FILE, {}), META_FILE)
     try:
         return load_file(tensor_path)
     except (SafetensorError, OSError, ValueError) as e:

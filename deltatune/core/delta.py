@@ -186,6 +186,7 @@ class Delta:
             "sizes": {"trainable": self.num_trainable(), "stored_bytes": self.stored_bytes()},
         }
 
-    def save(self, path: str | os.PathLike) -> None:
-        """Write ``deltatune.json`` + ``delta.safetensors`` atomically (an interrupted save keeps the old one)."""
-        artifact.write_artifact(path, self.describe(), self.state_dict())
+    def save(self, path: str | os.PathLike, *, overwrite: bool = False) -> None:
+        """Write ``deltatune.json`` + ``delta.safetensors`` atomically (an interrupted save keeps the old one).
+        A folder holding anything but an artifact is refused unless ``overwrite``."""
+        artifact.write_artifact(path, self.describe(), self.state_dict(), overwrite=overwrite)

@@ -124,6 +124,8 @@ def _is_instance(value: Any, hint: Any) -> bool:
         return value is None
     if hint is float:
         return isinstance(value, int | float) and not isinstance(value, bool)
+    if hint is int:  # a bool is an int to Python, but `steps: true` is a mistake, not 1 step
+        return isinstance(value, int) and not isinstance(value, bool)
     if origin in (list, tuple):
         return isinstance(value, list | tuple)
     if origin is dict:
@@ -131,6 +133,11 @@ def _is_instance(value: Any, hint: Any) -> bool:
     if isinstance(hint, type):
         return isinstance(value, hint)
     return True
+
+
+def type_name(hint: Any) -> str:
+    """A field's type as a config author writes it: ``int``, ``list[str] | None`` (not ``<class 'int'>``)."""
+    return hint.__name__ if isinstance(hint, type) and not typing.get_args(hint) else str(hint).replace("typing.", "")
 
 
 def make_config(method: Method, values: dict[str, Any]) -> Any:
@@ -144,7 +151,7 @@ def make_config(method: Method, values: dict[str, Any]) -> Any:
             hint = f" (did you mean {near[0]!r}?)" if near else ""
             problems.append(f"unknown option {key!r}{hint}")
         elif not _is_instance(value, hints[key]):
-            problems.append(f"{key}={value!r} should be {hints[key]}")
+            problems.append(f"{key}={value!r} should be {type_name(hints[key])}")
     if problems:
         raise DeltatuneError(
             f"bad config for method {method.name!r}: " + "; ".join(problems)

@@ -307,9 +307,10 @@ class Tuned(ModelWrapper):
     def describe(self) -> dict[str, Any]:
         return self.delta.describe()
 
-    def save(self, path: str | os.PathLike) -> None:
-        """Write ``deltatune.json`` + ``delta.safetensors`` atomically (an interrupted save keeps the old one)."""
-        self.delta.save(path)
+    def save(self, path: str | os.PathLike, *, overwrite: bool = False) -> None:
+        """Write ``deltatune.json`` + ``delta.safetensors`` atomically (an interrupted save keeps the old one).
+        A folder holding anything but an artifact is refused unless ``overwrite``."""
+        self.delta.save(path, overwrite=overwrite)
 
 
 def _method_and_config(method: str | Any, values: dict[str, Any]) -> tuple[registry.Method, Any]:

@@ -193,6 +193,23 @@ def _auto_class(name: str, task: str | None) -> Any:
     }[task]
 
 
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")  # torch.save / pickle files, as transformers names them
+
+
+def refuse_pickle_weights(folder: Path) -> None:
+    """A folder whose weights exist only as pickle (``pytorch_model.bin``) is refused before transformers sees it:
+    unpickling a file can run any code in it, and deltatune reads nothing with pickle."""
+    if any(folder.glob("*.safetensors")):
+        return
+    pickled = sorted(p.name for p in folder.iterdir() if p.suffix in PICKLE_SUFFIXES and p.is_file())
+    if pickled:
+        raise DeltatuneError(
+            f"{folder} holds its weights only as pickle ({', '.join(pickled)}): pickle weights are not loaded, as "
+            "unpickling can run code; convert to safetensors where you trust the file, e.g. "
+            "AutoModel.from_pretrained(folder).save_pretrained(folder, safe_serialization=True)"
+        )
+
+
 def load(
     name_or_path: str | os.PathLike[str],
     *,
@@ -209,13 +226,16 @@ def load(
         raise DeltatuneError(f"unknown task {task!r}; use one of {', '.join(TASKS)} or leave it out")
     name = os.fspath(name_or_path)
     folder = resolve(name)
+    refuse_pickle_weights(Path(folder))
     auto = _auto_class(name, task)
     try:
         # weights the folder lacks (a fresh classification head) are initialised from a fixed seed, so
         # the same name always gives the same base model and a trained delta finds its base again
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(0)
-            model = auto.from_pretrained(folder, **{**kwargs, "dtype": dtype, "local_files_only": True})
+            model = auto.from_pretrained(
+                folder, **{**kwargs, "dtype": dtype, "local_files_only": True, "use_safetensors": True}
+            )
     except OSError as e:
         raise DeltatuneError(
             f"could not load a model from {folder}: {e}; pass a save_pretrained folder"

@@ -15,9 +15,11 @@ PEFT saves it); a DoRA adapter imports back as a ``dora`` delta.
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 from collections import Counter
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -76,8 +78,9 @@ def _number(x: float) -> int | float:
     return int(x) if float(x).is_integer() else float(x)
 
 
-def export_peft(tuned: Tuned, out: str | os.PathLike) -> Path:
-    """Write ``tuned``'s delta as a PEFT LoRA adapter (``PeftModel.from_pretrained`` loads it unchanged)."""
+def export_peft(tuned: Tuned, out: str | os.PathLike, *, overwrite: bool = False) -> Path:
+    """Write ``tuned``'s delta as a PEFT LoRA adapter (``PeftModel.from_pretrained`` loads it unchanged) at ``out``:
+    a new or empty folder, or a PEFT adapter (replaced atomically); ``overwrite`` replaces any other folder."""
     forms = tuned.forms()
     low = {n: f for n, f in forms.items() if isinstance(f, LowRank) and f.kind in (LowRank.kind, DoRA.kind)}
     dense = {n: f for n, f in forms.items() if isinstance(f, Dense) and f.kind == Dense.kind}
@@ -190,7 +193,8 @@ def export_peft(tuned: Tuned, out: str | os.PathLike) -> Path:
         "lora_bias": False,
         "peft_version": PEFT_VERSION,
     }
-    artifact.write_tensor_dir(out, tensors, WEIGHTS_FILE, {CONFIG_FILE: config})
+    with artifact.destination(out, "peft", overwrite=overwrite) as dest:
+        dest.write_tensors(tensors, WEIGHTS_FILE, {CONFIG_FILE: config})
     return Path(out)
 
 
@@ -213,11 +217,45 @@ def read_peft(adapter: str | os.PathLike) -> tuple[dict[str, Any], dict[str, tor
         raise DeltatuneError(f"{cfg_path} is not valid JSON: {e}") from e
     if not isinstance(config, dict):
         raise DeltatuneError(f"{cfg_path} is not a PEFT config (a JSON object)")
+    _check_config_types(cfg_path, config)
     try:
         tensors = load_file(w_path)
     except (SafetensorError, OSError, ValueError) as e:
         raise DeltatuneError(f"{w_path} is truncated or corrupted: {e}") from e
     return config, tensors
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _is_integer(value: Any) -> bool:
+    return _is_number(value) and float(value).is_integer()
+
+
+# the adapter_config.json fields the import reads, what each must hold (null means PEFT's default), and that in words
+_CONFIG_TYPES: dict[str, tuple[Callable[[Any], bool], str]] = {
+    "r": (lambda v: _is_integer(v) and v > 0, "a positive integer"),
+    "lora_alpha": (_is_number, "a number"),
+    "lora_dropout": (lambda v: _is_number(v) and 0 <= v < 1, "a number in [0, 1)"),
+    "use_rslora": (lambda v: isinstance(v, bool), "true or false"),
+    "use_dora": (lambda v: isinstance(v, bool), "true or false"),
+    "bias": (lambda v: isinstance(v, str), "a string (none, all or lora_only)"),
+    "rank_pattern": (lambda v: isinstance(v, dict) and all(_is_integer(x) and x > 0 for x in v.values()),
+                     "an object of module patterns to positive integers"),
+    "alpha_pattern": (lambda v: isinstance(v, dict) and all(_is_number(x) for x in v.values()),
+                      "an object of module patterns to numbers"),
+}
+
+
+def _check_config_types(cfg_path: Path, config: dict[str, Any]) -> None:
+    """Every field the import reads has the type PEFT writes, so a hand-edited config fails here, naming the field."""
+    bad = [f"{key}={config[key]!r} must be {what}" for key, (ok, what) in _CONFIG_TYPES.items()
+           if config.get(key) is not None and not ok(config[key])]
+    if bad:
+        raise DeltatuneError(
+            f"{cfg_path} is not a valid PEFT config: {'; '.join(bad)}; fix the file or re-save the adapter with PEFT"
+        )
 
 
 _LORA_KEY = re.compile(

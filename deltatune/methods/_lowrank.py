@@ -3,7 +3,9 @@ PEFT's rank / alpha patterns, and PEFT's ``bias`` / ``modules_to_save`` options.
 
 from __future__ import annotations
 
+import math
 import re
+import warnings
 
 import torch.nn as nn
 
@@ -36,6 +38,20 @@ def pattern_value(patterns: dict, module_name: str, default: float) -> float:
         if re.match(rf"(.*\.)?({key})$", module_name):
             return value
     return default
+
+
+def check_alpha(alpha: float) -> None:
+    """LoRA's alpha (the scale is alpha/r) must be finite. A non-positive one only draws a warning: PEFT accepts
+    any ``lora_alpha`` (its adapters must import), a negative alpha just flips the sign of B·A, which training
+    absorbs into B, and alpha = 0 silences the delta."""
+    if not math.isfinite(alpha):
+        raise ValueError(f"alpha={alpha} must be a finite number")
+    if alpha < 0:
+        warnings.warn(f"alpha={alpha:g} is negative: the delta is scaled by alpha/r < 0, which trains like "
+                      f"alpha={-alpha:g} with B negated (PEFT accepts it too); use a positive alpha", stacklevel=3)
+    elif alpha == 0:
+        warnings.warn("alpha=0 scales the delta to zero: it changes nothing and its factors get no gradient; "
+                      "use a positive alpha, e.g. alpha = r", stacklevel=3)
 
 
 def default_targets(model: nn.Module) -> list[str]:

@@ -91,6 +91,7 @@ class OffloadedInPlace(InPlace):
 
     def snapshot(self) -> None:
         if self.__dict__["_w0_kept"] is None:
+            self._check_base_unwritten()  # as InPlace: W0 is W as it was at attach
             self._keep_w0(self.weight)
 
     def _apply(self, fn: Any, recurse: bool = True) -> OffloadedInPlace:

@@ -7,7 +7,7 @@ import torch
 import torch.nn as nn
 
 from deltatune.core.forms.base import WeightDelta
-from deltatune.core.forms.lowrank import layout_of
+from deltatune.core.forms.lowrank import check_rank_fits, layout_of
 from deltatune.errors import DeltatuneError
 from deltatune.methods._common import block_matrices
 
@@ -32,6 +32,7 @@ class SVDTriplet(WeightDelta):
             raise DeltatuneError(f"rank r={r} must be >= 0")
         w = self.base
         self.d_out, self.d_in = (w.shape[1], w.shape[0]) if self.layout == "conv1d" else w.shape
+        check_rank_fits(r, self.d_out, self.d_in, module)
         # factors of a half-precision base train in fp32 (as PEFT and the low-rank form)
         self.dtype = w.dtype if w.dtype in (torch.float32, torch.float64) else torch.float32
         self.alpha = float(alpha)

@@ -42,7 +42,7 @@ from deltatune.core.targeting import select_modules
 from deltatune.errors import DeltatuneError
 from deltatune.methods._attention_heads import attention_blocks, cut_heads, original_ids, remap_positions
 from deltatune.methods._common import block_matrices, dense_forms
-from deltatune.methods._lowrank import default_targets
+from deltatune.methods._lowrank import check_alpha, default_targets
 from deltatune.methods._masked_sparse import MaskedSparse
 
 if TYPE_CHECKING:
@@ -103,6 +103,7 @@ class DseeConfig:
         problems = [msg for ok, msg in checks if not ok]
         if problems:
             raise ValueError("; ".join(problems))
+        check_alpha(self.alpha)
 
     @property
     def prunes(self) -> bool:

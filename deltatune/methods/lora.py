@@ -16,7 +16,7 @@ from deltatune.core.forms.base import Form
 from deltatune.core.forms.lowrank import LowRank
 from deltatune.core.registry import Built, register
 from deltatune.core.targeting import select_modules, sites_of
-from deltatune.methods._lowrank import add_trained_extras, default_targets, pattern_value
+from deltatune.methods._lowrank import add_trained_extras, check_alpha, default_targets, pattern_value
 
 
 @dataclass
@@ -40,6 +40,7 @@ class LoraConfig:
             raise ValueError(f"r={self.r} must be a positive integer")
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"dropout={self.dropout} must be in [0, 1)")
+        check_alpha(self.alpha)
 
 
 @register("lora", LoraConfig, "LoRA: low-rank ΔW = (alpha/r)·B·A on chosen layers (PEFT-compatible)")

@@ -317,16 +317,23 @@ def revert(composition: Composition, which: int | str) -> Composition:
 
 # -- a composition written as a plain model (deltatune compose / deltatune revert) --------------------------
 def save_composed(deltas: Sequence[str | os.PathLike], out: str | os.PathLike, *,
-                  base: str | nn.Module | None = None) -> Path:
+                  base: str | nn.Module | None = None, overwrite: bool = False) -> Path:
     """Compose every delta on the base (θ0 + Σ φ_i), merge, and write a ``save_pretrained`` folder at ``out``
-    with a record of the parts (the several-delta version of ``deltatune merge``)."""
-    from deltatune.data import models
-
+    with a record of the parts (the several-delta version of ``deltatune merge``). ``out`` is new, empty or a
+    saved model; ``overwrite`` replaces any other folder."""
     if isinstance(deltas, str | os.PathLike) or not deltas:
         raise DeltatuneError("compose takes a list of artifacts: deltatune compose OUT A B ...")
     name = base or artifact.read_meta(deltas[0]).get("fingerprint", {}).get("name_or_path")
     if not name:
         raise DeltatuneError(f"{deltas[0]} does not say which base model it belongs to: pass base=...")
+    with artifact.destination(out, "model", inputs=[*deltas, name], overwrite=overwrite) as dest:
+        _write_composed(deltas, name, dest)
+    return Path(out)
+
+
+def _write_composed(deltas: Sequence[str | os.PathLike], name: str | nn.Module, dest: artifact.Destination) -> None:
+    from deltatune.data import models
+
     model = models.load_base(name)
     plain = compose(model, list(deltas)).merge()
     if not hasattr(plain, "save_pretrained"):
@@ -341,11 +348,11 @@ def save_composed(deltas: Sequence[str | os.PathLike], out: str | os.PathLike, *
         # what was composed, so that save_reverted can rebuild the model without one part exactly (from θ0)
         (tmp / COMPOSITION_FILE).write_text(json.dumps(record, indent=2) + "\n")
 
-    artifact.atomic_dir(out, fill)
-    return Path(out)
+    dest.write(fill)
 
 
-def save_reverted(composed: str | os.PathLike, part: str | os.PathLike, out: str | os.PathLike) -> Path:
+def save_reverted(composed: str | os.PathLike, part: str | os.PathLike, out: str | os.PathLike, *,
+                  overwrite: bool = False) -> Path:
     """The model ``save_composed`` wrote at ``composed`` without ``part`` (a path or a folder name from its
     parts), rebuilt from the base: θ0 + the sum of the remaining parts, exactly as composing them alone.
     Subtracting from the merged weights would not be exact in floating point; the record of what was
@@ -363,15 +370,21 @@ def save_reverted(composed: str | os.PathLike, part: str | os.PathLike, out: str
     remaining = [p for p in parts if p != chosen[0]]
     if record.get("base") is None:
         raise DeltatuneError(f"{composed} was composed on an in-memory base model; revert it in Python")
-    if not remaining:
-        from deltatune.data import models
+    with artifact.destination(out, "model", inputs=[composed, *parts, record["base"]], overwrite=overwrite) as dest:
+        if remaining:
+            _write_composed(remaining, record["base"], dest)
+        else:
+            _write_base(record["base"], dest)
+    return Path(out)
 
-        model = models.load_base(record["base"])
 
-        def fill(tmp: Path) -> None:
-            model.save_pretrained(tmp)
-            models.copy_tokenizer(record["base"], tmp)
+def _write_base(name: str, dest: artifact.Destination) -> None:
+    from deltatune.data import models
 
-        artifact.atomic_dir(out, fill)
-        return Path(out)
-    return save_composed(remaining, out, base=record["base"])
+    model = models.load_base(name)
+
+    def fill(tmp: Path) -> None:
+        model.save_pretrained(tmp)
+        models.copy_tokenizer(name, tmp)
+
+    dest.write(fill)

@@ -244,24 +244,39 @@ def _sparse_domain(forms: list, dense: torch.Tensor) -> torch.Tensor | None:
 
 def compress(path: str | os.PathLike, out: str | os.PathLike, *, density: float = 0.2, alpha: float = 1.0,
              scope: str = "global", lowrank: str = "delta", values: str = "ternary",
-             base: str | nn.Module | None = None) -> Path:
+             base: str | nn.Module | None = None, overwrite: bool = False) -> Path:
     """Compress the weight-side delta saved at ``path`` with ComPEFT and write the result at ``out``.
 
     ``density``: the fraction of task-vector entries kept (the paper's k/100; code default 0.2);
     ``alpha``: kept entries become ±alpha·std(τ); ``scope``: "global" (one top-k and σ over all tensors, as
     the official code) or "tensor"; ``lowrank``: "delta" (compress ΔW = s·B·A) or "factors" (compress A and
     B, the paper's LoRA setting); ``values``: "ternary" or "pruned" (top-k only, values kept);
-    ``base``: the base model or its name (default: the one the artifact records). Returns ``out``."""
-    from deltatune.core import artifact, registry
+    ``base``: the base model or its name (default: the one the artifact records). ``out`` is new, empty or an
+    artifact (replaced atomically); ``overwrite`` replaces any other folder. Returns ``out``."""
+    from deltatune.core import artifact
 
     _check_options(density, alpha, scope, lowrank, values)
     delta = Delta.read(path)
-    meta, source = delta.record, delta.method
+    source = delta.method
     if source.traits.made_by == "compress":
         raise DeltatuneError(f"{path} is already ComPEFT-compressed: compress the artifact it was made from")
     if source.mergeable is False:
         raise DeltatuneError(f"{path} holds a {source.name!r} delta, which changes activations, not weights: ComPEFT "
                              "compresses weight deltas (low-rank, dense, sparse and their sums)")
+    options = {"density": float(density), "alpha": float(alpha), "scope": scope, "lowrank": lowrank, "values": values}
+    with artifact.destination(out, "artifact", inputs=[path, base], overwrite=overwrite):
+        meta, tensors = _compressed(path, delta, base, options)
+        artifact.write_artifact(out, meta, tensors)
+    return Path(out)
+
+
+def _compressed(path: str | os.PathLike, delta: Delta, base: str | nn.Module | None, options: dict[str, Any]
+                ) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+    """The compressed artifact's description and tensors."""
+    from deltatune.core import artifact, registry
+
+    meta, source = delta.record, delta.method
+    density, alpha, scope, lowrank, values = (options[k] for k in ("density", "alpha", "scope", "lowrank", "values"))
     model = _base_model(path, meta, base)
     shapes, names = artifact.shapes_hash(model), names_of(model)
     delta.build(model, shapes=shapes)  # not attached: only its task vector is read
@@ -290,8 +305,7 @@ def compress(path: str | os.PathLike, out: str | os.PathLike, *, density: float 
             "density": n_kept / max(1, entries), "ratio": original / max(1, stored),
         },
     }
-    artifact.write_artifact(out, out_meta, tensors)
-    return Path(out)
+    return out_meta, tensors
 
 
 def _base_of(model: nn.Module, key: str, record: dict) -> torch.Tensor:

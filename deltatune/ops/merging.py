@@ -127,6 +127,7 @@ def merge_deltas(
     rank: int | None = None,
     space: str = "delta",
     base: str | nn.Module | None = None,
+    overwrite: bool = False,
 ) -> Tuned:
     """Combine deltas (artifact paths or ``Tuned`` models of one base model) into one delta (see the module
     docstring for ``how``, ``space`` and ``rank``) and return it attached to the base model, as ``dt.load``
@@ -135,9 +136,26 @@ def merge_deltas(
     ``weights``: one per delta (default 1.0 each); ``density``: the kept fraction for ties / dare_* /
     magnitude_prune (required there; TIES' paper keeps 0.2); ``seed``: DARE's masks. ``base``: the base model
     (a module without a delta attached, or a name / folder as for ``deltatune merge``); by default the model named
-    in the first delta's fingerprint is loaded."""
+    in the first delta's fingerprint is loaded. ``out`` is new, empty or an artifact (replaced atomically);
+    ``overwrite`` replaces any other folder."""
     weights = _check_options(deltas, how, weights, density, majority, rank, space)
     parts = [delta_of(d) for d in deltas]  # every artifact is read (and checked) before a model is loaded
+    combine_args = dict(weights=weights, density=density, seed=seed, majority=majority)
+    if out is None:
+        return _merged(parts, base, how, space, rank, combine_args)
+    with artifact.destination(out, "artifact", inputs=[*deltas, base], overwrite=overwrite):
+        tuned = _merged(parts, base, how, space, rank, combine_args)
+        record = {"how": how, "space": space, "weights": list(weights), "density": density, "seed": seed,
+                  "majority": majority, "rank": rank,
+                  "sources": [{"name": part.name, "method": part.method.name} for part in parts]}
+        artifact.write_artifact(out, {**tuned.describe(), "merged_from": record}, tuned.delta_state_dict())
+    return tuned
+
+
+def _merged(parts: list[Delta], base: str | nn.Module | None, how: str, space: str, rank: int | None,
+            combine_args: dict[str, Any]) -> Tuned:
+    """The deltas combined into one, attached to the base model."""
+    weights = combine_args["weights"]
     model = _base_model(parts[0], base)
     shapes = artifact.shapes_hash(model)
     for part in parts:
@@ -148,7 +166,6 @@ def merge_deltas(
                 raise DeltatuneError(f"{part.name}: its {form.kind} delta at {fname} changes activations, not "
                                      "weights; only weight-side deltas (low-rank, dense, sparse) can be merged")
     by_tensor = _by_tensor(model, parts)
-    combine_args = dict(weights=weights, density=density, seed=seed, majority=majority)
     if how == "cat":
         tuned = _cat(model, by_tensor, weights)
     elif space == "factors":
@@ -156,11 +173,6 @@ def merge_deltas(
     else:
         merged = _combine_task_vectors(by_tensor, how, **combine_args)  # type: ignore[arg-type]
         tuned = _as_lowrank(model, by_tensor, merged, rank) if rank else _as_dense(model, by_tensor, merged)
-    if out is not None:
-        record = {"how": how, "space": space, "weights": list(weights), "density": density, "seed": seed,
-                  "majority": majority, "rank": rank,
-                  "sources": [{"name": part.name, "method": part.method.name} for part in parts]}
-        artifact.write_artifact(out, {**tuned.describe(), "merged_from": record}, tuned.delta_state_dict())
     return tuned
 
 

@@ -80,6 +80,7 @@ class SummaryTable(Callback):
 
 def print_summary(summary: dict[str, Any]) -> None:
     from rich.console import Console
+    from rich.markup import escape
     from rich.table import Table
 
     table = Table(title=f"deltatune train: {summary['method']} on {summary['model']}")
@@ -96,4 +97,6 @@ def print_summary(summary: dict[str, Any]) -> None:
     for k, v in rows:
         table.add_row(k, v)
     table.add_row("output", summary["output"])
+    for note in summary.get("warnings", []):  # a skipped corrupt checkpoint, a run that looks diverged
+        table.add_row("[yellow]warning[/]", f"[yellow]{escape(note)}[/]")
     Console().print(table)

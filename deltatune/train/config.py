@@ -17,7 +17,10 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import json
+import math
 import typing
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -31,6 +34,10 @@ PRESETS_DIR = Path(__file__).resolve().parent.parent / "presets"
 OPTIMIZERS = ("adamw", "adam", "sgd")
 SCHEDULES = ("constant", "linear", "cosine")
 PRECISIONS = ("auto", "fp32", "bf16")
+# Adam-style optimizers move every weight by about lr per step, and weights are of order 0.01-1: a learning rate
+# above 10 throws each weight far past its own scale at the first step, and values near float32's limit (3e38)
+# overflow in the optimizer. Fine-tuning rates are 1e-5 to 1e-2; prompt tuning's largest are about 0.3.
+MAX_LR = 10.0
 
 
 @dataclass
@@ -62,13 +69,30 @@ class TrainSettings:
         for name in ("eval_every", "save_every"):
             if getattr(self, name) < 0:
                 out.append(f"train.{name}={getattr(self, name)!r}: must be >= 0 (0 = only at the end)")
-        if self.lr <= 0:
-            out.append(f"train.lr={self.lr!r}: must be > 0")
-        if self.warmup < 0:
-            out.append(f"train.warmup={self.warmup!r}: must be >= 0")
+        out += self._float_problems()
         for name, allowed in (("optimizer", OPTIMIZERS), ("schedule", SCHEDULES), ("precision", PRECISIONS)):
             if getattr(self, name) not in allowed:
                 out.append(f"train.{name}={getattr(self, name)!r}: allowed are {', '.join(allowed)}")
+        return out
+
+    def _float_problems(self) -> list[str]:
+        """The float settings: finite (YAML's ``.nan`` and ``.inf`` parse as floats) and in range."""
+        rules: dict[str, tuple[Callable[[float], bool], str]] = {
+            "lr": (lambda v: 0 < v <= MAX_LR, f"must be > 0 and at most {MAX_LR:g} (an optimizer step moves each "
+                   "weight by about lr; fine-tuning uses 1e-5 to 1e-2)"),
+            "weight_decay": (lambda v: v >= 0, "must be >= 0"),
+            "warmup": (lambda v: v >= 0, "must be >= 0"),
+            "max_grad_norm": (lambda v: v > 0, "must be > 0 (null: no clipping)"),
+        }
+        out = []
+        for name, (allowed, rule) in rules.items():
+            value = getattr(self, name)
+            if value is None:
+                continue
+            if not math.isfinite(value):
+                out.append(f"train.{name}={value!r}: must be a finite number")
+            elif not allowed(value):
+                out.append(f"train.{name}={value!r}: {rule}")
         return out
 
 
@@ -89,6 +113,25 @@ class RunConfig:
             "output": self.output,
         }
 
+    def identity(self) -> dict[str, Any]:
+        """The config as far as it decides the computation: what a resumed run must share with the run that wrote
+        its checkpoint. Not the output folder (a run folder moved elsewhere still resumes), nor how long the run is
+        (``train.steps`` may grow) or how often it reports and saves."""
+        d = self.to_dict()
+        del d["output"]
+        d["train"] = {k: v for k, v in d["train"].items() if k not in RESUMABLE_CHANGES}
+        return json.loads(json.dumps(d))  # JSON types, as a checkpoint's state.json holds it
+
+
+# train settings a resumed run may change
+RESUMABLE_CHANGES = ("steps", "progress", "eval_every", "save_every", "keep_last", "eval_batch_size")
+
+
+def same_run(saved: dict[str, Any], config: RunConfig) -> bool:
+    """A checkpoint's recorded config (``identity``) is that of ``config``; a checkpoint written when the output
+    folder was part of the identity still counts."""
+    return {k: v for k, v in saved.items() if k != "output"} == config.identity()
+
 
 def _nearest(key: str, allowed: list[str]) -> str:
     near = difflib.get_close_matches(key, allowed, n=1)
@@ -108,7 +151,7 @@ def _section(cls: type, values: Any, prefix: str, problems: list[str]) -> Any:
         if key not in names:
             problems.append(f"unknown key {prefix}.{key}{_nearest(key, names)}")
         elif not registry._is_instance(value, hints[key]):
-            problems.append(f"{prefix}.{key}={value!r}: should be {hints[key]}")
+            problems.append(f"{prefix}.{key}={value!r}: should be {registry.type_name(hints[key])}")
         else:
             good[key] = float(value) if hints[key] is float and isinstance(value, int) else value
     try:
@@ -136,6 +179,8 @@ def parse_config(raw: dict[str, Any]) -> RunConfig:
     for key, value in (("model", model), ("output", output)):
         if key in raw and not isinstance(value, str):
             problems.append(f"{key}={value!r}: must be a string (a shipped model name or a folder; a folder)")
+    if isinstance(output, str):
+        problems += _output_problems(output)
     data = _section(DataConfig, raw.get("data"), "data", problems)
     if data is not None and "data" in raw:
         problems += data.problems()
@@ -160,6 +205,39 @@ def parse_config(raw: dict[str, Any]) -> RunConfig:
     return RunConfig(model=model, data=data, method=dict(method), output=output, train=train)
 
 
+def _output_problems(output: str) -> list[str]:
+    """Why ``output`` cannot hold a run: the run writes its artifact by swapping a new folder in at that path
+    (and its checkpoints below it), so the path must name a folder that may be replaced."""
+    if not output.strip():
+        return ["output='': name the run's folder, e.g. runs/lora"]
+    path = Path(output)
+    if path.exists() and not path.is_dir():
+        return [f"output={output!r} is a file: name a folder for the run, e.g. runs/lora"]
+    file_above = next((p for p in path.parents if p.exists() and not p.is_dir()), None)
+    if file_above is not None:
+        return [f"output={output!r} lies under {str(file_above)!r}, which is a file: name a folder elsewhere"]
+    here = Path.cwd().resolve()
+    target = path.resolve()
+    if target == here or target in here.parents:
+        return [f"output={output!r} is the current folder or holds it, and the run replaces its output folder "
+                "when it writes the artifact: name a new folder, e.g. runs/lora"]
+    return []
+
+
+def parse_data_section(values: dict[str, Any]) -> Any:
+    """A ``data:`` section on its own (``deltatune eval --set``): a ``DataConfig``; every unknown key (with the
+    nearest known one) and bad value in one error."""
+    from deltatune.data.tasks import DataConfig
+
+    problems: list[str] = []
+    data = _section(DataConfig, values, "data", problems)
+    if data is not None:
+        problems += data.problems()
+    if problems:
+        raise DeltatuneError("bad data options: " + "; ".join(problems))
+    return data
+
+
 def _set_dotted(raw: dict[str, Any], key: str, value: Any) -> None:
     parts = key.split(".")
     node = raw
@@ -180,8 +258,19 @@ def apply_overrides(raw: dict[str, Any], overrides: list[str] | None) -> dict[st
         if "=" not in item:
             raise DeltatuneError(f"--set {item!r}: write key=value, e.g. --set train.steps=10")
         key, value = item.split("=", 1)
-        _set_dotted(raw, key.strip(), yaml.safe_load(value))
+        _set_dotted(raw, key.strip(), _yaml_value(item, value))
     return raw
+
+
+def _yaml_value(item: str, value: str) -> Any:
+    try:
+        return yaml.safe_load(value)
+    except yaml.YAMLError as e:
+        problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+        raise DeltatuneError(
+            f"--set {item!r}: the value is not valid YAML ({problem}); quote it as a string or fix the brackets, "
+            "e.g. --set train.steps=10 or --set 'method.targets=[q_proj, v_proj]'"
+        ) from e
 
 
 def preset_names() -> list[str]:

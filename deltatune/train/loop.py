@@ -17,6 +17,8 @@ import random
 import resource
 import signal
 import time
+import warnings
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -24,11 +26,13 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from deltatune.core import artifact
+from deltatune.core.forms.base import WeightDelta
 from deltatune.core.tuned import Tuned, attach
 from deltatune.errors import DeltatuneError
 from deltatune.train import state as ckpt
 from deltatune.train.callbacks import Callback, ProgressBar, SummaryTable
-from deltatune.train.config import RunConfig, TrainSettings, load_config
+from deltatune.train.config import RunConfig, TrainSettings, load_config, same_run
 from deltatune.train.step import PolicyStep, mean_over_ranks
 from deltatune.train.step import sync_optimizer as sync_optimizer  # callers and tests import it from here
 
@@ -186,14 +190,41 @@ def autocast(s: TrainSettings, device: torch.device) -> contextlib.AbstractConte
 
 # -- the loop -------------------------------------------------------------------------------
 def train(config: str | Path | dict | RunConfig, overrides: list[str] | None = None, *, resume: bool = False,
-          callbacks: list[Callback] | None = None) -> dict[str, Any]:
+          overwrite: bool = False, callbacks: list[Callback] | None = None) -> dict[str, Any]:
     """Train a method as the config says (a YAML path, a preset name, a mapping or a ``RunConfig``); write
     the artifact and checkpoints to ``config.output``. ``callbacks`` watch the run (``train/callbacks.py``).
 
-    Returns the summary: final metrics, history, seconds per step, tokens per second, peak memory."""
+    A fresh run needs an empty (or new) output folder: ``resume`` continues the run there from its newest intact
+    checkpoint, ``overwrite`` replaces whatever the folder holds. The folder is this process's for the whole run
+    (another one gets "in use by PID N").
+
+    Returns the summary: final metrics, history, seconds per step, tokens per second, peak memory, and
+    ``warnings`` (a corrupt checkpoint skipped on resume, a run that looks diverged)."""
     cfg = load_config(config, overrides)
-    s = cfg.train
     rank, world = _distributed()
+    with _own_output(cfg, rank, world, resume=resume, overwrite=overwrite):
+        return _train(cfg, rank, world, resume=resume, callbacks=callbacks)
+
+
+@contextlib.contextmanager
+def _own_output(cfg: RunConfig, rank: int, world: int, *, resume: bool, overwrite: bool) -> Iterator[None]:
+    """Rank 0 owns the output folder for the whole run (``artifact.destination``: the lock, a half-done swap put
+    right, a used folder or one that holds the model or data refused); the other ranks start once it has."""
+    owner: contextlib.AbstractContextManager = contextlib.nullcontext()
+    if rank == 0:
+        owner = artifact.destination(cfg.output, "run", inputs=[cfg.model, getattr(cfg.data, "path", None)],
+                                     overwrite=overwrite, resume=resume)
+    with owner:
+        if rank == 0:
+            ckpt.recover(Path(cfg.output) / "checkpoints")
+        if world > 1:
+            dist.barrier()
+        yield
+
+
+def _train(cfg: RunConfig, rank: int, world: int, *, resume: bool, callbacks: list[Callback] | None
+           ) -> dict[str, Any]:
+    s = cfg.train
     run = build(cfg)
     tuned, task, device = run.tuned, run.task, run.device
     out = Path(cfg.output)
@@ -211,14 +242,17 @@ def train(config: str | Path | dict | RunConfig, overrides: list[str] | None = N
     history: list[dict[str, Any]] = []
     start = 0
     saved: dict[str, Any] | None = None
+    notes: list[str] = []  # the summary's warnings
     if resume:
-        found = ckpt.checkpoints(ckpt_dir)
-        if not found:
+        found = ckpt.newest_intact(ckpt_dir, set_aside=rank == 0)
+        if found is None:
             raise DeltatuneError(f"--resume: no checkpoint in {ckpt_dir}; start without --resume")
-        saved = ckpt.load_checkpoint(found[-1])
-        if saved["config"] != _comparable(cfg):
+        resumed_from, saved, notes = found
+        for note in notes:
+            warnings.warn(note, stacklevel=3)
+        if not same_run(saved["config"], cfg):
             raise DeltatuneError(
-                f"--resume: {found[-1]} was written by a different config; resume with the same config "
+                f"--resume: {resumed_from} was written by a different config; resume with the same config "
                 "(only train.steps may grow) or write to another output"
             )
         # the policy first: it may restructure the delta (a phase switch) before the tensors load into it
@@ -249,7 +283,7 @@ def train(config: str | Path | dict | RunConfig, overrides: list[str] | None = N
             return None
         return ckpt.save_checkpoint(ckpt_dir, step, {
             "step": step,
-            "config": _comparable(cfg),
+            "config": cfg.identity(),
             "delta": tuned.deltas.state_dict(),
             "trainable": {str(i): p.requires_grad for i, p in enumerate(params)},
             "policy": tuned.policy.state_dict(),
@@ -353,6 +387,10 @@ def train(config: str | Path | dict | RunConfig, overrides: list[str] | None = N
                 break
 
         summary = _summary(cfg, tuned, history, step_times, tokens_seen, device, start)
+        diverged = divergence(history, tuned) if rank == 0 else []
+        for note in diverged:
+            warnings.warn(note, stacklevel=3)
+        summary["warnings"] = notes + diverged
         if rank == 0:
             tuned.save(out)
             logs = out / "logs"
@@ -369,12 +407,46 @@ def train(config: str | Path | dict | RunConfig, overrides: list[str] | None = N
     return summary
 
 
-def _comparable(cfg: RunConfig) -> dict[str, Any]:
-    """The config as far as it decides the computation (train.steps may grow on resume)."""
-    d = cfg.to_dict()
-    d["train"] = {k: v for k, v in d["train"].items() if k not in ("steps", "progress", "eval_every", "save_every",
-                                                                 "keep_last", "eval_batch_size")}
-    return json.loads(json.dumps(d))
+# A run can go wrong without a NaN: the outputs saturate and the loss pins flat (a classifier's at chance level,
+# ln 2 for two classes), or the delta runs off. Both are judged on the finished run, and short runs are never judged
+# flat: batches differ, so a model that reads its input gives each its own loss.
+FLAT_STEPS = 10  # the last steps compared; a run needs twice as many to be judged
+FLAT_SPREAD = 1e-4  # the spread of their losses, relative to their mean, under which the loss is flat
+EXPLODED_RMS = 10.0  # trained weights are of order 0.01 to 1: a change of this root-mean-square wipes a tensor out
+
+
+def divergence(history: list[dict[str, Any]], tuned: Tuned) -> list[str]:
+    """Warnings for a run that looks diverged: a loss flat over the last ``FLAT_STEPS`` steps (on different
+    batches) that did not fall to half of where it started, or a weight delta ΔW whose root-mean-square exceeds
+    ``EXPLODED_RMS`` (or is not finite). Activation-side deltas (adapters, prompts) are judged by the loss only."""
+    found = []
+    losses = [r["loss"] for r in history if not r.get("skipped")]
+    if len(losses) >= 2 * FLAT_STEPS:
+        last, first = losses[-FLAT_STEPS:], losses[:FLAT_STEPS]
+        mean = sum(last) / len(last)
+        if max(last) - min(last) <= FLAT_SPREAD * abs(mean) and mean >= 0.5 * sum(first) / len(first):
+            found.append(f"the training loss stayed at {mean:.4g} over the last {FLAT_STEPS} steps without falling: "
+                         "the run looks diverged (saturated outputs); lower train.lr")
+    name, rms = _largest_change(tuned)
+    if not math.isfinite(rms) or rms > EXPLODED_RMS:
+        found.append(f"the delta changes {name} by a root-mean-square of {rms:.3g} (trained weights are of order 1): "
+                     "the run looks diverged; lower train.lr or set train.max_grad_norm")
+    return found
+
+
+def _largest_change(tuned: Tuned) -> tuple[str, float]:
+    """The base tensor a weight delta changes most (by the root-mean-square of its ΔW), and that size."""
+    worst = ("", 0.0)
+    with torch.no_grad():
+        for name, form in tuned.forms().items():
+            if isinstance(form, WeightDelta):
+                change = form.delta_weight()
+                rms = float(torch.linalg.vector_norm(change, dtype=torch.float32)) / max(1, change.numel()) ** 0.5
+                if not math.isfinite(rms) or rms > worst[1]:
+                    worst = (name, rms)
+                if not math.isfinite(rms):
+                    break
+    return worst
 
 
 def _summary(cfg: RunConfig, tuned: Tuned, history: list[dict], step_times: list[float], tokens: int,

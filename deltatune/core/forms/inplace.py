@@ -6,6 +6,13 @@ updates W directly, as plain fine-tuning does, and W0 is copied only for the ten
 can receive a gradient, at the first forward that builds one (before any optimizer step writes them). A tensor
 that never trains costs nothing and is absent from the artifact.
 
+W0 is the weight as it was at attach: a write to W before the copy (a hand edit, ``load_state_dict`` on the model
+after attaching) would make the copy a base that never existed, and the artifact's fingerprint would name it. So
+attach records W's identity (its version counter, and the content hash the fingerprint uses) and the copy is
+refused when W was written since. The counter is free to check; the hash settles a write that left the values as
+they were (DDP's broadcast at wrap moves the counter of every parameter). Copying W0 at attach instead would
+double the memory of full fine-tuning.
+
 The artifact is the same as ``Dense``'s (``delta`` = W − W0), so either form loads it. Attached means
 the weight holds W0 + Δ; ``detach`` puts W0 back and keeps Δ aside, ``attach`` adds it again;
 ``merge`` / ``unmerge`` only change the bookkeeping, since the weight already is the merged one.
@@ -18,6 +25,7 @@ from typing import Any
 import torch
 import torch.nn as nn
 
+from deltatune.core.artifact import tensor_hash
 from deltatune.core.forms.base import WeightDelta
 from deltatune.errors import DeltatuneError
 
@@ -35,11 +43,29 @@ class InPlace(WeightDelta):
         self.w0: torch.Tensor | None = None  # W0, copied at the first forward that can train W
         self._parked: torch.Tensor | None = None  # Δ while detached
         self._settled_version = -1
+        self._remember_base()
+
+    def _remember_base(self) -> None:
+        """W's identity now, what ``snapshot`` checks W0 against (the version counter moves at every write)."""
+        self._base_version = self.weight._version
+        self._base_dtype = self.weight.dtype
+        self._base_hash = tensor_hash(self.weight)
+
+    def _check_base_unwritten(self) -> None:
+        if self.weight._version == self._base_version or tensor_hash(self.weight) == self._base_hash:
+            return
+        raise DeltatuneError(
+            f"{self.param_name} was written after the in-place delta was attached and before training started, so "
+            "its W0 (the base the artifact records) would be a model that never existed; change or load the model's "
+            "weights before attaching (dt.attach), or attach again to the changed model"
+        )
 
     def _apply(self, fn: Any, recurse: bool = True) -> InPlace:  # .to(device) / .half() move W0 along
         super()._apply(fn, recurse)
         self.w0 = None if self.w0 is None else fn(self.w0)
         self._parked = None if self._parked is None else fn(self._parked)
+        if self.w0 is None and self.weight._version == self._base_version and self.weight.dtype != self._base_dtype:
+            self._remember_base()  # converted, not written (the counter stayed): the hash reads the new bits
         return self
 
     # -- W0 snapshot ------------------------------------------------------------------------
@@ -48,8 +74,10 @@ class InPlace(WeightDelta):
         return self.w0 is not None
 
     def snapshot(self) -> None:
-        """Copy W0 now (a no-op once copied). Called by the first forward that can train W."""
+        """Copy W0 now (a no-op once copied). Called by the first forward that can train W, and before a load
+        writes W; refused when W was written since attach."""
         if self.w0 is None:
+            self._check_base_unwritten()
             self.w0 = self.weight.detach().clone()
 
     # -- the delta ---------------------------------------------------------------------------

@@ -34,6 +34,22 @@ def layout_of(module: nn.Module) -> str:
     )
 
 
+def check_rank_fits(r: int, d_out: int, d_in: int, module: nn.Module) -> None:
+    """Refuse a rank no factor pair of this weight can use, before the factors are allocated (an artifact asking
+    for r = 2**31 would otherwise try to allocate hundreds of GiB).
+
+    The bound is max(out, in), not min(out, in): B·A has rank at most min(out, in) whatever r is, but PEFT
+    accepts any r, and adapters trained with r between the two must still import. Above max(out, in) each
+    factor alone holds more numbers than the weight itself, which no fine-tune wants.
+    """
+    if r > max(d_out, d_in):
+        raise DeltatuneError(
+            f"rank r={r} is too large for a {type(module).__name__} weight of {d_out}x{d_in} (out x in): r can be "
+            f"at most max(out, in) = {max(d_out, d_in)} (B·A has rank at most {min(d_out, d_in)} anyway); "
+            "lower r (or the rank_pattern entry for this module)"
+        )
+
+
 class LowRank(WeightDelta):
     kind = "low-rank"
 
@@ -57,6 +73,7 @@ class LowRank(WeightDelta):
         self.scale = self.alpha / math.sqrt(self.r) if self.use_rslora else self.alpha / self.r
         w = self.base
         d_out, d_in = (w.shape[1], w.shape[0]) if self.layout in ("conv1d", "embedding") else w.shape
+        check_rank_fits(self.r, d_out, d_in, module)
         # like PEFT (autocast_adapter_dtype): factors of a half-precision base train in fp32
         dtype = dtype or (w.dtype if w.dtype in (torch.float32, torch.float64) else torch.float32)
         self.A = nn.Parameter(torch.empty(self.r, d_in, dtype=dtype, device=w.device))
