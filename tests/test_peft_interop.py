@@ -706,6 +706,28 @@ def test_error_import_changed_base_embedding(tmp_path):
         dt.import_peft(base, tmp_path / "a")
 
 
+def test_a_refused_import_leaves_the_carried_delta_on(tmp_path):
+    """As dt.load: an adapter refused after its LoRA was built puts the delta the model carried back on."""
+    base, ids = tiny_llama(), input_ids()
+    make_peft_adapter(base, LoraConfig(r=4, target_modules=["q_proj"]), tmp_path / "a", ids)
+    file = tmp_path / "a" / "adapter_model.safetensors"
+    # linear LoRA tensors saved for the embedding: found only once the embedding's LoRA form exists
+    q_proj = f"{PREFIX}model.layers.0.self_attn.q_proj."
+    tensors = {k.replace(q_proj, f"{PREFIX}model.embed_tokens."): v for k, v in load_file(file).items()}
+    save_file(tensors, file, metadata={"format": "pt"})
+    torch.manual_seed(0)
+    carried = dt.attach(base, "lora", r=2, targets=["q_proj"], init=False)
+    with torch.no_grad():
+        before = carried(input_ids=ids).logits
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the import detaches the carried delta first, and says so
+        with pytest.raises(dt.DeltatuneError, match="embed_tokens"):
+            dt.import_peft(base, tmp_path / "a")
+    assert carried.attached
+    with torch.no_grad():
+        torch.testing.assert_close(carried(input_ids=ids).logits, before, rtol=0, atol=0)
+
+
 def test_error_import_wrong_base(tmp_path):
     base, ids = tiny_llama(), input_ids()
     make_peft_adapter(base, LoraConfig(r=4, target_modules=["q_proj"]), tmp_path / "a", ids)

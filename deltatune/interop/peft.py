@@ -31,7 +31,7 @@ from safetensors.torch import load_file
 from deltatune.core import artifact
 from deltatune.core.forms.dense import Dense
 from deltatune.core.forms.lowrank import LowRank
-from deltatune.core.tuned import Tuned, attach
+from deltatune.core.tuned import Tuned, attach, carried_by
 from deltatune.errors import DeltatuneError
 from deltatune.methods._lowrank import pattern_value
 from deltatune.methods.dora import DoRA
@@ -380,6 +380,7 @@ def import_peft(model: nn.Module, adapter: str | os.PathLike) -> Tuned:
     alpha = float(config.get("lora_alpha", 8))
     alpha_pattern = config.get("alpha_pattern") or {}
     ranks = {mod: int(parts.get("lora_A.weight", parts.get("lora_embedding_A")).shape[0]) for mod, parts in lora.items()}
+    previous = carried_by(model)  # put back on if the adapter is refused below, as dt.load does
     tuned = attach(
         model,
         "dora" if use_dora else "lora",
@@ -439,5 +440,7 @@ def import_peft(model: nn.Module, adapter: str | os.PathLike) -> Tuned:
                     done[id(form)] = name
     except Exception:
         tuned.detach()
+        if previous is not None:
+            previous.reattach()
         raise
     return tuned
