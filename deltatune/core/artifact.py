@@ -12,8 +12,9 @@ import glob
 import hashlib
 import json
 import os
+import secrets
 import shutil
-import tempfile
+import stat
 import threading
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
@@ -58,11 +59,20 @@ def fingerprint(model: nn.Module, base_tensors: dict[str, torch.Tensor], shapes:
     return {
         "architecture": architecture(model),
         "model_type": getattr(cfg, "model_type", None),
-        "name_or_path": getattr(cfg, "_name_or_path", None) or None,
+        "name_or_path": portable_name_or_path(getattr(cfg, "_name_or_path", None) or None),
         "num_parameters": sum(p.numel() for p in model.parameters()),
         "shapes": shapes,
         "tensors": {name: tensor_hash(t) for name, t in sorted(base_tensors.items())},
     }
+
+
+def portable_name_or_path(name: str | None) -> str | None:
+    """The base model's name as an artifact records it: a relative local folder made absolute, so ``deltatune
+    export`` / ``merge`` / ``eval`` find the base from any working directory; a name that is no folder here (a
+    shipped name such as ``smollm2-135m``, a Hub id) stays as it is. Only a hint: the tensor hashes are the check."""
+    if not name or os.path.isabs(name) or not os.path.isdir(name):
+        return name
+    return os.path.abspath(name)
 
 
 def compare_fingerprints(saved: dict[str, Any], current: dict[str, Any]) -> list[str]:
@@ -133,6 +143,29 @@ def recover(path: str | os.PathLike) -> None:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
+def fresh_dir(parent: Path, prefix: str) -> Path:
+    """A new, empty, uniquely named folder in ``parent`` with the mode the umask gives, as ``os.makedirs``
+    would: ``tempfile.mkdtemp`` makes it 0700, and renamed into place that would hide the output from
+    every other user and service."""
+    while True:
+        candidate = parent / f"{prefix}{secrets.token_hex(6)}"
+        try:
+            candidate.mkdir()
+        except FileExistsError:
+            continue
+        return candidate
+
+
+def _open_files_to_umask(folder: Path) -> None:
+    """Give every file under ``folder`` (a ``fresh_dir``) the mode the umask gives new files: safetensors
+    writes through a temporary file of its own and leaves its output 0600, unreadable to anyone else.
+    ``folder`` was made with mode 0777 & ~umask, so its mode without the execute bits is that mode."""
+    mode = stat.S_IMODE(folder.stat().st_mode) & 0o666
+    for file in folder.rglob("*"):
+        if file.is_file() and not file.is_symlink() and stat.S_IMODE(file.stat().st_mode) != mode:
+            os.chmod(file, mode)
+
+
 def atomic_dir(path: str | os.PathLike, fill: Callable[[Path], None], *, carry: bool = True) -> None:
     """Let ``fill(tmp)`` write into a temporary sibling of ``path``, then swap it in with renames.
 
@@ -147,12 +180,13 @@ def atomic_dir(path: str | os.PathLike, fill: Callable[[Path], None], *, carry: 
     recover(path)
     if path.exists() and not path.is_dir():
         raise DeltatuneError(f"{path} exists and is not a directory: choose another output path")
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
+    tmp = fresh_dir(path.parent, f".{path.name}.tmp-")
     prev = _previous(path)
     moved = False
     carried: list[str] = []
     try:
         fill(tmp)
+        _open_files_to_umask(tmp)
         if path.is_dir() and carry:
             carried = sorted(d.name for d in path.iterdir() if d.is_dir() and not (tmp / d.name).exists())
         if carried:

@@ -11,7 +11,6 @@ import contextlib
 import logging
 import os
 import shutil
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,6 +19,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 import torch.nn as nn
 
+from deltatune.core.artifact import fresh_dir
 from deltatune.data.sets import package_folder
 from deltatune.errors import DeltatuneError
 
@@ -124,7 +124,7 @@ def _smollm2_folder(item: ShippedModel) -> Path:
     if final.exists():  # not complete: damaged by hand; rebuild it
         shutil.rmtree(final)
     log.warning("converting %s to a plain model once (~20 s), cached in %s", _GGUF_FILE, final)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{item.name}{_PARTIAL}", dir=final.parent))
+    tmp = fresh_dir(final.parent, f".{item.name}{_PARTIAL}")
     try:
         _convert_gguf(package, tmp)
         try:

@@ -25,7 +25,13 @@ from typing import Any
 import torch
 import torch.nn as nn
 
-from deltatune.core.forms.attention import attention_modules, clear_kv_hook, prepend_keys, set_kv_hook
+from deltatune.core.forms.attention import (
+    attention_modules,
+    check_kv_hook_reached,
+    clear_kv_hook,
+    prepend_keys,
+    set_kv_hook,
+)
 from deltatune.core.forms.base import Form
 from deltatune.core.forms.module import ModuleForm
 from deltatune.core.policy import Policy
@@ -309,13 +315,14 @@ def real_word_kv(model: nn.Module, sites: list[tuple[str, nn.Module]], length: i
     return [seen[i] for i in range(len(sites))]
 
 
-def prefix_forms(model: nn.Module, length: int, reparam: bool, mid_dim: int, *, loading: bool,
+def prefix_forms(model: nn.Module, length: int, reparam: bool, mid_dim: int, *, method: str, loading: bool,
                  layers: list[int] | str | None = None, init: str = "random") -> Built:
     """The prefix of every (or the ``layers``) attention layer: forms named by the attention modules
     (``model.layers.0.self_attn``: tensors ``key``, ``value``), plus ``prefix_encoder`` and a
     ``ReparamPolicy`` when ``reparam`` and training. Loading an artifact builds direct P_k, P_v: the
     MLP was folded away when it was saved. ``init`` (direct P_k, P_v only): "random" N(0, 1) or
-    "vocab" (``real_word_kv``)."""
+    "vocab" (``real_word_kv``). ``method`` names the method in the refusal of a model whose attention
+    never calls the key/value hook."""
     if length < 1:
         raise DeltatuneError(f"prefix length={length} must be at least 1")
     if reparam and mid_dim < 1:
@@ -324,6 +331,7 @@ def prefix_forms(model: nn.Module, length: int, reparam: bool, mid_dim: int, *, 
         raise DeltatuneError(f"prefix init={init!r}: use 'random' (N(0, 1)) or 'vocab' (keys/values of real tokens)")
     kv_heads, head_dim = kv_geometry(model)
     sites = hooked_attention(model, layers)
+    check_kv_hook_reached(model, [attn for _, attn in sites], method)
     encoder = None
     if reparam and not loading:
         encoder = PrefixEncoder(model, length, mid_dim, len(sites), kv_heads, head_dim)

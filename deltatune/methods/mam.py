@@ -46,7 +46,7 @@ class MamConfig:
           "(s=4) on the FFN", mergeable=False,
           traits=Traits(starts_at_base=False))
 def build(model: nn.Module, cfg: MamConfig, *, loading: bool = False) -> Built:
-    built = prefix_forms(model, cfg.prefix_length, cfg.reparam, cfg.mid_dim, loading=loading, layers=cfg.layers)
+    built = prefix_forms(model, cfg.prefix_length, cfg.reparam, cfg.mid_dim, method="mam", loading=loading, layers=cfg.layers)
     adapters = build_adapters(model, cfg.adapter_config(), kinds=["ffn"], reads="input", scale=cfg.scale)
     built.forms.update(adapters.forms)
     if cfg.modules_to_save:

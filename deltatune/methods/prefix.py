@@ -45,7 +45,7 @@ class PrefixConfig:
           "(reparametrisation MLP while training, folded away in the artifact)", mergeable=False,
           traits=Traits(starts_at_base=False))
 def build(model: nn.Module, cfg: PrefixConfig, *, loading: bool = False) -> Built:
-    built = prefix_forms(model, cfg.length, cfg.reparam, cfg.mid_dim, loading=loading, layers=cfg.layers,
+    built = prefix_forms(model, cfg.length, cfg.reparam, cfg.mid_dim, method="prefix", loading=loading, layers=cfg.layers,
                          init=cfg.init)
     if cfg.modules_to_save:
         built.forms.update(dense_forms(model, head_parameters(model, cfg.modules_to_save)))

@@ -32,7 +32,7 @@ from typing import Any, Literal
 import torch
 import torch.nn as nn
 
-from deltatune.core.forms.attention import attention_modules, set_kv_hook
+from deltatune.core.forms.attention import attention_modules, check_kv_hook_reached, set_kv_hook
 from deltatune.core.forms.module import ModuleForm
 from deltatune.core.registry import Built, Traits, register
 from deltatune.errors import DeltatuneError
@@ -107,6 +107,8 @@ class SoftPrompt(ModuleForm):
         self._site = (model, backbone)  # a tuple: the base modules must not become our submodules
         self._attention = [m for m in attention_modules(model) if getattr(m, "is_causal", False)]
         self.causal = bool(self._attention)
+        if self.causal:
+            check_kv_hook_reached(model, self._attention, "prompt")
         self._capturing = False
         self._seen: list[tuple[torch.Tensor, torch.Tensor] | None] = []
         self._kv: list[tuple[torch.Tensor, torch.Tensor]] = []

@@ -43,7 +43,7 @@ class PtuningV2Config:
           "and the classification head, trained", mergeable=False,
           traits=Traits(starts_at_base=False))
 def build(model: nn.Module, cfg: PtuningV2Config, *, loading: bool = False) -> Built:
-    built = prefix_forms(model, cfg.length, cfg.reparam, cfg.mid_dim, loading=loading, layers=cfg.layers,
+    built = prefix_forms(model, cfg.length, cfg.reparam, cfg.mid_dim, method="ptuning_v2", loading=loading, layers=cfg.layers,
                          init=cfg.init)
     extra = head_parameters(model) if cfg.train_head else []
     if cfg.modules_to_save:

@@ -38,7 +38,12 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from deltatune.core.forms.attention import attention_modules, clear_kv_hook, set_kv_hook
+from deltatune.core.forms.attention import (
+    attention_modules,
+    check_kv_hook_reached,
+    clear_kv_hook,
+    set_kv_hook,
+)
 from deltatune.core.forms.module import ModuleForm, blocks
 from deltatune.core.registry import Built, Traits, register
 from deltatune.errors import DeltatuneError
@@ -91,6 +96,7 @@ class QueryTokens(ModuleForm):
         self._blocks = [m for _, m in blocks(model)]
         self._attention = _attention_per_block(model, self._blocks)
         self._causal = bool(getattr(self._attention[0], "is_causal", False))
+        check_kv_hook_reached(model, self._attention, "vqt")
         cfg = model.config
         d, n_layers = int(cfg.hidden_size), len(self._blocks)
         ref = next(model.parameters())

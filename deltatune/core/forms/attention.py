@@ -138,3 +138,52 @@ def prepend_keys(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, ma
             else torch.zeros(shape, dtype=mask.dtype, device=mask.device)
         mask = torch.cat([visible, mask], dim=-1)
     return torch.cat([pk, key], dim=2), torch.cat([pv, value], dim=2), mask
+
+
+def check_kv_hook_reached(model: nn.Module, attentions: list[nn.Module], method: str) -> None:
+    """Refuse ``method`` unless a forward of ``model`` calls the key/value hook of every module in
+    ``attentions``. Some models (Falcon, T5) compute attention themselves instead of through
+    ``ALL_ATTENTION_FUNCTIONS``: a hook set there is never called, so a prefix would silently train
+    nothing. One forward of two tokens, without gradients, cache or dropout, answers it; the model's
+    modes and the RNG are left as they were. A module that already has a hook (another delta's) was
+    checked when that delta was attached."""
+    pending = [m for m in attentions if _HOOK not in m.__dict__]
+    if not pending:
+        return
+    reached: set[int] = set()
+
+    def count(module: nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask: Any) -> Any:
+        reached.add(id(module))
+        return key, value, mask
+
+    for attention in pending:
+        set_kv_hook(model, attention, count)
+    try:
+        _probe_forward(model)
+    finally:
+        for attention in pending:
+            clear_kv_hook(model, attention)
+    if any(id(m) not in reached for m in pending):
+        raise DeltatuneError(
+            f"{method} needs the attention's key/value hook, which {type(model).__name__} does not call "
+            "(it runs its own attention): use a weight-side method such as lora"
+        )
+
+
+def _probe_forward(model: nn.Module) -> None:
+    """Run ``model`` once on two tokens, changing none of its state: eval mode (no dropout) restored
+    after, no KV cache, the RNG of its device forked."""
+    ref = next(model.parameters())
+    ids = torch.zeros(1, 2, dtype=torch.long, device=ref.device)
+    inputs: dict[str, Any] = {"input_ids": ids, "use_cache": False}
+    if getattr(model.config, "is_encoder_decoder", False):
+        inputs["decoder_input_ids"] = ids
+    modes = [(m, m.training) for m in model.modules()]
+    devices = [ref.device] if ref.device.type == "cuda" else []
+    try:
+        with torch.random.fork_rng(devices=devices), torch.no_grad():
+            model.eval()
+            getattr(model, "base_model", model)(**inputs)  # the backbone: a head adds nothing to learn here
+    finally:
+        for m, training in modes:
+            m.training = training
