@@ -271,11 +271,13 @@ def train(
     resume: bool = typer.Option(False, "--resume", help="Continue exactly from the newest checkpoint in OUTPUT/checkpoints."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace what the output folder holds (a new run "
                                    "refuses a folder that is not empty)."),
+    force: bool = typer.Option(False, "--force", help="With --resume: resume even though the config differs from "
+                               "the checkpoint's (the differences are printed as a warning)."),
 ) -> None:
     """Train a method as a YAML config or a preset says; the artifact and checkpoints go to its output folder."""
     from deltatune.train import train as train_fn
 
-    train_fn(config, set_, resume=resume, overwrite=overwrite)
+    train_fn(config, set_, resume=resume, overwrite=overwrite, force=force)
 
 
 def _data_config(data: str | None, task: str | None, config: str | None, sets: list[str]) -> Any:

@@ -74,13 +74,38 @@ class ModelWrapper(nn.Module):
         return self.model(*args, **kwargs)
 
 
+# names of the model's methods that write or upload it: reached through a Tuned they would save the base without
+# the delta, so they are refused rather than passed through
+BASE_WRITERS = ("save", "push_to_hub")
+
+# PEFT's save_pretrained keywords a Tuned's save_pretrained takes (see its docstring for what each does here)
+PEFT_SAVE_KEYWORDS = ("safe_serialization", "selected_adapters", "save_embedding_layers", "is_main_process")
+
+
+class BaseWriteRefused(DeltatuneError, AttributeError):
+    """A model-writing method reached through a Tuned. An AttributeError too, so ``hasattr`` says the Tuned has
+    no such method instead of raising."""
+
+
 class Tuned(ModelWrapper):
     """Wraps a model, forwards to it, and attaches one ``Delta`` (forms + policy) to it.
 
     Attribute lookups the wrapper does not know fall through to the model, so ``tuned.generate``
-    and ``tuned.config`` work as on the model itself. ``tuned.delta`` is the Delta; ``tuned.deltas`` holds its
-    forms as submodules, so ``.to(device)`` and ``parameters()`` reach them.
+    and ``tuned.config`` work as on the model itself; the model's own saving methods (``save_*``,
+    ``push_to_hub``) do not, as they would write the base without the delta. ``tuned.delta`` is the Delta;
+    ``tuned.deltas`` holds its forms as submodules, so ``.to(device)`` and ``parameters()`` reach them.
     """
+
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return nn.Module.__getattr__(self, name)  # the Tuned's own submodules and tensors
+        except AttributeError:
+            if name.startswith(BASE_WRITERS):
+                raise BaseWriteRefused(
+                    f"tuned.{name} would write the base model without the delta: tuned.save_pretrained(path) saves "
+                    f"the delta; to write the full model, model = tuned.merge() and call model.{name}(...)"
+                ) from None
+        return super().__getattr__(name)
 
     def __init__(self, model: nn.Module, delta: Delta) -> None:
         super().__init__()
@@ -158,6 +183,15 @@ class Tuned(ModelWrapper):
 
     def num_trainable(self) -> int:
         return sum(p.numel() for p in self.trainable_parameters())
+
+    def get_nb_trainable_parameters(self) -> tuple[int, int]:
+        """(trainable, all) parameter counts as PEFT counts them: all is the base model's plus the delta's."""
+        return self.num_trainable(), sum(p.numel() for p in self.parameters())
+
+    def print_trainable_parameters(self) -> None:
+        """Print the counts in PEFT's format, so notebooks and logs written for PEFT read the same."""
+        trainable, total = self.get_nb_trainable_parameters()
+        print(f"trainable params: {trainable:,d} || all params: {total:,d} || trainable%: {100 * trainable / total:.4f}")
 
     def stored_bytes(self) -> int:
         return self.delta.stored_bytes()
@@ -311,6 +345,36 @@ class Tuned(ModelWrapper):
         """Write ``deltatune.json`` + ``delta.safetensors`` atomically (an interrupted save keeps the old one).
         A folder holding anything but an artifact is refused unless ``overwrite``."""
         self.delta.save(path, overwrite=overwrite)
+
+    def save_pretrained(self, save_directory: str | os.PathLike, *, overwrite: bool = False, **peft_options: Any
+                        ) -> None:
+        """Save the delta artifact to ``save_directory``, as ``save`` does: PEFT's habit, never the base model
+        (``merge()`` gives the plain model to save whole). ``dt.load`` / ``Tuned.from_pretrained`` read it back.
+
+        PEFT's keywords: ``is_main_process=False`` writes nothing (as in PEFT, for the other ranks);
+        ``safe_serialization`` must stay True (only safetensors is written); ``selected_adapters`` may name
+        only the delta in use ("default"); ``save_embedding_layers`` is ignored (the artifact holds every tensor
+        the delta trains, and never the base's). Any other keyword is refused."""
+        unknown = sorted(set(peft_options) - set(PEFT_SAVE_KEYWORDS))
+        if unknown:
+            raise DeltatuneError(
+                f"save_pretrained got unknown option(s) {', '.join(unknown)}: it saves the delta artifact and takes "
+                f"overwrite and PEFT's {', '.join(PEFT_SAVE_KEYWORDS)}"
+            )
+        if peft_options.get("safe_serialization", True) is not True:
+            raise DeltatuneError("save_pretrained writes safetensors only (nothing is pickled): drop "
+                                 "safe_serialization=False")
+        selected = peft_options.get("selected_adapters")
+        if selected is not None and list(selected) != ["default"]:
+            raise DeltatuneError(f"save_pretrained saves the delta in use, not {selected!r}: tuned.use(name) "
+                                 "first, then save_pretrained without selected_adapters")
+        if peft_options.get("is_main_process", True):
+            self.save(save_directory, overwrite=overwrite)
+
+    @classmethod
+    def from_pretrained(cls, model: nn.Module, path: str | os.PathLike) -> Tuned:
+        """PEFT's ``PeftModel.from_pretrained(model, path)`` habit: the same as ``dt.load(model, path)``."""
+        return load(model, path)
 
 
 def _method_and_config(method: str | Any, values: dict[str, Any]) -> tuple[registry.Method, Any]:

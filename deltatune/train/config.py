@@ -130,7 +130,31 @@ RESUMABLE_CHANGES = ("steps", "progress", "eval_every", "save_every", "keep_last
 def same_run(saved: dict[str, Any], config: RunConfig) -> bool:
     """A checkpoint's recorded config (``identity``) is that of ``config``; a checkpoint written when the output
     folder was part of the identity still counts."""
-    return {k: v for k, v in saved.items() if k != "output"} == config.identity()
+    return not config_differences(saved, config)
+
+
+def config_differences(saved: dict[str, Any], config: RunConfig) -> list[str]:
+    """What differs between a checkpoint's recorded config (``identity``) and ``config``, one
+    ``dotted.key: old -> new`` line per leaf, in key order (a checkpoint's ``output`` is ignored, as older
+    checkpoints recorded it)."""
+    old = {k: v for k, v in saved.items() if k != "output"}
+    return [f"{key}: {_shown(a)} -> {_shown(b)}" for key, a, b in _leaf_differences(old, config.identity(), "")]
+
+
+_ABSENT = object()  # a key one side has and the other lacks
+
+
+def _leaf_differences(old: Any, new: Any, prefix: str) -> list[tuple[str, Any, Any]]:
+    if isinstance(old, dict) and isinstance(new, dict):
+        out = []
+        for key in sorted(set(old) | set(new), key=str):
+            out += _leaf_differences(old.get(key, _ABSENT), new.get(key, _ABSENT), f"{prefix}{key}.")
+        return out
+    return [] if old == new else [(prefix.rstrip("."), old, new)]
+
+
+def _shown(value: Any) -> str:
+    return "(unset)" if value is _ABSENT else json.dumps(value)
 
 
 def _nearest(key: str, allowed: list[str]) -> str:

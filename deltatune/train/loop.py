@@ -32,7 +32,7 @@ from deltatune.core.tuned import Tuned, attach
 from deltatune.errors import DeltatuneError
 from deltatune.train import state as ckpt
 from deltatune.train.callbacks import Callback, ProgressBar, SummaryTable
-from deltatune.train.config import RunConfig, TrainSettings, load_config, same_run
+from deltatune.train.config import RunConfig, TrainSettings, config_differences, load_config
 from deltatune.train.step import PolicyStep, mean_over_ranks
 from deltatune.train.step import sync_optimizer as sync_optimizer  # callers and tests import it from here
 
@@ -190,20 +190,24 @@ def autocast(s: TrainSettings, device: torch.device) -> contextlib.AbstractConte
 
 # -- the loop -------------------------------------------------------------------------------
 def train(config: str | Path | dict | RunConfig, overrides: list[str] | None = None, *, resume: bool = False,
-          overwrite: bool = False, callbacks: list[Callback] | None = None) -> dict[str, Any]:
+          overwrite: bool = False, force: bool = False, callbacks: list[Callback] | None = None) -> dict[str, Any]:
     """Train a method as the config says (a YAML path, a preset name, a mapping or a ``RunConfig``); write
     the artifact and checkpoints to ``config.output``. ``callbacks`` watch the run (``train/callbacks.py``).
 
     A fresh run needs an empty (or new) output folder: ``resume`` continues the run there from its newest intact
     checkpoint, ``overwrite`` replaces whatever the folder holds. The folder is this process's for the whole run
-    (another one gets "in use by PID N").
+    (another one gets "in use by PID N"). A resume whose config differs from the checkpoint's (beyond
+    ``train.steps`` and the reporting settings) is refused with the keys that differ; ``force`` resumes anyway.
 
     Returns the summary: final metrics, history, seconds per step, tokens per second, peak memory, and
     ``warnings`` (a corrupt checkpoint skipped on resume, a run that looks diverged)."""
+    if force and not resume:
+        raise DeltatuneError("force=True (--force) only accepts a changed config on resume: add resume=True "
+                             "(--resume), or use overwrite=True (--overwrite) to replace a finished run")
     cfg = load_config(config, overrides)
     rank, world = _distributed()
     with _own_output(cfg, rank, world, resume=resume, overwrite=overwrite):
-        return _train(cfg, rank, world, resume=resume, callbacks=callbacks)
+        return _train(cfg, rank, world, resume=resume, force=force, callbacks=callbacks)
 
 
 @contextlib.contextmanager
@@ -222,7 +226,43 @@ def _own_output(cfg: RunConfig, rank: int, world: int, *, resume: bool, overwrit
         yield
 
 
-def _train(cfg: RunConfig, rank: int, world: int, *, resume: bool, callbacks: list[Callback] | None
+SHOWN_DIFFERENCES = 4  # a resume refusal lists this many differing keys, then how many more
+
+
+def check_same_run(checkpoint: Path, saved: dict[str, Any], cfg: RunConfig, *, force: bool) -> None:
+    """Refuse to resume from a checkpoint written by another config, naming the keys that differ; with ``force``,
+    warn with them and go on (the checkpoint's tensors must still fit the delta the config builds)."""
+    differences = config_differences(saved, cfg)
+    if not differences:
+        return
+    shown = "; ".join(differences[:SHOWN_DIFFERENCES])
+    more = len(differences) - SHOWN_DIFFERENCES
+    listed = shown + (f"; and {more} more" if more > 0 else "")
+    if force:
+        warnings.warn(f"--resume --force: resuming {checkpoint} under a changed config ({listed})", stacklevel=4)
+        return
+    raise DeltatuneError(
+        f"--resume: {checkpoint} was written by another config ({listed}); resume with the same config (only "
+        "train.steps and the reporting settings may change), add --force (force=True) to resume anyway, or write "
+        "to another output"
+    )
+
+
+def load_checkpoint_delta(tuned: Tuned, tensors: dict[str, torch.Tensor], checkpoint: Path) -> None:
+    """The checkpoint's delta tensors into ``tuned``; a forced resume whose method options changed the delta's
+    shapes gets one line instead of torch's list of mismatched keys."""
+    try:
+        with torch.no_grad():
+            tuned.deltas.load_state_dict(tensors)
+    except RuntimeError as e:
+        first = str(e).strip().splitlines()[-1].strip()
+        raise DeltatuneError(
+            f"--resume: the delta in {checkpoint} does not fit the delta this config builds ({first}); change back "
+            "the method options that shape the delta, or start a new run in another output"
+        ) from e
+
+
+def _train(cfg: RunConfig, rank: int, world: int, *, resume: bool, force: bool, callbacks: list[Callback] | None
            ) -> dict[str, Any]:
     s = cfg.train
     run = build(cfg)
@@ -250,15 +290,10 @@ def _train(cfg: RunConfig, rank: int, world: int, *, resume: bool, callbacks: li
         resumed_from, saved, notes = found
         for note in notes:
             warnings.warn(note, stacklevel=3)
-        if not same_run(saved["config"], cfg):
-            raise DeltatuneError(
-                f"--resume: {resumed_from} was written by a different config; resume with the same config "
-                "(only train.steps may grow) or write to another output"
-            )
+        check_same_run(resumed_from, saved["config"], cfg, force=force)
         # the policy first: it may restructure the delta (a phase switch) before the tensors load into it
         tuned.policy.load_state_dict(saved["policy"])
-        with torch.no_grad():
-            tuned.deltas.load_state_dict(saved["delta"])
+        load_checkpoint_delta(tuned, saved["delta"], resumed_from)
         for i, p in enumerate(tuned.deltas.parameters()):
             p.requires_grad_(bool(saved["trainable"][str(i)]))
     params = list(tuned.deltas.parameters())  # all delta tensors, trainable or not: a stable order
