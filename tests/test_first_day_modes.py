@@ -149,3 +149,15 @@ def test_a_training_run_and_its_checkpoints_get_the_umask_mode(tmp_path: Path, u
     dt.train(word_run_config(word_run, {"name": "lora", "r": 2}, out, steps=2, save_every=1))
     assert checkpoints(out / "checkpoints"), "the run wrote no checkpoint to check"
     assert _modes(out) == ({0o755}, {0o644})
+
+
+def test_files_written_on_their_own_get_the_umask_mode(tmp_path: Path, umask_022: None) -> None:
+    """SPT's sensitivity scores and the Trainer bridge's policy state are single safetensors files (safetensors
+    leaves them 0600)."""
+    from deltatune.hf import save_policy_state
+    from deltatune.methods.spt import save_sensitivity
+
+    save_sensitivity({"w": torch.ones(2)}, tmp_path / "scores.safetensors")
+    save_policy_state(dt.attach(tiny_llama(), "lora", r=2), tmp_path / "checkpoint-1")
+    assert _modes(tmp_path)[1] == {0o644}  # (pytest makes tmp_path itself 0700)
+    assert _modes(tmp_path / "checkpoint-1") == ({0o755}, {0o644})

@@ -156,6 +156,15 @@ def fresh_dir(parent: Path, prefix: str) -> Path:
         return candidate
 
 
+def save_tensor_file(tensors: dict[str, torch.Tensor], path: str | os.PathLike) -> None:
+    """``safetensors.torch.save_file`` for a file written on its own (not inside an atomic folder), with the
+    mode the umask gives new files: safetensors leaves its output 0600."""
+    save_file(tensors, os.fspath(path))
+    umask = os.umask(0)  # read it: the only portable way before Python 3.13's os.umask-free getter
+    os.umask(umask)
+    os.chmod(path, 0o666 & ~umask)
+
+
 def _open_files_to_umask(folder: Path) -> None:
     """Give every file under ``folder`` (a ``fresh_dir``) the mode the umask gives new files: safetensors
     writes through a temporary file of its own and leaves its output 0600, unreadable to anyone else.

@@ -271,9 +271,9 @@ def _accumulate_into(score: torch.Tensor) -> Callable[[torch.Tensor], None]:
 
 def save_sensitivity(scores: dict[str, torch.Tensor], path: str | os.PathLike) -> str:
     """Write scores to a safetensors file that ``sensitivity=<path>`` reads; returns the path."""
-    from safetensors.torch import save_file
+    from deltatune.core import artifact
 
-    save_file({k: v.detach().to("cpu", torch.float32).contiguous() for k, v in scores.items()}, os.fspath(path))
+    artifact.save_tensor_file({k: v.detach().to("cpu", torch.float32).contiguous() for k, v in scores.items()}, path)
     return os.fspath(path)
 
 

@@ -52,8 +52,6 @@ POLICY_TENSORS = "deltatune_policy.safetensors"
 # -- policy state on disk -------------------------------------------------------------------
 def save_policy_state(tuned: Tuned, folder: str | os.PathLike) -> None:
     """Write the policy's ``state_dict`` and the trainable flags of the delta tensors into ``folder``."""
-    from safetensors.torch import save_file
-
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     tensors: dict[str, torch.Tensor] = {}
@@ -63,7 +61,7 @@ def save_policy_state(tuned: Tuned, folder: str | os.PathLike) -> None:
         "state": state,
         "trainable": {name: p.requires_grad for name, p in tuned.deltas.named_parameters()},
     }
-    save_file({k: v.detach().contiguous().cpu().clone() for k, v in tensors.items()}, str(folder / POLICY_TENSORS))
+    artifact.save_tensor_file({k: v.detach().contiguous().cpu().clone() for k, v in tensors.items()}, folder / POLICY_TENSORS)
     (folder / POLICY_JSON).write_text(json.dumps(doc, indent=2, sort_keys=True) + "\n")
 
 
