@@ -155,8 +155,7 @@ def eval(path: str | os.PathLike, data: dict[str, Any], *, base: str | None = No
 
     name = _artifact_base(path, base)
     cfg = data if isinstance(data, tasks.DataConfig) else parse_data_section(dict(data))
-    cfg.check()
-    model, _, task = tasks.load_for_task(cfg, name)
+    model, _, task = tasks.load_for_task(cfg, name)  # checks cfg first
     tuned = load(model, path)
     return task.evaluate(tuned, batch_size)
 

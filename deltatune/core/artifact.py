@@ -160,7 +160,7 @@ def save_tensor_file(tensors: dict[str, torch.Tensor], path: str | os.PathLike) 
     """``safetensors.torch.save_file`` for a file written on its own (not inside an atomic folder), with the
     mode the umask gives new files: safetensors leaves its output 0600."""
     save_file(tensors, os.fspath(path))
-    umask = os.umask(0)  # read it: the only portable way before Python 3.13's os.umask-free getter
+    umask = os.umask(0)  # os.umask is the only way to read the umask: set it, then put it back
     os.umask(umask)
     os.chmod(path, 0o666 & ~umask)
 

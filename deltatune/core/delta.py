@@ -84,7 +84,7 @@ class Delta:
             if diffs:
                 self.forms, self.policy, self.model, self.base_shapes = {}, Policy(), None, None
                 self._fingerprint = expected
-                raise DeltatuneError(f"{self.where} was trained on another base model ({'; '.join(diffs)}). {fix}")
+                raise self._another_base(diffs, fix)
         if load:
             self.load_tensors()
         return self
@@ -93,7 +93,10 @@ class Delta:
         """Raise unless ``fingerprint`` (of a model) is the base this delta belongs to."""
         diffs = artifact.compare_fingerprints(self.fingerprint(), fingerprint)
         if diffs:
-            raise DeltatuneError(f"{self.where} was trained on another base model ({'; '.join(diffs)}). {fix}")
+            raise self._another_base(diffs, fix)
+
+    def _another_base(self, diffs: list[str], fix: str) -> DeltatuneError:
+        return DeltatuneError(f"{self.where} was trained on another base model ({'; '.join(diffs)}). {fix}")
 
     @property
     def where(self) -> str:

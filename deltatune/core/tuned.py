@@ -32,6 +32,13 @@ def carried_by(model: nn.Module) -> Any | None:
     return holder if holder is not None and holder.attached else None
 
 
+def refuse_another_carried(model: nn.Module, holder: Any) -> None:
+    """Before ``holder`` puts its delta back on ``model``: refuse if another one is attached there now."""
+    other = carried_by(model)
+    if other is not None and other is not holder:
+        raise DeltatuneError(f"the model carries another attached {other.method.name!r} delta: detach it first")
+
+
 def carry(model: nn.Module, holder: Any, on: bool) -> None:
     """Record that ``holder`` carries the delta attached to ``model`` (``on``), or no longer does."""
     if on:
@@ -97,15 +104,15 @@ class Tuned(ModelWrapper):
     """
 
     def __getattr__(self, name: str) -> Any:
+        if not name.startswith(BASE_WRITERS):
+            return super().__getattr__(name)  # the Tuned's own submodules and tensors, then the model's attributes
         try:
-            return nn.Module.__getattr__(self, name)  # the Tuned's own submodules and tensors
+            return nn.Module.__getattr__(self, name)  # a submodule or tensor of the Tuned's own by that name
         except AttributeError:
-            if name.startswith(BASE_WRITERS):
-                raise BaseWriteRefused(
-                    f"tuned.{name} would write the base model without the delta: tuned.save_pretrained(path) saves "
-                    f"the delta; to write the full model, model = tuned.merge() and call model.{name}(...)"
-                ) from None
-        return super().__getattr__(name)
+            raise BaseWriteRefused(
+                f"tuned.{name} would write the base model without the delta: tuned.save_pretrained(path) saves "
+                f"the delta; to write the full model, model = tuned.merge() and call model.{name}(...)"
+            ) from None
 
     def __init__(self, model: nn.Module, delta: Delta) -> None:
         super().__init__()
@@ -304,9 +311,7 @@ class Tuned(ModelWrapper):
         """Put the delta that ``detach`` took off back on the model."""
         if self.merged:
             raise DeltatuneError("the delta is merged into the weights: there is nothing to put back on")
-        other = carried_by(self.model)
-        if other is not None and other is not self:
-            raise DeltatuneError(f"the model carries another attached {other.method.name!r} delta: detach it first")
+        refuse_another_carried(self.model, self)
         for form in self.forms().values():
             form.attach()
         self._carry(True)
@@ -444,7 +449,7 @@ def delta_of(item: DeltaSource) -> Delta:
             raise DeltatuneError(f"the {item.method.name!r} delta is merged into its model: unmerge() it first")
         return item.delta.snapshot()
     if not isinstance(item, str | os.PathLike):
-        raise DeltatuneError(f"a delta is an artifact path or a Tuned model or Tuned models, not {type(item).__name__}")
+        raise DeltatuneError(f"a delta is an artifact path or a Tuned model, not {type(item).__name__}")
     return Delta.read(item)
 
 

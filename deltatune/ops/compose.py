@@ -53,10 +53,10 @@ from deltatune.core.tuned import (
     DeltaSource,
     ModelWrapper,
     Tuned,
-    carried_by,
     carried_taken_off,
     carry,
     delta_of,
+    refuse_another_carried,
 )
 from deltatune.errors import DeltatuneError
 
@@ -204,9 +204,7 @@ class Composition(ModelWrapper):
         """Put the parts that ``detach`` took off back on the model."""
         if self.merged:
             raise DeltatuneError("the composition is merged into the weights: there is nothing to put back on")
-        other = carried_by(self.model)
-        if other is not None and other is not self:
-            raise DeltatuneError(f"the model carries another attached {other.method.name!r} delta: detach it first")
+        refuse_another_carried(self.model, self)
         self._apply()
         self.on = True
         carry(self.model, self, True)
