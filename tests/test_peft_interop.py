@@ -725,7 +725,7 @@ def test_a_refused_import_leaves_the_carried_delta_on(tmp_path):
             dt.import_peft(base, tmp_path / "a")
     assert carried.attached
     with torch.no_grad():
-        torch.testing.assert_close(carried(input_ids=ids).logits, before, rtol=0, atol=0)
+        torch.testing.assert_close(carried(input_ids=ids).logits, before)  # float32 defaults: scale with the logits
 
 
 def test_error_import_wrong_base(tmp_path):
