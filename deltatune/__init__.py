@@ -8,7 +8,7 @@
 
 import deltatune.methods  # noqa: F401  (importing the package registers every method)
 from deltatune import data
-from deltatune.api import export, export_peft, import_, import_peft, inspect, merge, methods
+from deltatune.api import eval, export, export_peft, generate, import_, import_peft, inspect, merge, methods
 from deltatune.core.tuned import Tuned, attach, load
 from deltatune.data import models
 from deltatune.errors import DeltatuneError
@@ -26,8 +26,10 @@ __all__ = [
     "compose",
     "compress",
     "data",
+    "eval",
     "export",
     "export_peft",
+    "generate",
     "import_",
     "import_peft",
     "inspect",

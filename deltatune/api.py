@@ -1,7 +1,7 @@
 """The Python functions behind the CLI verbs (each verb calls the function of the same name).
 
-They take their inputs first and the folder they write (``out``) last, as ``dt.merge_deltas`` does; the CLI puts
-``OUT`` first only where a list of artifacts must come last on a command line. Every writer owns ``out`` through
+They take their inputs first and the folder they write (``out``) last, as the CLI does (inputs positional, the
+output after ``--out``). Every writer owns ``out`` through
 ``artifact.destination``: it refuses an ``out`` that is or holds one of its inputs, and a non-empty folder that is
 not its own kind of output unless ``overwrite=True`` (``--overwrite``). The words: ``merge`` folds one
 delta into its base and writes a plain model; ``merge_deltas`` makes one new delta of several; ``compose`` writes
@@ -19,6 +19,7 @@ import torch
 import torch.nn as nn
 
 from deltatune.core import artifact, registry
+from deltatune.core.options import describe as describe_method
 from deltatune.core.tuned import Tuned, load
 from deltatune.data import models
 from deltatune.errors import DeltatuneError
@@ -27,8 +28,11 @@ from deltatune.interop.peft import export_peft, import_peft, read_peft
 FORMATS = ("peft",)
 
 
-def methods() -> dict[str, str]:
-    """Registered method names with a one-line description each."""
+def methods(name: str | None = None) -> Any:
+    """Registered method names with a one-line description each; with ``name``, that method's family and options
+    (each with its type, default and meaning: ``deltatune methods NAME``)."""
+    if name is not None:
+        return describe_method(name)
     return {name: registry.get(name).description for name in registry.names()}
 
 
@@ -54,6 +58,8 @@ def inspect(path: str | os.PathLike) -> dict[str, Any]:
             "num_parameters": fp.get("num_parameters"),
             "targeted_tensors": len(fp.get("tensors", {})),
             "shapes_hash": fp.get("shapes"),
+            # the model class it needs (a fresh classification head: its labels); None for older artifacts
+            "head": fp.get("head"),
         },
         "trainable": meta.get("sizes", {}).get("trainable"),
         "stored_tensors": len(tensors),
@@ -80,12 +86,9 @@ def export(artifact_or_tuned: str | os.PathLike | Tuned, out: str | os.PathLike,
     if isinstance(artifact_or_tuned, Tuned):
         return export_peft(artifact_or_tuned, out, overwrite=overwrite)
     meta = artifact.read_meta(artifact_or_tuned)  # a bad path fails before a model is loaded
-    if base is None:
-        base = meta.get("fingerprint", {}).get("name_or_path")
-        if not base:
-            raise DeltatuneError("the artifact does not say which base model it belongs to: pass base=...")
+    base, head = models.base_of(meta, base)
     with artifact.destination(out, "peft", inputs=[artifact_or_tuned, base], overwrite=overwrite):
-        return export_peft(load(models.load_base(base), artifact_or_tuned), out)
+        return export_peft(load(models.load_base(base, head), artifact_or_tuned), out)
 
 
 def import_(adapter: str | os.PathLike, out: str | os.PathLike, *, base: str | nn.Module, format: str = "peft",
@@ -98,16 +101,19 @@ def import_(adapter: str | os.PathLike, out: str | os.PathLike, *, base: str | n
     return Path(out)
 
 
-def merge(path: str | os.PathLike, *, base: str | nn.Module, out: str | os.PathLike, overwrite: bool = False) -> Path:
-    """Merge an artifact into its base and write a ``save_pretrained`` folder (a plain model)."""
-    artifact.read_meta(path)  # a bad path fails before a model is loaded
+def merge(path: str | os.PathLike, *, base: str | nn.Module | None = None, out: str | os.PathLike,
+          overwrite: bool = False) -> Path:
+    """Merge an artifact into its base and write a ``save_pretrained`` folder (a plain model, with the head the
+    artifact was trained with). ``base``: default the one the artifact records, as ``export`` takes it."""
+    base, head = models.base_of(artifact.read_meta(path), base)  # a bad path fails before a model is loaded
     with artifact.destination(out, "model", inputs=[path, base], overwrite=overwrite) as dest:
-        plain = load(models.load_base(base), path).merge()
+        plain = load(models.load_base(base, head), path).merge()
         if not hasattr(plain, "save_pretrained"):
             raise DeltatuneError(f"{type(plain).__name__} has no save_pretrained; merge in Python and save it yourself")
 
         def fill(tmp: Path) -> None:
-            plain.save_pretrained(tmp)
+            with models.quiet_transformers():  # no "Writing model shards" bar
+                plain.save_pretrained(tmp)
             models.copy_tokenizer(base, tmp)
 
         dest.write(fill)
@@ -137,12 +143,30 @@ def merge_deltas(deltas: list[str], out: str | os.PathLike, **options: Any) -> A
     return merge_deltas_(deltas, out, **options)
 
 
-def _artifact_base(path: str | os.PathLike, base: str | None) -> str:
-    meta = artifact.read_meta(path)
-    name = base or meta.get("fingerprint", {}).get("name_or_path")
-    if not name:
-        raise DeltatuneError(f"{path} does not say which base model it belongs to: pass base=...")
-    return str(name)
+def _artifact_base(path: str | os.PathLike, base: str | None) -> tuple[str, dict[str, Any] | None]:
+    """The base model's name and the head the artifact records (``models.base_of``), naming the artifact."""
+    try:
+        name, head = models.base_of(artifact.read_meta(path), base)
+    except DeltatuneError:
+        raise DeltatuneError(f"{path} does not say which base model it belongs to: pass base=...") from None
+    return str(name), head
+
+
+def _check_labels(path: str | os.PathLike, head: dict[str, Any] | None, model: nn.Module, data: Any) -> None:
+    """Refuse data that does not fit the classification head the artifact was trained with (the fingerprint
+    check would say only that parameter shapes differ)."""
+    if not head or head.get("task") != "classification":
+        return
+    is_head = artifact.model_task(type(model).__name__) == "classification"
+    n = getattr(model.config, "num_labels", None) if is_head else None
+    if n != head.get("num_labels"):
+        names = ", ".join((head.get("id2label") or {}).values())
+        given = f"{n} labels" if is_head else f"task {data.task!r} without a classification head"
+        raise DeltatuneError(
+            f"{path} was trained with a {head.get('num_labels')}-label classification head ({names}), but the data "
+            f"{getattr(data, 'name', None) or getattr(data, 'path', None)} gives {given}: evaluate it on the data it was trained on (e.g. --config "
+            "with its run config)"
+        )
 
 
 def eval(path: str | os.PathLike, data: dict[str, Any], *, base: str | None = None,  # noqa: A001 (the verb)
@@ -153,9 +177,10 @@ def eval(path: str | os.PathLike, data: dict[str, Any], *, base: str | None = No
     from deltatune.data import tasks
     from deltatune.train.config import parse_data_section
 
-    name = _artifact_base(path, base)
+    name, head = _artifact_base(path, base)
     cfg = data if isinstance(data, tasks.DataConfig) else parse_data_section(dict(data))
-    model, _, task = tasks.load_for_task(cfg, name)  # checks cfg first
+    model, _, task = tasks.load_for_task(cfg, name)  # checks cfg first; a classification head sized to the data
+    _check_labels(path, head, model, cfg)
     tuned = load(model, path)
     return task.evaluate(tuned, batch_size)
 
@@ -165,21 +190,31 @@ def generate(path: str | os.PathLike | None, prompt: str, *, base: str | None = 
     """Generate from a prompt with the artifact's delta attached (``path=None``: the base model alone).
 
     The tokenizer's chat template is applied when it has one (``chat=False`` turns it off); with
-    ``stream`` the text is printed as it is produced."""
+    ``stream`` the text is printed as it is produced. An artifact trained with a classification head (the
+    quick demo's) has no text to generate: it classifies the prompt and returns the label it predicts."""
     from transformers import TextStreamer
 
     if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
         raise DeltatuneError(f"max_new_tokens={max_new_tokens!r}: must be a whole number of at least 1")
-    name = _artifact_base(path, base) if path is not None else base
+    name, head = _artifact_base(path, base) if path is not None else (base, None)
     if not name:
         raise DeltatuneError("generate needs an artifact or base=... (a shipped name or a folder)")
-    model = models.load(name)
+    model = models.load_base(name, head)
     runner = load(model, path) if path is not None else model
     tok = models.load_tokenizer(name)
-    use_chat = bool(getattr(tok, "chat_template", None)) if chat is None else chat
+    if artifact.model_task(type(model).__name__) == "classification":
+        return _classify(runner, tok, prompt, stream)
+    if not getattr(model, "can_generate", lambda: False)():
+        raise DeltatuneError(
+            f"{name} loads as a {type(model).__name__}, which has no language-model head to generate with; use a "
+            "causal LM (e.g. smollm2-135m), or `deltatune eval` for a model trained on classification"
+        )
+    # the template the delta was trained with (data.chat_template), else the tokenizer's own
+    template = runner.delta.chat_template if isinstance(runner, Tuned) else None
+    use_chat = bool(template or getattr(tok, "chat_template", None)) if chat is None else chat
     if use_chat:
         ids = tok.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True,
-                                      return_tensors="pt", return_dict=True)
+                                      return_tensors="pt", return_dict=True, chat_template=template)
     else:
         ids = tok(prompt, return_tensors="pt")
     streamer = TextStreamer(tok, skip_prompt=True, skip_special_tokens=True) if stream else None
@@ -187,3 +222,16 @@ def generate(path: str | os.PathLike | None, prompt: str, *, base: str | None = 
         out = runner.generate(**ids, max_new_tokens=max_new_tokens, do_sample=False, streamer=streamer,
                               pad_token_id=tok.pad_token_id)
     return tok.decode(out[0, ids["input_ids"].shape[1]:], skip_special_tokens=True)
+
+
+def _classify(runner: nn.Module, tok: Any, prompt: str, stream: bool) -> str:
+    """The label a sequence classifier predicts for ``prompt`` (its ``id2label`` name), printed with its
+    probability when ``stream``."""
+    ids = tok(prompt, return_tensors="pt", truncation=True)
+    with torch.no_grad():
+        probs = runner(**ids).logits.float().softmax(-1)[0]
+    k = int(probs.argmax())
+    label = str(runner.config.id2label.get(k, k))
+    if stream:
+        print(f"{label} (p={float(probs[k]):.2f})", end="", flush=True)
+    return label

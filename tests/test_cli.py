@@ -102,18 +102,18 @@ def test_inspect_table_and_json(artifact: tuple[Path, int], base_dir: Path) -> N
 def test_export_import_round_trip(artifact: tuple[Path, int], base_dir: Path, tmp_path: Path) -> None:
     path, trainable = artifact
     peft_dir = tmp_path / "peft"
-    result = run("export", "--format", "peft", path, peft_dir, "--base", base_dir)
+    result = run("export", "--format", "peft", path, "--out", peft_dir, "--base", base_dir)
     assert result.exit_code == 0, result.output
     assert (peft_dir / "adapter_config.json").is_file()
     assert (peft_dir / "adapter_model.safetensors").is_file()
 
     # without --base the artifact's recorded base (here the local folder) is used
-    result = run("export", path, tmp_path / "peft2")
+    result = run("export", path, "--out", tmp_path / "peft2")
     assert result.exit_code == 0, result.output
     assert (tmp_path / "peft2" / "adapter_model.safetensors").is_file()
 
     back = tmp_path / "back"
-    result = run("import", "--format", "peft", peft_dir, back, "--base", base_dir)
+    result = run("import", "--format", "peft", peft_dir, "--out", back, "--base", base_dir)
     assert result.exit_code == 0, result.output
     info = json.loads(run("inspect", back, "--json").stdout)
     assert info["method"] == "lora"
@@ -141,14 +141,14 @@ def test_missing_artifact_is_one_error_line(base_dir: Path, tmp_path: Path) -> N
     missing = tmp_path / "nope"
     one_error_line(run("inspect", missing), str(missing))
     one_error_line(run("merge", missing, "--base", base_dir, "--out", tmp_path / "out"), str(missing))
-    one_error_line(run("export", missing, tmp_path / "peft"), str(missing))
+    one_error_line(run("export", missing, "--out", tmp_path / "peft"), str(missing))
     assert not (tmp_path / "out").exists() and not (tmp_path / "peft").exists()
 
 
 def test_unknown_format_is_one_error_line(artifact: tuple[Path, int], tmp_path: Path) -> None:
     path, _ = artifact
-    one_error_line(run("export", "--format", "onnx", path, tmp_path / "x"), "unknown format 'onnx'", "peft")
-    one_error_line(run("import", "--format", "onnx", path, tmp_path / "y", "--base", "smollm2-135m"), "'onnx'")
+    one_error_line(run("export", "--format", "onnx", path, "--out", tmp_path / "x"), "unknown format 'onnx'", "peft")
+    one_error_line(run("import", "--format", "onnx", path, "--out", tmp_path / "y", "--base", "smollm2-135m"), "'onnx'")
     assert not (tmp_path / "x").exists() and not (tmp_path / "y").exists()
 
 
@@ -156,7 +156,7 @@ def test_unknown_base_is_one_error_line(artifact: tuple[Path, int], tmp_path: Pa
     path, _ = artifact
     line = one_error_line(run("merge", path, "--base", "no-such-model", "--out", tmp_path / "m"), "'no-such-model'")
     assert "smollm2-135m" in line  # names what is available
-    one_error_line(run("export", path, tmp_path / "p", "--base", "no-such-model"), "'no-such-model'")
+    one_error_line(run("export", path, "--out", tmp_path / "p", "--base", "no-such-model"), "'no-such-model'")
     assert not (tmp_path / "m").exists()
 
 
@@ -209,13 +209,13 @@ def _sparse_artifact(base_dir: Path, folder: Path, seed: int) -> Path:
 
 
 def test_compose_then_revert_is_exact(artifact: tuple[Path, int], base_dir: Path, tmp_path: Path) -> None:
-    """`compose OUT A B` writes θ0 + φ_a + φ_b; `revert OUT B` gives exactly `compose A` (rebuilt from θ0)."""
+    """`compose A B --out C` writes θ0 + φ_a + φ_b; `revert C B --out R` gives exactly `compose A` (rebuilt from θ0)."""
     lora, _ = artifact
     sparse = _sparse_artifact(base_dir, tmp_path / "sparse", seed=3)
-    result = run("compose", tmp_path / "both", lora, sparse, "--base", base_dir)
+    result = run("compose", lora, sparse, "--out", tmp_path / "both", "--base", base_dir)
     assert result.exit_code == 0, result.output
-    assert run("compose", tmp_path / "lora-only", lora, "--base", base_dir).exit_code == 0
-    result = run("revert", tmp_path / "both", "sparse", tmp_path / "reverted")
+    assert run("compose", lora, "--out", tmp_path / "lora-only", "--base", base_dir).exit_code == 0
+    result = run("revert", tmp_path / "both", "sparse", "--out", tmp_path / "reverted")
     assert result.exit_code == 0, result.output
     both = dt.models.load(tmp_path / "both").state_dict()
     reverted = dt.models.load(tmp_path / "reverted").state_dict()
@@ -223,32 +223,32 @@ def test_compose_then_revert_is_exact(artifact: tuple[Path, int], base_dir: Path
     assert all(torch.equal(reverted[k], alone[k]) for k in alone)
     assert not all(torch.equal(both[k], alone[k]) for k in alone)
     # reverting the last part gives the base model back
-    assert run("revert", tmp_path / "reverted", "lora", tmp_path / "base-again").exit_code == 0
+    assert run("revert", tmp_path / "reverted", "lora", "--out", tmp_path / "base-again").exit_code == 0
     base = dt.models.load(base_dir).state_dict()
     again = dt.models.load(tmp_path / "base-again").state_dict()
     assert all(torch.equal(again[k], base[k]) for k in base)
-    one_error_line(run("revert", tmp_path / "both", "nope", tmp_path / "x"), "not one of the composed parts")
-    one_error_line(run("revert", base_dir, "lora", tmp_path / "x"), "deltatune-composition.json")
+    one_error_line(run("revert", tmp_path / "both", "nope", "--out", tmp_path / "x"), "not one of the composed parts")
+    one_error_line(run("revert", base_dir, "lora", "--out", tmp_path / "x"), "deltatune-composition.json")
 
 
 def test_merge_deltas_verb_writes_a_loadable_artifact(artifact: tuple[Path, int], base_dir: Path,
                                                       tmp_path: Path) -> None:
-    """Task arithmetic of a delta with itself at weights 0.5, 0.5 is the delta (as a dense ΔW)."""
+    """Task arithmetic of a delta with itself at weights 0.5, 0.5 is the delta (LoRA inputs: as cat, low-rank)."""
     lora, _ = artifact
-    result = run("merge-deltas", tmp_path / "merged", lora, lora, "--weights", "0.5,0.5", "--base", base_dir)
+    result = run("merge-deltas", lora, lora, "--out", tmp_path / "merged", "--weights", "0.5,0.5", "--base", base_dir)
     assert result.exit_code == 0, result.output
     x = {"input_ids": torch.randint(0, 128, (2, 6), generator=torch.Generator().manual_seed(0))}
     with torch.no_grad():
         want = dt.load(dt.models.load(base_dir), lora)(**x).logits
         got = dt.load(dt.models.load(base_dir), tmp_path / "merged")(**x).logits
     assert torch.allclose(got, want, atol=1e-5)
-    one_error_line(run("merge-deltas", tmp_path / "m2", lora, lora, "--weights", "a,b", "--base", base_dir),
+    one_error_line(run("merge-deltas", lora, lora, "--out", tmp_path / "m2", "--weights", "a,b", "--base", base_dir),
                    "--weights takes comma-separated numbers")
 
 
 def test_compress_verb_and_inspect_show_both_sizes(artifact: tuple[Path, int], base_dir: Path, tmp_path: Path) -> None:
     lora, _ = artifact
-    result = run("compress", lora, tmp_path / "small", "--density", "0.1", "--base", base_dir)
+    result = run("compress", lora, "--out", tmp_path / "small", "--density", "0.1", "--base", base_dir)
     assert result.exit_code == 0, result.output
     assert "smaller" in result.output
     shown = run("inspect", tmp_path / "small")
@@ -257,4 +257,48 @@ def test_compress_verb_and_inspect_show_both_sizes(artifact: tuple[Path, int], b
     info = dt.inspect(tmp_path / "small")
     assert info["compression"]["density"] == pytest.approx(0.1, abs=1e-3)
     assert info["stored_bytes"] < info["original_bytes"]
-    one_error_line(run("compress", lora, tmp_path / "bad", "--density", "0", "--base", base_dir), "density")
+    one_error_line(run("compress", lora, "--out", tmp_path / "bad", "--density", "0", "--base", base_dir), "density")
+
+
+def test_every_writing_verb_takes_inputs_then_out_and_refuses_the_old_order(artifact: tuple[Path, int],
+                                                                           base_dir: Path, tmp_path: Path) -> None:
+    """One order for every verb that writes: inputs positional, the output after --out. The earlier order
+    (`export ART OUT`, `merge-deltas OUT A B`) is one line showing the new one, and nothing is written."""
+    lora, _ = artifact
+    target = tmp_path / "target"
+    old_calls = {
+        "export": ["export", lora, target],
+        "import": ["import", lora, target, "--base", base_dir],
+        "merge": ["merge", lora, target],
+        "compress": ["compress", lora, target],
+        "revert": ["revert", tmp_path / "composed", "part", target],
+        "merge-deltas": ["merge-deltas", target, lora, lora],
+        "compose": ["compose", target, lora],
+    }
+    for verb, args in old_calls.items():
+        line = one_error_line(run(*args), "--out")
+        assert f"deltatune {verb} " in line, line
+        assert not target.exists(), f"{verb} wrote into {target}"
+
+
+def test_merge_takes_the_base_from_the_artifact(artifact: tuple[Path, int], tmp_path: Path) -> None:
+    result = run("merge", artifact[0], "--out", tmp_path / "merged")
+    assert result.exit_code == 0, result.output
+    assert (tmp_path / "merged" / "config.json").is_file()
+
+
+def test_low_rank_inputs_stay_small_and_the_output_says_how_to_get_the_other(artifact: tuple[Path, int],
+                                                                             base_dir: Path, tmp_path: Path) -> None:
+    lora, _ = artifact
+    result = run("merge-deltas", lora, lora, "--how", "ties", "--density", "0.5", "--out", tmp_path / "ties",
+                 "--base", base_dir)
+    assert result.exit_code == 0, result.output
+    assert "a lora artifact" in result.stdout and "--dense" in result.stdout
+    dense = run("merge-deltas", lora, lora, "--how", "ties", "--density", "0.5", "--dense", "--out",
+                tmp_path / "dense", "--base", base_dir)
+    assert dense.exit_code == 0, dense.output
+    assert "a full artifact" in dense.stdout and "--dense" not in dense.stdout
+    assert dt.inspect(tmp_path / "ties")["stored_bytes"] < dt.inspect(tmp_path / "dense")["stored_bytes"]
+    result = run("compress", lora, "--out", tmp_path / "small", "--base", base_dir)
+    assert result.exit_code == 0, result.output
+    assert "factors A and B" in result.stdout and "--lowrank delta" in result.stdout

@@ -198,7 +198,7 @@ def _lora(path: Path) -> dict[str, torch.Tensor]:
 
 def test_lora_compressed_loads_as_base_plus_the_ternary_reconstruction(tmp_path: Path) -> None:
     deltas = _lora(tmp_path / "lora")
-    out = compress(tmp_path / "lora", tmp_path / "c", base=tiny_llama())
+    out = compress(tmp_path / "lora", tmp_path / "c", base=tiny_llama(), lowrank="delta")
     scale = _scale_of(out)
     d_all = torch.cat([d.reshape(-1) for d in deltas.values()])
     assert scale == pytest.approx(float(d_all.double().std()), rel=1e-6)
@@ -222,7 +222,7 @@ def test_lora_compressed_loads_as_base_plus_the_ternary_reconstruction(tmp_path:
 
 def test_compressed_artifact_sizes_match_the_bit_packing_formula_and_save_back_bit_for_bit(tmp_path: Path) -> None:
     _lora(tmp_path / "lora")
-    out = compress(tmp_path / "lora", tmp_path / "c", base=tiny_llama(), density=0.05)
+    out = compress(tmp_path / "lora", tmp_path / "c", base=tiny_llama(), density=0.05, lowrank="delta")
     meta, tensors = artifact.read_artifact(out)
     records = meta["config"]["tensors"]
     formula = sum(packed_bytes(r, "ternary") for r in records.values())
@@ -247,7 +247,7 @@ def test_compressed_artifact_sizes_match_the_bit_packing_formula_and_save_back_b
 
 def test_compressed_delta_composes_with_another_artifact_and_reverts_exactly(tmp_path: Path) -> None:
     deltas = _lora(tmp_path / "lora")
-    out = compress(tmp_path / "lora", tmp_path / "c", base=tiny_llama())
+    out = compress(tmp_path / "lora", tmp_path / "c", base=tiny_llama(), lowrank="delta")
     recon = _by_hand(deltas, 0.2, _scale_of(out))
     other = dt.attach(tiny_llama(), "spiel", density=0.05)
     with torch.no_grad():
@@ -382,8 +382,8 @@ def test_lowrank_factors_mode_keeps_a_low_rank_form_with_ternary_factors(tmp_pat
             form.B.normal_()
     tuned.save(tmp_path / "lora")
     with pytest.raises(DeltatuneError, match="lowrank='factors'"):
-        compress(tmp_path / "lora", tmp_path / "c", base=tiny_gpt2())
-    out = compress(tmp_path / "lora", tmp_path / "c", base=tiny_gpt2(), lowrank="factors")
+        compress(tmp_path / "lora", tmp_path / "c", base=tiny_gpt2(), lowrank="delta")
+    out = compress(tmp_path / "lora", tmp_path / "c", base=tiny_gpt2())  # a LoRA's default: its factors
     factors = {f"{n}.{p}": getattr(f, p).detach() for n, f in tuned.forms().items() for p in ("A", "B")}
     recon = _by_hand(factors, 0.2, _scale_of(out))
     model = tiny_gpt2()
@@ -400,6 +400,28 @@ def test_lowrank_factors_mode_keeps_a_low_rank_form_with_ternary_factors(tmp_pat
     loaded.merge()
     loaded.unmerge()  # a low-rank merge is a float add / subtract: W0 back to float tolerance
     assert all(torch.allclose(v, w0[k], atol=1e-6, rtol=0) for k, v in loaded.detach().state_dict().items())
+
+
+def test_a_lora_compresses_its_factors_by_default_far_smaller_than_its_delta_and_says_so(tmp_path: Path) -> None:
+    """The issue's case: ComPEFT of a LoRA's ΔW keeps a fraction of in·out entries and barely shrinks it; its
+    factors hold r·(in+out), so the default (factors) keeps that fraction of far fewer entries."""
+    _lora(tmp_path / "lora")
+    factors = compress(tmp_path / "lora", tmp_path / "f", base=tiny_llama())
+    delta = compress(tmp_path / "lora", tmp_path / "d", base=tiny_llama(), lowrank="delta")
+    f_meta, d_meta = artifact.read_meta(factors), artifact.read_meta(delta)
+    shapes = [r["shape"] for r in f_meta["config"]["tensors"].values()]
+    assert {r["form"] for r in f_meta["config"]["tensors"].values()} == {"lowrank"}
+    assert f_meta["compression"]["entries"] == sum(4 * (o + i) for o, i in shapes)  # r = 4
+    assert d_meta["compression"]["entries"] == sum(o * i for o, i in shapes)
+    assert f_meta["compression"]["kept"] == math.floor(0.2 * f_meta["compression"]["entries"])
+    f_bytes, d_bytes = f_meta["sizes"]["stored_bytes"], d_meta["sizes"]["stored_bytes"]
+    assert f_bytes * 2 < d_bytes, (f_bytes, d_bytes)
+    assert f_meta["compression"]["ratio"] > 2 * d_meta["compression"]["ratio"]
+    assert "--lowrank delta" in f_meta["compression"]["note"], "the output says what was chosen and the other way"
+    assert "note" not in d_meta["compression"], "an explicit choice needs no note"
+    dt.attach(tiny_llama(), "full", targets=["model.layers.0.mlp.up_proj.weight"]).save(tmp_path / "full")
+    dense = artifact.read_meta(compress(tmp_path / "full", tmp_path / "fc", base=tiny_llama()))
+    assert dense["config"]["lowrank"] == "delta" and "note" not in dense["compression"]
 
 
 def test_a_zero_delta_compresses_to_an_empty_one_and_the_model_is_unchanged(tmp_path: Path) -> None:

@@ -11,7 +11,7 @@ from typer.testing import CliRunner
 
 import deltatune as dt
 from deltatune.cli import demo as demo_module
-from deltatune.cli.demo import DEFAULT_SETUP, QUICK_SETUP, ZERO_SHOT, demo, run_config
+from deltatune.cli.demo import DEFAULT_SETUP, QUICK_SETUP, demo, run_config
 from deltatune.cli.main import app
 from deltatune.errors import DeltatuneError
 
@@ -27,13 +27,14 @@ def quick_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[list[dict], Pat
 @pytest.mark.slow  # the quick demo: three subprocesses that load MiniLM and train
 def test_rows(quick_run: tuple[list[dict], Path]) -> None:
     rows, _ = quick_run
-    assert [r["method"] for r in rows] == [ZERO_SHOT, "lora", "full"]
+    assert [r["method"] for r in rows] == ["untrained head", "lora", "full"]
     zero = rows[0]
     assert zero["trainable"] == 0 and zero["artifact"] is None and zero["peak_memory_bytes"] > 0
     for row in rows[1:]:
         assert row["trainable"] > 0 and row["seconds_per_step"] > 0 and row["peak_memory_bytes"] > 0
         assert row["steps"] == run_config(QUICK_SETUP, row["method"])["train"]["steps"] == len(row["losses"])
-        assert row["accuracy"] > zero["accuracy"], f"{row['method']} did not beat zero-shot"
+        assert row["accuracy"] > zero["accuracy"], f"{row['method']} did not beat the untrained head"
+        assert [s for s, _ in row["evals"]] == [10, 20, 30] and row["evals"][-1][1] == row["accuracy"]
     lora, full = rows[1], rows[2]
     assert lora["trainable"] < full["trainable"] and lora["artifact_bytes"] < full["artifact_bytes"]
 
@@ -46,7 +47,7 @@ def test_report_files(quick_run: tuple[list[dict], Path]) -> None:
     for row in rows:
         assert f"| {row['method']} |" in report
     assert "CPUs" in report and "threads" in report and "deltatune demo --quick" in report
-    for name in ("loss.png", "accuracy.png"):
+    for name in ("cost.png", "curves.png", "confusion.png", "loss.png"):
         data = (out / name).read_bytes()
         assert data.startswith(PNG) and len(data) > 1000, name
     assert not (out / "artifacts" / "lora" / "checkpoints").exists()
@@ -62,6 +63,25 @@ def test_artifacts_load(quick_run: tuple[list[dict], Path]) -> None:
         torch.manual_seed(1234)  # the caller's seed does not matter: fresh heads start from a fixed seed
         tuned = dt.load(dt.models.load("minilm-l6", task="classification", num_labels=classes), folder)
         assert tuned.num_trainable() == row["trainable"]
+
+
+@pytest.mark.slow  # the quick demo: three subprocesses that load MiniLM and train
+def test_the_reports_next_commands_work_on_minilm(quick_run: tuple[list[dict], Path]) -> None:
+    """The quick demo's own artifacts (MiniLM + a fresh head) evaluate, classify, export and merge from the CLI,
+    as the report writes the commands."""
+    from test_demo_report import bash_argv, commands
+
+    rows, out = quick_run
+    lines = commands((out / "report.md").read_text())
+    assert [bash_argv(line)[0] for line in lines] == ["eval", "generate", "export", "merge", "eval", "generate",
+                                                      "merge"]
+    for line in lines:
+        result = CliRunner().invoke(app, bash_argv(line))
+        assert result.exit_code == 0, f"{line}\n{result.output}"
+        if line.startswith("deltatune eval "):
+            row = next(r for r in rows if r["artifact"] and line.startswith(f"deltatune eval {r['artifact']} "))
+            assert f"{row['accuracy']:.4f}" in result.output
+    assert (out / "merged" / "full" / "config.json").is_file() and (out / "peft" / "lora").is_dir()
 
 
 def test_bad_arguments() -> None:

@@ -74,7 +74,7 @@ def trained(word_run: tuple[str, str], tmp_path: Path) -> tuple[Path, Path]:
     ({"lr": float("nan")}, "train.lr=nan: must be a finite number"),
     ({"lr": 1e38}, "must be > 0 and at most 10"),
     ({"lr": 0.0}, "must be > 0"),
-    ({"steps": True}, "train.steps=True: should be int"),
+    ({"steps": True}, "train.steps=True: should be a whole number"),
     ({"warmup": float("inf")}, "train.warmup=inf: must be a finite number"),
     ({"weight_decay": -0.1}, "train.weight_decay=-0.1: must be >= 0"),
     ({"max_grad_norm": 0.0}, "train.max_grad_norm=0.0: must be > 0 (null: no clipping)"),
@@ -87,7 +87,7 @@ def test_bad_train_settings_are_refused_before_anything_runs(word_run, tmp_path,
 
 
 def test_a_bool_is_not_an_integer_option(word_run, tmp_path) -> None:
-    with pytest.raises(dt.DeltatuneError, match=r"r=True should be int"):
+    with pytest.raises(dt.DeltatuneError, match=r"r=True: should be a whole number"):
         load_config(word_run_config(word_run, {**LORA, "r": True}, tmp_path / "run"))
 
 
@@ -161,7 +161,7 @@ def test_a_failing_disk_on_resume_leaves_the_run_as_it_was(trained, monkeypatch,
 
 def test_a_failing_artifact_write_names_the_path(lora_artifact, tmp_path, monkeypatch) -> None:
     _failing_writes(monkeypatch, errno.ENOSPC)
-    one_error_line(run("export", lora_artifact, tmp_path / "peft"), "adapter_model.safetensors",
+    one_error_line(run("export", lora_artifact, "--out", tmp_path / "peft"), "adapter_model.safetensors",
                    "No space left on device (ENOSPC)", "free space")
     assert not (tmp_path / "peft").exists()
 
@@ -206,10 +206,10 @@ def test_rank_is_bounded_by_the_larger_side_of_each_weight_as_peft_allows() -> N
 ], ids=["r", "lora_alpha", "lora_dropout", "use_rslora", "alpha_pattern"])
 def test_a_peft_config_with_wrong_types_is_refused(lora_artifact, word_run, tmp_path, key, value, needle) -> None:
     adapter = tmp_path / "adapter"
-    assert run("export", lora_artifact, adapter).exit_code == 0
+    assert run("export", lora_artifact, "--out", adapter).exit_code == 0
     config_file = adapter / "adapter_config.json"
     config_file.write_text(json.dumps({**json.loads(config_file.read_text()), key: value}))
-    one_error_line(run("import", adapter, tmp_path / "imported", "--base", word_run[0]),
+    one_error_line(run("import", adapter, "--out", tmp_path / "imported", "--base", word_run[0]),
                    f"{config_file} is not a valid PEFT config", needle)
     assert not (tmp_path / "imported").exists()
 

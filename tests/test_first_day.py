@@ -148,7 +148,7 @@ def test_an_artifact_from_a_relative_folder_finds_its_base_from_elsewhere(tmp_pa
     recorded = artifact.read_meta("adapter")["fingerprint"]["name_or_path"]
     assert recorded == str(project / "models" / "word")
     monkeypatch.chdir(elsewhere)
-    exported = run_cli("export", project / "adapter", "peft")
+    exported = run_cli("export", project / "adapter", "--out", "peft")
     assert exported.exit_code == 0, exported.output
     assert (elsewhere / "peft" / "adapter_config.json").is_file()
 

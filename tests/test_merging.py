@@ -157,12 +157,59 @@ def test_task_arithmetic_of_two_loras_equals_both_composed(tmp_path) -> None:
 def test_rank_truncation_is_the_best_rank_r_approximation(tmp_path) -> None:
     _lora(tmp_path / "a", seed=1)
     _lora(tmp_path / "b", seed=2)
-    full = _dense_of(merge_deltas([tmp_path / "a", tmp_path / "b"], base=tiny_llama()))
+    full = _dense_of(merge_deltas([tmp_path / "a", tmp_path / "b"], dense=True, base=tiny_llama()))
     low = merge_deltas([tmp_path / "a", tmp_path / "b"], tmp_path / "r3", rank=3, base=tiny_llama())
     for name, form in low.forms().items():
         u, s, vh = torch.linalg.svd(full[name])
         assert torch.allclose(form.delta_weight(), u[:, :3] @ torch.diag(s[:3]) @ vh[:3], atol=1e-6)
     assert {f.r for f in dt.load(tiny_llama(), tmp_path / "r3").forms().values()} == {3}
+
+
+def _stored_bytes(path: Path) -> int:
+    return artifact.read_meta(path)["sizes"]["stored_bytes"]
+
+
+def test_loras_merge_low_rank_by_default_task_arithmetic_as_cat_with_the_dense_merges_delta(tmp_path) -> None:
+    """The issue's case: LoRA inputs no longer give a dense artifact the size of the weights they touch. Task
+    arithmetic is done as cat: the same ΔW as the dense merge, at the sum of the ranks, the inputs' size."""
+    _lora(tmp_path / "a", seed=1)
+    _lora(tmp_path / "b", seed=2, r=2, alpha=6)
+    pair = [tmp_path / "a", tmp_path / "b"]
+    low = merge_deltas(pair, tmp_path / "low", weights=[0.7, 1.3], base=tiny_llama())
+    dense = merge_deltas(pair, tmp_path / "dense", weights=[0.7, 1.3], dense=True, base=tiny_llama())
+    record = artifact.read_meta(tmp_path / "low")["merged_from"]
+    assert record["result"] == "cat" and "--dense" in record["note"]
+    assert "note" not in artifact.read_meta(tmp_path / "dense")["merged_from"], "an explicit choice needs no note"
+    assert {f.r for f in low.forms().values()} == {6}
+    want, got = _dense_of(dense), _dense_of(low)
+    assert got.keys() == want.keys()
+    for name in want:
+        assert torch.allclose(got[name], want[name], atol=1e-6 * float(want[name].abs().max()), rtol=1e-5), name
+    assert _stored_bytes(tmp_path / "low") == _stored_bytes(tmp_path / "a") + _stored_bytes(tmp_path / "b")
+    assert _stored_bytes(tmp_path / "dense") > 2 * _stored_bytes(tmp_path / "low")
+
+
+@pytest.mark.parametrize(("how", "density"), [("ties", 0.3), ("dare_ties", 0.5)])
+def test_loras_merge_low_rank_by_default_ties_as_the_best_approximation_at_the_total_rank(tmp_path, how,
+                                                                                         density) -> None:
+    """TIES / DARE on LoRAs: the merged ΔW (trimmed, so of full rank) kept as its truncated SVD at the inputs'
+    total rank, the best approximation of that rank (Eckart–Young: the error is the tail of its spectrum)."""
+    _lora(tmp_path / "a", seed=1)
+    _lora(tmp_path / "b", seed=2, r=2, alpha=6)
+    pair = [tmp_path / "a", tmp_path / "b"]
+    low = merge_deltas(pair, tmp_path / "low", how=how, density=density, seed=3, base=tiny_llama())
+    full = _dense_of(merge_deltas(pair, how=how, density=density, seed=3, dense=True, base=tiny_llama()))
+    record = artifact.read_meta(tmp_path / "low")["merged_from"]
+    assert record["result"] == "svd" and "rank-6" in record["note"] and "--dense" in record["note"]
+    got = _dense_of(low)
+    assert got.keys() == full.keys()
+    for name, merged in full.items():
+        s = torch.linalg.svdvals(merged)
+        assert int((s > 1e-4 * s[0]).sum()) > 6, "the trimmed merge is not itself of rank 6: the test would be void"
+        error = torch.linalg.matrix_norm(got[name] - merged)
+        assert error == pytest.approx(float(s[6:].pow(2).sum().sqrt()), rel=1e-4), name
+    assert {f.r for f in dt.load(tiny_llama(), tmp_path / "low").forms().values()} == {6}
+    assert _stored_bytes(tmp_path / "low") == _stored_bytes(tmp_path / "a") + _stored_bytes(tmp_path / "b")
 
 
 def test_bad_options_are_refused(tmp_path) -> None:
@@ -198,7 +245,9 @@ def test_bad_options_are_refused(tmp_path) -> None:
         merge_deltas([a, a], base=busy)
     _lora(tmp_path / "emb", targets=["embed_tokens"])  # tied: LoRA changes the lookup only
     with pytest.raises(dt.DeltatuneError, match="tied"):
-        merge_deltas([tmp_path / "emb", a], base=tiny_llama())
+        merge_deltas([tmp_path / "emb", a], dense=True, base=tiny_llama())
+    with pytest.raises(dt.DeltatuneError, match="dense=True asks for the full-rank"):
+        merge_deltas([a, a], dense=True, rank=2, base=tiny_llama())
     tied = merge_deltas([tmp_path / "emb", a], how="cat", base=tiny_llama())  # low-rank keeps the tie as LoRA does
     assert torch.allclose(output_of(tied, batch()), output_of(dt.compose(tiny_llama(), [tmp_path / "emb", a]), batch()),
                           atol=1e-5, rtol=0)
@@ -253,7 +302,7 @@ def test_delta_merges_equal_peft_svd_types_at_full_rank(tmp_path, monkeypatch, h
     _seeded_peft_masks(monkeypatch, seed=11)
     theirs = _peft_merged(tiny_llama(), tmp_path, [a, b], weights, kind, svd_rank=32, density=density)
     ours = merge_deltas([tmp_path / "a", tmp_path / "b"], tmp_path / "m", how=how, weights=weights, density=density,
-                        seed=11, base=tiny_llama())
+                        seed=11, dense=True, base=tiny_llama())  # PEFT's svd_rank=32: full rank
     x = batch()
     diff = (output_of(ours, x) - output_of(theirs, x)).abs().max().item()
     moved = (output_of(ours, x) - output_of(tiny_llama(), x)).abs().max().item()

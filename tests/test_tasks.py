@@ -334,7 +334,7 @@ def test_load_for_task_reads_the_data_once_and_sizes_the_head(monkeypatch: pytes
 def test_head_classification_on_bbc_with_minilm_tokenizer(mini_tok: Any) -> None:
     cfg = DataConfig(name="bbc", max_train=30, max_eval=10, max_length=64)
     request = tasks.model_request(cfg, "minilm-l6")
-    assert request == {"task": "classification", "num_labels": 5}
+    assert request == _head(["business", "entertainment", "politics", "sports", "tech"])
     model = tiny_bert(5)
     task = tasks.build_task(cfg, mini_tok, model)
     assert task.kind == "classification-head"
@@ -350,12 +350,17 @@ def test_head_classification_on_bbc_with_minilm_tokenizer(mini_tok: Any) -> None
     assert metrics["accuracy"] * 10 == pytest.approx(round(metrics["accuracy"] * 10))
 
 
+def _head(names: list[str]) -> dict:
+    """The load request for a classification head over ``names``: its size and both label maps."""
+    return {"task": "classification", "num_labels": len(names), "id2label": dict(enumerate(names)),
+            "label2id": {n: i for i, n in enumerate(names)}}
+
+
 def test_model_request_by_task_and_head() -> None:
     assert tasks.model_request(DataConfig(name="bbc"), "smollm2-135m") == {}
-    assert tasks.model_request(DataConfig(name="bbc", head=True), "smollm2-135m") == {
-        "task": "classification", "num_labels": 5}
-    assert tasks.model_request(DataConfig(name="tweets", labels=["negative", "positive"]), "minilm-l6") == {
-        "task": "classification", "num_labels": 2}
+    assert tasks.model_request(DataConfig(name="bbc", head=True), "smollm2-135m") == _head(["business", "entertainment", "politics", "sports", "tech"])
+    assert tasks.model_request(DataConfig(name="tweets", labels=["negative", "positive"]), "minilm-l6") == _head(
+        ["negative", "positive"])
     assert tasks.model_request(DataConfig(name="bbc", task="text"), "smollm2-135m") == {}
     with pytest.raises(DeltatuneError, match="causal"):
         tasks.model_request(DataConfig(name="bbc", task="text"), "minilm-l6")
@@ -440,7 +445,7 @@ def test_config_and_file_errors(tmp_path: Path, smol_tok: Any) -> None:
     with pytest.raises(DeltatuneError, match=r"\{text\}"):
         DataConfig(name="tweets", prompt="no placeholder")
     with pytest.raises(DeltatuneError, match="packing"):
-        DataConfig(name="tweets", packing=True)
+        DataConfig(name="tweets", packing=True, head=True)
     (tmp_path / "rows.xlsx").write_bytes(b"x")
     with pytest.raises(DeltatuneError, match=r"unknown data file type '\.xlsx'.*\.jsonl"):
         tasks.build_task(DataConfig(path=str(tmp_path / "rows.xlsx")), smol_tok, tiny_lm())

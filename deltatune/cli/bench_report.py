@@ -38,7 +38,7 @@ def rows(records: list[dict[str, Any]]) -> list[list[str]]:
     out = []
     for r in records:
         if r.get("error"):
-            out.append([r["name"], "failed: " + str(r["error"])[:80], "", "", "", "", ""])
+            out.append([f"{r['name']}: failed: {str(r['error'])[:80]}", "", "", "", "", "", ""])
             continue
         out.append([
             r["name"],
@@ -56,14 +56,37 @@ HEADERS = ["run", "s / step", "tokens / s", "peak memory", "trainable", "artifac
 
 
 def table(records: list[dict[str, Any]], title: str = "deltatune bench (ratio to PEFT LoRA)") -> Any:
+    """The bench table. A figure is never cut short: a narrow column wraps between a figure and its ratio, and
+    each figure column is at least as wide as its longest word, so a number never splits or ends in "…"
+    (``print_whole`` keeps a terminal narrower than that from cropping the table)."""
     from rich.table import Table
 
+    cells = rows(records)
     t = Table(title=title)
     for i, h in enumerate(HEADERS):
-        t.add_column(h, justify="left" if i == 0 else "right", no_wrap=i == 0)
-    for row in rows(records):
+        if i == 0:
+            t.add_column(h, justify="left", overflow="fold")
+        else:
+            figures = [row[i] for r, row in zip(records, cells, strict=True) if not r.get("error")]
+            widest = max(len(word) for text in [*figures, h] for word in text.split())
+            t.add_column(h, justify="right", min_width=widest, overflow="fold")
+    for row in cells:
         t.add_row(*row)
     return t
+
+
+def print_whole(console: Any, renderable: Any) -> None:
+    """Print a table at least as wide as its narrowest layout: rich crops lines wider than the console, so on a
+    narrower terminal the lines are left for the terminal to wrap instead of losing their ends."""
+    from rich.console import Console
+    from rich.measure import Measurement
+
+    need = Measurement.get(console, console.options.update_width(10_000), renderable).minimum  # unclamped
+    if need <= console.width:
+        console.print(renderable)
+        return
+    wide = Console(width=need, file=console.file, force_terminal=console.is_terminal, no_color=console.no_color)
+    wide.print(renderable)
 
 
 def machine(threads: int) -> dict[str, Any]:

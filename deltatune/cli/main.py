@@ -1,7 +1,9 @@
 """The ``deltatune`` command: each verb parses its arguments, calls the Python function of the same name
-(in ``deltatune.api`` or ``deltatune.cli.demo``) and prints the result. A ``DeltatuneError`` is printed as one
-red ``error: ...`` line with exit code 2, and so is an ``OSError`` (a full disk, a read-only or forbidden folder:
-the path and what went wrong); any other exception is a bug and propagates with its traceback.
+(in ``deltatune.api`` or ``deltatune.cli.demo``) and prints the result. A ``DeltatuneError`` is printed in red
+after ``error:`` with exit code 2 (one line, or a header and one problem per line as the error has them), and so
+is an ``OSError`` (a full disk, a read-only or forbidden folder: the path and what went wrong); any other
+exception is a bug and propagates with its traceback. Every verb that writes takes its inputs as positional
+arguments and the folder it writes after ``--out``.
 """
 
 from __future__ import annotations
@@ -43,7 +45,7 @@ def _err() -> Console:
 
 
 def _errors(fn: F) -> F:
-    """Turn a DeltatuneError or an OSError into one red line on stderr and exit code 2."""
+    """Turn a DeltatuneError or an OSError into a red ``error:`` message on stderr and exit code 2."""
 
     @functools.wraps(fn)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
@@ -58,8 +60,11 @@ def _errors(fn: F) -> F:
 
 
 def _fail(message: str) -> NoReturn:
-    one_line = " ".join(message.split())  # one line, whatever the message holds
-    _err().print(Text(f"error: {one_line}", style="red"), soft_wrap=True, highlight=False)
+    # a message is one line, or a header and one problem per line (a config with several mistakes): keep its
+    # line breaks and indentation, drop blank lines and the breaks inside a line's own spacing
+    lines = [" ".join(line.split()) if not line.startswith(" ") else line.rstrip() for line in message.splitlines()]
+    text = "\n".join(line for line in lines if line.strip()) or "(no message)"
+    _err().print(Text(f"error: {text}", style="red"), soft_wrap=True, highlight=False)
     raise typer.Exit(2) from None
 
 
@@ -102,19 +107,64 @@ def _root(
 
 @app.command()
 @_errors
-def methods() -> None:
-    """List the registered fine-tuning methods."""
+def methods(
+    name: str | None = typer.Argument(None, help="A method's name: print its options (type, default, meaning)."),
+) -> None:
+    """List the registered fine-tuning methods by family, or print one method's options."""
     from deltatune import api
+    from deltatune.core import options
+
+    if name is not None:
+        _print_method(api.methods(name))
+        return
+    for line in _methods_table(options.grouped()):
+        typer.echo(line)
+
+
+METHODS_WIDTH = 100  # the listing fits a 100-column terminal without wrapping
+
+
+def _methods_table(groups: dict[str, list[str]]) -> list[str]:
+    """One line per method under its family's heading: name, whether it merges into the weights, what it is."""
     from deltatune.core import registry
 
-    table = Table(title="deltatune methods")
-    table.add_column("name", style="bold")
-    table.add_column("description")
-    table.add_column("merges into weights")
-    for name, description in api.methods().items():
-        merges = registry.get(name).mergeable
-        table.add_row(name, description, {True: "yes", False: "no (serve attached)"}.get(merges, str(merges)))
-    _out().print(table)
+    width = max(len(n) for names in groups.values() for n in names)
+    lines = [f"{'method':<{width + 2}}  merges  what it is (`deltatune methods NAME`: its options)"]
+    for family, names in groups.items():
+        lines += ["", family]
+        for n in names:
+            method = registry.get(n)
+            merges = {True: "yes", False: "no"}.get(method.mergeable, "some")  # type: ignore[call-overload]
+            head = f"  {n:<{width}}  {merges:<6}  "
+            lines.append(head + _clip(_without_name(n, method.description), METHODS_WIDTH - len(head)))
+    lines += ["", "merges: yes = into the weights (deltatune merge); no = serve it attached; some = with some options",
+              "train one: deltatune train NAME (a preset) or a YAML config (docs/config.md)"]
+    return lines
+
+
+def _without_name(name: str, description: str) -> str:
+    """"LoRA: low-rank ..." -> "low-rank ...": the name column already says it (only an exact "NAME: " goes)."""
+    head, sep, rest = description.partition(": ")
+
+    def plain(text: str) -> str:
+        return "".join(c for c in text.lower() if c.isalnum())
+
+    return rest if sep and plain(head) == plain(name) else description
+
+
+def _clip(text: str, width: int) -> str:
+    return text if len(text) <= width else text[: width - 1].rstrip() + "…"
+
+
+def _print_method(info: Any) -> None:
+    """``deltatune methods NAME``: what the method is, then each option as ``name (type, default): meaning``."""
+    lines = [f"{info.name}: {info.description}", f"family: {info.family}; merges into the weights: {info.merges}",
+             "", f"options (in a run config: method: {{name: {info.name}, KEY: VALUE}}; on the command line: "
+             f"--set method.KEY=VALUE)"]
+    for option in info.options:
+        lines += [f"  {option.name}: {option.type}, default {option.default}", f"      {option.meaning}"]
+    for line in lines:
+        _out().print(line, soft_wrap=True, highlight=False, markup=False)
 
 
 @app.command()
@@ -143,6 +193,10 @@ def inspect(
     table.add_row("base architecture", str(base["architecture"]))
     table.add_row("base model type", str(base["model_type"]))
     table.add_row("base name/path", str(base["name_or_path"]))
+    if base.get("head"):
+        head = base["head"]
+        labels = ", ".join((head.get("id2label") or {}).values())
+        table.add_row("base model class", str(head.get("class")) + (f" (labels: {labels})" if labels else ""))
     table.add_row("base parameters", _count(base["num_parameters"]))
     table.add_row("targeted tensors", _count(base["targeted_tensors"]))
     table.add_row("trainable parameters", _count(info["trainable"]))
@@ -163,11 +217,35 @@ def _count(n: int | None) -> str:
     return "?" if n is None else f"{n:,}"
 
 
-@app.command()
+# Every verb that writes takes its inputs as positional arguments and the folder it writes after --out. The
+# earlier order (OUT as a positional: `export ART OUT`, `merge-deltas OUT A B`) is answered with one line that
+# shows the new one; an extra positional is never taken as the output, so nothing is written where an input is.
+OUT_OPTION = typer.Option(None, "--out", help="The folder to write (required).")
+OLD_ORDER = {"context_settings": {"allow_extra_args": True}}
+
+
+def _out_folder(ctx: typer.Context, out: str | None, usage: str) -> str:
+    """``out``, after refusing the earlier argument order (an extra positional) and a missing ``--out``."""
+    if ctx.args:
+        raise DeltatuneError(f"deltatune {ctx.info_name} takes the folder to write after --out: {usage} "
+                             f"(got the extra argument {ctx.args[0]!r}: nothing was written)")
+    return _require_out(out, usage)
+
+
+def _require_out(out: str | None, usage: str) -> str:
+    """``out``, or one line that shows where it goes (a verb whose inputs are a list takes every positional as
+    an input, so the earlier `merge-deltas OUT A B` ends here, with nothing written)."""
+    if not out:
+        raise DeltatuneError(f"say where to write with --out: {usage} (inputs first, the output after --out)")
+    return out
+
+
+@app.command(**OLD_ORDER)
 @_errors
 def export(
+    ctx: typer.Context,
     artifact: str = typer.Argument(..., help="The deltatune artifact folder to export."),
-    out: str = typer.Argument(..., help="The folder to write."),
+    out: str | None = OUT_OPTION,
     format: str = typer.Option("peft", "--format", help="Target format: peft (Hugging Face PEFT adapter)."),
     base: str | None = typer.Option(
         None, "--base", help="Base model: a shipped name or a from_pretrained folder (default: the one the "
@@ -176,44 +254,51 @@ def export(
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace what OUT holds (without it a folder that is "
                                    "not empty and not this command's kind of output is refused)."),
 ) -> None:
-    """Export an artifact to another library's format (a PEFT LoRA adapter)."""
+    """Export an artifact to another library's format (a PEFT LoRA adapter): export ARTIFACT --out FOLDER."""
     from deltatune import api
 
+    out = _out_folder(ctx, out, "deltatune export ARTIFACT --out FOLDER")
     path = api.export(artifact, out, base=base, format=format, overwrite=overwrite)
     _out().print(f"exported {artifact} to {path} ({format})", soft_wrap=True, highlight=False)
 
 
-@app.command("import")
+@app.command("import", **OLD_ORDER)
 @_errors
 def import_(
+    ctx: typer.Context,
     adapter: str = typer.Argument(..., help="The adapter folder to import (e.g. a PEFT LoRA adapter)."),
-    out: str = typer.Argument(..., help="The deltatune artifact folder to write."),
+    out: str | None = OUT_OPTION,
     base: str = typer.Option(..., "--base", help="Base model: a shipped name or a from_pretrained folder."),
     format: str = typer.Option("peft", "--format", help="Source format: peft (Hugging Face PEFT adapter)."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace what OUT holds (without it a folder that is "
                                    "not empty and not this command's kind of output is refused)."),
 ) -> None:
-    """Import another library's adapter as a deltatune artifact."""
+    """Import another library's adapter as a deltatune artifact: import ADAPTER --base MODEL --out FOLDER."""
     from deltatune import api
 
+    out = _out_folder(ctx, out, "deltatune import ADAPTER --base MODEL --out FOLDER")
     path = api.import_(adapter, out, base=base, format=format, overwrite=overwrite)
     _out().print(f"imported {adapter} ({format}) to {path}", soft_wrap=True, highlight=False)
 
 
-@app.command()
+@app.command(**OLD_ORDER)
 @_errors
 def merge(
+    ctx: typer.Context,
     artifact: str = typer.Argument(..., help="The deltatune artifact folder to merge."),
-    base: str = typer.Option(..., "--base", help="Base model: a shipped name or a from_pretrained folder."),
-    out: str = typer.Option(..., "--out", help="The save_pretrained folder to write (a plain model)."),
+    base: str | None = typer.Option(None, "--base", help="Base model: a shipped name or a from_pretrained folder "
+                                    "(default: the one the artifact records)."),
+    out: str | None = typer.Option(None, "--out", help="The save_pretrained folder to write (a plain model; "
+                                   "required)."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace what OUT holds (without it a folder that is "
                                    "not empty and not this command's kind of output is refused)."),
 ) -> None:
-    """Merge an artifact into its base model and write a plain save_pretrained folder."""
+    """Merge an artifact into its base model and write a plain save_pretrained folder: merge ARTIFACT --out FOLDER."""
     from deltatune import api
 
+    out = _out_folder(ctx, out, "deltatune merge ARTIFACT --out FOLDER")
     path = api.merge(artifact, base=base, out=out, overwrite=overwrite)
-    _out().print(f"merged {artifact} into {base}: {path}", soft_wrap=True, highlight=False)
+    _out().print(f"merged {artifact} into {base or 'its base model'}: {path}", soft_wrap=True, highlight=False)
 
 
 def _parse_options(items: list[str]) -> dict[str, Any]:
@@ -226,7 +311,9 @@ def _parse_options(items: list[str]) -> dict[str, Any]:
         try:
             options[key.strip()] = yaml.safe_load(value)
         except yaml.YAMLError as e:
-            raise DeltatuneError(f"option {item!r} has a value that is not valid YAML: {e}") from e
+            problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+            raise DeltatuneError(f"option {item!r} has a value that is not valid YAML ({problem}); quote it as a "
+                                 "string or fix the brackets, e.g. 'targets=[q_proj, v_proj]'") from e
     return options
 
 
@@ -274,7 +361,10 @@ def train(
     force: bool = typer.Option(False, "--force", help="With --resume: resume even though the config differs from "
                                "the checkpoint's (the differences are printed as a warning)."),
 ) -> None:
-    """Train a method as a YAML config or a preset says; the artifact and checkpoints go to its output folder."""
+    """Train a method as a YAML config or a preset says; the artifact and checkpoints go to its output folder.
+
+    Every config key (model, data, method, train, output) with its type, default and meaning:
+    docs/config.md. A method's own options: deltatune methods NAME (the list: deltatune methods)."""
     from deltatune.train import train as train_fn
 
     train_fn(config, set_, resume=resume, overwrite=overwrite, force=force)
@@ -354,23 +444,27 @@ def generate(
     typer.echo("")
 
 
-@app.command()
+@app.command(**OLD_ORDER)
 @_errors
 def compress(
+    ctx: typer.Context,
     artifact: str = typer.Argument(..., help="The deltatune artifact folder to compress (a weight-side delta)."),
-    out: str = typer.Argument(..., help="The compressed artifact folder to write."),
+    out: str | None = OUT_OPTION,
     density: float = typer.Option(0.2, "--density", help="Fraction of task-vector entries kept (ComPEFT's k/100)."),
     alpha: float = typer.Option(1.0, "--alpha", help="Kept entries become ±alpha·std(task vector)."),
     scope: str = typer.Option("global", "--scope", help="global (one top-k and scale, as the paper) or tensor."),
-    lowrank: str = typer.Option("delta", "--lowrank", help="Low-rank deltas: delta (ΔW = s·B·A) or factors (A and B)."),
+    lowrank: str = typer.Option(None, "--lowrank", help="Low-rank deltas: factors (compress A and B, the result "
+                                "stays low-rank; the default for a LoRA) or delta (compress ΔW = s·B·A)."),
     values: str = typer.Option("ternary", "--values", help="ternary (ComPEFT) or pruned (top-k only, values kept)."),
     base: str = typer.Option(None, "--base", help="Base model (default: the one the artifact records)."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace what OUT holds (without it a folder that is "
                                    "not empty and not this command's kind of output is refused)."),
 ) -> None:
-    """Compress a saved delta with ComPEFT (top-k + ternary, bit-packed); the result loads like any artifact."""
+    """Compress a saved delta with ComPEFT (top-k + ternary, bit-packed): compress ARTIFACT --out FOLDER. The
+    result loads like any artifact."""
     from deltatune import api
 
+    out = _out_folder(ctx, out, "deltatune compress ARTIFACT --out FOLDER")
     path = api.compress(artifact, out, density=density, alpha=alpha, scope=scope, lowrank=lowrank, values=values,
                         base=base, overwrite=overwrite)
     info = api.inspect(path)
@@ -378,6 +472,8 @@ def compress(
     _out().print(f"compressed {artifact} to {path}: {human_bytes(info['original_bytes'])} -> "
                  f"{human_bytes(info['stored_bytes'])} ({comp['ratio']:.1f}x smaller), {comp['kept']:,} of "
                  f"{comp['entries']:,} entries kept", soft_wrap=True, highlight=False)
+    if comp.get("note"):  # what was chosen for the input's kind and how to get the other
+        _out().print(comp["note"], soft_wrap=True, highlight=False)
 
 
 def _floats(text: str | None, option: str) -> list[float] | None:
@@ -393,8 +489,8 @@ def _floats(text: str | None, option: str) -> list[float] | None:
 @app.command("merge-deltas")
 @_errors
 def merge_deltas(
-    out: str = typer.Argument(..., help="The artifact folder to write."),
     deltas: list[str] = typer.Argument(..., help="The artifact folders to merge (deltas of one base model)."),
+    out: str | None = OUT_OPTION,
     how: str = typer.Option("task_arithmetic", "--how",
                             help="task_arithmetic | ties | dare_linear | dare_ties | magnitude_prune | cat."),
     weights: str = typer.Option(None, "--weights", help="One weight per delta, comma-separated (default: 1 each)."),
@@ -402,54 +498,68 @@ def merge_deltas(
                                   help="Fraction of entries kept: ties, dare_*, magnitude_prune (e.g. 0.2)."),
     seed: int = typer.Option(0, "--seed", help="Seed of DARE's random masks."),
     majority: str = typer.Option("total", "--majority", help="TIES' sign election: total (by mass) | frequency."),
-    rank: int = typer.Option(None, "--rank", help="Truncate every merged ΔW to this rank with an SVD (a LoRA artifact)."),
+    rank: int = typer.Option(None, "--rank", help="Truncate every merged ΔW to this rank with an SVD (a LoRA artifact; "
+                             "LoRA inputs default to the sum of their ranks)."),
     space: str = typer.Option("delta", "--space",
                               help="delta (merge each ΔW) | factors (PEFT's merge of LoRA factors A and B apart)."),
+    dense: bool = typer.Option(False, "--dense", help="Write the merged ΔW in full (a dense delta), even for LoRA "
+                               "inputs (which otherwise stay low-rank)."),
     base: str = typer.Option(None, "--base", help="Base model: a shipped name or a from_pretrained folder "
                              "(default: the one the artifacts record)."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace what OUT holds (without it a folder that is "
                                    "not empty and not this command's kind of output is refused)."),
 ) -> None:
-    """Merge deltas trained on different tasks into one artifact (task arithmetic, TIES, DARE)."""
+    """Merge deltas trained on different tasks into one artifact (task arithmetic, TIES, DARE):
+    merge-deltas A B ... --out FOLDER."""
     from deltatune import api
-    from deltatune.cli.demo import human_bytes
+    from deltatune.core import artifact
 
+    out = _require_out(out, "deltatune merge-deltas A B ... --out FOLDER")
     tuned = api.merge_deltas(deltas, out, how=how, weights=_floats(weights, "--weights"), density=density, seed=seed,
-                             majority=majority, rank=rank, space=space, base=base, overwrite=overwrite)
+                             majority=majority, rank=rank, space=space, dense=dense, base=base, overwrite=overwrite)
     _out().print(f"merged {len(deltas)} deltas ({how}) into {out}: a {tuned.method.name} artifact of "
                  f"{human_bytes(tuned.stored_bytes())}", soft_wrap=True, highlight=False)
+    note = artifact.read_meta(out).get("merged_from", {}).get("note")
+    if note:  # what was chosen for low-rank inputs and how to get the other
+        _out().print(note, soft_wrap=True, highlight=False)
 
 
 @app.command()
 @_errors
 def compose(
-    out: str = typer.Argument(..., help="The save_pretrained folder to write (a plain model)."),
     deltas: list[str] = typer.Argument(..., help="The artifact folders to apply together (θ0 + their sum)."),
+    out: str | None = typer.Option(None, "--out", help="The save_pretrained folder to write (a plain model; "
+                                   "required)."),
     base: str = typer.Option(None, "--base", help="Base model: a shipped name or a from_pretrained folder "
                              "(default: the one the first artifact records)."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace what OUT holds (without it a folder that is "
                                    "not empty and not this command's kind of output is refused)."),
 ) -> None:
-    """Apply several deltas at once (their sum, e.g. a task and a language delta) and write the merged model."""
+    """Apply several deltas at once (their sum, e.g. a task and a language delta) and write the merged model:
+    compose A B ... --out FOLDER."""
     from deltatune import api
 
+    out = _require_out(out, "deltatune compose A B ... --out FOLDER")
     path = api.compose(deltas, out, base=base, overwrite=overwrite)
     _out().print(f"composed {len(deltas)} deltas into {path} (undo one with `deltatune revert`)", soft_wrap=True,
                  highlight=False)
 
 
-@app.command()
+@app.command(**OLD_ORDER)
 @_errors
 def revert(
+    ctx: typer.Context,
     composed: str = typer.Argument(..., help="A model folder written by `deltatune compose`."),
     part: str = typer.Argument(..., help="The part to take out: its artifact folder name or path."),
-    out: str = typer.Argument(..., help="The save_pretrained folder to write."),
+    out: str | None = typer.Option(None, "--out", help="The save_pretrained folder to write (required)."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace what OUT holds (without it a folder that is "
                                    "not empty and not this command's kind of output is refused)."),
 ) -> None:
-    """Take one delta out of a composed model: rebuilt from the base with the other parts (exact)."""
+    """Take one delta out of a composed model, rebuilt from the base with the other parts (exact):
+    revert COMPOSED PART --out FOLDER."""
     from deltatune import api
 
+    out = _out_folder(ctx, out, "deltatune revert COMPOSED PART --out FOLDER")
     path = api.revert(composed, part, out, overwrite=overwrite)
     _out().print(f"{composed} without {part} written to {path}", soft_wrap=True, highlight=False)
 
@@ -486,7 +596,9 @@ def bench(
         batch_size=batch_size, seq_len=seq_len, threads=threads, device=device, task=task, baselines=not no_baselines,
         console=_err(), command=command,
     )
-    _out().print(bench_module.table(records))
+    from deltatune.cli.bench_report import print_whole
+
+    print_whole(_out(), bench_module.table(records))
     if json_path:
         _out().print(f"records written to {json_path}", highlight=False)
     if docs:

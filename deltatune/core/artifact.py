@@ -56,7 +56,7 @@ def architecture(model: nn.Module) -> str:
 
 def fingerprint(model: nn.Module, base_tensors: dict[str, torch.Tensor], shapes: str) -> dict[str, Any]:
     cfg = getattr(model, "config", None)
-    return {
+    found = {
         "architecture": architecture(model),
         "model_type": getattr(cfg, "model_type", None),
         "name_or_path": portable_name_or_path(getattr(cfg, "_name_or_path", None) or None),
@@ -64,6 +64,44 @@ def fingerprint(model: nn.Module, base_tensors: dict[str, torch.Tensor], shapes:
         "shapes": shapes,
         "tensors": {name: tensor_hash(t) for name, t in sorted(base_tensors.items())},
     }
+    head = head_record(model)
+    if head is not None:
+        found["head"] = head
+    return found
+
+
+CAUSAL_SUFFIXES = ("ForCausalLM", "LMHeadModel")  # transformers class names of causal LMs
+CLASSIFIER_SUFFIX = "ForSequenceClassification"
+
+
+def model_task(class_name: str) -> str | None:
+    """What a transformers model class is, in the words ``deltatune.data.models.load(task=...)`` takes:
+    "causal_lm", "classification" (a sequence-classification head) or "encoder" (a bare ``AutoModel`` class such
+    as ``BertModel``); None for any other head (masked LM, token classification, ...)."""
+    if class_name.endswith(CAUSAL_SUFFIXES):
+        return "causal_lm"
+    if class_name.endswith(CLASSIFIER_SUFFIX):
+        return "classification"
+    if class_name.endswith("Model") and "For" not in class_name:
+        return "encoder"
+    return None
+
+
+def head_record(model: nn.Module) -> dict[str, Any] | None:
+    """Which model class a delta was made on, and for a classification head its size and labels: the shipped
+    MiniLM loads as a bare ``BertModel``, so a verb that loads the base for an artifact trained with a fresh head
+    (``export``, ``merge``, ``eval``, ...) needs this to load ``BertForSequenceClassification`` with the same
+    number of labels. None for a model that is not a ``transformers`` one (nothing to choose)."""
+    cfg = getattr(model, "config", None)
+    if cfg is None or not hasattr(cfg, "to_dict"):
+        return None
+    name = architecture(model)
+    record: dict[str, Any] = {"class": name, "task": model_task(name)}
+    if record["task"] == "classification":
+        record["num_labels"] = int(cfg.num_labels)
+        # JSON object keys are strings; id2label's keys are the class indices
+        record["id2label"] = {str(k): str(v) for k, v in sorted((getattr(cfg, "id2label", None) or {}).items())}
+    return record
 
 
 def portable_name_or_path(name: str | None) -> str | None:
@@ -263,8 +301,9 @@ class Destination:
         return self.path
 
     def write_tensors(self, tensors: dict[str, torch.Tensor], tensor_file: str, json_files: dict[str, Any], *,
-                      checksum_into: str | None = None) -> Path:
-        write_tensor_dir(self.path, tensors, tensor_file, json_files, checksum_into=checksum_into, carry=self.carry)
+                      checksum_into: str | None = None, text_files: dict[str, str] | None = None) -> Path:
+        write_tensor_dir(self.path, tensors, tensor_file, json_files, checksum_into=checksum_into, carry=self.carry,
+                         text_files=text_files)
         return self.path
 
 
@@ -443,9 +482,10 @@ def sha256_file(path: Path) -> str:
 
 
 def write_tensor_dir(path: str | os.PathLike, tensors: dict[str, torch.Tensor], tensor_file: str,
-                     json_files: dict[str, Any], *, checksum_into: str | None = None, carry: bool = True) -> None:
-    """Atomically write a folder of one safetensors file (streamed to disk, not built in memory) and
-    JSON files; ``checksum_into`` names the JSON file that records the tensor file's size and sha256
+                     json_files: dict[str, Any], *, checksum_into: str | None = None, carry: bool = True,
+                     text_files: dict[str, str] | None = None) -> None:
+    """Atomically write a folder of one safetensors file (streamed to disk, not built in memory), JSON files
+    and text files (a model card); ``checksum_into`` names the JSON file that records the tensor file's size and sha256
     (``check_file`` checks it on reading). The caller owns ``path`` (``destination``)."""
 
     def fill(tmp: Path) -> None:
@@ -457,7 +497,9 @@ def write_tensor_dir(path: str | os.PathLike, tensors: dict[str, torch.Tensor], 
             }
         for name, doc in json_files.items():
             (tmp / name).write_text(json.dumps(doc, indent=2, sort_keys=True) + "\n")
-        for name in [tensor_file, *json_files]:
+        for name, text in (text_files or {}).items():
+            (tmp / name).write_text(text)
+        for name in [tensor_file, *json_files, *(text_files or {})]:
             with open(tmp / name, "rb") as f:
                 os.fsync(f.fileno())
 

@@ -43,6 +43,9 @@ class Delta:
         # a known base (read, or copied from a built delta) is checked when the delta is built; once built, it is
         # the fingerprint of the model it is built on, computed at the first call and cached
         self._fingerprint = fingerprint
+        # the chat template it was trained with when the run overrode the tokenizer's (data.chat_template):
+        # generation must format prompts the same way
+        self.chat_template: str | None = self.record.get("chat_template")
 
     # -- reading -------------------------------------------------------------------------------
     @classmethod
@@ -59,7 +62,9 @@ class Delta:
         """A copy apart from any model, named by its method: config, base fingerprint and a copy of the tensors."""
         config = registry.make_config(self.method, registry.config_to_dict(self.config))
         tensors = {k: v.detach().clone() for k, v in self.state_dict().items()}
-        return Delta(self.method, config, tensors=tensors, fingerprint=self.fingerprint())
+        copy = Delta(self.method, config, tensors=tensors, fingerprint=self.fingerprint())
+        copy.chat_template = self.chat_template
+        return copy
 
     # -- building on a model ---------------------------------------------------------------------
     @property
@@ -176,10 +181,16 @@ class Delta:
             self._fingerprint = artifact.fingerprint(self.model, self.base_tensors(), self.base_shapes)
         return self._fingerprint
 
+    @property
+    def head(self) -> dict[str, Any] | None:
+        """The model class (and classification head: ``num_labels``, ``id2label``) the delta was made on, as
+        ``artifact.head_record`` records it; None for an artifact saved before the record existed."""
+        return self.fingerprint().get("head")
+
     # -- saving ------------------------------------------------------------------------------
     def describe(self) -> dict[str, Any]:
         """What ``deltatune.json`` says of it: method, config, base fingerprint, sizes."""
-        return {
+        meta = {
             "format": "deltatune",
             "format_version": artifact.FORMAT_VERSION,
             "deltatune_version": __version__,
@@ -188,6 +199,9 @@ class Delta:
             "fingerprint": self.fingerprint(),
             "sizes": {"trainable": self.num_trainable(), "stored_bytes": self.stored_bytes()},
         }
+        if self.chat_template is not None:
+            meta["chat_template"] = self.chat_template
+        return meta
 
     def save(self, path: str | os.PathLike, *, overwrite: bool = False) -> None:
         """Write ``deltatune.json`` + ``delta.safetensors`` atomically (an interrupted save keeps the old one).

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import types
 import typing
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -63,6 +64,7 @@ class Method:
     # that must stay attached), or a phrase saying when it does ("with activation: linear")
     mergeable: bool | str = True
     traits: Traits = dataclasses.field(default_factory=Traits)
+    family: str = "other"  # one of FAMILIES: how `deltatune methods` groups it
 
     def has(self, trait: str, config: Any = None) -> bool:
         """Whether the method's delta has ``trait`` (a field of ``Traits``) with these options: a config, a dict
@@ -77,16 +79,23 @@ class Method:
 
 _REGISTRY: dict[str, Method] = {}
 
+# the kinds of delta, in the order ``deltatune methods`` lists them; a method declares its own where it registers
+# (tests/test_discoverability.py checks each declaration against the forms the method builds)
+FAMILIES = ("low-rank", "low-rank + sparse", "sparse", "full & layer-wise", "chosen tensors", "adapters & prompts",
+            "zeroth-order", "made from artifacts", "other")
+
 
 def register(name: str, config_cls: type, description: str, *, mergeable: bool | str = True,
-             traits: Traits | None = None) -> Callable[[Builder], Builder]:
+             traits: Traits | None = None, family: str = "other") -> Callable[[Builder], Builder]:
     if not dataclasses.is_dataclass(config_cls):
         raise TypeError(f"method {name!r}: config must be a dataclass")
+    if family not in FAMILIES:
+        raise ValueError(f"method {name!r}: family {family!r} is not one of {FAMILIES}")
 
     def deco(build: Builder) -> Builder:
         if name in _REGISTRY and _REGISTRY[name].build is not build:
             raise ValueError(f"method {name!r} is registered twice")
-        _REGISTRY[name] = Method(name, config_cls, build, description, mergeable, traits or Traits())
+        _REGISTRY[name] = Method(name, config_cls, build, description, mergeable, traits or Traits(), family)
         return build
 
     return deco
@@ -116,7 +125,7 @@ def _is_instance(value: Any, hint: Any) -> bool:
     origin = typing.get_origin(hint)
     if hint is Any:
         return True
-    if origin in (typing.Union, getattr(__import__("types"), "UnionType", None)):
+    if origin in (typing.Union, types.UnionType):
         return any(_is_instance(value, h) for h in typing.get_args(hint))
     if origin is typing.Literal:
         return value in typing.get_args(hint)
@@ -135,28 +144,152 @@ def _is_instance(value: Any, hint: Any) -> bool:
     return True
 
 
+# Keys that users of PEFT, transformers' Trainer, TRL and axolotl write, and deltatune's name for each: an unknown
+# key found here is answered with "did you mean" the deltatune key (when the section has it). One table for the run
+# config's sections and every method's options.
+ALIASES: dict[str, str] = {
+    # PEFT's LoraConfig and friends
+    "rank": "r", "lora_r": "r", "lora_rank": "r", "lora_alpha": "alpha", "lora_dropout": "dropout",
+    "target_modules": "targets", "lora_target_modules": "targets",
+    "layers_to_transform": "layers", "exclude_modules": "exclude", "init_lora_weights": "init",
+    "num_virtual_tokens": "length", "bottleneck_size": "r",
+    # transformers' TrainingArguments, TRL's SFTConfig, axolotl
+    "learning_rate": "lr", "num_train_epochs": "epochs", "num_epochs": "epochs", "max_steps": "steps",
+    "per_device_train_batch_size": "batch_size", "micro_batch_size": "batch_size", "train_batch_size": "batch_size",
+    "per_device_eval_batch_size": "eval_batch_size", "gradient_accumulation_steps": "grad_accum",
+    "warmup_ratio": "warmup", "warmup_steps": "warmup", "lr_scheduler_type": "schedule", "lr_scheduler": "schedule",
+    "optim": "optimizer", "save_steps": "save_every", "eval_steps": "eval_every", "save_total_limit": "keep_last",
+    "max_seq_length": "max_length", "max_seq_len": "max_length", "max_len": "max_length",
+    "sequence_len": "max_length", "seq_len": "max_length", "dataset_text_field": "text_field",
+    "val_set_size": "eval_fraction", "test_size": "eval_fraction", "bf16": "precision", "fp16": "precision",
+    "metric_for_best_model": "metric", "early_stopping_patience": "patience",
+    "early_stopping_threshold": "threshold", "greater_is_better": "mode",
+    "output_dir": "output", "model_name_or_path": "model", "base_model": "model", "datasets": "data",
+    "dataset": "data", "peft": "method", "adapter": "method",
+}
+# what to write instead, where the alias is not a plain rename
+ALIAS_NOTES: dict[str, str] = {
+    "warmup_ratio": "a fraction below 1 is a share of the steps", "warmup_steps": "1 or more is a number of steps",
+    "greater_is_better": "mode: max for true, min for false", "bf16": "precision: bf16",
+    "fp16": "precision: bf16 (deltatune's mixed precision)",
+    "val_set_size": "a fraction between 0 and 1",
+}
+
+
+def suggestion(key: str, allowed: list[str]) -> str | None:
+    """The allowed key a user most likely meant by ``key``: its deltatune name (``ALIASES``) when ``allowed`` has
+    it, else the closest spelling, else None."""
+    alias = ALIASES.get(str(key).lower())
+    if alias is not None and alias in allowed:
+        return alias
+    near = difflib.get_close_matches(str(key), allowed, n=1)
+    return near[0] if near else None
+
+
+def did_you_mean(key: str, allowed: list[str]) -> str:
+    """`` (did you mean 'r'?)`` after an unknown key (with a note for an alias that is not a plain rename), else
+    the allowed keys."""
+    near = suggestion(key, allowed)
+    if near is None:
+        return f" (allowed: {', '.join(allowed)})"
+    note = ALIAS_NOTES.get(str(key).lower()) if ALIASES.get(str(key).lower()) == near else None
+    return f" (did you mean {near!r}? {note})" if note else f" (did you mean {near!r}?)"
+
+
+# a type as a person names it, and its plural (in "a list of ...")
+_SPOKEN: dict[Any, tuple[str, str]] = {
+    int: ("a whole number", "whole numbers"), float: ("a number", "numbers"),
+    bool: ("true or false", "true/false values"), str: ("text", "names"), dict: ("a mapping", "mappings"),
+    list: ("a list", "lists"), tuple: ("a list", "lists"), type(None): ("null", "nulls"), Any: ("anything", "values"),
+}
+
+
 def type_name(hint: Any) -> str:
-    """A field's type as a config author writes it: ``int``, ``list[str] | None`` (not ``<class 'int'>``)."""
-    return hint.__name__ if isinstance(hint, type) and not typing.get_args(hint) else str(hint).replace("typing.", "")
+    """A field's type as a person says it: ``a whole number``, ``null or a list of names``, ``'min' or 'max'``
+    (never ``<class 'int'>`` or ``list[str] | None``)."""
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin in (typing.Union, types.UnionType):
+        return _union_name(args)
+    if origin is typing.Literal:
+        return _choices([repr(a) for a in args])
+    if origin in (list, tuple) and args:
+        if origin is tuple and Ellipsis not in args:
+            same = len(set(args)) == 1
+            return f"a list of {len(args)} {_plural(args[0])}" if same else f"a list of {len(args)} values"
+        return f"a list of {_plural(args[0])}"
+    if origin is dict and args:
+        return "a mapping" if args[1] is Any else f"a mapping of names to {_plural(args[1])}"
+    spoken = _SPOKEN.get(origin or hint)
+    if spoken is not None:
+        return spoken[0]
+    return getattr(hint, "__name__", str(hint))
+
+
+def _plural(hint: Any) -> str:
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin in (list, tuple) and args:
+        return f"lists of {_plural(args[0])}"
+    spoken = _SPOKEN.get(origin or hint)
+    return spoken[1] if spoken is not None else type_name(hint)
+
+
+def _union_name(args: tuple[Any, ...]) -> str:
+    """``null, text or a list of names``: null first, a whole number left out where a number is allowed, and
+    true / false as two of the choices."""
+    parts = ["null"] if type(None) in args else []
+    for a in args:
+        if a is type(None) or (a is int and float in args):
+            continue
+        parts += ["true", "false"] if a is bool else [type_name(a)]
+    return _choices(parts)
+
+
+def _choices(parts: list[str]) -> str:
+    return parts[0] if len(parts) == 1 else ", ".join(parts[:-1]) + " or " + parts[-1]
+
+
+def _one_name_lists(method: Method, values: dict[str, Any]) -> dict[str, Any]:
+    """One name where a list of names goes is a one-item list (YAML ``targets: all-linear``, PEFT's
+    ``target_modules="all-linear"``)."""
+    hints = typing.get_type_hints(method.config_cls)
+    out = dict(values)
+    for key, value in values.items():
+        if isinstance(value, str) and key in hints and _is_instance([value], hints[key]) \
+                and not _is_instance(value, hints[key]):
+            out[key] = [value]
+    return out
+
+
+def config_problems(method: Method, values: dict[str, Any], prefix: str = "") -> list[str]:
+    """Every unknown key (with the option meant) and badly typed value in ``values``, one line each; keys are
+    shown as ``prefix + key`` (``method.r`` in a run config)."""
+    fields = [f.name for f in dataclasses.fields(method.config_cls)]
+    hints = typing.get_type_hints(method.config_cls)
+    values = _one_name_lists(method, values)
+    problems = []
+    for key, value in values.items():
+        if key not in fields:
+            where = f"key {prefix}{key} for {method.name}" if prefix else f"option {key!r}"
+            problems.append(f"unknown {where}{did_you_mean(key, fields)}")
+        elif not _is_instance(value, hints[key]):
+            problems.append(f"{prefix}{key}={value!r}: should be {type_name(hints[key])}")
+    return problems
+
+
+def problem_list(header: str, problems: list[str]) -> str:
+    """One problem after the header on its line, or several on lines of their own: ``header:`` then
+    ``  - problem`` each."""
+    if len(problems) == 1:
+        return f"{header}: {problems[0]}"
+    return f"{header} ({len(problems)} problems):\n" + "\n".join(f"  - {p}" for p in problems)
 
 
 def make_config(method: Method, values: dict[str, Any]) -> Any:
     """Build a method's config from keyword values: every bad key or value in one error."""
-    fields = {f.name: f for f in dataclasses.fields(method.config_cls)}
-    hints = typing.get_type_hints(method.config_cls)
-    problems = []
-    for key, value in values.items():
-        if key not in fields:
-            near = difflib.get_close_matches(key, list(fields), n=1)
-            hint = f" (did you mean {near[0]!r}?)" if near else ""
-            problems.append(f"unknown option {key!r}{hint}")
-        elif not _is_instance(value, hints[key]):
-            problems.append(f"{key}={value!r} should be {type_name(hints[key])}")
+    values = _one_name_lists(method, values)
+    problems = config_problems(method, values)
     if problems:
-        raise DeltatuneError(
-            f"bad config for method {method.name!r}: " + "; ".join(problems)
-            + f". Valid options: {', '.join(fields)}"
-        )
+        raise DeltatuneError(problem_list(f"bad config for method {method.name!r}", problems))
     try:
         return method.config_cls(**values)
     except (ValueError, TypeError) as e:

@@ -4,7 +4,9 @@ A pattern is matched against full dotted names:
 
 - ``"q_proj"``: the name equals it or ends with ``".q_proj"`` (Hugging Face PEFT's list semantics);
 - ``"layers.*.mlp.*"``: a glob, matched against the full name and every dotted suffix of it;
-- ``"re:.*attn\\.(q|v)_proj"``: a regular expression, ``re.fullmatch`` on the full name.
+- ``"re:.*attn\\.(q|v)_proj"``: a regular expression, ``re.fullmatch`` on the full name;
+- ``"all-linear"``: every Linear / GPT-2 Conv1D layer but the model's output layer (PEFT's shorthand, see
+  ``all_linear``).
 
 A pattern that matches nothing is an error listing the 20 nearest names the model does have: a
 typo must never silently train nothing.
@@ -21,6 +23,7 @@ import torch.nn as nn
 
 from deltatune.errors import DeltatuneError
 
+ALL_LINEAR = "all-linear"
 _LAYER_INDEX = re.compile(r"\.(\d+)(?=\.|$)")
 _GLOB_CHARS = set("*?[")
 
@@ -147,6 +150,30 @@ def _select(
     return chosen
 
 
+def all_linear(model: nn.Module) -> list[str]:
+    """PEFT's ``target_modules="all-linear"``: every Linear / Conv1D layer except the output layer, which is the
+    LM head (``get_output_embeddings()``) or, for a model without one, its classification head (the ``score`` or
+    ``classifier`` layer, as PEFT leaves out for a SEQ_CLS task): adapting the head is a choice to make by name."""
+    linear = module_types()["linear"] + module_types()["conv1d"]
+    head = model.get_output_embeddings() if callable(getattr(model, "get_output_embeddings", None)) else None
+    if head is None:
+        head = next((getattr(model, n) for n in ("score", "classifier") if isinstance(getattr(model, n, None), nn.Module)),
+                    None)
+    return [n for n, m in model.named_modules() if n and isinstance(m, linear) and m is not head]
+
+
+def _expand_all_linear(model: nn.Module, names: str | Sequence[str] | None) -> str | Sequence[str] | None:
+    patterns = _as_list(names)
+    if not patterns or not any(p.lower() == ALL_LINEAR for p in patterns):
+        return names
+    found = all_linear(model)
+    if not found:
+        raise DeltatuneError(f"target {ALL_LINEAR!r}: {type(model).__name__} has no Linear or Conv1D layer besides its "
+                             "output layer; name the modules to adapt instead")
+    others = [p for p in patterns if p.lower() != ALL_LINEAR]
+    return list(dict.fromkeys(found + others))
+
+
 def select_modules(
     model: nn.Module,
     names: str | Sequence[str] | None = None,
@@ -156,6 +183,7 @@ def select_modules(
     exclude: str | Sequence[str] | None = None,
 ) -> list[tuple[str, nn.Module]]:
     """Modules whose name matches any of ``names`` and all other filters, in model order."""
+    names = _expand_all_linear(model, names)
     items = [(n, m) for n, m in model.named_modules() if n]
     return _select(items, "module", names, layers, types, exclude, lambda _n, m: m)  # type: ignore[return-value]
 

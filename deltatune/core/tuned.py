@@ -5,7 +5,7 @@ from __future__ import annotations
 import contextlib
 import os
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
@@ -382,23 +382,48 @@ class Tuned(ModelWrapper):
         return load(model, path)
 
 
-def _method_and_config(method: str | Any, values: dict[str, Any]) -> tuple[registry.Method, Any]:
+# Converters of other libraries' config objects into (method name, options): deltatune.interop.peft registers PEFT's
+# LoraConfig here when the package is imported. The core may not import interop (docs/architecture.md), so the layer
+# that knows the foreign format plugs itself in rather than the core reaching up to it.
+ConfigConverter = Callable[[Any, nn.Module], tuple[str, dict[str, Any]] | None]
+_CONVERTERS: list[ConfigConverter] = []
+
+
+def register_config_converter(convert: ConfigConverter) -> None:
+    """``convert(config_object, model)`` returns (method name, options) for a config object it knows, else None;
+    ``attach`` asks every registered converter about a config object that is not a deltatune method's config."""
+    if convert not in _CONVERTERS:
+        _CONVERTERS.append(convert)
+
+
+def _method_and_config(method: str | Any, values: dict[str, Any], model: nn.Module) -> tuple[registry.Method, Any]:
     if isinstance(method, str):
         m = registry.get(method)
         return m, registry.make_config(m, values)
     if values:
         raise DeltatuneError("pass either a config object or keyword options, not both")
-    return registry.method_of_config(method), method
+    try:
+        return registry.method_of_config(method), method
+    except DeltatuneError as e:
+        unknown = e  # raised below if no converter knows the object either (outside this block: no chained trace)
+    for convert in _CONVERTERS:
+        converted = convert(method, model)
+        if converted is not None:
+            name, options = converted
+            m = registry.get(name)
+            return m, registry.make_config(m, options)
+    raise unknown
 
 
 def attach(model: nn.Module, method: str | Any, *, _loading: bool = False, **config: Any) -> Tuned:
     """Attach a method's delta to ``model`` and return the tuned model (the base is frozen, never written).
 
-    ``method`` is a registered name (see ``deltatune.methods()``) with its options as keywords,
-    or a method's config object."""
+    ``method`` is a registered name (see ``deltatune.methods()``) with its options as keywords, a method's config
+    object, or PEFT's ``LoraConfig`` (converted to the ``lora`` / ``dora`` options; fields deltatune cannot honour
+    are refused, each named)."""
     if isinstance(model, Tuned):
         raise DeltatuneError("this model already has a delta attached; merge() it or attach to the base model")
-    m, cfg = _method_and_config(method, config)
+    m, cfg = _method_and_config(method, config, model)
     return _put_on(model, Delta(m, cfg), loading=_loading)
 
 

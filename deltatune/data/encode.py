@@ -1,5 +1,6 @@
 """Token encodings shared by the tasks: padding, prompts for label-word classification, chat rendering
-with assistant-only labels, model-editing pairs and plain or packed text.
+with assistant-only labels, plain prompt/completion pairs, model-editing pairs, plain or packed text, and
+packing whole examples into rows.
 
 Every encoder returns plain lists of token ids (and labels, -100 where no loss is taken); the tasks in
 ``deltatune.data.tasks`` batch them.
@@ -7,6 +8,7 @@ Every encoder returns plain lists of token ids (and labels, -100 where no loss i
 
 from __future__ import annotations
 
+import bisect
 import logging
 import re
 from typing import Any
@@ -163,52 +165,76 @@ def encode_edit(tokenizer: Any, prompt: str, target: str, max_length: int) -> di
 # ---------------------------------------------------------------- chat
 
 
-def check_template(tokenizer: Any) -> str:
+def check_template(tokenizer: Any, override: str | None = None) -> str:
+    """The chat template in use: ``override`` (data.chat_template) if given, else the tokenizer's."""
+    if override is not None:
+        return override
     template = getattr(tokenizer, "chat_template", None)
     if isinstance(template, dict):
         template = template.get("default")
     if not template:
         raise DeltatuneError(
             "task 'chat' renders conversations with the tokenizer's chat template, but this tokenizer has none; "
-            "set tokenizer.chat_template (a Jinja template) or use task 'text'"
+            "set data.chat_template (a Jinja template or a .jinja file) or use task 'text'"
         )
     return template
 
 
-def _render(tokenizer: Any, messages: list[dict], generation_prompt: bool, row: int) -> str:
+def _render_error(e: Exception, row: int, override: str | None) -> DeltatuneError:
+    if override is not None:
+        return DeltatuneError(
+            f"data.chat_template cannot render conversation {row + 1}: {e}; fix the template (it gets `messages`, "
+            "each with role and content, and `add_generation_prompt`)"
+        )
+    return DeltatuneError(f"the chat template cannot render conversation {row + 1}: {e}; fix that row")
+
+
+def _render(tokenizer: Any, messages: list[dict], generation_prompt: bool, row: int, override: str | None) -> str:
     try:
-        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=generation_prompt)
-    except Exception as e:  # jinja raises its own errors (e.g. "roles must alternate")
-        raise DeltatuneError(f"the chat template cannot render conversation {row + 1}: {e}; fix that row") from e
+        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=generation_prompt,
+                                             chat_template=override)
+    except Exception as e:  # jinja raises its own errors (e.g. "roles must alternate", a syntax error)
+        raise _render_error(e, row, override) from e
 
 
-def encode_chat(tokenizer: Any, messages: list[dict], row: int = 0) -> tuple[list[int], list[int]]:
+def encode_chat(tokenizer: Any, messages: list[dict], row: int = 0, *, template: str | None = None,
+                learn_from: int = 0) -> tuple[list[int], list[int]]:
     """Token ids of a rendered conversation and its labels: the ids on assistant tokens, -100 elsewhere.
 
-    A template with {% generation %} markers says itself which tokens are the assistant's. Otherwise the
-    assistant spans are found by rendering prefixes: the conversation up to each assistant turn with the
-    generation prompt (where the turn starts) and including the turn (where it ends; trailing whitespace
-    after the end-of-turn token is left out)."""
-    template = check_template(tokenizer)
-    if _GENERATION_TAG.search(template):
-        out = tokenizer.apply_chat_template(
-            messages, tokenize=True, return_dict=True, return_assistant_tokens_mask=True
-        )
+    ``template`` overrides the tokenizer's chat template; assistant messages before ``learn_from`` are context
+    (TRL's conversational prompt) and take no loss. A template with {% generation %} markers says itself
+    which tokens are the assistant's. Otherwise the assistant spans are found by rendering prefixes: the
+    conversation up to each assistant turn with the generation prompt (where the turn starts) and including
+    the turn (where it ends; trailing whitespace after the end-of-turn token is left out)."""
+    chosen = check_template(tokenizer, template)
+    if _GENERATION_TAG.search(chosen):
+        try:
+            out = tokenizer.apply_chat_template(
+                messages, tokenize=True, return_dict=True, return_assistant_tokens_mask=True, chat_template=template
+            )
+            # the context's tokens, as TRL counts a prompt: rendered with the generation prompt
+            context = (tokenizer.apply_chat_template(messages[:learn_from], tokenize=True, return_dict=True,
+                                                     add_generation_prompt=True, chat_template=template)
+                       if learn_from else {"input_ids": []})
+        except Exception as e:  # jinja's own errors
+            raise _render_error(e, row, template) from e
         ids = list(out["input_ids"])
-        return ids, [t if m else IGNORE_INDEX for t, m in zip(ids, out["assistant_masks"], strict=True)]
-    full = _render(tokenizer, messages, False, row)
+        mask = list(out["assistant_masks"])
+        mask[: len(context["input_ids"])] = [0] * min(len(context["input_ids"]), len(mask))
+        return ids, [t if m else IGNORE_INDEX for t, m in zip(ids, mask, strict=True)]
+    full = _render(tokenizer, messages, False, row, template)
     spans = []
     for i, message in enumerate(messages):
-        if message["role"] != "assistant":
+        if message["role"] != "assistant" or i < learn_from:
             continue
-        start = _render(tokenizer, messages[:i], True, row) if i else ""
-        end = _render(tokenizer, messages[: i + 1], False, row)
+        start = _render(tokenizer, messages[:i], True, row, template) if i else ""
+        end = _render(tokenizer, messages[: i + 1], False, row, template)
         if not (full.startswith(start) and full.startswith(end) and end.startswith(start)):
             raise DeltatuneError(
                 f"the chat template renders the start of conversation {row + 1} differently from the whole "
                 "conversation (it rewrites earlier turns), so the assistant tokens cannot be found by rendering "
                 "prefixes; add {% generation %} ... {% endgeneration %} around the assistant content in "
-                "tokenizer.chat_template"
+                "the template (data.chat_template or tokenizer.chat_template)"
             )
         spans.append((len(start), max(len(start), len(end.rstrip()))))
     try:
@@ -223,6 +249,54 @@ def encode_chat(tokenizer: Any, messages: list[dict], row: int = 0) -> tuple[lis
             hi = len(tokenizer(full[:b], add_special_tokens=False)["input_ids"])
             mask[lo:hi] = [True] * (hi - lo)
     return ids, [t if m else IGNORE_INDEX for t, m in zip(ids, mask, strict=True)]
+
+
+def encode_completion(tokenizer: Any, prompt: str, completion: str) -> tuple[list[int], list[int]]:
+    """TRL's plain-text prompt/completion: [BOS] + prompt, then completion + EOS, the loss on the completion
+    and EOS. The two are tokenized on their own (as the prompt is at inference), so no token straddles the
+    boundary and the learned tokens are exactly the completion's."""
+    eos = tokenizer.eos_token_id
+    if eos is None:
+        raise DeltatuneError(
+            "prompt/completion rows end each completion with the EOS token, but the tokenizer has none; "
+            "set tokenizer.eos_token"
+        )
+    context = _bos(tokenizer) + list(tokenizer(prompt, add_special_tokens=False)["input_ids"])
+    answer = list(tokenizer(completion, add_special_tokens=False)["input_ids"]) + [int(eos)]
+    return context + answer, [IGNORE_INDEX] * len(context) + answer
+
+
+# ---------------------------------------------------------------- packing
+
+
+def pack_groups(lengths: list[int], max_length: int) -> list[list[int]]:
+    """Whole examples into rows of at most ``max_length`` tokens: best-fit decreasing (TRL's "bfd" strategy),
+    each example into the fullest row it still fits, longest first. Returns each row's example indices in
+    their original order; deterministic (ties by index)."""
+    rows: list[list[int]] = []
+    free: list[tuple[int, int]] = []  # (room left, row), sorted: the first with room >= n is the best fit
+    for i in sorted(range(len(lengths)), key=lambda k: (-lengths[k], k)):
+        n = lengths[i]
+        if n > max_length:
+            raise ValueError(f"example {i} has {n} tokens, more than max_length={max_length}")
+        at = bisect.bisect_left(free, (n, -1))
+        if at < len(free):
+            room, r = free.pop(at)
+        else:
+            room, r = max_length, len(rows)
+            rows.append([])
+        rows[r].append(i)
+        bisect.insort(free, (room - n, r))
+    return [sorted(r) for r in rows]
+
+
+def pack_labelled(features: list[dict], max_length: int) -> list[dict]:
+    """Features with ``input_ids`` and ``labels`` (-100: no loss) joined into rows, every label kept in place."""
+    out = []
+    for group in pack_groups([len(f["input_ids"]) for f in features], max_length):
+        out.append({"input_ids": [t for i in group for t in features[i]["input_ids"]],
+                    "labels": [t for i in group for t in features[i]["labels"]]})
+    return out
 
 
 # ---------------------------------------------------------------- text
@@ -240,14 +314,23 @@ def encode_texts(tokenizer: Any, texts: list[str], max_length: int, packing: boo
         if len(features) < len(texts):
             log.warning("dropped %d texts shorter than 2 tokens", len(texts) - len(features))
         return features
+    return blocks(documents(tokenizer, texts), max_length)
+
+
+def documents(tokenizer: Any, texts: list[str]) -> list[list[int]]:
+    """Each text's ids with EOS after it, uncut: what text packing joins."""
     eos = tokenizer.eos_token_id
     if eos is None:
         raise DeltatuneError(
             "data.packing separates documents with the EOS token, but the tokenizer has none; "
             "set tokenizer.eos_token or data.packing: false"
         )
-    stream: list[int] = []
-    for text in texts:
-        stream += list(tokenizer(text, verbose=False)["input_ids"]) + [eos]
+    return [list(tokenizer(text, verbose=False)["input_ids"]) + [eos] for text in texts]
+
+
+def blocks(docs: list[list[int]], max_length: int) -> list[dict]:
+    """The documents as one stream cut into full blocks of ``max_length`` (TRL's "wrapped" packing: a document
+    may run on into the next block; the ragged end is dropped)."""
+    stream = [t for d in docs for t in d]
     n = max_length
     return [{"input_ids": stream[s:s + n]} for s in range(0, len(stream) - n + 1, n)]

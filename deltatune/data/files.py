@@ -1,16 +1,29 @@
-"""Local data files: jsonl, json, csv / tsv, parquet and ``datasets`` folders, read into plain rows."""
+"""Local data files: jsonl, json, csv / tsv, parquet, plain text and ``datasets`` folders, read into plain rows.
+
+Why hand-written readers and not ``datasets.load_dataset``: ``datasets`` writes an Arrow cache of every file
+it reads under ~/.cache (a copy of the data per file version, on a disk the user did not choose), imports a
+large dependency tree for what is a few lines per format here, and its json/csv builders infer one schema
+for all rows, so rows of different formats (messages in some rows, prompt/response in others) fail to load.
+The readers below keep rows as plain dicts, read ``save_to_disk`` folders with pyarrow alone, and split
+deterministically (``deltatune.data.rows``), so nothing is gained by the extra dependency.
+
+A ``.txt`` file is a corpus for task ``text``: one document per paragraph (blocks separated by a blank
+line, as ``datasets``' text builder with ``sample_by="paragraph"``), each a row ``{"text": ...}``. A folder
+of ``.txt`` files (and no ``state.json``) gives one document per file, in name order.
+"""
 
 from __future__ import annotations
 
 import csv
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
 from deltatune.data.sets import TextDataset
 from deltatune.errors import DeltatuneError
 
-FILE_TYPES = (".jsonl", ".json", ".csv", ".tsv", ".parquet")
+FILE_TYPES = (".jsonl", ".json", ".csv", ".tsv", ".parquet", ".txt")
 _PYARROW = "pip install 'deltatune[parquet]' (pyarrow)"
 
 
@@ -121,6 +134,21 @@ def _read_csv(path: Path, delimiter: str) -> list[dict]:
     return rows
 
 
+def _read_txt(path: Path) -> list[dict]:
+    """One row per paragraph: blocks of lines separated by blank (or whitespace-only) lines."""
+    text = path.read_text(encoding="utf-8-sig").replace("\r\n", "\n")
+    return [{"text": block.strip()} for block in re.split(r"\n[ \t]*\n", text) if block.strip()]
+
+
+def _read_txt_folder(path: Path) -> list[dict] | None:
+    """One row per ``.txt`` file of a folder (name order), None when the folder holds none."""
+    files = sorted(p for p in path.glob("*.txt") if p.is_file())
+    if not files:
+        return None
+    texts = [f.read_text(encoding="utf-8-sig").strip() for f in files]
+    return [{"text": text} for text in texts if text]
+
+
 def _pyarrow(what: str):
     try:
         import pyarrow
@@ -173,8 +201,8 @@ def _read_saved_dataset(path: Path) -> tuple[list[dict], dict[str, list[str]], s
     state_file = path / "state.json"
     if not state_file.is_file():
         raise DeltatuneError(
-            f"{path} is a folder but not one written by datasets' save_to_disk (it has no state.json); "
-            f"set data.path to a file ({', '.join(FILE_TYPES)}) or a save_to_disk folder"
+            f"{path} is a folder but neither one written by datasets' save_to_disk (it has no state.json) nor a "
+            f"folder of .txt files; set data.path to a file ({', '.join(FILE_TYPES)}) or such a folder"
         )
     pa = _pyarrow("a datasets save_to_disk folder")
     state = json.loads(state_file.read_text())
@@ -197,13 +225,17 @@ def _read_saved_dataset(path: Path) -> tuple[list[dict], dict[str, list[str]], s
 
 
 def read_records(path: str | os.PathLike[str]) -> Records:
-    """Rows of a local .jsonl, .json (a list of objects), .csv, .tsv or .parquet file, or of a ``datasets``
+    """Rows of a local .jsonl, .json (a list of objects), .csv, .tsv, .parquet or .txt file (one row
+    ``{"text"}`` per paragraph), of a folder of .txt files (one row per file) or of a ``datasets``
     save_to_disk folder. Parquet and save_to_disk folders need pyarrow (``pip install pyarrow``)."""
     p = Path(path).expanduser()
     labels: dict[str, list[str]] = {}
     source = str(p)
     if p.is_dir():
-        rows, labels, source = _read_saved_dataset(p)
+        plain = None
+        if not (p / "state.json").is_file() and not (p / "dataset_dict.json").is_file():
+            plain = _read_txt_folder(p)
+        rows, labels, source = (plain, {}, str(p)) if plain is not None else _read_saved_dataset(p)
     elif not p.exists():
         raise DeltatuneError(f"data file {p} does not exist; set data.path to an existing file or folder")
     else:
@@ -216,6 +248,8 @@ def read_records(path: str | os.PathLike[str]) -> Records:
             rows = _read_csv(p, "\t" if suffix == ".tsv" else ",")
         elif suffix == ".parquet":
             rows, labels = _read_parquet(p)
+        elif suffix == ".txt":
+            rows = _read_txt(p)
         else:
             raise DeltatuneError(
                 f"unknown data file type {suffix or '(no suffix)'!r} for {p}; use one of {', '.join(FILE_TYPES)} "

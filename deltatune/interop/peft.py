@@ -14,12 +14,14 @@ PEFT saves it); a DoRA adapter imports back as a ``dora`` delta.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
 import re
 from collections import Counter
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -31,14 +33,18 @@ from safetensors.torch import load_file
 from deltatune.core import artifact
 from deltatune.core.forms.dense import Dense
 from deltatune.core.forms.lowrank import LowRank
-from deltatune.core.tuned import Tuned, attach, carried_by
+from deltatune.core.targeting import ALL_LINEAR, all_linear, layer_index, match_name, module_types
+from deltatune.core.tuned import Tuned, attach, carried_by, register_config_converter
+from deltatune.data import models
 from deltatune.errors import DeltatuneError
-from deltatune.methods._lowrank import pattern_value
+from deltatune.methods._lowrank import default_targets, pattern_value
 from deltatune.methods.dora import DoRA
+from deltatune.version import __version__
 
 PREFIX = "base_model.model."
 CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"
+CARD_FILE = "README.md"  # the model card PEFT's save_pretrained writes next to the adapter
 PEFT_VERSION = "0.21.2"  # the version whose format we write and test against
 MAGNITUDE = "lora_magnitude_vector"  # DoRA's magnitude vector, PEFT's key on disk (no ".weight")
 
@@ -167,11 +173,11 @@ def export_peft(tuned: Tuned, out: str | os.PathLike, *, overwrite: bool = False
     r0 = Counter(ranks.values()).most_common(1)[0][0]
     a0 = Counter(alphas.values()).most_common(1)[0][0]
     layouts = {f.layout for f in low.values()}
-    cfg = getattr(model, "config", None)
+    base = base_reference(getattr(getattr(model, "config", None), "_name_or_path", None))
     config: dict[str, Any] = {
         "peft_type": "LORA",
         "task_type": task,
-        "base_model_name_or_path": getattr(cfg, "_name_or_path", None) or None,
+        "base_model_name_or_path": base.path,
         "revision": None,
         "inference_mode": True,
         "r": r0,
@@ -193,9 +199,82 @@ def export_peft(tuned: Tuned, out: str | os.PathLike, *, overwrite: bool = False
         "lora_bias": False,
         "peft_version": PEFT_VERSION,
     }
+    if task is None:  # AutoPeftModel finds the model class here when no task type names it (PEFT writes it too)
+        config["auto_mapping"] = {"base_model_class": type(model).__name__, "parent_library": type(model).__module__}
+    card = model_card(base, config, tuned.method.name, out)
     with artifact.destination(out, "peft", overwrite=overwrite) as dest:
-        dest.write_tensors(tensors, WEIGHTS_FILE, {CONFIG_FILE: config})
+        dest.write_tensors(tensors, WEIGHTS_FILE, {CONFIG_FILE: config}, text_files={CARD_FILE: card})
     return Path(out)
+
+
+# -- where the base model of an exported adapter is -------------------------------------------------------------
+# The model card names a shipped model's Hub id (deltatune.data.models.SHIPPED); the shipped SmolLM2 is
+# SmolLM2-135M-Instruct's Q4_1 GGUF de-quantised: close to the Hub's weights, not equal to them, so its card says so.
+
+
+@dataclass(frozen=True)
+class BaseReference:
+    """How an exported adapter names its base model."""
+
+    path: str | None  # adapter_config.json's base_model_name_or_path: what AutoPeftModel loads
+    hub_id: str | None  # the Hub id where known (the model card's base_model)
+    note: str | None  # how the Hub's weights differ from the trained-on ones, if they do
+
+
+def base_reference(name: str | None) -> BaseReference:
+    """``base_model_name_or_path`` must be something ``from_pretrained`` resolves without the network, or PEFT goes
+    to the Hub for it: a shipped name becomes its local folder (the exact weights the delta was trained on), a
+    relative folder an absolute one. A name that is no local folder (a Hub id) stays as it is."""
+    if not name:
+        return BaseReference(None, None, None)
+    if name in models.SHIPPED:
+        shipped = models.SHIPPED[name]
+        hub_id, note = shipped.hub_id, shipped.hub_note
+        try:
+            return BaseReference(os.path.abspath(models.resolve(name)), hub_id, note)
+        except DeltatuneError:  # its package is not installed here (a model renamed by hand): the Hub id, if any
+            return BaseReference(hub_id or name, hub_id, note)
+    if os.path.isdir(name):
+        return BaseReference(os.path.abspath(name), None, None)
+    return BaseReference(name, name, None)
+
+
+_AUTO_CLASSES = {"CAUSAL_LM": "AutoPeftModelForCausalLM", "SEQ_CLS": "AutoPeftModelForSequenceClassification",
+                 "TOKEN_CLS": "AutoPeftModelForTokenClassification", "QUESTION_ANS": "AutoPeftModelForQuestionAnswering",
+                 "SEQ_2_SEQ_LM": "AutoPeftModelForSeq2SeqLM"}
+
+
+def _card_metadata(shown: str | None, task: str | None) -> list[str]:
+    """The model card's YAML lines as PEFT's ``create_or_update_model_card`` sets them (values JSON-quoted)."""
+    tags = ["transformers", "lora", *([f"base_model:adapter:{shown}"] if shown else []), "deltatune"]
+    meta = ([f"base_model: {json.dumps(shown)}"] if shown else []) + ["library_name: peft"]
+    if task == "CAUSAL_LM":
+        meta.append("pipeline_tag: text-generation")
+    return ["---", *meta, "tags:", *(f"- {json.dumps(t)}" for t in tags), "---"]
+
+
+def model_card(base: BaseReference, config: dict[str, Any], method: str, out: str | os.PathLike) -> str:
+    """The README.md PEFT's ``save_pretrained`` writes (metadata: base_model, library_name, tags; its framework
+    versions line), with how to load the adapter here and elsewhere instead of PEFT's empty template."""
+    shown = base.hub_id or base.path
+    auto = _AUTO_CLASSES.get(config["task_type"] or "", "AutoPeftModel")
+    where = os.fspath(out)
+    lines = [*_card_metadata(shown, config["task_type"]), "",
+             f"# {'DoRA' if config['use_dora'] else 'LoRA'} adapter" + (f" for {shown}" if shown else ""), "",
+             f"Exported by deltatune {__version__} from a `{method}` delta: r={config['r']}, "
+             f"lora_alpha={config['lora_alpha']}, {len(config['target_modules'])} target modules.", "",
+             "## How to load", "", "```python", f"from peft import {auto}", "",
+             f"model = {auto}.from_pretrained({where!r})", "```", ""]
+    if base.path:
+        lines += [f"This reads the base model from `{base.path}` (`base_model_name_or_path` in adapter_config.json)."]
+        if base.hub_id and base.hub_id != base.path:
+            lines += [f"Where that folder does not exist, load the base from the Hub (`{base.hub_id}`) and "
+                      f"pass it: `PeftModel.from_pretrained(base_model, {where!r})`."]
+        if base.note:
+            lines += ["", f"Note: {base.note}."]
+        lines += [""]
+    lines += ["### Framework versions", "", f"- PEFT {PEFT_VERSION}", f"- deltatune {__version__}", ""]
+    return "\n".join(lines)
 
 
 def read_peft(adapter: str | os.PathLike) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
@@ -444,3 +523,150 @@ def import_peft(model: nn.Module, adapter: str | os.PathLike) -> Tuned:
             previous.reattach()
         raise
     return tuned
+
+
+# -- PEFT's LoraConfig object given to dt.attach --------------------------------------------------------------
+# PEFT is a test-only dependency: the object is recognised by its class's module and its peft_type, never imported.
+
+# fields that describe an adapter on disk or how PEFT runs, not what the delta computes
+_METADATA_FIELDS = frozenset({"task_type", "peft_type", "auto_mapping", "peft_version", "base_model_name_or_path",
+                              "revision", "runtime_config"})
+_RENAMED = {"r": "r", "lora_alpha": "alpha", "lora_dropout": "dropout", "use_rslora": "use_rslora", "bias": "bias",
+            "rank_pattern": "rank_pattern", "alpha_pattern": "alpha_pattern"}
+# read below with their own conversion; fan_in_fan_out is a layout PEFT corrects per layer from the layer type, as
+# deltatune always does, and deltatune trains a tied tensor at all its sites, as ensure_weight_tying=True asks
+_CONVERTED = frozenset({"target_modules", "exclude_modules", "modules_to_save", "layers_to_transform", "layers_pattern",
+                        "init_lora_weights", "use_dora", "fan_in_fan_out", "ensure_weight_tying"})
+# what to do instead, for fields deltatune cannot honour (any other field set away from its default gets a plain line)
+_CANNOT_HONOUR = {
+    "inference_mode": "dt.attach makes a trainable delta: leave it False (dt.load attaches a saved one to serve)",
+    "init_lora_weights": "deltatune's LoRA starts from True, 'gaussian' or False; for CorDA use dt.attach(model, "
+                         "'corda', ...), other inits (PiSSA, OLoRA, LoftQ, EVA, ...) have no deltatune equivalent",
+    "layers_pattern": "deltatune takes a module's layer index from the first number in its name, which is not the "
+                      "number after this pattern here; pick the layers with targets instead",
+    "layer_replication": "it duplicates base layers; deltatune never changes the base model",
+    "lora_bias": "a bias on B has no deltatune equivalent",
+    "target_parameters": "LoRA on raw nn.Parameters has no deltatune equivalent: target their modules",
+    "trainable_token_indices": "train the embedding fully with modules_to_save instead",
+    "loftq_config": "LoftQ re-quantises the base weights; no deltatune equivalent",
+    "eva_config": "EVA initialises from data; no deltatune equivalent",
+    "corda_config": "use dt.attach(model, 'corda', ...), deltatune's CorDA",
+    "lora_ga_config": "LoRA-GA initialises from gradients; no deltatune equivalent",
+    "kasa_config": "use dt.attach(model, 'kasa', ...), deltatune's KaSA",
+    "use_qalora": "QA-LoRA needs a quantised base; no deltatune equivalent",
+    "megatron_config": "Megatron parallel layers are not supported",
+}
+_TASK_HEADS = {"SEQ_CLS": ("classifier", "score"), "TOKEN_CLS": ("classifier", "score"), "QUESTION_ANS": ("qa_outputs",)}
+
+
+def _is_peft_config(obj: Any) -> bool:
+    return type(obj).__module__.split(".")[0] == "peft" and hasattr(obj, "peft_type") and dataclasses.is_dataclass(obj)
+
+
+def _enum_value(x: Any) -> Any:
+    return getattr(x, "value", x)
+
+
+def _field_defaults(config: Any) -> dict[str, Any]:
+    out = {}
+    for f in dataclasses.fields(config):
+        if f.default is not dataclasses.MISSING:
+            out[f.name] = f.default
+        elif f.default_factory is not dataclasses.MISSING:
+            out[f.name] = f.default_factory()
+    return out
+
+
+def _patterns(value: Any) -> list[str] | None:
+    """PEFT's target_modules / exclude_modules: a list matches names or dotted suffixes (as deltatune's plain
+    patterns do), a single string is a regular expression on the full name."""
+    if value is None:
+        return None
+    if isinstance(value, str):
+        return [f"re:{value}"]
+    return sorted(value)
+
+
+def _all_linear_targets(config: Any, model: nn.Module) -> list[str]:
+    """deltatune's "all-linear" leaves out a classifier head when the model has no LM head; PEFT does that only
+    for task_type SEQ_CLS, so otherwise the head is named too, to adapt exactly what PEFT adapts."""
+    if _enum_value(config.task_type) == "SEQ_CLS":
+        return [ALL_LINEAR]
+    ours = set(all_linear(model))
+    out_emb = model.get_output_embeddings() if callable(getattr(model, "get_output_embeddings", None)) else None
+    linear = module_types()["linear"] + module_types()["conv1d"]
+    theirs = [n for n, m in model.named_modules() if n and isinstance(m, linear) and m is not out_emb]
+    return [ALL_LINEAR, *(n for n in theirs if n not in ours)]
+
+
+def _layers_pattern_agrees(model: nn.Module, pattern: str | list[str]) -> bool:
+    """PEFT's layer index under ``layers_pattern`` (the number after ``<pattern>.``) is deltatune's (the first number
+    in the name) for every module inside a numbered layer."""
+    pats = [pattern] if isinstance(pattern, str) else list(pattern)
+    for name, _ in model.named_modules():
+        if not re.search(r"\.\d+\.", name):
+            continue
+        # PEFT's own expression (tuners_utils.check_target_module_exists)
+        found = (re.match(rf"(?:^|.*?\.){p}\.(?P<idx>\d+)\.", name) for p in pats)
+        theirs = next((int(m.group("idx")) for m in found if m), None)
+        if theirs != layer_index(name):
+            return False
+    return True
+
+
+def lora_config_options(config: Any, model: nn.Module) -> tuple[str, dict[str, Any]] | None:
+    """PEFT's ``LoraConfig`` as deltatune's ("lora" or "dora", options), for ``dt.attach(model, LoraConfig(...))``;
+    None for an object that is no PEFT config. A field set away from PEFT's default that deltatune cannot honour is
+    refused, all of them in one error."""
+    if not _is_peft_config(config):
+        return None
+    kind = str(_enum_value(config.peft_type)).upper()
+    if kind != "LORA":
+        raise DeltatuneError(
+            f"PEFT's {type(config).__name__} (peft_type {kind}) has no deltatune conversion, only LoraConfig has: "
+            "attach a deltatune method by name instead (deltatune methods lists them)"
+        )
+    values = {f.name: getattr(config, f.name) for f in dataclasses.fields(config)}
+    defaults = _field_defaults(config)
+    problems = [f"{name}={value!r}: {_CANNOT_HONOUR.get(name, 'deltatune has no equivalent')}"
+                for name, value in values.items()
+                if name not in _METADATA_FIELDS | _CONVERTED | set(_RENAMED) and value != defaults.get(name, value)]
+    init = values["init_lora_weights"]
+    if isinstance(init, str):
+        init = init.lower()  # PEFT compares the name case-insensitively
+    if not (isinstance(init, bool) or init == "gaussian"):
+        problems.append(f"init_lora_weights={init!r}: {_CANNOT_HONOUR['init_lora_weights']}")
+    pattern = values["layers_pattern"]
+    if pattern and not _layers_pattern_agrees(model, pattern):
+        problems.append(f"layers_pattern={pattern!r}: {_CANNOT_HONOUR['layers_pattern']}")
+    if problems:
+        raise DeltatuneError(
+            f"PEFT {type(config).__name__} fields deltatune cannot honour (drop them, or set PEFT's default):\n  "
+            + "\n  ".join(problems)
+        )
+
+    options: dict[str, Any] = {ours: values[theirs] for theirs, ours in _RENAMED.items()}
+    options["rank_pattern"], options["alpha_pattern"] = dict(options["rank_pattern"]), dict(options["alpha_pattern"])
+    options["bias"] = str(_enum_value(options["bias"]))
+    targets = values["target_modules"]
+    if targets is None:  # PEFT's per-architecture default (explicit, as DoRA's own default differs from PEFT's)
+        options["targets"] = default_targets(model)
+    elif isinstance(targets, str) and targets.lower() == ALL_LINEAR:
+        options["targets"] = _all_linear_targets(config, model)
+    else:
+        options["targets"] = _patterns(targets)
+    options["exclude"] = _patterns(values["exclude_modules"])
+    layers = values["layers_to_transform"]
+    options["layers"] = [layers] if isinstance(layers, int) else (list(layers) if layers is not None else None)
+    options["init"] = init
+    # PEFT's task classes train the task head fully on their own (PeftModelForSequenceClassification & co.)
+    saved = list(values["modules_to_save"] or [])
+    names = [n for n, _ in model.named_modules() if n]
+    for head in _TASK_HEADS.get(str(_enum_value(config.task_type)), ()):
+        if head not in saved and any(match_name(head, n) for n in names):
+            saved.append(head)
+    options["modules_to_save"] = saved or None
+    return ("dora" if values["use_dora"] else "lora"), options
+
+
+register_config_converter(lora_config_options)

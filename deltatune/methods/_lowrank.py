@@ -9,27 +9,9 @@ import warnings
 
 import torch.nn as nn
 
-from deltatune.core.targeting import select_modules
+from deltatune.core.targeting import match_name, module_types, select_modules
 from deltatune.errors import DeltatuneError
 from deltatune.methods._common import dense_forms
-
-# The paper adapts W_q and W_v; PEFT's per-architecture defaults say where those live.
-DEFAULT_TARGETS: dict[str, list[str]] = {
-    "llama": ["q_proj", "v_proj"],
-    "mistral": ["q_proj", "v_proj"],
-    "qwen2": ["q_proj", "v_proj"],
-    "qwen3": ["q_proj", "v_proj"],
-    "gemma": ["q_proj", "v_proj"],
-    "phi3": ["qkv_proj"],
-    "gpt2": ["c_attn"],
-    "gpt_neox": ["query_key_value"],
-    "opt": ["q_proj", "v_proj"],
-    "bert": ["query", "value"],
-    "roberta": ["query", "value"],
-    "deberta-v2": ["query_proj", "value_proj"],
-    "distilbert": ["q_lin", "v_lin"],
-    "t5": ["q", "v"],
-}
 
 
 def pattern_value(patterns: dict, module_name: str, default: float) -> float:
@@ -54,13 +36,54 @@ def check_alpha(alpha: float) -> None:
                       "use a positive alpha, e.g. alpha = r", stacklevel=3)
 
 
+# The LoRA paper adapts W_q and W_v; PEFT's per-architecture defaults are those (or the fused q/k/v projection
+# where a model has one). Rather than copy PEFT's table (which misses architectures and ages), find them in the
+# model: the Linear / Conv1D layers inside its attention modules, recognised by the role their names give them.
+_ATTENTION = re.compile(r"attn|attention", re.IGNORECASE)  # a module's attribute or class name
+_QUERY = re.compile(r"(q|query|wq)(_?proj|_lin)?", re.IGNORECASE)
+_VALUE = re.compile(r"(v|value|wv)(_?proj|_lin)?", re.IGNORECASE)
+_FUSED_QKV = re.compile(r"c_attn|query_key_value|w?qkv(_?proj)?|in_proj|w_pack", re.IGNORECASE)
+
+
+def _attention_projections(model: nn.Module) -> dict[str, str]:
+    """Full name -> leaf name of every Linear / Conv1D layer inside an attention module of ``model``."""
+    linear = module_types()["linear"] + module_types()["conv1d"]
+    found: dict[str, str] = {}
+    for name, module in model.named_modules():
+        leaf = name.rsplit(".", 1)[-1]
+        if not name or not (_ATTENTION.search(leaf) or _ATTENTION.search(type(module).__name__)):
+            continue
+        for sub, child in module.named_modules(prefix=name):
+            if sub != name and isinstance(child, linear):
+                found[sub] = sub.rsplit(".", 1)[-1]
+    return found
+
+
+def _as_patterns(model: nn.Module, chosen: list[str], leaves: dict[str, str]) -> list[str]:
+    """The leaf names of ``chosen`` (PEFT's list style, e.g. ["q_proj", "v_proj"]) when they select exactly those
+    modules; else the full names (a leaf name also used outside attention must not widen the selection)."""
+    names = list(dict.fromkeys(leaves[n] for n in chosen))
+    selected = {n for n, _ in model.named_modules() if any(match_name(p, n) for p in names)}
+    return names if selected == set(chosen) else chosen
+
+
 def default_targets(model: nn.Module) -> list[str]:
+    """The attention's query and value projections (or its fused q/k/v projection) of ``model``, as PEFT's
+    default ``target_modules`` name them for the architectures it knows."""
+    leaves = _attention_projections(model)
+    query = [n for n, leaf in leaves.items() if _QUERY.fullmatch(leaf)]
+    value = [n for n, leaf in leaves.items() if _VALUE.fullmatch(leaf)]
+    if query and value:
+        return _as_patterns(model, query + value, leaves)
+    fused = [n for n, leaf in leaves.items() if _FUSED_QKV.fullmatch(leaf)]
+    if fused:
+        return _as_patterns(model, fused, leaves)
     model_type = getattr(getattr(model, "config", None), "model_type", None)
-    if model_type in DEFAULT_TARGETS:
-        return DEFAULT_TARGETS[model_type]
+    seen = ", ".join(sorted(set(leaves.values()))[:12]) or "no Linear layer inside a module named like attention"
     raise DeltatuneError(
-        f"no default LoRA targets for {type(model).__name__} (model_type={model_type!r}): pass targets=[...], "
-        "e.g. targets=['q_proj', 'v_proj'] or types=['linear'] with targets=['*']"
+        f"no default LoRA targets for {type(model).__name__} (model_type={model_type!r}): its attention has no "
+        f"recognisable query/value or fused qkv projection (found: {seen}); pass targets=[...], e.g. "
+        "targets=['q_proj', 'v_proj'] or targets=['all-linear']"
     )
 
 

@@ -42,9 +42,9 @@ class ZerothOrderConfig:
     base_options: dict[str, Any] = field(default_factory=dict)  # that method's options, e.g. {r: 8, alpha: 16}
     # without base: which tensors train (as in full); None trains every parameter
     targets: list[str] | None = None
-    layers: list[int] | str | None = None
-    types: list[str] | None = None
-    exclude: list[str] | None = None
+    layers: list[int] | str | None = None  # blocks: an index, a list, or 'start:stop' (None: all)
+    types: list[str] | None = None  # module types kept: linear, conv1d, embedding, layernorm (None: all)
+    exclude: list[str] | None = None  # name patterns left out (as in targets)
     # without base: where W0 (the artifact's reference) waits while W trains in place. "disk": a file per
     # tensor (the process holds the model only: inference's memory); "memory": a copy in host RAM
     keep_w0: Literal["disk", "memory"] = "disk"

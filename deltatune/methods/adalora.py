@@ -51,7 +51,7 @@ class AdaLoraConfig:
     # example uses 500 / 1500 steps, its MNLI script 8000 / 50000 of ~86k steps; shares let one config
     # fit any run length [inferred]. PEFT: tinit = tfinal = 0.
     tinit: int | float = 0.1
-    tfinal: int | float = 0.5
+    tfinal: int | float = 0.5  # final phase (fixed ranks) at the end: steps, or a share of the run
     delta_t: int = 10  # steps between two budget allocations (official example 10; PEFT deltaT 1)
     beta1: float = 0.85  # sensitivity EMA (official and PEFT)
     beta2: float = 0.85  # uncertainty EMA (official and PEFT)
@@ -61,8 +61,8 @@ class AdaLoraConfig:
     # The paper adapts every weight matrix of each block (query, key, value, both FFN matrices and the
     # attention output); None: every Linear / GPT-2 Conv1D in the numbered blocks. PEFT: q and v only.
     targets: list[str] | None = None
-    layers: list[int] | str | None = None
-    exclude: list[str] | None = None
+    layers: list[int] | str | None = None  # blocks: an index, a list, or 'start:stop' (None: all)
+    exclude: list[str] | None = None  # name patterns left out (as in targets)
 
     def __post_init__(self) -> None:
         if self.init_r < 1 or self.target_r < 0 or self.target_r > self.init_r:
@@ -238,7 +238,7 @@ class AdaLoraPolicy(Policy):
 
 # -- the method -------------------------------------------------------------------------------------
 @register("adalora", AdaLoraConfig,
-          "AdaLoRA: SVD-form ΔW = PΛQ, λ pruned by smoothed sensitivity on a cubic budget (PEFT-compatible)")
+          "AdaLoRA: SVD-form ΔW = PΛQ, λ pruned by smoothed sensitivity on a cubic budget (PEFT-compatible)", family="low-rank")
 def build(model: nn.Module, cfg: AdaLoraConfig, *, loading: bool = False) -> Built:
     forms: dict[str, SVDTriplet] = {}
     for name, module in svd_targets(model, cfg.targets, cfg.layers, cfg.exclude):

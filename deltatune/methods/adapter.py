@@ -32,6 +32,6 @@ class AdapterConfig(BottleneckConfig):
 @register("adapter", AdapterConfig,
           "Bottleneck adapter (Houlsby / Pfeiffer): h += W_up·act(W_down·h) after attention and/or FFN; "
           "mergeable only with activation: linear (into a projection with a bias)",
-          mergeable="only with activation: linear, into a projection with a bias (GPT-2, BERT)")
+          mergeable="only with activation: linear, into a projection with a bias (GPT-2, BERT)", family="adapters & prompts")
 def build(model: nn.Module, cfg: AdapterConfig, *, loading: bool = False) -> Built:
     return build_adapters(model, cfg, kinds=PLACEMENTS[cfg.placement], reads="output")

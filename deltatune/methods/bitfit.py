@@ -14,12 +14,12 @@ from deltatune.methods._common import dense_forms
 
 @dataclass
 class BitFitConfig:
-    layers: list[int] | str | None = None
+    layers: list[int] | str | None = None  # blocks: an index, a list, or 'start:stop' (None: all)
     types: list[str] | None = None  # owning module types, e.g. ["linear"] to skip LayerNorm biases
-    exclude: list[str] | None = None
+    exclude: list[str] | None = None  # name patterns left out (as in targets)
 
 
-@register("bitfit", BitFitConfig, "BitFit: train only the bias terms (dense deltas on biases)")
+@register("bitfit", BitFitConfig, "BitFit: train only the bias terms (dense deltas on biases)", family="chosen tensors")
 def build(model: nn.Module, cfg: BitFitConfig, *, loading: bool = False) -> Built:
     if not any(n == "bias" or n.endswith(".bias") for n, _ in model.named_parameters()):
         raise DeltatuneError(

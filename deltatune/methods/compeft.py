@@ -33,6 +33,7 @@ from deltatune.methods._bitpack import decode, encode, packed_bytes
 @dataclass
 class CompeftConfig:
     source_method: str = ""  # the method of the artifact that was compressed
+    # the compressed artifact's original method options (recorded, not used to build)
     source_config: dict[str, Any] = field(default_factory=dict)
     source_bytes: int = 0  # the source artifact's stored bytes (kept here so a re-saved artifact still says it)
     density: float = 0.2  # fraction of the task vector kept: the official code's k=20 (percent)
@@ -174,12 +175,12 @@ def _lookup(model: nn.Module, name: str, record: dict) -> tuple[nn.Module, nn.Pa
     "compeft",
     CompeftConfig,
     "ComPEFT: a saved weight delta compressed to sparse ternary ±scale (made by dt.compress, not trained)",
-    traits=Traits(made_by="compress"),
+    traits=Traits(made_by="compress"), family="made from artifacts"
 )
 def build(model: nn.Module, cfg: CompeftConfig, *, loading: bool = False) -> Built:
     if not loading:
         raise DeltatuneError(
-            "compeft is not trained: it is what dt.compress / `deltatune compress ARTIFACT OUT` makes of a saved "
+            "compeft is not trained: it is what dt.compress / `deltatune compress ARTIFACT --out OUT` makes of a saved "
             "delta. Train the source method, save it, then compress the artifact"
         )
     forms: dict[str, Form] = {}

@@ -172,7 +172,7 @@ def _hidden_size(model: nn.Module) -> int:
 
 @register("connected", ConnectedConfig,
           "IAA (scattered or connected): aside bottlenecks joining the block outputs (and the adapters) into a "
-          "trainable pathway, h̃ = h_L + g_L; not mergeable", mergeable=False)
+          "trainable pathway, h̃ = h_L + g_L; not mergeable", mergeable=False, family="adapters & prompts")
 def build(model: nn.Module, cfg: ConnectedConfig, *, loading: bool = False) -> Built:
     d = _hidden_size(model)
     sites = sorted(

@@ -88,11 +88,12 @@ class CordaConfig:
     alpha: float | None = None  # None: alpha = r, scale 1 as the official code (PEFT's lora_alpha default is 8)
     mode: Literal["ipa", "kpa", "ipm", "kpm"] = "ipa"  # ipa: largest r components train; kpa: smallest (PEFT: ipm)
     targets: list[str] | None = None  # None: every Linear / Conv1D in the numbered blocks (official: all but lm_head)
-    layers: list[int] | str | None = None
-    exclude: list[str] | None = None
+    layers: list[int] | str | None = None  # blocks: an index, a list, or 'start:stop' (None: all)
+    exclude: list[str] | None = None  # name patterns left out (as in targets)
     dropout: float = 0.0  # on the trainable branch's input (PEFT's lora_dropout default)
     use_rslora: bool = False  # scale = alpha / sqrt(r), as PEFT applies it to the CorDA init too
     rank_pattern: dict[str, int] = field(default_factory=dict)  # PEFT semantics: module-name regex -> r
+    # PEFT semantics: module-name regex -> alpha
     alpha_pattern: dict[str, float] = field(default_factory=dict)
     modules_to_save: list[str] | None = None  # trained fully (e.g. a fresh classification head)
     # calibration: a run-config data section, "random", or a list of token-id lists (one per sample)
@@ -427,7 +428,7 @@ def _rank_and_alpha(cfg: CordaConfig, name: str) -> tuple[int, float]:
 
 
 @register("corda", CordaConfig,
-          "CorDA: LoRA initialised from the SVD of W·C (input covariance of calibration data), ipa / kpa")
+          "CorDA: LoRA initialised from the SVD of W·C (input covariance of calibration data), ipa / kpa", family="low-rank")
 def build(model: nn.Module, cfg: CordaConfig, *, loading: bool = False) -> Built:
     forms: dict[str, Form] = {}
     specs = []

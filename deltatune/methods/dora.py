@@ -168,7 +168,7 @@ def _targets(model: nn.Module, cfg: DoraConfig) -> list[str]:
 
 
 @register("dora", DoraConfig, "DoRA: magnitude m per output times the direction of W0 + (alpha/r)·B·A "
-          "(Liu et al., 2024); PEFT-compatible (use_dora), mergeable")
+          "(Liu et al., 2024); PEFT-compatible (use_dora), mergeable", family="low-rank")
 def build(model: nn.Module, cfg: DoraConfig, *, loading: bool = False) -> Built:
     # LoRA's builder selects the modules and builds the bias / modules_to_save deltas; each low-rank delta
     # then becomes a DoRA delta on the same module, keeping LoRA's factors (same seed: same A as `lora`)

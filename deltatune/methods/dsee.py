@@ -60,8 +60,8 @@ class DseeConfig:
     # (run_glue.py) and 64 (run_glue_prune_with_WAB*.py)
     num_sparse: int = 16
     targets: list[str] | None = None  # None: the architecture's q and v projections (official: W_q, W_v)
-    layers: list[int] | str | None = None
-    exclude: list[str] | None = None
+    layers: list[int] | str | None = None  # blocks: an index, a list, or 'start:stop' (None: all)
+    exclude: list[str] | None = None  # name patterns left out (as in targets)
     # modules trained fully (the official code trains the classifier head); "auto": the model's
     # sequence-classification head (``classifier`` / ``score``) if it has one, nothing for causal LMs
     modules_to_save: list[str] | str | None = "auto"
@@ -443,7 +443,7 @@ def _saved_modules(model: nn.Module, cfg: DseeConfig) -> list[tuple[str, nn.Modu
 
 
 @register("dsee", DseeConfig, "DSEE: ΔW = (α/r)(B·A + S), S on a fixed support from a low-rank + sparse split of W; "
-          "then magnitude pruning of the backbone (unstructured or attention heads)")
+          "then magnitude pruning of the backbone (unstructured or attention heads)", family="low-rank + sparse")
 def build(model: nn.Module, cfg: DseeConfig, *, loading: bool = False) -> Built:
     if cfg.prune_heads:  # fail now, not after stage 1: the model must have prunable heads to spare
         fewest = min(a.core.num_attention_heads for a in attention_blocks(model))

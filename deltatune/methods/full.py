@@ -16,13 +16,13 @@ from deltatune.methods._common import dense_forms, inplace_forms
 @dataclass
 class FullConfig:
     targets: list[str] | None = None  # parameter-name patterns; None trains every parameter
-    layers: list[int] | str | None = None
-    types: list[str] | None = None
-    exclude: list[str] | None = None
+    layers: list[int] | str | None = None  # blocks: an index, a list, or 'start:stop' (None: all)
+    types: list[str] | None = None  # module types kept: linear, conv1d, embedding, layernorm (None: all)
+    exclude: list[str] | None = None  # name patterns left out (as in targets)
 
 
 @register("full", FullConfig, "full fine-tuning, in place (stores only the tensors that changed, as a dense delta)",
-          traits=Traits(full_model=True))
+          traits=Traits(full_model=True), family="full & layer-wise")
 def build(model: nn.Module, cfg: FullConfig, *, loading: bool = False) -> Built:
     params = select_parameters(model, cfg.targets, layers=cfg.layers, types=cfg.types, exclude=cfg.exclude)
     # training updates the model's tensors in place; a loaded artifact is a plain dense delta beside W0

@@ -41,7 +41,7 @@ CATEGORIES = ("attention", "ffn", "norm")
 class HftConfig:
     ratio: float = 0.5  # share of each category that trains (paper: 0.5; 0.4-0.6 is as good)
     rounds: int = 1  # selections over the run: a new draw, optimizer state and LR schedule at each
-    seed: int = 0
+    seed: int = 0  # seed of the halves drawn at each round
 
     def __post_init__(self) -> None:
         if not 0 < self.ratio < 1:
@@ -151,6 +151,6 @@ class HftPolicy(Policy):
         self._apply(None)
 
 
-@register("hft", HftConfig, "half fine-tuning: half of each block's attention, FFN and norm tensors train per round, in place")
+@register("hft", HftConfig, "half fine-tuning: half of each block's attention, FFN and norm tensors train per round, in place", family="full & layer-wise")
 def build(model: nn.Module, cfg: HftConfig, *, loading: bool = False) -> Built:
     return Built(layerwise_forms(model, loading), HftPolicy(cfg))

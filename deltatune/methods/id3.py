@@ -71,8 +71,8 @@ class Id3Config:
     eps: float = 1e-3  # ε of the D³ score (official default)
     exp: float = 0.0  # λ of the D³ score; 0 (the official README's) ranks by |∇θ| alone
     targets: list[str] | None = None  # parameter or module patterns (a module: its weight); None: block matrices
-    layers: list[int] | str | None = None
-    exclude: list[str] | None = None
+    layers: list[int] | str | None = None  # blocks: an index, a list, or 'start:stop' (None: all)
+    exclude: list[str] | None = None  # name patterns left out (as in targets)
 
     def __post_init__(self) -> None:
         if self.budget is not None and self.density is not None:
@@ -343,7 +343,7 @@ def resolve_budget(cfg: Id3Config, n_targeted: int) -> int:
     return budget
 
 
-@register("id3", Id3Config, "ID3: unmask the top-D³ entries step by step up to a budget (sparse, composable)")
+@register("id3", Id3Config, "ID3: unmask the top-D³ entries step by step up to a budget (sparse, composable)", family="sparse")
 def build(model: nn.Module, cfg: Id3Config, *, loading: bool = False) -> Built:
     params = target_parameters(model, cfg)
     forms: dict[str, WeightDelta] = {}

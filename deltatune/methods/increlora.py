@@ -66,7 +66,7 @@ class IncreLoraConfig:
     # Steps before the first round and between rounds (MNLI: 1000 / 1000). None: equal values such that
     # allocation ends a third into the run, as the GLUE scripts' allocation does (~1/3) [inferred].
     init_warmup: int | None = None
-    incre_interval: int | None = None
+    incre_interval: int | None = None  # steps between rounds that add rank (None: see init_warmup)
     alpha: float = 16.0  # numerator of alpha / (ranknum + 1e-5) (scripts: 16-32)
     beta1: float = 0.85  # sensitivity EMA
     beta2: float = 0.85  # uncertainty EMA
@@ -78,8 +78,8 @@ class IncreLoraConfig:
     # The paper adapts query, key, value, both FFN matrices and the attention output; None: every
     # Linear / GPT-2 Conv1D in the numbered blocks.
     targets: list[str] | None = None
-    layers: list[int] | str | None = None
-    exclude: list[str] | None = None
+    layers: list[int] | str | None = None  # blocks: an index, a list, or 'start:stop' (None: all)
+    exclude: list[str] | None = None  # name patterns left out (as in targets)
 
     def __post_init__(self) -> None:
         if self.init_r < 1:
@@ -465,7 +465,7 @@ class IncreLoraPolicy(Policy):
 
 # -- the method -------------------------------------------------------------------------------------
 @register("increlora", IncreLoraConfig,
-          "IncreLoRA: SVD-form ΔW starting at rank 1, rank added to the most important modules up to a budget")
+          "IncreLoRA: SVD-form ΔW starting at rank 1, rank added to the most important modules up to a budget", family="low-rank")
 def build(model: nn.Module, cfg: IncreLoraConfig, *, loading: bool = False) -> Built:
     forms: dict[str, Form] = {}
     for name, module in svd_targets(model, cfg.targets, cfg.layers, cfg.exclude):

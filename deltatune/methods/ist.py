@@ -112,7 +112,7 @@ class IstConfig:
 
 
 @register("ist", IstConfig, "IST: each step trains the PEFT modules of a quarter of the blocks, drawn by "
-          "importance scores learned from suppression probes (Yao et al., 2024); a policy over a base method")
+          "importance scores learned from suppression probes (Yao et al., 2024); a policy over a base method", family="low-rank")
 def build(model: nn.Module, cfg: IstConfig, *, loading: bool = False) -> Built:
     base = build_base(model, cfg.base, cfg.base_options, loading)
     if type(base.policy) is not Policy:

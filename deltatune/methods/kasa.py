@@ -219,7 +219,7 @@ class KasaPolicy(Policy):
 # the truncation removes singular directions of W when the delta attaches (the paper's knowledge-aware
 # truncation; with "in_features" none on a wide matrix): a fresh delta starts at the truncated base, by design
 @register("kasa", KasaConfig, "KaSA: truncate the r smallest singular components of W, SVD-form ΔW = s·B·diag(Δσ)·A",
-          traits=Traits(starts_at_base=lambda cfg: cfg.truncation == "none"))
+          traits=Traits(starts_at_base=lambda cfg: cfg.truncation == "none"), family="low-rank")
 def build(model: nn.Module, cfg: KasaConfig, *, loading: bool = False) -> Built:
     targets = cfg.targets or default_targets(model)
     modules = select_modules(model, targets, layers=cfg.layers, types=cfg.types, exclude=cfg.exclude)

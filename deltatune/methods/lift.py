@@ -54,7 +54,7 @@ class LiftConfig:
     # over-scales a newcomer's first updates after a refresh (a pitfall the spec lists). eps is added as
     # torch's AdamW adds it (to √v̂), so with a full mask one step equals torch.optim.AdamW.
     betas: tuple[float, float] = (0.9, 0.95)
-    eps: float = 1e-6
+    eps: float = 1e-6  # Adam's eps (added to the square root of v̂, as torch's AdamW)
     # "full": fp32 SVD (mask_type lift_sparse); "randomized": torch.svd_lowrank with q = 2r̃ and ``niter``
     # subspace iterations (lift_rand_sparse), seeded per matrix and step so runs repeat exactly
     svd: Literal["full", "randomized"] = "full"
@@ -70,8 +70,8 @@ class LiftConfig:
     # None: every Linear / Conv1D in the numbered blocks (the scripts train q,k,v,o,gate,up,down and freeze
     # embeddings, lm_head, norms and biases with --no_grad head)
     targets: list[str] | None = None
-    layers: list[int] | str | None = None
-    exclude: list[str] | None = None
+    layers: list[int] | str | None = None  # blocks: an index, a list, or 'start:stop' (None: all)
+    exclude: list[str] | None = None  # name patterns left out (as in targets)
 
     def __post_init__(self) -> None:
         for name in ("lora_rank", "approx_rank", "update_interval"):
@@ -372,7 +372,7 @@ def _carry_state(optimizer: torch.optim.Optimizer, p: torch.Tensor, src: torch.T
 
 
 @register("lift", LiftConfig, "LIFT: sparse fine-tuning of the Principal Weights, the largest entries of a "
-          "low-rank approximation, refreshed every I steps (Liu et al., 2025)")
+          "low-rank approximation, refreshed every I steps (Liu et al., 2025)", family="sparse")
 def build(model: nn.Module, cfg: LiftConfig, *, loading: bool = False) -> Built:
     modules = block_matrices(model, cfg.targets, cfg.layers, cfg.exclude)
     if not modules:

@@ -42,7 +42,7 @@ def _part_module(model: nn.Module, part: str) -> nn.Module:
     return module
 
 
-@register("lightweight", LightweightConfig, "train only named parts (embeddings, head, last k blocks) as dense deltas")
+@register("lightweight", LightweightConfig, "train only named parts (embeddings, head, last k blocks) as dense deltas", family="chosen tensors")
 def build(model: nn.Module, cfg: LightweightConfig, *, loading: bool = False) -> Built:
     chosen: list[tuple[str, nn.Parameter]] = []
     by_id = {id(p): n for n, p in model.named_parameters()}

@@ -103,6 +103,6 @@ class LisaPolicy(Policy):
             set_trainable(self.blocks[i], True)
 
 
-@register("lisa", LisaConfig, "LISA: embeddings + head + γ randomly drawn blocks train in place, redrawn every K steps")
+@register("lisa", LisaConfig, "LISA: embeddings + head + γ randomly drawn blocks train in place, redrawn every K steps", family="full & layer-wise")
 def build(model: nn.Module, cfg: LisaConfig, *, loading: bool = False) -> Built:
     return Built(layerwise_forms(model, loading), LisaPolicy(cfg))

@@ -224,7 +224,7 @@ class LocFTPolicy(Policy):
 
 
 # -- the method --------------------------------------------------------------------------------------
-@register("locft", LocFTConfig, "LocFT-BF model editing: breadth-first fine-tuning of one block's MLP projection")
+@register("locft", LocFTConfig, "LocFT-BF model editing: breadth-first fine-tuning of one block's MLP projection", family="chosen tensors")
 def build(model: nn.Module, cfg: LocFTConfig, *, loading: bool = False) -> Built:
     module = resolve_module(model, cfg.module)
     forms = {}

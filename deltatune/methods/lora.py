@@ -21,17 +21,19 @@ from deltatune.methods._lowrank import add_trained_extras, check_alpha, default_
 
 @dataclass
 class LoraConfig:
-    r: int = 8
+    r: int = 8  # rank of B·A (PEFT's r)
     alpha: float = 8.0  # PEFT's lora_alpha default; scale = alpha / r
     dropout: float = 0.0  # on the LoRA branch only
     targets: list[str] | None = None  # module patterns; None: the architecture's q/v projections
-    layers: list[int] | str | None = None
-    types: list[str] | None = None
-    exclude: list[str] | None = None
+    layers: list[int] | str | None = None  # blocks: an index, a list, or 'start:stop' (None: all)
+    types: list[str] | None = None  # module types kept: linear, conv1d, embedding, layernorm (None: all)
+    exclude: list[str] | None = None  # name patterns left out (as in targets)
     use_rslora: bool = False  # scale = alpha / sqrt(r) (Kalajdzievski, 2023)
     init: bool | str = True  # True (Kaiming A, zero B) | "gaussian" | False (random B: tests only)
+    # biases trained too: none, all, or lora_only (those of LoRA's modules)
     bias: Literal["none", "all", "lora_only"] = "none"
     rank_pattern: dict[str, int] = field(default_factory=dict)  # PEFT semantics: module-name regex -> r
+    # PEFT semantics: module-name regex -> alpha
     alpha_pattern: dict[str, float] = field(default_factory=dict)
     modules_to_save: list[str] | None = None  # modules trained fully (e.g. a classifier head)
 
@@ -43,7 +45,7 @@ class LoraConfig:
         check_alpha(self.alpha)
 
 
-@register("lora", LoraConfig, "LoRA: low-rank ΔW = (alpha/r)·B·A on chosen layers (PEFT-compatible)")
+@register("lora", LoraConfig, "LoRA: low-rank ΔW = (alpha/r)·B·A on chosen layers (PEFT-compatible)", family="low-rank")
 def build(model: nn.Module, cfg: LoraConfig, *, loading: bool = False) -> Built:
     targets = cfg.targets or default_targets(model)
     modules = select_modules(model, targets, layers=cfg.layers, types=cfg.types, exclude=cfg.exclude)

@@ -58,8 +58,8 @@ class LtSftConfig:
     l1_sparse: float = 0.0  # sparse_l1_reg
     l1_maskable_only: bool = False  # apply_reg_to_sparse_only: False penalises the head's delta too, as the library
     targets: list[str] | None = None  # maskable parameter or module patterns; None: every base-model parameter
-    layers: list[int] | str | None = None
-    exclude: list[str] | None = None
+    layers: list[int] | str | None = None  # blocks: an index, a list, or 'start:stop' (None: all)
+    exclude: list[str] | None = None  # name patterns left out (as in targets)
     freeze_layer_norm: bool = False  # the library's default; the paper's language SFTs freeze them
     head: list[str] | None = None  # parameter/module patterns trained densely; None: the classifier/score head
 
@@ -337,7 +337,7 @@ def _trained(form: WeightDelta) -> torch.Tensor:
 
 
 # -- the method ---------------------------------------------------------------------------------
-@register("lt-sft", LtSftConfig, "LT-SFT: full phase, keep the K entries that moved most, retrain them only (composable)")
+@register("lt-sft", LtSftConfig, "LT-SFT: full phase, keep the K entries that moved most, retrain them only (composable)", family="sparse")
 def build(model: nn.Module, cfg: LtSftConfig, *, loading: bool = False) -> Built:
     head = head_parameters(model, cfg.head)
     maskable = maskable_parameters(model, cfg, head)

@@ -28,7 +28,7 @@ class MamConfig:
     mid_dim: int = 800  # ... of hidden size 800
     r: int = 512  # scaled parallel adapter on every FFN, bottleneck 512 (BART-large, d = 1024)
     scale: float = 4.0  # s = 4, fixed
-    activation: str = "relu"
+    activation: str = "relu"  # the adapter's activation: relu, gelu, silu, tanh or linear
     layers: list[int] | str | None = None  # blocks that get both parts (None: all)
     modules_to_save: list[str] | None = None  # base modules trained fully, e.g. ["classifier"] (a fresh head)
 
@@ -44,7 +44,7 @@ class MamConfig:
 
 @register("mam", MamConfig, "MAM adapter (unified view): prefix tuning on attention + scaled parallel adapter "
           "(s=4) on the FFN", mergeable=False,
-          traits=Traits(starts_at_base=False))
+          traits=Traits(starts_at_base=False), family="adapters & prompts")
 def build(model: nn.Module, cfg: MamConfig, *, loading: bool = False) -> Built:
     built = prefix_forms(model, cfg.prefix_length, cfg.reparam, cfg.mid_dim, method="mam", loading=loading, layers=cfg.layers)
     adapters = build_adapters(model, cfg.adapter_config(), kinds=["ffn"], reads="input", scale=cfg.scale)

@@ -78,6 +78,6 @@ class MezoConfig(ZerothOrderConfig):
 
 @register("mezo", MezoConfig, "MeZO: zeroth-order SPSA steps from two forward passes, z regenerated from seeds "
           "(Malladi et al., 2023); the full model in place, or another method's parameters (base)",
-          traits=ZEROTH_ORDER_TRAITS)
+          traits=ZEROTH_ORDER_TRAITS, family="zeroth-order")
 def build(model: nn.Module, cfg: MezoConfig, *, loading: bool = False) -> Built:
     return Built(zeroth_order_forms(model, cfg, loading), MezoPolicy(cfg))

@@ -24,6 +24,6 @@ class ParallelAdapterConfig(BottleneckConfig):
 
 @register("parallel_adapter", ParallelAdapterConfig,
           "Parallel adapter: h += W_up·ReLU(W_down·x) from the sublayer input x (FFN by default); not mergeable",
-          mergeable=False)
+          mergeable=False, family="adapters & prompts")
 def build(model: nn.Module, cfg: ParallelAdapterConfig, *, loading: bool = False) -> Built:
     return build_adapters(model, cfg, kinds=cfg.sublayers, reads="input")

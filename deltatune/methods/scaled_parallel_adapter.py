@@ -22,7 +22,7 @@ class ScaledParallelAdapterConfig(ParallelAdapterConfig):
 
 @register("scaled_parallel_adapter", ScaledParallelAdapterConfig,
           "Scaled parallel adapter: h += s·W_up·ReLU(W_down·x) from the sublayer input (s=4, lora init); not mergeable",
-          mergeable=False)
+          mergeable=False, family="adapters & prompts")
 def build(model: nn.Module, cfg: ScaledParallelAdapterConfig, *, loading: bool = False) -> Built:
     return build_adapters(model, cfg, kinds=cfg.sublayers, reads="input", scale=cfg.scale,
                           learnable_scale=cfg.learnable_scale)

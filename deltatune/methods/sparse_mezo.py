@@ -66,7 +66,7 @@ class SparseMezoConfig(ZerothOrderConfig):
 
 
 @register("sparse_mezo", SparseMezoConfig, "Sparse MeZO: MeZO's zeroth-order steps on the small-magnitude entries "
-          "of each tensor only, mask recomputed on the fly (Liu et al., 2024)", traits=ZEROTH_ORDER_TRAITS)
+          "of each tensor only, mask recomputed on the fly (Liu et al., 2024)", traits=ZEROTH_ORDER_TRAITS, family="zeroth-order")
 def build(model: nn.Module, cfg: SparseMezoConfig, *, loading: bool = False) -> Built:
     return Built(zeroth_order_forms(model, cfg, loading), SparseMezoPolicy(cfg))
 

@@ -37,8 +37,8 @@ class SpielConfig:
     k: int | None = None  # or an explicit total number of trainable entries
     match: str | None = None  # or "lora:r=8": exactly the trainable count of that LoRA on the same targets
     targets: list[str] | None = None  # None: every Linear / Conv1D in the blocks (sft-llm: q,k,v,o,gate,up,down)
-    layers: list[int] | str | None = None
-    exclude: list[str] | None = None
+    layers: list[int] | str | None = None  # blocks: an index, a list, or 'start:stop' (None: all)
+    exclude: list[str] | None = None  # name patterns left out (as in targets)
     regrow: Literal["grad", "sm3"] = "grad"  # SpIEL-AG ("rigl" in the code) or SpIEL-MA
     reselection_steps: int = 20  # S: SftConfig and finetune.py (args.py says 100)
     selection_accumulation_steps: int = 5  # γ: backward passes whose gradients rank the candidates
@@ -72,7 +72,7 @@ def budget(model: nn.Module, modules: list[tuple[str, nn.Module]], cfg: SpielCon
     return int(cfg.density * sum(p.numel() for p in model.parameters()))
 
 
-@register("spiel", SpielConfig, "SpIEL: sparse fine-tuning with prune-and-regrow by gradients or SM3 (Ansell et al., 2024)")
+@register("spiel", SpielConfig, "SpIEL: sparse fine-tuning with prune-and-regrow by gradients or SM3 (Ansell et al., 2024)", family="sparse")
 def build(model: nn.Module, cfg: SpielConfig, *, loading: bool = False) -> Built:
     modules = block_matrices(model, cfg.targets, cfg.layers, cfg.exclude)
     total = budget(model, modules, cfg)

@@ -90,7 +90,7 @@ class SptConfig:
     dropout: float = 0.1  # on the structured branch's input (official structured_drop)
     drop_path: float = 0.1  # DropPath on the structured branch's output (official StructuredTuningModule)
     targets: list[str] | None = None  # candidate matrices; None: every Linear / Conv1D in the blocks
-    layers: list[int] | str | None = None
+    layers: list[int] | str | None = None  # blocks: an index, a list, or 'start:stop' (None: all)
     exclude: list[str] | None = None  # module / parameter name patterns left out of the candidates
     vectors: bool = True  # biases and norm weights in the blocks are candidates too (official structured_vector)
     modules_to_save: list[str] | None = None  # trained fully outside the budget (a fresh classification head)
@@ -579,7 +579,7 @@ def _budget(model: nn.Module, cfg: SptConfig) -> int:
 
 
 @register("spt", SptConfig, "SPT: gradient-sensitivity budget allocation, LoRA/adapter on sensitive matrices and "
-                            "sparse entries elsewhere (He et al., 2023)")
+                            "sparse entries elsewhere (He et al., 2023)", family="low-rank + sparse")
 def build(model: nn.Module, cfg: SptConfig, *, loading: bool = False) -> Built:
     if loading:
         if cfg.allocation is None:

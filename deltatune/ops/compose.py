@@ -320,25 +320,28 @@ def save_composed(deltas: Sequence[str | os.PathLike], out: str | os.PathLike, *
     with a record of the parts (the several-delta version of ``deltatune merge``). ``out`` is new, empty or a
     saved model; ``overwrite`` replaces any other folder."""
     if isinstance(deltas, str | os.PathLike) or not deltas:
-        raise DeltatuneError("compose takes a list of artifacts: deltatune compose OUT A B ...")
-    name = base or artifact.read_meta(deltas[0]).get("fingerprint", {}).get("name_or_path")
+        raise DeltatuneError("compose takes a list of artifacts: deltatune compose A B ... --out OUT")
+    fingerprint = artifact.read_meta(deltas[0]).get("fingerprint", {})
+    name = base or fingerprint.get("name_or_path")
     if not name:
         raise DeltatuneError(f"{deltas[0]} does not say which base model it belongs to: pass base=...")
     with artifact.destination(out, "model", inputs=[*deltas, name], overwrite=overwrite) as dest:
-        _write_composed(deltas, name, dest)
+        _write_composed(deltas, name, dest, fingerprint.get("head"))
     return Path(out)
 
 
-def _write_composed(deltas: Sequence[str | os.PathLike], name: str | nn.Module, dest: artifact.Destination) -> None:
+def _write_composed(deltas: Sequence[str | os.PathLike], name: str | nn.Module, dest: artifact.Destination,
+                    head: dict | None = None) -> None:
+    """``head``: the model class the artifacts record (a classification head the bare base name does not give)."""
     from deltatune.data import models
 
-    model = models.load_base(name)
+    model = models.load_base(name, head)
     plain = compose(model, list(deltas)).merge()
     if not hasattr(plain, "save_pretrained"):
         raise DeltatuneError(f"{type(plain).__name__} has no save_pretrained; compose in Python and save it yourself")
 
     record = {"base": str(name) if not isinstance(name, nn.Module) else None,
-              "parts": [str(Path(d).resolve()) for d in deltas]}
+              "parts": [str(Path(d).resolve()) for d in deltas], "head": head}
 
     def fill(tmp: Path) -> None:
         plain.save_pretrained(tmp)
@@ -370,16 +373,16 @@ def save_reverted(composed: str | os.PathLike, part: str | os.PathLike, out: str
         raise DeltatuneError(f"{composed} was composed on an in-memory base model; revert it in Python")
     with artifact.destination(out, "model", inputs=[composed, *parts, record["base"]], overwrite=overwrite) as dest:
         if remaining:
-            _write_composed(remaining, record["base"], dest)
+            _write_composed(remaining, record["base"], dest, record.get("head"))
         else:
-            _write_base(record["base"], dest)
+            _write_base(record["base"], dest, record.get("head"))
     return Path(out)
 
 
-def _write_base(name: str, dest: artifact.Destination) -> None:
+def _write_base(name: str, dest: artifact.Destination, head: dict | None = None) -> None:
     from deltatune.data import models
 
-    model = models.load_base(name)
+    model = models.load_base(name, head)
 
     def fill(tmp: Path) -> None:
         model.save_pretrained(tmp)

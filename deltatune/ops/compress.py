@@ -21,10 +21,13 @@ Choices:
   code's k=100 returns the model unchanged, which would not compress anything.
 - scope "global" (default): one top-n and one σ over the whole task vector, as the official code; scope
   "tensor": each tensor its own top-n and σ (results differ from the global scope).
-- low-rank deltas: ``lowrank="delta"`` (default) compresses ΔW = s·B·A, so the result
-  is a sparse ternary ΔW that composes with every other form; ``lowrank="factors"`` compresses A and B
-  themselves (the paper's LoRA experiments, θ_init = 0) and keeps a low-rank form with ternary factors:
-  r·(in+out) entries instead of in·out, the paper's compression ratios.
+- low-rank deltas: ``lowrank="factors"`` (the default when the delta has plain LoRA factors) compresses A and
+  B themselves (the paper's LoRA experiments, θ_init = 0) and keeps a low-rank form with ternary factors:
+  r·(in+out) entries instead of in·out, the paper's compression ratios. ``lowrank="delta"`` (the default for
+  every other delta) compresses ΔW = s·B·A, so the result is a sparse ternary ΔW that composes with every other
+  form; for a LoRA it barely shrinks (it keeps a fraction of in·out entries, each with its position, where the
+  LoRA holds r·(in+out) values). The artifact's ``compression.note`` says which was chosen and how to get the
+  other.
 - ``values="pruned"``: the paper's pruning-only baseline (``replace_factor=-1``): kept entries keep τ_i
   (fp32 each), positions packed the same way.
 
@@ -173,7 +176,7 @@ def _base_model(path: str | os.PathLike, meta: dict, base: str | nn.Module | Non
         raise DeltatuneError(f"{path} does not say which base model it belongs to: pass base=... (a model or a name)")
     from deltatune.data import models
 
-    return models.load(str(name))
+    return models.load_base(str(name), meta.get("fingerprint", {}).get("head"))
 
 
 def names_of(model: nn.Module) -> tuple[dict[int, str], dict[int, str]]:
@@ -191,24 +194,14 @@ def task_vector(delta: Delta, lowrank: str, names: tuple[dict[int, str], dict[in
     ``{"form": "sparse" | "dense", "shape"}`` for a materialised ΔW (named by the base tensor's first
     parameter name), ``{"form": "lowrank", "r", "scale", "shape"}`` for kept factors (named by the module).
     ``names``: ``names_of`` the model with nothing attached."""
-    from deltatune.core.forms.base import WeightDelta
-    from deltatune.core.forms.lowrank import LowRank
     from deltatune.core.forms.sparse import Sparse
 
     param_names, module_names = names
-    groups: dict[int, list] = {}
-    for name, form in delta.forms.items():
-        if not isinstance(form, WeightDelta) or not form.mergeable:
-            raise DeltatuneError(
-                f"{delta.method.name!r} has a {form.kind} delta at {name}, which changes activations, not weights: "
-                "ComPEFT compresses weight deltas (low-rank, dense, sparse and their sums)"
-            )
-        groups.setdefault(id(form.base), []).append(form)
     pieces: list[Piece] = []
     layout: dict[str, dict] = {}
-    for forms in groups.values():
+    for forms in _by_base_tensor(delta).values():
         first = forms[0]
-        if lowrank == "factors" and len(forms) == 1 and type(first) is LowRank:
+        if lowrank == "factors" and _plain_factors(forms):
             module = first.sites[0][0]
             key = f"{module_names[id(module)]}.weight"
             layout[key] = {"form": "lowrank", "r": first.r, "scale": first.scale, "shape": list(first.base.shape)}
@@ -234,6 +227,39 @@ def task_vector(delta: Delta, lowrank: str, names: tuple[dict[int, str], dict[in
     return pieces, layout
 
 
+def _by_base_tensor(delta: Delta) -> dict[int, list]:
+    """A built delta's forms grouped by the base tensor they change (refusing activation-side forms)."""
+    from deltatune.core.forms.base import WeightDelta
+
+    groups: dict[int, list] = {}
+    for name, form in delta.forms.items():
+        if not isinstance(form, WeightDelta) or not form.mergeable:
+            raise DeltatuneError(
+                f"{delta.method.name!r} has a {form.kind} delta at {name}, which changes activations, not weights: "
+                "ComPEFT compresses weight deltas (low-rank, dense, sparse and their sums)"
+            )
+        groups.setdefault(id(form.base), []).append(form)
+    return groups
+
+
+def _plain_factors(forms: list) -> bool:
+    """The tensor's delta is one plain LoRA form (ΔW = s·B·A), whose factors can be compressed themselves."""
+    from deltatune.core.forms.lowrank import LowRank
+
+    return len(forms) == 1 and type(forms[0]) is LowRank
+
+
+def lowrank_choice(delta: Delta, lowrank: str | None) -> tuple[str, str | None]:
+    """``lowrank`` resolved for a built delta (None: "factors" when some tensor holds plain LoRA factors, else
+    "delta") and, when the default chose for a low-rank delta, one line saying so and how to get the other."""
+    if lowrank is not None:
+        return lowrank, None
+    if not any(_plain_factors(forms) for forms in _by_base_tensor(delta).values()):
+        return "delta", None
+    return "factors", ("low-rank input: compressed its factors A and B, so the result stays low-rank "
+                       "(lowrank='delta' / --lowrank delta compresses ΔW = s·B·A instead: a sparse delta, larger)")
+
+
 def _sparse_domain(forms: list, dense: torch.Tensor) -> torch.Tensor | None:
     """The union of the sparse forms' entries when ΔW is zero outside it (DSEE's pruning mask is not)."""
     idx = torch.unique(torch.cat([f.entries()[0].detach().long().cpu() for f in forms]))
@@ -243,19 +269,20 @@ def _sparse_domain(forms: list, dense: torch.Tensor) -> torch.Tensor | None:
 
 
 def compress(path: str | os.PathLike, out: str | os.PathLike, *, density: float = 0.2, alpha: float = 1.0,
-             scope: str = "global", lowrank: str = "delta", values: str = "ternary",
+             scope: str = "global", lowrank: str | None = None, values: str = "ternary",
              base: str | nn.Module | None = None, overwrite: bool = False) -> Path:
     """Compress the weight-side delta saved at ``path`` with ComPEFT and write the result at ``out``.
 
     ``density``: the fraction of task-vector entries kept (the paper's k/100; code default 0.2);
     ``alpha``: kept entries become ±alpha·std(τ); ``scope``: "global" (one top-k and σ over all tensors, as
-    the official code) or "tensor"; ``lowrank``: "delta" (compress ΔW = s·B·A) or "factors" (compress A and
-    B, the paper's LoRA setting); ``values``: "ternary" or "pruned" (top-k only, values kept);
+    the official code) or "tensor"; ``lowrank``: "factors" (compress A and B, the paper's LoRA setting; the result
+    stays low-rank) or "delta" (compress ΔW = s·B·A), None: factors where the delta has plain LoRA factors, else
+    delta (``compression.note`` in the result says what was chosen); ``values``: "ternary" or "pruned" (top-k only, values kept);
     ``base``: the base model or its name (default: the one the artifact records). ``out`` is new, empty or an
     artifact (replaced atomically); ``overwrite`` replaces any other folder. Returns ``out``."""
     from deltatune.core import artifact
 
-    _check_options(density, alpha, scope, lowrank, values)
+    _check_options(density, alpha, scope, "delta" if lowrank is None else lowrank, values)
     delta = Delta.read(path)
     source = delta.method
     if source.traits.made_by == "compress":
@@ -280,6 +307,7 @@ def _compressed(path: str | os.PathLike, delta: Delta, base: str | nn.Module | N
     model = _base_model(path, meta, base)
     shapes, names = artifact.shapes_hash(model), names_of(model)
     delta.build(model, shapes=shapes)  # not attached: only its task vector is read
+    lowrank, note = lowrank_choice(delta, lowrank)
     pieces, layout = task_vector(delta, lowrank, names)
     original = int(meta.get("sizes", {}).get("stored_bytes") or delta.stored_bytes())
     kept = select(pieces, density, alpha, scope, values)
@@ -303,6 +331,7 @@ def _compressed(path: str | os.PathLike, delta: Delta, base: str | nn.Module | N
         "compression": {
             "source": str(path), "source_method": source.name, "entries": entries, "kept": n_kept,
             "density": n_kept / max(1, entries), "ratio": original / max(1, stored),
+            **({"note": note} if note else {}),
         },
     }
     return out_meta, tensors

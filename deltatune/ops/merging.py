@@ -21,10 +21,27 @@ the tensor (a delta that does not touch it takes no part there, as in PEFT):
 - ``cat`` (low-rank deltas only): A = [w_1 s_1 A_1; w_2 s_2 A_2; …], B = [B_1 B_2 …] at scale 1, so
   B A = Σ w_i s_i B_i A_i exactly: task arithmetic at the sum of the ranks, kept low-rank.
 
-The result is one artifact that ``dt.load`` takes: by default a dense delta per touched tensor (method ``full``
-with those tensors as targets: the format of a full fine-tune), with ``rank=r`` the SVD truncation of every
-merged ΔW to rank r (a LoRA artifact, B = U_r S_r, A = V_rᵀ, scale 1), and for ``cat`` a LoRA artifact of rank
-Σ r_i. Its ``deltatune.json`` carries the base fingerprint and says what was merged (``merged_from``).
+The result is one artifact that ``dt.load`` takes: a dense delta per touched tensor (method ``full`` with those
+tensors as targets: the format of a full fine-tune), with ``rank=r`` the SVD truncation of every merged ΔW to
+rank r (a LoRA artifact, B = U_r S_r, A = V_rᵀ, scale 1), and for ``cat`` a LoRA artifact of rank Σ r_i. Its
+``deltatune.json`` carries the base fingerprint and says what was merged (``merged_from``, with a ``note``
+when the default for low-rank inputs chose the form).
+
+Low-rank inputs stay low-rank by default. When every input is a plain LoRA (ΔW = s·B·A on each tensor it
+touches) and neither ``rank``, ``space="factors"`` nor ``dense=True`` is given, a dense result would be the size
+of the touched weights (two 1.8 MiB LoRAs of SmolLM2 gave a 50 MiB artifact), so instead:
+
+- ``task_arithmetic`` is done as ``cat``: the same ΔW exactly, at rank Σ r_i (the inputs' total size);
+- ``ties`` / ``dare_*`` / ``magnitude_prune`` merge ΔW as above and keep the truncated SVD of each merged ΔW at
+  the total rank Σ r_i of the inputs touching that tensor: its best rank-Σr_i approximation (Eckart–Young),
+  PEFT's ``ties_svd`` / ``dare_ties_svd`` / ... with ``svd_rank`` = Σ r_i. We merge ΔW and not the factors
+  because TIES' trim and sign election and DARE's drop-and-rescale are defined on the task vector's entries,
+  and the entries of A and B are not determined by ΔW (B·A = (B·R)(R⁻¹·A) for any invertible R), so a
+  merge of the factors depends on their basis (PEFT offers it as its non-SVD ``ties``: ``space="factors"``
+  here). The total rank, not PEFT's default max r_i, because task arithmetic's ΔW has rank up to Σ r_i: at that
+  rank nothing is lost before trimming, and the result is the size of the inputs together.
+
+``dense=True`` (``--dense``) gives the full-rank dense result; ``rank=r`` another rank.
 
 PEFT's ``add_weighted_adapter`` (peft 0.21.2) and how to get the same merged model here:
 
@@ -126,6 +143,7 @@ def merge_deltas(
     majority: Majority = "total",
     rank: int | None = None,
     space: str = "delta",
+    dense: bool = False,
     base: str | nn.Module | None = None,
     overwrite: bool = False,
 ) -> Tuned:
@@ -136,25 +154,31 @@ def merge_deltas(
     ``weights``: one per delta (default 1.0 each); ``density``: the kept fraction for ties / dare_* /
     magnitude_prune (required there; TIES' paper keeps 0.2); ``seed``: DARE's masks. ``base``: the base model
     (a module without a delta attached, or a name / folder as for ``deltatune merge``); by default the model named
-    in the first delta's fingerprint is loaded. ``out`` is new, empty or an artifact (replaced atomically);
+    in the first delta's fingerprint is loaded. ``dense``: a dense result even for LoRA inputs (which otherwise
+    stay low-rank: see the module docstring). ``out`` is new, empty or an artifact (replaced atomically);
     ``overwrite`` replaces any other folder."""
     weights = _check_options(deltas, how, weights, density, majority, rank, space)
+    if dense and (rank is not None or how == "cat" or space == "factors"):
+        raise DeltatuneError("dense=True asks for the full-rank ΔW; rank=, how='cat' and space='factors' give a "
+                             "low-rank result: pass one or the other")
     parts = [delta_of(d) for d in deltas]  # every artifact is read (and checked) before a model is loaded
     combine_args = dict(weights=weights, density=density, seed=seed, majority=majority)
     if out is None:
-        return _merged(parts, base, how, space, rank, combine_args)
+        return _merged(parts, base, how, space, rank, dense, combine_args)[0]
     with artifact.destination(out, "artifact", inputs=[*deltas, base], overwrite=overwrite):
-        tuned = _merged(parts, base, how, space, rank, combine_args)
+        tuned, result, note = _merged(parts, base, how, space, rank, dense, combine_args)
         record = {"how": how, "space": space, "weights": list(weights), "density": density, "seed": seed,
-                  "majority": majority, "rank": rank,
-                  "sources": [{"name": part.name, "method": part.method.name} for part in parts]}
+                  "majority": majority, "rank": rank, "result": result,
+                  "sources": [{"name": part.name, "method": part.method.name} for part in parts],
+                  **({"note": note} if note else {})}
         artifact.write_artifact(out, {**tuned.describe(), "merged_from": record}, tuned.delta_state_dict())
     return tuned
 
 
-def _merged(parts: list[Delta], base: str | nn.Module | None, how: str, space: str, rank: int | None,
-            combine_args: dict[str, Any]) -> Tuned:
-    """The deltas combined into one, attached to the base model."""
+def _merged(parts: list[Delta], base: str | nn.Module | None, how: str, space: str, rank: int | None, dense: bool,
+            combine_args: dict[str, Any]) -> tuple[Tuned, str, str | None]:
+    """The deltas combined into one, attached to the base model; what the result is ("dense", "cat", "svd",
+    "factors") and, when the default for LoRA inputs chose it, one line saying so and how to get the other."""
     weights = combine_args["weights"]
     model = _base_model(parts[0], base)
     shapes = artifact.shapes_hash(model)
@@ -166,14 +190,33 @@ def _merged(parts: list[Delta], base: str | nn.Module | None, how: str, space: s
                 raise DeltatuneError(f"{part.name}: its {form.kind} delta at {fname} changes activations, not "
                                      "weights; only weight-side deltas (low-rank, dense, sparse) can be merged")
     by_tensor = _by_tensor(model, parts)
+    keep_lowrank = not dense and rank is None and space == "delta" and _all_plain_lora(by_tensor)
     if how == "cat":
-        tuned = _cat(model, by_tensor, weights)
-    elif space == "factors":
-        tuned = _factorwise(model, by_tensor, how, **combine_args)  # type: ignore[arg-type]
-    else:
-        merged = _combine_task_vectors(by_tensor, how, **combine_args)  # type: ignore[arg-type]
-        tuned = _as_lowrank(model, by_tensor, merged, rank) if rank else _as_dense(model, by_tensor, merged)
-    return tuned
+        return _cat(model, by_tensor, weights), "cat", None
+    if space == "factors":
+        return _factorwise(model, by_tensor, how, **combine_args), "factors", None  # type: ignore[arg-type]
+    if keep_lowrank and how == "task_arithmetic":
+        return _cat(model, by_tensor, weights), "cat", (
+            "LoRA inputs: merged as how='cat' (the same ΔW exactly, at the sum of their ranks; a dense result: "
+            "--dense / dense=True)")
+    merged = _combine_task_vectors(by_tensor, how, **combine_args)  # type: ignore[arg-type]
+    if keep_lowrank:
+        ranks = {name: sum(f.r for _, forms in touching for f in forms) for name, touching in by_tensor.items()}
+        total = max(ranks.values(), key=list(ranks.values()).count)
+        return _as_lowrank(model, by_tensor, merged, ranks), "svd", (
+            f"LoRA inputs: each merged ΔW kept as its best rank-{total} approximation (truncated SVD at the sum of "
+            "the inputs' ranks); the full-rank dense result: --dense / dense=True")
+    if rank:
+        return _as_lowrank(model, by_tensor, merged, rank), "svd", None
+    return _as_dense(model, by_tensor, merged), "dense", None
+
+
+def _all_plain_lora(by_tensor: dict[str, list[tuple[int, list[WeightDelta]]]]) -> bool:
+    """Every input's delta on every tensor is one plain LoRA form (ΔW = s·B·A on one weight matrix)."""
+    return bool(by_tensor) and all(
+        len(forms) == 1 and isinstance(forms[0], LowRank) and type(forms[0]).delta_weight is LowRank.delta_weight
+        and len(forms[0].sites) == 1 and forms[0].sites[0][1] == "weight"
+        for touching in by_tensor.values() for _, forms in touching)
 
 
 def _check_options(deltas: Sequence[DeltaSource], how: str, weights: Sequence[float] | None, density: float | None,
@@ -214,7 +257,7 @@ def _base_model(first: Delta, base: str | nn.Module | None) -> nn.Module:
         if not base:
             raise DeltatuneError("the deltas do not say which base model they belong to: pass base=<the base model "
                                  "or its name>")
-    model = models.load_base(base)
+    model = models.load_base(base, first.head)
     if isinstance(model, Tuned) or carried_by(model) is not None:
         raise DeltatuneError("base must be the base model without a delta attached (tuned.detach() returns it)")
     return model
@@ -314,16 +357,20 @@ def _plain_lowrank(name: str, forms: list[WeightDelta], what: str) -> LowRank:
     return form
 
 
-def _as_lowrank(model: nn.Module, by_tensor: dict[str, Any], merged: dict[str, torch.Tensor], rank: int) -> Tuned:
-    """Each merged ΔW truncated to ``rank`` by an SVD (PEFT's *_svd): B = U_r S_r, A = V_rᵀ."""
+def _as_lowrank(model: nn.Module, by_tensor: dict[str, Any], merged: dict[str, torch.Tensor],
+                rank: int | dict[str, int]) -> Tuned:
+    """Each merged ΔW truncated by an SVD (PEFT's *_svd): B = U_r S_r, A = V_rᵀ. ``rank``: one rank for every
+    tensor (zero-padded where a matrix has fewer singular values, as PEFT), or a rank per tensor name (at most
+    the matrix's own)."""
     factors = {}
     for name, delta in merged.items():
         module, layout = _matrix_module(model, name, by_tensor[name])
         m = delta if layout == "linear" else delta.T  # (out, in) as B A is
         u, s, vh = torch.linalg.svd(m, full_matrices=False)
-        k = min(rank, s.numel())
-        a = torch.zeros(rank, m.shape[1], dtype=m.dtype, device=m.device)
-        b = torch.zeros(m.shape[0], rank, dtype=m.dtype, device=m.device)
+        r = min(rank[name], s.numel()) if isinstance(rank, dict) else rank
+        k = min(r, s.numel())
+        a = torch.zeros(r, m.shape[1], dtype=m.dtype, device=m.device)
+        b = torch.zeros(m.shape[0], r, dtype=m.dtype, device=m.device)
         a[:k], b[:, :k] = vh[:k], u[:, :k] @ torch.diag(s[:k])
         factors[module] = (a, b)
     return _lora(model, factors)

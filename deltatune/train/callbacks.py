@@ -11,7 +11,8 @@ The loop calls, in this order: ``on_begin`` once; per optimizer step ``on_eval``
 with ``summary=None``), so a callback can release what it holds. Every rank calls them under data
 parallelism; ``on_checkpoint`` runs where the checkpoint was written (rank 0).
 
-``train.progress: true`` adds ``ProgressBar`` and ``SummaryTable`` on rank 0.
+``train.progress: true`` adds ``ProgressBar`` and ``SummaryTable`` on rank 0; the reporters of ``train.report_to``
+and the ``logs/metrics.jsonl`` stream are callbacks too (``train/reporting.py``).
 """
 
 from __future__ import annotations
@@ -30,9 +31,9 @@ class Callback:
         """After the evaluation at ``step`` (1-based): the task's metrics (``loss``, ``accuracy``, ...)."""
 
     def on_step_end(self, record: dict[str, Any]) -> None:
-        """After each optimizer step, before its checkpoint: the history record (``step``, ``loss``, ``lr``,
-        ``tokens_per_s``, ``seconds``, ``tokens``, ``eval_*`` when it evaluated, ``skipped`` when the
-        policy skipped the update)."""
+        """After each optimizer step, before its checkpoint: the history record (``step``, ``epoch`` (passes over
+        the training split so far), ``loss``, ``lr`` (the learning rate this step used), ``tokens_per_s``,
+        ``seconds``, ``tokens``, ``eval_*`` when it evaluated, ``skipped`` when the policy skipped the update)."""
 
     def on_checkpoint(self, step: int, path: Path) -> None:
         """After the checkpoint of ``step`` was written to ``path``."""
@@ -43,7 +44,8 @@ class Callback:
 
 
 class ProgressBar(Callback):
-    """A rich progress bar with loss, lr, tokens/s, the last eval loss and the time left."""
+    """A rich progress bar with the epoch, loss, lr, tokens/s, the last eval loss and the time left. The lr shown is
+    the one the step used (a linear schedule's last step uses a small non-zero lr; the next step's would be 0)."""
 
     def __init__(self) -> None:
         self.bar: Any = None
@@ -59,7 +61,8 @@ class ProgressBar(Callback):
     def on_step_end(self, record: dict[str, Any]) -> None:
         if self.bar is None:
             return
-        info = f"loss {record['loss']:.4f} · lr {record['lr']:.2e} · {record['tokens_per_s']:.0f} tok/s"
+        epoch = f"epoch {record['epoch']:.2f} · " if "epoch" in record else ""
+        info = f"{epoch}loss {record['loss']:.4f} · lr {record['lr']:.2e} · {record['tokens_per_s']:.0f} tok/s"
         if "eval_loss" in record:
             info += f" · eval {record['eval_loss']:.4f}"
         self.bar.update(self.task, advance=1, info=info)
@@ -88,15 +91,24 @@ def print_summary(summary: dict[str, Any]) -> None:
     table.add_column("value", justify="right")
     rows = [
         ("steps", f"{summary['steps']}"),
+        ("epochs", f"{summary['epochs']:.2f}" if summary.get("epochs") is not None else "-"),
         ("trainable parameters", f"{summary['trainable']:,} ({100 * summary['trainable'] / summary['model_parameters']:.2f}%)"),
         ("artifact bytes", f"{summary['stored_bytes']:,}"),
         ("seconds / step (median)", f"{summary['seconds_per_step']:.3f}" if summary["seconds_per_step"] else "-"),
         ("tokens / s", f"{summary['tokens_per_s']:.0f}" if summary["tokens_per_s"] else "-"),
         ("peak memory", f"{summary['peak_memory_bytes'] / 2**30:.2f} GiB"),
-    ] + [(k, f"{v:.4f}") for k, v in summary["final"].items()]
+    ] + [(k, f"{v:.4f}") for k, v in summary["final"].items()] + _best_row(summary.get("best"))
     for k, v in rows:
         table.add_row(k, v)
     table.add_row("output", summary["output"])
     for note in summary.get("warnings", []):  # a skipped corrupt checkpoint, a run that looks diverged
         table.add_row("[yellow]warning[/]", f"[yellow]{escape(note)}[/]")
     Console().print(table)
+
+
+def _best_row(best: dict[str, Any] | None) -> list[tuple[str, str]]:
+    """With early stopping: the step whose delta the artifact holds."""
+    if best is None:
+        return []
+    stopped = ", stopped early" if best["stopped_early"] else ""
+    return [("artifact (best)", f"step {best['step']}: {best['metric']} {best['value']:.4f}{stopped}")]

@@ -15,8 +15,10 @@ Validation collects every bad field (its value and what is allowed) into one err
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import difflib
+import importlib.util
 import json
 import math
 import typing
@@ -40,26 +42,77 @@ PRECISIONS = ("auto", "fp32", "bf16")
 MAX_LR = 10.0
 
 
+REPORTERS = ("tensorboard", "csv", "wandb", "mlflow")
+# the reporters that write through a package of their own, and how to install it (tensorboard is a dependency)
+REPORTER_PACKAGES = {"wandb": "wandb", "mlflow": "mlflow"}
+DEFAULT_STEPS = 100
+
+
+@dataclass
+class EarlyStopping:
+    """``train.early_stopping``: stop when the evaluation metric stops improving, and end with the best delta.
+
+    Trainer's names: ``metric`` is ``metric_for_best_model``, ``patience`` is ``early_stopping_patience``,
+    ``threshold`` is ``early_stopping_threshold`` and ``mode: max`` is ``greater_is_better: true``. The artifact the
+    run writes is the best one (Trainer's ``load_best_model_at_end``)."""
+
+    metric: str = "eval_loss"  # a key of the evaluation ("loss" means "eval_loss")
+    patience: int | None = 3  # evaluations without improvement before the run stops; null: never stop, keep the best
+    mode: str | None = None  # "min" | "max"; null: min for a loss, max for anything else (accuracy)
+    threshold: float = 0.0  # an evaluation improves on the best only by more than this
+
+    def __post_init__(self) -> None:
+        if isinstance(self.metric, str) and self.metric and not self.metric.startswith("eval_"):
+            self.metric = f"eval_{self.metric}"  # as Trainer reads metric_for_best_model
+
+    @property
+    def greater_is_better(self) -> bool:
+        return self.mode == "max" if self.mode is not None else not self.metric.endswith("loss")
+
+    def problems(self, prefix: str = "train.early_stopping") -> list[str]:
+        out = []
+        if not self.metric.removeprefix("eval_"):
+            out.append(f"{prefix}.metric={self.metric!r}: name an evaluation metric, e.g. eval_loss")
+        if self.patience is not None and self.patience < 1:
+            out.append(f"{prefix}.patience={self.patience!r}: must be >= 1 (null: never stop, keep the best)")
+        if self.mode not in (None, "min", "max"):
+            out.append(f"{prefix}.mode={self.mode!r}: allowed are min, max (null: min for a loss, max otherwise)")
+        if not math.isfinite(self.threshold) or self.threshold < 0:
+            out.append(f"{prefix}.threshold={self.threshold!r}: must be a finite number >= 0")
+        return out
+
+
 @dataclass
 class TrainSettings:
-    steps: int = 100
-    batch_size: int = 8
+    steps: int = DEFAULT_STEPS  # optimizer steps
+    epochs: float | None = None  # passes over the training split instead of steps (Trainer's num_train_epochs)
+    batch_size: int = 8  # examples per micro-batch (Trainer's per_device_train_batch_size)
     grad_accum: int = 1  # micro-batches of batch_size per optimizer step
-    lr: float = 2e-4
-    optimizer: str = "adamw"
-    weight_decay: float = 0.0
-    schedule: str = "linear"
+    lr: float = 2e-4  # peak learning rate (presets set each method's own)
+    optimizer: str = "adamw"  # adamw | adam | sgd (a method may bring its own, e.g. SpIEL's SM3)
+    weight_decay: float = 0.0  # decoupled weight decay of the trained tensors
+    schedule: str = "linear"  # learning-rate schedule after warmup: constant | linear | cosine (to 0)
     warmup: float = 0.0  # a fraction of steps if < 1, else a number of steps
     max_grad_norm: float | None = 1.0  # None: no clipping
-    seed: int = 0
+    seed: int = 0  # initial values, batch order, dropout and the policies' draws
     eval_every: int = 0  # 0: evaluate only at the end
     save_every: int = 0  # 0: checkpoint only at the end
-    keep_last: int = 2  # checkpoints kept
-    eval_batch_size: int = 16
+    keep_last: int = 2  # checkpoints kept (and the best one, with early_stopping)
+    eval_batch_size: int = 16  # examples per evaluation batch
     precision: str = "auto"  # auto: bf16 autocast on CUDA, fp32 on CPU
-    gradient_checkpointing: bool = False
+    gradient_checkpointing: bool = False  # recompute activations in backward: less memory, slower steps
     device: str = "auto"  # auto | cpu | cuda | cuda:N
-    progress: bool = True
+    progress: bool = True  # a progress bar and the summary table on the terminal
+    early_stopping: EarlyStopping | None = None  # judged at every eval_every; the artifact is the best delta
+    report_to: list[str] | str = field(default_factory=list)  # tensorboard, csv, wandb, mlflow (logs/metrics.jsonl always)
+
+    def __post_init__(self) -> None:
+        if isinstance(self.report_to, str):  # Trainer takes one name as a string
+            self.report_to = [self.report_to]
+        if isinstance(self.report_to, list | tuple):
+            self.report_to = [r for r in self.report_to if r != "none"]
+        if isinstance(self.early_stopping, dict):  # a RunConfig built in Python from a mapping
+            self.early_stopping = EarlyStopping(**self.early_stopping)
 
     def problems(self) -> list[str]:
         out = []
@@ -73,6 +126,35 @@ class TrainSettings:
         for name, allowed in (("optimizer", OPTIMIZERS), ("schedule", SCHEDULES), ("precision", PRECISIONS)):
             if getattr(self, name) not in allowed:
                 out.append(f"train.{name}={getattr(self, name)!r}: allowed are {', '.join(allowed)}")
+        return out + self._length_problems() + self._early_stopping_problems() + self._report_problems()
+
+    def _length_problems(self) -> list[str]:
+        if self.epochs is None:
+            return []
+        if not math.isfinite(self.epochs) or self.epochs <= 0:
+            return [f"train.epochs={self.epochs!r}: must be a number > 0 (passes over the training split)"]
+        if self.steps != DEFAULT_STEPS:
+            return [f"train.steps={self.steps!r} and train.epochs={self.epochs!r} both set the run's length: keep one "
+                    "(--set train.epochs=N on the command line replaces the config's steps)"]
+        return []
+
+    def _early_stopping_problems(self) -> list[str]:
+        if self.early_stopping is None:
+            return []
+        out = self.early_stopping.problems()
+        if self.eval_every < 1:
+            out.append("train.early_stopping is judged at each evaluation: set train.eval_every (e.g. "
+                       f"{max(1, self.steps // 10)})")
+        return out
+
+    def _report_problems(self) -> list[str]:
+        out = []
+        for name in self.report_to if isinstance(self.report_to, list) else []:
+            if name not in REPORTERS:
+                out.append(f"train.report_to: {name!r} is not a reporter{registry.did_you_mean(name, list(REPORTERS))}")
+            elif name in REPORTER_PACKAGES and importlib.util.find_spec(REPORTER_PACKAGES[name]) is None:
+                out.append(f"train.report_to: {name!r} needs the {REPORTER_PACKAGES[name]} package: "
+                           f"pip install {REPORTER_PACKAGES[name]}, or remove it")
         return out
 
     def _float_problems(self) -> list[str]:
@@ -124,7 +206,8 @@ class RunConfig:
 
 
 # train settings a resumed run may change
-RESUMABLE_CHANGES = ("steps", "progress", "eval_every", "save_every", "keep_last", "eval_batch_size")
+RESUMABLE_CHANGES = ("steps", "epochs", "progress", "eval_every", "save_every", "keep_last", "eval_batch_size",
+                     "report_to")
 
 
 def same_run(saved: dict[str, Any], config: RunConfig) -> bool:
@@ -150,6 +233,8 @@ def _leaf_differences(old: Any, new: Any, prefix: str) -> list[tuple[str, Any, A
         for key in sorted(set(old) | set(new), key=str):
             out += _leaf_differences(old.get(key, _ABSENT), new.get(key, _ABSENT), f"{prefix}{key}.")
         return out
+    if {_shown(old), _shown(new)} == {"(unset)", "null"}:  # a setting added since, at its default of null
+        return []
     return [] if old == new else [(prefix.rstrip("."), old, new)]
 
 
@@ -157,27 +242,69 @@ def _shown(value: Any) -> str:
     return "(unset)" if value is _ABSENT else json.dumps(value)
 
 
-def _nearest(key: str, allowed: list[str]) -> str:
-    near = difflib.get_close_matches(key, allowed, n=1)
-    return f" (did you mean {near[0]!r}?)" if near else f" (allowed: {', '.join(allowed)})"
+TOP_KEYS = ["model", "data", "method", "train", "output"]
+
+
+def _sections() -> dict[str, list[str]]:
+    """The keys of every section of a run config but the method's (``""``: the top level)."""
+    from deltatune.data.tasks import DataConfig
+
+    fields = {cls: [f.name for f in dataclasses.fields(cls)] for cls in (DataConfig, TrainSettings, EarlyStopping)}
+    return {"": TOP_KEYS, "data": fields[DataConfig], "train": fields[TrainSettings],
+            "train.early_stopping": fields[EarlyStopping]}
+
+
+def _nearest(key: str, allowed: list[str], section: str = "") -> str:
+    """What an unknown ``key`` of ``section`` likely meant: a key of this section (``registry.did_you_mean``), or
+    where another section holds the deltatune name of a key from Trainer / PEFT / TRL (``max_seq_length`` in
+    ``train`` is ``data.max_length``)."""
+    home = _elsewhere(key, allowed, section)
+    if home is None:
+        return registry.did_you_mean(key, allowed)
+    note = registry.ALIAS_NOTES.get(str(key).lower())
+    return f" (did you mean {home!r}?{' ' + note if note else ''})"
+
+
+def _elsewhere(key: str, allowed: list[str], section: str) -> str | None:
+    """The dotted key of another section that is deltatune's name for ``key`` (an alias), if ``allowed`` lacks it."""
+    alias = registry.ALIASES.get(str(key).lower())
+    if alias is None or alias in allowed:
+        return None
+    for home, names in _sections().items():
+        if alias in names and home != section:
+            return f"{home}.{alias}" if home else alias
+    return None
+
+
+def _nested(hint: Any) -> type | None:
+    """The dataclass a field holds as a sub-section (``train.early_stopping``), if it is one."""
+    for h in (hint, *typing.get_args(hint)):
+        if dataclasses.is_dataclass(h):
+            return h  # type: ignore[return-value]
+    return None
 
 
 def _section(cls: type, values: Any, prefix: str, problems: list[str]) -> Any:
     if values is None:
         values = {}
     if not isinstance(values, dict):
-        problems.append(f"{prefix}: must be a mapping, got {values!r}")
+        problems.append(f"{prefix}: should be a mapping of keys to values, got {values!r}")
         return cls()
     names = [f.name for f in dataclasses.fields(cls)]
     hints = typing.get_type_hints(cls)
     good = {}
     for key, value in values.items():
+        hint = hints.get(key)
         if key not in names:
-            problems.append(f"unknown key {prefix}.{key}{_nearest(key, names)}")
-        elif not registry._is_instance(value, hints[key]):
-            problems.append(f"{prefix}.{key}={value!r}: should be {registry.type_name(hints[key])}")
+            problems.append(f"unknown key {prefix}.{key}{_nearest(key, names, prefix)}")
+        elif _nested(hint) is not None and isinstance(value, dict):
+            inner = _section(_nested(hint), value, f"{prefix}.{key}", problems)
+            if inner is not None:
+                good[key] = inner
+        elif not registry._is_instance(value, hint):
+            problems.append(f"{prefix}.{key}={value!r}: should be {registry.type_name(hint)}")
         else:
-            good[key] = float(value) if hints[key] is float and isinstance(value, int) else value
+            good[key] = _as_float(value, hint)
     try:
         return cls(**good)
     except (TypeError, ValueError, DeltatuneError) as e:
@@ -185,27 +312,35 @@ def _section(cls: type, values: Any, prefix: str, problems: list[str]) -> Any:
         return None
 
 
+def _as_float(value: Any, hint: Any) -> Any:
+    """A whole number given for a float setting (``epochs: 2``, ``lr: 1``) as a float."""
+    takes_float = hint is float or (float in typing.get_args(hint) and int not in typing.get_args(hint))
+    return float(value) if takes_float and isinstance(value, int) and not isinstance(value, bool) else value
+
+
 def parse_config(raw: dict[str, Any]) -> RunConfig:
-    """Validate a config mapping; one DeltatuneError lists every problem."""
+    """Validate a config mapping; one DeltatuneError lists every problem, one per line."""
     from deltatune.data.tasks import DataConfig
 
     if not isinstance(raw, dict):
         raise DeltatuneError(f"a run config is a mapping with keys model, data, method, train, output; got {raw!r}")
     problems: list[str] = []
-    top = ["model", "data", "method", "train", "output"]
     for key in raw:
-        if key not in top:
-            problems.append(f"unknown key {key!r}{_nearest(key, top)}")
+        if key not in TOP_KEYS:
+            problems.append(f"unknown key {key!r}{_nearest(key, TOP_KEYS)}")
     for key in ("model", "data", "method", "output"):
         if key not in raw:
             problems.append(f"missing key {key!r}")
     model, output = raw.get("model"), raw.get("output")
     for key, value in (("model", model), ("output", output)):
         if key in raw and not isinstance(value, str):
-            problems.append(f"{key}={value!r}: must be a string (a shipped model name or a folder; a folder)")
+            problems.append(f"{key}={value!r}: should be text (a shipped model name or a folder; a folder)")
     if isinstance(output, str):
         problems += _output_problems(output)
-    data = _section(DataConfig, raw.get("data"), "data", problems)
+    data_values = raw.get("data")
+    if isinstance(data_values, list):  # several data sets: the mix of them
+        data_values = {"mix": data_values}
+    data = _section(DataConfig, data_values, "data", problems)
     if data is not None and "data" in raw:
         problems += data.problems()
     train = _section(TrainSettings, raw.get("train"), "train", problems)
@@ -216,17 +351,37 @@ def parse_config(raw: dict[str, Any]) -> RunConfig:
         method = {"name": method}
     if not isinstance(method, dict) or "name" not in method:
         if "method" in raw:
-            problems.append(f"method={method!r}: must be a mapping with a 'name' (see `deltatune methods`)")
+            problems.append(f"method={method!r}: should be a mapping with a 'name' (see `deltatune methods`)")
     else:
-        options = {k: v for k, v in method.items() if k != "name"}
+        problems += _method_problems(method)
+    if problems:
+        raise DeltatuneError(registry.problem_list("bad run config", problems))
+    return RunConfig(model=model, data=data, method=dict(method), output=output, train=train)
+
+
+def _method_problems(method: dict[str, Any]) -> list[str]:
+    """The ``method:`` section's problems, one per key; a Trainer / PEFT key that belongs to another section
+    (``learning_rate``) is pointed there."""
+    try:
+        m = registry.get(str(method["name"]))
+    except DeltatuneError as e:
+        return [f"method: {e}"]
+    fields = [f.name for f in dataclasses.fields(m.config_cls)]
+    options, problems = {}, []
+    for key, value in method.items():
+        if key == "name":
+            continue
+        if key not in fields and _elsewhere(key, fields, "method") is not None:
+            problems.append(f"unknown key method.{key} for {m.name}{_nearest(key, fields, 'method')}")
+        else:
+            options[key] = value
+    problems += registry.config_problems(m, options, prefix="method.")
+    if not problems:
         try:
-            m = registry.get(str(method["name"]))
             registry.make_config(m, options)
         except DeltatuneError as e:
             problems.append(f"method: {e}")
-    if problems:
-        raise DeltatuneError("bad run config:\n  - " + "\n  - ".join(problems))
-    return RunConfig(model=model, data=data, method=dict(method), output=output, train=train)
+    return problems
 
 
 def _output_problems(output: str) -> list[str]:
@@ -254,11 +409,13 @@ def parse_data_section(values: dict[str, Any]) -> Any:
     from deltatune.data.tasks import DataConfig
 
     problems: list[str] = []
+    if isinstance(values, list):  # several data sets: the mix of them
+        values = {"mix": values}
     data = _section(DataConfig, values, "data", problems)
     if data is not None:
         problems += data.problems()
     if problems:
-        raise DeltatuneError("bad data options: " + "; ".join(problems))
+        raise DeltatuneError(registry.problem_list("bad data options", problems))
     return data
 
 
@@ -277,12 +434,21 @@ def _set_dotted(raw: dict[str, Any], key: str, value: Any) -> None:
 
 
 def apply_overrides(raw: dict[str, Any], overrides: list[str] | None) -> dict[str, Any]:
-    """``--set train.steps=10 --set method.r=16``: values are parsed as YAML (numbers, lists, null)."""
+    """``--set train.steps=10 --set method.r=16``: values are parsed as YAML (numbers, lists, null). Setting the
+    run's length one way (``train.epochs`` or ``train.steps``) drops the other from the config (a preset's steps)."""
+    # a deep copy leaves the caller's mapping as it was and keeps YAML aliases shared (SPT's `data: *data`
+    # follows the run's data section, overrides included)
+    raw = copy.deepcopy(raw)
+    keys = []
     for item in overrides or []:
         if "=" not in item:
             raise DeltatuneError(f"--set {item!r}: write key=value, e.g. --set train.steps=10")
         key, value = item.split("=", 1)
+        keys.append(key.strip())
         _set_dotted(raw, key.strip(), _yaml_value(item, value))
+    for given, dropped in (("epochs", "steps"), ("steps", "epochs")):
+        if f"train.{given}" in keys and f"train.{dropped}" not in keys and isinstance(raw.get("train"), dict):
+            raw["train"] = {k: v for k, v in raw["train"].items() if k != dropped}
     return raw
 
 

@@ -16,8 +16,9 @@ the delta and the policy state on ``resume_from_checkpoint``. It installs ``Delt
 
 With a plain ``Trainer``, pass ``**dt.hf.trainer_kwargs(tuned)`` (model + callback) and set
 ``remove_unused_columns=False, label_names=["labels"]`` in ``TrainingArguments``: the ``Tuned`` wrapper's
-``forward(*args, **kwargs)`` hides the model's argument names. The plain Trainer then also saves the whole
-model state dict in every checkpoint and does not add ``policy.extra_loss``.
+``forward(*args, **kwargs)`` hides the model's argument names. The plain Trainer then also writes the delta's
+tensors as its own ``model.safetensors`` in every checkpoint (``DeltaStateModel``: never the frozen base, which
+with tied weights it could not save) and loads them back on resume; it does not add ``policy.extra_loss``.
 
 Checkpoint layout (``checkpoint-N/``): ``deltatune/`` (the artifact at step N, loadable with ``dt.load``),
 ``deltatune_policy.json`` + ``deltatune_policy.safetensors`` (the policy's ``state_dict`` and which delta
@@ -39,7 +40,7 @@ from transformers.utils import can_return_loss, find_labels
 
 from deltatune.core import artifact
 from deltatune.core.delta import Delta
-from deltatune.core.tuned import Tuned
+from deltatune.core.tuned import ModelWrapper, Tuned
 from deltatune.errors import DeltatuneError
 from deltatune.train.state import join, split
 from deltatune.train.step import PolicyStep, inner_optimizer, mean_over_ranks, skips_steps, takes_whole_steps
@@ -175,12 +176,37 @@ class DeltaTuneCallback(TrainerCallback):
             self.tuned.save(Path(args.output_dir) / self.artifact_dir)
 
 
+class DeltaStateModel(ModelWrapper):
+    """The model ``trainer_kwargs`` gives a plain ``transformers.Trainer``: the Tuned, seen through a state dict that
+    holds the delta's tensors only (``tuned.deltas``' keys).
+
+    A plain Trainer saves ``model.state_dict()`` into every checkpoint (``model.safetensors``) for a model that is not
+    a ``PreTrainedModel``, and loads it back on resume. The Tuned's own state dict also holds the frozen base: the
+    whole model in every checkpoint, and one that safetensors refuses to write when weights are tied (an embedding
+    shared with the LM head, as in SmolLM2: "Some tensors share memory"). The base never changes while the delta
+    trains, so the delta is all a checkpoint needs. Everything else (forward, ``config``, ``generate``, ...) is the
+    Tuned's."""
+
+    def __init__(self, tuned: Tuned) -> None:
+        super().__init__()
+        self.model = tuned
+
+    def state_dict(self, *args: Any, **kwargs: Any) -> Any:
+        return self.model.deltas.state_dict(*args, **kwargs)
+
+    def load_state_dict(self, state_dict: Any, strict: bool = True, assign: bool = False) -> Any:
+        return self.model.deltas.load_state_dict(state_dict, strict=strict, assign=assign)
+
+
 def trainer_kwargs(tuned: Tuned, **callback_options: Any) -> dict[str, Any]:
-    """``Trainer(**trainer_kwargs(tuned), args=..., train_dataset=...)``: the model and the callback.
+    """``Trainer(**trainer_kwargs(tuned), args=..., train_dataset=...)``: the model (``tuned`` seen as a
+    ``DeltaStateModel``, so the Trainer's checkpoints hold the delta, not the base) and the callback.
 
     With a plain ``Trainer`` also set ``remove_unused_columns=False`` and ``label_names=["labels"]``
     in ``TrainingArguments`` (or use ``DeltaTuneTrainer``, which needs neither)."""
-    return {"model": tuned, "callbacks": [DeltaTuneCallback(tuned, **callback_options)]}
+    if not isinstance(tuned, Tuned):
+        raise DeltatuneError("trainer_kwargs takes the Tuned model returned by dt.attach / dt.load")
+    return {"model": DeltaStateModel(tuned), "callbacks": [DeltaTuneCallback(tuned, **callback_options)]}
 
 
 # -- the Trainer subclass ---------------------------------------------------------------------------

@@ -10,6 +10,7 @@ scheduler, policy state, RNG states and the position in the data.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import math
 import os
@@ -33,6 +34,8 @@ from deltatune.errors import DeltatuneError
 from deltatune.train import state as ckpt
 from deltatune.train.callbacks import Callback, ProgressBar, SummaryTable
 from deltatune.train.config import RunConfig, TrainSettings, config_differences, load_config
+from deltatune.train.early_stopping import Stopper
+from deltatune.train.reporting import reporters
 from deltatune.train.step import PolicyStep, mean_over_ranks
 from deltatune.train.step import sync_optimizer as sync_optimizer  # callers and tests import it from here
 
@@ -68,6 +71,10 @@ class Batches:
         self.cursor += self.global_batch
         return chunk[self.rank * self.batch_size:(self.rank + 1) * self.batch_size]
 
+    def epochs_done(self) -> float:
+        """Passes over the training split so far (2.5: half way through the third); each drops its ragged end."""
+        return self.epoch + self.cursor / ((self.n // self.global_batch) * self.global_batch)
+
     def epoch_done(self) -> bool:
         """The batches handed out so far end a pass: the next one starts a new permutation."""
         return self.cursor + self.global_batch > self.n
@@ -101,6 +108,16 @@ def lr_lambda(settings: TrainSettings, restarts: list[int] | None = None):
         return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
 
     return f
+
+
+def run_length(s: TrainSettings, n_train: int, world: int = 1) -> int:
+    """The run's optimizer steps: ``train.steps``, or ``train.epochs`` passes over a training split of ``n_train``
+    examples (Trainer's ``num_train_epochs``). A pass is the split's full batches (the ragged end is dropped), a step
+    takes ``grad_accum`` of them, and the count is rounded up, so every example is seen ``epochs`` times."""
+    if s.epochs is None:
+        return s.steps
+    batches_per_epoch = max(1, n_train // (s.batch_size * world))
+    return max(1, math.ceil(round(s.epochs * batches_per_epoch / s.grad_accum, 9)))
 
 
 def make_optimizer(params: list[torch.nn.Parameter], s: TrainSettings) -> torch.optim.Optimizer:
@@ -169,6 +186,8 @@ def build(config: RunConfig) -> Run:
     options = {k: v for k, v in config.method.items() if k != "name"}
     torch.manual_seed(s.seed)  # the delta's initialisation depends on the seed only
     tuned = attach(model, config.method["name"], **options).to(device)
+    # a run with its own chat template (data.chat_template) saves it with the delta, for generation
+    tuned.delta.chat_template = getattr(task, "chat_template", None)
     if s.gradient_checkpointing:
         if not hasattr(model, "gradient_checkpointing_enable"):
             raise DeltatuneError(f"{type(model).__name__} has no gradient checkpointing; set train.gradient_checkpointing=false")
@@ -199,8 +218,14 @@ def train(config: str | Path | dict | RunConfig, overrides: list[str] | None = N
     (another one gets "in use by PID N"). A resume whose config differs from the checkpoint's (beyond
     ``train.steps`` and the reporting settings) is refused with the keys that differ; ``force`` resumes anyway.
 
-    Returns the summary: final metrics, history, seconds per step, tokens per second, peak memory, and
-    ``warnings`` (a corrupt checkpoint skipped on resume, a run that looks diverged)."""
+    ``train.epochs`` sets the length in passes over the training split; with ``train.early_stopping`` the run stops
+    when the metric stops improving and the artifact is the best step's delta (its checkpoint is never pruned).
+    Metrics stream to ``OUTPUT/logs/metrics.jsonl`` as steps end, and to the ``train.report_to`` reporters
+    (``train/reporting.py``).
+
+    Returns the summary: final metrics, history, epochs, seconds per step, tokens per second, peak memory, ``best``
+    (with early stopping: the step, metric and value the artifact holds) and ``warnings`` (a corrupt checkpoint
+    skipped on resume, a run that looks diverged)."""
     if force and not resume:
         raise DeltatuneError("force=True (--force) only accepts a changed config on resume: add resume=True "
                              "(--resume), or use overwrite=True (--overwrite) to replace a finished run")
@@ -216,7 +241,7 @@ def _own_output(cfg: RunConfig, rank: int, world: int, *, resume: bool, overwrit
     right, a used folder or one that holds the model or data refused); the other ranks start once it has."""
     owner: contextlib.AbstractContextManager = contextlib.nullcontext()
     if rank == 0:
-        owner = artifact.destination(cfg.output, "run", inputs=[cfg.model, getattr(cfg.data, "path", None)],
+        owner = artifact.destination(cfg.output, "run", inputs=[cfg.model, *cfg.data.paths()],
                                      overwrite=overwrite, resume=resume)
     with owner:
         if rank == 0:
@@ -262,14 +287,41 @@ def load_checkpoint_delta(tuned: Tuned, tensors: dict[str, torch.Tensor], checkp
         ) from e
 
 
+def restore(tuned: Tuned, saved: dict[str, Any], checkpoint: Path) -> None:
+    """A checkpoint's delta into ``tuned``: the policy first (it may restructure the delta, a phase switch, before
+    the tensors load into it), then the tensors and which of them train."""
+    tuned.policy.load_state_dict(saved["policy"])
+    load_checkpoint_delta(tuned, saved["delta"], checkpoint)
+    for i, p in enumerate(tuned.deltas.parameters()):
+        p.requires_grad_(bool(saved["trainable"][str(i)]))
+
+
+def restore_best(tuned: Tuned, ckpt_dir: Path, best: dict[str, Any] | None, last_step: int) -> list[str]:
+    """End with the best delta (Trainer's ``load_best_model_at_end``): the checkpoint of the best step, unless it
+    is the last step. Returns a warning when that checkpoint cannot be read (the last delta is kept)."""
+    if best is None or best["step"] == last_step:
+        return []
+    path = ckpt_dir / str(ckpt.step_name(best["step"]))
+    try:
+        restore(tuned, ckpt.load_checkpoint(path), path)
+    except (DeltatuneError, OSError) as e:
+        return [f"the best step {best['step']} ({best['metric']} {best['value']:.4g}) cannot be restored "
+                f"({' '.join(str(e).split())}): the artifact holds the delta of step {last_step}"]
+    return []
+
+
 def _train(cfg: RunConfig, rank: int, world: int, *, resume: bool, force: bool, callbacks: list[Callback] | None
            ) -> dict[str, Any]:
-    s = cfg.train
     run = build(cfg)
     tuned, task, device = run.tuned, run.task, run.device
+    # train.epochs becomes a number of steps once the training split's size is known
+    cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, steps=run_length(cfg.train, len(task.train),
+                                                                                         world)))
+    s = cfg.train
     out = Path(cfg.output)
     ckpt_dir = out / "checkpoints"
-    callbacks = ([ProgressBar(), SummaryTable()] if s.progress and rank == 0 else []) + list(callbacks or [])
+    callbacks = ([ProgressBar(), SummaryTable()] if s.progress and rank == 0 else []) + \
+        (reporters(out, s.report_to, cfg.to_dict()) if rank == 0 else []) + list(callbacks or [])
 
     def wrap() -> torch.nn.Module:
         if world == 1:
@@ -291,11 +343,7 @@ def _train(cfg: RunConfig, rank: int, world: int, *, resume: bool, force: bool, 
         for note in notes:
             warnings.warn(note, stacklevel=3)
         check_same_run(resumed_from, saved["config"], cfg, force=force)
-        # the policy first: it may restructure the delta (a phase switch) before the tensors load into it
-        tuned.policy.load_state_dict(saved["policy"])
-        load_checkpoint_delta(tuned, saved["delta"], resumed_from)
-        for i, p in enumerate(tuned.deltas.parameters()):
-            p.requires_grad_(bool(saved["trainable"][str(i)]))
+        restore(tuned, saved, resumed_from)
     params = list(tuned.deltas.parameters())  # all delta tensors, trainable or not: a stable order
     optimizer = tuned.policy.make_optimizer(params, s.lr, s.weight_decay) or make_optimizer(params, s)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(s, tuned.policy.lr_restarts(s.steps)))
@@ -306,6 +354,8 @@ def _train(cfg: RunConfig, rank: int, world: int, *, resume: bool, force: bool, 
         batches.load_state_dict(saved["data"])
         set_rng_state(saved["rng"][rank] if isinstance(saved["rng"], list) else saved["rng"])
         history, start = saved["history"], int(saved["step"])
+    # early stopping replays the history: a resumed run judges as the run it continues
+    stopper = Stopper(s.early_stopping, history) if s.early_stopping is not None else None
     policy_step = PolicyStep(tuned)  # the optimizer holds every delta tensor (add_frozen): a stable order
 
     def checkpoint(step: int) -> Path | None:
@@ -327,7 +377,7 @@ def _train(cfg: RunConfig, rank: int, world: int, *, resume: bool, force: bool, 
             "data": batches.state_dict(),
             "rng": rngs if world > 1 else rngs[0],
             "history": history,
-        }, s.keep_last)
+        }, s.keep_last, keep=stopper.best_step if stopper is not None else None)
 
     def next_batch() -> dict[str, torch.Tensor]:
         return _to(task.collate([task.train[i] for i in batches.next()]), device)
@@ -354,8 +404,10 @@ def _train(cfg: RunConfig, rank: int, world: int, *, resume: bool, force: bool, 
     tuned.train()
     for cb in callbacks:
         cb.on_begin(s.steps, start)
+    # a resumed run that had stopped early takes no more steps
+    last = start if stopper is not None and stopper.exhausted else s.steps
     try:
-        for step in range(start, s.steps):
+        for step in range(start, last):
             if step == kill_at:
                 os.kill(os.getpid(), signal.SIGKILL)
             t0 = time.perf_counter()
@@ -377,12 +429,13 @@ def _train(cfg: RunConfig, rank: int, world: int, *, resume: bool, force: bool, 
                 if world > 1:  # the global loss: logged, seen by skip_step, and every rank stops together on NaN
                     loss_sum = mean_over_ranks(torch.tensor([loss_sum], dtype=torch.float64, device=device)).item()
             if not math.isfinite(loss_sum):
-                last = ckpt.checkpoints(ckpt_dir)
-                where = f"the last good checkpoint is {last[-1]}" if last else "no checkpoint was written yet"
+                good = ckpt.checkpoints(ckpt_dir)
+                where = f"the last good checkpoint is {good[-1]}" if good else "no checkpoint was written yet"
                 raise DeltatuneError(
                     f"the loss became {loss_sum} at step {step + 1}; stopped ({where}). "
                     "Lower train.lr, raise train.warmup, or set train.max_grad_norm"
                 )
+            lr_used = optimizer.param_groups[0]["lr"]  # the scheduler's step below sets the next step's
             skip = False
             if own is None:
                 skip = policy_step.before(step, optimizer, loss_sum)
@@ -397,23 +450,28 @@ def _train(cfg: RunConfig, rank: int, world: int, *, resume: bool, force: bool, 
             dt_step = time.perf_counter() - t0
             step_times.append(dt_step)
             tokens_seen += tokens * world
-            record: dict[str, Any] = {"step": step + 1, "loss": loss_sum, "lr": scheduler.get_last_lr()[0],
-                                      "tokens_per_s": tokens * world / dt_step, "seconds": dt_step,
+            record: dict[str, Any] = {"step": step + 1, "epoch": round(batches.epochs_done(), 4), "loss": loss_sum,
+                                      "lr": lr_used, "tokens_per_s": tokens * world / dt_step, "seconds": dt_step,
                                       "tokens": tokens * world}
             if skip:
                 record["skipped"] = True
             done = step + 1
             stop = tuned.policy.should_stop(step, batches.epoch_done())
+            improved = False
             if (s.eval_every and done % s.eval_every == 0) or done == s.steps or stop:
                 metrics = task.evaluate(tuned, s.eval_batch_size)
                 tuned.train()
                 record.update({f"eval_{k}": v for k, v in metrics.items()})
                 for cb in callbacks:
                     cb.on_eval(done, metrics)
+                if stopper is not None:
+                    judged = stopper.judge(record)
+                    improved, stop = judged.improved, stop or judged.stop
             history.append(record)
             for cb in callbacks:
                 cb.on_step_end(record)
-            if (s.save_every and done % s.save_every == 0) or done == s.steps or stop:
+            # an improvement gets a checkpoint: the run ends with the best step's delta
+            if (s.save_every and done % s.save_every == 0) or done == s.steps or stop or improved:
                 path = checkpoint(done)
                 if path is not None:
                     for cb in callbacks:
@@ -421,7 +479,14 @@ def _train(cfg: RunConfig, rank: int, world: int, *, resume: bool, force: bool, 
             if stop:
                 break
 
+        best = stopper.summary() if stopper is not None else None
+        if rank == 0:
+            for note in restore_best(tuned, ckpt_dir, best, history[-1]["step"] if history else start):
+                warnings.warn(note, stacklevel=3)
+                notes.append(note)
         summary = _summary(cfg, tuned, history, step_times, tokens_seen, device, start)
+        if stopper is not None:
+            summary["best"] = best
         diverged = divergence(history, tuned) if rank == 0 else []
         for note in diverged:
             warnings.warn(note, stacklevel=3)
@@ -493,6 +558,7 @@ def _summary(cfg: RunConfig, tuned: Tuned, history: list[dict], step_times: list
         "model": cfg.model,
         "output": cfg.output,
         "steps": len(history),
+        "epochs": final.get("epoch"),
         "resumed_from": start,
         "trainable": tuned.num_trainable(),
         "model_parameters": sum(p.numel() for p in tuned.model.parameters()),

@@ -64,15 +64,23 @@ def join(obj: Any, tensors: dict[str, torch.Tensor]) -> Any:
     return obj
 
 
-def save_checkpoint(folder: Path, step: int, state: dict[str, Any], keep_last: int) -> Path:
-    """Write ``folder/step-NNNNNN`` atomically, then drop all but the newest ``keep_last``."""
+def save_checkpoint(folder: Path, step: int, state: dict[str, Any], keep_last: int, keep: int | None = None
+                    ) -> Path:
+    """Write ``folder/step-NNNNNN`` atomically, then drop all but the newest ``keep_last`` and the checkpoint of
+    step ``keep`` (the best one, with early stopping: the run ends with its delta)."""
     tensors: dict[str, torch.Tensor] = {}
     tree = split(state, tensors)
-    path = folder / f"step-{step:07d}"
+    path = folder / str(step_name(step))
     artifact.write_tensor_dir(path, tensors, STATE_TENSORS, {STATE_JSON: tree}, checksum_into=STATE_JSON)
     for old in checkpoints(folder)[:-keep_last]:
-        shutil.rmtree(old, ignore_errors=True)
+        if old.name != step_name(keep):
+            shutil.rmtree(old, ignore_errors=True)
     return path
+
+
+def step_name(step: int | None) -> str | None:
+    """The folder name of step ``step``'s checkpoint."""
+    return None if step is None else f"step-{step:07d}"
 
 
 def checkpoints(folder: Path) -> list[Path]:
