@@ -8,12 +8,22 @@
 
 import deltatune.methods  # noqa: F401  (importing the package registers every method)
 from deltatune import data
-from deltatune.api import eval, export, export_peft, generate, import_, import_peft, inspect, merge, methods
+from deltatune.api import (
+    compress,
+    eval,
+    export,
+    export_peft,
+    generate,
+    import_,
+    import_peft,
+    inspect,
+    merge,
+    methods,
+)
 from deltatune.core.tuned import Tuned, attach, load
 from deltatune.data import models
 from deltatune.errors import DeltatuneError
 from deltatune.ops.compose import compose, revert
-from deltatune.ops.compress import compress
 from deltatune.ops.merging import merge_deltas
 from deltatune.train import train
 from deltatune.version import __version__

@@ -72,11 +72,17 @@ def inspect(path: str | os.PathLike) -> dict[str, Any]:
     }
 
 
-def compress(artifact_path: str | os.PathLike, out: str | os.PathLike, **options: Any) -> Path:
-    """``deltatune compress``: ComPEFT (top-k + ternary, bit-packed) of a saved delta; see deltatune.ops.compress."""
+def compress(artifact_path: str | os.PathLike, out: str | os.PathLike, *, calibrate: Any = None,
+             **options: Any) -> Path:
+    """``deltatune compress``: ComPEFT (top-k + ternary, bit-packed) of a saved delta; see deltatune.ops.compress.
+    ``calibrate``: a data section (a mapping, as a run config's ``data:``, or a ``DataConfig``) whose training part
+    gives the dev split that density, α and scope are chosen on (``deltatune.ops.compress_calibrate``)."""
     from deltatune.ops.compress import compress as compress_artifact
+    from deltatune.train.config import parse_data_section
 
-    return compress_artifact(artifact_path, out, **options)
+    if isinstance(calibrate, dict | list):
+        calibrate = parse_data_section(calibrate)  # every unknown key, with the nearest known one, in one error
+    return compress_artifact(artifact_path, out, calibrate=calibrate, **options)
 
 
 def export(artifact_or_tuned: str | os.PathLike | Tuned, out: str | os.PathLike, *, base: str | nn.Module | None = None,

@@ -121,3 +121,15 @@ def test_rows_train_their_presets_with_the_demos_changes() -> None:
     assert run_config(DEFAULT_SETUP, "lora")["train"]["lr"] == 2e-3
     assert run_config(DEFAULT_SETUP, "mezo", steps=5)["train"]["steps"] == 5
     assert run_config(DEFAULT_SETUP, "lora", lora_options={"r": 16})["method"]["r"] == 16
+
+
+def test_cli_passes_the_protocol_options(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    seen: dict = {}
+    monkeypatch.setattr(demo_module, "demo", lambda **kw: seen.update(kw) or [])
+    result = CliRunner().invoke(app, ["demo", "--quick", "--out", str(tmp_path), "--seeds", "3",
+                                      "--lr-grid", "0.5,1,2"])
+    assert result.exit_code == 0, result.output
+    assert seen["seeds"] == 3 and demo_module.parse_lr_grid(seen["lr_grid"]) == [0.5, 1.0, 2.0]
+    result = CliRunner().invoke(app, ["demo", "--quick", "--out", str(tmp_path)])
+    assert result.exit_code == 0, result.output
+    assert seen["seeds"] == 1 and seen["lr_grid"] is None  # the defaults: one run per row, the presets' rates

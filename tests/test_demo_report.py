@@ -5,6 +5,7 @@ work: eval (the row's accuracy again), generate, export (a PEFT adapter) and mer
 
 from __future__ import annotations
 
+import json
 import re
 import subprocess
 from pathlib import Path
@@ -180,3 +181,15 @@ def test_the_default_demo_generates_after_the_prompt() -> None:
 
 def test_torch_threads_are_the_callers_again(report: tuple[list[dict], Path, dict]) -> None:
     assert torch.get_num_threads() == 1  # the demo in this process leaves the module's one-thread setting alone
+
+
+def test_one_seed_and_no_grid_is_the_report_of_one_run(report: tuple[list[dict], Path, dict]) -> None:
+    """Without --seeds / --lr-grid the report is the one-run report: no ±, no per-seed or search sections, one
+    artifact and config per row under the row's own name, nothing of the protocol in rows.json."""
+    rows, out, _ = report
+    text = (out / "report.md").read_text()
+    assert "±" not in text and "## Per seed" not in text and "## Learning-rate search" not in text
+    assert ", seed 0. Each method" in text and not (out / "lr-search").exists()
+    assert sorted(p.name for p in (out / "artifacts").iterdir()) == ["full", "lora"]
+    for row in json.loads((out / "rows.json").read_text()):
+        assert not {"seeds", "lr_search", "accuracy_se", "eval_loss_se", "seconds_per_step_se"} & set(row)

@@ -23,6 +23,10 @@ artifacts, each row's run config), ``cost.png`` (accuracy against trainable para
 s / step), ``curves.png`` (held-out accuracy over the steps), ``confusion.png`` (a confusion matrix per row),
 ``loss.png`` (training loss), ``configs/<method>.yaml`` (the run config each row trained, for ``deltatune train``
 and ``deltatune eval --config``), ``rows.json`` and the artifacts under ``artifacts/<method>``.
+
+The protocol for comparisons (issue 18; ``docs/demo-results.md``, "Protocol"): ``seeds`` trains every row several
+times on one held-out split (``artifacts/<method>-seed<k>``) and reports mean ± standard error; ``lr_grid`` chooses
+each row's learning rate first, on a dev split carved from the training data (``lr-search/``).
 """
 
 from __future__ import annotations
@@ -33,6 +37,7 @@ import os
 import platform
 import shlex
 import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -136,7 +141,8 @@ def eval_every(steps: int, points: int) -> int:
 
 
 def run_config(setup: dict[str, Any], name: str, *, seed: int = 0, output: str | os.PathLike = "demo-report",
-               steps: int | None = None, lora_options: dict[str, Any] | None = None) -> dict[str, Any]:
+               steps: int | None = None, lora_options: dict[str, Any] | None = None, train_seed: int | None = None,
+               lr: float | None = None) -> dict[str, Any]:
     """The run config of demo row ``name``: its preset, with what the demo changes and why.
 
     - ``model`` and ``data``: the demo's task, the same for every row. ``data.head`` stays the preset's (VQT
@@ -149,6 +155,9 @@ def run_config(setup: dict[str, Any], name: str, *, seed: int = 0, output: str |
       ``train.save_every`` = 0: one checkpoint, at the end (the demo keeps no checkpoint).
     - ``train.seed`` and ``data.seed``: the demo's ``seed``; ``train.device``: the CPU the published numbers
       were measured on; ``train.progress``: off (the demo shows a bar of its own).
+    - ``train_seed`` (``--seeds``): ``train.seed`` alone (initialisation, batch order, dropout), so that every
+      seed of a row is scored on the same held-out split (``data.seed`` stays ``seed``).
+    - ``lr`` (``--lr-grid``): ``train.lr`` chosen on a dev split carved from the training data.
     - ``output``; ``lora_options`` (``-o r=16``) change the LoRA row's method.
     """
     row = setup["methods"][name]
@@ -163,9 +172,12 @@ def run_config(setup: dict[str, Any], name: str, *, seed: int = 0, output: str |
     if name == "lora" and lora_options:
         method.update(lora_options)
     train = {**preset.get("train", {}), "batch_size": setup["batch_size"], "eval_batch_size": setup["eval_batch_size"],
-             "save_every": 0, "seed": seed, "device": "cpu", "progress": False, **row.train}
+             "save_every": 0, "seed": seed if train_seed is None else train_seed, "device": "cpu", "progress": False,
+             **row.train}
     if steps is not None:
         train["steps"] = steps
+    if lr is not None:
+        train["lr"] = lr
     train["eval_every"] = eval_every(train["steps"], setup.get("eval_points", 1))
     return {"model": setup["model"], "data": data, "method": method, "train": train, "output": str(output)}
 
@@ -236,17 +248,20 @@ def predict(model: Any, task: Any, batch_size: int) -> dict[str, Any]:
 def _zero_shot(config: dict[str, Any]) -> dict[str, Any]:
     """The base model on the held-out set, loaded and seeded exactly as ``dt.train`` loads it (so a fresh
     classification head is the one the methods start from)."""
-    from deltatune.data.tasks import load_for_task
+    from deltatune.data.tasks import GenerativeClassificationTask, HeadClassificationTask, load_for_task
     from deltatune.train.config import load_config
 
     cfg = load_config(config)
     model, _, task = load_for_task(cfg.data, cfg.model, seed=cfg.train.seed)
     seen = predict(model, task, cfg.train.eval_batch_size)
+    # a fresh head is drawn from the training seed, so only then does the baseline differ between seeds
+    fresh_head = isinstance(task, HeadClassificationTask) and not isinstance(task, GenerativeClassificationTask)
     labels = seen["labels"]
     majority = max(labels.count(k) for k in set(labels)) / len(labels)
     return {"accuracy": seen["accuracy"], "eval_loss": seen["loss"], "eval_examples": len(labels),
             "train_examples": len(task.train), "majority_accuracy": majority,
-            "model_parameters": sum(p.numel() for p in model.parameters()), "predictions": seen}
+            "model_parameters": sum(p.numel() for p in model.parameters()), "predictions": seen,
+            "fresh_head": fresh_head}
 
 
 def _after_training(config: dict[str, Any]) -> dict[str, Any]:
@@ -277,7 +292,8 @@ def _after_training(config: dict[str, Any]) -> dict[str, Any]:
 
 
 def run_spec(spec: dict[str, Any]) -> dict[str, Any]:
-    """Run one spec ({"kind": "zero-shot" | "train", "config": ...}) and return its result (JSON-able)."""
+    """Run one spec ({"kind": "zero-shot" | "train", "config": ..., "search": a learning-rate search run}) and
+    return its result (JSON-able)."""
     import torch
 
     from deltatune.train.loop import peak_memory_bytes
@@ -296,7 +312,8 @@ def run_spec(spec: dict[str, Any]) -> dict[str, Any]:
             result["train_seconds"] = time.perf_counter() - start
             # the run's peak (the process RSS high-water mark), before the artifact is loaded back
             result["peak_rss_bytes"] = peak_memory_bytes(torch.device("cpu"))
-            result.update(_after_training(spec["config"]))
+            if not spec.get("search"):  # a learning-rate search run is judged by its dev accuracy alone
+                result.update(_after_training(spec["config"]))
     except DeltatuneError as e:  # the method does not apply to this model: a note, not a crash
         result = {"error": " ".join(str(e).split())}
     result["seconds"] = time.perf_counter() - start
@@ -338,21 +355,46 @@ def _artifact_bytes(folder: Path) -> int | None:
     return sum(f.stat().st_size for f in folder.iterdir() if f.is_file())
 
 
-def _write_config(out: Path, name: str, config: dict[str, Any], preset: str) -> str:
-    """``OUT/configs/<name>.yaml``: the run config the row trains (``deltatune train`` reruns it, ``deltatune eval
+def _write_config(out: Path, name: str, config: dict[str, Any], preset: str, *, folder: str = "configs",
+                  what: str | None = None) -> str:
+    """``OUT/<folder>/<name>.yaml``: the run config the row trains (``deltatune train`` reruns it, ``deltatune eval
     --config`` evaluates on its held-out data). Returns its path relative to ``out`` (the report links it)."""
     import yaml
 
-    folder = out / "configs"
-    folder.mkdir(parents=True, exist_ok=True)
-    header = (f"# demo row {name!r}: the preset {preset!r} with the demo's changes (deltatune.cli.demo.run_config).\n"
-              f"# deltatune train {shlex.quote(str(folder / f'{name}.yaml'))} --overwrite   # trains this row again\n")
-    (folder / f"{name}.yaml").write_text(header + yaml.safe_dump(config, sort_keys=False))
-    return f"configs/{name}.yaml"
+    where = out / folder
+    where.mkdir(parents=True, exist_ok=True)
+    what = what or f"demo row {name!r}"
+    header = (f"# {what}: the preset {preset!r} with the demo's changes (deltatune.cli.demo.run_config).\n"
+              f"# deltatune train {shlex.quote(str(where / f'{name}.yaml'))} --overwrite   # trains this row again\n")
+    (where / f"{name}.yaml").write_text(header + yaml.safe_dump(config, sort_keys=False))
+    return f"{folder}/{name}.yaml"
+
+
+def parse_lr_grid(grid: list[float] | str | None) -> list[float] | None:
+    """``--lr-grid 0.5,1,2``: multipliers of each row's preset learning rate, sorted (``0.5x`` is allowed too).
+    Multipliers and not rates, because one grid serves every row and the presets' rates span 1e-6 (MeZO) to 2e-2.
+    None: no search."""
+    if grid is None:
+        return None
+    items = [i for i in (grid.split(",") if isinstance(grid, str) else list(grid)) if str(i).strip()]
+    values = []
+    for item in items:
+        try:
+            value = float(str(item).strip().removesuffix("x").removesuffix("×"))
+        except ValueError:
+            value = math.nan
+        if not (math.isfinite(value) and value > 0):
+            raise DeltatuneError(f"lr_grid item {item!r} must be a positive number, a multiplier of each row's "
+                                 "preset learning rate, e.g. --lr-grid 0.5,1,2")
+        values.append(value)
+    if len(set(values)) < 2:
+        raise DeltatuneError(f"lr_grid={grid!r} must hold at least two different multipliers, e.g. 0.5,1,2 "
+                             "(a grid of one rate chooses nothing)")
+    return sorted(set(values))
 
 
 def _check_options(setup: dict[str, Any], methods: list[str], steps: int | None,
-                   lora_options: dict[str, Any] | None, quick: bool) -> None:
+                   lora_options: dict[str, Any] | None, quick: bool, seeds: int = 1) -> None:
     unknown = [m for m in methods if m not in setup["methods"]]
     if unknown or not methods:
         raise DeltatuneError(
@@ -360,6 +402,8 @@ def _check_options(setup: dict[str, Any], methods: list[str], steps: int | None,
         )
     if steps is not None and steps < 1:
         raise DeltatuneError(f"steps={steps} must be at least 1")
+    if isinstance(seeds, bool) or not isinstance(seeds, int) or seeds < 1:
+        raise DeltatuneError(f"seeds={seeds!r} must be a whole number of at least 1 (training runs per row)")
     if lora_options:
         from deltatune.core import registry
 
@@ -377,6 +421,157 @@ def _empty_row(name: str, **values: Any) -> dict[str, Any]:
             "config_file": None, "predictions": None, "uses": {}, "starts_at_base": False, **values}
 
 
+# -- several seeds: mean ± standard error ----------------------------------------------------------------
+PER_SEED = ("accuracy", "eval_loss", "seconds_per_step", "peak_memory_bytes", "steps", "artifact", "config_file")
+
+
+def mean_se(values: list[float]) -> tuple[float, float]:
+    """The mean and its standard error: the sample standard deviation (n - 1) over sqrt(n)."""
+    return statistics.fmean(values), statistics.stdev(values) / math.sqrt(len(values))
+
+
+def aggregate(runs: list[dict[str, Any]], seeds: list[int]) -> dict[str, Any]:
+    """One table row from a row's runs, one per training seed: the mean ± standard error of accuracy, eval loss
+    and s / step, the largest peak memory, and every seed's values under ``seeds``. The first seed's artifact,
+    curves and predictions are the ones the report shows. One run is returned as it is (the report of one seed)."""
+    if len(runs) == 1:
+        return runs[0]
+    row = dict(runs[0])
+    for key in ("accuracy", "eval_loss", "seconds_per_step"):
+        values = [r[key] for r in runs]
+        if all(v is not None for v in values):
+            row[key], row[f"{key}_se"] = mean_se(values)
+    peaks = [r["peak_memory_bytes"] for r in runs if r["peak_memory_bytes"]]
+    row["peak_memory_bytes"] = max(peaks) if peaks else None
+    row["seconds"] = sum(r["seconds"] or 0.0 for r in runs)
+    row["seeds"] = [{"seed": s, **{k: r[k] for k in PER_SEED}} for s, r in zip(seeds, runs, strict=True)]
+    return row
+
+
+# -- the learning-rate search on a dev split carved from the training data -----------------------------------
+SEARCH = "lr-search"  # OUT/lr-search/: the search's data (training examples only) and its runs' configs
+
+
+class SearchData(NamedTuple):
+    """The data the learning-rate search trains and scores on."""
+
+    data: dict[str, Any]  # the search runs' data section: the pool file, split by the data layer into train / dev
+    pool: str  # the pool file, relative to OUT
+    dev: int  # dev examples
+    train: int  # the search's training examples
+
+
+class Plan(NamedTuple):
+    """What every row of one demo shares."""
+
+    setup: dict[str, Any]
+    out: Path
+    seed: int  # the data seed (split and subsample) and the first training seed
+    train_seeds: list[int]  # seed, seed + 1, ...: one reported run each
+    steps: int | None
+    lora_options: dict[str, Any] | None
+    lr_grid: list[float] | None
+    show: bool
+    console: Console
+    isolate: bool
+
+
+def search_data(setup: dict[str, Any], seed: int, out: Path) -> SearchData:
+    """The dev split of the learning-rate search, carved from the training data: never the reported split.
+
+    The setup's data splits as every run splits it (``data.seed`` = ``seed``); only its training part is used
+    here. A stratified pool of ``max_train`` + D of those examples (D: the held-out split's size, so a dev accuracy
+    is as precise as a reported one) is written to ``OUT/lr-search/data/pool.jsonl``, and the search runs read it
+    with ``eval_fraction`` D / pool size: the data layer's own stratified split holds out D dev examples and
+    leaves ``max_train`` to train on, as many as a reported run trains on (fewer when the data is short)."""
+    from deltatune.core.artifact import atomic_dir
+    from deltatune.data import rows as data_rows
+    from deltatune.data.config import DataConfig
+
+    cfg = DataConfig(**{**setup["data"], "seed": seed})
+    if cfg.mix is not None or cfg.task != "classification":
+        raise DeltatuneError("--lr-grid carves its dev split from one classification data set, and this demo's data "
+                             "is not one; run it without --lr-grid")
+    labelled = data_rows.classification_data(cfg)
+    train_part, held = labelled.split(cfg.eval_fraction, seed=cfg.seed)
+    dev = min(cfg.max_eval, len(held)) if cfg.max_eval else len(held)
+    train = min(cfg.max_train or len(train_part), len(train_part) - dev)
+    if train < 1:
+        raise DeltatuneError(f"the training split holds {len(train_part)} examples, too few to carve a dev split of "
+                             f"{dev} from it for --lr-grid; use more data or a smaller data.max_eval")
+    pool = train_part if dev + train >= len(train_part) else train_part.subset(dev + train, seed=cfg.seed)
+    names = list(labelled.label_names)
+    lines = "".join(json.dumps({"text": t, "label": names[y]}) + "\n"
+                    for t, y in zip(pool.texts, pool.labels, strict=True))
+    atomic_dir(out / SEARCH / "data", lambda tmp: (tmp / "pool.jsonl").write_text(lines), carry=False)
+    path = out / SEARCH / "data" / "pool.jsonl"
+    data = {k: v for k, v in setup["data"].items() if k not in ("name", "path", "text_field", "label_field")}
+    # labels and prompt spelled out: a file would otherwise get its classes sorted and the default prompt
+    data.update(path=str(path), eval_fraction=dev / len(pool), max_train=None, max_eval=None, labels=names,
+                prompt=cfg.resolved_prompt(), seed=seed)
+    return SearchData(data, str(path.relative_to(out)), dev, len(pool) - dev)
+
+
+def choose_lr(runs: list[dict[str, Any]]) -> dict[str, Any] | None:
+    """The search run with the best dev accuracy; a tie goes to the rate nearest the preset's (the preset's own
+    when it is among them), then to the lower. None when every run failed."""
+    scored = [r for r in runs if r["dev_accuracy"] is not None]
+    if not scored:
+        return None
+    best = max(r["dev_accuracy"] for r in scored)
+    return min((r for r in scored if r["dev_accuracy"] == best),
+               key=lambda r: (abs(math.log(r["multiplier"])), r["multiplier"]))
+
+
+def _search_config(plan: Plan, name: str, search: SearchData, multiplier: float, folder: Path) -> dict[str, Any]:
+    """Row ``name``'s run config with the search's data, the grid's rate, the first training seed and one
+    evaluation (on the dev split) at the end."""
+    config = run_config(plan.setup, name, seed=plan.seed, output=folder, steps=plan.steps,
+                        lora_options=plan.lora_options)
+    config["train"]["lr"] = float(f"{config['train']['lr'] * multiplier:.12g}")  # 0.005, not 0.005000000000000001
+    data = dict(search.data)
+    if "head" in config["data"]:
+        data["head"] = config["data"]["head"]
+    config["data"] = data
+    if "data" in config["method"]:  # a method that calibrates on the data (CorDA) sees the search's, not the split
+        config["method"]["data"] = dict(data)
+    config["train"]["eval_every"] = config["train"]["steps"]
+    return config
+
+
+def _lr_search(plan: Plan, name: str, search: SearchData) -> dict[str, Any]:
+    """Train row ``name`` once per rate of the grid on the search's training examples, score each on the dev split
+    and choose (``choose_lr``). The search runs' deltas are deleted; their configs stay in OUT/lr-search/configs."""
+    preset = plan.setup["methods"][name].preset
+    runs: list[dict[str, Any]] = []
+    for multiplier in plan.lr_grid or []:
+        stem = f"{name}-x{multiplier:g}"
+        folder = plan.out / SEARCH / "artifacts" / stem
+        shutil.rmtree(folder, ignore_errors=True)
+        config = _search_config(plan, name, search, multiplier, folder)
+        lr = config["train"]["lr"]
+        config_file = _write_config(plan.out, stem, config, preset, folder=f"{SEARCH}/configs",
+                                    what=f"learning-rate search of demo row {name!r} (lr x {multiplier:g})")
+        result = _run_worker({"kind": "train", "config": config, "label": f"{name} lr {lr:g}", "show": plan.show,
+                              "search": True}, plan.show, plan.console, plan.isolate)
+        shutil.rmtree(folder, ignore_errors=True)
+        run = {"multiplier": multiplier, "lr": lr, "dev_accuracy": None, "config_file": config_file}
+        if "error" in result:
+            run["error"] = result["error"]
+        else:
+            run["dev_accuracy"] = result["summary"]["final"].get("eval_accuracy")
+        runs.append(run)
+    shutil.rmtree(plan.out / SEARCH / "artifacts", ignore_errors=True)
+    chosen = choose_lr(runs)
+    seen = ", ".join(f"{r['lr']:g} {'failed' if r['dev_accuracy'] is None else format(r['dev_accuracy'], '.1%')}"
+                     for r in runs)
+    plan.console.print(f"    lr search on {search.dev} dev examples: {seen}"
+                       + (f"; chosen {chosen['lr']:g}" if chosen else ""))
+    return {"grid": list(plan.lr_grid or []), "runs": runs, "chosen_lr": chosen["lr"] if chosen else None,
+            "chosen_multiplier": chosen["multiplier"] if chosen else None, "dev_examples": search.dev,
+            "train_examples": search.train, "train_seed": plan.seed, "data": search.pool}
+
+
 def demo(
     *,
     quick: bool = False,
@@ -384,6 +579,8 @@ def demo(
     methods: list[str] | str | None = None,
     steps: int | None = None,
     seed: int = 0,
+    seeds: int = 1,
+    lr_grid: list[float] | str | None = None,
     lora_options: dict[str, Any] | None = None,
     show: bool = True,
     console: Console | None = None,
@@ -400,68 +597,120 @@ def demo(
     LoRA's config (e.g. ``{"r": 16}``). Each row trains its preset as ``run_config`` says. ``setup``: a setup
     of one's own in the form of ``QUICK_SETUP`` (another model or data, e.g. a tiny stand-in in tests);
     ``isolate=False`` runs every row in this process (peak memory is then this process's high-water mark).
-    Writes ``out``/report.md, the plots, configs/<method>.yaml and artifacts/<method>. Returns the table rows as
-    dicts (the baseline row first)."""
+
+    ``seeds``: every row trains that many times, with training seeds ``seed``, ``seed`` + 1, ... (initialisation,
+    batch order, dropout), all on the same split (data seed ``seed``), and the table shows mean ± standard error.
+    ``lr_grid`` (e.g. "0.5,1,2", multipliers of each preset's rate): before its reported runs, every row trains
+    once per rate on training examples only and keeps the rate with the best accuracy on a dev split carved from
+    the training data (``search_data``, ``choose_lr``); the reported runs train with it.
+
+    Writes ``out``/report.md, the plots, configs/<method>.yaml and artifacts/<method> (``<method>-seed<k>`` for
+    each seed when ``seeds`` > 1), rows.json (every seed's values under a row's ``seeds``, the search under its
+    ``lr_search``) and lr-search/ (the search's data and configs). Returns the table rows as dicts (the baseline
+    row first)."""
     setup = setup or (QUICK_SETUP if quick else DEFAULT_SETUP)
     if isinstance(methods, str):
         methods = [m.strip() for m in methods.split(",") if m.strip()]
     methods = list(setup.get("default", setup["methods"])) if methods is None else methods
-    _check_options(setup, methods, steps, lora_options, quick)
+    _check_options(setup, methods, steps, lora_options, quick, seeds)
+    grid = parse_lr_grid(lr_grid)
 
     console = console or Console()
     out = Path(out)
     (out / "artifacts").mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
     total = len(methods) + 1
-    baseline = setup.get("baseline", ZERO_SHOT)
+    plan = Plan(setup, out, seed, [seed + k for k in range(seeds)], steps, lora_options, grid, show, console, isolate)
     console.print(f"[bold]deltatune demo[/]: {setup['title']}; report in {out}/")
 
-    # -- the untrained model ----------------------------------------------------------------------
-    console.print(f"[bold][1/{total}] {baseline}[/]: the model before training, on the held-out set")
-    zs_config = run_config(setup, methods[0], seed=seed, output=out / "artifacts" / ZERO_SHOT)
-    zs_config["data"] = {**setup["data"], "seed": seed}  # the base model as it is: no head a row's preset asks for
-    zs = _run_worker({"kind": ZERO_SHOT, "config": zs_config, "label": baseline}, show, console, isolate)
-    if "error" in zs:
-        raise DeltatuneError(f"the {baseline} evaluation failed: {zs['error']}")
-    base = zs["zero_shot"]
-    rows = [_empty_row(baseline, trainable=0, trainable_percent=0.0, peak_memory_bytes=zs["peak_rss_bytes"],
-                       accuracy=base["accuracy"], eval_loss=base["eval_loss"], seconds=zs["seconds"],
-                       note="the base model, no training", predictions=base["predictions"])]
-    console.print(f"    accuracy {base['accuracy']:.1%} on {base['eval_examples']} held-out examples "
-                  f"(majority class: {base['majority_accuracy']:.1%})")
-
-    # -- each method in its own process ----------------------------------------------------
+    search = search_data(setup, seed, out) if grid else None  # before any run: a split that fails, fails first
+    row, base = _baseline_row(plan, methods[0], total)
+    rows = [row]
     for i, name in enumerate(methods, start=2):
-        rows.append(_train_row(setup, name, i, total, out, seed, steps, lora_options, show, console, isolate))
+        rows.append(_method_row(plan, name, i, total, search))
 
     seconds = time.perf_counter() - start
     info = {"setup": setup, "base": base, "seconds": seconds, "seed": seed, "quick": quick, "out": out, "isolate": isolate,
-            "command": command or _command(quick, out, methods, steps, seed)}
+            "command": command or _command(quick, out, methods, steps, seed, seeds, grid), "seeds": plan.train_seeds,
+            "search": search}
     _plots(rows, out, setup, base["majority_accuracy"])
     (out / "report.md").write_text(_markdown(rows, info))
     (out / "rows.json").write_text(json.dumps(rows, indent=2) + "\n")
     if show:
-        console.print(_table(rows, setup, base, seconds))
+        console.print(_table(rows, setup, base, seconds, len(plan.train_seeds)))
         console.print(f"report: {out / 'report.md'} (plots, example predictions, the commands that use the "
                       "artifacts)")
     return rows
 
 
-def _train_row(setup: dict[str, Any], name: str, i: int, total: int, out: Path, seed: int, steps: int | None,
-               lora_options: dict[str, Any] | None, show: bool, console: Console, isolate: bool) -> dict[str, Any]:
-    folder = out / "artifacts" / name
+def _baseline_row(plan: Plan, first: str, total: int) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The model before training on the held-out set: the row, and the first run's figures (held-out size,
+    majority class). Once per training seed when the model has a fresh head (drawn from the seed), else once."""
+    setup = plan.setup
+    baseline = setup.get("baseline", ZERO_SHOT)
+    plan.console.print(f"[bold][1/{total}] {baseline}[/]: the model before training, on the held-out set")
+    runs, zero = [], []
+    for train_seed in plan.train_seeds:
+        config = run_config(setup, first, seed=plan.seed, output=plan.out / "artifacts" / ZERO_SHOT,
+                            train_seed=train_seed)
+        config["data"] = {**setup["data"], "seed": plan.seed}  # the base model as it is: no head a preset asks for
+        zs = _run_worker({"kind": ZERO_SHOT, "config": config, "label": baseline}, plan.show, plan.console,
+                         plan.isolate)
+        if "error" in zs:
+            raise DeltatuneError(f"the {baseline} evaluation failed: {zs['error']}")
+        z = zs["zero_shot"]
+        zero.append(z)
+        runs.append(_empty_row(baseline, trainable=0, trainable_percent=0.0, peak_memory_bytes=zs["peak_rss_bytes"],
+                               accuracy=z["accuracy"], eval_loss=z["eval_loss"], seconds=zs["seconds"],
+                               note="the base model, no training", predictions=z["predictions"]))
+        if not z["fresh_head"]:  # nothing in it depends on the seed: one run stands for every seed
+            break
+    row, base = aggregate(runs, plan.train_seeds[:len(runs)]), zero[0]
+    plan.console.print(f"    accuracy {row['accuracy']:.1%} on {base['eval_examples']} held-out examples "
+                       f"(majority class: {base['majority_accuracy']:.1%})")
+    return row, base
+
+
+def _method_row(plan: Plan, name: str, i: int, total: int, search: SearchData | None) -> dict[str, Any]:
+    """Row ``name``: the learning-rate search (with a grid), then one run per training seed, aggregated."""
+    config = run_config(plan.setup, name, seed=plan.seed, steps=plan.steps, lora_options=plan.lora_options)
+    preset = plan.setup["methods"][name].preset
+    plan.console.print(f"[bold][{i}/{total}] {name}[/]: {config['train']['steps']} steps of {plan.setup['batch_size']}, "
+                       f"lr {config['train']['lr']:g} (preset {preset})")
+    lr, extra = None, {}
+    if search is not None:
+        extra["lr_search"] = found = _lr_search(plan, name, search)
+        lr = found["chosen_lr"]
+        if lr is None:  # every rate failed: the method does not apply, or diverges at every rate
+            error = found["runs"][0]["error"]
+            plan.console.print(f"    [yellow]skipped[/]: {error}")
+            return _empty_row(name, lr=config["train"]["lr"], note=f"skipped: {error}", config=config["method"],
+                              **extra)
+    runs = []
+    for train_seed in plan.train_seeds:
+        stem = name if len(plan.train_seeds) == 1 else f"{name}-seed{train_seed}"
+        run = _train_row(plan, name, stem, train_seed, lr)
+        if run["note"].startswith("skipped"):
+            return {**run, **extra}
+        runs.append(run)
+    return {**aggregate(runs, plan.train_seeds), **extra}
+
+
+def _train_row(plan: Plan, name: str, stem: str, train_seed: int, lr: float | None) -> dict[str, Any]:
+    """One run of row ``name`` (training seed ``train_seed``, artifact and config named ``stem``)."""
+    setup, out = plan.setup, plan.out
+    folder = out / "artifacts" / stem
     if folder.exists():
         shutil.rmtree(folder)
-    config = run_config(setup, name, seed=seed, output=folder, steps=steps, lora_options=lora_options)
-    preset = setup["methods"][name].preset
-    config_file = _write_config(out, name, config, preset)
-    method, n_steps, lr = config["method"], config["train"]["steps"], config["train"]["lr"]
-    console.print(f"[bold][{i}/{total}] {name}[/]: {n_steps} steps of {setup['batch_size']}, lr {lr:g} "
-                  f"(preset {preset})")
-    result = _run_worker({"kind": "train", "config": config, "label": name, "show": show}, show, console, isolate)
+    config = run_config(setup, name, seed=plan.seed, output=folder, steps=plan.steps, lora_options=plan.lora_options,
+                        train_seed=train_seed, lr=lr)
+    config_file = _write_config(out, stem, config, setup["methods"][name].preset)
+    method, lr = config["method"], config["train"]["lr"]
+    result = _run_worker({"kind": "train", "config": config, "label": stem, "show": plan.show}, plan.show,
+                         plan.console, plan.isolate)
     shutil.rmtree(folder / "checkpoints", ignore_errors=True)  # resume state, not part of the demo
     if "error" in result:
-        console.print(f"    [yellow]skipped[/]: {result['error']}")
+        plan.console.print(f"    [yellow]skipped[/]: {result['error']}")
         return _empty_row(name, lr=lr, seconds=result["seconds"], note=f"skipped: {result['error']}", config=method,
                           config_file=config_file)
     s = result["summary"]
@@ -476,13 +725,18 @@ def _train_row(setup: dict[str, Any], name: str, i: int, total: int, out: Path, 
         evals=evals, config=method, config_file=config_file, predictions=result["predictions"], uses=result["uses"],
         starts_at_base=same_start,
     )
-    console.print(f"    accuracy {row['accuracy']:.1%} after {s['steps']} steps ({result['seconds']:.0f} s in all)")
+    which = f"seed {train_seed}: " if len(plan.train_seeds) > 1 else ""
+    plan.console.print(f"    {which}accuracy {row['accuracy']:.1%} after {s['steps']} steps "
+                       f"({result['seconds']:.0f} s in all)")
     return row
 
 
-def _command(quick: bool, out: Path, methods: list[str], steps: int | None, seed: int) -> str:
+def _command(quick: bool, out: Path, methods: list[str], steps: int | None, seed: int, seeds: int = 1,
+             grid: list[float] | None = None) -> str:
     parts = ["deltatune", "demo"] + (["--quick"] if quick else []) + ["--out", str(out), "--methods", ",".join(methods)]
     parts += (["--steps", str(steps)] if steps is not None else []) + ["--seed", str(seed)]
+    parts += (["--seeds", str(seeds)] if seeds > 1 else []) + (["--lr-grid", ",".join(f"{m:g}" for m in grid)]
+                                                               if grid else [])
     return shlex.join(parts)
 
 
@@ -494,12 +748,20 @@ def _cells(row: dict[str, Any]) -> list[str]:
         row["method"],
         trainable,
         human_bytes(row["peak_memory_bytes"]) if row["peak_memory_bytes"] else "-",
-        f"{row['seconds_per_step']:.2f}" if row["seconds_per_step"] else "-",
-        f"{row['accuracy']:.1%}" if row["accuracy"] is not None else "-",
+        _with_se(row, "seconds_per_step", ".2f") if row["seconds_per_step"] else "-",
+        _with_se(row, "accuracy", ".1%") if row["accuracy"] is not None else "-",
         human_bytes(row["artifact_bytes"]) if row["artifact_bytes"] else "-",
         f"[{Path(row['config_file']).name}]({row['config_file']})" if row["config_file"] else "-",
-        row["note"] or (f"{row['steps']} steps, lr {row['lr']:g}" if row["steps"] else ""),
+        row["note"] or (f"{row['steps']} steps, lr {row['lr']:g}" + (" (chosen on the dev split)"
+                                                                     if row.get("lr_search") else "")
+                        if row["steps"] else ""),
     ]
+
+
+def _with_se(row: dict[str, Any], key: str, spec: str) -> str:
+    """``row[key]``, and ± its standard error when the row has several seeds: '82.0% ± 1.2%'."""
+    se = row.get(f"{key}_se")
+    return format(row[key], spec) + ("" if se is None else f" ± {format(se, spec)}")
 
 
 def _count(n: int) -> str:
@@ -514,10 +776,12 @@ def _percent(p: float) -> str:
     return f"{p:.0f}%" if p >= 99.5 else f"{p:.1f}%" if p >= 1 else f"{p:.2f}%"
 
 
-def _table(rows: list[dict[str, Any]], setup: dict[str, Any], base: dict[str, Any], seconds: float) -> Table:
+def _table(rows: list[dict[str, Any]], setup: dict[str, Any], base: dict[str, Any], seconds: float,
+           seeds: int = 1) -> Table:
     table = Table(title=f"deltatune demo: {setup['title']}", caption=(
         f"{base['eval_examples']} held-out examples, majority class {base['majority_accuracy']:.1%}; "
-        f"peak memory: each run's process RSS; wall time {seconds:.0f} s"))
+        + (f"mean ± standard error over {seeds} seeds; " if seeds > 1 else "")
+        + f"peak memory: each run's process RSS; wall time {seconds:.0f} s"))
     for col in ("method", "trainable", "peak mem", "s/step", "accuracy", "artifact"):
         table.add_column(col, justify="left" if col == "method" else "right", no_wrap=True)
     for row in rows:
@@ -552,7 +816,7 @@ def _markdown(rows: list[dict[str, Any]], info: dict[str, Any]) -> str:
         f"({', '.join(data['labels']) if data.get('labels') else 'all labels'}), "
         f"{base['train_examples']} training examples, {base['eval_examples']} held-out examples "
         f"(majority class {base['majority_accuracy']:.1%}), max_length {data['max_length']}, batch size "
-        f"{setup['batch_size']}, seed {info['seed']}. Each method is trained with `dt.train` from its preset "
+        f"{setup['batch_size']}, {_seeds_phrase(info)}. Each method is trained with `dt.train` from its preset "
         "(`deltatune/presets/`: the method config, learning rate and steps; AdamW, or a zeroth-order method's own "
         "two-forward step; 10% warm-up, linear decay) "
         + ("in its own process; peak memory is that process's RSS high-water mark (model, data, training and "
@@ -565,13 +829,72 @@ def _markdown(rows: list[dict[str, Any]], info: dict[str, Any]) -> str:
         "|" + "|".join(["---"] + ["---:"] * (len(COLUMNS) - 3) + ["---", "---"]) + "|",
     ]
     lines += ["| " + " | ".join(c.replace("|", "\\|") for c in _cells(r)) + " |" for r in rows]
-    lines += ["", "![held-out accuracy against cost: trainable parameters, peak memory, seconds per step](cost.png)",
+    lines += [""]
+    lines += _seeds_section(rows, info)
+    lines += _search_section(rows, info)
+    lines += ["![held-out accuracy against cost: trainable parameters, peak memory, seconds per step](cost.png)",
               "", "![held-out accuracy over the training steps](curves.png)", "",
               "![confusion matrices on the held-out set](confusion.png)", "", "![training loss](loss.png)", ""]
     lines += _examples_section(rows)
     lines += _commands_section(rows, info)
     lines += _configs_section(rows, info["out"])
     return "\n".join(lines)
+
+
+def _seeds_phrase(info: dict[str, Any]) -> str:
+    seeds = info.get("seeds") or [info["seed"]]
+    if len(seeds) == 1:
+        return f"seed {info['seed']}"
+    return (f"data seed {info['seed']} (one split for every run) and training seeds {seeds[0]} to {seeds[-1]}; "
+            f"each figure is the mean ± standard error over the {len(seeds)} seeds (the curves, confusion matrices, "
+            f"example predictions and commands are seed {seeds[0]}'s)")
+
+
+def _seeds_section(rows: list[dict[str, Any]], info: dict[str, Any]) -> list[str]:
+    """Every seed's held-out accuracy, with the mean ± standard error the table shows (several seeds only)."""
+    seeds = info.get("seeds") or [info["seed"]]
+    if len(seeds) == 1:
+        return []
+    lines = ["## Per seed", "",
+             f"Held-out accuracy of each run. Every run is scored on the same held-out split (data seed {info['seed']}) "
+             "and trains on the same examples; the training seed changes the initialisation (a fresh head, LoRA's "
+             "A, ...), the batch order and dropout. Standard error: the sample standard deviation over √n "
+             f"(n = {len(seeds)}). Every seed's values are in `rows.json` (`seeds`).", "",
+             "| method | " + " | ".join(f"seed {s}" for s in seeds) + " | mean ± SE |",
+             "|---|" + "---:|" * (len(seeds) + 1)]
+    for row in rows:
+        if row.get("seeds"):
+            cells = [f"{r['accuracy']:.1%}" for r in row["seeds"]]
+            lines.append(f"| {row['method']} | " + " | ".join(cells) + f" | {_with_se(row, 'accuracy', '.1%')} |")
+    alike = [r["method"] for r in rows if not r.get("seeds") and r["accuracy"] is not None]
+    if alike:
+        lines += ["", f"{', '.join(alike)}: the same for every seed (nothing in it is drawn from the seed): one run."]
+    return [*lines, ""]
+
+
+def _search_section(rows: list[dict[str, Any]], info: dict[str, Any]) -> list[str]:
+    """The learning-rate search of every row: each rate's dev accuracy and the rate chosen (with --lr-grid)."""
+    searched = [r for r in rows if r.get("lr_search")]
+    search = info.get("search")
+    if not searched or search is None:
+        return []
+    grid = searched[0]["lr_search"]["grid"]
+    lines = ["## Learning-rate search", "",
+             f"Before its reported runs, each row trained once per rate of the grid (its learning rate × "
+             f"{', '.join(f'{m:g}' for m in grid)}; training seed {info['seed']}) on {search.train} training examples "
+             f"and was scored on a dev split of {search.dev} other training examples (`{search.pool}`, split by the "
+             "data layer; no held-out example is in it). The reported runs use the rate with the best dev accuracy "
+             "(a tie goes to the rate nearest the preset's). The search runs' configs are in "
+             f"`{SEARCH}/configs/`.", "",
+             "| method | " + " | ".join(f"lr × {m:g}" for m in grid) + " | chosen lr |",
+             "|---|" + "---:|" * (len(grid) + 1)]
+    for row in searched:
+        found = row["lr_search"]
+        cells = [f"{r['lr']:g}: " + ("failed" if r["dev_accuracy"] is None else f"{r['dev_accuracy']:.1%}")
+                 for r in found["runs"]]
+        chosen = "-" if found["chosen_lr"] is None else f"{found['chosen_lr']:g} (× {found['chosen_multiplier']:g})"
+        lines.append(f"| {row['method']} | " + " | ".join(cells) + f" | {chosen} |")
+    return [*lines, ""]
 
 
 def _examples_section(rows: list[dict[str, Any]]) -> list[str]:
@@ -636,8 +959,17 @@ def _commands_section(rows: list[dict[str, Any]], info: dict[str, Any]) -> list[
              "`save_pretrained` folder; activation-side deltas are served attached instead). The base model and its "
              "head come from the artifact.", "", "```bash"]
     for row in trained:
-        lines += [f"# {row['method']}: {row['accuracy']:.1%} held-out accuracy", *next_commands(row, out, example)]
+        lines += [f"# {row['method']}: {_artifact_accuracy(row)} held-out accuracy", *next_commands(row, out, example)]
     return [*lines, "```", ""]
+
+
+def _artifact_accuracy(row: dict[str, Any]) -> str:
+    """The held-out accuracy of the artifact the report shows (with several seeds: the first seed's)."""
+    if not row.get("seeds"):
+        return f"{row['accuracy']:.1%}"
+    first = row["seeds"][0]
+    return (f"{first['accuracy']:.1%} (seed {first['seed']}; over {len(row['seeds'])} seeds "
+            f"{_with_se(row, 'accuracy', '.1%')})")
 
 
 def _configs_section(rows: list[dict[str, Any]], out: Path) -> list[str]:
@@ -747,7 +1079,8 @@ def _confusion(plt: Any, rows: list[dict[str, Any]], where: str, majority: float
                         color="white" if share[y, p] > 0.6 else "black")
         ax.set_xticks(range(k), names, rotation=45, ha="right", fontsize=8)
         ax.set_yticks(range(k), names, fontsize=8)
-        ax.set_title(f"{row['method']} ({row['accuracy']:.0%})", fontsize=9)
+        shown = (counts.trace() / counts.sum()) if counts.sum() else 0.0  # these predictions' (one seed's) accuracy
+        ax.set_title(f"{row['method']} ({shown:.0%})", fontsize=9)
     fig.supxlabel("predicted", fontsize=9)
     fig.supylabel("true", fontsize=9)
     fig.suptitle(f"confusion on the held-out set: {where}", fontsize=10)

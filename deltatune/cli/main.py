@@ -330,6 +330,11 @@ def demo(
     option: list[str] = typer.Option(
         [], "--option", "-o", metavar="KEY=VALUE", help="LoRA option key=value (YAML value); repeatable, e.g. -o r=16."
     ),
+    seeds: int = typer.Option(1, "--seeds", help="Train every row this many times (training seeds SEED, SEED+1, ...; "
+                              "one held-out split) and report the mean ± standard error."),
+    lr_grid: str = typer.Option(None, "--lr-grid", metavar="M1,M2,...", help="Choose each row's learning rate "
+                                "first: multipliers of its preset's rate, e.g. 0.5,1,2, each trained once and scored "
+                                "on a dev split carved from the training data; the reported runs use the best."),
 ) -> None:
     """Zero-shot vs LoRA vs full fine-tuning (and more) on SmolLM2-135M + tweet sentiment; writes a report."""
     import shlex
@@ -343,6 +348,8 @@ def demo(
         methods=methods,
         steps=steps,
         seed=seed,
+        seeds=seeds,
+        lr_grid=lr_grid,
         lora_options=_parse_options(option),
         console=_out(),
         command=shlex.join(["deltatune", *sys.argv[1:]]),
@@ -450,30 +457,101 @@ def compress(
     ctx: typer.Context,
     artifact: str = typer.Argument(..., help="The deltatune artifact folder to compress (a weight-side delta)."),
     out: str | None = OUT_OPTION,
-    density: float = typer.Option(0.2, "--density", help="Fraction of task-vector entries kept (ComPEFT's k/100)."),
-    alpha: float = typer.Option(1.0, "--alpha", help="Kept entries become ±alpha·std(task vector)."),
-    scope: str = typer.Option("global", "--scope", help="global (one top-k and scale, as the paper) or tensor."),
+    density: float = typer.Option(None, "--density", help="Fraction of task-vector entries kept (ComPEFT's k/100; "
+                                  "default 0.2; with --calibrate: fixed, not searched)."),
+    alpha: float = typer.Option(None, "--alpha", help="Kept entries become ±alpha·std(task vector) (default 1; with "
+                                "--calibrate: fixed, not searched)."),
+    scope: str = typer.Option(None, "--scope", help="global (one top-k and scale, as the paper; the default) or "
+                              "tensor; with --calibrate: fixed, else both are searched."),
     lowrank: str = typer.Option(None, "--lowrank", help="Low-rank deltas: factors (compress A and B, the result "
                                 "stays low-rank; the default for a LoRA) or delta (compress ΔW = s·B·A)."),
     values: str = typer.Option("ternary", "--values", help="ternary (ComPEFT) or pruned (top-k only, values kept)."),
     base: str = typer.Option(None, "--base", help="Base model (default: the one the artifact records)."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace what OUT holds (without it a folder that is "
                                    "not empty and not this command's kind of output is refused)."),
+    calibrate: bool = typer.Option(False, "--calibrate", help="Choose density, alpha and scope on a dev split carved "
+                                   "from the training part of --data / --config (never its eval split)."),
+    data: str = typer.Option(None, "--data", help="With --calibrate: a shipped data set (tweets, bbc) or a local file."),
+    task: str = typer.Option(None, "--task", help="With --calibrate: text | chat | classification."),
+    config: str = typer.Option(None, "--config", help="With --calibrate: take the data section of this run config "
+                               "(the run's own: its data.max_train examples are kept out of the dev split)."),
+    set_: list[str] = typer.Option([], "--set", metavar="KEY=VALUE", help="With --calibrate: a data option, e.g. "
+                                   "--set data.max_train=480."),
+    densities: str = typer.Option(None, "--densities", help="With --calibrate: the densities searched (default "
+                                  "0.05,0.1,0.2,0.3)."),
+    alphas: str = typer.Option(None, "--alphas", help="With --calibrate: the alphas searched (default 0.5,1,2,...,10)."),
+    dev_size: int = typer.Option(200, "--dev-size", help="With --calibrate: dev examples."),
+    tolerance: float = typer.Option(1.0, "--tolerance", help="With --calibrate: the dev score a compressed delta may "
+                                    "lose: points of accuracy, or percent of the loss for text and chat."),
+    batch_size: int = typer.Option(16, "--batch-size", help="With --calibrate: evaluation batch size."),
 ) -> None:
     """Compress a saved delta with ComPEFT (top-k + ternary, bit-packed): compress ARTIFACT --out FOLDER. The
-    result loads like any artifact."""
+    result loads like any artifact. With --calibrate --data NAME_OR_FILE (or --config RUN.yaml): the smallest
+    grid point within --tolerance of the uncompressed delta on a dev split, the curve printed as a table."""
+    import warnings
+
     from deltatune import api
+    from deltatune.ops.compress_calibrate import CalibrationWarning
 
     out = _out_folder(ctx, out, "deltatune compress ARTIFACT --out FOLDER")
-    path = api.compress(artifact, out, density=density, alpha=alpha, scope=scope, lowrank=lowrank, values=values,
-                        base=base, overwrite=overwrite)
+    grid: dict[str, Any] = {}
+    if calibrate:
+        grid = {"calibrate": _data_config(data, task, config, set_), "densities": _floats(densities, "--densities"),
+                "alphas": _floats(alphas, "--alphas"), "dev_size": dev_size, "tolerance": tolerance,
+                "batch_size": batch_size}
+    else:
+        given = [name for name, value in (("--data", data), ("--task", task), ("--config", config), ("--set", set_),
+                                          ("--densities", densities), ("--alphas", alphas)) if value]
+        if given:
+            raise DeltatuneError(f"{', '.join(given)} choose the calibration data and grid: add --calibrate, e.g. "
+                                 "deltatune compress ARTIFACT --out FOLDER --calibrate --data tweets")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", CalibrationWarning)  # printed below, from the artifact's record
+        path = api.compress(artifact, out, density=density, alpha=alpha, scope=scope, lowrank=lowrank, values=values,
+                            base=base, overwrite=overwrite, **grid)
     info = api.inspect(path)
     comp = info["compression"]
+    if comp.get("calibration"):
+        _print_calibration(comp["calibration"])
     _out().print(f"compressed {artifact} to {path}: {human_bytes(info['original_bytes'])} -> "
                  f"{human_bytes(info['stored_bytes'])} ({comp['ratio']:.1f}x smaller), {comp['kept']:,} of "
                  f"{comp['entries']:,} entries kept", soft_wrap=True, highlight=False)
     if comp.get("note"):  # what was chosen for the input's kind and how to get the other
         _out().print(comp["note"], soft_wrap=True, highlight=False)
+    for line in (comp.get("calibration") or {}).get("warnings", []):
+        _err().print(Text(f"warning: {line}", style="yellow"), soft_wrap=True, highlight=False)
+
+
+def _print_calibration(record: dict[str, Any]) -> None:
+    """The searched curve: one row per grid point (a (scope, density) that was not evaluated: one row), the
+    uncompressed delta first, the chosen point marked."""
+    metric, dev, chosen = record["metric"], record["dev"], record["chosen"]
+
+    def score(value: float | None) -> str:
+        if value is None:
+            return "-"
+        return f"{value:.2%}" if metric == "accuracy" else f"{value:.4f}"
+
+    unit = "points" if metric == "accuracy" else "%"
+    table = Table(title=f"calibration on {dev['examples']} dev examples (dev {metric}; within {record['tolerance']:g} "
+                  f"{unit} of the uncompressed delta)")
+    for name, justify in (("scope", "left"), ("density", "right"), ("alpha", "right"), ("size", "right"),
+                          ("ratio", "right"), (f"dev {metric}", "right"), ("", "left")):
+        table.add_column(name, justify=justify)  # type: ignore[arg-type]
+    ref = record["reference"]
+    table.add_row("uncompressed", "", "", human_bytes(ref["stored_bytes"]), "1.0x", score(ref["score"]), "reference")
+    shown: set[tuple[str, float]] = set()
+    for p in record["points"]:
+        if p["metrics"] is None:
+            if (p["scope"], p["density"]) not in shown:
+                shown.add((p["scope"], p["density"]))
+                table.add_row(p["scope"], f"{p['density']:g}", "all", human_bytes(p["stored_bytes"]),
+                              f"{p['ratio']:.1f}x", "-", "skipped: larger than a point within tolerance")
+            continue
+        is_chosen = all(p[k] == chosen[k] for k in ("scope", "density", "alpha"))
+        table.add_row(p["scope"], f"{p['density']:g}", f"{p['alpha']:g}", human_bytes(p["stored_bytes"]),
+                      f"{p['ratio']:.1f}x", score(p["score"]), f"chosen ({chosen['rule']})" if is_chosen else "")
+    _out().print(table)
 
 
 def _floats(text: str | None, option: str) -> list[float] | None:

@@ -128,25 +128,51 @@ def top_n(values: list[torch.Tensor], n: int) -> list[torch.Tensor]:
     return out
 
 
+@dataclass
+class Kept:
+    """The entries one density keeps, before their values: per scope group its pieces, each piece's kept
+    local positions, and the group's σ (the std of its unpruned entries). A calibration keeps them once per
+    density and gives them every α."""
+
+    groups: list[tuple[list[Piece], list[torch.Tensor], float]]
+
+    def values(self, alpha: float, mode: str) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+        """``{key: (positions, values)}`` of the kept entries (pieces that keep none are left out). Ternary
+        values are sign(τ)·α·σ; pruned ones keep τ (α has no effect)."""
+        out: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+        for group, kept, sigma in self.groups:
+            scale = torch.tensor(alpha * sigma, dtype=torch.float32)
+            if mode == "ternary" and float(scale) == 0.0:
+                continue  # a constant task vector: α·σ = 0, the compressed delta is zero
+            for piece, positions in zip(group, kept, strict=True):
+                if positions.numel() == 0:
+                    continue
+                tau = piece.values[positions]
+                values = tau.clone() if mode == "pruned" else torch.where(tau < 0, -scale, scale)
+                out[piece.key] = (piece.positions(positions), values)
+        return out
+
+    def scales(self, alpha: float) -> dict[str, torch.Tensor]:
+        """Each piece's ternary scale α·σ (fp32, as ``values`` computes it), by piece key."""
+        return {p.key: torch.tensor(alpha * sigma, dtype=torch.float32) for group, _, sigma in self.groups
+                for p in group}
+
+
+def keep(pieces: list[Piece], density: float, scope: str) -> Kept:
+    """ComPEFT's top-n of the pieces, one per scope group ("global": all pieces; "tensor": each)."""
+    groups = [pieces] if scope == "global" else [[p] for p in pieces]
+    out = []
+    for group in groups:
+        vals = [p.values for p in group]
+        out.append((group, top_n(vals, keep_count(density, sum(v.numel() for v in vals))), std(vals)))
+    return Kept(out)
+
+
 def select(pieces: list[Piece], density: float, alpha: float, scope: str, mode: str
            ) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
     """ComPEFT on the pieces: ``{key: (positions, values)}`` of the kept entries (pieces that keep none
     are left out). Ternary values are sign(τ)·α·σ, σ the std of the unpruned entries of the scope."""
-    groups = [pieces] if scope == "global" else [[p] for p in pieces]
-    out: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
-    for group in groups:
-        vals = [p.values for p in group]
-        n = keep_count(density, sum(v.numel() for v in vals))
-        scale = torch.tensor(alpha * std(vals), dtype=torch.float32)
-        if mode == "ternary" and float(scale) == 0.0:
-            continue  # a constant task vector: α·σ = 0, the compressed delta is zero
-        for piece, kept in zip(group, top_n(vals, n), strict=True):
-            if kept.numel() == 0:
-                continue
-            tau = piece.values[kept]
-            values = tau.clone() if mode == "pruned" else torch.where(tau < 0, -scale, scale)
-            out[piece.key] = (piece.positions(kept), values)
-    return out
+    return keep(pieces, density, scope).values(alpha, mode)
 
 
 # -- from an artifact to its compressed artifact ---------------------------------------------------------------
@@ -268,21 +294,45 @@ def _sparse_domain(forms: list, dense: torch.Tensor) -> torch.Tensor | None:
     return None if bool(outside.any()) else idx
 
 
-def compress(path: str | os.PathLike, out: str | os.PathLike, *, density: float = 0.2, alpha: float = 1.0,
-             scope: str = "global", lowrank: str | None = None, values: str = "ternary",
-             base: str | nn.Module | None = None, overwrite: bool = False) -> Path:
+DENSITY, ALPHA = 0.2, 1.0  # the official code's defaults (k=20, replace_factor=1)
+
+
+def compress(path: str | os.PathLike, out: str | os.PathLike, *, density: float | None = None,
+             alpha: float | None = None, scope: str | None = None, lowrank: str | None = None, values: str = "ternary",
+             base: str | nn.Module | None = None, overwrite: bool = False, calibrate: Any = None,
+             densities: list[float] | None = None, alphas: list[float] | None = None, dev_size: int = 200,
+             tolerance: float = 1.0, batch_size: int = 16) -> Path:
     """Compress the weight-side delta saved at ``path`` with ComPEFT and write the result at ``out``.
 
-    ``density``: the fraction of task-vector entries kept (the paper's k/100; code default 0.2);
-    ``alpha``: kept entries become ±alpha·std(τ); ``scope``: "global" (one top-k and σ over all tensors, as
-    the official code) or "tensor"; ``lowrank``: "factors" (compress A and B, the paper's LoRA setting; the result
-    stays low-rank) or "delta" (compress ΔW = s·B·A), None: factors where the delta has plain LoRA factors, else
-    delta (``compression.note`` in the result says what was chosen); ``values``: "ternary" or "pruned" (top-k only, values kept);
-    ``base``: the base model or its name (default: the one the artifact records). ``out`` is new, empty or an
-    artifact (replaced atomically); ``overwrite`` replaces any other folder. Returns ``out``."""
+    ``density``: the fraction of task-vector entries kept (the paper's k/100; default 0.2, the code's);
+    ``alpha``: kept entries become ±alpha·std(τ) (default 1); ``scope``: "global" (one top-k and σ over all
+    tensors, as the official code; the default) or "tensor"; ``lowrank``: "factors" (compress A and B, the paper's LoRA setting;
+    the result stays low-rank) or "delta" (compress ΔW = s·B·A), None: factors where the delta has plain LoRA
+    factors, else delta (``compression.note`` in the result says what was chosen); ``values``: "ternary" or
+    "pruned" (top-k only, values kept); ``base``: the base model or its name (default: the one the artifact
+    records). ``out`` is new, empty or an artifact (replaced atomically); ``overwrite`` replaces any other folder.
+
+    ``calibrate``: a data section (a mapping or a ``DataConfig``): choose density, α and scope on a dev split carved
+    from its training part (``deltatune.ops.compress_calibrate``): ``densities`` × ``alphas`` × both scopes (defaults:
+    0.05, 0.1, 0.2, 0.3 × 0.5, 1, 2, …, 10; a ``density``, ``alpha`` or ``scope`` given fixes it), ``dev_size`` dev
+    examples, the smallest artifact within ``tolerance`` (points of dev accuracy, or percent of dev loss for text and chat) of
+    the uncompressed delta. The search is recorded in the artifact (``compression.calibration``). Returns ``out``."""
     from deltatune.core import artifact
 
-    _check_options(density, alpha, scope, "delta" if lowrank is None else lowrank, values)
+    _check_options(DENSITY if density is None else density, ALPHA if alpha is None else alpha,
+                   "global" if scope is None else scope, "delta" if lowrank is None else lowrank, values)
+    options = {"density": float(DENSITY if density is None else density), "alpha": float(ALPHA if alpha is None else alpha),
+               "scope": "global" if scope is None else scope, "lowrank": lowrank, "values": values}
+    grid, data = None, None
+    if calibrate is not None:
+        from deltatune.ops import compress_calibrate
+
+        grid = compress_calibrate.grid_of(density, alpha, scope, densities, alphas, values, dev_size, tolerance,
+                                          batch_size)
+        data = compress_calibrate.data_config(calibrate)
+    elif densities is not None or alphas is not None:
+        raise DeltatuneError("densities / alphas are the grid a calibration searches: pass calibrate=DATA "
+                             "(--calibrate --data NAME_OR_FILE), or one density= / alpha=")
     delta = Delta.read(path)
     source = delta.method
     if source.traits.made_by == "compress":
@@ -290,51 +340,79 @@ def compress(path: str | os.PathLike, out: str | os.PathLike, *, density: float 
     if source.mergeable is False:
         raise DeltatuneError(f"{path} holds a {source.name!r} delta, which changes activations, not weights: ComPEFT "
                              "compresses weight deltas (low-rank, dense, sparse and their sums)")
-    options = {"density": float(density), "alpha": float(alpha), "scope": scope, "lowrank": lowrank, "values": values}
-    with artifact.destination(out, "artifact", inputs=[path, base], overwrite=overwrite):
-        meta, tensors = _compressed(path, delta, base, options)
+    inputs = [path, base, *(data.paths() if data is not None else [])]
+    with artifact.destination(out, "artifact", inputs=inputs, overwrite=overwrite):
+        if grid is None:
+            src = source_of(path, delta, _base_model(path, delta.record, base), lowrank)
+            meta, tensors = src.compressed(keep(src.pieces, options["density"], options["scope"]), options)
+        else:
+            meta, tensors = compress_calibrate.calibrated(path, delta, base, data, grid, options)
         artifact.write_artifact(out, meta, tensors)
     return Path(out)
 
 
-def _compressed(path: str | os.PathLike, delta: Delta, base: str | nn.Module | None, options: dict[str, Any]
-                ) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
-    """The compressed artifact's description and tensors."""
-    from deltatune.core import artifact, registry
+@dataclass
+class Source:
+    """A saved delta built (not attached) on its base model, with its task vector: what every compression of it
+    starts from (a calibration compresses it at many grid points)."""
 
-    meta, source = delta.record, delta.method
-    density, alpha, scope, lowrank, values = (options[k] for k in ("density", "alpha", "scope", "lowrank", "values"))
-    model = _base_model(path, meta, base)
+    path: str | os.PathLike
+    delta: Delta
+    model: nn.Module
+    shapes: str
+    pieces: list[Piece]
+    layout: dict[str, dict]
+    lowrank: str
+    note: str | None  # what the default chose for a low-rank delta, and how to get the other
+    original: int  # the source's stored bytes
+    fingerprint: dict[str, Any]  # the base's, over every tensor a compression of it may touch
+
+    def compressed(self, kept: Kept, options: dict[str, Any]) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+        """The compressed artifact's description and tensors for ``options``' alpha and values (``kept``: the
+        entries its density and scope keep)."""
+        from deltatune.core import artifact, registry
+        from deltatune.version import __version__
+
+        alpha, scope, values = options["alpha"], options["scope"], options["values"]
+        chosen = kept.values(alpha, values)
+        tensors, records = _encode_all(chosen, self.pieces, self.layout, values)
+        method, meta = registry.get("compeft"), self.delta.record
+        cfg = registry.make_config(method, {
+            "source_method": self.delta.method.name, "source_config": meta["config"], "source_bytes": self.original,
+            "density": float(options["density"]), "alpha": float(alpha), "scope": scope, "lowrank": self.lowrank,
+            "values": values, "tensors": records,
+        })
+        fp = {**self.fingerprint, "tensors": {k: v for k, v in self.fingerprint["tensors"].items() if k in records}}
+        stored = sum(t.numel() * t.element_size() for t in tensors.values())
+        entries = sum(p.values.numel() for p in self.pieces)
+        n_kept = sum(int(v[0].numel()) for v in chosen.values())
+        out_meta = {
+            "format": "deltatune", "format_version": artifact.FORMAT_VERSION, "deltatune_version": __version__,
+            "method": method.name, "config": registry.config_to_dict(cfg), "fingerprint": fp,
+            "sizes": {"trainable": 0, "stored_bytes": stored, "original_bytes": self.original},
+            "compression": {
+                "source": str(self.path), "source_method": self.delta.method.name, "entries": entries, "kept": n_kept,
+                "density": n_kept / max(1, entries), "ratio": self.original / max(1, stored),
+                **({"note": self.note} if self.note else {}),
+            },
+        }
+        return out_meta, tensors
+
+
+def source_of(path: str | os.PathLike, delta: Delta, model: nn.Module, lowrank: str | None) -> Source:
+    """Build ``delta`` (read, not built) on ``model`` without attaching it, check the base and read its task
+    vector. ``model`` must carry no delta."""
+    from deltatune.core import artifact
+
+    meta = delta.record
     shapes, names = artifact.shapes_hash(model), names_of(model)
     delta.build(model, shapes=shapes)  # not attached: only its task vector is read
     lowrank, note = lowrank_choice(delta, lowrank)
     pieces, layout = task_vector(delta, lowrank, names)
     original = int(meta.get("sizes", {}).get("stored_bytes") or delta.stored_bytes())
-    kept = select(pieces, density, alpha, scope, values)
-    tensors, records = _encode_all(kept, pieces, layout, values)
-    method = registry.get("compeft")
-    cfg = registry.make_config(method, {
-        "source_method": source.name, "source_config": meta["config"], "source_bytes": original, "density": float(density),
-        "alpha": float(alpha), "scope": scope, "lowrank": lowrank, "values": values, "tensors": records,
-    })
-    fp = artifact.fingerprint(model, {k: _base_of(model, k, records[k]) for k in records}, shapes)
+    fp = artifact.fingerprint(model, {k: _base_of(model, k, layout[k]) for k in layout}, shapes)
     _check_same_base(meta.get("fingerprint", {}), fp, path)
-    stored = sum(t.numel() * t.element_size() for t in tensors.values())
-    entries = sum(p.values.numel() for p in pieces)
-    n_kept = sum(int(v[0].numel()) for v in kept.values())
-    from deltatune.version import __version__
-
-    out_meta = {
-        "format": "deltatune", "format_version": artifact.FORMAT_VERSION, "deltatune_version": __version__,
-        "method": method.name, "config": registry.config_to_dict(cfg), "fingerprint": fp,
-        "sizes": {"trainable": 0, "stored_bytes": stored, "original_bytes": original},
-        "compression": {
-            "source": str(path), "source_method": source.name, "entries": entries, "kept": n_kept,
-            "density": n_kept / max(1, entries), "ratio": original / max(1, stored),
-            **({"note": note} if note else {}),
-        },
-    }
-    return out_meta, tensors
+    return Source(path, delta, model, shapes, pieces, layout, lowrank, note, original, fp)
 
 
 def _base_of(model: nn.Module, key: str, record: dict) -> torch.Tensor:
