@@ -255,7 +255,8 @@ def test_compress_verb_and_inspect_show_both_sizes(artifact: tuple[Path, int], b
     assert shown.exit_code == 0, shown.output
     assert "original size" in shown.output and "compression" in shown.output
     info = dt.inspect(tmp_path / "small")
-    assert info["compression"]["density"] == pytest.approx(0.1, abs=1e-3)
+    # a LoRA's factors, each tensor its own 10 % (rounded down per tensor)
+    assert info["compression"]["density"] == pytest.approx(0.1, abs=0.01)
     assert info["stored_bytes"] < info["original_bytes"]
     one_error_line(run("compress", lora, "--out", tmp_path / "bad", "--density", "0", "--base", base_dir), "density")
 

@@ -383,7 +383,8 @@ def test_lowrank_factors_mode_keeps_a_low_rank_form_with_ternary_factors(tmp_pat
     tuned.save(tmp_path / "lora")
     with pytest.raises(DeltatuneError, match="lowrank='factors'"):
         compress(tmp_path / "lora", tmp_path / "c", base=tiny_gpt2(), lowrank="delta")
-    out = compress(tmp_path / "lora", tmp_path / "c", base=tiny_gpt2())  # a LoRA's default: its factors
+    # a LoRA's default: its factors (here with one top-k over all of them, which _by_hand reproduces)
+    out = compress(tmp_path / "lora", tmp_path / "c", base=tiny_gpt2(), scope="global")
     factors = {f"{n}.{p}": getattr(f, p).detach() for n, f in tuned.forms().items() for p in ("A", "B")}
     recon = _by_hand(factors, 0.2, _scale_of(out))
     model = tiny_gpt2()
@@ -413,7 +414,9 @@ def test_a_lora_compresses_its_factors_by_default_far_smaller_than_its_delta_and
     assert {r["form"] for r in f_meta["config"]["tensors"].values()} == {"lowrank"}
     assert f_meta["compression"]["entries"] == sum(4 * (o + i) for o, i in shapes)  # r = 4
     assert d_meta["compression"]["entries"] == sum(o * i for o, i in shapes)
-    assert f_meta["compression"]["kept"] == math.floor(0.2 * f_meta["compression"]["entries"])
+    # per tensor by default for factors: each of A (r × in) and B (out × r) keeps its own 20 %
+    assert f_meta["compression"]["kept"] == sum(math.floor(0.2 * 4 * i) + math.floor(0.2 * 4 * o) for o, i in shapes)
+    assert f_meta["config"]["scope"] == "tensor" and "--scope global" in f_meta["compression"]["note"]
     f_bytes, d_bytes = f_meta["sizes"]["stored_bytes"], d_meta["sizes"]["stored_bytes"]
     assert f_bytes * 2 < d_bytes, (f_bytes, d_bytes)
     assert f_meta["compression"]["ratio"] > 2 * d_meta["compression"]["ratio"]
@@ -459,3 +462,23 @@ def test_activation_side_compressed_and_untrained_inputs_are_refused(tmp_path: P
     with pytest.raises(DeltatuneError, match="another base model"):
         compress(tmp_path / "lora", tmp_path / "c3", base=tiny_llama(seed=1))
     assert json.loads((out / artifact.META_FILE).read_text())["config"]["source_method"] == "lora"
+
+
+def test_a_briefly_trained_lora_never_compresses_to_nothing(tmp_path: Path) -> None:
+    """After a short run B is far smaller than A (it starts at zero): one top-k over all factors keeps none of B,
+    and a factor pair without B changes nothing. The default keeps a share of each tensor; the global scope
+    says which tensors it lost (a first-day run of 6 steps on SmolLM2 compressed to 0 bytes before)."""
+    tuned = dt.attach(tiny_llama(), "lora", r=4)
+    with torch.no_grad():
+        for form in tuned.forms().values():
+            form.B.normal_(std=1e-4)  # a few small steps away from zero; A keeps its Kaiming init
+    tuned.save(tmp_path / "lora")
+    x = batch()
+    base_out = output_of(tiny_llama(), x)
+    out = compress(tmp_path / "lora", tmp_path / "c", base=tiny_llama())
+    meta = artifact.read_meta(out)
+    assert set(meta["config"]["tensors"]) == set(tuned.forms()), "every tensor keeps a share"
+    assert meta["sizes"]["stored_bytes"] > 0
+    assert not torch.equal(output_of(dt.load(tiny_llama(), out), x), base_out)
+    with pytest.warns(UserWarning, match=r"changed tensors keep nothing .*--scope tensor"):
+        compress(tmp_path / "lora", tmp_path / "g", base=tiny_llama(), scope="global")

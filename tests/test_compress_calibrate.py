@@ -163,8 +163,8 @@ def test_recorded_scores_reproduce_when_the_artifacts_are_loaded_and_evaluated_a
 
 # -- without calibrate, and the options -------------------------------------------------------------------------------
 def test_without_calibrate_nothing_changes(lora: Path, tmp_path: Path) -> None:
-    default = dt.compress(lora, tmp_path / "d")
-    explicit = dt.compress(lora, tmp_path / "e", density=0.2, alpha=1.0, scope="global")
+    default = dt.compress(lora, tmp_path / "d")  # a LoRA's factors, each tensor its own top-k
+    explicit = dt.compress(lora, tmp_path / "e", density=0.2, alpha=1.0, scope="tensor")
     assert (default / artifact.TENSOR_FILE).read_bytes() == (explicit / artifact.TENSOR_FILE).read_bytes()
     d_meta, e_meta = artifact.read_meta(default), artifact.read_meta(explicit)
     assert "calibration" not in d_meta["compression"] and d_meta["config"] == e_meta["config"]

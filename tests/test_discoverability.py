@@ -229,3 +229,17 @@ def test_a_multi_line_error_keeps_its_lines(tmp_path: Path) -> None:
     assert lines[0].startswith("error: ") and len(lines) >= 4, result.stderr
     for needle in ("nosuch", "rank", "stepz"):
         assert sum(needle in line for line in lines) == 1, (needle, lines)
+
+
+def test_methods_piped_into_head_stops_quietly() -> None:
+    """`deltatune methods | head -3`: the closed pipe is the reader being done, not an error to report."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    cli = Path(sys.executable).parent / "deltatune"
+    done = subprocess.run(["bash", "-c", f"'{cli}' methods | head -1; exit ${{PIPESTATUS[0]}}"],
+                          capture_output=True, text=True, timeout=300)
+    assert done.stdout.startswith("method"), done.stdout
+    assert "error" not in done.stderr.lower() and "Traceback" not in done.stderr, done.stderr
+    assert done.returncode == 0, done.stderr

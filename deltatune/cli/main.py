@@ -11,6 +11,8 @@ from __future__ import annotations
 import errno
 import functools
 import json
+import os
+import sys
 from collections.abc import Callable
 from typing import Any, NoReturn, TypeVar
 
@@ -53,10 +55,20 @@ def _errors(fn: F) -> F:
             return fn(*args, **kwargs)
         except DeltatuneError as e:
             _fail(str(e))
+        except BrokenPipeError:  # `deltatune methods | head`: the reader has what it wanted; stop quietly
+            _quiet_stdout()
+            raise typer.Exit(0) from None
         except OSError as e:  # the machine's state, not a bug: say which path and what the system said
             _fail(_os_error_message(e))
 
     return wrapper  # type: ignore[return-value]
+
+
+def _quiet_stdout() -> None:
+    """Point stdout at /dev/null, so that Python's own flush at exit meets no closed pipe (and prints nothing)."""
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, sys.stdout.fileno())
+    os.close(devnull)
 
 
 def _fail(message: str) -> NoReturn:

@@ -41,6 +41,7 @@ from __future__ import annotations
 
 import math
 import os
+import warnings
 from dataclasses import dataclass
 from fractions import Fraction
 from pathlib import Path
@@ -344,11 +345,29 @@ def compress(path: str | os.PathLike, out: str | os.PathLike, *, density: float 
     with artifact.destination(out, "artifact", inputs=inputs, overwrite=overwrite):
         if grid is None:
             src = source_of(path, delta, _base_model(path, delta.record, base), lowrank)
+            if scope is None and src.lowrank == "factors":
+                # one top-k over all of A and B keeps almost nothing of B (it starts at zero and stays far smaller
+                # than A), and a factor pair with an empty B changes nothing: each tensor keeps its own share
+                options["scope"] = "tensor"
+                src.note = f"{src.note}; factors are compressed per tensor (--scope global: one top-k over all)"
             meta, tensors = src.compressed(keep(src.pieces, options["density"], options["scope"]), options)
+            _warn_lost(src, meta, options)
         else:
             meta, tensors = compress_calibrate.calibrated(path, delta, base, data, grid, options)
         artifact.write_artifact(out, meta, tensors)
     return Path(out)
+
+
+def _warn_lost(src: Source, meta: dict[str, Any], options: dict[str, Any]) -> None:
+    """Say so when tensors that changed keep nothing at this density and scope (a low-rank form whose A or B lost
+    every entry is left out): their change is lost, which the size alone would not show."""
+    changed = {p.key if p.key in src.layout else p.key.rsplit(".", 1)[0]  # "<form>.A" / "<form>.B" -> "<form>"
+               for p in src.pieces if bool(p.values.any())}
+    lost = sorted(k for k in changed if k not in meta["config"]["tensors"])
+    if lost:
+        warnings.warn(f"{len(lost)} of {len(src.layout)} changed tensors keep nothing at density {options['density']} "
+                      f"({options['scope']} scope) and are left out, their change lost (e.g. {lost[0]}); "
+                      "scope='tensor' (--scope tensor) keeps a share of every tensor", stacklevel=3)
 
 
 @dataclass
