@@ -474,7 +474,8 @@ def compress(
     alpha: float = typer.Option(None, "--alpha", help="Kept entries become ±alpha·std(task vector) (default 1; with "
                                 "--calibrate: fixed, not searched)."),
     scope: str = typer.Option(None, "--scope", help="global (one top-k and scale, as the paper; the default) or "
-                              "tensor; with --calibrate: fixed, else both are searched."),
+                              "tensor (each tensor its own; the default for a LoRA's factors); with --calibrate: "
+                              "fixed, else both are searched."),
     lowrank: str = typer.Option(None, "--lowrank", help="Low-rank deltas: factors (compress A and B, the result "
                                 "stays low-rank; the default for a LoRA) or delta (compress ΔW = s·B·A)."),
     values: str = typer.Option("ternary", "--values", help="ternary (ComPEFT) or pruned (top-k only, values kept)."),

@@ -277,6 +277,11 @@ def _is_int(name: str) -> bool:
     return True
 
 
+def label_order(found: set[str]) -> list[str]:
+    """Class names in the order their indices take: numeric when every name is an integer, else sorted."""
+    return sorted(found, key=int) if all(_is_int(v) for v in found) else sorted(found)
+
+
 def labelled(
     records: Records,
     *,
@@ -303,7 +308,7 @@ def labelled(
                 "fill it in or remove the row"
             )
         found = set(values)
-        names = sorted(found, key=int) if all(_is_int(v) for v in found) else sorted(found)
+        names = label_order(found)
     index = {n: i for i, n in enumerate(names)}
     ds = TextDataset(name or records.source, texts, [index[v] for v in values], list(names))
     return ds.keep_labels(labels) if labels is not None else ds

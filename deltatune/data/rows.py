@@ -21,6 +21,7 @@ from typing import Any
 
 from deltatune import data
 from deltatune.data.config import DataConfig
+from deltatune.data.files import label_order
 from deltatune.errors import DeltatuneError
 
 
@@ -77,18 +78,10 @@ def classification_parts(cfg: DataConfig) -> list[data.TextDataset]:
     if all(p.label_names == parts[0].label_names for p in parts):
         return parts
     found = {n for p in parts for n in p.label_names}
-    names = sorted(found, key=int) if all(_is_int(n) for n in found) else sorted(found)
+    names = label_order(found)
     index = {n: k for k, n in enumerate(names)}
     return [data.TextDataset(p.name, list(p.texts), [index[p.label_names[y]] for y in p.labels], list(names))
             for p in parts]
-
-
-def _is_int(name: str) -> bool:
-    try:
-        int(name)
-    except ValueError:
-        return False
-    return True
 
 
 def in_part(error: DeltatuneError, cfg: DataConfig, i: int) -> DeltatuneError:
