@@ -38,6 +38,9 @@ VARIANTS: dict[str, tuple[dict, float]] = {
     # one selection only, from more gradients (20 batches instead of 5), no later swaps
     **{f"one-selection-g20-lr{lr:g}": ({**SPIEL, "reselection_steps": 1000, "selection_accumulation_steps": 20}, lr)
        for lr in (5e-3, 1e-2)},
+    # the default's first selection (step 5, from 5 batches) and no later swaps
+    **{f"one-selection-g5-lr{lr:g}": ({**SPIEL, "reselection_steps": 1000, "selection_accumulation_steps": 5}, lr)
+       for lr in (5e-3,)},
     # SpIEL-MA: growth from SM3's accumulators, no dense gradient
     **{f"sm3-lr{lr:g}": ({**SPIEL, "regrow": "sm3"}, lr) for lr in (5e-3, 1e-2)},
 }
