@@ -307,7 +307,8 @@ def compress(path: str | os.PathLike, out: str | os.PathLike, *, density: float 
 
     ``density``: the fraction of task-vector entries kept (the paper's k/100; default 0.2, the code's);
     ``alpha``: kept entries become ±alpha·std(τ) (default 1); ``scope``: "global" (one top-k and σ over all
-    tensors, as the official code; the default) or "tensor"; ``lowrank``: "factors" (compress A and B, the paper's LoRA setting;
+    tensors, as the official code; the default, but for a LoRA's factors) or "tensor" (each tensor its own; the
+    default for a LoRA's factors, whose B a global top-k would empty); ``lowrank``: "factors" (compress A and B, the paper's LoRA setting;
     the result stays low-rank) or "delta" (compress ΔW = s·B·A), None: factors where the delta has plain LoRA
     factors, else delta (``compression.note`` in the result says what was chosen); ``values``: "ternary" or
     "pruned" (top-k only, values kept); ``base``: the base model or its name (default: the one the artifact
@@ -320,10 +321,10 @@ def compress(path: str | os.PathLike, out: str | os.PathLike, *, density: float 
     the uncompressed delta. The search is recorded in the artifact (``compression.calibration``). Returns ``out``."""
     from deltatune.core import artifact
 
-    _check_options(DENSITY if density is None else density, ALPHA if alpha is None else alpha,
-                   "global" if scope is None else scope, "delta" if lowrank is None else lowrank, values)
-    options = {"density": float(DENSITY if density is None else density), "alpha": float(ALPHA if alpha is None else alpha),
+    options = {"density": DENSITY if density is None else density, "alpha": ALPHA if alpha is None else alpha,
                "scope": "global" if scope is None else scope, "lowrank": lowrank, "values": values}
+    _check_options(options["density"], options["alpha"], options["scope"], lowrank or "delta", values)
+    options["density"], options["alpha"] = float(options["density"]), float(options["alpha"])
     grid, data = None, None
     if calibrate is not None:
         from deltatune.ops import compress_calibrate

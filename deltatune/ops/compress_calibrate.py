@@ -48,6 +48,7 @@ import torch
 import torch.nn as nn
 
 from deltatune.core.delta import Delta
+from deltatune.core.registry import problem_list
 from deltatune.errors import DeltatuneError
 from deltatune.ops.compress import SCOPES, Kept, Source, _base_model, keep, source_of
 
@@ -92,7 +93,7 @@ def grid_of(density: float | None, alpha: float | None, scope: str | None, densi
         problems.append(f"tolerance={tolerance!r} must be a number >= 0 (points of dev accuracy, or percent of the "
                         "dev loss for text and chat)")
     if problems:
-        raise DeltatuneError("bad calibration options: " + "; ".join(problems))
+        raise DeltatuneError(problem_list("bad calibration options", problems))
     d_grid = (float(density),) if density is not None else d_grid or DENSITIES
     a_grid = (float(alpha),) if alpha is not None else a_grid or ALPHAS
     if values == "pruned":  # pruned values keep τ: α changes nothing, so searching it would only repeat points
