@@ -144,8 +144,8 @@ def test_eval_gives_the_training_runs_final_metrics(trained: dict, name: str) ->
 
 def test_eval_refuses_data_that_does_not_fit_the_head(trained: dict, tmp_path: Path) -> None:
     three = tmp_path / "three.jsonl"
-    three.write_text("".join(json.dumps({"text": f"what a {w} day", "label": w}) + "\n"
-                             for w in ("great", "sad", "happy") * 8))
+    three.write_text("".join(json.dumps({"text": f"what a {w} day, number {i}", "label": w}) + "\n"
+                             for i in range(8) for w in ("great", "sad", "happy")))
     with pytest.raises(dt.DeltatuneError, match="2-label classification head.*3 labels"):
         api.eval(trained["runs"]["lora"]["path"], {"path": str(three), "task": "classification"})
 

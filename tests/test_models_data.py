@@ -94,15 +94,28 @@ def test_split_is_deterministic_disjoint_complete_and_stratified() -> None:
     assert test.texts != sorted(test.texts, key=ds.texts.index)  # shuffled, not in file order
 
 
-def test_split_on_tweets_is_stratified_and_pinned() -> None:
+def test_split_on_tweets_is_stratified_by_distinct_text_and_pinned() -> None:
     ds = data.load("tweets")
     train, test = ds.split(0.1, seed=0)
     assert len(train) + len(test) == len(ds)
-    assert len(test) == 3_816
+    distinct = len(set(ds.texts))
+    assert distinct < len(ds)  # the shipped file repeats texts: every copy must land on one side
+    assert set(train.texts).isdisjoint(test.texts)
+    assert len(set(test.texts)) == round(0.1 * distinct)
     for name, n in TWEET_COUNTS.items():
-        assert abs(_counts(test)[name] - 0.1 * n) <= 1
-    assert _counts(test) == {"negative": 1619, "neutral": 1502, "positive": 695}
+        assert abs(_counts(test)[name] - 0.1 * n) <= 0.01 * n  # stratified by each text's label
+    assert _counts(test) == {"negative": 1611, "neutral": 1459, "positive": 687}
     assert test.texts[:3] == ds.split(0.1, seed=0)[1].texts[:3]
+
+
+def test_every_copy_of_a_text_lands_on_one_side() -> None:
+    texts = [f"text {i % 30}" for i in range(90)]  # 30 distinct texts, three copies each
+    ds = data.TextDataset("copies", texts, [i % 30 % 2 for i in range(90)], ["a", "b"])
+    for seed in range(5):
+        train, test = ds.split(0.2, seed=seed)
+        assert set(train.texts).isdisjoint(test.texts)
+        assert len(test) == 3 * 6 and len(train) == 3 * 24  # 20% of the distinct texts, with all their copies
+        assert sorted(test.labels) == [0] * 9 + [1] * 9  # stratified over texts
 
 
 def test_subset_is_stratified_and_deterministic() -> None:

@@ -105,16 +105,19 @@ class TextDataset:
             list(self.label_names),
         )
 
-    def _stratified_pick(self, k: int, rng: random.Random) -> tuple[list[int], list[int]]:
+    def _stratified_pick(self, k: int, rng: random.Random, labels: list[int] | None = None
+                         ) -> tuple[list[int], list[int]]:
         """Pick k indices with each class getting floor or ceil of its share (largest remainder).
 
-        Integer arithmetic and a private Random make the result identical on every machine; both parts
-        are shuffled so that a file sorted by label does not yield label-sorted batches.
+        ``labels``: one label per unit to pick (default: this set's examples). Integer arithmetic and a private
+        Random make the result identical on every machine; both parts are shuffled so that a file sorted by label
+        does not yield label-sorted batches.
         """
+        labels = self.labels if labels is None else labels
         by_label: dict[int, list[int]] = {}
-        for i, y in enumerate(self.labels):
+        for i, y in enumerate(labels):
             by_label.setdefault(y, []).append(i)
-        total = len(self.labels)
+        total = len(labels)
         quota = {y: k * len(idx) // total for y, idx in by_label.items()}
         by_remainder = sorted(by_label, key=lambda y: (-(k * len(by_label[y]) % total), y))
         for y in by_remainder[: k - sum(quota.values())]:
@@ -130,18 +133,30 @@ class TextDataset:
         rng.shuffle(rest)
         return picked, rest
 
+    def _same_text_groups(self) -> list[list[int]]:
+        """The example indices of each distinct text, in the order the texts first occur."""
+        groups: dict[str, list[int]] = {}
+        for i, text in enumerate(self.texts):
+            groups.setdefault(text, []).append(i)
+        return list(groups.values())
+
     def split(self, eval_fraction: float, seed: int = 0) -> tuple[TextDataset, TextDataset]:
-        """(train, eval): a stratified shuffle split, the same for the same seed on any machine."""
+        """(train, eval): a stratified shuffle split by distinct text, the same for the same seed on any machine.
+
+        Every copy of a text lands on the same side (the shipped tweets repeat some texts), so that no held-out
+        text is also trained on; ``eval_fraction`` counts distinct texts, each stratified by its first label."""
         if not 0.0 < eval_fraction < 1.0:
             raise DeltatuneError(f"eval_fraction must be between 0 and 1 (exclusive), got {eval_fraction}")
-        k = int(len(self) * eval_fraction + 0.5)
-        if not 0 < k < len(self):
+        groups = self._same_text_groups()
+        k = int(len(groups) * eval_fraction + 0.5)
+        if not 0 < k < len(groups):
             raise DeltatuneError(
-                f"eval_fraction={eval_fraction} of {len(self)} examples leaves an empty train or eval part; "
+                f"eval_fraction={eval_fraction} of {len(groups)} distinct texts leaves an empty train or eval part; "
                 "use a fraction nearer 0.5 or a larger data set"
             )
-        picked, rest = self._stratified_pick(k, random.Random(seed))
-        return self._take(rest), self._take(picked)
+        picked, rest = self._stratified_pick(k, random.Random(seed), [self.labels[g[0]] for g in groups])
+        return (self._take([i for g in rest for i in groups[g]]),
+                self._take([i for g in picked for i in groups[g]]))
 
     def keep_labels(self, names: list[str]) -> TextDataset:
         """Only the examples of these classes, relabelled 0..len(names)-1 in the order given."""
