@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 from pathlib import Path
 
 import pytest
@@ -186,3 +187,41 @@ def test_a_label_word_demo_runs_its_baseline_once_and_searches_on_its_prompt(
     assert len(dev) == len(searched.eval) == search["dev_examples"] == len(task.eval) == 8
     assert len(searched.train) == search["train_examples"] == len(task.train) == 24
     assert not dev & held and not dev & search_train and not search_train & held
+
+
+def test_resume_reuses_kept_runs_and_reruns_what_changed_or_is_gone(tmp_path: Path,
+                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    """A long protocol stopped part-way continues run by run: with resume, a run whose spec and artifact are kept
+    is not made again (the same numbers come back); a run whose artifact is gone, or whose config changed, is."""
+    from deltatune.cli import demo as demo_module
+
+    setup = stand_in(tmp_path)
+    setup["methods"]["lora"] = Row("lora-minilm", {"steps": 4, "lr": 2e-2})
+    out = tmp_path / "report"
+
+    def run(**options: object) -> list[dict]:
+        return demo(setup=setup, out=out, methods=["lora"], seeds=2, lr_grid="0.5,2", show=False, isolate=False,
+                    **options)
+
+    first = run(resume=True)
+    made: list[str] = []
+    real = demo_module._run_worker
+    monkeypatch.setattr(demo_module, "_run_worker", lambda spec, *a: made.append(spec["label"]) or real(spec, *a))
+    again = run(resume=True)
+    assert made == [] and [s["accuracy"] for s in again[1]["seeds"]] == [s["accuracy"] for s in first[1]["seeds"]]
+    assert again[1]["lr_search"]["runs"] == first[1]["lr_search"]["runs"]
+
+    shutil.rmtree(out / "artifacts" / "lora-seed1")
+    run(resume=True)
+    assert made == ["lora-seed1"]  # only the run whose artifact is gone
+
+    made.clear()
+    setup["methods"]["lora"] = Row("lora-minilm", {"steps": 3, "lr": 2e-2})
+    run(resume=True)
+    lora_runs = ["lora lr 0.01", "lora lr 0.04", "lora-seed0", "lora-seed1"]
+    assert sorted(m for m in made if m.startswith("lora")) == lora_runs  # the config changed: every run again
+
+    made.clear()
+    run()
+    assert sorted(m for m in made if m.startswith("lora")) == lora_runs  # without resume: every run is made again
+    assert made.count("untrained head") == 2  # a fresh head per training seed

@@ -31,6 +31,7 @@ each row's learning rate first, on a dev split carved from the training data (``
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -348,6 +349,38 @@ def _run_worker(spec: dict[str, Any], show: bool, console: Console, isolate: boo
         return json.loads(result_path.read_text())
 
 
+RUNS = "runs"  # OUT/runs/<stem>.json: every run's spec and result, which --resume reuses
+
+
+def _spec_key(spec: dict[str, Any]) -> str:
+    """What makes two runs the same run: the spec without its display fields and without the device (a run made
+    on an accelerator stands for the same run on the CPU)."""
+    key = json.loads(json.dumps({k: v for k, v in spec.items() if k not in ("label", "show")}))
+    key.get("config", {}).get("train", {}).pop("device", None)
+    return json.dumps(key, sort_keys=True)
+
+
+def _cached_run(plan: Plan, stem: str, spec: dict[str, Any], artifact: Path | None = None) -> dict[str, Any]:
+    """Run ``spec`` (in a worker), keeping its spec and result in OUT/runs/``stem``.json. With ``plan.resume`` a
+    kept result of the same spec is returned instead, when the run's artifact (if it saves one) is still there:
+    a long protocol (``scripts/demo_results.py``) continues where it stopped, run by run."""
+    from deltatune.train.reporting import replace_text
+
+    spec = {**spec, "config": {**spec["config"], "train": {**spec["config"]["train"], "device": plan.device}}}
+    path = plan.out / RUNS / f"{stem}.json"
+    if plan.resume and path.is_file():
+        kept = json.loads(path.read_text())
+        saved = artifact is None or "error" in kept["result"] or (artifact / "deltatune.json").is_file()
+        if _spec_key(kept["spec"]) == _spec_key(spec) and saved:
+            return kept["result"]
+    if artifact is not None:
+        shutil.rmtree(artifact, ignore_errors=True)
+    result = _run_worker(spec, plan.show, plan.console, plan.isolate)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    replace_text(path, json.dumps({"spec": spec, "result": result}) + "\n")
+    return result
+
+
 # -- the demo ----------------------------------------------------------------------------------
 def _artifact_bytes(folder: Path) -> int | None:
     if not (folder / "deltatune.json").is_file():
@@ -474,6 +507,8 @@ class Plan(NamedTuple):
     show: bool
     console: Console
     isolate: bool
+    resume: bool = False  # reuse OUT/runs/<stem>.json of a run with the same spec (``_cached_run``)
+    device: str = "cpu"
 
 
 def search_data(setup: dict[str, Any], seed: int, out: Path) -> SearchData:
@@ -547,13 +582,12 @@ def _lr_search(plan: Plan, name: str, search: SearchData) -> dict[str, Any]:
     for multiplier in plan.lr_grid or []:
         stem = f"{name}-x{multiplier:g}"
         folder = plan.out / SEARCH / "artifacts" / stem
-        shutil.rmtree(folder, ignore_errors=True)
         config = _search_config(plan, name, search, multiplier, folder)
         lr = config["train"]["lr"]
         config_file = _write_config(plan.out, stem, config, preset, folder=f"{SEARCH}/configs",
                                     what=f"learning-rate search of demo row {name!r} (lr x {multiplier:g})")
-        result = _run_worker({"kind": "train", "config": config, "label": f"{name} lr {lr:g}", "show": plan.show,
-                              "search": True}, plan.show, plan.console, plan.isolate)
+        result = _cached_run(plan, f"{SEARCH}-{stem}", {"kind": "train", "config": config, "search": True,
+                                                        "label": f"{name} lr {lr:g}", "show": plan.show})
         shutil.rmtree(folder, ignore_errors=True)
         run = {"multiplier": multiplier, "lr": lr, "dev_accuracy": None, "config_file": config_file}
         if "error" in result:
@@ -561,7 +595,8 @@ def _lr_search(plan: Plan, name: str, search: SearchData) -> dict[str, Any]:
         else:
             run["dev_accuracy"] = result["summary"]["final"].get("eval_accuracy")
         runs.append(run)
-    shutil.rmtree(plan.out / SEARCH / "artifacts", ignore_errors=True)
+    with contextlib.suppress(OSError):  # empty now, unless another demo searches in this folder at the same time
+        (plan.out / SEARCH / "artifacts").rmdir()
     chosen = choose_lr(runs)
     seen = ", ".join(f"{r['lr']:g} {'failed' if r['dev_accuracy'] is None else format(r['dev_accuracy'], '.1%')}"
                      for r in runs)
@@ -587,6 +622,8 @@ def demo(
     command: str | None = None,
     setup: dict[str, Any] | None = None,
     isolate: bool = True,
+    resume: bool = False,
+    device: str = "cpu",
 ) -> list[dict[str, Any]]:
     """The untrained model's accuracy, then each method trained with ``dt.train`` and scored on the same held-out
     set.
@@ -604,6 +641,10 @@ def demo(
     once per rate on training examples only and keeps the rate with the best accuracy on a dev split carved from
     the training data (``search_data``, ``choose_lr``); the reported runs train with it.
 
+    ``resume``: reuse every run that OUT/runs/ already holds with the same spec (and, for a reported run, its
+    artifact), so that a long protocol stopped part-way continues where it stopped; without it every run is made
+    afresh. ``device``: where the runs train (``train.device``; the published tables: "cpu").
+
     Writes ``out``/report.md, the plots, configs/<method>.yaml and artifacts/<method> (``<method>-seed<k>`` for
     each seed when ``seeds`` > 1), rows.json (every seed's values under a row's ``seeds``, the search under its
     ``lr_search``) and lr-search/ (the search's data and configs). Returns the table rows as dicts (the baseline
@@ -620,7 +661,8 @@ def demo(
     (out / "artifacts").mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
     total = len(methods) + 1
-    plan = Plan(setup, out, seed, [seed + k for k in range(seeds)], steps, lora_options, grid, show, console, isolate)
+    plan = Plan(setup, out, seed, [seed + k for k in range(seeds)], steps, lora_options, grid, show, console, isolate,
+                resume, device)
     console.print(f"[bold]deltatune demo[/]: {setup['title']}; report in {out}/")
 
     search = search_data(setup, seed, out) if grid else None  # before any run: a split that fails, fails first
@@ -654,8 +696,8 @@ def _baseline_row(plan: Plan, first: str, total: int) -> tuple[dict[str, Any], d
         config = run_config(setup, first, seed=plan.seed, output=plan.out / "artifacts" / ZERO_SHOT,
                             train_seed=train_seed)
         config["data"] = {**setup["data"], "seed": plan.seed}  # the base model as it is: no head a preset asks for
-        zs = _run_worker({"kind": ZERO_SHOT, "config": config, "label": baseline}, plan.show, plan.console,
-                         plan.isolate)
+        zs = _cached_run(plan, f"{ZERO_SHOT}-seed{train_seed}", {"kind": ZERO_SHOT, "config": config,
+                                                                 "label": baseline})
         if "error" in zs:
             raise DeltatuneError(f"the {baseline} evaluation failed: {zs['error']}")
         z = zs["zero_shot"]
@@ -700,14 +742,11 @@ def _train_row(plan: Plan, name: str, stem: str, train_seed: int, lr: float | No
     """One run of row ``name`` (training seed ``train_seed``, artifact and config named ``stem``)."""
     setup, out = plan.setup, plan.out
     folder = out / "artifacts" / stem
-    if folder.exists():
-        shutil.rmtree(folder)
     config = run_config(setup, name, seed=plan.seed, output=folder, steps=plan.steps, lora_options=plan.lora_options,
                         train_seed=train_seed, lr=lr)
     config_file = _write_config(out, stem, config, setup["methods"][name].preset)
     method, lr = config["method"], config["train"]["lr"]
-    result = _run_worker({"kind": "train", "config": config, "label": stem, "show": plan.show}, plan.show,
-                         plan.console, plan.isolate)
+    result = _cached_run(plan, stem, {"kind": "train", "config": config, "label": stem, "show": plan.show}, folder)
     shutil.rmtree(folder / "checkpoints", ignore_errors=True)  # resume state, not part of the demo
     if "error" in result:
         plan.console.print(f"    [yellow]skipped[/]: {result['error']}")

@@ -347,6 +347,9 @@ def demo(
     lr_grid: str = typer.Option(None, "--lr-grid", metavar="M1,M2,...", help="Choose each row's learning rate "
                                 "first: multipliers of its preset's rate, e.g. 0.5,1,2, each trained once and scored "
                                 "on a dev split carved from the training data; the reported runs use the best."),
+    resume: bool = typer.Option(False, "--resume", help="Reuse the runs OUT/runs/ already holds with the same "
+                                "config (a long protocol continues where it stopped); without it every run is new."),
+    device: str = typer.Option("cpu", "--device", help="Where the runs train, e.g. cuda (the published tables: cpu)."),
 ) -> None:
     """Zero-shot vs LoRA vs full fine-tuning (and more) on SmolLM2-135M + tweet sentiment; writes a report."""
     import shlex
@@ -365,6 +368,8 @@ def demo(
         lora_options=_parse_options(option),
         console=_out(),
         command=shlex.join(["deltatune", *sys.argv[1:]]),
+        resume=resume,
+        device=device,
     )
 
 

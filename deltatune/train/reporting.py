@@ -44,7 +44,7 @@ def reporters(output: str | os.PathLike, report_to: list[str], config: dict[str,
     return out
 
 
-def _replace_text(path: Path, text: str) -> None:
+def replace_text(path: Path, text: str) -> None:
     """Write ``path`` whole through a temporary sibling and a rename: a crash leaves the old file or the new one.
     (``open`` gives it the umask's mode, as every output of a run.)"""
     tmp = path.with_name(f".{path.name}.tmp-{secrets.token_hex(6)}")
@@ -127,7 +127,7 @@ class JsonlReporter(_Stream):
         self.file = open(self.path, "a")  # noqa: SIM115 - held open for the run, closed in on_end
 
     def cut(self, step: int) -> None:
-        _replace_text(self.path, "".join(line + "\n" for line in _kept_lines(self.path, step)))
+        replace_text(self.path, "".join(line + "\n" for line in _kept_lines(self.path, step)))
 
     def on_step_end(self, record: dict[str, Any]) -> None:
         if self.file is not None:
@@ -173,7 +173,7 @@ class CsvReporter(_Stream):
         if self.columns:
             writer.writeheader()
         writer.writerows(self.rows)
-        _replace_text(self.path, text.getvalue())
+        replace_text(self.path, text.getvalue())
 
     def on_step_end(self, record: dict[str, Any]) -> None:
         self.rows.append(record)
@@ -242,7 +242,7 @@ class _RunId:
 
     def write(self, run_id: str) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        _replace_text(self.path, run_id + "\n")
+        replace_text(self.path, run_id + "\n")
 
 
 class WandbReporter(Callback):
