@@ -58,10 +58,12 @@ EXAMPLES = 4  # example predictions in the report: at least this many, and at le
 
 
 class Row(NamedTuple):
-    """A demo row: the preset it trains, and ``train`` settings the demo changes for this row only."""
+    """A demo row: the preset it trains, and ``train`` settings and ``method`` options the demo changes for this row
+    only (a variant of a method: ``Row("spiel", method={"reselection_steps": 1000})``)."""
 
     preset: str
     train: dict[str, Any] = {}
+    method: dict[str, Any] = {}
 
 
 # The default demo: SmolLM2-135M, tweets positive vs negative, label-word scoring.
@@ -159,7 +161,8 @@ def run_config(setup: dict[str, Any], name: str, *, seed: int = 0, output: str |
     - ``train_seed`` (``--seeds``): ``train.seed`` alone (initialisation, batch order, dropout), so that every
       seed of a row is scored on the same held-out split (``data.seed`` stays ``seed``).
     - ``lr`` (``--lr-grid``): ``train.lr`` chosen on a dev split carved from the training data.
-    - ``output``; ``lora_options`` (``-o r=16``) change the LoRA row's method.
+    - ``output``; ``lora_options`` (``-o r=16``) change the LoRA row's method; a row's ``method`` options change its
+      method (a variant).
     """
     row = setup["methods"][name]
     preset = read_config(row.preset)
@@ -167,7 +170,7 @@ def run_config(setup: dict[str, Any], name: str, *, seed: int = 0, output: str |
     head = (preset.get("data") or {}).get("head")
     if head is not None:
         data["head"] = head
-    method = dict(preset["method"])
+    method = {**preset["method"], **row.method}
     if "data" in method:
         method["data"] = dict(data)
     if name == "lora" and lora_options:
