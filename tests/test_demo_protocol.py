@@ -225,3 +225,17 @@ def test_resume_reuses_kept_runs_and_reruns_what_changed_or_is_gone(tmp_path: Pa
     run()
     assert sorted(m for m in made if m.startswith("lora")) == lora_runs  # without resume: every run is made again
     assert made.count("untrained head") == 2  # a fresh head per training seed
+
+
+def test_the_baseline_is_the_same_run_whichever_row_comes_first() -> None:
+    """The zero-shot evaluation does not depend on the first row's method or training settings, so demos of
+    different rows into one folder reuse it (``--resume``)."""
+    from deltatune.cli.demo import DEFAULT_SETUP, ZERO_SHOT, _spec_key, run_config
+
+    def spec(first: str, seed: int = 0) -> dict:
+        return {"kind": ZERO_SHOT, "config": run_config(DEFAULT_SETUP, first, train_seed=seed), "label": "zero-shot"}
+
+    assert _spec_key(spec("lora")) == _spec_key(spec("full"))
+    assert _spec_key(spec("lora")) != _spec_key(spec("lora", seed=1))  # a fresh head would differ per seed
+    trained = [{"kind": "train", "config": run_config(DEFAULT_SETUP, name)} for name in ("lora", "full")]
+    assert _spec_key(trained[0]) != _spec_key(trained[1])

@@ -359,7 +359,12 @@ def _spec_key(spec: dict[str, Any]) -> str:
     """What makes two runs the same run: the spec without its display fields and without the device (a run made
     on an accelerator stands for the same run on the CPU)."""
     key = json.loads(json.dumps({k: v for k, v in spec.items() if k not in ("label", "show")}))
-    key.get("config", {}).get("train", {}).pop("device", None)
+    config = key.get("config", {})
+    config.get("train", {}).pop("device", None)
+    if key.get("kind") == ZERO_SHOT:  # the base model as it is: its method and training settings play no part
+        train = config.get("train", {})
+        key["config"] = {"model": config.get("model"), "data": config.get("data"), "seed": train.get("seed"),
+                         "eval_batch_size": train.get("eval_batch_size")}
     return json.dumps(key, sort_keys=True)
 
 
