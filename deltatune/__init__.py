@@ -19,6 +19,7 @@ from deltatune.api import (
     inspect,
     merge,
     methods,
+    search,
 )
 from deltatune.core.tuned import Tuned, attach, load
 from deltatune.data import models
@@ -49,6 +50,7 @@ __all__ = [
     "methods",
     "models",
     "revert",
+    "search",
     "train",
 ]
 

@@ -241,3 +241,61 @@ def _classify(runner: nn.Module, tok: Any, prompt: str, stream: bool) -> str:
     if stream:
         print(f"{label} (p={float(probs[k]):.2f})", end="", flush=True)
     return label
+
+
+def search(config: str | os.PathLike | dict[str, Any], out: str | os.PathLike, *, resume: bool = False,
+           storage: str | None = None, trials: int | None = None, overrides: list[str] | None = None,
+           runner: Any = None, on_trial: Any = None) -> Any:
+    """``deltatune search``: a multi-objective configuration search over a run config (``deltatune.ops.search``);
+    returns the optuna ``Study``.
+
+    ``config``: a YAML path or a mapping, a run config plus ``search: {space, trials, objectives, ...}``
+    (``docs/search.md``); ``overrides``: ``key=value`` items as ``deltatune train --set`` takes them. ``out``: the
+    study folder (``study.db``, ``trials.csv``, ``pareto.png``, ``pareto/<trial>.yaml``); a folder that is not
+    empty is refused without ``resume``, which continues a killed search or joins one as another worker.
+    ``storage``: an optuna RDB URL (``sqlite:///...``, ``postgresql://...``) that several workers share.
+    ``trials`` overrides ``search.trials``. ``runner(config, folder) -> dict``: how a trial trains (default: a
+    ``dt.train`` run in a process of its own, scored on the dev split); ``on_trial(trial, done, total)`` is called
+    after each trial."""
+    from deltatune.ops import search as search_ops
+    from deltatune.ops.search_run import isolated
+
+    raw = search_config(config, overrides)
+    return search_ops.run(raw, out, validate=config_problems, runner=runner or isolated("deltatune.api:search_trial"),
+                          resume=resume, storage=storage, trials=trials, on_trial=on_trial)
+
+
+def search_config(config: str | os.PathLike | dict[str, Any], overrides: list[str] | None = None) -> dict[str, Any]:
+    """A search config's mapping: a YAML file's (or a mapping) with ``key=value`` overrides applied."""
+    from deltatune.train.config import apply_overrides, read_config
+
+    raw = read_config(config) if isinstance(config, str | os.PathLike) else dict(config)
+    if not isinstance(raw, dict):
+        raise DeltatuneError(f"{config}: a search config is a mapping (a run config with a search: section)")
+    return apply_overrides(raw, overrides)
+
+
+def config_problems(raw: dict[str, Any]) -> list[str]:
+    """A run config mapping's problems, one line each ([] for a good one): what ``deltatune train`` would refuse."""
+    from deltatune.train.config import parse_config
+
+    try:
+        parse_config(raw)
+    except DeltatuneError as e:
+        lines = str(e).splitlines()
+        listed = [line.strip().removeprefix("- ") for line in lines[1:] if line.strip()]
+        return listed or [lines[0].removeprefix("bad run config: ")]
+    return []
+
+
+def search_trial(config: dict[str, Any]) -> dict[str, Any]:
+    """One trial of ``deltatune search`` (run in its own process by ``deltatune.ops.search_run``): train the
+    config and return its final evaluation (on the search's dev split) and its costs."""
+    from deltatune.train import train
+
+    summary = train(config, callbacks=[])
+    final = summary["final"]
+    return {"metrics": {k.removeprefix("eval_"): v for k, v in final.items() if k.startswith("eval_")},
+            "trainable": summary["trainable"], "peak_memory": summary["peak_memory_bytes"],
+            "seconds_per_step": summary["seconds_per_step"], "steps": summary["steps"],
+            "model_parameters": summary["model_parameters"]}

@@ -244,3 +244,22 @@ def trained_folder_ok(tmp_path: Path) -> Path:
     BertModel(BertConfig(vocab_size=64, hidden_size=32, num_hidden_layers=1, num_attention_heads=4,
                          intermediate_size=64, max_position_embeddings=32)).save_pretrained(folder)
     return folder
+
+
+def test_eval_without_data_takes_the_data_section_of_the_run_that_trained_it(trained: dict, tmp_path: Path) -> None:
+    """`deltatune eval runs/x` (and `compress --calibrate`) after `deltatune train`: the run's own data section,
+    read from its newest checkpoint, so the held-out split is the one the run reported."""
+    from typer.testing import CliRunner
+
+    from deltatune.cli.main import app
+
+    run = trained["runs"]["lora"]
+    result = CliRunner().invoke(app, ["eval", str(run["path"]), "--json"])
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.stdout)["accuracy"] == run["summary"]["final"]["eval_accuracy"]
+    bare = tmp_path / "bare"  # the artifact alone, without the run's checkpoints
+    bare.mkdir()
+    for file in ("deltatune.json", "delta.safetensors"):
+        (bare / file).write_bytes((run["path"] / file).read_bytes())
+    result = CliRunner().invoke(app, ["eval", str(bare)])
+    assert result.exit_code != 0 and "--data" in result.output and "keeps no checkpoint" in result.output

@@ -394,17 +394,26 @@ def train(
     train_fn(config, set_, resume=resume, overwrite=overwrite, force=force)
 
 
-def _data_config(data: str | None, task: str | None, config: str | None, sets: list[str]) -> Any:
+def _data_config(data: str | None, task: str | None, config: str | None, sets: list[str],
+                 artifact: str | None = None) -> Any:
     """The data config of ``eval``: a run config's data section, then --data / --task, then --set ``key=value``
-    (``data.key=value`` too, as ``train --set`` spells it), checked key by key."""
+    (``data.key=value`` too, as ``train --set`` spells it), checked key by key. With neither --config nor --data:
+    the data section of the run that wrote ``artifact`` (its newest checkpoint), when it keeps one."""
     from pathlib import Path
 
     from deltatune import data as data_module
     from deltatune.train.config import load_config, parse_data_section
+    from deltatune.train.state import saved_data_section
 
     values: dict[str, Any] = {}
     if config:
         values = dict(vars(load_config(config).data))
+    elif not data and artifact is not None:
+        saved = saved_data_section(artifact)
+        if saved is None:
+            raise DeltatuneError(f"say which data to use: --data NAME_OR_FILE or --config RUN.yaml ({artifact} keeps "
+                                 "no checkpoint with the data section of the run that trained it)")
+        values = {"mix": saved} if isinstance(saved, list) else dict(saved)
     if data:
         values.pop("name", None)
         values.pop("path", None)
@@ -428,7 +437,8 @@ def eval_(
     artifact: str = typer.Argument(..., help="The deltatune artifact folder."),
     data: str = typer.Option(None, "--data", help="A shipped data set (tweets, bbc) or a local file."),
     task: str = typer.Option(None, "--task", help="text | chat | classification | edit."),
-    config: str = typer.Option(None, "--config", help="Take the data section of this run config."),
+    config: str = typer.Option(None, "--config", help="Take the data section of this run config (default, without "
+                               "--data: the one of the run that wrote ARTIFACT, from its newest checkpoint)."),
     set_: list[str] = typer.Option([], "--set", metavar="KEY=VALUE", help="A data option, e.g. --set max_eval=200."),
     base: str = typer.Option(None, "--base", help="Base model (default: the one the artifact names)."),
     batch_size: int = typer.Option(16, "--batch-size"),
@@ -438,7 +448,7 @@ def eval_(
     from deltatune import api
 
     _at_least_one(batch_size, "--batch-size")
-    metrics = api.eval(artifact, _data_config(data, task, config, set_), base=base, batch_size=batch_size)
+    metrics = api.eval(artifact, _data_config(data, task, config, set_, artifact), base=base, batch_size=batch_size)
     if as_json:
         typer.echo(json.dumps(metrics, indent=2))
         return
@@ -488,7 +498,8 @@ def compress(
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace what OUT holds (without it a folder that is "
                                    "not empty and not this command's kind of output is refused)."),
     calibrate: bool = typer.Option(False, "--calibrate", help="Choose density, alpha and scope on a dev split carved "
-                                   "from the training part of --data / --config (never its eval split)."),
+                                   "from the training part of --data / --config (never its eval split); without "
+                                   "them, of the data of the run that wrote ARTIFACT (its newest checkpoint)."),
     data: str = typer.Option(None, "--data", help="With --calibrate: a shipped data set (tweets, bbc) or a local file."),
     task: str = typer.Option(None, "--task", help="With --calibrate: text | chat | classification."),
     config: str = typer.Option(None, "--config", help="With --calibrate: take the data section of this run config "
@@ -514,7 +525,7 @@ def compress(
     out = _out_folder(ctx, out, "deltatune compress ARTIFACT --out FOLDER")
     grid: dict[str, Any] = {}
     if calibrate:
-        grid = {"calibrate": _data_config(data, task, config, set_), "densities": _floats(densities, "--densities"),
+        grid = {"calibrate": _data_config(data, task, config, set_, artifact), "densities": _floats(densities, "--densities"),
                 "alphas": _floats(alphas, "--alphas"), "dev_size": dev_size, "tolerance": tolerance,
                 "batch_size": batch_size}
     else:
@@ -658,6 +669,80 @@ def revert(
     out = _out_folder(ctx, out, "deltatune revert COMPOSED PART --out FOLDER")
     path = api.revert(composed, part, out, overwrite=overwrite)
     _out().print(f"{composed} without {part} written to {path}", soft_wrap=True, highlight=False)
+
+
+@app.command()
+@_errors
+def search(
+    config: str = typer.Argument(..., help="A search config: a run config (model, data, method, train) with a "
+                                 "search: section (space, trials, objectives); docs/search.md."),
+    out: str | None = typer.Option(None, "--out", help="The study folder: study.db, trials.csv, pareto.png, "
+                                   "pareto/<trial>.yaml (required)."),
+    resume: bool = typer.Option(False, "--resume", help="Continue the search OUT (or --storage) holds, or join it "
+                                "as another worker; without it a folder that is not empty is refused."),
+    storage: str = typer.Option(None, "--storage", help="An optuna database URL that several workers share, e.g. "
+                                "sqlite:///shared/study.db or postgresql://user@host/db (default: OUT/study.db)."),
+    trials: int = typer.Option(None, "--trials", help="Trials in the study, counted over every worker (default: "
+                               "search.trials)."),
+    set_: list[str] = typer.Option([], "--set", metavar="KEY=VALUE", help="Override a config key, e.g. --set "
+                                   "train.steps=10 or --set search.seed=1."),
+) -> None:
+    """Search a run config's options for the Pareto front of dev metric against trainable parameters (optuna; each
+    trial a short training run in its own process): search CONFIG --out FOLDER."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from deltatune import api
+    from deltatune.ops import search as search_ops
+
+    out = _require_out(out, "deltatune search CONFIG --out FOLDER")
+    if trials is not None:
+        _at_least_one(trials, "--trials")
+    failures: list[str] = []
+    with Progress(TextColumn("search"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                  TextColumn("{task.description}"), console=_err(), transient=False) as bar:
+        task = bar.add_task("", total=None)
+
+        def on_trial(trial: Any, done: int, total: int) -> None:
+            error = trial.user_attrs.get("error")
+            if error and not trial.user_attrs.get("extra"):
+                failures.append(f"trial {trial.number} failed: {error}")
+            shown = "failed" if error else ", ".join(f"{v:.4g}" for v in trial.values or [])
+            bar.update(task, completed=done, total=total, description=f"trial {trial.number}: {shown}")
+
+        study = api.search(config, out, resume=resume, storage=storage, trials=trials, overrides=set_,
+                           on_trial=on_trial)
+    for line in failures:
+        _err().print(Text(f"warning: {line}"[:400], style="yellow"), soft_wrap=True, highlight=False)
+    spec = search_ops.prepare(api.search_config(config, set_), api.config_problems, trials)
+    _print_front(search_ops.front_rows(study, spec), spec, out)
+
+
+def _print_front(rows: list[dict[str, Any]], spec: Any, out: str) -> None:
+    """The Pareto front: one row per configuration, its values and objectives, and where its run config is."""
+    table = Table(title=f"Pareto front ({len(rows)} configurations; dev split)")
+    keys = [d.key for d in spec.space]
+    table.add_column("trial", justify="right")
+    for key in keys:
+        table.add_column(key)
+    for name, direction in spec.objectives.items():
+        table.add_column(f"{name} ({direction[:3]})", justify="right")
+    for row in rows:
+        cells = [_value_cell(row["values"].get(k, "-")) for k in keys]
+        scores = [f"{int(v):,}" if name in ("trainable", "peak_memory") else f"{v:.4g}"
+                  for name, v in row["objectives"].items()]
+        table.add_row(str(row["trial"]), *cells, *scores)
+    _out().print(table)
+    _out().print(f"run configs: {out}/pareto/TRIAL.yaml (deltatune train {out}/pareto/TRIAL.yaml); trials: "
+                 f"{out}/trials.csv; plot: {out}/pareto.png", soft_wrap=True, highlight=False)
+
+
+def _value_cell(value: Any) -> str:
+    """A searched value in the front table: text as it is, a float to 4 significant digits, others as JSON."""
+    if isinstance(value, str):
+        return value
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    return json.dumps(value)
 
 
 @app.command()
