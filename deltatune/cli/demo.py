@@ -526,33 +526,13 @@ def search_data(setup: dict[str, Any], seed: int, out: Path) -> SearchData:
     here. A stratified pool of ``max_train`` + D of those examples (D: the held-out split's size, so a dev accuracy
     is as precise as a reported one) is written to ``OUT/lr-search/data/pool.jsonl``, and the search runs read it
     with ``eval_fraction`` D / pool size: the data layer's own stratified split holds out D dev examples and
-    leaves ``max_train`` to train on, as many as a reported run trains on (fewer when the data is short)."""
-    from deltatune.core.artifact import atomic_dir
-    from deltatune.data import rows as data_rows
-    from deltatune.data.config import DataConfig
+    leaves ``max_train`` to train on, as many as a reported run trains on (fewer when the data is short). The
+    carving is ``deltatune search``'s (``deltatune.ops.search_data``)."""
+    from deltatune.ops.search_data import POOL, dev_data
 
-    cfg = DataConfig(**{**setup["data"], "seed": seed})
-    if cfg.mix is not None or cfg.task != "classification":
-        raise DeltatuneError("--lr-grid carves its dev split from one classification data set, and this demo's data "
-                             "is not one; run it without --lr-grid")
-    labelled = data_rows.classification_data(cfg)
-    train_part, held = labelled.split(cfg.eval_fraction, seed=cfg.seed)
-    dev = min(cfg.max_eval, len(held)) if cfg.max_eval else len(held)
-    train = min(cfg.max_train or len(train_part), len(train_part) - dev)
-    if train < 1:
-        raise DeltatuneError(f"the training split holds {len(train_part)} examples, too few to carve a dev split of "
-                             f"{dev} from it for --lr-grid; use more data or a smaller data.max_eval")
-    pool = train_part if dev + train >= len(train_part) else train_part.subset(dev + train, seed=cfg.seed)
-    names = list(labelled.label_names)
-    lines = "".join(json.dumps({"text": t, "label": names[y]}) + "\n"
-                    for t, y in zip(pool.texts, pool.labels, strict=True))
-    atomic_dir(out / SEARCH / "data", lambda tmp: (tmp / "pool.jsonl").write_text(lines), carry=False)
-    path = out / SEARCH / "data" / "pool.jsonl"
-    data = {k: v for k, v in setup["data"].items() if k not in ("name", "path", "text_field", "label_field")}
-    # labels and prompt spelled out: a file would otherwise get its classes sorted and the default prompt
-    data.update(path=str(path), eval_fraction=dev / len(pool), max_train=None, max_eval=None, labels=names,
-                prompt=cfg.resolved_prompt(), seed=seed)
-    return SearchData(data, str(path.relative_to(out)), dev, len(pool) - dev)
+    data, sizes = dev_data({**setup["data"], "seed": seed}, out / SEARCH, None, who="--lr-grid",
+                           smaller="data.max_eval (or run without --lr-grid)")
+    return SearchData(data, str((out / SEARCH / POOL).relative_to(out)), sizes["dev"], sizes["train"])
 
 
 def choose_lr(runs: list[dict[str, Any]]) -> dict[str, Any] | None:

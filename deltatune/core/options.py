@@ -173,3 +173,18 @@ def missing_meanings() -> list[str]:
     """``method.option`` for every option of a registered method whose dataclass gives it no meaning."""
     return [f"{n}.{o.name}" for n in registry.names() for o in options(registry.get(n).config_cls) if not o.meaning]
 
+
+def set_dotted(raw: dict[str, Any], key: str, value: Any) -> None:
+    """``raw["a"]["b"] = value`` for the run config key ``a.b`` (``--set``, a search space): missing or non-mapping
+    sections become mappings, and a method given by name becomes ``{"name": ...}`` so that its options can be set."""
+    parts = key.split(".")
+    node = raw
+    for part in parts[:-1]:
+        child = node.get(part)
+        if isinstance(child, str) and part == "method":
+            child = {"name": child}
+        if not isinstance(child, dict):
+            child = {}
+        node[part] = child
+        node = child
+    node[parts[-1]] = value

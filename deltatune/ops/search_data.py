@@ -22,17 +22,19 @@ from deltatune.errors import DeltatuneError
 POOL = Path("data") / "pool.jsonl"  # under the study folder
 
 
-def dev_data(data: Any, out: Path, dev_size: int | None) -> tuple[dict[str, Any], dict[str, int]]:
-    """The trials' data section and the sizes ``{"train": T, "dev": D}``; writes ``out/data/pool.jsonl``."""
+def dev_data(data: Any, out: Path, dev_size: int | None, *, who: str = "deltatune search",
+             smaller: str = "search.dev_size") -> tuple[dict[str, Any], dict[str, int]]:
+    """The trials' data section and the sizes ``{"train": T, "dev": D}``; writes ``out/data/pool.jsonl``. ``who``
+    and ``smaller`` name the command and the option in errors (the demo's ``--lr-grid`` carves its split here too)."""
     from deltatune.data import rows
     from deltatune.data.config import DataConfig
 
     if not isinstance(data, dict):
-        raise DeltatuneError("deltatune search carves its dev split from one classification data set (a data: "
+        raise DeltatuneError(f"{who} carves its dev split from one classification data set (a data: "
                              f"mapping with name or path); got data={data!r}")
     cfg = DataConfig(**data)
     if cfg.mix is not None or cfg.task != "classification":
-        raise DeltatuneError("deltatune search carves its dev split from one classification data set for now; "
+        raise DeltatuneError(f"{who} carves its dev split from one classification data set for now; "
                              f"this config's data is {'a mix' if cfg.mix is not None else 'task ' + repr(cfg.task)}")
     labelled = rows.classification_data(cfg)
     train_part, held = labelled.split(cfg.eval_fraction, seed=cfg.seed)
@@ -40,7 +42,7 @@ def dev_data(data: Any, out: Path, dev_size: int | None) -> tuple[dict[str, Any]
     train = min(cfg.max_train or len(train_part), len(train_part) - dev)
     if train < 1 or dev < 1:
         raise DeltatuneError(f"the training split holds {len(train_part)} examples, too few to carve a dev split of "
-                             f"{dev} from it; use more data or set search.dev_size lower")
+                             f"{dev} from it; use more data or a smaller {smaller}")
     pool = train_part if dev + train >= len(train_part) else train_part.subset(dev + train, seed=cfg.seed)
     names = list(labelled.label_names)
     lines = "".join(json.dumps({"text": t, "label": names[y]}) + "\n"

@@ -28,6 +28,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from deltatune.core import registry
+from deltatune.core.options import set_dotted
 from deltatune.errors import DeltatuneError
 
 SAMPLERS = ("tpe", "nsga2", "random")
@@ -343,21 +344,6 @@ def _reference(raw: Any, objectives: dict[str, str], problems: list[str]) -> dic
         else:
             out[str(name)] = float(_number(value))  # type: ignore[arg-type]
     return out
-
-
-def set_dotted(raw: dict[str, Any], key: str, value: Any) -> None:
-    """``raw["a"]["b"] = value`` for ``a.b`` (a method given by name becomes ``{"name": ...}``)."""
-    parts = key.split(".")
-    node = raw
-    for part in parts[:-1]:
-        child = node.get(part)
-        if isinstance(child, str) and part == "method":
-            child = {"name": child}
-        if not isinstance(child, dict):
-            child = {}
-        node[part] = child
-        node = child
-    node[parts[-1]] = value
 
 
 # -- encoding: values <-> optuna parameters ---------------------------------------------------------------------

@@ -30,6 +30,7 @@ from typing import Any
 import yaml
 
 from deltatune.core import registry
+from deltatune.core.options import set_dotted
 from deltatune.errors import DeltatuneError
 
 PRESETS_DIR = Path(__file__).resolve().parent.parent / "presets"
@@ -419,20 +420,6 @@ def parse_data_section(values: dict[str, Any]) -> Any:
     return data
 
 
-def _set_dotted(raw: dict[str, Any], key: str, value: Any) -> None:
-    parts = key.split(".")
-    node = raw
-    for p in parts[:-1]:
-        child = node.get(p)
-        if isinstance(child, str) and p == "method":
-            child = {"name": child}
-        if not isinstance(child, dict):
-            child = {}
-        node[p] = child
-        node = child
-    node[parts[-1]] = value
-
-
 def apply_overrides(raw: dict[str, Any], overrides: list[str] | None) -> dict[str, Any]:
     """``--set train.steps=10 --set method.r=16``: values are parsed as YAML (numbers, lists, null). Setting the
     run's length one way (``train.epochs`` or ``train.steps``) drops the other from the config (a preset's steps)."""
@@ -445,7 +432,7 @@ def apply_overrides(raw: dict[str, Any], overrides: list[str] | None) -> dict[st
             raise DeltatuneError(f"--set {item!r}: write key=value, e.g. --set train.steps=10")
         key, value = item.split("=", 1)
         keys.append(key.strip())
-        _set_dotted(raw, key.strip(), _yaml_value(item, value))
+        set_dotted(raw, key.strip(), _yaml_value(item, value))
     for given, dropped in (("epochs", "steps"), ("steps", "epochs")):
         if f"train.{given}" in keys and f"train.{dropped}" not in keys and isinstance(raw.get("train"), dict):
             raw["train"] = {k: v for k, v in raw["train"].items() if k != dropped}
