@@ -62,6 +62,8 @@ def inspect(path: str | os.PathLike) -> dict[str, Any]:
             "head": fp.get("head"),
         },
         "trainable": meta.get("sizes", {}).get("trainable"),
+        # the parameters of a fresh classification head that trained fully next to the method's delta
+        "fresh_head": meta.get("fresh_head") or [],
         "stored_tensors": len(tensors),
         "stored_values": sum(t.numel() for t in tensors.values()),
         "stored_bytes": sum(t.numel() * t.element_size() for t in tensors.values()),

@@ -22,6 +22,24 @@ def test_zero_init_is_the_base_model_even_with_dropout_in_train_mode() -> None:
     assert torch.equal(output_of(tuned, x), base)
 
 
+def test_a_loaded_lora_takes_the_models_mode_no_dropout_in_eval(tmp_path) -> None:
+    """dt.load onto a model in eval mode (as from_pretrained gives it): the same output twice, the delta's dropout
+    off; onto a model in train mode the forms train too."""
+    tuned = dt.attach(tiny_llama(), "lora", r=4, alpha=8, dropout=0.5, init=False)
+    tuned.save(tmp_path / "a")
+    x = batch()
+    for training in (False, True):
+        model = tiny_llama()
+        model.train(training)
+        loaded = dt.load(model, tmp_path / "a")
+        assert all(f.training == training for f in loaded.forms().values()) and model.training == training
+    loaded.eval()
+    assert torch.equal(output_of(loaded, x), output_of(loaded, x))
+    model = tiny_llama().eval()
+    again = dt.load(model, tmp_path / "a")
+    assert torch.equal(output_of(again, x), output_of(again, x))
+
+
 def test_scale_is_alpha_over_r_or_alpha_over_sqrt_r() -> None:
     for rslora, expected in ((False, 16 / 8), (True, 16 / math.sqrt(8))):
         tuned = dt.attach(tiny_llama(), "lora", r=8, alpha=16, use_rslora=rslora, init=False)

@@ -212,6 +212,8 @@ def inspect(
     table.add_row("base parameters", _count(base["num_parameters"]))
     table.add_row("targeted tensors", _count(base["targeted_tensors"]))
     table.add_row("trainable parameters", _count(info["trainable"]))
+    if info.get("fresh_head"):
+        table.add_row("fresh head, trained fully", ", ".join(info["fresh_head"]))
     table.add_row("stored tensors", f"{_count(info['stored_tensors'])} ({_count(info['stored_values'])} values)")
     table.add_row("stored size", human_bytes(info["stored_bytes"]))
     table.add_row("file size", human_bytes(info["file_bytes"]))

@@ -15,7 +15,7 @@ from typing import Any
 import torch
 import torch.nn as nn
 
-from deltatune.core import artifact, registry
+from deltatune.core import artifact, fresh_head, registry
 from deltatune.core.forms.base import Form
 from deltatune.core.policy import Policy
 from deltatune.errors import DeltatuneError
@@ -46,6 +46,9 @@ class Delta:
         # the chat template it was trained with when the run overrode the tokenizer's (data.chat_template):
         # generation must format prompts the same way
         self.chat_template: str | None = self.record.get("chat_template")
+        # the parameters of a fresh classification head it trains fully next to the method's own forms
+        # (``deltatune.core.fresh_head``): decided when it is built for training, read back from an artifact
+        self.fresh_head: list[str] = fresh_head.recorded(self.record)
 
     # -- reading -------------------------------------------------------------------------------
     @classmethod
@@ -64,6 +67,7 @@ class Delta:
         tensors = {k: v.detach().clone() for k, v in self.state_dict().items()}
         copy = Delta(self.method, config, tensors=tensors, fingerprint=self.fingerprint())
         copy.chat_template = self.chat_template
+        copy.fresh_head = list(self.fresh_head)
         return copy
 
     # -- building on a model ---------------------------------------------------------------------
@@ -81,8 +85,12 @@ class Delta:
             raise DeltatuneError(f"the {self.name!r} delta is already built on a model")
         shapes = shapes or artifact.shapes_hash(model)
         built = self.method.build(model, self.config, loading=loading)
+        # a fresh classification head trains fully whatever the method (loading: the heads the artifact records)
+        head, names = fresh_head.forms_for(model, built.forms, self.method.name, loading=loading, names=self.fresh_head,
+                                           own_head=self.method.has("new_head", self.config))
         expected = self._fingerprint
-        self.forms, self.policy, self.model, self.base_shapes = dict(built.forms), built.policy, model, shapes
+        # the head first: a policy that grows the delta adds its tensors at the end of the parameter order
+        self.forms, self.policy, self.model, self.base_shapes = {**head, **built.forms}, built.policy, model, shapes
         self._fingerprint = None
         if expected is not None:
             diffs = artifact.compare_fingerprints(expected, self.fingerprint())
@@ -90,6 +98,14 @@ class Delta:
                 self.forms, self.policy, self.model, self.base_shapes = {}, Policy(), None, None
                 self._fingerprint = expected
                 raise self._another_base(diffs, fix)
+        missing = [n for n in self.fresh_head if n not in names] if loading else []
+        if missing:
+            self.forms, self.policy, self.model, self.base_shapes = {}, Policy(), None, None
+            self._fingerprint = expected
+            raise DeltatuneError(f"{self.where} trains the fresh head parameter(s) {', '.join(missing)} fully, but "
+                                 f"this {type(model).__name__} has none such: load it onto the model class it was "
+                                 "trained with (see `deltatune inspect`)")
+        self.fresh_head = names
         if load:
             self.load_tensors()
         return self
@@ -201,6 +217,8 @@ class Delta:
         }
         if self.chat_template is not None:
             meta["chat_template"] = self.chat_template
+        if self.fresh_head:
+            meta["fresh_head"] = list(self.fresh_head)
         return meta
 
     def save(self, path: str | os.PathLike, *, overwrite: bool = False) -> None:

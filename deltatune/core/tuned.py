@@ -432,14 +432,19 @@ def load(model: nn.Module, path: str | os.PathLike) -> Tuned:
     on the model changes: a refused artifact leaves the delta the model carries attached)."""
     if isinstance(model, Tuned):
         raise DeltatuneError("this model already has a delta attached; merge() it or attach to the base model")
-    return _put_on(model, Delta.read(path), loading=True)
+    tuned = _put_on(model, Delta.read(path), loading=True)
+    # the forms take the model's mode: a model loaded for inference (eval, as from_pretrained gives it) must not
+    # run a LoRA's dropout, as PEFT's from_pretrained (is_trainable=False) does not
+    return tuned.train(model.training)
 
 
 def _put_on(model: nn.Module, delta: Delta, *, loading: bool) -> Tuned:
     """Build ``delta`` on ``model`` (its base checked), attach it, set its policy up and load its tensors; the
     delta the model carried comes off, or stays on when anything here fails."""
     with carried_taken_off(model) as previous:
-        trainable = [p for p in model.parameters() if p.requires_grad]
+        # every flag, not only the trainable ones: an in-place form (full fine-tuning, a fresh head) switches a
+        # frozen parameter on, and a failed attach must leave the model as it found it
+        flags = [(p, p.requires_grad) for p in model.parameters()]
         registry.freeze(model)
         try:
             delta.build(model, loading=loading, load=False)
@@ -454,8 +459,8 @@ def _put_on(model: nn.Module, delta: Delta, *, loading: bool) -> Tuned:
                 tuned.detach()
                 raise
         except BaseException:
-            for p in trainable:
-                p.requires_grad_(True)
+            for p, flag in flags:
+                p.requires_grad_(flag)
             raise
     if previous is not None:
         # one active delta per model: a new one replaces the old one rather than stacking on it

@@ -51,7 +51,9 @@ class DataConfig:
     max_train: int | None = None  # subsample sizes: stratified (classification) / the first n of the shuffled split
     max_eval: int | None = None  # at most this many eval examples (null: the whole eval split)
     packing: bool = False  # join examples into rows of max_length tokens (text, chat, label-word classification)
-    head: bool | None = None  # classification: None = a head for encoders, label words for causal LMs
+    # classification: None = a head for encoders, label words for causal LMs; a fresh head trains fully whatever
+    # the method (next to its own delta)
+    head: bool | None = None
     chat_template: str | None = None  # chat: a Jinja template, or a .jinja file, used instead of the tokenizer's
     weight: float = 1.0  # in a list of data sets: this part gives weight x its training examples
     mix: list[Any] | None = None  # several data sets in one run: a list of data sections (a YAML list under data:)

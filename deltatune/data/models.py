@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 import torch.nn as nn
 
-from deltatune.core import artifact
+from deltatune.core import artifact, fresh_head
 from deltatune.core.artifact import fresh_dir, model_task
 from deltatune.data.sets import package_folder
 from deltatune.errors import DeltatuneError
@@ -279,7 +279,8 @@ def quiet_transformers() -> Any:
 def _report_fresh_weights(model: nn.Module, folder: str, info: dict[str, Any]) -> None:
     """Say which weights ``folder`` lacked (transformers initialised them): a fresh head on top of the base
     model is what ``task="classification"`` asks for (debug level); a missing weight inside the base model
-    means a damaged or mismatched folder (a warning)."""
+    means a damaged or mismatched folder (a warning). A fresh classification head is marked on the model, so
+    that a delta built to train it trains the head too, whatever its method (``deltatune.core.fresh_head``)."""
     missing = sorted(info.get("missing_keys") or ())
     prefix = getattr(model, "base_model_prefix", "") or ""
     inside = [k for k in missing if prefix and k.startswith(prefix + ".")]
@@ -288,6 +289,11 @@ def _report_fresh_weights(model: nn.Module, folder: str, info: dict[str, Any]) -
                     type(model).__name__, folder, ", ".join(inside[:5]) + (" ..." if len(inside) > 5 else ""))
     elif missing:
         log.debug("fresh weights for %s (not in %s): %s", type(model).__name__, folder, ", ".join(missing))
+    # only a sequence classifier's head: a causal LM's missing lm_head (untied in the config, absent from the
+    # folder) is a vocabulary-sized matrix no method should silently start training
+    if model_task(type(model).__name__) == "classification":
+        params = {n for n, _ in model.named_parameters()}
+        fresh_head.mark(model, [k for k in missing if k not in inside and k in params])
 
 
 def load_tokenizer(name_or_path: str | os.PathLike[str]) -> PreTrainedTokenizerBase:

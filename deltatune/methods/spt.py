@@ -547,9 +547,11 @@ class SptPolicy(Policy):
 
     name = "spt"
 
-    def __init__(self, allocation: dict[str, Any], rebuild: Callable[[dict[str, Any]], dict[str, Form]]) -> None:
+    def __init__(self, allocation: dict[str, Any], rebuild: Callable[[dict[str, Any]], dict[str, Form]],
+                 names: list[str]) -> None:
         self.allocation = allocation
         self._rebuild = rebuild
+        self._names = list(names)  # the forms the allocation made: the delta may hold others (a fresh head)
         self._tuned: Any = None
 
     def setup(self, tuned: Any) -> None:
@@ -567,9 +569,12 @@ class SptPolicy(Policy):
         for form in tuned.forms().values():
             form.detach()  # the new forms are built on the plain model (no parametrisations in the way)
         new = self._rebuild(allocation)
-        tuned.replace_forms(new, remove=[n for n in tuned.delta_names if n not in new])
+        tuned.replace_forms(new, remove=[n for n in self._names if n not in new and n in tuned.delta_names])
+        for form in tuned.forms().values():
+            form.attach()  # the forms it kept (a no-op for those replace_forms attached)
         tuned.method_config.allocation = allocation
         self.allocation = allocation
+        self._names = list(new)
 
 
 def _budget(model: nn.Module, cfg: SptConfig) -> int:
@@ -602,4 +607,4 @@ def build(model: nn.Module, cfg: SptConfig, *, loading: bool = False) -> Built:
         if not isinstance(cfg.sensitivity, str):
             cfg.sensitivity = None  # a dict of scores is consumed: the config keeps the allocation it led to
     forms = forms_for(model, cfg, allocation, indices)
-    return Built(forms, SptPolicy(allocation, lambda a: forms_for(model, cfg, a)))
+    return Built(forms, SptPolicy(allocation, lambda a: forms_for(model, cfg, a), list(forms)))
