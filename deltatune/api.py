@@ -247,7 +247,7 @@ def _classify(runner: nn.Module, tok: Any, prompt: str, stream: bool) -> str:
 
 def search(config: str | os.PathLike | dict[str, Any], out: str | os.PathLike, *, resume: bool = False,
            storage: str | None = None, trials: int | None = None, overrides: list[str] | None = None,
-           runner: Any = None, on_trial: Any = None) -> Any:
+           runner: Any = None, on_trial: Any = None, refit: int = 0) -> Any:
     """``deltatune search``: a multi-objective configuration search over a run config (``deltatune.ops.search``);
     returns the optuna ``Study``.
 
@@ -258,13 +258,15 @@ def search(config: str | os.PathLike | dict[str, Any], out: str | os.PathLike, *
     ``storage``: an optuna RDB URL (``sqlite:///...``, ``postgresql://...``) that several workers share.
     ``trials`` overrides ``search.trials``. ``runner(config, folder) -> dict``: how a trial trains (default: a
     ``dt.train`` run in a process of its own, scored on the dev split); ``on_trial(trial, done, total)`` is called
-    after each trial."""
+    after each trial. ``refit`` K > 0: the front's K best configurations by the first objective are trained again on
+    the config's own data at its budget with ``search.refit_seeds`` seeds (default 3) and scored on its eval split,
+    written to ``OUT/refit.json`` (mean ± standard error per configuration)."""
     from deltatune.ops import search as search_ops
     from deltatune.ops.search_run import isolated
 
     raw = search_config(config, overrides)
     return search_ops.run(raw, out, validate=config_problems, runner=runner or isolated("deltatune.api:search_trial"),
-                          resume=resume, storage=storage, trials=trials, on_trial=on_trial)
+                          resume=resume, storage=storage, trials=trials, on_trial=on_trial, refit=refit)
 
 
 def search_config(config: str | os.PathLike | dict[str, Any], overrides: list[str] | None = None) -> dict[str, Any]:
@@ -293,9 +295,17 @@ def config_problems(raw: dict[str, Any]) -> list[str]:
 def search_trial(config: dict[str, Any]) -> dict[str, Any]:
     """One trial of ``deltatune search`` (run in its own process by ``deltatune.ops.search_run``): train the
     config and return its final evaluation (on the search's dev split) and its costs."""
+    from deltatune.ops.search_run import report_intermediate
     from deltatune.train import train
+    from deltatune.train.callbacks import Callback
 
-    summary = train(config, callbacks=[])
+    class Intermediate(Callback):
+        """Each evaluation on the dev split, to the search's pruner (a no-op unless a search runs this trial)."""
+
+        def on_eval(self, step: int, metrics: dict[str, float]) -> None:
+            report_intermediate(step, metrics)
+
+    summary = train(config, callbacks=[Intermediate()])
     final = summary["final"]
     return {"metrics": {k.removeprefix("eval_"): v for k, v in final.items() if k.startswith("eval_")},
             "trainable": summary["trainable"], "peak_memory": summary["peak_memory_bytes"],

@@ -74,6 +74,7 @@ NOT_HERE = {
              "edit success on `presets/edits.jsonl`); a sentiment classifier is not an edit",
     "compeft": "made from a trained artifact, not trained: `deltatune compress --calibrate` on the table's LoRA and "
                "full artifacts (docs/compression.md)",
+    "autopeft": "the search space's delta: `deltatune search` with `space: autopeft` (docs/search.md)",
 }
 
 

@@ -29,6 +29,7 @@ PREFIX_FAMILY: dict[str, dict] = {
     "prefix": {"length": 2, "mid_dim": 8},
     "ptuning_v2": {"length": 2},
     "mam": {"prefix_length": 2, "mid_dim": 8, "r": 4},
+    "autopeft": {"serial": 2, "parallel": 2, "prefix": 2, "mid_dim": 8},
     "prompt": {"length": 2},
 }
 

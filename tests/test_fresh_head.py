@@ -48,6 +48,7 @@ SKIPPED = {"compeft": "made by `deltatune compress` from a saved artifact, never
 CASES: list[tuple[str, dict[str, Any], str]] = [
     ("adalora", {"init_r": 2, "target_r": 1, "delta_t": 1}, "added"),
     ("adapter", {"r": 4}, "added"),
+    ("autopeft", {"serial": 4, "parallel": 2, "prefix": 2, "mid_dim": 8, "leave_out": [0]}, "added"),
     ("bitfit", {}, "partial"),
     ("connected", {"r": 4, "adapter_r": 4}, "added"),
     ("corda", {"r": 2, "alpha": 4, "data": "random", "samples": 4}, "added"),
@@ -198,7 +199,7 @@ SAVERS = sorted(name for name in registry.names()
 
 
 def test_the_methods_with_modules_to_save_are_those_expected() -> None:
-    assert set(SAVERS) == {"adapter", "connected", "corda", "dora", "dsee", "kasa", "lora", "mam", "parallel_adapter",
+    assert set(SAVERS) == {"adapter", "autopeft", "connected", "corda", "dora", "dsee", "kasa", "lora", "mam", "parallel_adapter",
                            "prefix", "prompt", "ptuning_v2", "scaled_parallel_adapter", "spt"}
 
 

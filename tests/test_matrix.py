@@ -128,6 +128,9 @@ CASES = [
     ("mam", {"prefix_length": 3, "mid_dim": 16, "r": 4}, "llama"),
     ("mam", {"prefix_length": 3, "reparam": False, "r": 4}, "gpt2"),
     ("mam", {"prefix_length": 3, "mid_dim": 16, "r": 4, "modules_to_save": ["classifier"]}, "bert"),
+    ("autopeft", {"serial": 4, "parallel": 2, "prefix": 3, "mid_dim": 16, "leave_out": [1]}, "llama"),
+    ("autopeft", {"serial": 2, "parallel": 0, "prefix": 2, "reparam": False, "modules_to_save": ["classifier"]},
+     "bert"),
 ]
 
 

@@ -688,6 +688,9 @@ def search(
                                "search.trials)."),
     set_: list[str] = typer.Option([], "--set", metavar="KEY=VALUE", help="Override a config key, e.g. --set "
                                    "train.steps=10 or --set search.seed=1."),
+    refit: int = typer.Option(0, "--refit", help="Train the front's K best configurations (by the first "
+                              "objective) again on the full data with search.refit_seeds seeds (default 3), scored "
+                              "on the eval split: OUT/refit.json and a table."),
 ) -> None:
     """Search a run config's options for the Pareto front of dev metric against trainable parameters (optuna; each
     trial a short training run in its own process): search CONFIG --out FOLDER."""
@@ -699,6 +702,8 @@ def search(
     out = _require_out(out, "deltatune search CONFIG --out FOLDER")
     if trials is not None:
         _at_least_one(trials, "--trials")
+    if refit < 0:
+        raise DeltatuneError(f"--refit {refit}: give the number of front configurations to train again (0: none)")
     failures: list[str] = []
     with Progress(TextColumn("search"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                   TextColumn("{task.description}"), console=_err(), transient=False) as bar:
@@ -708,15 +713,19 @@ def search(
             error = trial.user_attrs.get("error")
             if error and not trial.user_attrs.get("extra"):
                 failures.append(f"trial {trial.number} failed: {error}")
-            shown = "failed" if error else ", ".join(f"{v:.4g}" for v in trial.values or [])
+            pruned = trial.user_attrs.get("pruned_at")
+            shown = "failed" if error else f"pruned at step {pruned}" if pruned is not None else \
+                ", ".join(f"{v:.4g}" for v in trial.values or [])
             bar.update(task, completed=done, total=total, description=f"trial {trial.number}: {shown}")
 
         study = api.search(config, out, resume=resume, storage=storage, trials=trials, overrides=set_,
-                           on_trial=on_trial)
+                           on_trial=on_trial, refit=refit)
     for line in failures:
         _err().print(Text(f"warning: {line}"[:400], style="yellow"), soft_wrap=True, highlight=False)
     spec = search_ops.prepare(api.search_config(config, set_), api.config_problems, trials)
     _print_front(search_ops.front_rows(study, spec), spec, out)
+    if refit:
+        _print_refit(os.path.join(out, "refit.json"), spec)
 
 
 def _print_front(rows: list[dict[str, Any]], spec: Any, out: str) -> None:
@@ -736,6 +745,35 @@ def _print_front(rows: list[dict[str, Any]], spec: Any, out: str) -> None:
     _out().print(table)
     _out().print(f"run configs: {out}/pareto/TRIAL.yaml (deltatune train {out}/pareto/TRIAL.yaml); trials: "
                  f"{out}/trials.csv; plot: {out}/pareto.png", soft_wrap=True, highlight=False)
+
+
+def _print_refit(path: str, spec: Any) -> None:
+    """The refit table: per configuration, each objective's mean ± standard error over its seeds on the eval split,
+    beside what the search measured on its dev split."""
+    with open(path) as f:
+        record = json.load(f)
+    table = Table(title=f"Refit: the front's {record['k']} best by {next(iter(spec.objectives))}, "
+                        f"{record['seeds']} seeds each (eval split; mean ± standard error)")
+    table.add_column("trial", justify="right")
+    for name in spec.objectives:
+        table.add_column(f"{name} (search: dev)", justify="right")
+        table.add_column(f"{name} (refit)", justify="right")
+    table.add_column("failed", justify="right")
+
+    def shown(name: str, v: float) -> str:
+        return f"{int(v):,}" if name in ("trainable", "peak_memory") else f"{v:.4g}"
+
+    for row in record["configurations"]:
+        cells = []
+        for name in spec.objectives:
+            got = row["summary"].get(name)
+            refit = "-" if got is None else shown(name, got["mean"]) + \
+                ("" if got["se"] is None else f" ± {shown(name, got['se'])}")
+            cells += [shown(name, row["search"][name]), refit]
+        table.add_row(str(row["trial"]), *cells, str(row["summary"]["failed"]))
+    _out().print(table)
+    _out().print(f"refit runs: {path} (artifacts: {os.path.dirname(path)}/refit/TRIAL-seedS/run)", soft_wrap=True,
+                 highlight=False)
 
 
 def _value_cell(value: Any) -> str:

@@ -42,7 +42,7 @@ import numpy as np
 from deltatune.errors import DeltatuneError
 from deltatune.ops import search_pareto as pareto
 from deltatune.ops.search_data import dev_data, write_text
-from deltatune.ops.search_run import Runner
+from deltatune.ops.search_run import Runner, takes_report
 from deltatune.ops.search_space import Search, Validator, parse_search, trial_config
 
 DB = "study.db"
@@ -66,12 +66,15 @@ def prepare(config: dict[str, Any], validate: Validator, trials: int | None = No
 
 def run(config: dict[str, Any], out: str | os.PathLike, *, validate: Validator, runner: Runner,
         resume: bool = False, storage: str | None = None, trials: int | None = None, dev_split: bool = True,
-        on_trial: Callable[[Any, int, int], None] | None = None) -> Any:
+        on_trial: Callable[[Any, int, int], None] | None = None, refit: int = 0,
+        refit_runner: Runner | None = None) -> Any:
     """Run (or continue, or join) the search of ``config`` into the study folder ``out``; returns the optuna Study.
 
     ``validate`` gives a run config's problems (``deltatune.api`` passes the run config parser's); ``runner``
     trains one trial (``search_run.Runner``); ``dev_split=False`` lets the trials use the data as given (a runner
-    that reads no data). ``on_trial(trial, done, total)`` is called after each of this worker's trials."""
+    that reads no data). ``on_trial(trial, done, total)`` is called after each of this worker's trials. ``refit`` K > 0
+    trains the front's first K configurations again with ``search.refit_seeds`` seeds on the config's own data and
+    writes ``OUT/refit.json`` (``search_refit``; ``refit_runner``, default ``runner``, trains them)."""
     search = prepare(config, validate, trials)  # a bad space fails before anything is written
     out = Path(out)
     _check_out(out, resume)
@@ -85,7 +88,8 @@ def run(config: dict[str, Any], out: str | os.PathLike, *, validate: Validator, 
         if dev_split:
             study.set_user_attr("dev", sizes)
         base = {**config, "data": data}
-        objective = _objective(study, search, base, out, runner)
+        shadow = _pruning_study(url, search, config, storage=study._storage) if search.pruner != "none" else None
+        objective = _objective(study, search, base, out, runner, shadow)
         while True:
             done = [t for t in study.get_trials(deepcopy=False) if counts(t)]
             _fail_dead_workers(study, done)
@@ -100,6 +104,10 @@ def run(config: dict[str, Any], out: str | os.PathLike, *, validate: Validator, 
                 finished = sum(1 for t in study.get_trials(deepcopy=False) if counts(t) and t.state.is_finished())
                 on_trial(last, finished, search.trials)
         write_outputs(study, search, config, out)
+    if refit > 0:
+        from deltatune.ops.search_refit import refit as refit_front
+
+        refit_front(front_rows(study, search), search, config, out, refit_runner or runner, refit, TRIAL_TRAIN)
     with contextlib.suppress(OSError):  # empty unless another worker is running a trial in this folder
         (out / "trials").rmdir()
     return study
@@ -125,6 +133,8 @@ def _quiet_optuna() -> Iterator[None]:
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            # the pruner's twin trials are asked, not optimized: their storage's heartbeat is the main study's
+            warnings.filterwarnings("ignore", message="Heartbeat of storage is supposed to be used")
             yield
     finally:
         optuna.logging.set_verbosity(level)
@@ -245,7 +255,37 @@ def make_sampler(search: Search, index: int) -> Any:
                                       constant_liar=True)
 
 
-def _objective(study: Any, search: Search, base: dict[str, Any], out: Path, runner: Runner) -> Callable[[Any], Any]:
+PRUNING = ".pruning"  # the pruner's single-objective companion study: "<study>.pruning"
+
+
+def make_pruner(search: Search, config: dict[str, Any]) -> Any:
+    """optuna's median or Hyperband pruner. Median: a trial stops when its dev metric at an evaluation is worse than
+    the median of the finished trials' at the same step (after ``search.startup`` finished trials). Hyperband: its
+    resource is the training step, from the first evaluation to the run's steps."""
+    import optuna
+
+    if search.pruner == "median":
+        return optuna.pruners.MedianPruner(n_startup_trials=search.n_startup, n_warmup_steps=0)
+    train = config.get("train") or {}
+    steps = train.get("steps")
+    return optuna.pruners.HyperbandPruner(min_resource=int(train.get("eval_every") or 1),
+                                          max_resource=int(steps) if isinstance(steps, int) else "auto",
+                                          reduction_factor=3)
+
+
+def _pruning_study(url: str, search: Search, config: dict[str, Any], storage: Any) -> Any:
+    """The companion study the pruner judges in. optuna's pruners (and ``Trial.report``) are single-objective, so
+    each trial of the multi-objective study has a twin here that holds its intermediate values of the first
+    objective (in the same database: workers and a resumed search share it) and ends as the trial ends."""
+    import optuna
+
+    first = next(iter(search.objectives))
+    return optuna.create_study(storage=storage, study_name=search.study + PRUNING, load_if_exists=True,
+                               direction=search.objectives[first], pruner=make_pruner(search, config))
+
+
+def _objective(study: Any, search: Search, base: dict[str, Any], out: Path, runner: Runner,
+               shadow: Any = None) -> Callable[[Any], Any]:
     from deltatune.ops.search_space import suggest
 
     def objective(trial: Any) -> list[float]:
@@ -260,8 +300,10 @@ def _objective(study: Any, search: Search, base: dict[str, Any], out: Path, runn
         folder = out / "trials" / str(trial.number)
         config["output"] = str((folder / "run").resolve())
         config["train"] = {**(config.get("train") or {}), **TRIAL_TRAIN}
+        twin = shadow.ask() if shadow is not None else None
+        kwargs = {"report": _reporter(twin, search)} if twin is not None and takes_report(runner) else {}
         try:
-            result = runner(config, folder)
+            result = runner(config, folder, **kwargs)
         except TrialFailed:
             raise
         except Exception as e:  # noqa: BLE001 (an in-process runner's failure is the trial's, as a worker's is)
@@ -269,14 +311,46 @@ def _objective(study: Any, search: Search, base: dict[str, Any], out: Path, runn
         finally:
             shutil.rmtree(folder, ignore_errors=True)  # the trial's delta: the front's configs are rerun in full
         result = json.loads(json.dumps(result, default=str))
+        if twin is not None:
+            trial.set_user_attr("intermediate", [[s, v] for s, v in sorted(twin.storage.get_trial(
+                twin._trial_id).intermediate_values.items())])
+        if result.get("pruned") is not None and "error" not in result:
+            import optuna
+
+            trial.set_user_attr("pruned_at", result["pruned"])
+            shadow.tell(twin, state=optuna.trial.TrialState.PRUNED)
+            raise optuna.TrialPruned(f"pruned at step {result['pruned']}")
         scores, error = _scores(result, search)
         trial.set_user_attr("result", {k: v for k, v in result.items() if k != "error"})
         if error is not None:
             trial.set_user_attr("error", error)
+            if twin is not None:
+                import optuna
+
+                shadow.tell(twin, state=optuna.trial.TrialState.FAIL)
             raise TrialFailed
+        if twin is not None:
+            shadow.tell(twin, scores[0])
         return scores
 
     return objective
+
+
+def _reporter(twin: Any, search: Search) -> Callable[[int, dict[str, Any]], bool]:
+    """The ``report(step, metrics) -> prune?`` a runner calls with each intermediate evaluation: the first
+    objective's value goes to the twin trial, and its pruner answers."""
+    first = next(iter(search.objectives))
+
+    def report(step: int, metrics: dict[str, Any]) -> bool:
+        value = metrics.get(first, metrics.get(f"eval_{first}"))
+        if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+            return False  # nothing to judge by at this evaluation
+        if step in twin.storage.get_trial(twin._trial_id).intermediate_values:
+            return False  # optuna keeps the first value of a step
+        twin.report(float(value), step)
+        return bool(twin.should_prune())
+
+    return report
 
 
 def _scores(result: dict[str, Any], search: Search) -> tuple[list[float], str | None]:
@@ -327,7 +401,8 @@ def hypervolumes(study: Any, search: Search) -> tuple[list[float], np.ndarray | 
 def _state(trial: Any) -> str:
     if trial.user_attrs.get("interrupted"):
         return "interrupted"
-    return {"COMPLETE": "complete", "FAIL": "failed"}.get(trial.state.name, trial.state.name.lower())
+    return {"COMPLETE": "complete", "FAIL": "failed", "PRUNED": "pruned"}.get(trial.state.name,
+                                                                              trial.state.name.lower())
 
 
 def _cell(value: Any) -> str:

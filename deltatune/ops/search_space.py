@@ -38,7 +38,9 @@ COSTS = {"trainable": "trainable parameters", "peak_memory": "peak memory (bytes
          "seconds_per_step": "seconds per step"}
 METRICS = {"classification": ("accuracy", "loss"), "text": ("loss", "perplexity"), "chat": ("loss", "perplexity"),
            "edit": ("edit_success", "token_accuracy", "loss")}
-SETTINGS = ("space", "trials", "objectives", "sampler", "seed", "startup", "dev_size", "study", "reference")
+SETTINGS = ("space", "trials", "objectives", "sampler", "seed", "startup", "dev_size", "study", "reference",
+            "refit_seeds", "pruner")
+PRUNERS = ("none", "median", "hyperband")
 SEARCHABLE = ("model", "data", "method", "train")  # a run config's sections a key may name (not its output)
 PLACEHOLDER_OUTPUT = "runs/deltatune-search-trial"  # validation only: a trial sets its own output
 
@@ -57,10 +59,13 @@ class Dimension:
     log: bool = False
     step: float | int | None = None
     as_json: bool = False  # the choices are stored as JSON text (some choice is not a plain scalar)
+    # a dimension of a method's declared space (``space: NAME``): not a run config key; the method named here turns
+    # the trial's values of its dimensions into its options (its module's ``options_from_search``)
+    owner: str | None = None
 
     @property
     def is_method_option(self) -> bool:
-        return self.key.startswith("method.") and self.key != "method.name"
+        return self.owner is None and self.key.startswith("method.") and self.key != "method.name"
 
     @property
     def integer(self) -> bool:
@@ -84,6 +89,8 @@ class Search:
     dev_size: int | None = None  # dev examples carved from the training data (None: as many as the eval split)
     study: str = "deltatune-search"
     reference: dict[str, float] = field(default_factory=dict)  # hypervolume reference point (default: worst seen)
+    refit_seeds: int = 3  # seeds of each configuration --refit trains again
+    pruner: str = "none"  # none | median | hyperband: stop a trial whose dev metric lags at its intermediate evals
 
     @property
     def n_startup(self) -> int:
@@ -93,6 +100,9 @@ class Search:
         """What decides the study (a resumed search must share it): everything but the number of trials."""
         d = dataclasses.asdict(self)
         d.pop("trials")
+        d.pop("refit_seeds")  # the refit comes after the study: it does not change it
+        if d["pruner"] == "none":  # a study made before pruners existed resumes
+            d.pop("pruner")
         return json.loads(json.dumps(d, default=str))
 
 
@@ -175,9 +185,12 @@ def parse_search(raw: Any, config: dict[str, Any], validate: Validator) -> Searc
             problems.append(f"unknown key search.{key}{registry.did_you_mean(str(key), list(SETTINGS))}")
     space_raw = raw.get("space")
     space: list[Dimension] = []
-    if not isinstance(space_raw, dict) or not space_raw:
+    if isinstance(space_raw, str):
+        space = declared_space(space_raw, config, problems)
+    elif not isinstance(space_raw, dict) or not space_raw:
         problems.append(f"search.space={space_raw!r}: give a mapping of run config keys to choices or ranges, "
-                        "e.g. {method.r: [4, 8, 16], train.lr: {log: [1.0e-5, 1.0e-2]}}")
+                        "e.g. {method.r: [4, 8, 16], train.lr: {log: [1.0e-5, 1.0e-2]}}, or the name of a "
+                        "method that declares its space (space: autopeft)")
     else:
         for key, spec in space_raw.items():
             dim = _dimension(str(key), spec, problems)
@@ -188,6 +201,8 @@ def parse_search(raw: Any, config: dict[str, Any], validate: Validator) -> Searc
     problems += _key_problems(space, config, methods, validate)
     objectives = _objectives(raw.get("objectives"), config, problems)
     reference = _reference(raw.get("reference"), objectives, problems)
+    if settings["pruner"] not in ("none", None):
+        problems += _pruner_problems(objectives, config)
     if problems:
         raise DeltatuneError(registry.problem_list("bad search config", list(dict.fromkeys(problems))))
     return Search(space=space, objectives=objectives, reference=reference, **settings)
@@ -195,7 +210,8 @@ def parse_search(raw: Any, config: dict[str, Any], validate: Validator) -> Searc
 
 def _settings(raw: dict[str, Any], problems: list[str]) -> dict[str, Any]:
     out: dict[str, Any] = {}
-    for key, least, default in (("trials", 1, 20), ("seed", 0, 0), ("startup", 0, None), ("dev_size", 1, None)):
+    for key, least, default in (("trials", 1, 20), ("seed", 0, 0), ("startup", 0, None), ("dev_size", 1, None),
+                                ("refit_seeds", 1, 3)):
         value = raw.get(key, default)
         if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < least):
             problems.append(f"search.{key}={value!r}: must be a whole number >= {least}")
@@ -203,10 +219,13 @@ def _settings(raw: dict[str, Any], problems: list[str]) -> dict[str, Any]:
     sampler = raw.get("sampler", "tpe")
     if sampler not in SAMPLERS:
         problems.append(f"search.sampler={sampler!r}: allowed are {', '.join(SAMPLERS)}")
+    pruner = raw.get("pruner", "none")
+    if pruner not in PRUNERS:
+        problems.append(f"search.pruner={pruner!r}: allowed are {', '.join(PRUNERS)}")
     study = raw.get("study", "deltatune-search")
     if not isinstance(study, str) or not study.strip():
         problems.append(f"search.study={study!r}: name the study (text)")
-    return {**out, "sampler": sampler, "study": study}
+    return {**out, "sampler": sampler, "study": study, "pruner": pruner}
 
 
 def _base_method(config: dict[str, Any]) -> dict[str, Any]:
@@ -217,7 +236,10 @@ def _base_method(config: dict[str, Any]) -> dict[str, Any]:
 
 
 def _methods(space: list[Dimension], config: dict[str, Any], problems: list[str]) -> list[registry.Method]:
-    """The methods a trial may train: ``method.name``'s choices, else the base config's method."""
+    """The methods a trial may train: a declared space's method, ``method.name``'s choices, else the base config's."""
+    owner = _owner(space)
+    if owner is not None:
+        return [registry.get(owner)]
     names = next((list(d.choices or ()) for d in space if d.key == "method.name"), None)
     where = "search.space.method.name"
     if names is None:
@@ -243,7 +265,7 @@ def _key_problems(space: list[Dimension], config: dict[str, Any], methods: list[
     problems += base_problems
     for dim in space:
         section = dim.key.split(".", 1)[0]
-        if dim.key == "method.name":
+        if dim.key == "method.name" or dim.owner is not None:  # a declared dimension: checked where it is declared
             continue
         if section not in SEARCHABLE or (section != "model" and "." not in dim.key) or \
                 (section == "model" and dim.key != "model"):
@@ -329,6 +351,20 @@ def _objectives(raw: Any, config: dict[str, Any], problems: list[str]) -> dict[s
     return out
 
 
+def _pruner_problems(objectives: dict[str, str], config: dict[str, Any]) -> list[str]:
+    """A pruner judges a trial by its first objective at the run's intermediate evaluations: both must exist."""
+    problems = []
+    first = next(iter(objectives), None)
+    if first is None or first in COSTS:
+        problems.append(f"search.pruner: the first objective ({first}) must be a dev metric (accuracy, loss, ...): "
+                        "the pruner compares trials by it at their intermediate evaluations")
+    every = (config.get("train") or {}).get("eval_every") if isinstance(config.get("train"), dict) else None
+    if isinstance(every, bool) or not isinstance(every, int) or every < 1:
+        problems.append(f"search.pruner: train.eval_every={every!r}; give the run intermediate evaluations for the "
+                        "pruner to judge (e.g. train.eval_every: 10 with train.steps: 40)")
+    return problems
+
+
 def _reference(raw: Any, objectives: dict[str, str], problems: list[str]) -> dict[str, float]:
     if raw is None:
         return {}
@@ -368,7 +404,7 @@ def applies(dim: Dimension, method: registry.Method | None) -> bool:
 
 
 def chosen_method(space: list[Dimension], values: dict[str, Any], config: dict[str, Any]) -> registry.Method | None:
-    name = values.get("method.name", _base_method(config).get("name"))
+    name = _owner(space) or values.get("method.name", _base_method(config).get("name"))
     return registry.get(str(name)) if name is not None else None
 
 
@@ -415,9 +451,70 @@ def trial_config(config: dict[str, Any], space: list[Dimension], values: dict[st
     """The run config of a trial: the base config (without ``search``) with the values set, and the method's
     section cut to the chosen method's options."""
     out = copy.deepcopy({k: v for k, v in config.items() if k != "search"})
+    owned = {d.key for d in space if d.owner is not None}
     for key, value in values.items():
-        set_dotted(out, key, copy.deepcopy(value))
+        if key not in owned:
+            set_dotted(out, key, copy.deepcopy(value))
     method = chosen_method(space, values, config)
     if method is not None:
-        out["method"] = applicable(method, _base_method(out))
+        options = _base_method(out)
+        if owned:  # the declared space's values become the method's options (they win over the base's)
+            options.update(declared_hooks(method)[1]({k: v for k, v in values.items() if k in owned},
+                                                     model_config(out)))
+        out["method"] = applicable(method, options)
     return out
+
+
+# -- a space a method declares (space: NAME) ---------------------------------------------------------------------
+# A method module may declare a search space of its own: ``search_dimensions(model_config) -> {key: [choices]}``
+# and ``options_from_search(values, model_config) -> options``. The search finds them through the registry (the
+# module that registered the method), so nothing here names a method; AutoPEFT's space is the one that does.
+DECLARE, DECODE = "search_dimensions", "options_from_search"
+
+
+def declared_hooks(method: registry.Method) -> tuple[Callable[..., Any], Callable[..., Any]]:
+    """A method's ``search_dimensions`` and ``options_from_search`` (a DeltatuneError where it declares none)."""
+    import sys
+
+    module = sys.modules.get(getattr(method.build, "__module__", ""))
+    hooks = (getattr(module, DECLARE, None), getattr(module, DECODE, None))
+    if not all(callable(h) for h in hooks):
+        raise DeltatuneError(f"method {method.name!r} declares no search space of its own (space: {method.name}); "
+                             "give the space as a mapping of run config keys instead")
+    return hooks  # type: ignore[return-value]
+
+
+def model_config(config: dict[str, Any]) -> Any:
+    """The transformers config of a run config's model (a shipped name or a folder), read without the weights."""
+    from transformers import AutoConfig
+
+    from deltatune.data.models import resolve
+
+    model = config.get("model")
+    if not isinstance(model, str):
+        raise DeltatuneError(f"model={model!r}: a declared search space needs the model's name or folder")
+    return AutoConfig.from_pretrained(resolve(model), local_files_only=True)
+
+
+def _owner(space: list[Dimension]) -> str | None:
+    return next((d.owner for d in space if d.owner is not None), None)
+
+
+def declared_space(name: str, config: dict[str, Any], problems: list[str]) -> list[Dimension]:
+    """The dimensions method ``name`` declares for the run config's model; problems are appended, not raised."""
+    try:
+        method = registry.get(name)
+        declare, decode = declared_hooks(method)
+        geometry = model_config(config)
+        dims = declare(geometry)
+    except DeltatuneError as e:
+        problems.append(f"search.space={name!r}: {e}")
+        return []
+    except (OSError, ValueError) as e:  # a folder without a readable config.json
+        problems.append(f"search.space={name!r}: cannot read the model's config: {' '.join(str(e).split())}")
+        return []
+    space = [Dimension(str(k), choices=tuple(v), owner=method.name) for k, v in dims.items()]
+    for pick in (0, -1):  # both ends of every dimension must give options the method takes
+        values = {d.key: d.choices[pick] for d in space}  # type: ignore[index]
+        problems += [f"search.space={name!r}: {p}" for p in registry.config_problems(method, decode(values, geometry))]
+    return space
