@@ -90,6 +90,26 @@ def finished(out: Path, name: str) -> bool:
     return all((runs / f"{s}.json").is_file() for s in stems)
 
 
+def in_progress(out: Path, names: list[str]) -> list[str]:
+    """Table lines for the rows some of whose runs are done: each search rate's dev accuracy and each seed's held-out
+    accuracy so far (a row is not reported until all of them are: this only says how far the protocol is)."""
+    lines = []
+    for name in names:
+        runs = {}
+        for stem in [f"{SEARCH}-{name}-x{m:g}" for m in GRID] + [f"{name}-seed{k}" for k in range(SEEDS)]:
+            path = out / RUNS / f"{stem}.json"
+            if path.is_file():
+                kept = json.loads(path.read_text())
+                runs[stem] = (kept["spec"]["config"]["train"]["lr"],
+                              kept["result"].get("summary", {}).get("final", {}).get("eval_accuracy"))
+        if not runs:
+            continue
+        search = ", ".join(f"{lr:g}: {percent(acc)}" for stem, (lr, acc) in runs.items() if stem.startswith(SEARCH))
+        seeds = ", ".join(percent(acc) for stem, (_, acc) in runs.items() if not stem.startswith(SEARCH))
+        lines.append(f"| {name} | {search or '-'} | {seeds or '-'} |")
+    return lines
+
+
 def family(row: dict[str, Any]) -> str:
     from deltatune.core import registry
 
@@ -122,7 +142,7 @@ def trainable_cell(row: dict[str, Any]) -> str:
     return "-" if row.get("trainable") is None else f"{row['trainable']:,}"
 
 
-def page(rows: list[dict[str, Any]], command: str) -> str:
+def page(rows: list[dict[str, Any]], command: str, partial: list[str] | None = None) -> str:
     base, methods = rows[0], rows[1:]
     lines = [
         "# Every method on the demo's task",
@@ -161,16 +181,20 @@ def page(rows: list[dict[str, Any]], command: str) -> str:
     missing = [name for name in TABLE["methods"] if name not in done]
     if missing:
         lines += ["", f"Not run yet under this protocol: {', '.join(missing)}."]
+    if partial:
+        lines += ["", "Rows under way (the runs done so far; a row enters the table when its search and its "
+                  f"{SEEDS} seeds are done):", "", "| row | lr: dev accuracy (%) | held-out accuracy (%) per seed |",
+                  "|---|---|---|", *partial]
     lines += ["", "Registered methods that are not rows of this table:"]
     lines += [f"- **{name}**: {why}" for name, why in NOT_HERE.items()]
     return "\n".join(lines) + "\n"
 
 
-def write_page(rows: list[dict[str, Any]], command: str, path: Path = DOC) -> None:
+def write_page(rows: list[dict[str, Any]], command: str, path: Path = DOC, partial: list[str] | None = None) -> None:
     notes = "\n"
     if path.is_file() and NOTES_MARKER in path.read_text():
         notes = path.read_text().split(NOTES_MARKER, 1)[1]
-    path.write_text(page(rows, command) + "\n" + NOTES_MARKER + notes)
+    path.write_text(page(rows, command, partial) + "\n" + NOTES_MARKER + notes)
 
 
 def main() -> None:
@@ -183,13 +207,15 @@ def main() -> None:
     args = ap.parse_args()
     out = Path(args.out)
     names = list(TABLE["methods"]) if args.methods is None else [m.strip() for m in args.methods.split(",")]
+    partial: list[str] = []
     if args.render:
+        partial = in_progress(out, [name for name in names if not finished(out, name)])
         names = [name for name in names if finished(out, name)]
         if not names:
             raise SystemExit(f"no row has all its runs in {out / RUNS} yet")
     rows = demo(setup=TABLE, out=out, methods=names, seeds=SEEDS, lr_grid=GRID, resume=True, device=args.device)
     if args.methods is None or args.render:
-        write_page(rows, f".venv/bin/python scripts/demo_results.py --out {out}", Path(args.docs))
+        write_page(rows, f".venv/bin/python scripts/demo_results.py --out {out}", Path(args.docs), partial)
 
 
 if __name__ == "__main__":

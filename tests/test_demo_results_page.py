@@ -84,3 +84,20 @@ def test_a_row_is_finished_when_its_search_and_seeds_are_kept(gen, tmp_path: Pat
     for stem in stems[:len(gen.GRID)]:  # a method that does not apply: its search's errors are the row
         (runs / f"{stem.replace('lora', 'bitfit')}.json").write_text(json.dumps({"spec": {}, "result": {"error": "x"}}))
     assert gen.finished(tmp_path, "bitfit")
+
+
+def test_rows_under_way_show_their_runs_so_far(gen, tmp_path: Path) -> None:
+    runs = tmp_path / "runs"
+    runs.mkdir()
+
+    def keep(stem: str, lr: float, accuracy: float) -> None:
+        spec = {"config": {"train": {"lr": lr}}}
+        (runs / f"{stem}.json").write_text(json.dumps({"spec": spec, "result": {"summary": {"final": {
+            "eval_accuracy": accuracy}}}}))
+
+    keep("lr-search-spiel-x0.5", 5e-4, 0.748)
+    keep("lr-search-spiel-x1", 1e-3, 0.8)
+    keep("spiel-seed0", 1e-3, 0.81)
+    assert gen.in_progress(tmp_path, ["lora", "spiel"]) == ["| spiel | 0.0005: 74.8, 0.001: 80.0 | 81.0 |"]
+    text = gen.page([{"method": "zero-shot", "accuracy": 0.5}], "CMD", gen.in_progress(tmp_path, ["spiel"]))
+    assert "| spiel | 0.0005: 74.8, 0.001: 80.0 | 81.0 |" in text.split("Rows under way", 1)[1]
