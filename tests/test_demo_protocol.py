@@ -239,3 +239,18 @@ def test_the_baseline_is_the_same_run_whichever_row_comes_first() -> None:
     assert _spec_key(spec("lora")) != _spec_key(spec("lora", seed=1))  # a fresh head would differ per seed
     trained = [{"kind": "train", "config": run_config(DEFAULT_SETUP, name)} for name in ("lora", "full")]
     assert _spec_key(trained[0]) != _spec_key(trained[1])
+
+
+def test_a_run_killed_part_way_leaves_nothing_that_stops_the_next_one(tmp_path: Path) -> None:
+    """A search run killed part-way leaves its output folder (logs) behind; the next demo into the folder makes the
+    run afresh instead of failing on a folder that is not empty (and keeping that failure as the row's)."""
+    setup = stand_in(tmp_path)
+    setup["methods"]["lora"] = Row("lora-minilm", {"steps": 2, "lr": 2e-2})
+    out = tmp_path / "report"
+    for stem in ("lora-x0.5", "lora-x2"):
+        (out / "lr-search" / "artifacts" / stem / "logs").mkdir(parents=True)
+    (out / "artifacts" / "lora").mkdir(parents=True)
+    (out / "artifacts" / "lora" / "stale.txt").write_text("from a killed run")
+    rows = demo(setup=setup, out=out, methods=["lora"], lr_grid="0.5,2", show=False, isolate=False, resume=True)
+    assert all(r["dev_accuracy"] is not None for r in rows[1]["lr_search"]["runs"]) and rows[1]["accuracy"] is not None
+    assert not (out / "artifacts" / "lora" / "stale.txt").exists()

@@ -368,10 +368,13 @@ def _spec_key(spec: dict[str, Any]) -> str:
     return json.dumps(key, sort_keys=True)
 
 
-def _cached_run(plan: Plan, stem: str, spec: dict[str, Any], artifact: Path | None = None) -> dict[str, Any]:
+def _cached_run(plan: Plan, stem: str, spec: dict[str, Any], artifact: Path | None = None,
+                scratch: Path | None = None) -> dict[str, Any]:
     """Run ``spec`` (in a worker), keeping its spec and result in OUT/runs/``stem``.json. With ``plan.resume`` a
-    kept result of the same spec is returned instead, when the run's artifact (if it saves one) is still there:
-    a long protocol (``scripts/demo_results.py``) continues where it stopped, run by run."""
+    kept result of the same spec is returned instead, when the run's ``artifact`` (if it keeps one) is still there:
+    a long protocol (``scripts/demo_results.py``) continues where it stopped, run by run. A run that is made starts
+    from an empty output folder (``artifact``, or ``scratch`` for a run whose folder is not kept): a run killed
+    part-way leaves its folder behind, and training refuses a folder that is not empty."""
     from deltatune.train.reporting import replace_text
 
     spec = {**spec, "config": {**spec["config"], "train": {**spec["config"]["train"], "device": plan.device}}}
@@ -381,8 +384,9 @@ def _cached_run(plan: Plan, stem: str, spec: dict[str, Any], artifact: Path | No
         saved = artifact is None or "error" in kept["result"] or (artifact / "deltatune.json").is_file()
         if _spec_key(kept["spec"]) == _spec_key(spec) and saved:
             return kept["result"]
-    if artifact is not None:
-        shutil.rmtree(artifact, ignore_errors=True)
+    for folder in (artifact, scratch):
+        if folder is not None:
+            shutil.rmtree(folder, ignore_errors=True)
     result = _run_worker(spec, plan.show, plan.console, plan.isolate)
     path.parent.mkdir(parents=True, exist_ok=True)
     replace_text(path, json.dumps({"spec": spec, "result": result}) + "\n")
@@ -575,7 +579,8 @@ def _lr_search(plan: Plan, name: str, search: SearchData) -> dict[str, Any]:
         config_file = _write_config(plan.out, stem, config, preset, folder=f"{SEARCH}/configs",
                                     what=f"learning-rate search of demo row {name!r} (lr x {multiplier:g})")
         result = _cached_run(plan, f"{SEARCH}-{stem}", {"kind": "train", "config": config, "search": True,
-                                                        "label": f"{name} lr {lr:g}", "show": plan.show})
+                                                        "label": f"{name} lr {lr:g}", "show": plan.show},
+                             scratch=folder)
         shutil.rmtree(folder, ignore_errors=True)
         run = {"multiplier": multiplier, "lr": lr, "dev_accuracy": None, "config_file": config_file}
         if "error" in result:
