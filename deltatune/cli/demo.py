@@ -38,7 +38,6 @@ import os
 import platform
 import shlex
 import shutil
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -51,6 +50,7 @@ from rich.table import Table
 
 from deltatune.cli._proc import die_with_parent
 from deltatune.errors import DeltatuneError
+from deltatune.ops.search_refit import mean_se  # the mean and its standard error, as a refit reports them
 from deltatune.train.config import read_config
 
 ZERO_SHOT = "zero-shot"  # the worker's kind of run that trains nothing; the row's name is the setup's "baseline"
@@ -468,11 +468,6 @@ def _empty_row(name: str, **values: Any) -> dict[str, Any]:
 
 # -- several seeds: mean ± standard error ----------------------------------------------------------------
 PER_SEED = ("accuracy", "eval_loss", "seconds_per_step", "peak_memory_bytes", "steps", "artifact", "config_file")
-
-
-def mean_se(values: list[float]) -> tuple[float, float]:
-    """The mean and its standard error: the sample standard deviation (n - 1) over sqrt(n)."""
-    return statistics.fmean(values), statistics.stdev(values) / math.sqrt(len(values))
 
 
 def aggregate(runs: list[dict[str, Any]], seeds: list[int]) -> dict[str, Any]:

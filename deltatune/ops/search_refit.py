@@ -30,7 +30,7 @@ FILE = "refit.json"
 
 def mean_se(values: list[float]) -> tuple[float, float | None]:
     """The mean and its standard error (sample standard deviation over sqrt(n)); no error for one value. The same
-    rule as ``deltatune demo``'s seeds (``cli/demo.py``, which ``ops`` may not import)."""
+    rule ``deltatune demo`` reports its seeds with (it imports this one)."""
     if len(values) < 2:
         return statistics.fmean(values), None
     return statistics.fmean(values), statistics.stdev(values) / math.sqrt(len(values))
