@@ -826,6 +826,16 @@ def bench(
         _out().print(f"report written to {docs}", highlight=False)
 
 
+def _errors_call(fn: Callable[[], Any]) -> Any:
+    """``fn()`` with ``_errors``' handling (for the sub-commands of ``deltatune data``)."""
+    return _errors(fn)()
+
+
+from deltatune.cli.data_verbs import data_app  # noqa: E402  (the sub-app uses the helpers above)
+
+app.add_typer(data_app, name="data")
+
+
 def main() -> None:
     """The ``deltatune`` console script."""
     app()

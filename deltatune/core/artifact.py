@@ -282,6 +282,7 @@ OUTPUT_KINDS = {
     "peft": OutputKind("a PEFT adapter", "adapter_config.json",
                        frozenset({"adapter_config.json", "adapter_model.safetensors", "README.md"})),
     "model": OutputKind("a saved model (a save_pretrained folder)", "config.json"),
+    "data": OutputKind("a data step's output", "manifest.json", frozenset({"manifest.json", "data.jsonl"})),
     # a run adds to its folder as it goes (checkpoints, then the artifact): it starts in an empty one
     "run": OutputKind("a training run", fix="pass --resume to continue the run there or --overwrite to replace it "
                                             "(resume=True / overwrite=True in Python)"),

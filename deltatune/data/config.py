@@ -30,6 +30,7 @@ TASKS = ("text", "chat", "classification", "edit")
 DEFAULT_PROMPT = "Text: {text}\nLabel:"
 SHIPPED_PROMPTS = {"tweets": "Tweet: {text}\nSentiment:"}
 # keys that shape the run as a whole: one value for every part of a mix
+STEP_KEYS = ("select", "prune", "curate", "augment")  # the data steps (deltatune.data.steps.ORDER)
 SHARED = ("task", "max_length", "packing", "head", "seed", "labels", "prompt", "chat_template")
 
 
@@ -57,6 +58,12 @@ class DataConfig:
     chat_template: str | None = None  # chat: a Jinja template, or a .jinja file, used instead of the tokenizer's
     weight: float = 1.0  # in a list of data sets: this part gives weight x its training examples
     mix: list[Any] | None = None  # several data sets in one run: a list of data sections (a YAML list under data:)
+    # data steps on the training part, after the split and before max_train, in this order (docs/data.md); each a
+    # mapping {method: ..., options}, its result cached by its manifest's key
+    select: dict[str, Any] | None = None  # a subset chosen for a target: {method: gotd, budget: 0.1, target: t.jsonl}
+    prune: dict[str, Any] | None = None  # a small subset that keeps what training needs: {method: dealrec, budget: 0.02}
+    curate: dict[str, Any] | None = None  # an SFT set made by a generator + verifier: {method: dart, strategy: prop2diff}
+    augment: dict[str, Any] | None = None  # label-keeping variants of every row: {method: eda, num_aug: 4}
 
     def __post_init__(self) -> None:
         if self.mix is not None:
@@ -100,6 +107,13 @@ class DataConfig:
             raise DeltatuneError(
                 f"data.chat_template={self.chat_template!r} must be a Jinja template or the path of a .jinja file"
             )
+        for step in STEP_KEYS:
+            if getattr(self, step) is not None:
+                from deltatune.data.steps import check_inline
+
+                check_inline(step, getattr(self, step))
+                if self.task == "edit":
+                    raise DeltatuneError(f"data.{step} does not apply to task 'edit' (every edit trains); remove it")
         if self.packing and self.task == "edit":
             raise DeltatuneError("data.packing does not apply to task 'edit' (one edit per row); remove it")
         if self.packing and self.task == "classification" and self.head is True:

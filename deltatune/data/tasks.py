@@ -53,7 +53,7 @@ import torch
 import torch.nn.functional as F
 
 from deltatune import data
-from deltatune.data import models, rows
+from deltatune.data import models, rows, steps
 from deltatune.data.config import DEFAULT_PROMPT, SHIPPED_PROMPTS, TASKS, DataConfig, head_packing_error
 from deltatune.data.encode import (
     IGNORE_INDEX,
@@ -464,10 +464,10 @@ def _build(cfg: DataConfig, tokenizer: Any, model: torch.nn.Module, labelled: li
             "use a causal LM such as smollm2-135m, or set data.task to 'classification'"
         )
     if cfg.task == "text":
-        return _build_text(cfg, tokenizer)
+        return _build_text(cfg, tokenizer, _model_name(base))
     if cfg.task == "edit":
         return _build_edit(cfg, tokenizer)
-    return _build_chat(cfg, tokenizer)
+    return _build_chat(cfg, tokenizer, _model_name(base))
 
 
 def _per_part(cfg: DataConfig, encode: Any) -> tuple[list, list]:
@@ -486,11 +486,15 @@ def _per_part(cfg: DataConfig, encode: Any) -> tuple[list, list]:
     return rows.mix(trains, [p.weight for p in cfg.parts()], cfg.seed), [x for held in evals for x in held]
 
 
-def _build_text(cfg: DataConfig, tokenizer: Any) -> TextTask:
+def _build_text(cfg: DataConfig, tokenizer: Any, model_name: str | None = None) -> TextTask:
     def encode(_: int, part: DataConfig) -> tuple[list, list]:
         texts = rows.texts(part)
         train_idx, eval_idx = split_indices(len(texts), part.eval_fraction, part.seed)
-        train = [texts[i] for i in rows.cut(train_idx, part.max_train)]
+        train = [texts[i] for i in train_idx]
+        if steps.inline_steps(part):  # the data steps see the training part only
+            pool = steps.Pool([{"text": t} for t in train], "text", None, task="text", source=part.name or str(part.path))
+            train = [str(r["text"]) for r in steps.apply_inline(part, pool, model=model_name)]
+        train = rows.cut(train, part.max_train)
         held = [texts[i] for i in rows.cut(eval_idx, part.max_eval)]
         if cfg.packing:  # documents now, mixed by weight, cut into blocks below
             return documents(tokenizer, train), documents(tokenizer, held)
@@ -517,14 +521,22 @@ def _encode_chat_example(tokenizer: Any, example: rows.ChatExample, row: int, te
     return encode_chat(tokenizer, example.messages, row=row, template=template, learn_from=example.learn_from)
 
 
-def _build_chat(cfg: DataConfig, tokenizer: Any) -> ChatTask:
+def _build_chat(cfg: DataConfig, tokenizer: Any, model_name: str | None = None) -> ChatTask:
     template = cfg.resolved_chat_template()
 
     def encode(_: int, part: DataConfig) -> tuple[list, list]:
-        examples = rows.conversations(rows.records(part), part)
+        table = rows.records(part)
+        train_idx, eval_idx = split_indices(len(table.rows), part.eval_fraction, part.seed)
+        if steps.inline_steps(part):  # the data steps see the training part's rows only; their rows come after
+            pool = steps.Pool([table.rows[i] for i in train_idx], part.text_field, None, task="chat",
+                              source=str(part.path))
+            made = steps.apply_inline(part, pool, model=model_name)
+            table = data.files.Records(table.source, [table.rows[i] for i in eval_idx] + made,
+                                       sorted({f for r in made for f in r} | set(table.fields)), table.class_labels)
+            train_idx, eval_idx = list(range(len(eval_idx), len(table.rows))), list(range(len(eval_idx)))
+        examples = rows.conversations(table, part)
         if any(x.messages is not None for x in examples):
             check_template(tokenizer, template)
-        train_idx, eval_idx = split_indices(len(examples), part.eval_fraction, part.seed)
         out = []
         for idx in (rows.cut(train_idx, part.max_train), rows.cut(eval_idx, part.max_eval)):
             features = []
@@ -547,8 +559,16 @@ def _build_chat(cfg: DataConfig, tokenizer: Any) -> ChatTask:
     return ChatTask(cfg, tokenizer, train, held, chat_template=template)
 
 
-def _split_labelled(part: DataConfig, ds: data.TextDataset) -> tuple[data.TextDataset, data.TextDataset]:
+def _model_name(model: torch.nn.Module | None) -> str | None:
+    """The name a data step loads the run's model by (a shipped name or a folder), if it has one."""
+    name = getattr(getattr(model, "config", None), "_name_or_path", None)
+    return name or None
+
+
+def _split_labelled(part: DataConfig, ds: data.TextDataset, model: str | None = None
+                    ) -> tuple[data.TextDataset, data.TextDataset]:
     train, held = ds.split(part.eval_fraction, seed=part.seed)
+    train = steps.apply_labelled(part, train, model=model)  # the data steps see the training part only
     if part.max_train is not None and part.max_train < len(train):
         train = train.subset(part.max_train, seed=part.seed)
     if part.max_eval is not None and part.max_eval < len(held):
@@ -585,7 +605,7 @@ def _build_classification(cfg: DataConfig, tokenizer: Any, base: torch.nn.Module
         def encode_head(text: str) -> list[int]:
             return list(tokenizer(text, truncation=True, max_length=cfg.max_length)["input_ids"])
 
-        train, held = _per_part(cfg, lambda i, part: _encoded(labelled[i], part, encode_head))
+        train, held = _per_part(cfg, lambda i, part: _encoded(labelled[i], part, encode_head, _model_name(base)))
         return HeadClassificationTask(cfg, tokenizer, train, held, names)
     if has_head:
         raise DeltatuneError(
@@ -598,17 +618,18 @@ def _build_classification(cfg: DataConfig, tokenizer: Any, base: torch.nn.Module
             f"head); {load_hint}"
         )
     encoder = PromptEncoder(tokenizer, cfg.resolved_prompt(), names, cfg.max_length)
-    train, held = _per_part(cfg, lambda i, part: _encoded(labelled[i], part, encoder.encode))
+    train, held = _per_part(cfg, lambda i, part: _encoded(labelled[i], part, encoder.encode, _model_name(base)))
     if cfg.packing:
         train = _pack_prompts(train, cfg.max_length)
     return GenerativeClassificationTask(cfg, tokenizer, train, held, names, encoder)
 
 
-def _encoded(ds: data.TextDataset, part: DataConfig, encode: Any) -> tuple[list[dict], list[dict]]:
+def _encoded(ds: data.TextDataset, part: DataConfig, encode: Any, model: str | None = None
+             ) -> tuple[list[dict], list[dict]]:
     """(train, eval) features ``{"input_ids", "label"}`` of one part's labelled data."""
     return tuple(  # type: ignore[return-value]
         [{"input_ids": encode(t), "label": y} for t, y in zip(x.texts, x.labels, strict=True)]
-        for x in _split_labelled(part, ds)
+        for x in _split_labelled(part, ds, model)
     )
 
 
