@@ -42,11 +42,14 @@ classification head reads one label per sequence and cannot be packed.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import inspect
 import logging
 import math
 import random
+from collections.abc import Iterator
+from dataclasses import dataclass
 from typing import Any, NamedTuple
 
 import torch
@@ -77,9 +80,9 @@ from deltatune.errors import DeltatuneError
 # the names callers import from here; they live in config, encode and rows
 __all__ = [
     "DEFAULT_PROMPT", "IGNORE_INDEX", "SHIPPED_PROMPTS", "TASKS", "ChatTask", "DataConfig", "EditTask",
-    "GenerativeClassificationTask", "HeadClassificationTask", "Loaded", "PromptEncoder", "Task", "TextTask",
-    "build_task", "encode_chat", "encode_edit", "left_pad", "load_for_task", "model_request", "right_pad",
-    "split_indices",
+    "GenerativeClassificationTask", "HeadClassificationTask", "Loaded", "LossTerms", "PromptEncoder", "Task",
+    "TextTask", "build_task", "encode_chat", "encode_edit", "left_pad", "load_for_task", "model_request",
+    "right_pad", "split_indices",
 ]
 
 log = logging.getLogger(__name__)
@@ -203,6 +206,167 @@ class _Modes:
             m.training = training
 
 
+# ---------------------------------------------------------------- training-time loss terms
+#
+# train.mixup and train.contrastive (Obadinma et al. 2023, shared/methods/augmentation.md): two terms a
+# classification task adds to its loss while it trains, with any method. Both act on the sentence representation
+# the classifier reads, taken by a forward pre-hook on the head module during one forward pass:
+#   - a head model: the input of its ``classifier`` / ``score`` module (BERT / MiniLM: the pooled output after
+#     its dropout; a head that reads every position: the position it pools, the first token, or for a
+#     decoder's ``score`` the last non-pad token, as transformers finds it);
+#   - label-word classification with a causal LM: the input of ``lm_head`` at the scored (last) position.
+# Mixup in representation space (the spec: "mix after the encoder", so prefixes see unmixed inputs) replaces row
+# i's representation by λ·h_i + (1−λ)·h_π(i) and the loss by λ·CE(y_i) + (1−λ)·CE(y_π(i)), λ ~ Beta(α, α), π a
+# random permutation of the batch. λ and π come from torch's generator, which the run seeds with train.seed and
+# every checkpoint saves: runs repeat, and a resumed run draws what the uninterrupted one drew. The contrastive
+# term is SupCon (Khosla et al. 2020) over the L2-normalised representations before mixing: CE + w·SCL.
+
+
+def mixup_cross_entropy(scores: torch.Tensor, labels: torch.Tensor, partners: torch.Tensor,
+                        lam: float) -> torch.Tensor:
+    """λ·CE(scores, labels) + (1−λ)·CE(scores, partners): cross-entropy against the mixed one-hot labels."""
+    return lam * F.cross_entropy(scores, labels) + (1.0 - lam) * F.cross_entropy(scores, partners)
+
+
+def supervised_contrastive(features: torch.Tensor, labels: torch.Tensor, temperature: float) -> torch.Tensor:
+    """SupCon's L_out over one view per example: for anchor i with positives P(i) (the other rows of its
+    class), ℓ_i = −(1/|P(i)|) Σ_{p∈P(i)} log[exp(z_i·z_p/τ) / Σ_{a≠i} exp(z_i·z_a/τ)], z = features
+    L2-normalised; the mean over the anchors that have a positive (0 when none has). Computed in float32."""
+    z = F.normalize(features.float(), dim=-1)
+    n = z.shape[0]
+    self_mask = torch.eye(n, dtype=torch.bool, device=z.device)
+    logits = (z @ z.T / temperature).masked_fill(self_mask, float("-inf"))
+    log_prob = logits - torch.logsumexp(logits, dim=1, keepdim=True)
+    positives = (labels.view(-1, 1) == labels.view(1, -1)) & ~self_mask
+    count = positives.sum(1)
+    anchors = count > 0
+    if not bool(anchors.any()):
+        return z.sum() * 0.0  # no anchor has a positive: nothing to pull together (still part of the graph)
+    summed = log_prob.masked_fill(~positives, 0.0).sum(1)
+    return -(summed[anchors] / count[anchors]).mean()
+
+
+@dataclass(frozen=True)
+class LossTerms:
+    """``train.mixup`` (α of Beta(α, α); 0: off), ``train.contrastive`` (its weight w; 0: off) and
+    ``train.contrastive_temperature`` (τ): what a classification task adds to its loss while training."""
+
+    mixup: float = 0.0
+    contrastive: float = 0.0
+    temperature: float = 0.1
+
+    @property
+    def active(self) -> bool:
+        return self.mixup > 0 or self.contrastive > 0
+
+    def draw(self, n: int) -> tuple[float, torch.Tensor] | None:
+        """λ ~ Beta(α, α) and each row's partner (a permutation of the n rows), from torch's generator; None
+        without mixup."""
+        if self.mixup <= 0:
+            return None
+        alpha = torch.tensor(float(self.mixup))
+        lam = float(torch.distributions.Beta(alpha, alpha).sample())
+        return lam, torch.randperm(n)
+
+    @contextlib.contextmanager
+    def around(self, head: torch.nn.Module, positions: torch.Tensor | int,
+               n: int) -> Iterator[Representation]:
+        """Within the block, forward passes mix (with mixup) and record the input of ``head`` for a batch of n
+        rows; ``positions``: the position each row is read at when the head reads every position."""
+        seen = Representation(self, positions, self.draw(n))
+        handle = head.register_forward_pre_hook(seen.hook, prepend=True)  # before an adapter's own pre-hook
+        try:
+            yield seen
+        finally:
+            handle.remove()
+
+
+class Representation:
+    """What the head's pre-hook saw in one forward pass, and the loss computed from it."""
+
+    def __init__(self, terms: LossTerms, positions: torch.Tensor | int,
+                 mix: tuple[float, torch.Tensor] | None) -> None:
+        self.terms, self.positions, self.mix = terms, positions, mix
+        self.features: torch.Tensor | None = None  # (batch, hidden), before mixing
+
+    def _rows(self, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        rows = torch.arange(h.shape[0], device=h.device)
+        positions = torch.as_tensor(self.positions, device=h.device).expand(h.shape[0]) % h.shape[1]
+        return rows, positions
+
+    def hook(self, module: torch.nn.Module, args: tuple[Any, ...]) -> tuple[Any, ...] | None:
+        h = args[0]
+        if h.dim() == 2:
+            features = h
+        else:
+            rows, positions = self._rows(h)
+            features = h[rows, positions]
+        self.features = features
+        if self.mix is None:
+            return None
+        lam, perm = self.mix
+        mixed = lam * features + (1.0 - lam) * features[perm.to(h.device)]
+        if h.dim() == 2:
+            return (mixed, *args[1:])
+        return (h.index_put((rows, positions), mixed), *args[1:])
+
+    def loss(self, scores: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """The task's cross-entropy with the terms: mixed-label CE under mixup, + w·SupCon."""
+        if self.features is None:
+            raise DeltatuneError(
+                "train.mixup / train.contrastive read the input of the model's classification head, but "
+                "the forward pass never reached it (a method whose logits come from a head of its own); set "
+                "both to 0"
+            )
+        if self.mix is None:
+            loss = F.cross_entropy(scores, labels)
+        else:
+            lam, perm = self.mix
+            loss = mixup_cross_entropy(scores, labels, labels[perm.to(labels.device)], lam)
+        if self.terms.contrastive > 0:
+            features = self.features.to(scores.device)
+            scl = supervised_contrastive(features, labels, self.terms.temperature)
+            loss = loss + self.terms.contrastive * scl
+        return loss
+
+
+def classification_head(model: torch.nn.Module) -> torch.nn.Module:
+    """The module that turns a sequence-classification model's representation into class scores."""
+    base = _unwrap(model)
+    for name in ("classifier", "score"):
+        head = getattr(base, name, None)
+        if isinstance(head, torch.nn.Module):
+            return head
+    raise DeltatuneError(
+        f"train.mixup / train.contrastive read the input of the classification head (a `classifier` or "
+        f"`score` module), but {type(base).__name__} has neither; set both to 0"
+    )
+
+
+def head_positions(model: torch.nn.Module, inputs: dict[str, torch.Tensor]) -> torch.Tensor | int:
+    """Where a head that reads every position pools: a decoder's ``score`` the rightmost non-pad token (as
+    transformers finds it), any other head the first token. Unused for a head that reads a pooled vector."""
+    base = _unwrap(model)
+    if not isinstance(getattr(base, "score", None), torch.nn.Module):
+        return 0
+    pad = getattr(base.config, "pad_token_id", None)
+    ids = inputs.get("input_ids")
+    if pad is None or ids is None:
+        return -1
+    non_pad = (ids != pad).to(torch.int64)
+    return (torch.arange(ids.shape[-1], device=ids.device) * non_pad).argmax(-1)
+
+
+def loss_terms_problem(task_kind: str, packed: bool) -> str | None:
+    """Why the loss terms cannot apply to a task, or None."""
+    if not task_kind.startswith("classification"):
+        return (f"train.mixup and train.contrastive are classification losses, but the task is "
+                f"{task_kind!r}; set both to 0 or use data.task: classification")
+    if packed:
+        return "train.mixup and train.contrastive read one example per row; set data.packing: false"
+    return None
+
+
 # ---------------------------------------------------------------- tasks
 
 
@@ -210,6 +374,7 @@ class Task:
     """Tokenized train/eval features plus how to batch them, compute the loss and evaluate."""
 
     kind: str = ""
+    loss_terms: LossTerms | None = None  # train.mixup / train.contrastive while training (use_loss_terms)
 
     def __init__(self, cfg: DataConfig, tokenizer: Any, train: list[dict], eval: list[dict],
                  label_names: list[str] | None = None) -> None:
@@ -236,6 +401,15 @@ class Task:
     def loss(self, model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int]:
         """The mean loss of the batch (differentiable) and the number of non-pad tokens in it."""
         raise NotImplementedError
+
+    def use_loss_terms(self, terms: LossTerms | None) -> None:
+        """Add ``terms`` (mixup, contrastive) to ``loss`` from now on (None or inactive: plain loss); refused
+        with the reason for a task they do not fit."""
+        if terms is not None and terms.active:
+            problem = loss_terms_problem(self.kind, any("ends" in f for f in self.train[:1]))
+            if problem is not None:
+                raise DeltatuneError(problem)
+        self.loss_terms = terms if terms is not None and terms.active else None
 
     def _evaluate(self, model: torch.nn.Module, batch_size: int) -> dict[str, float]:
         raise NotImplementedError
@@ -376,8 +550,18 @@ class HeadClassificationTask(Task):
         return model(**inputs).logits.float()
 
     def loss(self, model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int]:
+        if self.loss_terms is not None:
+            head, positions = self.representation_site(model, batch)
+            with self.loss_terms.around(head, positions, len(batch["labels"])) as seen:
+                scores = self.scores(model, batch)
+            return seen.loss(scores, batch["labels"].to(scores.device)), int(batch["attention_mask"].sum())
         scores = self.scores(model, batch)
         return F.cross_entropy(scores, batch["labels"].to(scores.device)), int(batch["attention_mask"].sum())
+
+    def representation_site(self, model: torch.nn.Module, batch: dict[str, torch.Tensor]
+                            ) -> tuple[torch.nn.Module, torch.Tensor | int]:
+        """The module whose input is the sentence representation, and the position each row is read at."""
+        return classification_head(model), head_positions(model, batch)
 
     def _evaluate(self, model: torch.nn.Module, batch_size: int) -> dict[str, float]:
         total, correct, count = 0.0, 0, 0
@@ -418,6 +602,11 @@ class GenerativeClassificationTask(HeadClassificationTask):
             batch["score_positions"][i, : len(f["ends"])] = torch.tensor(f["ends"], dtype=torch.long)
             batch["labels"][i, : len(f["ends"])] = torch.tensor(f["classes"], dtype=torch.long)
         return batch
+
+    def representation_site(self, model: torch.nn.Module, batch: dict[str, torch.Tensor]
+                            ) -> tuple[torch.nn.Module, torch.Tensor | int]:
+        """``lm_head``'s input at the scored position: the last one (prompts are left-padded)."""
+        return _unwrap(model).get_output_embeddings(), -1
 
     def loss(self, model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int]:
         if "score_positions" not in batch:
@@ -526,15 +715,16 @@ def _build_chat(cfg: DataConfig, tokenizer: Any, model_name: str | None = None) 
 
     def encode(_: int, part: DataConfig) -> tuple[list, list]:
         table = rows.records(part)
-        train_idx, eval_idx = split_indices(len(table.rows), part.eval_fraction, part.seed)
+        examples = rows.conversations(table, part)
+        train_idx, eval_idx = split_indices(len(examples), part.eval_fraction, part.seed)
         if steps.inline_steps(part):  # the data steps see the training part's rows only; their rows come after
             pool = steps.Pool([table.rows[i] for i in train_idx], part.text_field, None, task="chat",
                               source=str(part.path))
             made = steps.apply_inline(part, pool, model=model_name)
             table = data.files.Records(table.source, [table.rows[i] for i in eval_idx] + made,
                                        sorted({f for r in made for f in r} | set(table.fields)), table.class_labels)
+            examples = rows.conversations(table, part)
             train_idx, eval_idx = list(range(len(eval_idx), len(table.rows))), list(range(len(eval_idx)))
-        examples = rows.conversations(table, part)
         if any(x.messages is not None for x in examples):
             check_template(tokenizer, template)
         out = []

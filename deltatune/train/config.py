@@ -33,6 +33,9 @@ from deltatune.core import registry
 from deltatune.core.options import set_dotted
 from deltatune.errors import DeltatuneError
 
+if typing.TYPE_CHECKING:
+    from deltatune.data.tasks import LossTerms
+
 PRESETS_DIR = Path(__file__).resolve().parent.parent / "presets"
 OPTIMIZERS = ("adamw", "adam", "sgd")
 SCHEDULES = ("constant", "linear", "cosine")
@@ -106,6 +109,10 @@ class TrainSettings:
     progress: bool = True  # a progress bar and the summary table on the terminal
     early_stopping: EarlyStopping | None = None  # judged at every eval_every; the artifact is the best delta
     report_to: list[str] | str = field(default_factory=list)  # tensorboard, csv, wandb, mlflow (logs/metrics.jsonl always)
+    # classification loss terms any method can add (deltatune.data.tasks.LossTerms)
+    mixup: float = 0.0  # classification: α of mixup, representations mixed in pairs by λ ~ Beta(α, α); 0: off
+    contrastive: float = 0.0  # classification: weight w of a supervised contrastive loss, CE + w·SCL; 0: off
+    contrastive_temperature: float = 0.1  # τ of the contrastive loss (train.contrastive)
 
     def __post_init__(self) -> None:
         if isinstance(self.report_to, str):  # Trainer takes one name as a string
@@ -166,6 +173,9 @@ class TrainSettings:
             "weight_decay": (lambda v: v >= 0, "must be >= 0"),
             "warmup": (lambda v: v >= 0, "must be >= 0"),
             "max_grad_norm": (lambda v: v > 0, "must be > 0 (null: no clipping)"),
+            "mixup": (lambda v: v >= 0, "must be >= 0 (the α of Beta(α, α); 0: off)"),
+            "contrastive": (lambda v: v >= 0, "must be >= 0 (the weight of the contrastive loss; 0: off)"),
+            "contrastive_temperature": (lambda v: v > 0, "must be > 0"),
         }
         out = []
         for name, (allowed, rule) in rules.items():
@@ -222,6 +232,11 @@ def config_differences(saved: dict[str, Any], config: RunConfig) -> list[str]:
     ``dotted.key: old -> new`` line per leaf, in key order (a checkpoint's ``output`` is ignored, as older
     checkpoints recorded it)."""
     old = {k: v for k, v in saved.items() if k != "output"}
+    if isinstance(old.get("train"), dict):
+        # a train setting added since the checkpoint was written (train.mixup) ran at its default there
+        defaults = json.loads(json.dumps(dataclasses.asdict(TrainSettings())))
+        new_keys = set(config.identity()["train"]) - set(old["train"])
+        old["train"] = {**{k: defaults[k] for k in new_keys if k in defaults}, **old["train"]}
     return [f"{key}: {_shown(a)} -> {_shown(b)}" for key, a, b in _leaf_differences(old, config.identity(), "")]
 
 
@@ -347,6 +362,8 @@ def parse_config(raw: dict[str, Any]) -> RunConfig:
     train = _section(TrainSettings, raw.get("train"), "train", problems)
     if train is not None:
         problems += train.problems()
+    if train is not None and data is not None and "data" in raw:
+        problems += _loss_term_problems(train, data)
     method = raw.get("method")
     if isinstance(method, str):
         method = {"name": method}
@@ -358,6 +375,24 @@ def parse_config(raw: dict[str, Any]) -> RunConfig:
     if problems:
         raise DeltatuneError(registry.problem_list("bad run config", problems))
     return RunConfig(model=model, data=data, method=dict(method), output=output, train=train)
+
+
+def loss_terms(s: TrainSettings) -> LossTerms | None:
+    """The run's ``deltatune.data.tasks.LossTerms`` (mixup, contrastive), None when both are off."""
+    from deltatune.data.tasks import LossTerms
+
+    terms = LossTerms(mixup=s.mixup, contrastive=s.contrastive, temperature=s.contrastive_temperature)
+    return terms if terms.active else None
+
+
+def _loss_term_problems(train: TrainSettings, data: Any) -> list[str]:
+    """train.mixup / train.contrastive on data they cannot apply to (not classification, packed prompts)."""
+    from deltatune.data.tasks import loss_terms_problem
+
+    if loss_terms(train) is None:
+        return []
+    problem = loss_terms_problem(data.task, bool(data.packing) and data.task == "classification")
+    return [problem] if problem is not None else []
 
 
 def _method_problems(method: dict[str, Any]) -> list[str]:

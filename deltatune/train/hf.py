@@ -17,8 +17,10 @@ the delta and the policy state on ``resume_from_checkpoint``. It installs ``Delt
 With a plain ``Trainer``, pass ``**dt.hf.trainer_kwargs(tuned)`` (model + callback) and set
 ``remove_unused_columns=False, label_names=["labels"]`` in ``TrainingArguments``: the ``Tuned`` wrapper's
 ``forward(*args, **kwargs)`` hides the model's argument names. The plain Trainer then also writes the delta's
-tensors as its own ``model.safetensors`` in every checkpoint (``DeltaStateModel``: never the frozen base, which
-with tied weights it could not save) and loads them back on resume; it does not add ``policy.extra_loss``.
+tensors as its own ``model.safetensors`` in every checkpoint (``DeltaStateModel``: never the frozen base,
+which with tied weights it could not save) and loads them back on resume; it does not add
+``policy.extra_loss``, nor mixup / the contrastive loss (``DeltaTuneTrainer(mixup=..., contrastive=...)``, a
+run config's ``train.mixup`` / ``train.contrastive``).
 
 Checkpoint layout (``checkpoint-N/``): ``deltatune/`` (the artifact at step N, loadable with ``dt.load``),
 ``deltatune_policy.json`` + ``deltatune_policy.safetensors`` (the policy's ``state_dict`` and which delta
@@ -29,6 +31,7 @@ from __future__ import annotations
 
 import inspect
 import json
+import math
 import os
 import warnings
 from pathlib import Path
@@ -41,6 +44,7 @@ from transformers.utils import can_return_loss, find_labels
 from deltatune.core import artifact
 from deltatune.core.delta import Delta
 from deltatune.core.tuned import ModelWrapper, Tuned
+from deltatune.data.tasks import LossTerms, classification_head, head_positions
 from deltatune.errors import DeltatuneError
 from deltatune.train.state import join, split
 from deltatune.train.step import PolicyStep, inner_optimizer, mean_over_ranks, skips_steps, takes_whole_steps
@@ -210,12 +214,47 @@ def trainer_kwargs(tuned: Tuned, **callback_options: Any) -> dict[str, Any]:
 
 
 # -- the Trainer subclass ---------------------------------------------------------------------------
-class DeltaTuneTrainer(Trainer):
-    """``transformers.Trainer`` for a ``Tuned`` model: extra policy losses, delta-only checkpoints, resume."""
+def _loss_terms(tuned: Tuned, mixup: float, contrastive: float, temperature: float) -> LossTerms | None:
+    """The Trainer's mixup / contrastive terms, checked as the run config checks ``train.*``; None if off."""
+    def number(value: Any) -> bool:
+        return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
 
-    def __init__(self, model: Tuned | None = None, *args: Any, **kwargs: Any) -> None:
+    problems = [f"{name}={value!r} must be a number >= 0 (0: off)" for name, value in
+                (("mixup", mixup), ("contrastive", contrastive)) if not (number(value) and value >= 0)]
+    if not (number(temperature) and temperature > 0):
+        problems.append(f"contrastive_temperature={temperature!r} must be a number > 0")
+    if problems:
+        raise DeltatuneError("DeltaTuneTrainer: " + "; ".join(problems))
+    terms = LossTerms(mixup=float(mixup), contrastive=float(contrastive), temperature=float(temperature))
+    if not terms.active:
+        return None
+    if takes_whole_steps(tuned.policy):
+        raise DeltatuneError("DeltaTuneTrainer(mixup=..., contrastive=...) needs gradients, but this method "
+                             "trains from forward passes (its policy takes the whole step); leave both at 0")
+    if not type(tuned.model).__name__.endswith("ForSequenceClassification"):
+        raise DeltatuneError(
+            f"DeltaTuneTrainer(mixup=..., contrastive=...) is for a sequence-classification model, but this "
+            f"is a {type(tuned.model).__name__}: the Trainer's labels are then token ids. For label-word "
+            "classification with a causal LM use `deltatune train` with train.mixup / train.contrastive "
+            "(data.task: classification)"
+        )
+    classification_head(tuned)  # refuses a model without a head module it can read
+    return terms
+
+
+class DeltaTuneTrainer(Trainer):
+    """``transformers.Trainer`` for a ``Tuned`` model: extra policy losses, delta-only checkpoints, resume.
+
+    ``mixup``, ``contrastive`` and ``contrastive_temperature`` are the run config's ``train.mixup`` /
+    ``train.contrastive`` / ``train.contrastive_temperature`` (``deltatune.data.tasks.LossTerms``, 0: off) for
+    a sequence-classification model: while training, the loss is then computed here from the logits and the
+    ``labels`` column (mixed-label cross-entropy, + w·SupCon), as ``deltatune train`` computes it."""
+
+    def __init__(self, model: Tuned | None = None, *args: Any, mixup: float = 0.0, contrastive: float = 0.0,
+                 contrastive_temperature: float = 0.1, **kwargs: Any) -> None:
         if not isinstance(model, Tuned):
             raise DeltatuneError("DeltaTuneTrainer trains the Tuned model returned by dt.attach / dt.load (model=tuned)")
+        self.loss_terms = _loss_terms(model, mixup, contrastive, contrastive_temperature)
         super().__init__(model, *args, **kwargs)
         self.tuned = model
         found = [cb for cb in self.callback_handler.callbacks if isinstance(cb, DeltaTuneCallback)]
@@ -238,20 +277,48 @@ class DeltaTuneTrainer(Trainer):
     # the policy's regulariser -------------------------------------------------------------------
     def compute_loss(self, model: torch.nn.Module, inputs: dict[str, Any], return_outputs: bool = False,
                      num_items_in_batch: Any = None) -> Any:
-        result = super().compute_loss(model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch)
+        if model.training and self.loss_terms is not None:
+            result = self._loss_with_terms(model, inputs, return_outputs, num_items_in_batch)
+        else:
+            result = super().compute_loss(model, inputs, return_outputs=return_outputs,
+                                          num_items_in_batch=num_items_in_batch)
         if not model.training:
             return result
         extra = self.tuned.policy.extra_loss(self.tuned)
         if extra is None:
             return result
         loss, outputs = result if return_outputs else (result, None)
-        # training_step divides by the accumulation steps unless the loss was normalised by num_items_in_batch;
-        # the regulariser must count once per optimizer step either way, as in the native loop
-        scaled = self.loss_is_scaled_for_ga if self.loss_is_scaled_for_ga is not None else (
-            (self.model_accepts_loss_kwargs and num_items_in_batch is not None) or self.compute_loss_func is not None)
-        if scaled:
+        # the regulariser must count once per optimizer step, as in the native loop
+        if self._scaled_for_accumulation(num_items_in_batch):
             extra = extra / self.current_gradient_accumulation_steps
         loss = loss + extra.to(loss.device)
+        return (loss, outputs) if return_outputs else loss
+
+    def _scaled_for_accumulation(self, num_items_in_batch: Any) -> bool:
+        """training_step divides the loss by the accumulation steps unless it counts as normalised by
+        num_items_in_batch: a per-batch mean added to it must then be divided here."""
+        if self.loss_is_scaled_for_ga is not None:
+            return bool(self.loss_is_scaled_for_ga)
+        return bool((self.model_accepts_loss_kwargs and num_items_in_batch is not None)
+                    or self.compute_loss_func is not None)
+
+    def _loss_with_terms(self, model: torch.nn.Module, inputs: dict[str, Any], return_outputs: bool,
+                         num_items_in_batch: Any) -> Any:
+        """The mean classification loss with mixup / contrastive (``deltatune.data.tasks.LossTerms``),
+        computed from the logits; the model gets no labels, so it computes no loss of its own."""
+        if "labels" not in inputs:
+            raise DeltatuneError("DeltaTuneTrainer(mixup=..., contrastive=...) needs a `labels` column (the "
+                                 "class of each example)")
+        labels = inputs["labels"]
+        rest = {k: v for k, v in inputs.items() if k != "labels"}
+        head, positions = classification_head(self.tuned), head_positions(self.tuned, rest)
+        assert self.loss_terms is not None
+        with self.loss_terms.around(head, positions, len(labels)) as seen:
+            outputs = model(**rest)
+        logits = outputs["logits"] if isinstance(outputs, dict) else outputs[0]
+        loss = seen.loss(logits.float(), labels.to(logits.device))
+        if self._scaled_for_accumulation(num_items_in_batch):
+            loss = loss / self.current_gradient_accumulation_steps
         return (loss, outputs) if return_outputs else loss
 
     def training_step(self, model: torch.nn.Module, inputs: dict[str, Any], num_items_in_batch: Any = None

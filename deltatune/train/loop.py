@@ -33,10 +33,10 @@ from deltatune.core.tuned import Tuned, attach
 from deltatune.errors import DeltatuneError
 from deltatune.train import state as ckpt
 from deltatune.train.callbacks import Callback, ProgressBar, SummaryTable
-from deltatune.train.config import RunConfig, TrainSettings, config_differences, load_config
+from deltatune.train.config import RunConfig, TrainSettings, config_differences, load_config, loss_terms
 from deltatune.train.early_stopping import Stopper
 from deltatune.train.reporting import reporters
-from deltatune.train.step import PolicyStep, mean_over_ranks
+from deltatune.train.step import PolicyStep, mean_over_ranks, takes_whole_steps
 from deltatune.train.step import sync_optimizer as sync_optimizer  # callers and tests import it from here
 
 FAULT_ENV = "DELTATUNE_FAULT_KILL_AT_STEP"  # fault injection for the resume test: SIGKILL self before this step
@@ -186,6 +186,7 @@ def build(config: RunConfig) -> Run:
     options = {k: v for k, v in config.method.items() if k != "name"}
     torch.manual_seed(s.seed)  # the delta's initialisation depends on the seed only
     tuned = attach(model, config.method["name"], **options).to(device)
+    use_loss_terms(task, tuned, config)
     # a run with its own chat template (data.chat_template) saves it with the delta, for generation
     tuned.delta.chat_template = getattr(task, "chat_template", None)
     if s.gradient_checkpointing:
@@ -193,6 +194,19 @@ def build(config: RunConfig) -> Run:
             raise DeltatuneError(f"{type(model).__name__} has no gradient checkpointing; set train.gradient_checkpointing=false")
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     return Run(config, tuned, task, tokenizer, device)
+
+
+def use_loss_terms(task: Any, tuned: Tuned, config: RunConfig) -> None:
+    """``train.mixup`` / ``train.contrastive`` into the task's loss (the task refuses them where they do not
+    fit). A policy that takes its own steps (zeroth-order: SPSA from two forward passes in eval mode) would
+    compare losses with different mixes, so it is refused."""
+    terms = loss_terms(config.train)
+    if terms is not None and takes_whole_steps(tuned.policy):
+        raise DeltatuneError(
+            f"train.mixup and train.contrastive need gradients, but {config.method['name']} trains from "
+            "forward passes (its policy takes the whole step); set both to 0"
+        )
+    task.use_loss_terms(terms)
 
 
 def _to(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
