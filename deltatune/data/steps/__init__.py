@@ -274,14 +274,23 @@ def apply_inline(cfg: DataConfig, pool: Pool, *, model: str | None = None) -> li
         method, options = method_options(step, given)
         seed = int(options.pop("seed", cfg.seed))
         module = method_module(step, method)
-        context = {}
+        context: dict[str, Any] = {}
         if model is not None and "model" in {f.name for f in dataclasses.fields(module.Options)} \
-                and "model" not in options:
-            options["model"] = model
+                and "model" not in options and _is_causal_lm(model):
+            options["model"] = model  # an encoder run (MiniLM) keeps the step's own default causal LM
         result = run_step(step, dataclasses.replace(pool, rows=rows), method=method, seed=seed, cache=True,
                           context=context, **options)
         rows = result.rows
     return rows
+
+
+def _is_causal_lm(model: str) -> bool:
+    from deltatune.data import models
+
+    try:
+        return models.natural_task(model) == "causal_lm"
+    except DeltatuneError:
+        return False
 
 
 def apply_labelled(cfg: DataConfig, ds: TextDataset, *, model: str | None = None) -> TextDataset:
