@@ -141,3 +141,12 @@ def test_cli_writes_the_folder_and_prints_the_summary(tmp_path: Path) -> None:
     assert len((tmp_path / "sel" / "data.jsonl").read_text().splitlines()) == 3
     missing = CliRunner().invoke(app, ["data", "select", str(source), "--method", "fake"])
     assert missing.exit_code == 2 and "--out" in missing.output
+
+
+def test_the_output_may_not_replace_the_folder_of_what_the_step_reads(tmp_path: Path) -> None:
+    folder = tmp_path / "data"
+    folder.mkdir()
+    source = rows_file(folder / "pool.jsonl", 10)
+    with pytest.raises(DeltatuneError, match="which this command reads"):
+        dt.data.select(source, method="fake", out=folder, budget=2, overwrite=True)
+    assert source.is_file() and len(source.read_text().splitlines()) == 10

@@ -35,8 +35,8 @@ def _run(verb: str, source: str, out: str | None, method: str | None, seed: int,
     def go() -> None:
         folder = _require_out(out, f"deltatune data {verb} SOURCE --out FOLDER")
         options = {**{k: v for k, v in common.items() if v is not None}, **_parse_options(items)}
-        result = getattr(steps, verb)(source, method=method or next(iter(steps.STEPS[verb])), out=folder, seed=seed,
-                                      overwrite=overwrite, progress=True, **options)
+        result = steps.run_step(verb, source, method=method, out=folder, seed=seed, overwrite=overwrite,
+                                progress=True, **options)
         _out().print(summary(result.manifest))
         _out().print(f"wrote {len(result.rows):,} rows to {result.folder} (data.jsonl, manifest.json); train on "
                      f"it with data: {{path: {result.folder}/data.jsonl}}", soft_wrap=True, highlight=False)

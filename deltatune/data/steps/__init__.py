@@ -187,7 +187,7 @@ def run_step(step: str, source: Any, *, method: str | None = None, out: str | os
     pool = read_pool(source)
     if not pool.rows:
         raise DeltatuneError(f"{where}: the pool {pool.source} is empty; give it a data source with rows")
-    recorded = {k: v for k, v in dataclasses.asdict(opts).items()}
+    recorded = dataclasses.asdict(opts)
     inputs = {"pool": _manifest.rows_sha256(pool.rows)}
     extra: dict[str, Any] = dict(context or {})
     for name in SOURCE_OPTIONS:
@@ -214,8 +214,9 @@ def run_step(step: str, source: Any, *, method: str | None = None, out: str | os
         if cache:
             _manifest.write(_manifest.cache_root() / key, rows, manifest, overwrite=True)
     folder = None
-    if out is not None:
-        folder = _manifest.write(Path(out), rows, manifest, overwrite=overwrite)
+    if out is not None:  # the files the step read must not lie in the folder it replaces
+        read = [source, *(getattr(opts, name, None) for name in SOURCE_OPTIONS)]
+        folder = _manifest.write(Path(out), rows, manifest, overwrite=overwrite, inputs=tuple(read))
     return StepResult(rows, manifest, folder)
 
 
@@ -274,12 +275,11 @@ def apply_inline(cfg: DataConfig, pool: Pool, *, model: str | None = None) -> li
         method, options = method_options(step, given)
         seed = int(options.pop("seed", cfg.seed))
         module = method_module(step, method)
-        context: dict[str, Any] = {}
         if model is not None and "model" in {f.name for f in dataclasses.fields(module.Options)} \
                 and "model" not in options and _is_causal_lm(model):
             options["model"] = model  # an encoder run (MiniLM) keeps the step's own default causal LM
         result = run_step(step, dataclasses.replace(pool, rows=rows), method=method, seed=seed, cache=True,
-                          context=context, **options)
+                          **options)
         rows = result.rows
     return rows
 
