@@ -163,6 +163,32 @@ def test_a_killed_and_resumed_search_equals_an_uninterrupted_one(sentiment_file:
     assert history(resumed) == history(whole)
 
 
+@pytest.mark.slow  # a Gaussian process fitted per trial: ~80 s on a busy 2-core machine
+def test_botorch_samples_past_its_random_start_and_resumes_as_it_would_have_run(sentiment_file: Path,
+                                                                                tmp_path: Path) -> None:
+    """``sampler: botorch`` (qNEHVI through optuna-integration): beyond the random start the Gaussian-process
+    model finds more hypervolume, and a search stopped after 7 trials and resumed samples the uninterrupted one's
+    trials (each trial's sampler is seeded from the search's seed and the trials before it)."""
+    ref = {"accuracy": -1.5, "trainable": 7000}
+    cfg = config(sentiment_file, 10, startup=4, sampler="botorch", reference=ref)
+    whole = dt.search(cfg, tmp_path / "whole", runner=mock)
+    hv, _ = search_ops.hypervolumes(whole, search_ops.prepare(cfg, config_problems))
+    assert hv[-1] > hv[3]
+    dt.search(cfg, tmp_path / "cut", runner=mock, trials=7)
+    resumed = dt.search(cfg, tmp_path / "cut", resume=True, runner=mock)
+    assert history(resumed) == history(whole)
+
+
+def test_botorch_without_its_extra_is_refused_before_any_trial(sentiment_file: Path, tmp_path: Path,
+                                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    import deltatune.ops.search_space as space
+
+    monkeypatch.setattr(space, "botorch_installed", lambda: False)
+    with pytest.raises(dt.DeltatuneError, match=r"pip install 'deltatune\[search\]'"):
+        dt.search(config(sentiment_file, sampler="botorch"), tmp_path / "s", runner=mock)
+    assert not (tmp_path / "s").exists()
+
+
 @pytest.mark.slow  # two worker processes (each imports torch): ~25 s on a busy 2-core machine
 def test_two_workers_share_one_study_and_run_no_trial_twice(sentiment_file: Path, tmp_path: Path) -> None:
     cfg = config(sentiment_file, 8, startup=3)

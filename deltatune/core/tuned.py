@@ -317,6 +317,32 @@ class Tuned(ModelWrapper):
         self._carry(True)
         return self
 
+    @property
+    def switchable(self) -> bool:
+        """Whether ``delta_off`` gives the base model's forward cheaply: every form sits beside the base weights
+        (hooks, parametrisations, modules). An in-place form (full fine-tuning, LISA, HFT) has written the base
+        tensor itself; taking it off copies W0 back into every trained tensor, so a caller that needs the base
+        model's outputs often (a preference objective's reference) computes them once instead."""
+        from deltatune.core.forms.inplace import InPlace
+
+        return not any(isinstance(f, InPlace) for f in self.forms().values())
+
+    @contextlib.contextmanager
+    def delta_off(self) -> Iterator[nn.Module]:
+        """The base model while the body runs (the delta taken off, put back after, also when the body fails):
+        the reference policy of DPO / GRPO, exactly the base's forward. Gradients do not reach the delta
+        through it. Refused on a merged delta (the weights are the tuned ones)."""
+        if self.merged:
+            raise DeltatuneError("the delta is merged into the weights: unmerge() before asking for the base model")
+        if not self.attached:
+            yield self.model
+            return
+        self.detach()
+        try:
+            yield self.model
+        finally:
+            self.reattach()
+
     def _carry(self, on: bool) -> None:
         carry(self.model, self, on)
 

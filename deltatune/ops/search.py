@@ -249,10 +249,26 @@ def make_sampler(search: Search, index: int) -> Any:
         return optuna.samplers.RandomSampler(seed=seed)
     if search.sampler == "nsga2":
         return optuna.samplers.NSGAIISampler(seed=seed, population_size=max(2, search.n_startup))
+    if search.sampler == "botorch":
+        return botorch_sampler(search, seed)
     # multivariate + group: the space is conditional (a method's options exist only for that method);
     # constant_liar: several workers do not all sample next to the same running trial
     return optuna.samplers.TPESampler(seed=seed, n_startup_trials=search.n_startup, multivariate=True, group=True,
                                       constant_liar=True)
+
+
+def botorch_sampler(search: Search, seed: int) -> Any:
+    """AutoPEFT's acquisition: a Gaussian-process model of each objective and qNEHVI (noisy expected hypervolume
+    improvement; optuna-integration's default for 2-3 objectives is qEHVI, which assumes noise-free metrics, and a
+    short run's dev accuracy is noisy). Options outside the space all trials share so far (a conditional space:
+    each method's own options) are drawn by the seeded random sampler, as optuna's relative samplers do."""
+    import optuna
+    from optuna_integration import BoTorchSampler
+    from optuna_integration.botorch import qnehvi_candidates_func
+
+    candidates = qnehvi_candidates_func if len(search.objectives) > 1 else None  # one objective: its default (logEI)
+    return BoTorchSampler(candidates_func=candidates, n_startup_trials=search.n_startup, seed=seed,
+                          independent_sampler=optuna.samplers.RandomSampler(seed=seed))
 
 
 PRUNING = ".pruning"  # the pruner's single-objective companion study: "<study>.pruning"

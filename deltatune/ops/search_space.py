@@ -31,7 +31,7 @@ from deltatune.core import registry
 from deltatune.core.options import set_dotted
 from deltatune.errors import DeltatuneError
 
-SAMPLERS = ("tpe", "nsga2", "random")
+SAMPLERS = ("tpe", "nsga2", "random", "botorch")
 DIRECTIONS = {"maximize": "maximize", "max": "maximize", "minimize": "minimize", "min": "minimize"}
 # objectives every run has (the cost side); the metric objectives come from the dev evaluation, by task
 COSTS = {"trainable": "trainable parameters", "peak_memory": "peak memory (bytes)",
@@ -208,6 +208,16 @@ def parse_search(raw: Any, config: dict[str, Any], validate: Validator) -> Searc
     return Search(space=space, objectives=objectives, reference=reference, **settings)
 
 
+def botorch_installed() -> bool:
+    """Whether AutoPEFT's own acquisition (qNEHVI through optuna-integration's BoTorch sampler) can run here."""
+    try:  # optuna_integration is a lazy module (no __spec__ once imported): try the imports themselves
+        import botorch  # noqa: F401
+        from optuna_integration import BoTorchSampler  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
 def _settings(raw: dict[str, Any], problems: list[str]) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for key, least, default in (("trials", 1, 20), ("seed", 0, 0), ("startup", 0, None), ("dev_size", 1, None),
@@ -219,6 +229,9 @@ def _settings(raw: dict[str, Any], problems: list[str]) -> dict[str, Any]:
     sampler = raw.get("sampler", "tpe")
     if sampler not in SAMPLERS:
         problems.append(f"search.sampler={sampler!r}: allowed are {', '.join(SAMPLERS)}")
+    elif sampler == "botorch" and not botorch_installed():
+        problems.append("search.sampler=botorch needs the optional extra: pip install 'deltatune[search]' "
+                        "(optuna-integration and botorch), or choose sampler tpe")
     pruner = raw.get("pruner", "none")
     if pruner not in PRUNERS:
         problems.append(f"search.pruner={pruner!r}: allowed are {', '.join(PRUNERS)}")
