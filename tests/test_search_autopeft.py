@@ -58,6 +58,27 @@ def test_the_space_is_the_papers_for_the_models_blocks(folders, arch: str, layer
     assert "log2_reduction_serial" not in run and config_problems({**run, "output": "runs/x"}) == []
 
 
+def test_the_declared_space_takes_generic_keys_beside_it(folders, tmp_path: Path) -> None:
+    """space: {from: autopeft, train.lr: ...}: the paper's dimensions, then the learning rate; a trial config has
+    both, and a key the declared space decides (method.name, one of its own) is refused with the other problems."""
+    cfg = config(folders["bert"], folders["data"])
+    cfg["search"]["space"] = {"from": "autopeft", "train.lr": {"log": [1.0e-4, 1.0e-2]}, "train.warmup": [0.0, 0.1]}
+    spec = parse_search(cfg["search"], cfg, config_problems)
+    assert [d.key for d in spec.space][-2:] == ["train.lr", "train.warmup"] and len(spec.space) == 3 + 3 + 2
+    values = {"log2_reduction_serial": 3, "log2_reduction_parallel": 10, "log2_reduction_prefix": 10,
+              **{f"leave_out_{i}": 0 for i in range(3)}, "train.lr": 3.0e-3, "train.warmup": 0.1}
+    run = trial_config(cfg, spec.space, values)
+    assert run["train"]["lr"] == 3.0e-3 and run["method"]["serial"] == 32 // 8 and run["train"]["warmup"] == 0.1
+    assert config_problems({**run, "output": "runs/x"}) == []
+    cfg["search"]["space"] = {"from": "autopeft", "method.name": ["lora"], "log2_reduction_serial": [1, 2],
+                              "train.lrr": [0.1]}
+    with pytest.raises(dt.DeltatuneError) as e:
+        dt.search(cfg, tmp_path / "s", runner=lambda c, f: {})
+    text = str(e.value)
+    assert "search.space.method.name: already decided by the 'autopeft' space" in text
+    assert "search.space.log2_reduction_serial: already decided" in text and "unknown key train.lrr" in text
+
+
 def test_a_bad_declared_space_is_refused_with_the_others(folders, tmp_path: Path) -> None:
     cfg = config(folders["bert"], folders["data"])
     cfg["search"]["space"] = "lora"

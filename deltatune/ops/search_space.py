@@ -172,6 +172,27 @@ def _dimension(key: str, spec: Any, problems: list[str]) -> Dimension | None:
     return Dimension(key, low=low, high=high, log=kind == "log", step=step)
 
 
+DECLARED = "from"  # space: {from: autopeft, train.lr: {log: [...]}}: a method's declared space plus generic keys
+
+
+def _mapping_space(raw: dict[str, Any], config: dict[str, Any], problems: list[str]) -> list[Dimension]:
+    """Generic dimensions, after the declared space of the method named by ``from`` when there is one."""
+    declared = raw.get(DECLARED)
+    space = declared_space(str(declared), config, problems) if declared is not None else []
+    owned = {d.key for d in space}
+    for key, spec in raw.items():
+        if key == DECLARED:
+            continue
+        if declared is not None and (key in owned or key == "method.name"):
+            problems.append(f"search.space.{key}: already decided by the {declared!r} space (from: {declared}); "
+                            "remove it")
+            continue
+        dim = _dimension(str(key), spec, problems)
+        if dim is not None:
+            space.append(dim)
+    return space
+
+
 def parse_search(raw: Any, config: dict[str, Any], validate: Validator) -> Search:
     """The ``search`` section of ``config`` (a run config mapping plus ``search:``) checked against the config: one
     DeltatuneError lists every problem of the space, the objectives and the settings, before any trial runs."""
@@ -190,12 +211,10 @@ def parse_search(raw: Any, config: dict[str, Any], validate: Validator) -> Searc
     elif not isinstance(space_raw, dict) or not space_raw:
         problems.append(f"search.space={space_raw!r}: give a mapping of run config keys to choices or ranges, "
                         "e.g. {method.r: [4, 8, 16], train.lr: {log: [1.0e-5, 1.0e-2]}}, or the name of a "
-                        "method that declares its space (space: autopeft)")
+                        "method that declares its space (space: autopeft), or both ({from: autopeft, train.lr: "
+                        "{log: [1.0e-4, 1.0e-2]}})")
     else:
-        for key, spec in space_raw.items():
-            dim = _dimension(str(key), spec, problems)
-            if dim is not None:
-                space.append(dim)
+        space = _mapping_space(space_raw, config, problems)
     settings = _settings(raw, problems)
     methods = _methods(space, config, problems)
     problems += _key_problems(space, config, methods, validate)
@@ -290,6 +309,8 @@ def _key_problems(space: list[Dimension], config: dict[str, Any], methods: list[
             continue
         for value in dim.samples():
             trial = copy.deepcopy(base)
+            if methods:  # as a trial runs it: the base's method options cut to a searched method's
+                trial["method"] = applicable(methods[0], _base_method(base))
             set_dotted(trial, dim.key, value)
             problems += [f"search.space.{dim.key}: {p}" for p in validate(trial) if p not in base_problems]
     return problems
