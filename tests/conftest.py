@@ -92,6 +92,7 @@ def cache(tmp_path_factory: pytest.TempPathFactory):
     path = tmp_path_factory.mktemp("deltatune-cache")
     patch = pytest.MonkeyPatch()
     patch.setenv("DELTATUNE_CACHE", str(path))
+    patch.setenv("DELTATUNE_DATA_CACHE", str(path / "data-steps"))  # the data steps' cache and embeddings too
     yield path
     patch.undo()
 

@@ -150,3 +150,38 @@ def test_the_output_may_not_replace_the_folder_of_what_the_step_reads(tmp_path: 
     with pytest.raises(DeltatuneError, match="which this command reads"):
         dt.data.select(source, method="fake", out=folder, budget=2, overwrite=True)
     assert source.is_file() and len(source.read_text().splitlines()) == 10
+
+
+def test_embeddings_are_cached_per_text_and_per_encoder(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """embed_texts: a text embedded before comes from the cache bit for bit (in any order, with new texts beside
+    it), the encoder runs only on the new ones, and another encoder's weights are another cache."""
+    import torch
+    from test_head_artifacts import save_tiny_encoder
+
+    from deltatune.data.steps import _embed
+
+    monkeypatch.setenv("DELTATUNE_DATA_CACHE", str(tmp_path / "cache"))
+    encoder = str(save_tiny_encoder(tmp_path / "enc", tmp_path / "data.jsonl"))
+    texts = ["good movie", "bad plot", "great fun", "good movie"]
+    fresh = _embed.embed_texts(texts, encoder, cache=False)
+    first = _embed.embed_texts(texts, encoder)
+    assert torch.allclose(first, fresh, rtol=1e-5, atol=1e-6) and torch.equal(first[0], first[3])
+    (cached,) = (tmp_path / "cache" / "embeddings").glob("*.safetensors")
+    seen: list[int] = []
+    second = _embed.embed_texts(["awful acting", *texts[::-1]], encoder,
+                                progress=lambda stage, done, total: seen.append(total))
+    assert seen == [1]  # only the new text went through the encoder
+    assert torch.equal(second[1:], first.flip(0)) and torch.equal(second[1:2], first[3:4])
+    assert torch.allclose(second[0], _embed.embed_texts(["awful acting"], encoder, cache=False)[0], rtol=1e-5,
+                          atol=1e-6)
+    raw = _embed.embed_texts(texts[:1], encoder, normalize=False)  # the cache holds the pooled, unnormalised vector
+    assert torch.allclose(torch.nn.functional.normalize(raw, dim=-1), first[:1])
+    other = save_tiny_encoder(tmp_path / "enc2", tmp_path / "data2.jsonl")
+    from transformers import BertModel
+
+    model = BertModel.from_pretrained(other)
+    with torch.no_grad():
+        model.embeddings.word_embeddings.weight.add_(0.5)
+    model.save_pretrained(other)
+    _embed.embed_texts(texts, str(other))
+    assert len(list((tmp_path / "cache" / "embeddings").glob("*.safetensors"))) == 2 and cached.is_file()
