@@ -37,8 +37,8 @@ if TYPE_CHECKING:
 
 # verb -> method -> module; the first method of each verb is its default
 STEPS: dict[str, dict[str, str]] = {
-    "select": {"gotd": "deltatune.data.steps.gotd"},
-    "prune": {"dealrec": "deltatune.data.steps.dealrec"},
+    "select": {"gotd": "deltatune.data.steps.gotd", "random": "deltatune.data.steps.random_subset"},
+    "prune": {"dealrec": "deltatune.data.steps.dealrec", "random": "deltatune.data.steps.random_subset"},
     "curate": {"dart": "deltatune.data.steps.dart"},
     "augment": {"eda": "deltatune.data.steps.eda", "backtranslation": "deltatune.data.steps.backtranslate"},
 }
