@@ -11,7 +11,7 @@ from typer.testing import CliRunner
 
 import deltatune as dt
 from deltatune.cli import demo as demo_module
-from deltatune.cli.demo import DEFAULT_SETUP, QUICK_SETUP, demo, run_config
+from deltatune.cli.demo import DEFAULT_SETUP, QUICK_SETUP, Row, demo, run_config
 from deltatune.cli.main import app
 from deltatune.errors import DeltatuneError
 
@@ -121,6 +121,10 @@ def test_rows_train_their_presets_with_the_demos_changes() -> None:
     assert run_config(DEFAULT_SETUP, "lora")["train"]["lr"] == 2e-3
     assert run_config(DEFAULT_SETUP, "mezo", steps=5)["train"]["steps"] == 5
     assert run_config(DEFAULT_SETUP, "lora", lora_options={"r": 16})["method"]["r"] == 16
+    # a row's own data keys (a data step) join the demo's data section for that row only
+    subset = {**DEFAULT_SETUP, "methods": {"sub": Row("lora", data={"prune": {"method": "random", "budget": 100}})}}
+    data = run_config(subset, "sub", seed=2)["data"]
+    assert data == {**DEFAULT_SETUP["data"], "prune": {"method": "random", "budget": 100}, "seed": 2}
 
 
 def test_cli_passes_the_protocol_options(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:

@@ -58,12 +58,14 @@ EXAMPLES = 4  # example predictions in the report: at least this many, and at le
 
 
 class Row(NamedTuple):
-    """A demo row: the preset it trains, and ``train`` settings and ``method`` options the demo changes for this row
-    only (a variant of a method: ``Row("spiel", method={"reselection_steps": 1000})``)."""
+    """A demo row: the preset it trains, and ``train`` settings, ``method`` options and ``data`` keys the demo changes
+    for this row only (a variant of a method: ``Row("spiel", method={"reselection_steps": 1000})``; a data step:
+    ``Row("lora", data={"select": {"method": "random", "budget": 0.1}})``)."""
 
     preset: str
     train: dict[str, Any] = {}
     method: dict[str, Any] = {}
+    data: dict[str, Any] = {}
 
 
 # The default demo: SmolLM2-135M, tweets positive vs negative, label-word scoring.
@@ -148,7 +150,7 @@ def run_config(setup: dict[str, Any], name: str, *, seed: int = 0, output: str |
                lr: float | None = None) -> dict[str, Any]:
     """The run config of demo row ``name``: its preset, with what the demo changes and why.
 
-    - ``model`` and ``data``: the demo's task, the same for every row. ``data.head`` stays the preset's (VQT
+    - ``model`` and ``data``: the demo's task, the same for every row (but a row's own ``data`` keys). ``data.head`` stays the preset's (VQT
       trains a classification head), and a method that reads data itself (CorDA's calibration) reads the
       demo's data too.
     - ``train.batch_size``: one batch size for every row; ``train.eval_batch_size``: larger evaluation batches
@@ -166,7 +168,7 @@ def run_config(setup: dict[str, Any], name: str, *, seed: int = 0, output: str |
     """
     row = setup["methods"][name]
     preset = read_config(row.preset)
-    data = {**setup["data"], "seed": seed}
+    data = {**setup["data"], **row.data, "seed": seed}
     head = (preset.get("data") or {}).get("head")
     if head is not None:
         data["head"] = head

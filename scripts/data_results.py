@@ -1,0 +1,178 @@
+"""Measure the data steps (issue 20) on the demo's task: does a chosen subset, or augmentation, beat a plain baseline?
+
+    .venv/bin/python scripts/data_results.py --out data-results --group select      # GOT-D 10% vs random 10% vs all
+    .venv/bin/python scripts/data_results.py --out data-results --group prune       # DEALRec 2% / 10% vs random
+    .venv/bin/python scripts/data_results.py --out data-results --group augment     # 100 tweets: none/EDA/mixup/SCL
+    .venv/bin/python scripts/data_results.py --out data-results --render            # docs/data-results.md
+
+Every condition is a row of ``deltatune demo`` on its task (SmolLM2-135M scores " negative" / " positive" after the
+tweet; 500 held-out tweets, the same for every row), with the data step inline in the row's data section, so the
+step runs on the training part only (never on the held-out tweets) and its result is cached. Rows train at equal
+steps (the preset's: 60 of 8 for LoRA), 3 training seeds, mean ± standard error. Learning rates are the presets':
+LoRA's 2e-3 is also the rate the demo table's dev-split search chose (docs/demo-results.md); P-tuning v2's is not
+searched here (said on the page).
+
+- select: the pool is the training part of the tweets (both labels); GOT-D moves it towards a target of 500 tweets
+  drawn from that same training part (labels unused; ``OUT/target.jsonl``): the task's own distribution, as the
+  paper uses a small sample of the target task. Random: a stratified random 10%. All: the training part.
+  The demo caps training data at 2,000 rows (``data.max_train``, after the step): 60 steps of 8 see 480 of them.
+- prune: DEALRec at 2% and 10% against random subsets of the same size. Its effort term needs one SmolLM2
+  backward per row (0.41 s each here: 2.3 hours over the pool), so this measurement runs ``effort: false``
+  (influence from the surrogate only, the paper's λ = 0 ablation) and says so.
+- augment: 100 training tweets (a stratified random 100: ``prune: {method: random, budget: 100}``), then none /
+  EDA (the paper's code defaults, num_aug 9 per tweet) / mixup (α 0.4) / contrastive (w 0.3, τ 0.1), with LoRA and
+  P-tuning v2 (the paper's two PEFT methods).
+
+Runs are kept in OUT/<group>/runs/ and reused: a killed measurement continues where it stopped.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import sys
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from deltatune.cli.demo import DEFAULT_SETUP, RUNS, Row, demo  # noqa: E402
+
+DOC = ROOT / "docs" / "data-results.md"
+SEEDS = 3
+HELD_OUT = 500
+TARGET_ROWS = 500
+LOW_DATA = 100
+EDA = {"method": "eda", "num_aug": 9}
+MIXUP = {"mixup": 0.4}
+CONTRASTIVE = {"contrastive": 0.3, "contrastive_temperature": 0.1}
+
+
+LABELS = {"all": "all (the training part)", "random-10": "random 10%", "gotd-10": "GOT-D 10%",
+          "random-2": "random 2%", "dealrec-2": "DEALRec 2% (influence only, no effort)",
+          "dealrec-10": "DEALRec 10% (influence only, no effort)"}
+
+
+def label(name: str) -> str:
+    if name in LABELS:
+        return LABELS[name]
+    method, _, rest = name.partition("-100")
+    return f"{method}, {LOW_DATA} tweets" + (f" + {rest.lstrip('-')}" if rest else "")
+
+
+def groups(out: Path) -> dict[str, dict[str, Row]]:
+    target = str((out / "target.jsonl").resolve())
+    few = {"prune": {"method": "random", "budget": LOW_DATA}}
+    return {
+        "select": {
+            "all": Row("lora"),
+            "random-10": Row("lora", data={"select": {"method": "random", "budget": 0.1}}),
+            "gotd-10": Row("lora", data={"select": {"method": "gotd", "budget": 0.1, "target": target}}),
+        },
+        "prune": {
+            "all": Row("lora"),
+            "random-2": Row("lora", data={"prune": {"method": "random", "budget": 0.02}}),
+            "dealrec-2": Row("lora", data={"prune": {"method": "dealrec", "budget": 0.02,
+                                                                  "effort": False}}),
+            "random-10": Row("lora", data={"prune": {"method": "random", "budget": 0.1}}),
+            "dealrec-10": Row("lora", data={"prune": {"method": "dealrec", "budget": 0.1,
+                                                                   "effort": False}}),
+        },
+        "augment": {
+            "lora-100": Row("lora", data=few),
+            "lora-100-eda": Row("lora", data={**few, "augment": EDA}),
+            "lora-100-mixup": Row("lora", train=MIXUP, data=few),
+            "lora-100-contrastive": Row("lora", train=CONTRASTIVE, data=few),
+            "ptuning_v2-100": Row("ptuning_v2", data=few),
+            "ptuning_v2-100-eda": Row("ptuning_v2", data={**few, "augment": EDA}),
+            "ptuning_v2-100-mixup": Row("ptuning_v2", train=MIXUP, data=few),
+            "ptuning_v2-100-contrastive": Row("ptuning_v2", train=CONTRASTIVE, data=few),
+        },
+    }
+
+
+def setup_for(group: str, out: Path) -> dict[str, Any]:
+    rows = groups(out)[group]
+    return {**DEFAULT_SETUP, "title": f"data steps on the demo's task: {group}",
+            "data": {**DEFAULT_SETUP["data"], "max_eval": HELD_OUT}, "eval_points": 1, "methods": rows,
+            "default": list(rows)}
+
+
+def write_target(out: Path) -> None:
+    """500 tweets of the training part (the demo's split), labels dropped: GOT-D's target."""
+    from deltatune.data import rows
+    from deltatune.data.config import DataConfig
+
+    path = out / "target.jsonl"
+    if path.is_file():
+        return
+    cfg = DataConfig(**{**DEFAULT_SETUP["data"], "seed": 0})
+    train, _ = rows.classification_data(cfg).split(cfg.eval_fraction, seed=cfg.seed)
+    chosen = random.Random(0).sample(range(len(train.texts)), TARGET_ROWS)
+    out.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text("".join(json.dumps({"text": train.texts[i]}) + "\n" for i in chosen))
+    tmp.replace(path)
+
+
+def finished(out: Path, group: str) -> list[str]:
+    runs = out / group / RUNS
+    return [name for name in groups(out)[group]
+            if all((runs / f"{name}-seed{k}.json").is_file() for k in range(SEEDS))]
+
+
+def cell(row: dict[str, Any]) -> str:
+    if row.get("accuracy") is None:
+        return "-"
+    se = row.get("accuracy_se")
+    return f"{100 * row['accuracy']:.1f}" + (f" ± {100 * se:.1f}" if se is not None else "")
+
+
+def render(out: Path) -> str:
+    lines = ["# The data steps, measured", "",
+             "<!-- Generated by scripts/data_results.py from the runs it keeps. -->", "",
+             "SmolLM2-135M on the demo's task (tweet sentiment, label words), 500 held-out tweets, the presets' steps "
+             f"and rates, {SEEDS} training seeds: mean ± standard error. The protocol and every choice are in the "
+             "docstring of `scripts/data_results.py`.", ""]
+    for group in groups(out):
+        done = finished(out, group)
+        if not done:
+            lines += [f"## {group}", "", "Not run yet.", ""]
+            continue
+        rows = demo(setup=setup_for(group, out), out=out / group, methods=done, seeds=SEEDS, resume=True)
+        lines += [f"## {group}", "", f"Zero-shot: {cell(rows[0])} %.", "",
+                  "| condition | held-out accuracy (%) | per seed | s / step |", "|---|---:|---|---:|"]
+        for row in rows[1:]:
+            seeds = ", ".join(f"{100 * s['accuracy']:.1f}" for s in row.get("seeds", []))
+            step = f"{row['seconds_per_step']:.2f}" if row.get("seconds_per_step") else "-"
+            lines.append(f"| {label(row['method'])} | {cell(row)} | {seeds} | {step} |")
+        missing = [label(n) for n in groups(out)[group] if n not in done]
+        if missing:
+            lines += ["", f"Not finished yet: {', '.join(missing)}."]
+        lines.append("")
+    lines.append(f"Rebuild: `.venv/bin/python scripts/data_results.py --out {out} --group GROUP`, then `--render`.")
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--out", default="data-results")
+    ap.add_argument("--group", choices=["select", "prune", "augment"])
+    ap.add_argument("--rows", default=None, help="comma-separated conditions of the group (default: all)")
+    ap.add_argument("--render", action="store_true", help="run nothing new: write the page from finished rows")
+    args = ap.parse_args()
+    out = Path(args.out)
+    if args.render:
+        DOC.write_text(render(out))
+        return
+    if args.group is None:
+        raise SystemExit("give --group select|prune|augment, or --render")
+    write_target(out)
+    names = list(groups(out)[args.group]) if args.rows is None else [r.strip() for r in args.rows.split(",")]
+    demo(setup=setup_for(args.group, out), out=out / args.group, methods=names, seeds=SEEDS, resume=True)
+
+
+if __name__ == "__main__":
+    main()
