@@ -23,9 +23,12 @@ from deltatune.core.options import describe as describe_method
 from deltatune.core.tuned import Tuned, load
 from deltatune.data import models
 from deltatune.errors import DeltatuneError
-from deltatune.interop.peft import export_peft, import_peft, read_peft
+from deltatune.interop.gguf import DTYPES as GGUF_DTYPES
+from deltatune.interop.gguf import check_llama, export_gguf
+from deltatune.interop.peft import check_rank, export_peft, import_peft, read_peft
 
-FORMATS = ("peft",)
+FORMATS = ("peft",)  # what import reads
+EXPORT_FORMATS = ("peft", "gguf")  # what export writes
 
 
 def methods(name: str | None = None) -> Any:
@@ -36,9 +39,10 @@ def methods(name: str | None = None) -> Any:
     return {name: registry.get(name).description for name in registry.names()}
 
 
-def _check_format(format: str) -> None:
-    if format not in FORMATS:
-        raise DeltatuneError(f"unknown format {format!r}: supported formats are {', '.join(FORMATS)}")
+def _check_format(format: str, formats: tuple[str, ...] = FORMATS) -> None:
+    """``formats``: what the verb takes (``import`` reads PEFT adapters; ``export`` also writes GGUF)."""
+    if format not in formats:
+        raise DeltatuneError(f"unknown format {format!r}: supported formats are {', '.join(formats)}")
 
 
 def inspect(path: str | os.PathLike) -> dict[str, Any]:
@@ -88,15 +92,57 @@ def compress(artifact_path: str | os.PathLike, out: str | os.PathLike, *, calibr
 
 
 def export(artifact_or_tuned: str | os.PathLike | Tuned, out: str | os.PathLike, *, base: str | nn.Module | None = None,
-           format: str = "peft", overwrite: bool = False) -> Path:
-    """Export an artifact (a path, with its base model) or a tuned model to another library's format."""
-    _check_format(format)
+           format: str = "peft", rank: int | None = None, dtype: str | None = None, overwrite: bool = False) -> Path:
+    """Export an artifact (a path, with its base model) or a tuned model to another library's format.
+
+    ``format="peft"``: a PEFT LoRA adapter; a low-rank delta as it is, or with ``rank=R`` any weight-side delta
+    (sparse, dense, sums) as a rank-R LoRA by truncated SVD, with ``export-report.json`` giving the error per tensor.
+    ``format="gguf"``: the delta merged into its base, as ``out/model.gguf`` (Llama architecture; ``dtype`` "f32",
+    the default, or "f16"); the tokenizer is the base's (``base``, else the one the artifact or the model names).
+    A ``Tuned`` is merged for the GGUF export and unmerged after (as ``unmerge`` does: within float rounding)."""
+    _check_format(format, EXPORT_FORMATS)
+    if format == "peft" and dtype is not None:
+        raise DeltatuneError("dtype is an option of format 'gguf'; a PEFT adapter keeps the delta's own dtype")
+    if format == "gguf" and rank is not None:
+        raise DeltatuneError("rank is an option of format 'peft' (a LoRA of that rank); a GGUF file holds the "
+                             "merged model, exactly")
+    if rank is not None:
+        check_rank(rank)
+    dtype = dtype or "f32"
+    if format == "gguf" and dtype not in GGUF_DTYPES:
+        raise DeltatuneError(f"dtype={dtype!r}: GGUF export writes {' or '.join(GGUF_DTYPES)}")
     if isinstance(artifact_or_tuned, Tuned):
-        return export_peft(artifact_or_tuned, out, overwrite=overwrite)
+        if format == "peft":
+            return export_peft(artifact_or_tuned, out, rank=rank, overwrite=overwrite)
+        return _gguf_of_tuned(artifact_or_tuned, out, base, dtype, overwrite)
     meta = artifact.read_meta(artifact_or_tuned)  # a bad path fails before a model is loaded
     base, head = models.base_of(meta, base)
-    with artifact.destination(out, "peft", inputs=[artifact_or_tuned, base], overwrite=overwrite):
-        return export_peft(load(models.load_base(base, head), artifact_or_tuned), out)
+    with artifact.destination(out, format, inputs=[artifact_or_tuned, base], overwrite=overwrite):
+        tuned = load(models.load_base(base, head), artifact_or_tuned)
+        if format == "peft":
+            return export_peft(tuned, out, rank=rank)
+        check_llama(tuned.model)  # before the tokenizer is read and the weights are merged
+        return export_gguf(tuned.merge(), _tokenizer_for_gguf(base), out, dtype=dtype)
+
+
+def _tokenizer_for_gguf(base: str | nn.Module | None) -> Any:
+    if not isinstance(base, str | os.PathLike) or not base:
+        raise DeltatuneError("a GGUF file holds the tokenizer, and this model does not say where its own is: pass "
+                             "base=... (the shipped name or the folder of the base model, with its tokenizer)")
+    return models.load_tokenizer(base)
+
+
+def _gguf_of_tuned(tuned: Tuned, out: str | os.PathLike, base: str | nn.Module | None, dtype: str,
+                   overwrite: bool) -> Path:
+    check_llama(tuned.model)
+    if base is None:
+        base = getattr(getattr(tuned.model, "config", None), "_name_or_path", None)
+    tokenizer = _tokenizer_for_gguf(base)
+    plain = tuned.merge()
+    try:
+        return export_gguf(plain, tokenizer, out, dtype=dtype, overwrite=overwrite)
+    finally:
+        tuned.unmerge()
 
 
 def import_(adapter: str | os.PathLike, out: str | os.PathLike, *, base: str | nn.Module, format: str = "peft",

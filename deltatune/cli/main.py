@@ -260,7 +260,13 @@ def export(
     ctx: typer.Context,
     artifact: str = typer.Argument(..., help="The deltatune artifact folder to export."),
     out: str | None = OUT_OPTION,
-    format: str = typer.Option("peft", "--format", help="Target format: peft (Hugging Face PEFT adapter)."),
+    format: str = typer.Option("peft", "--format", help="Target format: peft (Hugging Face PEFT adapter) or gguf "
+                               "(the merged model as one GGUF file, for llama.cpp; Llama architecture)."),
+    rank: int | None = typer.Option(None, "--rank", help="peft: export any weight-side delta (sparse, dense, sums) "
+                                    "as a LoRA of this rank by truncated SVD; prints the error per tensor and writes "
+                                    "it to OUT/export-report.json. Without it only low-rank deltas export, exactly."),
+    dtype: str | None = typer.Option(None, "--dtype", help="gguf: f32 (default) or f16 (matrices in float16, norms "
+                                     "in float32, as llama.cpp's converter writes)."),
     base: str | None = typer.Option(
         None, "--base", help="Base model: a shipped name or a from_pretrained folder (default: the one the "
         "artifact records)."
@@ -268,12 +274,35 @@ def export(
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace what OUT holds (without it a folder that is "
                                    "not empty and not this command's kind of output is refused)."),
 ) -> None:
-    """Export an artifact to another library's format (a PEFT LoRA adapter): export ARTIFACT --out FOLDER."""
+    """Export an artifact to another library's format (a PEFT LoRA adapter, or a GGUF file of the merged model):
+    export ARTIFACT --out FOLDER [--format gguf] [--rank R]."""
     from deltatune import api
 
     out = _out_folder(ctx, out, "deltatune export ARTIFACT --out FOLDER")
-    path = api.export(artifact, out, base=base, format=format, overwrite=overwrite)
-    _out().print(f"exported {artifact} to {path} ({format})", soft_wrap=True, highlight=False)
+    if rank is not None:
+        _at_least_one(rank, "--rank")
+    path = api.export(artifact, out, base=base, format=format, rank=rank, dtype=dtype, overwrite=overwrite)
+    if rank is not None:
+        _print_svd_report(json.loads((path / "export-report.json").read_text()))
+    where = path / "model.gguf" if format == "gguf" else path
+    _out().print(f"exported {artifact} to {where} ({format}{', ' + (dtype or 'f32') if format == 'gguf' else ''})",
+                 soft_wrap=True, highlight=False)
+
+
+def _print_svd_report(report: dict[str, Any]) -> None:
+    """The SVD export's error per tensor: ‖ΔW − B·A‖_F / ‖ΔW‖_F (0 for tensors carried exactly as values)."""
+    table = Table(title=f"rank-{report['rank']} LoRA of a {report['method']} delta: relative error per tensor")
+    for column in ("tensor", "shape", "as", "rank", "rel. error"):
+        table.add_column(column, justify="right" if column in ("rank", "rel. error") else "left")
+    for row in report["tensors"]:
+        table.add_row(row["tensor"], "x".join(map(str, row["shape"])), row["as"],
+                      "" if row["rank"] is None else str(row["rank"]), f"{row['relative_error']:.2e}")
+    _out().print(table)
+    _out().print(f"all LoRA tensors together: {report['relative_error']:.3e} (largest {report['max_relative_error']:.3e})"
+                 + (f"; {len(report['unchanged'])} tensors unchanged (left out)" if report["unchanged"] else ""),
+                 highlight=False)
+    for note in report["notes"]:
+        _out().print(f"  {note}", soft_wrap=True, highlight=False)
 
 
 @app.command("import", **OLD_ORDER)

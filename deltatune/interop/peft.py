@@ -1,4 +1,5 @@
-"""Hugging Face PEFT adapter format: export low-rank deltas to it, import LoRA adapters from it.
+"""Hugging Face PEFT adapter format: export deltas to it (low-rank ones exactly, any weight-side one as a LoRA by
+truncated SVD), import LoRA adapters from it.
 
 On disk PEFT writes ``adapter_config.json`` + ``adapter_model.safetensors`` with keys
 ``base_model.model.<module path>.lora_A.weight`` (r, in) / ``.lora_B.weight`` (out, r);
@@ -10,6 +11,10 @@ module as ``base_layer``, and silently ignores a ``<path>.bias`` key). We emit e
 ranks differ, so PEFT rebuilds exactly our modules and scales. DoRA deltas (method ``dora``) export with
 ``use_dora: true`` and their magnitude under ``<module path>.lora_magnitude_vector`` (no ``.weight`` on disk, as
 PEFT saves it); a DoRA adapter imports back as a ``dora`` delta.
+
+``export_peft(tuned, out, rank=R)`` writes any weight-side delta (sparse, dense, low-rank, DoRA, sums of forms) as a
+LoRA adapter: each changed weight matrix becomes the truncated SVD of its ΔW at rank R, biases and norm weights
+travel as trained values, and ``export-report.json`` gives ‖ΔW − B·A‖_F / ‖ΔW‖_F per tensor (``svd_adapter``).
 """
 
 from __future__ import annotations
@@ -31,8 +36,9 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file
 
 from deltatune.core import artifact
+from deltatune.core.forms.base import WeightDelta
 from deltatune.core.forms.dense import Dense
-from deltatune.core.forms.lowrank import LowRank
+from deltatune.core.forms.lowrank import LowRank, layout_of
 from deltatune.core.targeting import ALL_LINEAR, all_linear, layer_index, match_name, module_types
 from deltatune.core.tuned import Tuned, attach, carried_by, register_config_converter
 from deltatune.data import models
@@ -47,6 +53,13 @@ WEIGHTS_FILE = "adapter_model.safetensors"
 CARD_FILE = "README.md"  # the model card PEFT's save_pretrained writes next to the adapter
 PEFT_VERSION = "0.21.2"  # the version whose format we write and test against
 MAGNITUDE = "lora_magnitude_vector"  # DoRA's magnitude vector, PEFT's key on disk (no ".weight")
+REPORT_FILE = "export-report.json"  # what an SVD export did to each tensor (PEFT ignores the file)
+
+# A PEFT folder written by an SVD export holds its report too, and is still this writer's own kind of output (a
+# second export replaces it without --overwrite). TODO(lead): move REPORT_FILE into artifact.OUTPUT_KINDS["peft"].
+_PEFT_KIND = artifact.OUTPUT_KINDS["peft"]
+if _PEFT_KIND.files is not None and REPORT_FILE not in _PEFT_KIND.files:
+    artifact.OUTPUT_KINDS["peft"] = dataclasses.replace(_PEFT_KIND, files=_PEFT_KIND.files | {REPORT_FILE})
 
 _TASKS = (
     ("ForCausalLM", "CAUSAL_LM"),
@@ -84,52 +97,119 @@ def _number(x: float) -> int | float:
     return int(x) if float(x).is_integer() else float(x)
 
 
-def export_peft(tuned: Tuned, out: str | os.PathLike, *, overwrite: bool = False) -> Path:
+@dataclass
+class _Layer:
+    """One PEFT LoRA layer as the adapter file holds it: ΔW = (alpha / r) · B A (alpha / √r with rsLoRA)."""
+
+    A: torch.Tensor
+    B: torch.Tensor
+    r: int
+    alpha: float
+    layout: str  # LowRank's layouts: "linear", "conv1d" or "embedding"
+    dropout: float = 0.0
+    magnitude: torch.Tensor | None = None  # DoRA's magnitude vector
+
+
+@dataclass
+class _Adapter:
+    """What an export writes: LoRA layers by module path, and fully trained tensors by "<module path>.<tensor>"
+    (their trained values, as PEFT stores them)."""
+
+    layers: dict[str, _Layer]
+    trained: dict[str, torch.Tensor]
+    rslora: bool = False
+    dora: bool = False
+
+
+def export_peft(tuned: Tuned, out: str | os.PathLike, *, rank: int | None = None, overwrite: bool = False) -> Path:
     """Write ``tuned``'s delta as a PEFT LoRA adapter (``PeftModel.from_pretrained`` loads it unchanged) at ``out``:
-    a new or empty folder, or a PEFT adapter (replaced atomically); ``overwrite`` replaces any other folder."""
+    a new or empty folder, or a PEFT adapter (replaced atomically); ``overwrite`` replaces any other folder.
+
+    Without ``rank`` a low-rank delta is written exactly as it is (its own factors). With ``rank`` every weight-side
+    delta (sparse, dense, low-rank, DoRA, sums of them) becomes a LoRA of that rank by truncated SVD of each
+    tensor's ΔW (see ``svd_adapter``), and ``export-report.json`` beside the adapter gives the error per tensor."""
+    if tuned.merged:
+        raise DeltatuneError("the delta is merged into the base; unmerge() before exporting it")
+    report: dict[str, Any] | None = None
+    if rank is None:
+        adapter = _exact_adapter(tuned)
+    else:
+        adapter, report = svd_adapter(tuned, rank)
+    tensors, config = _adapter_files(tuned.model, adapter)
+    base = base_reference(getattr(getattr(tuned.model, "config", None), "_name_or_path", None))
+    config["base_model_name_or_path"] = base.path
+    card = model_card(base, config, tuned.method.name, out, svd_rank=rank)
+    json_files: dict[str, Any] = {CONFIG_FILE: config, **({REPORT_FILE: report} if report else {})}
+    with artifact.destination(out, "peft", overwrite=overwrite) as dest:
+        dest.write_tensors(tensors, WEIGHTS_FILE, json_files, text_files={CARD_FILE: card})
+    return Path(out)
+
+
+def _weight_side(form: Any) -> bool:
+    """A delta added to a base tensor that merge can fold into it (what an SVD export can express)."""
+    return isinstance(form, WeightDelta) and form.mergeable
+
+
+def _first_names(model: nn.Module) -> dict[int, str]:
+    """id(module) -> its first name (a module reachable under two names is named once)."""
+    names: dict[int, str] = {}
+    for n, m in model.named_modules(remove_duplicate=False):
+        names.setdefault(id(m), n)
+    return names
+
+
+def _exact_adapter(tuned: Tuned) -> _Adapter:
+    """The delta's own LoRA / DoRA factors, plus its dense tensors as trained values: no approximation."""
     forms = tuned.forms()
     low = {n: f for n, f in forms.items() if isinstance(f, LowRank) and f.kind in (LowRank.kind, DoRA.kind)}
     dense = {n: f for n, f in forms.items() if isinstance(f, Dense) and f.kind == Dense.kind}
     other = [n for n in forms if n not in low and n not in dense]
     if not low or other:
+        svd = all(_weight_side(f) for f in forms.values()) and forms
         raise DeltatuneError(
             f"method {tuned.method.name!r} has no PEFT LoRA equivalent (PEFT export needs low-rank deltas, "
             f"plus optional dense ones{'; found ' + forms[other[0]].kind + ' at ' + other[0] if other else ''})"
+            + ("; pass rank=R (--rank R) to export its ΔW as a rank-R LoRA by truncated SVD" if svd else "")
         )
-    if tuned.merged:
-        raise DeltatuneError("the delta is merged into the base; unmerge() before exporting it")
     rslora = {f.use_rslora for f in low.values()}
     if len(rslora) > 1:
         raise DeltatuneError("PEFT has one use_rslora flag per adapter; this delta mixes both scalings")
     dora = {n for n, f in low.items() if isinstance(f, DoRA)}
     if dora and len(dora) != len(low):
         raise DeltatuneError("PEFT has one use_dora flag per adapter; this delta mixes LoRA and DoRA modules")
-
-    tensors: dict[str, torch.Tensor] = {}
-    for name, f in low.items():
-        path = PREFIX + _module_of(name)
-        if f.layout == "embedding":
-            tensors[f"{path}.lora_embedding_A"], tensors[f"{path}.lora_embedding_B"] = f.A, f.B
-        else:
-            tensors[f"{path}.lora_A.weight"], tensors[f"{path}.lora_B.weight"] = f.A, f.B
-        if isinstance(f, DoRA):
-            tensors[f"{path}.{MAGNITUDE}"] = f.magnitude
-
+    layers = {
+        _module_of(name): _Layer(f.A, f.B, f.r, f.alpha, f.layout, float(getattr(f.dropout, "p", 0.0)),
+                                 f.magnitude if isinstance(f, DoRA) else None)
+        for name, f in low.items()
+    }
     # Dense deltas: PEFT stores trained values, not differences, under every module that holds the tensor
-    # (a tied weight is trained at each of its sites). A module with a trained non-bias tensor becomes a
-    # modules_to_save entry (PEFT trains a copy of the whole module); a lone trained bias is PEFT's `bias` option.
-    model = tuned.model
-    module_names: dict[int, str] = {}
-    all_modules: list[str] = []
-    for n, m in model.named_modules(remove_duplicate=False):
-        module_names.setdefault(id(m), n)
-        all_modules.append(n)
-    lora_paths = {_module_of(n) for n in low}
-    trained: dict[str, torch.Tensor] = {}  # "<module path>.<tensor>" -> trained value
+    # (a tied weight is trained at each of its sites).
+    module_names = _first_names(tuned.model)
+    trained: dict[str, torch.Tensor] = {}
     for f in dense.values():
         value = (f.base + f.delta).detach()
         for m, attr in f.sites:
             trained[f"{module_names[id(m)]}.{attr}"] = value
+    return _Adapter(layers, trained, rslora=rslora.pop(), dora=bool(dora))
+
+
+def _adapter_files(model: nn.Module, adapter: _Adapter) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """The adapter's safetensors (PEFT's keys) and adapter_config.json (without base_model_name_or_path)."""
+    tensors: dict[str, torch.Tensor] = {}
+    for module, layer in adapter.layers.items():
+        path = PREFIX + module
+        if layer.layout == "embedding":
+            tensors[f"{path}.lora_embedding_A"], tensors[f"{path}.lora_embedding_B"] = layer.A, layer.B
+        else:
+            tensors[f"{path}.lora_A.weight"], tensors[f"{path}.lora_B.weight"] = layer.A, layer.B
+        if layer.magnitude is not None:
+            tensors[f"{path}.{MAGNITUDE}"] = layer.magnitude
+
+    # A module with a trained non-bias tensor becomes a modules_to_save entry (PEFT trains a copy of the whole
+    # module); a lone trained bias is PEFT's `bias` option.
+    all_modules = [n for n, _ in model.named_modules(remove_duplicate=False)]
+    lora_paths = set(adapter.layers)
+    trained = adapter.trained
     saved_modules = {_module_of(k) for k in trained if not k.endswith(".bias")}
     clash = sorted(saved_modules & lora_paths)
     if clash:
@@ -167,31 +247,35 @@ def export_peft(tuned: Tuned, out: str | os.PathLike, *, overwrite: bool = False
     bias_mode = "none"
     if bias_modules:
         bias_mode = "lora_only" if bias_modules <= lora_paths else "all"
+    return tensors, _adapter_config(model, adapter, task, bias_mode, sorted(saved_modules))
 
-    ranks = {_module_of(n): f.r for n, f in low.items()}
-    alphas = {_module_of(n): f.alpha for n, f in low.items()}
+
+def _adapter_config(model: nn.Module, adapter: _Adapter, task: str | None, bias_mode: str,
+                    saved_modules: list[str]) -> dict[str, Any]:
+    layers = adapter.layers
+    ranks = {m: layer.r for m, layer in layers.items()}
+    alphas = {m: layer.alpha for m, layer in layers.items()}
     r0 = Counter(ranks.values()).most_common(1)[0][0]
     a0 = Counter(alphas.values()).most_common(1)[0][0]
-    layouts = {f.layout for f in low.values()}
-    base = base_reference(getattr(getattr(model, "config", None), "_name_or_path", None))
+    layouts = {layer.layout for layer in layers.values()}
     config: dict[str, Any] = {
         "peft_type": "LORA",
         "task_type": task,
-        "base_model_name_or_path": base.path,
+        "base_model_name_or_path": None,
         "revision": None,
         "inference_mode": True,
         "r": r0,
         "lora_alpha": _number(a0),
-        "lora_dropout": max(float(getattr(f.dropout, "p", 0.0)) for f in low.values()),
+        "lora_dropout": max(layer.dropout for layer in layers.values()),
         "target_modules": sorted(ranks),
         "exclude_modules": None,
         "bias": bias_mode,
         # PEFT corrects the flag per layer (with a warning) when an adapter mixes Conv1D and Linear targets
         "fan_in_fan_out": "conv1d" in layouts,
-        "use_rslora": rslora.pop(),
-        "use_dora": bool(dora),
+        "use_rslora": adapter.rslora,
+        "use_dora": adapter.dora,
         "init_lora_weights": True,
-        "modules_to_save": sorted(saved_modules) or None,
+        "modules_to_save": saved_modules or None,
         "layers_to_transform": None,
         "layers_pattern": None,
         "rank_pattern": {re.escape(m): r for m, r in ranks.items() if r != r0},
@@ -201,10 +285,168 @@ def export_peft(tuned: Tuned, out: str | os.PathLike, *, overwrite: bool = False
     }
     if task is None:  # AutoPeftModel finds the model class here when no task type names it (PEFT writes it too)
         config["auto_mapping"] = {"base_model_class": type(model).__name__, "parent_library": type(model).__module__}
-    card = model_card(base, config, tuned.method.name, out)
-    with artifact.destination(out, "peft", overwrite=overwrite) as dest:
-        dest.write_tensors(tensors, WEIGHTS_FILE, {CONFIG_FILE: config}, text_files={CARD_FILE: card})
-    return Path(out)
+    return config
+
+
+# -- any weight-side delta as a LoRA: truncated SVD per tensor ---------------------------------------------------
+# ΔW = U S Vᵀ; its best rank-r approximation in the Frobenius norm (Eckart–Young) is U_r S_r V_rᵀ, written as
+# B = U_r S_r, A = V_rᵀ with lora_alpha = r, so PEFT's scale alpha / r is 1 and B·A is the approximation as it is.
+# The SVD runs in float64 (a tensor's tail energy is then exact to ~1e-15 of its norm); the factors are stored at
+# the precision LoRA factors train in (float32, float64 for a float64 base).
+
+
+def check_rank(rank: Any) -> int:
+    if isinstance(rank, bool) or not isinstance(rank, int) or rank < 1:
+        raise DeltatuneError(f"rank={rank!r} must be a positive integer (the LoRA rank of the exported adapter)")
+    return rank
+
+
+def svd_factors(matrix: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The best rank-``rank`` factors of ``matrix`` (m, n): A = V_kᵀ (k, n), B = U_k S_k (m, k) with
+    k = min(rank, m, n) (there are no more singular values), computed in ``matrix``'s dtype."""
+    u, s, vh = torch.linalg.svd(matrix, full_matrices=False)
+    k = min(rank, s.numel())
+    return vh[:k], u[:, :k] * s[:k]
+
+
+def svd_adapter(tuned: Tuned, rank: int) -> tuple[_Adapter, dict[str, Any]]:
+    """Every weight-side delta of ``tuned`` as a PEFT adapter of LoRA layers at ``rank`` (clamped to min(m, n) per
+    matrix, where the SVD is exact), and the report of what each tensor became. A weight matrix of a Linear /
+    GPT-2 Conv1D / Embedding becomes a LoRA layer at every module that holds it (a tied weight trained at both of
+    its modules gets one at each); any other tensor (a bias, a norm's weight) has no LoRA form and travels as its
+    trained value (PEFT's ``bias`` option, or its module as a ``modules_to_save`` copy), exactly."""
+    rank = check_rank(rank)
+    forms = tuned.forms()
+    for name, form in forms.items():
+        if not _weight_side(form):
+            raise DeltatuneError(
+                f"{name} is a {form.kind!r} delta ({form.why_not_mergeable()}): no LoRA can express it, so "
+                f"method {tuned.method.name!r} cannot be exported to PEFT by SVD (that takes weight-side deltas: "
+                "low-rank, sparse, dense and their sums); serve it attached, with dt.load"
+            )
+    module_names = _first_names(tuned.model)
+    layers: dict[str, _Layer] = {}
+    trained: dict[str, torch.Tensor] = {}
+    rows: list[dict[str, Any]] = []
+    unchanged: list[str] = []
+    for tensor, group in _by_base_tensor(tuned.model, forms).items():
+        delta = _summed_delta(group)
+        if not bool(delta.any()):
+            unchanged.append(tensor)  # a sparse tensor with no entry, a dense one that never trained
+            continue
+        sites = _common_sites(tensor, group)
+        modules = [module_names[id(m)] for m, _ in sites]
+        layouts = _matrix_layouts(sites, delta)
+        if layouts is None:
+            value = _trained_value(sites)
+            for module, (_, attr) in zip(modules, sites, strict=True):
+                trained[f"{module}.{attr}"] = value
+            rows.append(_row(tensor, modules, delta, "bias" if sites[0][1] == "bias" else "modules_to_save"))
+            continue
+        dtype = torch.float64 if group[0].base.dtype == torch.float64 else torch.float32
+        a, b = svd_factors(delta, rank)  # ΔW (as the base tensor holds it) ≈ b @ a
+        a, b = a.to(dtype), b.to(dtype)
+        for module, layout in zip(modules, layouts, strict=True):
+            # a LoRA layer holds (out, in) = B A; Conv1D and Embedding hold ΔW transposed: (B A)ᵀ = Aᵀ Bᵀ
+            pair = (a, b) if layout == "linear" else (b.T.contiguous(), a.T.contiguous())
+            layers[module] = _Layer(pair[0], pair[1], a.shape[0], float(a.shape[0]), layout)
+        rows.append(_row(tensor, modules, delta, "lora", rank=a.shape[0], approx=b.double() @ a.double()))
+    if not layers:
+        changed = ", ".join(row["tensor"] for row in rows[:3]) + (", ..." if len(rows) > 3 else "")
+        raise DeltatuneError(
+            "the delta changes no tensor at all: there is nothing to export" if not rows else
+            f"the delta changes no weight matrix of a Linear, Conv1D or Embedding (only {changed}), and a PEFT LoRA "
+            "adapter needs at least one: serve it merged (deltatune merge; --format gguf for a Llama model)"
+        )
+    return _Adapter(layers, trained), _report(tuned, rank, rows, unchanged)
+
+
+def _by_base_tensor(model: nn.Module, forms: dict[str, Any]) -> dict[str, list[WeightDelta]]:
+    """Base tensor name (model order) -> the forms that change it (several: a sum of forms, as DSEE's)."""
+    names = {id(p): _unparametrized(n) for n, p in model.named_parameters()}
+    found: dict[str, list[WeightDelta]] = {}
+    for name, form in forms.items():
+        key = names.get(id(form.base), name)
+        found.setdefault(key, []).append(form)
+    order = {n: i for i, n in enumerate(names.values())}
+    return {n: found[n] for n in sorted(found, key=lambda n: order.get(n, len(order)))}
+
+
+def _summed_delta(group: list[WeightDelta]) -> torch.Tensor:
+    """ΔW of one base tensor in float64: the sum of its forms' deltas (a sum form has several)."""
+    with torch.no_grad():
+        total = group[0].delta_weight().detach().double()
+        for form in group[1:]:
+            total = total + form.delta_weight().detach().double()
+    return total
+
+
+def _common_sites(tensor: str, group: list[WeightDelta]) -> list[tuple[nn.Module, str]]:
+    sites = group[0].sites
+    key = [(id(m), a) for m, a in sites]
+    if any([(id(m), a) for m, a in f.sites] != key for f in group[1:]):
+        raise DeltatuneError(f"the deltas on {tensor} apply at different modules (a tied weight changed at one of "
+                             "them by one delta and at all by another); PEFT cannot express that")
+    return sites
+
+
+def _matrix_layouts(sites: list[tuple[nn.Module, str]], delta: torch.Tensor) -> list[str] | None:
+    """The LoRA layout of each site, when the tensor is the weight matrix of modules a LoRA layer can sit on."""
+    if delta.dim() != 2 or any(attr != "weight" for _, attr in sites):
+        return None
+    try:
+        return [layout_of(m) for m, _ in sites]
+    except DeltatuneError:
+        return None
+
+
+def _trained_value(sites: list[tuple[nn.Module, str]]) -> torch.Tensor:
+    """W0 + ΔW as the module sees it: a bias or norm delta acts through a parametrisation (reading the attribute
+    computes W0 + ΔW) or in place (the attribute is the trained tensor), never through a hook."""
+    module, attr = sites[0]
+    return getattr(module, attr).detach().clone()
+
+
+def _row(tensor: str, modules: list[str], delta: torch.Tensor, became: str, rank: int | None = None,
+         approx: torch.Tensor | None = None) -> dict[str, Any]:
+    norm = float(torch.linalg.norm(delta))
+    error = 0.0 if approx is None else float(torch.linalg.norm(delta - approx)) / norm
+    row: dict[str, Any] = {"tensor": tensor, "modules": modules, "shape": list(delta.shape), "as": became,
+                           "rank": rank, "delta_norm": norm, "relative_error": error}
+    if approx is not None:
+        row["residual_norm"] = error * norm
+    return row
+
+
+_AS = {
+    "lora": "a LoRA layer B·A at each module that holds the tensor (B = U_r S_r, A = V_rᵀ, lora_alpha = r)",
+    "bias": "its trained value, under PEFT's bias option (exact; PEFT has no low-rank bias)",
+    "modules_to_save": "its trained value, its module a modules_to_save copy (exact; no LoRA form for a non-matrix "
+                       "tensor)",
+}
+
+
+def _report(tuned: Tuned, rank: int, rows: list[dict[str, Any]], unchanged: list[str]) -> dict[str, Any]:
+    """export-report.json: per tensor, what it became and ‖ΔW − B·A‖_F / ‖ΔW‖_F; overall, the same over every
+    tensor that became a LoRA layer (their residuals and norms pooled)."""
+    lora = [r for r in rows if r["as"] == "lora"]
+    total = math.sqrt(sum(r["delta_norm"] ** 2 for r in lora))
+    residual = math.sqrt(sum(r["residual_norm"] ** 2 for r in lora))
+    clamped = [r["tensor"] for r in lora if r["rank"] < rank]
+    notes = [f"{kind}: {_AS[kind]}" for kind in _AS if any(r["as"] == kind for r in rows)]
+    if clamped:
+        notes.append(f"rank {rank} exceeds min(out, in) of {len(clamped)} tensor(s) ({clamped[0]}, ...): those are "
+                     "exported at full rank min(out, in), exactly (rank_pattern says so per module)")
+    return {
+        "format": "peft",
+        "method": tuned.method.name,
+        "rank": rank,
+        "relative_error": residual / total if total else 0.0,
+        "max_relative_error": max(r["relative_error"] for r in lora),
+        "tensors": rows,
+        "unchanged": unchanged,
+        "notes": notes,
+    }
 
 
 # -- where the base model of an exported adapter is -------------------------------------------------------------
@@ -253,9 +495,11 @@ def _card_metadata(shown: str | None, task: str | None) -> list[str]:
     return ["---", *meta, "tags:", *(f"- {json.dumps(t)}" for t in tags), "---"]
 
 
-def model_card(base: BaseReference, config: dict[str, Any], method: str, out: str | os.PathLike) -> str:
+def model_card(base: BaseReference, config: dict[str, Any], method: str, out: str | os.PathLike,
+               svd_rank: int | None = None) -> str:
     """The README.md PEFT's ``save_pretrained`` writes (metadata: base_model, library_name, tags; its framework
-    versions line), with how to load the adapter here and elsewhere instead of PEFT's empty template."""
+    versions line), with how to load the adapter here and elsewhere instead of PEFT's empty template.
+    ``svd_rank``: the adapter is the delta's truncated SVD at that rank (said on the card)."""
     shown = base.hub_id or base.path
     auto = _AUTO_CLASSES.get(config["task_type"] or "", "AutoPeftModel")
     where = os.fspath(out)
@@ -263,6 +507,8 @@ def model_card(base: BaseReference, config: dict[str, Any], method: str, out: st
              f"# {'DoRA' if config['use_dora'] else 'LoRA'} adapter" + (f" for {shown}" if shown else ""), "",
              f"Exported by deltatune {__version__} from a `{method}` delta: r={config['r']}, "
              f"lora_alpha={config['lora_alpha']}, {len(config['target_modules'])} target modules.", "",
+             *([f"Each tensor's ΔW is its truncated SVD at rank {svd_rank}; {REPORT_FILE} gives the relative "
+                "error ‖ΔW − B·A‖_F / ‖ΔW‖_F of each.", ""] if svd_rank is not None else []),
              "## How to load", "", "```python", f"from peft import {auto}", "",
              f"model = {auto}.from_pretrained({where!r})", "```", ""]
     if base.path:

@@ -79,6 +79,7 @@ from deltatune.core.forms.base import WeightDelta
 from deltatune.core.forms.lowrank import LowRank
 from deltatune.core.tuned import DeltaSource, Tuned, attach, carried_by, delta_of
 from deltatune.errors import DeltatuneError
+from deltatune.interop.peft import svd_factors
 
 HOWS = ("task_arithmetic", "ties", "dare_linear", "dare_ties", "magnitude_prune", "cat")
 NEEDS_DENSITY = ("ties", "dare_linear", "dare_ties", "magnitude_prune")
@@ -366,12 +367,12 @@ def _as_lowrank(model: nn.Module, by_tensor: dict[str, Any], merged: dict[str, t
     for name, delta in merged.items():
         module, layout = _matrix_module(model, name, by_tensor[name])
         m = delta if layout == "linear" else delta.T  # (out, in) as B A is
-        u, s, vh = torch.linalg.svd(m, full_matrices=False)
-        r = min(rank[name], s.numel()) if isinstance(rank, dict) else rank
-        k = min(r, s.numel())
+        r = min(rank[name], min(m.shape)) if isinstance(rank, dict) else rank
+        top_a, top_b = svd_factors(m, r)  # the export's SVD (interop.peft): k = min(r, out, in) factors
+        k = top_a.shape[0]
         a = torch.zeros(r, m.shape[1], dtype=m.dtype, device=m.device)
         b = torch.zeros(m.shape[0], r, dtype=m.dtype, device=m.device)
-        a[:k], b[:, :k] = vh[:k], u[:, :k] @ torch.diag(s[:k])
+        a[:k], b[:, :k] = top_a, top_b
         factors[module] = (a, b)
     return _lora(model, factors)
 
