@@ -26,7 +26,7 @@ from typing import Any
 from deltatune import data
 from deltatune.errors import DeltatuneError
 
-TASKS = ("text", "chat", "classification", "edit")
+TASKS = ("text", "chat", "classification", "edit", "preference")
 DEFAULT_PROMPT = "Text: {text}\nLabel:"
 SHIPPED_PROMPTS = {"tweets": "Tweet: {text}\nSentiment:"}
 # keys that shape the run as a whole: one value for every part of a mix
@@ -40,7 +40,7 @@ class DataConfig:
 
     name: str | None = None  # shipped data set: "tweets", "bbc"
     path: str | None = None  # local file (.jsonl .json .csv .tsv .parquet .txt), a .txt folder or a save_to_disk folder
-    task: str = "classification"  # "text" | "chat" | "classification" | "edit"
+    task: str = "classification"  # "text" | "chat" | "classification" | "edit" | "preference"
     max_length: int = 128  # tokens per example (longer ones are cut; a packed row holds up to this many)
     eval_fraction: float = 0.1  # the share of rows held out for evaluation
     seed: int = 0  # the split and subsample seed
@@ -99,10 +99,15 @@ class DataConfig:
         classification_only = {"labels": self.labels is not None, "prompt": self.prompt is not None,
                                "head": self.head is not None}
         for key, given in classification_only.items():
+            if given and self.task == "preference" and key != "head" and self.name is not None:
+                continue  # preference pairs built from a shipped labelled set: its labels and prompt
             if given and self.task != "classification":
-                raise DeltatuneError(f"data.{key} applies to task 'classification' only; remove it for task {self.task!r}")
-        if self.chat_template is not None and self.task != "chat":
-            raise DeltatuneError(f"data.chat_template applies to task 'chat' only; remove it for task {self.task!r}")
+                also = " (and to task 'preference' on a shipped data set)" if key != "head" else ""
+                raise DeltatuneError(f"data.{key} applies to task 'classification' only{also}; remove it for task "
+                                     f"{self.task!r}")
+        if self.chat_template is not None and self.task not in ("chat", "preference"):
+            raise DeltatuneError(f"data.chat_template applies to task 'chat' only (and to the chat rows of task "
+                                 f"'preference'); remove it for task {self.task!r}")
         if self.chat_template is not None and (not isinstance(self.chat_template, str) or not self.chat_template.strip()):
             raise DeltatuneError(
                 f"data.chat_template={self.chat_template!r} must be a Jinja template or the path of a .jinja file"
@@ -114,8 +119,12 @@ class DataConfig:
                 check_inline(step, getattr(self, step))
                 if self.task == "edit":
                     raise DeltatuneError(f"data.{step} does not apply to task 'edit' (every edit trains); remove it")
-        if self.packing and self.task == "edit":
-            raise DeltatuneError("data.packing does not apply to task 'edit' (one edit per row); remove it")
+                if self.task == "preference":
+                    raise DeltatuneError(f"data.{step} does not apply to task 'preference' (the steps keep single "
+                                         "examples, not pairs); remove it")
+        if self.packing and self.task in ("edit", "preference"):
+            what = "one edit per row" if self.task == "edit" else "a chosen and a rejected sequence per pair"
+            raise DeltatuneError(f"data.packing does not apply to task {self.task!r} ({what}); remove it")
         if self.packing and self.task == "classification" and self.head is True:
             raise DeltatuneError(_HEAD_PACKING)
         if self.labels is not None:

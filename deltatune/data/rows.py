@@ -307,3 +307,77 @@ def texts(cfg: DataConfig) -> list[str]:
         return data.load(cfg.name).texts
     return [str(t) for t in records(cfg).column(cfg.text_field, "data.text_field", "the text")]
 
+
+
+# ---------------------------------------------------------------- preference pairs
+
+PREFERENCE_FIELDS = ("prompt", "chosen", "rejected")
+
+
+@dataclass
+class PreferenceExample:
+    """One preference row: a prompt and two completions, the preferred one first. Plain texts, or chat
+    messages: ``prompt`` a list of messages and each completion a list of messages (an assistant message, as
+    TRL's conversational rows hold it)."""
+
+    prompt: str | list[dict]
+    chosen: str | list[dict]
+    rejected: str | list[dict]
+
+    @property
+    def conversational(self) -> bool:
+        return isinstance(self.prompt, list)
+
+
+def _maybe_messages(value: Any) -> Any:
+    """A CSV cell that holds a JSON list of messages, as that list; any other value as it is (a text that only
+    starts with "[" stays a text)."""
+    if isinstance(value, str) and value.lstrip().startswith("["):
+        try:
+            parsed = json.loads(value)
+        except json.JSONDecodeError:
+            return value
+        if isinstance(parsed, list) and parsed and all(isinstance(m, dict) for m in parsed):
+            return parsed
+    return value
+
+
+def _completion_messages(value: Any, where: str, field: str) -> list[dict]:
+    """A chat completion: a list of messages, one message, or a text (the assistant's message)."""
+    if isinstance(value, str):
+        value = [{"role": "assistant", "content": value}]
+    elif isinstance(value, dict):
+        value = [value]
+    messages = _messages(value, where, field)
+    if not any(m["role"] == "assistant" for m in messages):
+        raise DeltatuneError(f"{where}: field {field!r} has no assistant message; it is the completion that is "
+                             "compared")
+    return messages
+
+
+def _preference_row(row: dict, where: str) -> PreferenceExample:
+    missing = [f for f in PREFERENCE_FIELDS if row.get(f) is None]
+    if missing:
+        raise DeltatuneError(
+            f"{where} has no {' or '.join(repr(f) for f in missing)}: task 'preference' reads rows with the fields "
+            f"'prompt', 'chosen' (the preferred completion) and 'rejected'; its fields: "
+            f"{', '.join(map(str, row)) or 'none'}"
+        )
+    prompt, chosen, rejected = (_maybe_messages(row[f]) for f in PREFERENCE_FIELDS)
+    if isinstance(prompt, str):
+        for field, value in (("chosen", chosen), ("rejected", rejected)):
+            if not isinstance(value, str) or not value.strip():
+                raise DeltatuneError(
+                    f"{where}: field {field!r} must be a non-empty text when 'prompt' is a text (or 'prompt' a list "
+                    f"of messages), got {str(value)[:120]!r}"
+                )
+        return PreferenceExample(prompt, chosen, rejected)
+    context = _messages(prompt, where, "prompt")
+    return PreferenceExample(context, _completion_messages(chosen, where, "chosen"),
+                             _completion_messages(rejected, where, "rejected"))
+
+
+def preferences(table: data.Records) -> list[PreferenceExample]:
+    """Every row as a preference pair ``{prompt, chosen, rejected}``; a list field in a CSV cell is read as its
+    JSON text. A row that lacks a field, or holds an empty completion, is an error naming the row."""
+    return [_preference_row(row, f"row {i + 1} of {table.source}") for i, row in enumerate(table.rows)]

@@ -656,6 +656,10 @@ def _build(cfg: DataConfig, tokenizer: Any, model: torch.nn.Module, labelled: li
         return _build_text(cfg, tokenizer, _model_name(base))
     if cfg.task == "edit":
         return _build_edit(cfg, tokenizer)
+    if cfg.task == "preference":
+        from deltatune.data.preference import build_preference  # it builds on this module's Task
+
+        return build_preference(cfg, tokenizer)
     return _build_chat(cfg, tokenizer, _model_name(base))
 
 

@@ -113,6 +113,9 @@ class TrainSettings:
     mixup: float = 0.0  # classification: α of mixup, representations mixed in pairs by λ ~ Beta(α, α); 0: off
     contrastive: float = 0.0  # classification: weight w of a supervised contrastive loss, CE + w·SCL; 0: off
     contrastive_temperature: float = 0.1  # τ of the contrastive loss (train.contrastive)
+    # the loss: sft (the data task's own), or a preference objective on data.task preference: dpo | ipo | simpo |
+    # orpo, with options as a mapping like the method's ({name: dpo, beta: 0.1}; docs/preference.md)
+    objective: str | dict[str, Any] = "sft"
 
     def __post_init__(self) -> None:
         if isinstance(self.report_to, str):  # Trainer takes one name as a string
@@ -134,7 +137,13 @@ class TrainSettings:
         for name, allowed in (("optimizer", OPTIMIZERS), ("schedule", SCHEDULES), ("precision", PRECISIONS)):
             if getattr(self, name) not in allowed:
                 out.append(f"train.{name}={getattr(self, name)!r}: allowed are {', '.join(allowed)}")
-        return out + self._length_problems() + self._early_stopping_problems() + self._report_problems()
+        return (out + self._length_problems() + self._early_stopping_problems() + self._report_problems()
+                + self._objective_problems())
+
+    def _objective_problems(self) -> list[str]:
+        from deltatune.data import objectives
+
+        return objectives.problems(self.objective)
 
     def _length_problems(self) -> list[str]:
         if self.epochs is None:
@@ -363,7 +372,7 @@ def parse_config(raw: dict[str, Any]) -> RunConfig:
     if train is not None:
         problems += train.problems()
     if train is not None and data is not None and "data" in raw:
-        problems += _loss_term_problems(train, data)
+        problems += _loss_term_problems(train, data) + _objective_task_problems(train, data)
     method = raw.get("method")
     if isinstance(method, str):
         method = {"name": method}
@@ -392,6 +401,16 @@ def _loss_term_problems(train: TrainSettings, data: Any) -> list[str]:
     if loss_terms(train) is None:
         return []
     problem = loss_terms_problem(data.task, bool(data.packing) and data.task == "classification")
+    return [problem] if problem is not None else []
+
+
+def _objective_task_problems(train: TrainSettings, data: Any) -> list[str]:
+    """train.objective on a data task it cannot train on (dpo on chat data, sft on preference pairs)."""
+    from deltatune.data import objectives
+
+    if objectives.problems(train.objective):
+        return []  # said already
+    problem = objectives.task_problem(objectives.parse(train.objective)[0], data.task)
     return [problem] if problem is not None else []
 
 

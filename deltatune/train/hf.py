@@ -44,6 +44,7 @@ from transformers.utils import can_return_loss, find_labels
 from deltatune.core import artifact
 from deltatune.core.delta import Delta
 from deltatune.core.tuned import ModelWrapper, Tuned
+from deltatune.data import preference
 from deltatune.data.tasks import LossTerms, classification_head, head_positions
 from deltatune.errors import DeltatuneError
 from deltatune.train.state import join, split
@@ -242,19 +243,50 @@ def _loss_terms(tuned: Tuned, mixup: float, contrastive: float, temperature: flo
     return terms
 
 
+def _objective(tuned: Tuned, objective: str | dict[str, Any] | None) -> preference.PreferenceObjective | None:
+    """The Trainer's ``objective`` (``train.objective``'s values), parsed; None for the data's own loss (sft).
+    ``disable_dropout`` (the preference objectives' default) sets every dropout of the model and delta to 0."""
+    from deltatune.data import objectives
+
+    if objective is None:
+        return None
+    found, options = objectives.parse(objective)
+    if found.task is None:
+        return None
+    if not isinstance(options, preference.PreferenceObjective):
+        raise DeltatuneError(f"DeltaTuneTrainer(objective={found.name!r}) is not supported; use `deltatune train` "
+                             f"with train.objective: {found.name}")
+    if options.disable_dropout:
+        preference.disable_dropout(tuned)
+    return options
+
+
 class DeltaTuneTrainer(Trainer):
     """``transformers.Trainer`` for a ``Tuned`` model: extra policy losses, delta-only checkpoints, resume.
 
     ``mixup``, ``contrastive`` and ``contrastive_temperature`` are the run config's ``train.mixup`` /
     ``train.contrastive`` / ``train.contrastive_temperature`` (``deltatune.data.tasks.LossTerms``, 0: off) for
     a sequence-classification model: while training, the loss is then computed here from the logits and the
-    ``labels`` column (mixed-label cross-entropy, + w·SupCon), as ``deltatune train`` computes it."""
+    ``labels`` column (mixed-label cross-entropy, + w·SupCon), as ``deltatune train`` computes it.
+
+    ``objective`` is the run config's ``train.objective`` (``"dpo"``, ``{"name": "dpo", "beta": 0.1}``, ...): with a
+    preference objective the datasets are a preference task's pairs and the collator its ``collate``
+    (``train_dataset=task.train, eval_dataset=task.eval, data_collator=task.collate``, the task from
+    ``deltatune.data.tasks.build_task`` with ``data.task: preference``); the loss is the objective's, the reference
+    the base model (the delta taken off for that forward; for a delta trained in place, computed once here for
+    every pair of a list dataset), and the logs carry TRL's metrics (``rewards/chosen``, ..., ``eval_rewards/...``)."""
 
     def __init__(self, model: Tuned | None = None, *args: Any, mixup: float = 0.0, contrastive: float = 0.0,
-                 contrastive_temperature: float = 0.1, **kwargs: Any) -> None:
+                 contrastive_temperature: float = 0.1, objective: str | dict[str, Any] | None = None,
+                 **kwargs: Any) -> None:
         if not isinstance(model, Tuned):
             raise DeltatuneError("DeltaTuneTrainer trains the Tuned model returned by dt.attach / dt.load (model=tuned)")
         self.loss_terms = _loss_terms(model, mixup, contrastive, contrastive_temperature)
+        self.objective = _objective(model, objective)
+        if self.objective is not None and self.loss_terms is not None:
+            raise DeltatuneError("DeltaTuneTrainer: mixup / contrastive are classification losses and objective a "
+                                 "preference loss; use one of them")
+        self._objective_metrics: dict[str, list[dict[str, float]]] = {"train": [], "eval": []}
         super().__init__(model, *args, **kwargs)
         self.tuned = model
         found = [cb for cb in self.callback_handler.callbacks if isinstance(cb, DeltaTuneCallback)]
@@ -273,11 +305,68 @@ class DeltaTuneTrainer(Trainer):
             self.model_accepts_loss_kwargs = inner.accepts_loss_kwargs
         else:
             self.model_accepts_loss_kwargs = any(p.kind == inspect.Parameter.VAR_KEYWORD for p in params.values())
+        if self.objective is not None:
+            self._signature_columns += list(preference.FEATURE_KEYS)  # a pair's fields reach the collator
+            self._precompute_reference()
+
+    # a preference objective ----------------------------------------------------------------------
+    def _precompute_reference(self) -> None:
+        """The reference log-probs of every pair of the list datasets, for a delta trained in place (taking it off
+        for every batch would copy whole tensors); computed now from the base model, in the features (``ref``).
+        A dataset of another type gets them per batch (exact, slower)."""
+        if not self.objective.needs_reference or self.tuned.switchable:
+            return
+        evals = self.eval_dataset.values() if isinstance(self.eval_dataset, dict) else [self.eval_dataset]
+        for data in [self.train_dataset, *evals]:
+            if not (isinstance(data, list) and all(isinstance(f, dict) for f in data)):
+                if data is not None:
+                    warnings.warn("DeltaTuneTrainer: the reference log-probs of a delta trained in place are computed "
+                                  "for every batch (the delta taken off and put back) unless the dataset is a list "
+                                  "of pairs (task.train)", stacklevel=3)
+                continue
+            with self.compute_loss_context_manager():
+                values = preference.reference_logps(self.tuned, data, self.data_collator,
+                                                    self.args.per_device_eval_batch_size)
+            for f, value in zip(data, values.tolist(), strict=True):
+                f["ref"] = value
+
+    def _objective_loss(self, model: torch.nn.Module, inputs: dict[str, Any], num_items_in_batch: Any
+                        ) -> torch.Tensor:
+        """The preference objective's mean loss on a [chosen; rejected] batch; its metrics kept for ``log``."""
+        assert self.objective is not None
+        loss, metrics = preference.preference_loss(model, inputs, self.objective)
+        self._objective_metrics["train" if model.training else "eval"].append(metrics)
+        if model.training and self._scaled_for_accumulation(num_items_in_batch):
+            loss = loss / self.current_gradient_accumulation_steps
+        return loss
+
+    def prediction_step(self, model: torch.nn.Module, inputs: dict[str, Any], prediction_loss_only: bool,
+                        ignore_keys: list[str] | None = None) -> Any:
+        if self.objective is None:
+            return super().prediction_step(model, inputs, prediction_loss_only, ignore_keys)
+        inputs = self._prepare_inputs(inputs)
+        with torch.no_grad(), self.compute_loss_context_manager():
+            loss = self._objective_loss(model, inputs, None)
+        return loss.detach(), None, None
+
+    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        """The objective's metrics, averaged over the batches since the last log (``eval_`` after an evaluation),
+        join the Trainer's logs, as TRL's trainers log them."""
+        if self.objective is not None:
+            mode = "eval" if any(k.startswith("eval_") for k in logs) else "train"
+            seen, self._objective_metrics[mode] = self._objective_metrics[mode], []
+            prefix = "eval_" if mode == "eval" else ""
+            if seen:
+                logs.update({f"{prefix}{k}": sum(m[k] for m in seen) / len(seen) for k in seen[0]})
+        super().log(logs, start_time)
 
     # the policy's regulariser -------------------------------------------------------------------
     def compute_loss(self, model: torch.nn.Module, inputs: dict[str, Any], return_outputs: bool = False,
                      num_items_in_batch: Any = None) -> Any:
-        if model.training and self.loss_terms is not None:
+        if self.objective is not None:
+            loss = self._objective_loss(model, inputs, num_items_in_batch)
+            result = (loss, None) if return_outputs else loss
+        elif model.training and self.loss_terms is not None:
             result = self._loss_with_terms(model, inputs, return_outputs, num_items_in_batch)
         else:
             result = super().compute_loss(model, inputs, return_outputs=return_outputs,

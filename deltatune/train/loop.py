@@ -187,6 +187,7 @@ def build(config: RunConfig) -> Run:
     torch.manual_seed(s.seed)  # the delta's initialisation depends on the seed only
     tuned = attach(model, config.method["name"], **options).to(device)
     use_loss_terms(task, tuned, config)
+    use_objective(task, tuned, config)
     # a run with its own chat template (data.chat_template) saves it with the delta, for generation
     tuned.delta.chat_template = getattr(task, "chat_template", None)
     if s.gradient_checkpointing:
@@ -207,6 +208,39 @@ def use_loss_terms(task: Any, tuned: Tuned, config: RunConfig) -> None:
             "forward passes (its policy takes the whole step); set both to 0"
         )
     task.use_loss_terms(terms)
+
+
+def use_objective(task: Any, tuned: Tuned, config: RunConfig) -> Any:
+    """``train.objective`` into the task (refused on a task it cannot train on); an objective with options of its
+    own (dpo, ...) sets the task's loss, and ``disable_dropout`` sets every dropout of the model and the delta
+    to 0 (TRL's default: the policy then equals the reference at step 0). Returns the objective's options."""
+    from deltatune.data import objectives
+
+    objective, options = objectives.parse(config.train.objective)
+    problem = objectives.task_problem(objective, task.kind)
+    if problem is not None:
+        raise DeltatuneError(problem)
+    if objective.task is not None:
+        task.use_objective(options)
+    if getattr(options, "disable_dropout", False):
+        from deltatune.data.preference import disable_dropout
+
+        disable_dropout(tuned)
+    return options
+
+
+def prepare_reference(run: Run, out: Path, *, resume: bool, rank: int) -> None:
+    """The reference log-probs a task computes once before training (a preference objective on a delta trained in
+    place), kept in ``out/reference`` and read back on resume; before a checkpoint restores the delta, so the
+    base model they come from is the one the run started from. Rank 0 writes."""
+    prepare = getattr(run.task, "prepare_reference", None)
+    if prepare is None:
+        return
+    s = run.config.train
+    from deltatune.data.preference import REFERENCE_DIR
+
+    prepare(run.tuned, out / REFERENCE_DIR, resume=resume, write=rank == 0, batch_size=s.eval_batch_size,
+            precision=f"{s.precision}/{run.device.type}", autocast=lambda: autocast(s, run.device))
 
 
 def _to(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
@@ -349,6 +383,7 @@ def _train(cfg: RunConfig, rank: int, world: int, *, resume: bool, force: bool, 
     start = 0
     saved: dict[str, Any] | None = None
     notes: list[str] = []  # the summary's warnings
+    prepare_reference(run, out, resume=resume, rank=rank)
     if resume:
         found = ckpt.newest_intact(ckpt_dir, set_aside=rank == 0)
         if found is None:
@@ -469,6 +504,7 @@ def _train(cfg: RunConfig, rank: int, world: int, *, resume: bool, force: bool, 
                                       "tokens": tokens * world}
             if skip:
                 record["skipped"] = True
+            record.update(step_metrics(task))
             done = step + 1
             stop = tuned.policy.should_stop(step, batches.epoch_done())
             improved = False
@@ -519,6 +555,13 @@ def _train(cfg: RunConfig, rank: int, world: int, *, resume: bool, force: bool, 
     if world > 1:
         dist.barrier()  # the artifact exists for every rank when train() returns
     return summary
+
+
+def step_metrics(task: Any) -> dict[str, Any]:
+    """What the task measured while it computed the step's losses (a preference objective's rewards/...), as the
+    step's record holds them next to the loss."""
+    take = getattr(task, "take_metrics", None)
+    return take() if take is not None else {}
 
 
 # A run can go wrong without a NaN: the outputs saturate and the loss pins flat (a classifier's at chance level,
