@@ -224,16 +224,18 @@ def _check_labels(path: str | os.PathLike, head: dict[str, Any] | None, model: n
 
 
 def eval(path: str | os.PathLike, data: dict[str, Any], *, base: str | None = None,  # noqa: A001 (the verb)
-         batch_size: int = 16) -> dict[str, float]:
+         batch_size: int = 16, objective: str | dict[str, Any] | None = None) -> dict[str, float]:
     """Evaluate an artifact on a data config (``deltatune.data.tasks.DataConfig`` keys): loss, perplexity for
     text and chat, accuracy where there are labels, ``edit_success`` and ``token_accuracy`` for task
-    ``edit``. The held-out split of the data is used (for edits: the edits themselves)."""
+    ``edit``. The held-out split of the data is used (for edits: the edits themselves). ``objective``: the
+    run's ``train.objective`` for data that needs one (preference pairs: the DPO family's β; prompts: GRPO's
+    rewards, e.g. ``{"name": "grpo", "rewards": ["numeric"]}``)."""
     from deltatune.data import tasks
     from deltatune.train.config import parse_data_section
 
     name, head = _artifact_base(path, base)
     cfg = data if isinstance(data, tasks.DataConfig) else parse_data_section(dict(data))
-    model, _, task = tasks.load_for_task(cfg, name)  # checks cfg first; a classification head sized to the data
+    model, _, task = tasks.load_for_task(cfg, name, objective=objective)  # checks cfg first; a head sized to the data
     _check_labels(path, head, model, cfg)
     tuned = load(model, path)
     return task.evaluate(tuned, batch_size)

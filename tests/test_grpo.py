@@ -24,7 +24,7 @@ import deltatune as dt
 from deltatune import data
 from deltatune.core.policy import Policy
 from deltatune.data import models, rewards
-from deltatune.data.config import TASKS, DataConfig
+from deltatune.data.config import DataConfig
 from deltatune.data.grpo import (
     GRPOOptions,
     aggregate,
@@ -39,8 +39,7 @@ from deltatune.data.grpo import (
 )
 from deltatune.errors import DeltatuneError
 
-# the data task GRPO reads; "prompts" once the data config registers it (the builder does not look at it)
-TASK = "prompts" if "prompts" in TASKS else "text"
+TASK = "prompts"  # the data task GRPO reads
 EOS = 2  # SmolLM2's <|im_end|>
 
 

@@ -26,7 +26,7 @@ from typing import Any
 from deltatune import data
 from deltatune.errors import DeltatuneError
 
-TASKS = ("text", "chat", "classification", "edit", "preference")
+TASKS = ("text", "chat", "classification", "edit", "preference", "prompts")
 DEFAULT_PROMPT = "Text: {text}\nLabel:"
 SHIPPED_PROMPTS = {"tweets": "Tweet: {text}\nSentiment:"}
 # keys that shape the run as a whole: one value for every part of a mix
@@ -40,7 +40,7 @@ class DataConfig:
 
     name: str | None = None  # shipped data set: "tweets", "bbc"
     path: str | None = None  # local file (.jsonl .json .csv .tsv .parquet .txt), a .txt folder or a save_to_disk folder
-    task: str = "classification"  # "text" | "chat" | "classification" | "edit" | "preference"
+    task: str = "classification"  # "text" | "chat" | "classification" | "edit" | "preference" | "prompts" (GRPO's)
     max_length: int = 128  # tokens per example (longer ones are cut; a packed row holds up to this many)
     eval_fraction: float = 0.1  # the share of rows held out for evaluation
     seed: int = 0  # the split and subsample seed
@@ -55,7 +55,7 @@ class DataConfig:
     # classification: None = a head for encoders, label words for causal LMs; a fresh head trains fully whatever
     # the method (next to its own delta)
     head: bool | None = None
-    chat_template: str | None = None  # chat: a Jinja template, or a .jinja file, used instead of the tokenizer's
+    chat_template: str | None = None  # chat, preference, prompts: a Jinja template, or a .jinja file, used instead of the tokenizer's
     weight: float = 1.0  # in a list of data sets: this part gives weight x its training examples
     mix: list[Any] | None = None  # several data sets in one run: a list of data sections (a YAML list under data:)
     # data steps on the training part, after the split and before max_train, in this order (docs/data.md); each a
@@ -76,6 +76,11 @@ class DataConfig:
             raise DeltatuneError(
                 f"unknown data set {self.name!r}; shipped data sets are: {', '.join(data.names())} "
                 "(set data.path for a local file)"
+            )
+        if self.name is not None and self.task == "prompts":
+            raise DeltatuneError(
+                f"the shipped data set {self.name!r} holds labelled texts, not prompts; for task 'prompts' (GRPO) "
+                "set data.path to a file with rows {prompt, ...} (the other columns reach the reward functions)"
             )
         if self.name is not None and self.task in ("chat", "edit"):
             rows = "chat (messages, ShareGPT, Alpaca or prompt/completion)" if self.task == "chat" else "prompt/target"
@@ -105,9 +110,9 @@ class DataConfig:
                 also = " (and to task 'preference' on a shipped data set)" if key != "head" else ""
                 raise DeltatuneError(f"data.{key} applies to task 'classification' only{also}; remove it for task "
                                      f"{self.task!r}")
-        if self.chat_template is not None and self.task not in ("chat", "preference"):
-            raise DeltatuneError(f"data.chat_template applies to task 'chat' only (and to the chat rows of task "
-                                 f"'preference'); remove it for task {self.task!r}")
+        if self.chat_template is not None and self.task not in ("chat", "preference", "prompts"):
+            raise DeltatuneError(f"data.chat_template applies to task 'chat' only (and to the chat rows of tasks "
+                                 f"'preference' and 'prompts'); remove it for task {self.task!r}")
         if self.chat_template is not None and (not isinstance(self.chat_template, str) or not self.chat_template.strip()):
             raise DeltatuneError(
                 f"data.chat_template={self.chat_template!r} must be a Jinja template or the path of a .jinja file"
@@ -122,8 +127,12 @@ class DataConfig:
                 if self.task == "preference":
                     raise DeltatuneError(f"data.{step} does not apply to task 'preference' (the steps keep single "
                                          "examples, not pairs); remove it")
-        if self.packing and self.task in ("edit", "preference"):
-            what = "one edit per row" if self.task == "edit" else "a chosen and a rejected sequence per pair"
+                if self.task == "prompts":
+                    raise DeltatuneError(f"data.{step} does not apply to task 'prompts' (the steps keep labelled "
+                                         "examples, not prompts for sampling); remove it")
+        if self.packing and self.task in ("edit", "preference", "prompts"):
+            what = {"edit": "one edit per row", "preference": "a chosen and a rejected sequence per pair",
+                    "prompts": "each prompt is sampled on its own"}[self.task]
             raise DeltatuneError(f"data.packing does not apply to task {self.task!r} ({what}); remove it")
         if self.packing and self.task == "classification" and self.head is True:
             raise DeltatuneError(_HEAD_PACKING)

@@ -39,7 +39,8 @@ Choices this module makes where TRL or the spec leave room (say so in reports):
   batch each step, and a buffer of generations would have to enter checkpoints for an exact resume.
 - ``max_completion_length`` keeps TRL's 512; ``examples/grpo.yaml`` sets a smaller one for a CPU.
 
-The step's numbers stay in ``task.last_metrics`` (TRL's names: ``reward``, ``reward_std``,
+The step's numbers stay in ``task.last_metrics`` (and ``take_metrics`` gives those of every micro-batch since its
+last call, combined: the loop logs them with each step; TRL's names: ``reward``, ``reward_std``,
 ``frac_reward_zero_std``, ``rewards/<name>/mean|std``, ``kl`` when β > 0, ``entropy``, ``clip_ratio/low_mean``,
 ``clip_ratio/high_mean``, ``clip_ratio/region_mean``, ``completions/mean_length|min_length|max_length|
 clipped_ratio|mean_terminated_length``; plus ``frac_reward_unscored``, completions no function scored), the
@@ -74,6 +75,8 @@ LOSS_TYPES = ("dapo", "grpo", "bnpo", "dr_grpo")
 SCALE_REWARDS = ("group", "batch", "none")
 STD_EPS = 1e-4  # TRL: advantages / (std + 1e-4)
 KIND = "prompts"  # the data task GRPO reads (data.task: prompts)
+# why a method that trains from forward passes cannot train GRPO (objectives.register(..., gradients=...))
+WHY_GRADIENTS = "its loss is a surrogate whose value is zero at every step; only its gradient carries the rewards"
 
 
 # ---------------------------------------------------------------- options
@@ -203,9 +206,8 @@ def grpo_refusal(policy: Policy, method: str | None = None) -> str | None:
     if type(policy).train_step is Policy.train_step:
         return None
     who = repr(method) if method else "this method"
-    return (f"train.objective grpo needs gradients (its loss is a surrogate whose value is zero at every step; "
-            f"only its gradient carries the rewards), but {who} trains from forward passes (its policy takes "
-            "the whole step); use a method that trains by gradients")
+    return (f"train.objective grpo needs gradients ({WHY_GRADIENTS}), but {who} trains from forward passes (its "
+            "policy takes the whole step); use a method that trains by gradients")
 
 
 # ---------------------------------------------------------------- the pieces of the loss (tested one by one)
@@ -420,20 +422,47 @@ class GRPOTask(Task):
                  options: GRPOOptions, chat_template: str | None = None) -> None:
         super().__init__(cfg, tokenizer, train, eval)
         self.rows = rows
-        self.options = options
         self.chat_template = chat_template
-        self.rewards = reward_fns.resolve_all(options.rewards)
-        self.weights = torch.tensor(options.weights(), dtype=torch.float32)
-        columns = sorted({k for r in rows for k in r if k != "prompt"})
-        for reward in self.rewards:
-            reward.check_columns(columns)
-        self.columns = columns
+        self.columns = sorted({k for r in rows for k in r if k != "prompt"})
+        self.use_objective(options)
         self.last_metrics: dict[str, float] = {}
+        self._seen: list[dict[str, float]] = []
         self.last_completions: list[dict[str, Any]] = []
         self.last_eval_completions: list[dict[str, Any]] = []
         self.last_rollout: Rollout | None = None
         self._warned_unswitchable = False
         self._warned_flat = False
+
+    def use_objective(self, options: Any) -> None:
+        """Train with these GRPO options from now on: the reward functions resolved and checked against the rows'
+        columns (the run's ``train.objective``; the loop and ``DeltaTuneTrainer`` set it)."""
+        if not isinstance(options, GRPOOptions):
+            raise DeltatuneError(f"data.task 'prompts' trains with train.objective grpo, not "
+                                 f"{type(options).__name__}; set train.objective: {{name: grpo, rewards: [...]}}")
+        found = reward_fns.resolve_all(options.rewards)
+        for reward in found:
+            reward.check_columns(self.columns)
+        self.options, self.rewards = options, found
+        self.weights = torch.tensor(options.weights(), dtype=torch.float32)
+
+    def take_metrics(self) -> dict[str, float]:
+        """The step's metrics over the micro-batches ``loss`` saw since the last call: the mean of each (NaN ones
+        left out), the minimum / maximum of the completions' min / max lengths."""
+        seen, self._seen = self._seen, []
+        if not seen:
+            return {}
+        out = {}
+        for key in seen[0]:
+            values = [m[key] for m in seen if key in m and math.isfinite(m[key])]
+            if not values:
+                out[key] = math.nan
+            elif key.endswith("/min_length"):
+                out[key] = min(values)
+            elif key.endswith("/max_length"):
+                out[key] = max(values)
+            else:
+                out[key] = sum(values) / len(values)
+        return out
 
     def collate(self, features: list[dict]) -> dict[str, torch.Tensor]:
         """Left-padded prompts (generation appends on the right) and each prompt's data row."""
@@ -638,6 +667,7 @@ class GRPOTask(Task):
         loss = aggregate(per_token, mask, o.loss_type, o.max_completion_length)
         self.last_rollout = rollout
         self.last_metrics = self._metrics(rollout, ratio.detach(), advantages, mask, entropy, kl)
+        self._seen.append(self.last_metrics)
         if self.last_metrics["frac_reward_zero_std"] == 1.0 and not self._warned_flat:
             log.warning("GRPO: every group of completions got equal rewards in this batch, so every advantage is 0 "
                         "and the step learns nothing (logged as frac_reward_zero_std; said once)")
@@ -684,25 +714,41 @@ class GRPOTask(Task):
         completions' mean length; the completions go to ``last_eval_completions``."""
         per_function, rewards, lengths, samples = [], [], [], []
         for features in self._eval_batches(batch_size):
-            batch = self.collate(features)
-            _, _, completion, cmask = self.generate(model, batch, 1, greedy=True)
-            rows = [int(r) for r in batch["row"]]
-            texts = self.decode(completion, cmask)
-            ids_list = [row[m.bool()].tolist() for row, m in zip(completion.cpu(), cmask.cpu(), strict=True)]
-            scores = self.score(rows, texts, ids_list)
-            summed = (scores * self.weights.unsqueeze(0)).nansum(dim=1)
-            summed[torch.isnan(scores).all(dim=1)] = math.nan
+            scores, summed, length, done = self._greedy_scores(model, self.collate(features))
             per_function.append(scores)
             rewards.append(summed)
-            lengths.append(cmask.sum(-1).float().cpu())
-            samples += [{"row": row, "prompt": self.rows[row]["prompt"], "completion": text, "reward": float(s)}
-                        for row, text, s in zip(rows, texts, summed.tolist(), strict=True)]
-        scores, summed = torch.cat(per_function), torch.cat(rewards)
+            lengths.append(length)
+            samples += done
         self.last_eval_completions = samples
+        return self._eval_metrics(torch.cat(per_function), torch.cat(rewards), torch.cat(lengths))
+
+    def evaluate_batch(self, model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> dict[str, float]:
+        """``evaluate``'s metrics on one collated batch of prompts (``DeltaTuneTrainer``'s evaluation, batch by
+        batch); its completions go to ``last_eval_completions``."""
+        with torch.no_grad():
+            scores, summed, lengths, self.last_eval_completions = self._greedy_scores(model, batch)
+        return self._eval_metrics(scores, summed, lengths)
+
+    def _greedy_scores(self, model: torch.nn.Module, batch: dict[str, torch.Tensor]
+                       ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, list[dict[str, Any]]]:
+        """One greedy completion per prompt of ``batch``: its rewards per function, their weighted sum (NaN where
+        none scored), its length, and the samples."""
+        _, _, completion, cmask = self.generate(model, batch, 1, greedy=True)
+        rows = [int(r) for r in batch["row"]]
+        texts = self.decode(completion, cmask)
+        ids_list = [row[m.bool()].tolist() for row, m in zip(completion.cpu(), cmask.cpu(), strict=True)]
+        scores = self.score(rows, texts, ids_list)
+        summed = (scores * self.weights.unsqueeze(0)).nansum(dim=1)
+        summed[torch.isnan(scores).all(dim=1)] = math.nan
+        samples = [{"row": row, "prompt": self.rows[row]["prompt"], "completion": text, "reward": float(s)}
+                   for row, text, s in zip(rows, texts, summed.tolist(), strict=True)]
+        return scores, summed, cmask.sum(-1).float().cpu(), samples
+
+    def _eval_metrics(self, scores: torch.Tensor, summed: torch.Tensor, lengths: torch.Tensor) -> dict[str, float]:
         out = {"reward": float(torch.nanmean(summed))}
         for j, reward in enumerate(self.rewards):
             out[f"rewards/{reward.name}/mean"] = float(torch.nanmean(scores[:, j]))
-        out["completions/mean_length"] = float(torch.cat(lengths).mean())
+        out["completions/mean_length"] = float(lengths.mean())
         return out
 
 

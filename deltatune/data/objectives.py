@@ -9,6 +9,11 @@ their meanings, as for a method's options) and the data task they need:
 
 An objective that needs a task trains on that task only, and that task trains with such an objective only: the
 config check names the key to change before anything loads.
+
+Each objective also says which evaluation metric judges it (``metric``, ``eval_<metric>`` in a run's records: the
+default of ``train.early_stopping.metric``; ``eval_loss`` unless it says otherwise, GRPO's is ``eval_reward``,
+higher is better) and, where its loss value alone carries no signal, why it needs gradients (``gradients``: a
+method that trains from forward passes, zeroth-order, is refused with that reason when the config is read).
 """
 
 from __future__ import annotations
@@ -19,7 +24,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from deltatune.core import registry
-from deltatune.data import preference
+from deltatune.data import grpo, preference
 from deltatune.errors import DeltatuneError
 
 DEFAULT = "sft"
@@ -31,6 +36,13 @@ class Objective:
     options: type  # a dataclass: the objective's options with their defaults
     task: str | None = None  # the data task it trains on (data.task); None: the task's own loss, any task
     summary: str = ""
+    metric: str = "loss"  # the evaluation metric that judges it (early stopping's default: eval_<metric>)
+    gradients: str | None = None  # why it needs gradients (its loss value says nothing); None: a value will do
+
+    @property
+    def eval_metric(self) -> str:
+        """The key of its headline evaluation metric in a run's records (``eval_loss``, ``eval_reward``)."""
+        return f"eval_{self.metric}"
 
 
 @dataclass
@@ -41,11 +53,13 @@ class SFT:
 _OBJECTIVES: dict[str, Objective] = {}
 
 
-def register(name: str, options: type, *, task: str | None = None, summary: str = "") -> Objective:
-    """Make ``train.objective: NAME`` available: its options dataclass and the data task it trains on."""
+def register(name: str, options: type, *, task: str | None = None, summary: str = "", metric: str = "loss",
+             gradients: str | None = None) -> Objective:
+    """Make ``train.objective: NAME`` available: its options dataclass, the data task it trains on, the evaluation
+    metric that judges it and (``gradients``) why it cannot train from forward passes alone."""
     if not dataclasses.is_dataclass(options):
         raise TypeError(f"the options of objective {name!r} must be a dataclass, got {options!r}")
-    _OBJECTIVES[name] = Objective(name, options, task, summary)
+    _OBJECTIVES[name] = Objective(name, options, task, summary, metric, gradients)
     return _OBJECTIVES[name]
 
 
@@ -121,7 +135,33 @@ def task_problem(objective: Objective, task: str) -> str | None:
 
 
 def _rows_hint(task: str) -> str:
-    return " (rows with prompt, chosen and rejected)" if task == "preference" else ""
+    return {"preference": " (rows with prompt, chosen and rejected)",
+            "prompts": " (rows with a prompt and the columns the rewards read)"}.get(task, "")
+
+
+def method_problem(objective: Objective, method: str, options: dict[str, Any] | None = None) -> str | None:
+    """Why ``method`` (with its ``options``) cannot train with ``objective``, or None: an objective that needs
+    gradients refuses a method that trains from forward passes (the registry's ``gradient_free`` trait)."""
+    if objective.gradients is None or method not in registry.names():
+        return None
+    try:
+        free = registry.get(method).has("gradient_free", options)
+    except DeltatuneError:
+        return None  # bad method options: said by the method's own check
+    if not free:
+        return None
+    return (f"train.objective {objective.name} needs gradients ({objective.gradients}), but {method!r} trains from "
+            "forward passes (its policy takes the whole step); use a method that trains by gradients, or another "
+            "objective")
+
+
+def eval_metric(value: Any) -> str:
+    """The headline evaluation metric (``eval_loss``, ``eval_reward``) of a ``train.objective`` value; eval_loss for
+    a value that does not parse (its problems are said elsewhere)."""
+    try:
+        return get(_split(value)[0]).eval_metric
+    except DeltatuneError:
+        return "eval_loss"
 
 
 register(DEFAULT, SFT, summary="the data task's own loss (the default)")
@@ -129,3 +169,5 @@ register("dpo", preference.DPO, task="preference", summary="DPO: -log σ(β Δ) 
 register("ipo", preference.IPO, task="preference", summary="IPO: (Δ̄ - 1/(2β))² of per-token log-ratios")
 register("simpo", preference.SimPO, task="preference", summary="SimPO: -log σ(β ā_w - β ā_l - γ), no reference")
 register("orpo", preference.ORPO, task="preference", summary="ORPO: NLL(chosen) - λ log σ(log odds ratio)")
+register("grpo", grpo.GRPOOptions, task=grpo.KIND, metric="reward", gradients=grpo.WHY_GRADIENTS,
+         summary="GRPO: sampled groups scored by reward functions, clipped surrogate of group-normalised advantages")

@@ -19,6 +19,9 @@ Formats (``Task.kind``):
 - ``classification-generative``: a causal LM reads ``prompt`` and the class scores are the logits of the
   label words' first tokens at the last prompt position; batches are left-padded with explicit position
   ids, so each example sees the positions it would see alone.
+- ``preference`` (``deltatune.data.preference``): pairs {prompt, chosen, rejected} for the DPO family;
+  ``prompts`` (``deltatune.data.grpo``): prompts {prompt, ...} that GRPO samples completions for and scores with
+  its reward functions (built with the run's ``train.objective``).
 - ``edit``: model editing requests ``{"prompt", "target"}`` (``target_new`` is read too): the target gets a
   leading space if it has none and the EOS token after it; prompt and target are tokenized separately and
   concatenated (joint tokenization can merge tokens across the boundary and shift the target), batches are
@@ -161,13 +164,14 @@ class Loaded(NamedTuple):
     task: Task
 
 
-def load_for_task(cfg: DataConfig, model_name: str, *, seed: int | None = None) -> Loaded:
+def load_for_task(cfg: DataConfig, model_name: str, *, seed: int | None = None, objective: Any = None) -> Loaded:
     """The model that fits ``cfg`` (with a fresh classification head sized to its labels where the task uses
     one), its tokenizer and the task: what training, evaluation, the demo and the bench all start from.
 
     The data is read once: the labels that size the head and the examples the task encodes come from one
     read. ``seed`` seeds torch and ``random`` first, so a fresh head starts from the same weights in every
-    run with that seed."""
+    run with that seed. ``objective`` is ``train.objective`` (a name, a mapping or its parsed options): the
+    task ``prompts`` is built with GRPO's options (its reward functions), which it needs."""
     cfg.check()
     if seed is not None:
         torch.manual_seed(seed)
@@ -175,7 +179,7 @@ def load_for_task(cfg: DataConfig, model_name: str, *, seed: int | None = None) 
     labelled = rows.classification_parts(cfg) if cfg.task == "classification" else None
     model = models.load(model_name, **_request(cfg, model_name, labelled))
     tokenizer = models.load_tokenizer(model_name)
-    return Loaded(model, tokenizer, _build(cfg, tokenizer, model, labelled))
+    return Loaded(model, tokenizer, _build(cfg, tokenizer, model, labelled, objective))
 
 
 # ---------------------------------------------------------------- batching helpers
@@ -636,12 +640,34 @@ class GenerativeClassificationTask(HeadClassificationTask):
 # ---------------------------------------------------------------- build
 
 
-def build_task(cfg: DataConfig, tokenizer: Any, model: torch.nn.Module) -> Task:
-    """Read, split, subsample and tokenize the data for ``model`` (plain, or wrapped in Tuned)."""
-    return _build(cfg, tokenizer, model, None)
+def build_task(cfg: DataConfig, tokenizer: Any, model: torch.nn.Module, objective: Any = None) -> Task:
+    """Read, split, subsample and tokenize the data for ``model`` (plain, or wrapped in Tuned). ``objective``:
+    ``train.objective`` (a name, a mapping or its parsed options), which the task ``prompts`` needs (GRPO's
+    reward functions)."""
+    return _build(cfg, tokenizer, model, None, objective)
 
 
-def _build(cfg: DataConfig, tokenizer: Any, model: torch.nn.Module, labelled: list[data.TextDataset] | None) -> Task:
+def _objective_options(cfg: DataConfig, objective: Any) -> Any:
+    """The options of the objective the data task needs (GRPO's for ``prompts``): given parsed, or parsed from
+    ``train.objective``'s value; refused when missing or made for another task."""
+    from deltatune.data import objectives  # it imports the task modules built on this one
+
+    if objective is None:
+        raise DeltatuneError(
+            f"data.task {cfg.task!r} trains with train.objective grpo and its reward functions; give the objective "
+            "(train.objective: {name: grpo, rewards: [...]}, or build_task(..., objective=...))"
+        )
+    if not isinstance(objective, str | dict):
+        return objective
+    found, options = objectives.parse(objective)
+    problem = objectives.task_problem(found, cfg.task)
+    if problem is not None:
+        raise DeltatuneError(problem)
+    return options
+
+
+def _build(cfg: DataConfig, tokenizer: Any, model: torch.nn.Module, labelled: list[data.TextDataset] | None,
+           objective: Any = None) -> Task:
     cfg.check()
     base = _unwrap(model)
     if cfg.task == "classification":
@@ -660,6 +686,10 @@ def _build(cfg: DataConfig, tokenizer: Any, model: torch.nn.Module, labelled: li
         from deltatune.data.preference import build_preference  # it builds on this module's Task
 
         return build_preference(cfg, tokenizer)
+    if cfg.task == "prompts":
+        from deltatune.data.grpo import build_prompts_task  # it builds on this module's Task
+
+        return build_prompts_task(cfg, tokenizer, _objective_options(cfg, objective))
     return _build_chat(cfg, tokenizer, _model_name(base))
 
 

@@ -65,6 +65,8 @@ class ProgressBar(Callback):
         info = f"{epoch}loss {record['loss']:.4f} · lr {record['lr']:.2e} · {record['tokens_per_s']:.0f} tok/s"
         if "eval_loss" in record:
             info += f" · eval {record['eval_loss']:.4f}"
+        elif "eval_reward" in record:  # GRPO's evaluation scores rewards, it has no loss
+            info += f" · eval reward {record['eval_reward']:.4f}"
         self.bar.update(self.task, advance=1, info=info)
 
     def on_end(self, summary: dict[str, Any] | None) -> None:

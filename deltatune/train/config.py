@@ -60,22 +60,32 @@ class EarlyStopping:
     ``threshold`` is ``early_stopping_threshold`` and ``mode: max`` is ``greater_is_better: true``. The artifact the
     run writes is the best one (Trainer's ``load_best_model_at_end``)."""
 
-    metric: str = "eval_loss"  # a key of the evaluation ("loss" means "eval_loss")
+    # a key of the evaluation ("loss" means "eval_loss"); null: the objective's, eval_loss (GRPO: eval_reward)
+    metric: str | None = None
     patience: int | None = 3  # evaluations without improvement before the run stops; null: never stop, keep the best
-    mode: str | None = None  # "min" | "max"; null: min for a loss, max for anything else (accuracy)
+    mode: str | None = None  # "min" | "max"; null: min for a loss, max for anything else (accuracy, reward)
     threshold: float = 0.0  # an evaluation improves on the best only by more than this
 
     def __post_init__(self) -> None:
         if isinstance(self.metric, str) and self.metric and not self.metric.startswith("eval_"):
             self.metric = f"eval_{self.metric}"  # as Trainer reads metric_for_best_model
 
+    def for_objective(self, objective: Any) -> None:
+        """An unset metric becomes the headline of ``train.objective`` (``eval_loss``; GRPO, which has no loss to
+        evaluate: ``eval_reward``, higher is better)."""
+        if self.metric is None:
+            from deltatune.data import objectives
+
+            self.metric = objectives.eval_metric(objective)
+
     @property
     def greater_is_better(self) -> bool:
-        return self.mode == "max" if self.mode is not None else not self.metric.endswith("loss")
+        metric = self.metric or "eval_loss"
+        return self.mode == "max" if self.mode is not None else not metric.endswith("loss")
 
     def problems(self, prefix: str = "train.early_stopping") -> list[str]:
         out = []
-        if not self.metric.removeprefix("eval_"):
+        if self.metric is not None and not self.metric.removeprefix("eval_"):
             out.append(f"{prefix}.metric={self.metric!r}: name an evaluation metric, e.g. eval_loss")
         if self.patience is not None and self.patience < 1:
             out.append(f"{prefix}.patience={self.patience!r}: must be >= 1 (null: never stop, keep the best)")
@@ -90,7 +100,7 @@ class EarlyStopping:
 class TrainSettings:
     steps: int = DEFAULT_STEPS  # optimizer steps
     epochs: float | None = None  # passes over the training split instead of steps (Trainer's num_train_epochs)
-    batch_size: int = 8  # examples per micro-batch (Trainer's per_device_train_batch_size)
+    batch_size: int = 8  # examples per micro-batch (Trainer's per_device_train_batch_size); GRPO: prompts, each sampled num_generations times
     grad_accum: int = 1  # micro-batches of batch_size per optimizer step
     lr: float = 2e-4  # peak learning rate (presets set each method's own)
     optimizer: str = "adamw"  # adamw | adam | sgd (a method may bring its own, e.g. SpIEL's SM3)
@@ -113,8 +123,9 @@ class TrainSettings:
     mixup: float = 0.0  # classification: α of mixup, representations mixed in pairs by λ ~ Beta(α, α); 0: off
     contrastive: float = 0.0  # classification: weight w of a supervised contrastive loss, CE + w·SCL; 0: off
     contrastive_temperature: float = 0.1  # τ of the contrastive loss (train.contrastive)
-    # the loss: sft (the data task's own), or a preference objective on data.task preference: dpo | ipo | simpo |
-    # orpo, with options as a mapping like the method's ({name: dpo, beta: 0.1}; docs/preference.md)
+    # the loss: sft (the data task's own), a preference objective on data.task preference: dpo | ipo | simpo | orpo,
+    # or grpo on data.task prompts, with options as a mapping like the method's ({name: dpo, beta: 0.1};
+    # {name: grpo, rewards: [numeric]}; docs/preference.md)
     objective: str | dict[str, Any] = "sft"
 
     def __post_init__(self) -> None:
@@ -124,6 +135,8 @@ class TrainSettings:
             self.report_to = [r for r in self.report_to if r != "none"]
         if isinstance(self.early_stopping, dict):  # a RunConfig built in Python from a mapping
             self.early_stopping = EarlyStopping(**self.early_stopping)
+        if isinstance(self.early_stopping, EarlyStopping):
+            self.early_stopping.for_objective(self.objective)
 
     def problems(self) -> list[str]:
         out = []
@@ -380,7 +393,10 @@ def parse_config(raw: dict[str, Any]) -> RunConfig:
         if "method" in raw:
             problems.append(f"method={method!r}: should be a mapping with a 'name' (see `deltatune methods`)")
     else:
-        problems += _method_problems(method)
+        found = _method_problems(method)
+        problems += found
+        if train is not None and not found:
+            problems += _objective_method_problems(train, method)
     if problems:
         raise DeltatuneError(registry.problem_list("bad run config", problems))
     return RunConfig(model=model, data=data, method=dict(method), output=output, train=train)
@@ -411,6 +427,17 @@ def _objective_task_problems(train: TrainSettings, data: Any) -> list[str]:
     if objectives.problems(train.objective):
         return []  # said already
     problem = objectives.task_problem(objectives.parse(train.objective)[0], data.task)
+    return [problem] if problem is not None else []
+
+
+def _objective_method_problems(train: TrainSettings, method: dict[str, Any]) -> list[str]:
+    """train.objective with a method that cannot train it (GRPO needs gradients; a zeroth-order method has none)."""
+    from deltatune.data import objectives
+
+    if objectives.problems(train.objective):
+        return []  # said already
+    options = {k: v for k, v in method.items() if k != "name"}
+    problem = objectives.method_problem(objectives.parse(train.objective)[0], str(method["name"]), options)
     return [problem] if problem is not None else []
 
 

@@ -44,7 +44,7 @@ from transformers.utils import can_return_loss, find_labels
 from deltatune.core import artifact
 from deltatune.core.delta import Delta
 from deltatune.core.tuned import ModelWrapper, Tuned
-from deltatune.data import preference
+from deltatune.data import grpo, preference
 from deltatune.data.tasks import LossTerms, classification_head, head_positions
 from deltatune.errors import DeltatuneError
 from deltatune.train.state import join, split
@@ -243,22 +243,53 @@ def _loss_terms(tuned: Tuned, mixup: float, contrastive: float, temperature: flo
     return terms
 
 
-def _objective(tuned: Tuned, objective: str | dict[str, Any] | None) -> preference.PreferenceObjective | None:
+def _objective(tuned: Tuned, objective: str | dict[str, Any] | None, task: grpo.GRPOTask | None
+               ) -> preference.PreferenceObjective | grpo.GRPOOptions | None:
     """The Trainer's ``objective`` (``train.objective``'s values), parsed; None for the data's own loss (sft).
-    ``disable_dropout`` (the preference objectives' default) sets every dropout of the model and delta to 0."""
+    ``disable_dropout`` (the preference objectives' default) sets every dropout of the model and delta to 0. GRPO
+    trains its prompts ``task``: ``"grpo"`` alone takes the task's options, a mapping replaces them."""
     from deltatune.data import objectives
 
     if objective is None:
         return None
-    found, options = objectives.parse(objective)
+    if objective in ("grpo", {"name": "grpo"}):  # the name alone: the task's own options
+        if task is None:
+            raise DeltatuneError(_NO_PROMPTS_TASK)
+        found, options = objectives.get("grpo"), task.options
+    else:
+        found, options = objectives.parse(objective)
     if found.task is None:
         return None
+    if isinstance(options, grpo.GRPOOptions):
+        if task is None:
+            raise DeltatuneError(_NO_PROMPTS_TASK)
+        refusal = grpo.grpo_refusal(tuned.policy)
+        if refusal is not None:
+            raise DeltatuneError(f"DeltaTuneTrainer: {refusal}")
+        task.use_objective(options)
+        return options
     if not isinstance(options, preference.PreferenceObjective):
         raise DeltatuneError(f"DeltaTuneTrainer(objective={found.name!r}) is not supported; use `deltatune train` "
                              f"with train.objective: {found.name}")
     if options.disable_dropout:
         preference.disable_dropout(tuned)
     return options
+
+
+_NO_PROMPTS_TASK = (
+    "DeltaTuneTrainer(objective='grpo') samples completions and scores them with the reward functions of a prompts "
+    "task: pass task=build_task(DataConfig(path=..., task='prompts'), tokenizer, model, objective=...) (or its "
+    "collate as data_collator), with train_dataset=task.train"
+)
+
+
+def _prompts_task(task: Any, collator: Any) -> grpo.GRPOTask | None:
+    """The GRPO task given (``task=``) or whose ``collate`` is the data collator."""
+    if task is not None and not isinstance(task, grpo.GRPOTask):
+        raise DeltatuneError(f"DeltaTuneTrainer(task=...) takes a prompts task (data.task: prompts), not "
+                             f"{type(task).__name__}")
+    owner = getattr(collator, "__self__", None)
+    return task if task is not None else owner if isinstance(owner, grpo.GRPOTask) else None
 
 
 class DeltaTuneTrainer(Trainer):
@@ -274,18 +305,31 @@ class DeltaTuneTrainer(Trainer):
     (``train_dataset=task.train, eval_dataset=task.eval, data_collator=task.collate``, the task from
     ``deltatune.data.tasks.build_task`` with ``data.task: preference``); the loss is the objective's, the reference
     the base model (the delta taken off for that forward; for a delta trained in place, computed once here for
-    every pair of a list dataset), and the logs carry TRL's metrics (``rewards/chosen``, ..., ``eval_rewards/...``)."""
+    every pair of a list dataset), and the logs carry TRL's metrics (``rewards/chosen``, ..., ``eval_rewards/...``).
+
+    With ``objective="grpo"`` (or GRPO's options as a mapping) the data is a prompts task's (``data.task: prompts``,
+    built with ``build_task(cfg, tokenizer, model, objective=...)``): pass it as ``task=task`` with
+    ``train_dataset=task.train`` (``eval_dataset=task.eval``); its ``collate`` is the collator (its ``row`` column
+    is kept), the loss is ``task.loss`` (sampling, rewards, the clipped surrogate), the logs carry TRL's GRPO
+    metrics (``reward``, ``reward_std``, ``rewards/<name>/mean``, ``kl``, ``completions/mean_length``, ...) and the
+    evaluation the mean reward of greedy completions (``eval_reward``; there is no ``eval_loss``: set
+    ``metric_for_best_model="reward"`` for ``load_best_model_at_end``). ``per_device_train_batch_size`` counts
+    prompts; each is sampled ``num_generations`` times."""
 
     def __init__(self, model: Tuned | None = None, *args: Any, mixup: float = 0.0, contrastive: float = 0.0,
                  contrastive_temperature: float = 0.1, objective: str | dict[str, Any] | None = None,
-                 **kwargs: Any) -> None:
+                 task: grpo.GRPOTask | None = None, **kwargs: Any) -> None:
         if not isinstance(model, Tuned):
             raise DeltatuneError("DeltaTuneTrainer trains the Tuned model returned by dt.attach / dt.load (model=tuned)")
         self.loss_terms = _loss_terms(model, mixup, contrastive, contrastive_temperature)
-        self.objective = _objective(model, objective)
+        self.prompts_task = _prompts_task(task, kwargs.get("data_collator"))
+        self.objective = _objective(model, objective, self.prompts_task)
         if self.objective is not None and self.loss_terms is not None:
             raise DeltatuneError("DeltaTuneTrainer: mixup / contrastive are classification losses and objective a "
-                                 "preference loss; use one of them")
+                                 "preference or RL loss; use one of them")
+        self.grpo = isinstance(self.objective, grpo.GRPOOptions)
+        if self.grpo and kwargs.get("data_collator") is None:
+            kwargs["data_collator"] = self.prompts_task.collate
         self._objective_metrics: dict[str, list[dict[str, float]]] = {"train": [], "eval": []}
         super().__init__(model, *args, **kwargs)
         self.tuned = model
@@ -305,7 +349,9 @@ class DeltaTuneTrainer(Trainer):
             self.model_accepts_loss_kwargs = inner.accepts_loss_kwargs
         else:
             self.model_accepts_loss_kwargs = any(p.kind == inspect.Parameter.VAR_KEYWORD for p in params.values())
-        if self.objective is not None:
+        if self.grpo:
+            self._signature_columns += ["row"]  # each prompt's data row reaches the collator and the rewards
+        elif self.objective is not None:
             self._signature_columns += list(preference.FEATURE_KEYS)  # a pair's fields reach the collator
             self._precompute_reference()
 
@@ -332,9 +378,14 @@ class DeltaTuneTrainer(Trainer):
 
     def _objective_loss(self, model: torch.nn.Module, inputs: dict[str, Any], num_items_in_batch: Any
                         ) -> torch.Tensor:
-        """The preference objective's mean loss on a [chosen; rejected] batch; its metrics kept for ``log``."""
+        """The objective's mean loss on a batch ([chosen; rejected] pairs, or GRPO's prompts); its metrics kept for
+        ``log``."""
         assert self.objective is not None
-        loss, metrics = preference.preference_loss(model, inputs, self.objective)
+        if self.grpo:
+            loss, _ = self.prompts_task.loss(model, inputs)
+            metrics = self.prompts_task.take_metrics()
+        else:
+            loss, metrics = preference.preference_loss(model, inputs, self.objective)
         self._objective_metrics["train" if model.training else "eval"].append(metrics)
         if model.training and self._scaled_for_accumulation(num_items_in_batch):
             loss = loss / self.current_gradient_accumulation_steps
@@ -345,6 +396,10 @@ class DeltaTuneTrainer(Trainer):
         if self.objective is None:
             return super().prediction_step(model, inputs, prediction_loss_only, ignore_keys)
         inputs = self._prepare_inputs(inputs)
+        if self.grpo:  # the mean reward of greedy completions: GRPO's evaluation has no loss
+            with self.compute_loss_context_manager():
+                self._objective_metrics["eval"].append(self.prompts_task.evaluate_batch(model, inputs))
+            return None, None, None
         with torch.no_grad(), self.compute_loss_context_manager():
             loss = self._objective_loss(model, inputs, None)
         return loss.detach(), None, None

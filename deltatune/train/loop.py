@@ -182,7 +182,7 @@ def build(config: RunConfig) -> Run:
 
     s = config.train
     device = pick_device(s.device)
-    model, tokenizer, task = load_for_task(config.data, config.model, seed=s.seed)
+    model, tokenizer, task = load_for_task(config.data, config.model, seed=s.seed, objective=s.objective)
     options = {k: v for k, v in config.method.items() if k != "name"}
     torch.manual_seed(s.seed)  # the delta's initialisation depends on the seed only
     tuned = attach(model, config.method["name"], **options).to(device)
@@ -211,13 +211,17 @@ def use_loss_terms(task: Any, tuned: Tuned, config: RunConfig) -> None:
 
 
 def use_objective(task: Any, tuned: Tuned, config: RunConfig) -> Any:
-    """``train.objective`` into the task (refused on a task it cannot train on); an objective with options of its
-    own (dpo, ...) sets the task's loss, and ``disable_dropout`` sets every dropout of the model and the delta
-    to 0 (TRL's default: the policy then equals the reference at step 0). Returns the objective's options."""
+    """``train.objective`` into the task (refused on a task it cannot train on, and GRPO with a method that trains
+    from forward passes: before anything trains); an objective with options of its own (dpo, grpo, ...) sets the
+    task's loss, and ``disable_dropout`` sets every dropout of the model and the delta to 0 (TRL's default for
+    DPO: the policy then equals the reference at step 0). Returns the objective's options."""
     from deltatune.data import objectives
+    from deltatune.data.grpo import GRPOOptions, grpo_refusal
 
     objective, options = objectives.parse(config.train.objective)
     problem = objectives.task_problem(objective, task.kind)
+    if problem is None and isinstance(options, GRPOOptions):
+        problem = grpo_refusal(tuned.policy, config.method["name"])
     if problem is not None:
         raise DeltatuneError(problem)
     if objective.task is not None:
@@ -558,8 +562,9 @@ def _train(cfg: RunConfig, rank: int, world: int, *, resume: bool, force: bool, 
 
 
 def step_metrics(task: Any) -> dict[str, Any]:
-    """What the task measured while it computed the step's losses (a preference objective's rewards/...), as the
-    step's record holds them next to the loss."""
+    """What the task measured while it computed the step's losses (a preference objective's rewards/..., GRPO's
+    reward, kl, completions/...: averaged over the step's micro-batches), as the step's record holds them next to
+    the loss; every reporter gets them with the record."""
     take = getattr(task, "take_metrics", None)
     return take() if take is not None else {}
 

@@ -8,7 +8,9 @@ artifact is swapped into ``<output>`` at the end and only sub-folders are carrie
 - ``csv``: ``logs/metrics.csv``, the same records as a table (a new column, e.g. the first evaluation's metrics,
   rewrites it with the wider header);
 - ``tensorboard``: ``logs/tensorboard/`` through ``torch.utils.tensorboard`` (``train/loss``,
-  ``train/learning_rate``, ``train/epoch``, ``eval/<metric>``, as Trainer names them);
+  ``train/learning_rate``, ``train/epoch``, ``eval/<metric>``, as Trainer names them, and ``train/<key>`` for every
+  other number of the record: an objective's per-step metrics such as ``train/rewards/margins`` or GRPO's
+  ``train/reward``, ``train/kl``, ``train/completions/mean_length``);
 - ``wandb`` / ``mlflow``: through their packages, when installed (the config check names the pip install).
 
 A resumed run continues each stream where its checkpoint was written: lines of steps after it (written before the
@@ -200,13 +202,10 @@ class TensorBoardReporter(_Stream):
     def on_step_end(self, record: dict[str, Any]) -> None:
         if self.writer is None:
             return
-        for key, tag in (("loss", "train/loss"), ("lr", "train/learning_rate"), ("epoch", "train/epoch"),
-                         ("tokens_per_s", "train/tokens_per_s")):
-            if key in record:
-                self.writer.add_scalar(tag, record[key], record["step"])
         for key, value in record.items():
-            if key.startswith("eval_"):
-                self.writer.add_scalar(f"eval/{key.removeprefix('eval_')}", value, record["step"])
+            if key == "step" or isinstance(value, bool) or not isinstance(value, int | float):
+                continue
+            self.writer.add_scalar(_tensorboard_tag(key), value, record["step"])
         self.writer.flush()
 
     def close(self) -> None:
@@ -219,6 +218,13 @@ class TensorBoardReporter(_Stream):
         if summary is None and not self.kept:  # a failed fresh run: its folder as it found it
             shutil.rmtree(self.path, ignore_errors=True)
             _remove_if_empty(self.path.parent)
+
+
+def _tensorboard_tag(key: str) -> str:
+    """A record's key as Trainer's TensorBoard tag: ``eval/<metric>``, ``train/learning_rate``, ``train/<key>``."""
+    if key.startswith("eval_"):
+        return f"eval/{key.removeprefix('eval_')}"
+    return "train/learning_rate" if key == "lr" else f"train/{key}"
 
 
 def _metrics(record: dict[str, Any]) -> dict[str, float]:
