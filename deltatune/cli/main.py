@@ -209,6 +209,10 @@ def inspect(
         head = base["head"]
         labels = ", ".join((head.get("id2label") or {}).values())
         table.add_row("base model class", str(head.get("class")) + (f" (labels: {labels})" if labels else ""))
+        if head.get("quantization"):  # a quantized base: merge / export / eval load it the same way
+            from deltatune.core.quantized import spoken
+
+            table.add_row("base quantization", spoken(head["quantization"]))
     table.add_row("base parameters", _count(base["num_parameters"]))
     table.add_row("targeted tensors", _count(base["targeted_tensors"]))
     table.add_row("trainable parameters", _count(info["trainable"]))

@@ -26,6 +26,7 @@ import torch.nn as nn
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
+from deltatune.core import quantized
 from deltatune.errors import DeltatuneError
 
 META_FILE = "deltatune.json"
@@ -60,7 +61,7 @@ def fingerprint(model: nn.Module, base_tensors: dict[str, torch.Tensor], shapes:
         "architecture": architecture(model),
         "model_type": getattr(cfg, "model_type", None),
         "name_or_path": portable_name_or_path(getattr(cfg, "_name_or_path", None) or None),
-        "num_parameters": sum(p.numel() for p in model.parameters()),
+        "num_parameters": quantized.num_parameters(model),  # a packed 4-bit weight counts as its matrix
         "shapes": shapes,
         "tensors": {name: tensor_hash(t) for name, t in sorted(base_tensors.items())},
     }
@@ -101,7 +102,18 @@ def head_record(model: nn.Module) -> dict[str, Any] | None:
         record["num_labels"] = int(cfg.num_labels)
         # JSON object keys are strings; id2label's keys are the class indices
         record["id2label"] = {str(k): str(v) for k, v in sorted((getattr(cfg, "id2label", None) or {}).items())}
+    # a quantized base (``deltatune.core.quantized``): how it was quantized, so that the verbs which load the
+    # base for an artifact (export, merge, eval, ...) load it the same way, and another quantization is refused
+    quantization = quantized.record(model)
+    if quantization is not None:
+        record["quantization"] = quantization
     return record
+
+
+def quantization_of(fp: dict[str, Any]) -> dict[str, Any] | None:
+    """The quantization a fingerprint records (None: a full-precision base, or an artifact older than the
+    record)."""
+    return (fp.get("head") or {}).get("quantization")
 
 
 def portable_name_or_path(name: str | None) -> str | None:
@@ -115,6 +127,14 @@ def portable_name_or_path(name: str | None) -> str | None:
 
 def compare_fingerprints(saved: dict[str, Any], current: dict[str, Any]) -> list[str]:
     """Human-readable differences; empty when the base model is the one the artifact was made on."""
+    saved_q, current_q = quantization_of(saved), quantization_of(current)
+    if quantized.storage(saved_q) != quantized.storage(current_q):
+        # the parameter names, shapes and bytes all follow from it: this is the one difference worth saying
+        fix = quantized.load_options(saved_q)
+        keywords = ", ".join(f"{k}={_spoken_value(v)}" for k, v in fix.items())
+        how = f"load it with dt.models.load(name, {keywords})" if fix else "load it without quantize"
+        return [f"it was trained on a base quantized as {quantized.spoken(saved_q)}, this base is "
+                f"{quantized.spoken(current_q)}: {how}"]
     diffs = []
     if saved.get("architecture") != current.get("architecture"):
         diffs.append(f"architecture {saved.get('architecture')} != {current.get('architecture')}")
@@ -129,6 +149,10 @@ def compare_fingerprints(saved: dict[str, Any], current: dict[str, Any]) -> list
         diffs.append(f"{len(changed)} targeted tensor(s) have other values: {', '.join(changed[:10])}"
                      + (" ..." if len(changed) > 10 else ""))
     return diffs
+
+
+def _spoken_value(value: Any) -> str:
+    return f"torch.{str(value).removeprefix('torch.')}" if isinstance(value, torch.dtype) else repr(value)
 
 
 # -- atomic directory write ----------------------------------------------------------------
@@ -279,8 +303,11 @@ class OutputKind:
 
 OUTPUT_KINDS = {
     "artifact": OutputKind("a deltatune artifact", META_FILE, frozenset({META_FILE, TENSOR_FILE})),
+    # (an SVD export adds its report, export-report.json: still the export's own kind of output)
     "peft": OutputKind("a PEFT adapter", "adapter_config.json",
-                       frozenset({"adapter_config.json", "adapter_model.safetensors", "README.md"})),
+                       frozenset({"adapter_config.json", "adapter_model.safetensors", "README.md",
+                                  "export-report.json"})),
+    "gguf": OutputKind("a GGUF export", "model.gguf", frozenset({"model.gguf"})),
     "model": OutputKind("a saved model (a save_pretrained folder)", "config.json"),
     "data": OutputKind("a data step's output", "manifest.json", frozenset({"manifest.json", "data.jsonl"})),
     # a run adds to its folder as it goes (checkpoints, then the artifact): it starts in an empty one

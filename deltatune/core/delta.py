@@ -15,7 +15,7 @@ from typing import Any
 import torch
 import torch.nn as nn
 
-from deltatune.core import artifact, fresh_head, registry
+from deltatune.core import artifact, fresh_head, quantized, registry
 from deltatune.core.forms.base import Form
 from deltatune.core.policy import Policy
 from deltatune.errors import DeltatuneError
@@ -83,6 +83,7 @@ class Delta:
         changes); ``shapes``: its ``artifact.shapes_hash`` when the caller has it."""
         if self.built:
             raise DeltatuneError(f"the {self.name!r} delta is already built on a model")
+        quantized.refuse_method(model, self.method, self.config)  # before the method touches the model
         shapes = shapes or artifact.shapes_hash(model)
         built = self.method.build(model, self.config, loading=loading)
         # a fresh classification head trains fully whatever the method (loading: the heads the artifact records)

@@ -32,6 +32,8 @@ class Built:
 Builder = Callable[..., Built]
 # a trait that holds for some options of a method and not others is a function of its config
 ConfigTrait = bool | Callable[[Any], bool]
+# True (supported) or the reason it is not, or a function of the config giving one of them
+QuantizedTrait = bool | str | Callable[[Any], bool | str]
 
 
 @dataclass(frozen=True)
@@ -52,6 +54,9 @@ class Traits:
     new_head: bool = False
     # the operation that makes this method's deltas from other artifacts ("compress"); None: it is trained
     made_by: str | None = None
+    # whether it trains on a quantized base (``deltatune.core.quantized``): True, or the reason it cannot (a
+    # phrase ending "...: {reason}; load the base without quantize"); refused unless a method says it can
+    quantized_base: QuantizedTrait = "it trains or reads the base weights as full-precision matrices"
 
 
 @dataclass(frozen=True)
@@ -71,10 +76,22 @@ class Method:
         of option values, or None for the defaults."""
         value = getattr(self.traits, trait)
         if not callable(value):
-            return bool(value)
+            return value is True if isinstance(value, str) else bool(value)  # a string: a reason it does not
         if not isinstance(config, self.config_cls):
             config = make_config(self, dict(config or {}))
-        return bool(value(config))
+        result = value(config)
+        return result is True if isinstance(result, str) else bool(result)  # a string is a reason it does not
+
+    def quantized_refusal(self, config: Any = None) -> str | None:
+        """None if the method trains on a quantized base with these options, else the reason it does not."""
+        value = self.traits.quantized_base
+        if callable(value):
+            if not isinstance(config, self.config_cls):
+                config = make_config(self, dict(config or {}))
+            value = value(config)
+        if value is True:
+            return None
+        return value if isinstance(value, str) and value else "it needs the base weights in full precision"
 
 
 _REGISTRY: dict[str, Method] = {}

@@ -11,7 +11,7 @@ from typing import Any
 import torch
 import torch.nn as nn
 
-from deltatune.core import int8, registry
+from deltatune.core import quantized, registry
 from deltatune.core.delta import Delta
 from deltatune.core.forms.base import Form
 from deltatune.core.policy import Policy
@@ -122,6 +122,8 @@ class Tuned(ModelWrapper):
         self._register_forms()
         self.merged = False
         self._quantized = False  # the base was quantised under the delta (deltatune.ops.quantize)
+        # while merged on a quantized base: its quantized layers, turned plain, and what puts them back
+        self._plain: quantized.PlainModel | None = None
 
     # -- the delta ------------------------------------------------------------------------
     @property
@@ -254,16 +256,23 @@ class Tuned(ModelWrapper):
     def merge(self, quantize: str | None = None) -> nn.Module:
         """Fold the delta into the base weights and return the plain model (no hooks, no wrappers).
 
-        The delta is kept, so ``unmerge`` can take it out again. ``quantize="int8"`` then makes every
-        Linear / GPT-2 Conv1D weight int8 with per-output-channel scales (deltatune.ops.quantize); such a
-        model cannot be unmerged."""
+        The delta is kept, so ``unmerge`` can take it out again. ``quantize="int8" | "nf4" | "fp4"`` then
+        quantizes every Linear / GPT-2 Conv1D but the output head with bitsandbytes, as
+        ``dt.models.load(..., quantize=)`` does (``deltatune.core.quantized``); such a model cannot be
+        unmerged.
+
+        On a quantized base (``deltatune.core.quantized``) every quantized layer becomes a plain ``nn.Linear``
+        holding its dequantized weight at its compute dtype, with ΔW added where the delta has one, and the
+        model loses transformers' quantization marks: it computes, saves and loads as a plain model.
+        ``unmerge`` gives the quantized layers back exactly (they are kept aside while merged)."""
         if self.merged:
             raise DeltatuneError("the delta is already merged; call unmerge() first")
         if self._quantized:
-            raise DeltatuneError("the base is quantised to int8 (quantize_base): the delta stays unmerged on it; to "
-                                 "merge, dt.load the artifact onto the fp base and tuned.merge(quantize='int8')")
+            raise DeltatuneError("the base was quantised under the delta (quantize_base): the delta stays "
+                                 "unmerged on it; to merge, dt.load the artifact onto the fp base and "
+                                 "tuned.merge(quantize=...)")
         if quantize is not None:
-            int8.check_scheme(quantize)
+            quantized.check_scheme(quantize)
         tenants = self._modules.get("tenants")
         if tenants is not None:
             tenants.check_in_use()  # type: ignore[operator]
@@ -276,6 +285,10 @@ class Tuned(ModelWrapper):
                 "with tuned.save() and dt.load() it onto the base model where it is served."
             )
         self.fingerprint()
+        if quantized.is_quantized_model(self.model):
+            for form in self.forms().values():
+                form.detach()  # nothing may hang on a layer while it turns plain
+            self._plain = quantized.to_plain(self.model)
         for form in self.forms().values():
             form.merge()
         self.merged = True
@@ -283,8 +296,14 @@ class Tuned(ModelWrapper):
         self._set_tying(untie=True)
         if quantize is not None:
             self._quantized = True
-            return int8.quantize_model(self.model, quantize)
+            self._plain = None  # the quantized layers it kept cannot come back under other weights
+            return self._quantize_merged(quantize)
         return self.model
+
+    def _quantize_merged(self, scheme: str) -> nn.Module:
+        """The merged model quantized with bitsandbytes as ``dt.models.load(..., quantize=scheme)`` does (nf4 /
+        fp4: QLoRA's double quantization, computing in the merged weights' dtype; int8: LLM.int8())."""
+        return quantized.quantize_model(self.model, scheme, double_quant=True)
 
     def _set_tying(self, untie: bool) -> None:
         """A merge that gave a tied weight its own copy must say so in the config, or
@@ -354,10 +373,18 @@ class Tuned(ModelWrapper):
         if not self.merged:
             raise DeltatuneError("the delta is not merged; there is nothing to unmerge")
         if self._quantized:
-            raise DeltatuneError("the merged model was quantised to int8, which cannot be undone exactly: "
+            raise DeltatuneError("the merged model was quantised, which cannot be undone exactly: "
                                  "load the base model again and dt.load the artifact onto it")
         for form in reversed(list(self.forms().values())):
             form.unmerge()
+        if self._plain is not None:  # a quantized base: its own layers back, exactly as they were
+            forms = list(self.forms().values())
+            for form in forms:
+                form.detach()
+            quantized.back_to_quantized(self.model, self._plain)
+            self._plain = None
+            for form in forms:
+                form.attach()
         self.merged = False
         self._carry(True)
         self._set_tying(untie=False)

@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 import torch.nn as nn
 
-from deltatune.core import artifact, fresh_head
+from deltatune.core import artifact, fresh_head, quantized
 from deltatune.core.artifact import fresh_dir, model_task
 from deltatune.data.sets import package_folder
 from deltatune.errors import DeltatuneError
@@ -225,15 +225,32 @@ def load(
     *,
     task: str | None = None,
     dtype: torch.dtype = torch.float32,
+    quantize: str | None = None,
+    double_quant: bool = True,
+    compute_dtype: torch.dtype | None = None,
     **kwargs: Any,
 ) -> torch.nn.Module:
     """Load a shipped model by name or a local folder, offline, in eval mode.
 
     task: None (the model's natural head), "causal_lm", "encoder" (bare AutoModel) or "classification"
     (a fresh sequence-classification head; pass num_labels=...). Extra kwargs go to from_pretrained.
+
+    quantize: "nf4" | "fp4" | "int8" loads a quantized base (QLoRA-style) through transformers'
+    ``BitsAndBytesConfig``: every Linear but the output head (and the last module, e.g. a classification
+    head) becomes a bitsandbytes layer; embeddings and norms stay in ``dtype``. ``double_quant`` (4-bit only;
+    QLoRA's default, on) quantizes the block scales too. ``compute_dtype`` (4-bit only): the dtype the layers
+    compute in, default ``dtype`` (fp32: QLoRA computes in bf16 on GPUs; on a CPU without bf16 kernels fp32
+    is as fast and exact). See docs/quantization.md.
     """
     if task is not None and task not in TASKS:
         raise DeltatuneError(f"unknown task {task!r}; use one of {', '.join(TASKS)} or leave it out")
+    if quantize is not None:
+        if "quantization_config" in kwargs:
+            raise DeltatuneError("pass either quantize=... or quantization_config=..., not both")
+        kwargs["quantization_config"] = quantization_config(quantize, double_quant=double_quant,
+                                                            compute_dtype=compute_dtype or dtype)
+        if quantize == "int8":
+            quantized.quiet_int8_casts()
     name = os.fspath(name_or_path)
     folder = resolve(name)
     refuse_pickle_weights(Path(folder))
@@ -256,6 +273,19 @@ def load(
         model.config._name_or_path = name
     model.eval()
     return model
+
+
+def quantization_config(scheme: str, *, double_quant: bool = True,
+                        compute_dtype: torch.dtype = torch.float32) -> Any:
+    """transformers' ``BitsAndBytesConfig`` for ``quantize=scheme``: QLoRA's NF4 (or FP4) with double
+    quantization and the compute dtype, or LLM.int8() (its outlier threshold 6.0, transformers' default)."""
+    from transformers import BitsAndBytesConfig
+
+    quantized.check_scheme(scheme)
+    if scheme == "int8":
+        return BitsAndBytesConfig(load_in_8bit=True, llm_int8_threshold=quantized.INT8_THRESHOLD)
+    return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type=scheme,
+                              bnb_4bit_use_double_quant=double_quant, bnb_4bit_compute_dtype=compute_dtype)
 
 
 @contextlib.contextmanager
@@ -313,22 +343,32 @@ def load_tokenizer(name_or_path: str | os.PathLike[str]) -> PreTrainedTokenizerB
     return tokenizer
 
 
-def load_base(base: str | nn.Module, head: dict[str, Any] | None = None) -> nn.Module:
+def load_base(base: str | nn.Module, head: dict[str, Any] | None = None, *, quantize: str | None = None,
+              **options: Any) -> nn.Module:
     """A model passed through, or loaded from a shipped name / local folder with the model class an artifact
     records (``head``: its fingerprint's ``"head"``, ``Delta.head``): a delta trained on MiniLM with a fresh
     classification head needs ``BertForSequenceClassification`` with as many labels, not the bare ``BertModel``
-    the name alone gives. Without a record (artifacts saved before it existed), the model's natural class."""
+    the name alone gives. Without a record (artifacts saved before it existed), the model's natural class.
+
+    A delta trained on a quantized base records its quantization in ``head`` (``quantization``): the base is
+    loaded quantized the same way. ``quantize`` (with ``double_quant`` / ``compute_dtype`` in ``options``)
+    asks for a quantization when there is no record."""
     if isinstance(base, nn.Module):
         return base
-    return load(str(base), **head_request(head))
+    request = head_request(head)
+    if quantize is not None and "quantize" not in request:
+        request.update(quantize=quantize, **options)
+    return load(str(base), **request)
 
 
 def head_request(head: dict[str, Any] | None) -> dict[str, Any]:
-    """The ``load`` keywords for a recorded head: ``task`` and, for a classifier, its labels."""
+    """The ``load`` keywords for a recorded head: ``task`` and, for a classifier, its labels; for a quantized
+    base the ``quantize`` keywords that load it the same way."""
+    quantization = quantized.load_options((head or {}).get("quantization"))
     task = (head or {}).get("task")
     if task not in TASKS:  # no record, or a head deltatune does not load (masked LM, ...): the natural class
-        return {}
-    request: dict[str, Any] = {"task": task}
+        return quantization
+    request: dict[str, Any] = {"task": task, **quantization}
     if task == "classification":
         labels = head.get("id2label") or {}  # type: ignore[union-attr]
         if len(labels) == head.get("num_labels"):  # type: ignore[union-attr]

@@ -41,8 +41,6 @@ GGUF_FILE = "model.gguf"
 DTYPES = ("f32", "f16")
 ARCHITECTURE = "llama"
 
-# TODO(lead): move into artifact.OUTPUT_KINDS beside the other writers' kinds.
-artifact.OUTPUT_KINDS.setdefault("gguf", artifact.OutputKind("a GGUF export", GGUF_FILE, frozenset({GGUF_FILE})))
 
 
 def export_gguf(model: nn.Module, tokenizer: Any, out: str | os.PathLike, *, dtype: str = "f32",

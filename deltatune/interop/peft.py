@@ -55,11 +55,7 @@ PEFT_VERSION = "0.21.2"  # the version whose format we write and test against
 MAGNITUDE = "lora_magnitude_vector"  # DoRA's magnitude vector, PEFT's key on disk (no ".weight")
 REPORT_FILE = "export-report.json"  # what an SVD export did to each tensor (PEFT ignores the file)
 
-# A PEFT folder written by an SVD export holds its report too, and is still this writer's own kind of output (a
-# second export replaces it without --overwrite). TODO(lead): move REPORT_FILE into artifact.OUTPUT_KINDS["peft"].
-_PEFT_KIND = artifact.OUTPUT_KINDS["peft"]
-if _PEFT_KIND.files is not None and REPORT_FILE not in _PEFT_KIND.files:
-    artifact.OUTPUT_KINDS["peft"] = dataclasses.replace(_PEFT_KIND, files=_PEFT_KIND.files | {REPORT_FILE})
+# (artifact.OUTPUT_KINDS["peft"] lists REPORT_FILE: a second SVD export replaces the first without --overwrite)
 
 _TASKS = (
     ("ForCausalLM", "CAUSAL_LM"),

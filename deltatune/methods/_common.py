@@ -73,6 +73,18 @@ def build_base(model: nn.Module, base_name: str, base_options: dict[str, Any], l
     return method.build(model, cfg, loading=loading)
 
 
+def base_on_quantized(base_name: str | None, base_options: dict[str, Any]) -> bool | str:
+    """The ``quantized_base`` trait of a method that trains another one's delta (IST, MeZO with ``base``):
+    True when that method trains on a quantized base with those options, else its reason, naming it."""
+    if base_name not in registry.names():
+        return True  # the config itself names the unknown method when it is built
+    try:
+        reason = registry.get(base_name).quantized_refusal(dict(base_options))
+    except (DeltatuneError, TypeError, ValueError):
+        return True  # bad base options are the builder's error, said with its context
+    return True if reason is None else f"its base method {base_name!r} cannot: {reason}"
+
+
 def layerwise_forms(model: nn.Module, loading: bool) -> dict[str, WeightDelta]:
     """A delta over every floating tensor of the model for a policy that chooses which train when: in-place
     while training (W0 copied only for tensors that train), a plain dense delta when loading an artifact.

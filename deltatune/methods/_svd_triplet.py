@@ -31,10 +31,11 @@ class SVDTriplet(WeightDelta):
         if r < 0:
             raise DeltatuneError(f"rank r={r} must be >= 0")
         w = self.base
-        self.d_out, self.d_in = (w.shape[1], w.shape[0]) if self.layout == "conv1d" else w.shape
+        shape = self.base_shape  # a quantized weight's (out, in), not its packed storage's
+        self.d_out, self.d_in = (shape[1], shape[0]) if self.layout == "conv1d" else shape
         check_rank_fits(r, self.d_out, self.d_in, module)
         # factors of a half-precision base train in fp32 (as PEFT and the low-rank form)
-        self.dtype = w.dtype if w.dtype in (torch.float32, torch.float64) else torch.float32
+        self.dtype = self.base_dtype if self.base_dtype in (torch.float32, torch.float64) else torch.float32
         self.alpha = float(alpha)
         self.ranknum = float(r if ranknum is None else ranknum)
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()

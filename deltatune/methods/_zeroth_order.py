@@ -19,7 +19,7 @@ from deltatune.core.policy import Policy
 from deltatune.core.registry import Traits
 from deltatune.core.targeting import select_parameters
 from deltatune.errors import DeltatuneError
-from deltatune.methods._common import build_base, dense_forms
+from deltatune.methods._common import base_on_quantized, build_base, dense_forms
 from deltatune.methods._offloaded_w0 import OffloadedInPlace, offloaded_forms
 
 if TYPE_CHECKING:
@@ -27,8 +27,20 @@ if TYPE_CHECKING:
 
 CHUNK = 1 << 22  # entries of z drawn at once (16 MiB in fp32): the temporary memory of a perturbation
 MASK64 = (1 << 64) - 1
-# the model itself trains (in place) unless the config names a base method whose parameters train instead
-ZEROTH_ORDER_TRAITS = Traits(gradient_free=True, full_model=lambda cfg: cfg.base is None)
+# the model itself trains (in place) unless the config names a base method whose parameters train instead.
+# On a quantized base only the second: perturbing the base weights would need them as values (a full-precision
+# copy), while a base method's tensors (LoRA factors, adapters) are perturbed as they are
+_IN_PLACE_ON_QUANTIZED = ("without a base method it perturbs and steps the base weights in place, which "
+                          "needs them in full precision; name a base method whose delta it trains, e.g. "
+                          "base: lora")
+
+
+def _on_quantized(cfg: ZerothOrderConfig) -> bool | str:
+    return _IN_PLACE_ON_QUANTIZED if cfg.base is None else base_on_quantized(cfg.base, cfg.base_options)
+
+
+ZEROTH_ORDER_TRAITS = Traits(gradient_free=True, full_model=lambda cfg: cfg.base is None,
+                             quantized_base=_on_quantized)
 
 
 @dataclass

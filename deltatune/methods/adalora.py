@@ -32,7 +32,7 @@ import torch
 import torch.nn as nn
 
 from deltatune.core.policy import Policy
-from deltatune.core.registry import Built, register
+from deltatune.core.registry import Built, Traits, register
 from deltatune.core.targeting import sites_of
 from deltatune.core.tuned import Tuned
 from deltatune.errors import DeltatuneError
@@ -238,7 +238,8 @@ class AdaLoraPolicy(Policy):
 
 # -- the method -------------------------------------------------------------------------------------
 @register("adalora", AdaLoraConfig,
-          "AdaLoRA: SVD-form ΔW = PΛQ, λ pruned by smoothed sensitivity on a cubic budget (PEFT-compatible)", family="low-rank")
+          "AdaLoRA: SVD-form ΔW = PΛQ, λ pruned by smoothed sensitivity on a cubic budget (PEFT-compatible)",
+          traits=Traits(quantized_base=True), family="low-rank")
 def build(model: nn.Module, cfg: AdaLoraConfig, *, loading: bool = False) -> Built:
     forms: dict[str, SVDTriplet] = {}
     for name, module in svd_targets(model, cfg.targets, cfg.layers, cfg.exclude):

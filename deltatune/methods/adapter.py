@@ -9,7 +9,7 @@ from typing import Literal
 
 import torch.nn as nn
 
-from deltatune.core.registry import Built, register
+from deltatune.core.registry import Built, Traits, register
 from deltatune.methods._adapters import BottleneckConfig, build_adapters
 
 PLACEMENTS = {"houlsby": ["attention", "ffn"], "pfeiffer": ["ffn"]}
@@ -32,6 +32,7 @@ class AdapterConfig(BottleneckConfig):
 @register("adapter", AdapterConfig,
           "Bottleneck adapter (Houlsby / Pfeiffer): h += W_up·act(W_down·h) after attention and/or FFN; "
           "mergeable only with activation: linear (into a projection with a bias)",
-          mergeable="only with activation: linear, into a projection with a bias (GPT-2, BERT)", family="adapters & prompts")
+          mergeable="only with activation: linear, into a projection with a bias (GPT-2, BERT)",
+          traits=Traits(quantized_base=True), family="adapters & prompts")
 def build(model: nn.Module, cfg: AdapterConfig, *, loading: bool = False) -> Built:
     return build_adapters(model, cfg, kinds=PLACEMENTS[cfg.placement], reads="output")

@@ -75,7 +75,8 @@ def _check_leave_out(cfg: AutopeftConfig, n: int) -> None:
 @register("autopeft", AutopeftConfig,
           "AutoPEFT's configuration: serial adapter + parallel adapter (s=4) on the FFN and a prefix, per-layer "
           "sizes and leave-out (what `deltatune search` with `space: autopeft` searches)",
-          mergeable=False, traits=Traits(starts_at_base=False), family="adapters & prompts")
+          mergeable=False,
+          traits=Traits(quantized_base=True, starts_at_base=False), family="adapters & prompts")
 def build(model: nn.Module, cfg: AutopeftConfig, *, loading: bool = False) -> Built:
     n = len(blocks(model))
     _check_leave_out(cfg, n)

@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 import torch.nn as nn
 
-from deltatune.core.registry import Built, register
+from deltatune.core.registry import Built, Traits, register
 from deltatune.core.targeting import select_parameters
 from deltatune.errors import DeltatuneError
 from deltatune.methods._common import dense_forms
@@ -19,7 +19,15 @@ class BitFitConfig:
     exclude: list[str] | None = None  # name patterns left out (as in targets)
 
 
-@register("bitfit", BitFitConfig, "BitFit: train only the bias terms (dense deltas on biases)", family="chosen tensors")
+# why it cannot train on a quantized base (deltatune.core.quantized): said in its one-line refusal
+QUANTIZED_BASE = (
+    "it trains tensors inside the base layers (their biases) in place, which deltatune does not do in "
+    "quantized layers"
+)
+
+
+@register("bitfit", BitFitConfig, "BitFit: train only the bias terms (dense deltas on biases)",
+          traits=Traits(quantized_base=QUANTIZED_BASE), family="chosen tensors")
 def build(model: nn.Module, cfg: BitFitConfig, *, loading: bool = False) -> Built:
     if not any(n == "bias" or n.endswith(".bias") for n, _ in model.named_parameters()):
         raise DeltatuneError(

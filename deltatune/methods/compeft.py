@@ -171,11 +171,17 @@ def _lookup(model: nn.Module, name: str, record: dict) -> tuple[nn.Module, nn.Pa
     return module, param
 
 
+# why it cannot train on a quantized base (deltatune.core.quantized): said in its one-line refusal
+QUANTIZED_BASE = (
+    "a ComPEFT delta is made from a saved full-precision delta (dt.compress), not trained"
+)
+
+
 @register(
     "compeft",
     CompeftConfig,
     "ComPEFT: a saved weight delta compressed to sparse ternary ±scale (made by dt.compress, not trained)",
-    traits=Traits(made_by="compress"), family="made from artifacts"
+    traits=Traits(quantized_base=QUANTIZED_BASE, made_by="compress"), family="made from artifacts"
 )
 def build(model: nn.Module, cfg: CompeftConfig, *, loading: bool = False) -> Built:
     if not loading:

@@ -33,7 +33,7 @@ import torch.nn as nn
 
 from deltatune.core.forms.base import Form
 from deltatune.core.forms.module import Bottleneck, ModuleForm, Sublayer, add_to_output, blocks, sublayers
-from deltatune.core.registry import Built, register
+from deltatune.core.registry import Built, Traits, register
 from deltatune.errors import DeltatuneError
 from deltatune.methods._lowrank import add_trained_extras
 
@@ -172,7 +172,8 @@ def _hidden_size(model: nn.Module) -> int:
 
 @register("connected", ConnectedConfig,
           "IAA (scattered or connected): aside bottlenecks joining the block outputs (and the adapters) into a "
-          "trainable pathway, h̃ = h_L + g_L; not mergeable", mergeable=False, family="adapters & prompts")
+          "trainable pathway, h̃ = h_L + g_L; not mergeable", mergeable=False,
+          traits=Traits(quantized_base=True), family="adapters & prompts")
 def build(model: nn.Module, cfg: ConnectedConfig, *, loading: bool = False) -> Built:
     d = _hidden_size(model)
     sites = sorted(

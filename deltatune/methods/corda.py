@@ -23,6 +23,9 @@ A′ = [A; A₀], B′ = [B, −B₀], on the *untouched* base). So
 - ``to_lora`` writes the artifact as a plain ``lora`` artifact of rank 2r (α′ = 2α, or √2·α with rsLoRA),
   which merges like any LoRA and exports to PEFT's adapter format (``deltatune export``).
 
+On a quantized base (``deltatune.data.models.load(name, quantize="nf4")``) the SVD is of the dequantized W·C′,
+the weights the layer computes with; the dequantized matrix is dropped once decomposed.
+
 Calibration (``data``, one of):
 
 - a mapping in the format of the run's ``data`` section (``deltatune.data.tasks.DataConfig``): the first
@@ -62,10 +65,10 @@ from typing import Any, Literal
 import torch
 import torch.nn as nn
 
-from deltatune.core import artifact, registry
+from deltatune.core import artifact, quantized, registry
 from deltatune.core.forms.base import Form
 from deltatune.core.forms.lowrank import LowRank, layout_of
-from deltatune.core.registry import Built, register
+from deltatune.core.registry import Built, Traits, register
 from deltatune.core.targeting import sites_of
 from deltatune.core.tuned import Tuned
 from deltatune.errors import DeltatuneError
@@ -372,6 +375,8 @@ def _device(cfg: CordaConfig) -> torch.device:
 
 
 def _weight_out_in(module: nn.Module) -> torch.Tensor:
+    if quantized.is_quantized(module):  # the values it computes with; dropped once decomposed
+        return quantized.dequantize(module)
     w = module.weight.detach()
     return w.T if layout_of(module) == "conv1d" else w  # GPT-2 Conv1D stores (in, out)
 
@@ -428,17 +433,18 @@ def _rank_and_alpha(cfg: CordaConfig, name: str) -> tuple[int, float]:
 
 
 @register("corda", CordaConfig,
-          "CorDA: LoRA initialised from the SVD of W·C (input covariance of calibration data), ipa / kpa", family="low-rank")
+          "CorDA: LoRA initialised from the SVD of W·C (input covariance of calibration data), ipa / kpa",
+          traits=Traits(quantized_base=True), family="low-rank")
 def build(model: nn.Module, cfg: CordaConfig, *, loading: bool = False) -> Built:
     forms: dict[str, Form] = {}
     specs = []
     for name, module in _targets(model, cfg):
         r, alpha = _rank_and_alpha(cfg, name)
-        w = _weight_out_in(module)
-        if r > min(w.shape):
+        shape = quantized.features(module) if quantized.is_quantized(module) else _weight_out_in(module).shape
+        if r > min(shape):
             raise DeltatuneError(
-                f"r={r} exceeds the rank of {name} ({tuple(w.shape)}): CorDA's SVD has min(out, in) = "
-                f"{min(w.shape)} components; lower r (or set rank_pattern for this module)"
+                f"r={r} exceeds the rank of {name} ({tuple(shape)}): CorDA's SVD has min(out, in) = "
+                f"{min(shape)} components; lower r (or set rank_pattern for this module)"
             )
         form = CordaLowRank(module, r, alpha, use_rslora=cfg.use_rslora, dropout=cfg.dropout,
                             tied=[s for s in sites_of(model, module.weight) if s[0] is not module])

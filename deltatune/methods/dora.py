@@ -14,6 +14,10 @@ The forward pass is Hugging Face PEFT's (``tuners/lora/dora.py``, 0.21.2), so lo
 y = W0·x + b + (m/‖·‖ − 1)·(W0·x) + (m/‖·‖)·s·B·A·dropout(x), where W0·x is the base output minus its
 bias, or, when dropout is active, W0 applied to the dropped-out input (PEFT's exact choice).
 
+On a quantized base (``deltatune.core.quantized``) W0 is the dequantized weight, built where the norm (and,
+with dropout, W0·x) needs it and dropped after, as PEFT does for bitsandbytes layers: no m·n copy outlives the
+forward.
+
 Merging writes W' into the base tensor; the norm it used is kept in memory so that unmerge inverts it
 (W0 = W'·‖·‖/m − s·B·A), as PEFT does. Unlike LoRA's, this ΔW = m/‖V‖ ⊙ V − W0 depends on W0: in a
 composition it must merge before other deltas of the same weight (compose merges in part order).
@@ -30,7 +34,7 @@ import torch.nn.functional as F
 from torch.nn.utils import parametrize
 
 from deltatune.core.forms.lowrank import LowRank
-from deltatune.core.registry import Built, register
+from deltatune.core.registry import Built, Traits, register
 from deltatune.errors import DeltatuneError
 from deltatune.methods import lora
 from deltatune.methods._lowrank import default_targets
@@ -59,7 +63,7 @@ class DoRA(LowRank):
         """‖W0 + s·B·A‖ per output feature, detached (paper §4.3, PEFT ``get_weight_norm``)."""
         dtype = dtype or self.A.dtype
         with torch.no_grad():
-            w = self._oriented(self.base).to(dtype) + self.scale * self._lora_weight().to(dtype)
+            w = self._oriented(self.dense_base(dtype)) + self.scale * self._lora_weight().to(dtype)
             return torch.linalg.norm(w, dim=1).to(w.dtype)
 
     def reset_magnitude(self) -> None:
@@ -75,7 +79,7 @@ class DoRA(LowRank):
     def delta_weight(self) -> torch.Tensor:
         if self.merged:
             raise DeltatuneError("a merged DoRA delta has overwritten W0, which its ΔW depends on: unmerge first")
-        base = self.base.float()
+        base = self.dense_base(torch.float32)
         lora_w = self.scale * self._lora_weight().float()
         adapted = base + (lora_w if self.layout == "linear" else lora_w.T)
         return self._factor(self.weight_norm(torch.float32)) * adapted - base
@@ -95,17 +99,19 @@ class DoRA(LowRank):
             lora_out = ms * (F.embedding(x, self.A.T, *opts) @ self.B.T) * self.scale
             if self._output_is_base(module):
                 return (ms * output + lora_out).to(output.dtype)
-            return (output + ((ms - 1) * F.embedding(x, self.base, *opts) + lora_out)).to(output.dtype)
+            base = F.embedding(x, self.dense_base(), *opts)
+            return (output + ((ms - 1) * base + lora_out)).to(output.dtype)
         x = x.to(self.A.dtype)
         ms = (self.magnitude / self.weight_norm(x.dtype)).view(1, -1)
         if self.training and isinstance(self.dropout, nn.Dropout):
             x = self.dropout(x)
-            base = F.linear(x, self._oriented(self.base).to(x.dtype))  # W0 on the dropped-out input, as PEFT
+            # W0 on the dropped-out input, as PEFT
+            base = F.linear(x, self._oriented(self.dense_base(x.dtype)))
         elif self._output_is_base(module):
             bias = getattr(module, "bias", None)
             base = output if bias is None else output - bias
         else:
-            base = F.linear(x, self._oriented(self.base).to(x.dtype))
+            base = F.linear(x, self._oriented(self.dense_base(x.dtype)))
         lora_out = F.linear(F.linear(x, self.A), self.B)
         return (output + ((ms - 1) * base + ms * lora_out * self.scale)).to(output.dtype)
 
@@ -168,7 +174,8 @@ def _targets(model: nn.Module, cfg: DoraConfig) -> list[str]:
 
 
 @register("dora", DoraConfig, "DoRA: magnitude m per output times the direction of W0 + (alpha/r)·B·A "
-          "(Liu et al., 2024); PEFT-compatible (use_dora), mergeable", family="low-rank")
+          "(Liu et al., 2024); PEFT-compatible (use_dora), mergeable", family="low-rank",
+          traits=Traits(quantized_base=True))
 def build(model: nn.Module, cfg: DoraConfig, *, loading: bool = False) -> Built:
     # LoRA's builder selects the modules and builds the bias / modules_to_save deltas; each low-rank delta
     # then becomes a DoRA delta on the same module, keeping LoRA's factors (same seed: same A as `lora`)

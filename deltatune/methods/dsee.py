@@ -37,7 +37,7 @@ import torch.nn as nn
 from deltatune.core.forms.base import Form, WeightDelta
 from deltatune.core.forms.lowrank import LowRank
 from deltatune.core.policy import Policy, release_state
-from deltatune.core.registry import Built, register
+from deltatune.core.registry import Built, Traits, register
 from deltatune.core.targeting import select_modules
 from deltatune.errors import DeltatuneError
 from deltatune.methods._attention_heads import attention_blocks, cut_heads, original_ids, remap_positions
@@ -442,8 +442,15 @@ def _saved_modules(model: nn.Module, cfg: DseeConfig) -> list[tuple[str, nn.Modu
     return select_modules(model, cfg.modules_to_save) if cfg.modules_to_save else []
 
 
+# why it cannot train on a quantized base (deltatune.core.quantized): said in its one-line refusal
+QUANTIZED_BASE = (
+    "it splits every base weight into low-rank and sparse parts and prunes the base weights themselves"
+)
+
+
 @register("dsee", DseeConfig, "DSEE: ΔW = (α/r)(B·A + S), S on a fixed support from a low-rank + sparse split of W; "
-          "then magnitude pruning of the backbone (unstructured or attention heads)", family="low-rank + sparse")
+          "then magnitude pruning of the backbone (unstructured or attention heads)",
+          traits=Traits(quantized_base=QUANTIZED_BASE), family="low-rank + sparse")
 def build(model: nn.Module, cfg: DseeConfig, *, loading: bool = False) -> Built:
     if cfg.prune_heads:  # fail now, not after stage 1: the model must have prunable heads to spare
         fewest = min(a.core.num_attention_heads for a in attention_blocks(model))

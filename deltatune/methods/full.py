@@ -21,8 +21,15 @@ class FullConfig:
     exclude: list[str] | None = None  # name patterns left out (as in targets)
 
 
+# why it cannot train on a quantized base (deltatune.core.quantized): said in its one-line refusal
+QUANTIZED_BASE = (
+    "it trains the chosen base weights in place, and a quantized weight is packed storage, not values an "
+    "optimizer can step"
+)
+
+
 @register("full", FullConfig, "full fine-tuning, in place (stores only the tensors that changed, as a dense delta)",
-          traits=Traits(full_model=True), family="full & layer-wise")
+          traits=Traits(quantized_base=QUANTIZED_BASE, full_model=True), family="full & layer-wise")
 def build(model: nn.Module, cfg: FullConfig, *, loading: bool = False) -> Built:
     params = select_parameters(model, cfg.targets, layers=cfg.layers, types=cfg.types, exclude=cfg.exclude)
     # training updates the model's tensors in place; a loaded artifact is a plain dense delta beside W0

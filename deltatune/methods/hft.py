@@ -25,7 +25,7 @@ import torch
 import torch.nn as nn
 
 from deltatune.core.policy import Policy
-from deltatune.core.registry import Built, register
+from deltatune.core.registry import Built, Traits, register
 from deltatune.core.targeting import layer_index
 from deltatune.errors import DeltatuneError
 from deltatune.methods._common import layerwise_forms, set_trainable
@@ -151,6 +151,14 @@ class HftPolicy(Policy):
         self._apply(None)
 
 
-@register("hft", HftConfig, "half fine-tuning: half of each block's attention, FFN and norm tensors train per round, in place", family="full & layer-wise")
+# why it cannot train on a quantized base (deltatune.core.quantized): said in its one-line refusal
+QUANTIZED_BASE = (
+    "it trains half of each block's weights in place, and a quantized weight is packed storage, not "
+    "values an optimizer can step"
+)
+
+
+@register("hft", HftConfig, "half fine-tuning: half of each block's attention, FFN and norm tensors train per round, in place",
+          traits=Traits(quantized_base=QUANTIZED_BASE), family="full & layer-wise")
 def build(model: nn.Module, cfg: HftConfig, *, loading: bool = False) -> Built:
     return Built(layerwise_forms(model, loading), HftPolicy(cfg))

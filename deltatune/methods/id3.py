@@ -44,7 +44,7 @@ import torch.nn.functional as F
 from deltatune.core.forms.base import WeightDelta
 from deltatune.core.forms.sparse import Sparse
 from deltatune.core.policy import Policy
-from deltatune.core.registry import Built, register
+from deltatune.core.registry import Built, Traits, register
 from deltatune.core.targeting import (
     count_layers,
     layer_index,
@@ -343,7 +343,14 @@ def resolve_budget(cfg: Id3Config, n_targeted: int) -> int:
     return budget
 
 
-@register("id3", Id3Config, "ID3: unmask the top-D³ entries step by step up to a budget (sparse, composable)", family="sparse")
+# why it cannot train on a quantized base (deltatune.core.quantized): said in its one-line refusal
+QUANTIZED_BASE = (
+    "it scores entries by the full-precision base weights at every step"
+)
+
+
+@register("id3", Id3Config, "ID3: unmask the top-D³ entries step by step up to a budget (sparse, composable)",
+          traits=Traits(quantized_base=QUANTIZED_BASE), family="sparse")
 def build(model: nn.Module, cfg: Id3Config, *, loading: bool = False) -> Built:
     params = target_parameters(model, cfg)
     forms: dict[str, WeightDelta] = {}

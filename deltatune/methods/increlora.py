@@ -44,7 +44,7 @@ import torch.nn as nn
 
 from deltatune.core.forms.base import Form
 from deltatune.core.policy import Policy
-from deltatune.core.registry import Built, register
+from deltatune.core.registry import Built, Traits, register
 from deltatune.core.targeting import sites_of
 from deltatune.core.tuned import Tuned
 from deltatune.errors import DeltatuneError
@@ -465,7 +465,8 @@ class IncreLoraPolicy(Policy):
 
 # -- the method -------------------------------------------------------------------------------------
 @register("increlora", IncreLoraConfig,
-          "IncreLoRA: SVD-form ΔW starting at rank 1, rank added to the most important modules up to a budget", family="low-rank")
+          "IncreLoRA: SVD-form ΔW starting at rank 1, rank added to the most important modules up to a budget",
+          traits=Traits(quantized_base=True), family="low-rank")
 def build(model: nn.Module, cfg: IncreLoraConfig, *, loading: bool = False) -> Built:
     forms: dict[str, Form] = {}
     for name, module in svd_targets(model, cfg.targets, cfg.layers, cfg.exclude):

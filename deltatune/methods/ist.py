@@ -63,11 +63,11 @@ import torch.nn as nn
 
 from deltatune.core.forms.base import Form
 from deltatune.core.policy import Policy
-from deltatune.core.registry import Built, register
+from deltatune.core.registry import Built, Traits, register
 from deltatune.core.targeting import layer_index
 from deltatune.errors import DeltatuneError
 from deltatune.methods._calibration import LossFn, task_batches
-from deltatune.methods._common import build_base
+from deltatune.methods._common import base_on_quantized, build_base
 
 if TYPE_CHECKING:
     from deltatune.core.tuned import Tuned
@@ -112,7 +112,9 @@ class IstConfig:
 
 
 @register("ist", IstConfig, "IST: each step trains the PEFT modules of a quarter of the blocks, drawn by "
-          "importance scores learned from suppression probes (Yao et al., 2024); a policy over a base method", family="low-rank")
+          "importance scores learned from suppression probes (Yao et al., 2024); a policy over a base method",
+          traits=Traits(quantized_base=lambda cfg: base_on_quantized(cfg.base, cfg.base_options)),
+          family="low-rank")
 def build(model: nn.Module, cfg: IstConfig, *, loading: bool = False) -> Built:
     base = build_base(model, cfg.base, cfg.base_options, loading)
     if type(base.policy) is not Policy:

@@ -14,6 +14,9 @@ dropped component is part of the delta (fixed rank-d factors, kept in memory, no
 y = W x − U_d Σ_d V_dᵀ x + s·B(Δσ ⊙ A(dropout(x))). So detaching the delta gives back the original
 model exactly, unmerge restores the original W (not W_world), and the artifact fingerprints the
 original base. The extra cost is one rank-d product per layer, as small as the LoRA branch.
+
+On a quantized base (``deltatune.core.quantized``) the truncation is taken from the dequantized weight, the
+values the layer computes with, and needs nothing else: the rank-d factors are all that is kept of it.
 """
 
 from __future__ import annotations
@@ -143,7 +146,8 @@ class KasaDelta(LowRank):
         super().__init__(module, r, alpha, use_rslora=use_rslora, dropout=dropout, init=init, tied=tied)
         # PEFT draws Δσ right after the factors, with randn (B = 0, so its values do not move the output at step 0)
         self.diag = nn.Parameter(torch.randn(self.r, dtype=self.A.dtype, device=self.A.device))
-        matrix = self.base if self.layout == "linear" else self.base.T  # (out, in) either way
+        w0 = self.dense_base()  # a quantized base: the dequantized matrix, dropped once the SVD is taken
+        matrix = w0 if self.layout == "linear" else w0.T  # (out, in) either way
         self.dropped = dropped_count(matrix.shape[0], matrix.shape[1], self.r, truncation)
         us, vh = truncated_factors(matrix, self.dropped)
         # buffers so they follow .to(device); left out of the artifact (see stored_tensors)
@@ -219,7 +223,8 @@ class KasaPolicy(Policy):
 # the truncation removes singular directions of W when the delta attaches (the paper's knowledge-aware
 # truncation; with "in_features" none on a wide matrix): a fresh delta starts at the truncated base, by design
 @register("kasa", KasaConfig, "KaSA: truncate the r smallest singular components of W, SVD-form ΔW = s·B·diag(Δσ)·A",
-          traits=Traits(starts_at_base=lambda cfg: cfg.truncation == "none"), family="low-rank")
+          traits=Traits(starts_at_base=lambda cfg: cfg.truncation == "none", quantized_base=True),
+          family="low-rank")
 def build(model: nn.Module, cfg: KasaConfig, *, loading: bool = False) -> Built:
     targets = cfg.targets or default_targets(model)
     modules = select_modules(model, targets, layers=cfg.layers, types=cfg.types, exclude=cfg.exclude)

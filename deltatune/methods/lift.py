@@ -28,7 +28,7 @@ import torch.nn as nn
 from deltatune.core.forms.sparse import Sparse, index_dtype
 from deltatune.core.optim import ElementAdamW
 from deltatune.core.policy import Policy
-from deltatune.core.registry import Built, register
+from deltatune.core.registry import Built, Traits, register
 from deltatune.core.targeting import sites_of
 from deltatune.core.tuned import Tuned
 from deltatune.errors import DeltatuneError
@@ -371,8 +371,16 @@ def _carry_state(optimizer: torch.optim.Optimizer, p: torch.Tensor, src: torch.T
             state[key] = moved
 
 
+# why it cannot train on a quantized base (deltatune.core.quantized): said in its one-line refusal
+QUANTIZED_BASE = (
+    "it picks its entries from a low-rank approximation of every full-precision weight, taken again as it"
+    " trains"
+)
+
+
 @register("lift", LiftConfig, "LIFT: sparse fine-tuning of the Principal Weights, the largest entries of a "
-          "low-rank approximation, refreshed every I steps (Liu et al., 2025)", family="sparse")
+          "low-rank approximation, refreshed every I steps (Liu et al., 2025)",
+          traits=Traits(quantized_base=QUANTIZED_BASE), family="sparse")
 def build(model: nn.Module, cfg: LiftConfig, *, loading: bool = False) -> Built:
     modules = block_matrices(model, cfg.targets, cfg.layers, cfg.exclude)
     if not modules:

@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 
 import torch.nn as nn
 
-from deltatune.core.registry import Built, register
+from deltatune.core.registry import Built, Traits, register
 from deltatune.core.targeting import count_layers, layer_index, select_parameters
 from deltatune.errors import DeltatuneError
 from deltatune.methods._common import dense_forms
@@ -42,7 +42,15 @@ def _part_module(model: nn.Module, part: str) -> nn.Module:
     return module
 
 
-@register("lightweight", LightweightConfig, "train only named parts (embeddings, head, last k blocks) as dense deltas", family="chosen tensors")
+# why it cannot train on a quantized base (deltatune.core.quantized): said in its one-line refusal
+QUANTIZED_BASE = (
+    "it trains whole parts of the model (blocks' weights) as dense deltas, and a quantized weight is "
+    "packed storage, not values an optimizer can step"
+)
+
+
+@register("lightweight", LightweightConfig, "train only named parts (embeddings, head, last k blocks) as dense deltas",
+          traits=Traits(quantized_base=QUANTIZED_BASE), family="chosen tensors")
 def build(model: nn.Module, cfg: LightweightConfig, *, loading: bool = False) -> Built:
     chosen: list[tuple[str, nn.Parameter]] = []
     by_id = {id(p): n for n, p in model.named_parameters()}

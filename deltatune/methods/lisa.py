@@ -24,7 +24,7 @@ import torch
 import torch.nn as nn
 
 from deltatune.core.policy import Policy
-from deltatune.core.registry import Built, register
+from deltatune.core.registry import Built, Traits, register
 from deltatune.errors import DeltatuneError
 from deltatune.methods._common import forms_by_block, layerwise_forms, set_trainable
 
@@ -103,6 +103,14 @@ class LisaPolicy(Policy):
             set_trainable(self.blocks[i], True)
 
 
-@register("lisa", LisaConfig, "LISA: embeddings + head + γ randomly drawn blocks train in place, redrawn every K steps", family="full & layer-wise")
+# why it cannot train on a quantized base (deltatune.core.quantized): said in its one-line refusal
+QUANTIZED_BASE = (
+    "it trains whole blocks' weights in place, and a quantized weight is packed storage, not values an "
+    "optimizer can step"
+)
+
+
+@register("lisa", LisaConfig, "LISA: embeddings + head + γ randomly drawn blocks train in place, redrawn every K steps",
+          traits=Traits(quantized_base=QUANTIZED_BASE), family="full & layer-wise")
 def build(model: nn.Module, cfg: LisaConfig, *, loading: bool = False) -> Built:
     return Built(layerwise_forms(model, loading), LisaPolicy(cfg))

@@ -35,7 +35,7 @@ import torch
 import torch.nn as nn
 
 from deltatune.core.policy import Policy, release_state
-from deltatune.core.registry import Built, register
+from deltatune.core.registry import Built, Traits, register
 from deltatune.core.targeting import count_layers, layer_index, resolve_layers
 from deltatune.core.tuned import Tuned
 from deltatune.errors import DeltatuneError
@@ -224,7 +224,15 @@ class LocFTPolicy(Policy):
 
 
 # -- the method --------------------------------------------------------------------------------------
-@register("locft", LocFTConfig, "LocFT-BF model editing: breadth-first fine-tuning of one block's MLP projection", family="chosen tensors")
+# why it cannot train on a quantized base (deltatune.core.quantized): said in its one-line refusal
+QUANTIZED_BASE = (
+    "it trains a whole MLP projection as a dense delta, and a quantized weight is packed storage, not "
+    "values an optimizer can step"
+)
+
+
+@register("locft", LocFTConfig, "LocFT-BF model editing: breadth-first fine-tuning of one block's MLP projection",
+          traits=Traits(quantized_base=QUANTIZED_BASE), family="chosen tensors")
 def build(model: nn.Module, cfg: LocFTConfig, *, loading: bool = False) -> Built:
     module = resolve_module(model, cfg.module)
     forms = {}

@@ -14,7 +14,7 @@ import torch.nn as nn
 
 from deltatune.core.forms.base import Form
 from deltatune.core.forms.lowrank import LowRank
-from deltatune.core.registry import Built, register
+from deltatune.core.registry import Built, Traits, register
 from deltatune.core.targeting import select_modules, sites_of
 from deltatune.methods._lowrank import add_trained_extras, check_alpha, default_targets, pattern_value
 
@@ -45,7 +45,8 @@ class LoraConfig:
         check_alpha(self.alpha)
 
 
-@register("lora", LoraConfig, "LoRA: low-rank ΔW = (alpha/r)·B·A on chosen layers (PEFT-compatible)", family="low-rank")
+@register("lora", LoraConfig, "LoRA: low-rank ΔW = (alpha/r)·B·A on chosen layers (PEFT-compatible)",
+          traits=Traits(quantized_base=True), family="low-rank")
 def build(model: nn.Module, cfg: LoraConfig, *, loading: bool = False) -> Built:
     targets = cfg.targets or default_targets(model)
     modules = select_modules(model, targets, layers=cfg.layers, types=cfg.types, exclude=cfg.exclude)

@@ -33,7 +33,7 @@ import torch.nn as nn
 from deltatune.core.forms.base import WeightDelta
 from deltatune.core.forms.sparse import Sparse, sparse_sum
 from deltatune.core.policy import Policy, release_state
-from deltatune.core.registry import Built, register
+from deltatune.core.registry import Built, Traits, register
 from deltatune.core.targeting import (
     count_layers,
     layer_index,
@@ -337,7 +337,14 @@ def _trained(form: WeightDelta) -> torch.Tensor:
 
 
 # -- the method ---------------------------------------------------------------------------------
-@register("lt-sft", LtSftConfig, "LT-SFT: full phase, keep the K entries that moved most, retrain them only (composable)", family="sparse")
+# why it cannot train on a quantized base (deltatune.core.quantized): said in its one-line refusal
+QUANTIZED_BASE = (
+    "its first phase trains every target weight as a dense delta"
+)
+
+
+@register("lt-sft", LtSftConfig, "LT-SFT: full phase, keep the K entries that moved most, retrain them only (composable)",
+          traits=Traits(quantized_base=QUANTIZED_BASE), family="sparse")
 def build(model: nn.Module, cfg: LtSftConfig, *, loading: bool = False) -> Built:
     head = head_parameters(model, cfg.head)
     maskable = maskable_parameters(model, cfg, head)

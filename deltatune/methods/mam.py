@@ -44,7 +44,7 @@ class MamConfig:
 
 @register("mam", MamConfig, "MAM adapter (unified view): prefix tuning on attention + scaled parallel adapter "
           "(s=4) on the FFN", mergeable=False,
-          traits=Traits(starts_at_base=False), family="adapters & prompts")
+          traits=Traits(quantized_base=True, starts_at_base=False), family="adapters & prompts")
 def build(model: nn.Module, cfg: MamConfig, *, loading: bool = False) -> Built:
     built = prefix_forms(model, cfg.prefix_length, cfg.reparam, cfg.mid_dim, method="mam", loading=loading, layers=cfg.layers)
     adapters = build_adapters(model, cfg.adapter_config(), kinds=["ffn"], reads="input", scale=cfg.scale)

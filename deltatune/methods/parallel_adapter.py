@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 
 import torch.nn as nn
 
-from deltatune.core.registry import Built, register
+from deltatune.core.registry import Built, Traits, register
 from deltatune.methods._adapters import BottleneckConfig, build_adapters, check_sublayers
 
 
@@ -24,6 +24,6 @@ class ParallelAdapterConfig(BottleneckConfig):
 
 @register("parallel_adapter", ParallelAdapterConfig,
           "Parallel adapter: h += W_up·ReLU(W_down·x) from the sublayer input x (FFN by default); not mergeable",
-          mergeable=False, family="adapters & prompts")
+          mergeable=False, traits=Traits(quantized_base=True), family="adapters & prompts")
 def build(model: nn.Module, cfg: ParallelAdapterConfig, *, loading: bool = False) -> Built:
     return build_adapters(model, cfg, kinds=cfg.sublayers, reads="input")

@@ -43,7 +43,7 @@ class PrefixConfig:
 
 @register("prefix", PrefixConfig, "prefix tuning: learned keys/values before every attention layer's own "
           "(reparametrisation MLP while training, folded away in the artifact)", mergeable=False,
-          traits=Traits(starts_at_base=False), family="adapters & prompts")
+          traits=Traits(quantized_base=True, starts_at_base=False), family="adapters & prompts")
 def build(model: nn.Module, cfg: PrefixConfig, *, loading: bool = False) -> Built:
     built = prefix_forms(model, cfg.length, cfg.reparam, cfg.mid_dim, method="prefix", loading=loading, layers=cfg.layers,
                          init=cfg.init)

@@ -252,7 +252,7 @@ class SoftPrompt(ModuleForm):
 
 @register("prompt", PromptConfig, "prompt tuning: soft tokens before the input (a prefix of their own "
           "keys/values in causal models; after [CLS] in encoders)", mergeable=False,
-          traits=Traits(starts_at_base=False), family="adapters & prompts")
+          traits=Traits(quantized_base=True, starts_at_base=False), family="adapters & prompts")
 def build(model: nn.Module, cfg: PromptConfig, *, loading: bool = False) -> Built:
     forms: dict[str, Any] = {"prompt": SoftPrompt(model, cfg.length, cfg.init, loading)}
     if cfg.modules_to_save:

@@ -41,7 +41,7 @@ class PtuningV2Config:
 
 @register("ptuning_v2", PtuningV2Config, "P-tuning v2: deep prompts (prefix keys/values at every layer) "
           "and the classification head, trained", mergeable=False,
-          traits=Traits(starts_at_base=False), family="adapters & prompts")
+          traits=Traits(quantized_base=True, starts_at_base=False), family="adapters & prompts")
 def build(model: nn.Module, cfg: PtuningV2Config, *, loading: bool = False) -> Built:
     built = prefix_forms(model, cfg.length, cfg.reparam, cfg.mid_dim, method="ptuning_v2", loading=loading, layers=cfg.layers,
                          init=cfg.init)

@@ -8,7 +8,7 @@ from typing import Literal
 
 import torch.nn as nn
 
-from deltatune.core.registry import Built, register
+from deltatune.core.registry import Built, Traits, register
 from deltatune.methods._adapters import build_adapters
 from deltatune.methods.parallel_adapter import ParallelAdapterConfig
 
@@ -22,7 +22,7 @@ class ScaledParallelAdapterConfig(ParallelAdapterConfig):
 
 @register("scaled_parallel_adapter", ScaledParallelAdapterConfig,
           "Scaled parallel adapter: h += s·W_up·ReLU(W_down·x) from the sublayer input (s=4, lora init); not mergeable",
-          mergeable=False, family="adapters & prompts")
+          mergeable=False, traits=Traits(quantized_base=True), family="adapters & prompts")
 def build(model: nn.Module, cfg: ScaledParallelAdapterConfig, *, loading: bool = False) -> Built:
     return build_adapters(model, cfg, kinds=cfg.sublayers, reads="input", scale=cfg.scale,
                           learnable_scale=cfg.learnable_scale)

@@ -6,6 +6,10 @@ regrow as many new indices, chosen either from the accumulated gradients of a ca
 (``regrow="grad"``, SpIEL-AG) or from SM3's row/column accumulators (``regrow="sm3"``, SpIEL-MA, no
 dense gradient at all). The schedule, the drop/grow rules, the optimizer seeding of regrown slots and
 the per-element bias correction follow the official code (AlanAnsell/peft ``tuners/sft``).
+
+On a quantized base (``deltatune.data.models.load(name, quantize="nf4")``), as the paper's quantized variant:
+the sparse values are added to the dequantized weight inside each layer's forward and backward
+(``deltatune.core.forms.sparse``), and the density counts every quantized weight as the matrix it stands for.
 """
 
 from __future__ import annotations
@@ -19,10 +23,11 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 
+from deltatune.core import quantized
 from deltatune.core.forms.sparse import Sparse, split_budget
 from deltatune.core.optim import SM3, ElementAdamW
 from deltatune.core.policy import Policy
-from deltatune.core.registry import Built, register
+from deltatune.core.registry import Built, Traits, register
 from deltatune.core.targeting import sites_of
 from deltatune.core.tuned import Tuned
 from deltatune.errors import DeltatuneError
@@ -58,6 +63,9 @@ class SpielConfig:
 
 
 def _in_out(module: nn.Module) -> tuple[int, int]:
+    if quantized.is_quantized(module):  # packed storage: its (out, in) is on the layer
+        out, inp = quantized.features(module)
+        return inp, out
     w = module.weight
     return (w.shape[0], w.shape[1]) if type(module).__name__ == "Conv1D" else (w.shape[1], w.shape[0])
 
@@ -69,17 +77,19 @@ def budget(model: nn.Module, modules: list[tuple[str, nn.Module]], cfg: SpielCon
         return sum(r * sum(_in_out(m)) for _, m in modules)
     if cfg.k is not None:
         return int(cfg.k)
-    return int(cfg.density * sum(p.numel() for p in model.parameters()))
+    return int(cfg.density * quantized.num_parameters(model))  # a packed 4-bit weight counts as its matrix
 
 
-@register("spiel", SpielConfig, "SpIEL: sparse fine-tuning with prune-and-regrow by gradients or SM3 (Ansell et al., 2024)", family="sparse")
+@register("spiel", SpielConfig, "SpIEL: sparse fine-tuning with prune-and-regrow by gradients or SM3 (Ansell et al., 2024)",
+          traits=Traits(quantized_base=True), family="sparse")
 def build(model: nn.Module, cfg: SpielConfig, *, loading: bool = False) -> Built:
     modules = block_matrices(model, cfg.targets, cfg.layers, cfg.exclude)
     total = budget(model, modules, cfg)
-    room = sum(m.weight.numel() for _, m in modules)
+    sizes = [quantized.weight_numel(m) for _, m in modules]
+    room = sum(sizes)
     if total > room:
         raise DeltatuneError(f"SpIEL budget {total:,} exceeds the {room:,} entries of its targets: lower density/k")
-    shares = split_budget(total, [m.weight.numel() for _, m in modules])
+    shares = split_budget(total, sizes)
     forms = {f"{name}.weight": Sparse(sites_of(model, m.weight), "weight", k) for (name, m), k in zip(modules, shares, strict=True)}
     return Built(dict(forms), SpielPolicy(cfg))
 

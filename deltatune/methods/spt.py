@@ -67,7 +67,7 @@ from deltatune.core.forms.base import Form
 from deltatune.core.forms.lowrank import LowRank
 from deltatune.core.forms.sparse import Sparse
 from deltatune.core.policy import Policy
-from deltatune.core.registry import Built, register
+from deltatune.core.registry import Built, Traits, register
 from deltatune.core.targeting import layer_index, match_name, select_modules, select_parameters, sites_of
 from deltatune.errors import DeltatuneError
 from deltatune.methods._calibration import LossFn, data_config, task_batches
@@ -583,8 +583,15 @@ def _budget(model: nn.Module, cfg: SptConfig) -> int:
     return max(1, int(cfg.density * sum(p.numel() for p in model.parameters())))
 
 
+# why it cannot train on a quantized base (deltatune.core.quantized): said in its one-line refusal
+QUANTIZED_BASE = (
+    "its sensitivity scores are gradients of the base weights, which quantized layers do not compute"
+)
+
+
 @register("spt", SptConfig, "SPT: gradient-sensitivity budget allocation, LoRA/adapter on sensitive matrices and "
-                            "sparse entries elsewhere (He et al., 2023)", family="low-rank + sparse")
+                            "sparse entries elsewhere (He et al., 2023)",
+          traits=Traits(quantized_base=QUANTIZED_BASE), family="low-rank + sparse")
 def build(model: nn.Module, cfg: SptConfig, *, loading: bool = False) -> Built:
     if loading:
         if cfg.allocation is None:

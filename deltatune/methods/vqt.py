@@ -346,7 +346,8 @@ def _check_model(model: nn.Module) -> None:
 @register("vqt", VqtConfig,
           "VQT: learned query tokens per layer read the frozen model; a linear head on their outputs classifies "
           "(no backprop through the backbone)", mergeable=False,
-          traits=Traits(starts_at_base=False, new_head=True), family="adapters & prompts")
+          traits=Traits(quantized_base=True, starts_at_base=False, new_head=True),
+          family="adapters & prompts")
 def build(model: nn.Module, cfg: VqtConfig, *, loading: bool = False) -> Built:
     _check_model(model)
     return Built({"vqt": QueryTokens(model, cfg.tokens, cfg.dropout, cfg.init_range, cfg.normalize)})

@@ -24,6 +24,7 @@ import torch
 import torch.nn as nn
 from torch.nn.utils import parametrize
 
+from deltatune.core import quantized
 from deltatune.errors import DeltatuneError
 
 
@@ -95,6 +96,14 @@ class Form(nn.Module):
         return {}
 
 
+def refuse_quantized_merge(form: WeightDelta) -> None:
+    """A form merges into a quantized weight only through ``Tuned.merge``, which first turns the quantized
+    layers into plain ones (``deltatune.core.quantized.to_plain``): packed storage cannot take W0 + ΔW."""
+    if form.quantized:
+        raise DeltatuneError(f"{form.param_name} is a quantized weight: merge the delta with tuned.merge(), "
+                             "which dequantizes the base first")
+
+
 class _AddDelta(nn.Module):
     """Parametrisation W -> W + ΔW. It holds its form without registering it as a submodule, so
     the delta's parameters live (once) in the tuned model, not inside the base model."""
@@ -143,7 +152,36 @@ class WeightDelta(Form):
         return getattr(module, attr)
 
     def base_tensors(self) -> dict[str, torch.Tensor]:
+        if self.quantized:  # packed storage: its bytes with the scales that give them values
+            return {"": quantized.identity(self._sites[0][0])}
         return {"": self.base}
+
+    # -- the base tensor as values (a quantized base stores a weight packed: deltatune.core.quantized) ------
+    @property
+    def quantized(self) -> bool:
+        """Whether the base tensor is a quantized layer's weight (packed storage, not a matrix)."""
+        module, attr = self._sites[0]
+        return attr == "weight" and quantized.is_quantized(module)
+
+    @property
+    def base_shape(self) -> torch.Size:
+        """The shape of W0 as values: a quantized weight's (out, in), else the base tensor's own."""
+        module, attr = self._sites[0]
+        return quantized.weight_shape(module, attr, self.base)
+
+    @property
+    def base_dtype(self) -> torch.dtype:
+        """The dtype W0's values come in: a quantized layer's compute dtype, else the base tensor's."""
+        return quantized.compute_dtype(self._sites[0][0]) if self.quantized else self.base.dtype
+
+    def dense_base(self, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """W0 as values in ``dtype`` (default ``base_dtype``), detached. For a quantized weight the
+        dequantized matrix, a fresh m·n tensor each call: use it and drop it (nothing of that size is kept
+        between calls); otherwise the base tensor itself (a copy only when the dtype differs)."""
+        if self.quantized:
+            return quantized.dequantize(self._sites[0][0], dtype)
+        base = self.base.detach()
+        return base if dtype is None else base.to(dtype)
 
     def delta_weight(self) -> torch.Tensor:
         """ΔW in the layout of the base tensor."""
@@ -165,6 +203,12 @@ class WeightDelta(Form):
             module = self._sites[0][0]
             self._hooks.append(module.register_forward_hook(self._hook))
         else:
+            if self.quantized:  # W0 + ΔW cannot be handed to a layer that computes from packed storage
+                raise DeltatuneError(
+                    f"a {self.kind} delta cannot act on the quantized weight {self.param_name} of a "
+                    f"{type(self._sites[0][0]).__name__}: target layers that are not quantized, or load the "
+                    "base without quantize"
+                )
             adder = _AddDelta(self)
             for module, attr in self._sites:
                 parametrize.register_parametrization(module, attr, adder, unsafe=True)
@@ -203,6 +247,7 @@ class WeightDelta(Form):
     def merge(self) -> None:
         if self.merged:
             raise DeltatuneError("this delta is already merged; unmerge it before merging again")
+        refuse_quantized_merge(self)
         self.detach()
         with torch.no_grad():
             base = self.base

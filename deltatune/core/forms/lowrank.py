@@ -72,10 +72,12 @@ class LowRank(WeightDelta):
         self.r, self.alpha, self.use_rslora = int(r), float(alpha), bool(use_rslora)
         self.scale = self.alpha / math.sqrt(self.r) if self.use_rslora else self.alpha / self.r
         w = self.base
-        d_out, d_in = (w.shape[1], w.shape[0]) if self.layout in ("conv1d", "embedding") else w.shape
+        shape = self.base_shape  # a quantized weight's (out, in), not its packed storage's
+        d_out, d_in = (shape[1], shape[0]) if self.layout in ("conv1d", "embedding") else shape
         check_rank_fits(self.r, d_out, d_in, module)
-        # like PEFT (autocast_adapter_dtype): factors of a half-precision base train in fp32
-        dtype = dtype or (w.dtype if w.dtype in (torch.float32, torch.float64) else torch.float32)
+        # like PEFT (autocast_adapter_dtype): factors of a half-precision (or quantized) base train in fp32
+        base_dtype = self.base_dtype
+        dtype = dtype or (base_dtype if base_dtype in (torch.float32, torch.float64) else torch.float32)
         self.A = nn.Parameter(torch.empty(self.r, d_in, dtype=dtype, device=w.device))
         self.B = nn.Parameter(torch.empty(d_out, self.r, dtype=dtype, device=w.device))
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()

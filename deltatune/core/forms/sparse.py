@@ -8,6 +8,10 @@ gradient exists for one layer at a time, inside backward, and is dropped right a
 may look at it first through ``grad_observer``: SpIEL's candidate statistics). Any other tensor
 (a bias, a norm) is parametrised as W0 + scatter(...), which autograd differentiates the same way.
 
+On a quantized base (``deltatune.core.quantized``) W0 is the dequantized weight, built in forward and again in
+backward like W0 + Δ itself, as the SpIEL paper's quantized variant adds the sparse values to the dequantized
+weight: nothing of size m·n is kept between calls either way.
+
 ``indices`` are int32 where the tensor has fewer than 2^31 entries, unique, in the base tensor's
 own layout (Conv1D: (in, out)). A form's k may change on load (LT-SFT and LIFT store the support
 they ended with), so loading resizes ``indices`` and ``values`` in place.
@@ -15,6 +19,7 @@ they ended with), so loading resizes ``indices`` and ``values`` in place.
 
 from __future__ import annotations
 
+import math
 import warnings
 from collections.abc import Callable
 from typing import Any
@@ -24,7 +29,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.nn.utils import parametrize
 
-from deltatune.core.forms.base import WeightDelta
+from deltatune.core.forms.base import WeightDelta, refuse_quantized_merge
 from deltatune.errors import DeltatuneError
 
 GradObserver = Callable[["Sparse", torch.Tensor], None]
@@ -77,12 +82,13 @@ def sparse_sum(
     return union.to(idx_a.dtype), values
 
 
-def _compute_dtype(x: torch.Tensor, weight: torch.Tensor) -> torch.dtype:
-    """The dtype the base module would compute in (autocast's, when autocast is on)."""
+def _compute_dtype(x: torch.Tensor, form: Sparse) -> torch.dtype:
+    """The dtype the base module would compute in (autocast's, when autocast is on; a quantized layer's
+    compute dtype, not its packed storage's)."""
     kind = x.device.type
     if x.is_floating_point() and torch.is_autocast_enabled(kind):
         return torch.get_autocast_dtype(kind)
-    return weight.dtype
+    return form.base_dtype
 
 
 class _SparseWeightForward(torch.autograd.Function):
@@ -92,7 +98,7 @@ class _SparseWeightForward(torch.autograd.Function):
     @staticmethod
     def forward(ctx: Any, x: torch.Tensor, values: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
                 indices: torch.Tensor, module: nn.Module, form: Sparse) -> torch.Tensor:
-        dtype = _compute_dtype(x, weight)
+        dtype = _compute_dtype(x, form)
         ctx.module, ctx.form, ctx.dtype, ctx.x_dtype = module, form, dtype, x.dtype
         ctx.has_bias = bias is not None
         ctx.save_for_backward(x, values, weight, indices)
@@ -115,7 +121,7 @@ class _SparseWeightForward(torch.autograd.Function):
             # only the k entries: a sampled matmul, no m×n gradient at all
             grad_values = (form.sampled_grad(ctx.module, x, gy) * form.scale).to(values.dtype)
         elif need_values or need_weight or form.grad_observer is not None:
-            g_w = form.op_grad_weight(ctx.module, x, gy, weight.shape)  # dense, this layer only
+            g_w = form.op_grad_weight(ctx.module, x, gy, torch.Size(form.shape))  # dense, this layer only
             if form.grad_observer is not None:
                 form.grad_observer(form, g_w)
             if need_values:
@@ -147,12 +153,13 @@ class Sparse(WeightDelta):
         super().__init__(sites, param_name)
         self.scale = float(scale)  # ΔW = scale · scatter(values) (DSEE's α/r on its sparse part)
         base = self.base
-        self.shape = tuple(base.shape)
-        self.numel_base = base.numel()
+        self.shape = tuple(self.base_shape)  # a quantized weight's (out, in), not its packed storage's
+        self.numel_base = math.prod(self.shape)
         if indices is None:
             indices = random_indices(self.numel_base, k, generator)
         indices = self._checked(indices.to(base.device))
-        dtype = dtype or (base.dtype if base.dtype in (torch.float32, torch.float64) else torch.float32)
+        base_dtype = self.base_dtype
+        dtype = dtype or (base_dtype if base_dtype in (torch.float32, torch.float64) else torch.float32)
         self.register_buffer("indices", indices)
         self.values = nn.Parameter(torch.zeros(indices.numel(), dtype=dtype, device=base.device))
         self.grad_observer: GradObserver | None = None
@@ -211,7 +218,8 @@ class Sparse(WeightDelta):
     def effective_weight(self, dtype: torch.dtype) -> torch.Tensor:
         """W0 + ΔW for this layer, as a fresh tensor (built in forward and again in backward, never kept).
         Subclasses with more fixed entries add them here."""
-        w = self.base.detach().to(dtype, copy=True)
+        # a quantized base: the dequantized matrix (fresh); else a copy, since the entries are added in place
+        w = self.dense_base(dtype) if self.quantized else self.base.detach().to(dtype, copy=True)
         w.view(-1).index_add_(0, self.indices, self.scaled_values().to(dtype))
         return w
 
@@ -327,6 +335,7 @@ class Sparse(WeightDelta):
     def merge(self) -> None:
         if self.merged:
             raise DeltatuneError("this delta is already merged; unmerge it before merging again")
+        refuse_quantized_merge(self)
         self.detach()
         with torch.no_grad():
             flat = self.base.data.view(-1)
