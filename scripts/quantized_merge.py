@@ -7,7 +7,7 @@ ARTIFACT defaults to the first LoRA artifact of a demo run found under runs/, de
 (``deltatune demo --methods lora`` writes OUT/artifacts/lora). Rows: the fp32 base; the LoRA unmerged and merged
 in fp32; the int8 base alone; merged-then-quantised (``tuned.merge(quantize="int8")``: the quantisation error
 lands on W0 + ΔW); int8 base + unmerged fp32 LoRA (``deltatune.ops.quantize.quantize_base``: the error lands on W0
-only). Int8 = symmetric per-output-channel weights on every Linear but the tied head (deltatune/core/int8.py).
+only). Int8 = bitsandbytes' LLM.int8() layers (deltatune/core/quantized.py; a hand-written layer before 2026-12-04).
 """
 
 from __future__ import annotations
