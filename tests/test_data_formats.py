@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from test_tasks import GENERATION_TEMPLATE, IM_END, doc, tiny_bert, tiny_lm, write_csv, write_jsonl
 
 from deltatune import data
-from deltatune.data import encode, models, rows, tasks
+from deltatune.data import encode, rows, tasks
 from deltatune.data.tasks import DataConfig
 from deltatune.errors import DeltatuneError
 
@@ -28,16 +28,6 @@ IM_START = "<|im_start|>"
 SYSTEM = f"{IM_START}system\nYou are a helpful AI assistant named SmolLM, trained by Hugging Face{IM_END}\n"
 
 
-@pytest.fixture(scope="module")
-def smol_tok() -> Any:
-    """The SmolLM2 tokenizer (as test_tasks.py's fixture): from the session cache, else from the GGUF file."""
-    if models._complete(models.cache_dir() / "models" / "smollm2-135m"):
-        return models.load_tokenizer("smollm2-135m")
-    from transformers import AutoTokenizer
-
-    item = models.SHIPPED["smollm2-135m"]
-    package = data.package_folder(item.module, item.requirement, "the SmolLM2 tokenizer")
-    return AutoTokenizer.from_pretrained(package, gguf_file=models._GGUF_FILE, local_files_only=True)
 
 
 def learned(tok: Any, feature: dict) -> str:

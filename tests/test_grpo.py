@@ -21,9 +21,8 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
 import deltatune as dt
-from deltatune import data
 from deltatune.core.policy import Policy
-from deltatune.data import models, rewards
+from deltatune.data import rewards
 from deltatune.data.config import DataConfig
 from deltatune.data.grpo import (
     GRPOOptions,
@@ -264,16 +263,6 @@ def test_reward_outputs_are_checked() -> None:
 # ---------------------------------------------------------------- the task on a tiny model
 
 
-@pytest.fixture(scope="module")
-def smol_tok() -> Any:
-    """SmolLM2's tokenizer: from the session cache when the model was converted there, else from the GGUF file."""
-    if models._complete(models.cache_dir() / "models" / "smollm2-135m"):
-        return models.load_tokenizer("smollm2-135m")
-    from transformers import AutoTokenizer
-
-    item = models.SHIPPED["smollm2-135m"]
-    package = data.package_folder(item.module, item.requirement, "the SmolLM2 tokenizer")
-    return AutoTokenizer.from_pretrained(package, gguf_file=models._GGUF_FILE, local_files_only=True)
 
 
 def tiny_model(seed: int = 0, eos_boost: float = 0.0) -> LlamaForCausalLM:

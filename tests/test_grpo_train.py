@@ -19,7 +19,6 @@ import torch
 from conftest import train_then_resume
 
 import deltatune as dt
-from deltatune import data
 from deltatune.data import models
 from deltatune.data.config import DataConfig
 from deltatune.data.grpo import GRPOTask
@@ -32,16 +31,6 @@ EOS = 2  # SmolLM2's <|im_end|>
 REWARDS = [{"name": "length", "target": 3}]  # learnable: how soon EOS comes; cheap: no text parsing
 
 
-@pytest.fixture(scope="module")
-def smol_tok() -> Any:
-    """SmolLM2's tokenizer: from the session cache when the model was converted there, else from the GGUF file."""
-    if models._complete(models.cache_dir() / "models" / "smollm2-135m"):
-        return models.load_tokenizer("smollm2-135m")
-    from transformers import AutoTokenizer
-
-    item = models.SHIPPED["smollm2-135m"]
-    package = data.package_folder(item.module, item.requirement, "the SmolLM2 tokenizer")
-    return AutoTokenizer.from_pretrained(package, gguf_file=models._GGUF_FILE, local_files_only=True)
 
 
 @pytest.fixture(scope="module")

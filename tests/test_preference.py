@@ -21,11 +21,17 @@ from types import SimpleNamespace
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import SENTIMENT_WORDS, VOCAB, save_word_llama, tiny_llama, train_then_resume
+from conftest import (
+    SENTIMENT_WORDS,
+    VOCAB,
+    load_smol_tokenizer,
+    save_word_llama,
+    tiny_llama,
+    train_then_resume,
+)
 from safetensors.torch import load_file
 
 import deltatune as dt
-from deltatune import data
 from deltatune.data import models, objectives
 from deltatune.data.config import DataConfig
 from deltatune.data.preference import (
@@ -117,15 +123,7 @@ def run_config(word_pairs: tuple[str, str], out: Path, method: dict | str = "lor
 
 @pytest.fixture(scope="module")
 def smol_tokenizer():
-    """The SmolLM2 tokenizer (as test_tasks.py's fixture): from the session cache, else from the GGUF file (a few
-    seconds, instead of the ~20 s conversion)."""
-    if models._complete(models.cache_dir() / "models" / "smollm2-135m"):
-        return models.load_tokenizer("smollm2-135m")
-    from transformers import AutoTokenizer
-
-    item = models.SHIPPED["smollm2-135m"]
-    package = data.package_folder(item.module, item.requirement, "the SmolLM2 tokenizer")
-    return AutoTokenizer.from_pretrained(package, gguf_file=models._GGUF_FILE, local_files_only=True)
+    return load_smol_tokenizer()
 
 
 # -- the spec's checks -------------------------------------------------------------------------------------------------

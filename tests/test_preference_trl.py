@@ -14,12 +14,10 @@ from typing import Any
 
 import pytest
 import torch
-from conftest import VOCAB  # noqa: F401  (the shared fixtures: one thread, the session cache)
+from conftest import VOCAB, load_smol_tokenizer  # noqa: F401  (the shared fixtures: one thread, the session cache)
 from transformers import LlamaConfig, LlamaForCausalLM
 
 import deltatune as dt
-from deltatune import data
-from deltatune.data import models
 from deltatune.data.config import DataConfig
 from deltatune.data.preference import DPO, live_reference
 from deltatune.data.tasks import build_task
@@ -36,15 +34,6 @@ ROWS = [{"prompt": f"Review {i}: the film was", "chosen": c, "rejected": r} for 
 ])]
 
 
-def smol_tokenizer() -> Any:
-    """The SmolLM2 tokenizer (as test_tasks.py's fixture): from the session cache, else from the GGUF file."""
-    if models._complete(models.cache_dir() / "models" / "smollm2-135m"):
-        return models.load_tokenizer("smollm2-135m")
-    from transformers import AutoTokenizer
-
-    item = models.SHIPPED["smollm2-135m"]
-    package = data.package_folder(item.module, item.requirement, "the SmolLM2 tokenizer")
-    return AutoTokenizer.from_pretrained(package, gguf_file=models._GGUF_FILE, local_files_only=True)
 
 
 def tiny_base() -> LlamaForCausalLM:
@@ -77,7 +66,7 @@ def same_lora(model: Any) -> Any:
 
 @pytest.mark.slow  # importing TRL's DPOTrainer (accelerate, datasets) alone takes 5-15 s
 def test_dpo_loss_and_gradients_equal_trls(tmp_path) -> None:
-    tokenizer = smol_tokenizer()
+    tokenizer = load_smol_tokenizer()
     args = trl.DPOConfig(output_dir=str(tmp_path / "trl"), beta=0.1, max_length=64, per_device_train_batch_size=6,
                          report_to=[], use_cpu=True, gradient_checkpointing=False, bf16=False, seed=0)
     # TRL wraps the base with the LoRA itself (given a PEFT model, it would take a copy of its adapter as the

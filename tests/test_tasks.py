@@ -28,17 +28,6 @@ from deltatune.errors import DeltatuneError
 IM_END = "<|im_end|>"
 
 
-@pytest.fixture(scope="module")
-def smol_tok() -> Any:
-    """The SmolLM2 tokenizer: from the session cache when the model was already converted there, else
-    straight from the GGUF file (a few seconds, instead of the ~20 s conversion)."""
-    if models._complete(models.cache_dir() / "models" / "smollm2-135m"):
-        return models.load_tokenizer("smollm2-135m")
-    from transformers import AutoTokenizer
-
-    item = models.SHIPPED["smollm2-135m"]
-    package = data.package_folder(item.module, item.requirement, "the SmolLM2 tokenizer")
-    return AutoTokenizer.from_pretrained(package, gguf_file=models._GGUF_FILE, local_files_only=True)
 
 
 @pytest.fixture(scope="module")

@@ -189,6 +189,9 @@ class PreferenceObjective:
     beta: float
     disable_dropout: bool
 
+    def __post_init__(self) -> None:  # the subclasses are dataclasses: their __init__ calls it
+        self._check()
+
     def _check(self) -> None:
         if not (_number(self.beta) and self.beta > 0):
             raise DeltatuneError(f"beta={self.beta!r} must be a finite number > 0")
@@ -212,8 +215,6 @@ class DPO(PreferenceObjective):
     beta: float = 0.1  # β: how far the policy may move from the reference (TRL's DPOConfig default)
     disable_dropout: bool = True  # set every dropout to 0 for the run, so policy = reference at step 0 (TRL's default)
 
-    def __post_init__(self) -> None:
-        self._check()
 
     def compute(self, policy: Logps, reference: tuple[torch.Tensor, torch.Tensor] | None
                 ) -> tuple[torch.Tensor, dict[str, float]]:
@@ -230,8 +231,6 @@ class IPO(PreferenceObjective):
     beta: float = 0.1  # τ of the paper: the target margin of the per-token log-ratios is 1/(2β)
     disable_dropout: bool = True  # set every dropout to 0 for the run, so policy = reference at step 0 (TRL's default)
 
-    def __post_init__(self) -> None:
-        self._check()
 
     def compute(self, policy: Logps, reference: tuple[torch.Tensor, torch.Tensor] | None
                 ) -> tuple[torch.Tensor, dict[str, float]]:
@@ -291,8 +290,6 @@ class ORPO(PreferenceObjective):
     beta: float = 0.1  # λ: the weight of the odds-ratio term next to the NLL (TRL's ORPOConfig default)
     disable_dropout: bool = True  # set every dropout to 0 for the run (TRL's default)
 
-    def __post_init__(self) -> None:
-        self._check()
 
     def compute(self, policy: Logps, reference: tuple[torch.Tensor, torch.Tensor] | None
                 ) -> tuple[torch.Tensor, dict[str, float]]:
