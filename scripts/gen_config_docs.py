@@ -45,6 +45,11 @@ MODEL = """## model
 
 Required. A shipped model name ({shipped}) or a local `from_pretrained` folder. The artifact records it, so
 `deltatune export`, `merge`, `eval` and `generate` find the base model again.
+
+A quantized base (QLoRA; `docs/quantization.md`) is a mapping: `model: {{name: smollm2-135m, quantize: nf4}}`, with
+`quantize` one of nf4, fp4, int8 (bitsandbytes), optional `double_quant` (default true) and `compute_dtype` (float32,
+bfloat16 or float16; default the model's, float32). The artifact records the quantization, and a delta trained on
+it refuses another base.
 """
 
 METHOD = """## method

@@ -370,3 +370,33 @@ def test_peft_export_and_import_on_the_nf4_base(folder: Path, tmp_path: Path) ->
     peft_model.save_pretrained(tmp_path / "adapter")
     ours = import_peft(nf4(folder), tmp_path / "adapter")
     assert torch.allclose(output_of(ours, x), output_of(peft_model, x), atol=1e-6, rtol=0)
+
+
+# -- the run config: model: {name, quantize} ------------------------------------------------------------------------
+def test_a_run_config_trains_on_a_quantized_base(tmp_path: Path, smol_tok) -> None:
+    """``model: {name: FOLDER, quantize: nf4}`` in a run config: the run loads the base quantized, trains LoRA on it,
+    and the artifact records the quantization; the mapping's bad keys and values are refused with the others."""
+    from conftest import write_sentiment_jsonl
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from deltatune.train.config import parse_config
+
+    torch.manual_seed(0)
+    LlamaForCausalLM(LlamaConfig(vocab_size=len(smol_tok), hidden_size=64, intermediate_size=128,
+                                 num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                                 tie_word_embeddings=True)).save_pretrained(tmp_path / "base")
+    smol_tok.save_pretrained(tmp_path / "base")
+    write_sentiment_jsonl(tmp_path / "data.jsonl")
+    config = {"model": {"name": str(tmp_path / "base"), "quantize": "nf4"},
+              "data": {"path": str(tmp_path / "data.jsonl"), "task": "classification", "max_length": 16},
+              "method": {"name": "lora", "r": 4}, "train": {"steps": 2, "batch_size": 4, "lr": 1e-3},
+              "output": str(tmp_path / "run")}
+    assert parse_config(config).quantization == {"quantize": "nf4"}
+    dt.train(config)
+    meta = json.loads((tmp_path / "run" / "deltatune.json").read_text())
+    assert meta["fingerprint"]["head"]["quantization"]["scheme"] == "nf4", meta["fingerprint"]["head"]
+    bad = {**config, "model": {"name": "x", "quantize": "nf3", "double_quant": "yes", "bits": 4}}
+    with pytest.raises(dt.DeltatuneError) as e:
+        parse_config(bad)
+    for part in ("model.quantize='nf3'", "model.double_quant='yes'", "unknown key model.bits"):
+        assert part in str(e.value), (part, str(e.value))

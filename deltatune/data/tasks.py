@@ -164,20 +164,26 @@ class Loaded(NamedTuple):
     task: Task
 
 
-def load_for_task(cfg: DataConfig, model_name: str, *, seed: int | None = None, objective: Any = None) -> Loaded:
+def load_for_task(cfg: DataConfig, model_name: str, *, seed: int | None = None, objective: Any = None,
+                  quantization: dict[str, Any] | None = None) -> Loaded:
     """The model that fits ``cfg`` (with a fresh classification head sized to its labels where the task uses
     one), its tokenizer and the task: what training, evaluation, the demo and the bench all start from.
 
     The data is read once: the labels that size the head and the examples the task encodes come from one
     read. ``seed`` seeds torch and ``random`` first, so a fresh head starts from the same weights in every
     run with that seed. ``objective`` is ``train.objective`` (a name, a mapping or its parsed options): the
-    task ``prompts`` is built with GRPO's options (its reward functions), which it needs."""
+    task ``prompts`` is built with GRPO's options (its reward functions), which it needs. ``quantization``: the
+    run config's ``model`` mapping keys (``quantize``, ``double_quant``, ``compute_dtype`` by name): a quantized
+    base (``deltatune.data.models.load``)."""
     cfg.check()
     if seed is not None:
         torch.manual_seed(seed)
         random.seed(seed)
     labelled = rows.classification_parts(cfg) if cfg.task == "classification" else None
-    model = models.load(model_name, **_request(cfg, model_name, labelled))
+    quant = dict(quantization or {})
+    if "compute_dtype" in quant:
+        quant["compute_dtype"] = getattr(torch, quant["compute_dtype"])
+    model = models.load(model_name, **_request(cfg, model_name, labelled), **quant)
     tokenizer = models.load_tokenizer(model_name)
     return Loaded(model, tokenizer, _build(cfg, tokenizer, model, labelled, objective))
 

@@ -211,6 +211,13 @@ class TrainSettings:
         return out
 
 
+# ``model: {name: smollm2-135m, quantize: nf4}``: a quantized base (bitsandbytes; docs/quantization.md), the keys
+# beside ``name`` are ``deltatune.data.models.load``'s keywords
+QUANTIZE_SCHEMES = ("nf4", "fp4", "int8")
+COMPUTE_DTYPES = ("float32", "bfloat16", "float16")
+MODEL_KEYS = ("name", "quantize", "double_quant", "compute_dtype")
+
+
 @dataclass
 class RunConfig:
     model: str
@@ -218,10 +225,12 @@ class RunConfig:
     method: dict[str, Any]
     output: str
     train: TrainSettings = field(default_factory=TrainSettings)
+    # the model mapping's quantization keys (quantize, double_quant, compute_dtype); None: a full-precision base
+    quantization: dict[str, Any] | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return {
-            "model": self.model,
+            "model": self.model if not self.quantization else {"name": self.model, **self.quantization},
             "data": dataclasses.asdict(self.data),
             "method": dict(self.method),
             "train": dataclasses.asdict(self.train),
@@ -370,6 +379,7 @@ def parse_config(raw: dict[str, Any]) -> RunConfig:
         if key not in raw:
             problems.append(f"missing key {key!r}")
     model, output = raw.get("model"), raw.get("output")
+    model, quantization = _model_section(model, problems) if isinstance(model, dict) else (model, None)
     for key, value in (("model", model), ("output", output)):
         if key in raw and not isinstance(value, str):
             problems.append(f"{key}={value!r}: should be text (a shipped model name or a folder; a folder)")
@@ -399,7 +409,27 @@ def parse_config(raw: dict[str, Any]) -> RunConfig:
             problems += _objective_method_problems(train, method)
     if problems:
         raise DeltatuneError(registry.problem_list("bad run config", problems))
-    return RunConfig(model=model, data=data, method=dict(method), output=output, train=train)
+    return RunConfig(model=model, data=data, method=dict(method), output=output, train=train,
+                     quantization=quantization)
+
+
+def _model_section(raw: dict[str, Any], problems: list[str]) -> tuple[Any, dict[str, Any] | None]:
+    """``model: {name, quantize, double_quant, compute_dtype}``: the name and the quantization keys given."""
+    for key in raw:
+        if key not in MODEL_KEYS:
+            problems.append(f"unknown key model.{key}{_nearest(str(key), list(MODEL_KEYS))} (the model mapping "
+                            f"takes {', '.join(MODEL_KEYS)})")
+    quantization = {k: raw[k] for k in MODEL_KEYS[1:] if k in raw}
+    if "name" not in raw:
+        problems.append("model: the mapping needs a name (model: {name: smollm2-135m, quantize: nf4})")
+    if quantization.get("quantize") not in QUANTIZE_SCHEMES:
+        problems.append(f"model.quantize={quantization.get('quantize')!r}: one of {', '.join(QUANTIZE_SCHEMES)} "
+                        "(or write model: NAME for a full-precision base)")
+    if not isinstance(quantization.get("double_quant", True), bool):
+        problems.append(f"model.double_quant={quantization['double_quant']!r}: true or false")
+    if quantization.get("compute_dtype", "float32") not in COMPUTE_DTYPES:
+        problems.append(f"model.compute_dtype={quantization['compute_dtype']!r}: one of {', '.join(COMPUTE_DTYPES)}")
+    return raw.get("name"), quantization
 
 
 def loss_terms(s: TrainSettings) -> LossTerms | None:

@@ -182,7 +182,8 @@ def build(config: RunConfig) -> Run:
 
     s = config.train
     device = pick_device(s.device)
-    model, tokenizer, task = load_for_task(config.data, config.model, seed=s.seed, objective=s.objective)
+    model, tokenizer, task = load_for_task(config.data, config.model, seed=s.seed, objective=s.objective,
+                                           quantization=config.quantization)
     options = {k: v for k, v in config.method.items() if k != "name"}
     torch.manual_seed(s.seed)  # the delta's initialisation depends on the seed only
     tuned = attach(model, config.method["name"], **options).to(device)
