@@ -179,6 +179,18 @@ def test_botorch_samples_past_its_random_start_and_resumes_as_it_would_have_run(
     assert history(resumed) == history(whole)
 
 
+def test_botorch_never_compiles_its_kernel_at_run_time(sentiment_file: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """botorch compiles a C++ kernel at first use under a lock file; an interrupted compile left the lock and the
+    next search (a CI run included) waited on it forever. The sampler deltatune builds takes the pure-PyTorch path."""
+    from botorch.acquisition.multi_objective import logei
+
+    monkeypatch.setattr(logei, "_load_attempted", False)
+    monkeypatch.setattr(logei, "_C", None)
+    search_ops.botorch_sampler(search_ops.prepare(config(sentiment_file, sampler="botorch"), config_problems), 0)
+    logei._try_load_fused_kernel()  # what qLogNEHVI calls first: a no-op now
+    assert logei._load_attempted and logei._C is None
+
+
 def test_botorch_without_its_extra_is_refused_before_any_trial(sentiment_file: Path, tmp_path: Path,
                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
     import deltatune.ops.search_space as space

@@ -266,9 +266,24 @@ def botorch_sampler(search: Search, seed: int) -> Any:
     from optuna_integration import BoTorchSampler
     from optuna_integration.botorch import qnehvi_candidates_func
 
+    _skip_botorch_runtime_compile()
     candidates = qnehvi_candidates_func if len(search.objectives) > 1 else None  # one objective: its default (logEI)
     return BoTorchSampler(candidates_func=candidates, n_startup_trials=search.n_startup, seed=seed,
                           independent_sampler=optuna.samplers.RandomSampler(seed=seed))
+
+
+def _skip_botorch_runtime_compile() -> None:
+    """botorch >= 0.18 compiles a C++ kernel for qLogNEHVI at first use (``-march=native``, into
+    ``~/.cache/torch_extensions``) under a lock file. A compile that is interrupted (Ctrl-C, a killed worker) leaves
+    the lock behind and every later search waits on it forever (seen here: a search hung with zero CPU). The kernel
+    only speeds the acquisition ~3x, which is small beside a trial's training, so deltatune takes botorch's own
+    pure-PyTorch fallback: the same values. The flag is botorch's "load already attempted" sentinel."""
+    try:
+        from botorch.acquisition.multi_objective import logei
+    except ImportError:  # an older botorch without the kernel: nothing to skip
+        return
+    if hasattr(logei, "_load_attempted"):
+        logei._load_attempted = True
 
 
 PRUNING = ".pruning"  # the pruner's single-objective companion study: "<study>.pruning"
