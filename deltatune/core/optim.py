@@ -7,13 +7,20 @@
 - ``SM3`` (Anil et al., 2019): second-moment accumulators per row and per column instead of per
   entry. For a sparse delta the rows/columns are those of the base matrix (``layout`` gives them for
   each step), so the accumulators also score entries that are not trained yet (SpIEL-MA).
+- LoRA+ (``loraplus_optimizer``): any torch optimizer over PEFT's LoRA+ parameter groups, the B factors of
+  low-rank deltas at λ·lr (``train.loraplus_ratio``; both training loops).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+import math
+from collections.abc import Callable, Iterable, Mapping
+from typing import Any
 
 import torch
+import torch.nn as nn
+
+from deltatune.errors import DeltatuneError
 
 Layout = Callable[[torch.Tensor], "tuple[torch.Tensor, torch.Tensor, int, int] | None"]
 
@@ -107,3 +114,91 @@ def _min_over_cover(accs: list[torch.Tensor], shape: torch.Size) -> torch.Tensor
         a = acc.view(view)
         out = a if out is None else torch.minimum(out, a)
     return out.expand(shape)
+
+
+# -- LoRA+ (Hayou et al., 2024, arXiv 2402.12354) --------------------------------------------------------------
+# The B factors of a low-rank delta train at λ·lr (the paper's and PEFT's λ = 16). The groups are PEFT's
+# ``create_loraplus_optimizer`` (peft/optimizers/loraplus.py, 0.21.2), in its order:
+#   A           every other tensor with ≥ 2 dims (A factors, fully trained weights):  lr,           weight_decay
+#   embedding   both factors of a low-rank delta on an embedding:                     lr_embedding, weight_decay
+#   B           B factors, and 1-dim tensors (DoRA's magnitude, a norm's weight):     λ·lr,         weight_decay
+#   B_no_decay  those of them that are biases or belong to a LayerNorm:               λ·lr,         0
+# PEFT puts every 1-dim tensor with the B factors ("lora_B" in name or ndim == 1); ``weight_decay`` is PEFT's
+# ``loraplus_weight_decay``. A B factor is a tensor named ``B`` in a form (ΔW = s·B·A: LoRA and the forms built on
+# it, AdaLoRA's P·Λ·Q), as PEFT finds ``lora_B`` by name.
+
+LORAPLUS_GROUPS = ("A", "embedding", "B", "B_no_decay")
+LORAPLUS_LR_EMBEDDING = 1e-6  # PEFT's loraplus_lr_embedding default
+_GROUP_RULE = "_deltatune_group_of"  # an optimizer attribute: where a tensor that joins later goes
+
+
+def _loraplus_roles(forms: Mapping[str, nn.Module]) -> dict[int, tuple[str, bool]]:
+    """id(tensor) -> (its LoRA+ group, whether it is a B factor) for every parameter of ``forms``."""
+    roles: dict[int, tuple[str, bool]] = {}
+    for form_name, form in forms.items():
+        # the base module(s) a weight-side form changes: a LayerNorm's tensors are never decayed (PEFT, Trainer)
+        sites = [m for m, _ in getattr(form, "sites", [])]
+        for module_name, module in form.named_modules():
+            for local, p in module.named_parameters(recurse=False):
+                name = ".".join(n for n in (form_name, module_name, local) if n)
+                if getattr(module, "layout", None) == "embedding" and local in ("A", "B"):
+                    roles[id(p)] = ("embedding", local == "B")
+                elif local == "B" or p.ndim == 1:
+                    norm = any(isinstance(m, nn.LayerNorm) for m in [*sites, module])
+                    roles[id(p)] = ("B_no_decay" if norm or "bias" in name else "B", local == "B")
+                else:
+                    roles[id(p)] = ("A", False)
+    return roles
+
+
+def loraplus_param_groups(forms: Mapping[str, nn.Module], params: Iterable[nn.Parameter], *, lr: float,
+                          ratio: float, lr_embedding: float = LORAPLUS_LR_EMBEDDING, weight_decay: float = 0.0,
+                          what: str = "this delta") -> list[dict[str, Any]]:
+    """PEFT's four LoRA+ parameter groups (see above) of ``params``, the tensors of ``forms`` (a tensor that
+    belongs to none goes with the A factors). ``what`` names the delta in the error raised when no tensor is
+    a B factor (LoRA+ would change nothing)."""
+    if not (math.isfinite(ratio) and ratio > 0):
+        raise DeltatuneError(f"loraplus_ratio={ratio!r} must be a number > 0 (the B factors train at ratio·lr; "
+                             "the paper's default is 16)")
+    roles = _loraplus_roles(forms)
+    members: dict[str, list[nn.Parameter]] = {g: [] for g in LORAPLUS_GROUPS}
+    factors = 0
+    for p in params:
+        group, factor = roles.get(id(p), ("A", False))
+        members[group].append(p)
+        factors += factor and group != "embedding"
+    if not factors:
+        kinds = sorted({str(getattr(f, "kind", type(f).__name__)) for f in forms.values()})
+        raise DeltatuneError(
+            f"train.loraplus_ratio (LoRA+) gives the B factors of low-rank deltas (ΔW = s·B·A) their own learning "
+            f"rate, but {what} has none outside embeddings (its deltas: {', '.join(kinds) or 'none'}): remove "
+            "train.loraplus_ratio, or train a low-rank method (`deltatune methods` lists them)"
+        )
+    settings = {"A": (lr, weight_decay), "embedding": (lr_embedding, weight_decay), "B": (lr * ratio, weight_decay),
+                "B_no_decay": (lr * ratio, 0.0)}
+    return [{"params": members[g], "lr": settings[g][0], "weight_decay": settings[g][1]} for g in LORAPLUS_GROUPS]
+
+
+def loraplus_optimizer(optimizer_cls: type[torch.optim.Optimizer], forms: Callable[[], Mapping[str, nn.Module]],
+                       params: Iterable[nn.Parameter], *, lr: float, ratio: float,
+                       lr_embedding: float = LORAPLUS_LR_EMBEDDING, weight_decay: float = 0.0,
+                       what: str = "this delta", **kwargs: Any) -> torch.optim.Optimizer:
+    """``optimizer_cls`` over LoRA+'s groups (``loraplus_param_groups``; ``kwargs``: the optimizer's other
+    options). ``forms()`` gives the delta's forms now: a tensor that joins the optimizer later (a policy that grows
+    or rebuilds forms; the loops' ``sync_optimizer``) goes to its own group (``group_for``), not the first."""
+    groups = loraplus_param_groups(forms(), params, lr=lr, ratio=ratio, lr_embedding=lr_embedding,
+                                   weight_decay=weight_decay, what=what)
+    optimizer = optimizer_cls(groups, lr=lr, **kwargs)
+
+    def group_of(p: torch.Tensor) -> int:
+        return LORAPLUS_GROUPS.index(_loraplus_roles(forms()).get(id(p), ("A", False))[0])
+
+    setattr(optimizer, _GROUP_RULE, group_of)
+    return optimizer
+
+
+def group_for(optimizer: torch.optim.Optimizer, p: torch.Tensor) -> int:
+    """The index of the param group a tensor joining ``optimizer`` belongs to: its LoRA+ group for an optimizer
+    built by ``loraplus_optimizer``, else the first."""
+    rule = getattr(optimizer, _GROUP_RULE, None)
+    return rule(p) if rule is not None else 0

@@ -70,7 +70,7 @@ import torch.nn.functional as F
 
 from deltatune.core import artifact
 from deltatune.core.tuned import carried_by
-from deltatune.data import encode, rows
+from deltatune.data import encode, lm_loss, rows
 from deltatune.data.config import DataConfig
 from deltatune.data.encode import IGNORE_INDEX, PromptEncoder, check_template, encode_completion, right_pad
 from deltatune.data.rows import split_indices
@@ -117,13 +117,18 @@ def completion_logps(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.
     return -nll.sum(-1), (targets != IGNORE_INDEX).sum(-1)
 
 
-def sequence_logps(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> Logps:
-    """The completion log-probs of a [chosen; rejected] batch under ``model`` (one forward pass)."""
+def sequence_logps(model: torch.nn.Module, batch: dict[str, torch.Tensor], chunked: bool = True) -> Logps:
+    """The completion log-probs of a [chosen; rejected] batch under ``model`` (one forward pass); ``chunked``:
+    from the hidden states in chunks of completion positions, never the whole logits (``train.chunked_loss``;
+    exact up to summation order), where the model allows it."""
     device = _device_of(model)
     labels = batch["labels"].to(device)
-    logits = model(input_ids=batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device),
-                   use_cache=False).logits
-    sums, counts = completion_logps(logits, labels)
+    inputs = {"input_ids": batch["input_ids"].to(device), "attention_mask": batch["attention_mask"].to(device)}
+    if chunked and lm_loss.supported(model):
+        nll = lm_loss.token_nll(model, inputs, labels).nll
+        sums, counts = -nll.sum(-1), (labels[:, 1:] != IGNORE_INDEX).sum(-1)
+    else:
+        sums, counts = completion_logps(model(**inputs, use_cache=False).logits, labels)
     n = labels.shape[0] // 2
     return Logps(sums[:n], sums[n:], counts[:n], counts[n:])
 
@@ -149,10 +154,11 @@ def reference_model(model: torch.nn.Module) -> Iterator[torch.nn.Module]:
             modes.restore()
 
 
-def live_reference(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+def live_reference(model: torch.nn.Module, batch: dict[str, torch.Tensor],
+                   chunked: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
     """The reference's summed completion log-probs of a batch (chosen, rejected), from the same forward logic."""
     with reference_model(model) as reference:
-        logps = sequence_logps(reference, batch)
+        logps = sequence_logps(reference, batch, chunked)
     return logps.chosen, logps.rejected
 
 
@@ -304,8 +310,8 @@ class ORPO(PreferenceObjective):
         return loss, metrics
 
 
-def preference_loss(model: torch.nn.Module, batch: dict[str, torch.Tensor], objective: PreferenceObjective
-                    ) -> tuple[torch.Tensor, dict[str, float]]:
+def preference_loss(model: torch.nn.Module, batch: dict[str, torch.Tensor], objective: PreferenceObjective,
+                    chunked: bool = True) -> tuple[torch.Tensor, dict[str, float]]:
     """The objective's loss (differentiable) and metrics on one [chosen; rejected] batch. The reference comes from
     the batch (``ref_logps``, precomputed) or from the base model now (``live_reference``), before the policy's
     forward so that no graph is held while it runs."""
@@ -313,8 +319,8 @@ def preference_loss(model: torch.nn.Module, batch: dict[str, torch.Tensor], obje
     if objective.needs_reference:
         precomputed = batch.get("ref_logps")
         reference = ((precomputed[:, 0], precomputed[:, 1]) if precomputed is not None
-                     else live_reference(model, batch))
-    return objective.compute(sequence_logps(model, batch), reference)
+                     else live_reference(model, batch, chunked))
+    return objective.compute(sequence_logps(model, batch, chunked), reference)
 
 
 def disable_dropout(model: torch.nn.Module) -> int:
@@ -503,7 +509,7 @@ class PreferenceTask(Task):
         return batch
 
     def loss(self, model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int]:
-        loss, metrics = preference_loss(model, batch, self.objective)
+        loss, metrics = preference_loss(model, batch, self.objective, self.chunked_loss)
         self._seen.append(metrics)
         return loss, int(batch["attention_mask"].sum())
 
@@ -529,14 +535,14 @@ class PreferenceTask(Task):
             if live:  # one switch to the base model for every batch that needs it
                 with reference_model(model) as reference:
                     for i in live:
-                        logps = sequence_logps(reference, batches[i])
+                        logps = sequence_logps(reference, batches[i], self.chunked_loss)
                         references[i] = (logps.chosen, logps.rejected)
             for i, b in enumerate(batches):
                 if "ref_logps" in b:
                     references[i] = (b["ref_logps"][:, 0], b["ref_logps"][:, 1])
         totals: dict[str, float] = {}
         for batch, reference in zip(batches, references, strict=True):
-            loss, metrics = self.objective.compute(sequence_logps(model, batch), reference)
+            loss, metrics = self.objective.compute(sequence_logps(model, batch, self.chunked_loss), reference)
             pairs = batch["input_ids"].shape[0] // 2
             for key, value in {"loss": float(loss), **metrics}.items():
                 totals[key] = totals.get(key, 0.0) + value * pairs

@@ -59,7 +59,7 @@ import torch
 import torch.nn.functional as F
 
 from deltatune import data
-from deltatune.data import models, rows, steps
+from deltatune.data import lm_loss, models, rows, steps
 from deltatune.data.config import DEFAULT_PROMPT, SHIPPED_PROMPTS, TASKS, DataConfig, head_packing_error
 from deltatune.data.encode import (
     IGNORE_INDEX,
@@ -385,6 +385,12 @@ class Task:
 
     kind: str = ""
     loss_terms: LossTerms | None = None  # train.mixup / train.contrastive while training (use_loss_terms)
+    # train.chunked_loss: next-token losses from the hidden states in chunks, never the full logits
+    # (deltatune.data.lm_loss), where the model's logits are its head's output as is
+    chunked_loss: bool = True
+
+    def chunked(self, model: torch.nn.Module) -> bool:
+        return self.chunked_loss and lm_loss.supported(model)
 
     def __init__(self, cfg: DataConfig, tokenizer: Any, train: list[dict], eval: list[dict],
                  label_names: list[str] | None = None) -> None:
@@ -452,6 +458,9 @@ class _CausalLMTask(Task):
 
     def _sums(self, model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
         inputs, labels = _split_batch(model, batch)
+        if self.chunked(model):
+            nll = lm_loss.token_nll(model, inputs, labels).nll
+            return nll.sum(), (labels[:, 1:] != IGNORE_INDEX).sum()
         logits = model(**inputs, use_cache=False).logits
         # shift the targets, not the logits: slicing the (batch, seq, vocab) logits copies them, and its
         # backward allocates and fills a second full-size buffer (profiled in docs/benchmarks.md)
@@ -514,16 +523,20 @@ class EditTask(Task):
         """Per edit: mean target NLL, whether every target token is the argmax (EOS left out), and the
         share of target tokens that are (teacher forcing)."""
         inputs, labels = _split_batch(model, batch)
-        logits = model(**inputs, use_cache=False).logits
         targets = F.pad(labels, (0, 1), value=IGNORE_INDEX)[:, 1:]  # position t predicts token t + 1
-        nll = F.cross_entropy(logits.flatten(0, 1).float(), targets.reshape(-1), ignore_index=IGNORE_INDEX,
-                              reduction="none").view_as(targets)
+        if self.chunked(model):
+            nll, argmax_hit = lm_loss.token_nll(model, inputs, labels)
+        else:
+            logits = model(**inputs, use_cache=False).logits
+            nll = F.cross_entropy(logits.flatten(0, 1).float(), targets.reshape(-1), ignore_index=IGNORE_INDEX,
+                                  reduction="none").view_as(targets)
+            argmax_hit = logits.argmax(-1) == targets
         mask = targets != IGNORE_INDEX
         count = mask.sum(-1).clamp(min=1)
         mean_nll = (nll * mask).sum(-1) / count
         answer = mask.clone()  # the target's own tokens: the last target position predicts EOS
         answer[torch.arange(len(answer)), (mask.cumsum(-1) * mask).argmax(-1)] = False
-        hit = (logits.argmax(-1) == targets) | ~answer
+        hit = argmax_hit | ~answer
         n_answer = answer.sum(-1).clamp(min=1)
         return mean_nll, hit.all(-1), ((hit & answer).sum(-1) / n_answer)
 
@@ -630,6 +643,8 @@ class GenerativeClassificationTask(HeadClassificationTask):
         """Class scores (batch, num_labels), float32; for packed rows (rows, examples, num_labels)."""
         if "score_positions" in batch:
             inputs, _ = _split_batch(model, {k: v for k, v in batch.items() if k != "score_positions"})
+            if self.chunked(model):  # the head runs on the scored positions only
+                return lm_loss.head_at(model, inputs, batch["score_positions"], self.label_token_ids)
             logits = model(**inputs, use_cache=False).logits
             positions = batch["score_positions"].to(logits.device)
             classes = logits.index_select(-1, self.label_token_ids.to(logits.device))

@@ -1,5 +1,6 @@
 """What the LoRA-like methods share (LoRA, DoRA, KaSA, CorDA, DSEE, the adapters): where they go by default,
-PEFT's rank / alpha patterns, and PEFT's ``bias`` / ``modules_to_save`` options."""
+PEFT's rank / alpha patterns, PEFT's ``bias`` / ``modules_to_save`` options, and the inits that PEFT applies by
+rewriting the base weight (PiSSA, OLoRA: ``ResidualLowRank``, used by lora)."""
 
 from __future__ import annotations
 
@@ -7,11 +8,13 @@ import math
 import re
 import warnings
 
+import torch
 import torch.nn as nn
 
+from deltatune.core.forms.lowrank import LowRank
 from deltatune.core.targeting import match_name, module_types, select_modules
 from deltatune.errors import DeltatuneError
-from deltatune.methods._common import dense_forms
+from deltatune.methods._common import dense_forms, from_rank0
 
 
 def pattern_value(patterns: dict, module_name: str, default: float) -> float:
@@ -104,3 +107,101 @@ def add_trained_extras(model: nn.Module, modules: list[tuple[str, nn.Module]], b
             raise DeltatuneError(f"{name} is both a {what} target and fully trained: drop it from modules_to_save")
         forms[name] = form
 
+
+
+# -- inits that PEFT applies by rewriting the base weight: PiSSA, OLoRA -------------------------------------------
+# PEFT (tuners/lora/layer.py ``pissa_init`` / ``olora_init``, 0.21.2) sets A₀, B₀ from the base weight W (out, in)
+# and rewrites W into the residual W − s·B₀A₀, so the model starts at the base:
+#   pissa:          W = U S Vᵀ (full SVD);  S′ = S_r / s;  A₀ = diag(√S′) V_rᵀ,  B₀ = U_r diag(√S′)
+#   pissa_niter_K:  the same from torch.svd_lowrank(W, r, niter=K) (randomised: Halko et al.)
+#   olora:          W = Q R (QR);  A₀ = R_r (first r rows),  B₀ = Q_r (first r columns)
+# Here W is never written: ``ResidualLowRank`` keeps A₀, B₀ as frozen buffers and adds s·(B·A − B₀·A₀), as CorDA
+# does (methods/corda.py), so the fingerprint, detach and unmerge all refer to the original base.
+
+RESIDUAL_INITS = ("pissa", "pissa_niter_K", "olora")  # as PEFT's init_lora_weights names them (K: an integer)
+_NITER = re.compile(r"pissa_niter_(\d+)")
+
+
+def residual_init(init: object) -> str | None:
+    """``init`` if it is one of PEFT's base-rewriting inits that deltatune keeps as a residual (``pissa``,
+    ``pissa_niter_K``, ``olora``), else None."""
+    if isinstance(init, str) and (init in ("pissa", "olora") or _NITER.fullmatch(init)):
+        return init
+    return None
+
+
+class ResidualLowRank(LowRank):
+    """ΔW = s·(B·A − B₀·A₀): a LoRA whose initial factors A₀, B₀ (frozen buffers) are subtracted, so a fresh delta
+    is exactly zero and the base weight is never rewritten (PEFT's residual W − s·B₀A₀, kept implicit). Dropout
+    acts on the trainable branch only, as in PEFT, whose residual weight sees the undropped input. A₀, B₀ are
+    stored in the artifact: they come from an SVD or QR of W, which is not bit-reproducible across devices and
+    libraries (the randomised SVD not even on one), and a loaded delta must give the trained model's outputs."""
+
+    kind = "residual-low-rank"  # not a plain LoRA: a PEFT LoRA adapter holds B·A only
+
+    def __init__(self, module: nn.Module, r: int, alpha: float, *, init: str, use_rslora: bool = False,
+                 dropout: float = 0.0, tied: list[tuple[nn.Module, str]] | None = None) -> None:
+        super().__init__(module, r, alpha, use_rslora=use_rslora, dropout=dropout, init=init, tied=tied)
+        self.init = init
+        self.register_buffer("A0", torch.zeros_like(self.A))
+        self.register_buffer("B0", torch.zeros_like(self.B))
+
+    def reset(self, init: str | bool = True) -> None:
+        """No random draw (it would move the global RNG for nothing): ``start`` or an artifact fills the factors."""
+        with torch.no_grad():
+            self.A.zero_()
+            self.B.zero_()
+
+    def start(self) -> None:
+        """A = A₀ and B = B₀ from the base weight, by the form's init (PEFT's arithmetic, in float32)."""
+        a0, b0 = residual_factors(self._oriented_base(), self.r, self.scale, self.init)
+        a0, b0 = from_rank0(a0), from_rank0(b0)  # data parallelism: every rank starts from rank 0's factors
+        with torch.no_grad():
+            for dst, src in ((self.A, a0), (self.B, b0), (self.A0, a0), (self.B0, b0)):
+                dst.copy_(src.to(dst.dtype))
+
+    def _oriented_base(self) -> torch.Tensor:
+        """W0 as an (out, in) float32 matrix (GPT-2's Conv1D stores (in, out); a quantized weight dequantized)."""
+        w = self.dense_base(torch.float32)
+        return w.T if self.layout == "conv1d" else w
+
+    def delta_weight(self) -> torch.Tensor:
+        ba = (self.B @ self.A - self.B0 @ self.A0) * self.scale
+        return ba if self.layout == "linear" else ba.T
+
+    def output_delta(self, module: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        x = x.to(self.A.dtype)
+        trained = self.dropout(x) @ self.A.T @ self.B.T
+        initial = x @ self.A0.T @ self.B0.T  # PEFT's residual weight sees the input without dropout
+        return (trained - initial) * self.scale
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, init={self.init}"
+
+
+def residual_factors(w: torch.Tensor, r: int, scale: float, init: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """(A₀ (r, in), B₀ (out, r)) of the float32 matrix ``w`` (out, in) for a base-rewriting init, with PEFT's
+    operations in PEFT's order (so a full SVD or QR gives PEFT's factors bit for bit on the same machine)."""
+    if init == "olora":
+        q, rr = torch.linalg.qr(w)
+        return rr[:r].contiguous(), q[:, :r].contiguous()
+    niter = _NITER.fullmatch(init)
+    if niter:
+        u_r, s_r, v_r = torch.svd_lowrank(w, r, niter=int(niter.group(1)))
+        vh_r = v_r.t()
+    elif init == "pissa":
+        u, s, vh = torch.linalg.svd(w, full_matrices=False)
+        u_r, s_r, vh_r = u[:, :r], s[:r], vh[:r]
+    else:
+        raise DeltatuneError(f"init={init!r} is not a residual init: use one of {', '.join(RESIDUAL_INITS)}")
+    s_r = s_r / scale
+    return torch.diag(torch.sqrt(s_r)) @ vh_r, u_r @ torch.diag(torch.sqrt(s_r))
+
+
+def check_residual_rank(r: int, shape: tuple[int, int], name: str, init: str) -> None:
+    """PiSSA and OLoRA take r components of W (out, in): there are min(out, in)."""
+    if r > min(shape):
+        raise DeltatuneError(
+            f"r={r} exceeds the rank of {name} ({shape[0]}x{shape[1]}): init={init!r} takes r components of the "
+            f"weight and it has min(out, in) = {min(shape)}; lower r (or set rank_pattern for this module)"
+        )

@@ -105,6 +105,10 @@ class TrainSettings:
     lr: float = 2e-4  # peak learning rate (presets set each method's own)
     optimizer: str = "adamw"  # adamw | adam | sgd (a method may bring its own, e.g. SpIEL's SM3)
     weight_decay: float = 0.0  # decoupled weight decay of the trained tensors
+    # LoRA+ (Hayou et al., 2024): the B factors of low-rank deltas train at loraplus_ratio·lr (paper, PEFT: 16);
+    # PEFT's create_loraplus_optimizer groups (biases and norms with B, undecayed); null: off
+    loraplus_ratio: float | None = None
+    loraplus_lr_embedding: float = 1e-6  # LoRA+: the learning rate of low-rank deltas on embeddings (PEFT's default)
     schedule: str = "linear"  # learning-rate schedule after warmup: constant | linear | cosine (to 0)
     warmup: float = 0.0  # a fraction of steps if < 1, else a number of steps
     max_grad_norm: float | None = 1.0  # None: no clipping
@@ -115,6 +119,7 @@ class TrainSettings:
     eval_batch_size: int = 16  # examples per evaluation batch
     precision: str = "auto"  # auto: bf16 autocast on CUDA, fp32 on CPU
     gradient_checkpointing: bool = False  # recompute activations in backward: less memory, slower steps
+    chunked_loss: bool = True  # next-token losses from the hidden states in chunks, never the whole logits (exact)
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     progress: bool = True  # a progress bar and the summary table on the terminal
     early_stopping: EarlyStopping | None = None  # judged at every eval_every; the artifact is the best delta
@@ -198,6 +203,9 @@ class TrainSettings:
             "mixup": (lambda v: v >= 0, "must be >= 0 (the α of Beta(α, α); 0: off)"),
             "contrastive": (lambda v: v >= 0, "must be >= 0 (the weight of the contrastive loss; 0: off)"),
             "contrastive_temperature": (lambda v: v > 0, "must be > 0"),
+            "loraplus_ratio": (lambda v: v > 0, "must be > 0 (the B factors train at loraplus_ratio·lr; the paper's "
+                               "default is 16; null: LoRA+ off)"),
+            "loraplus_lr_embedding": (lambda v: 0 < v <= MAX_LR, f"must be > 0 and at most {MAX_LR:g}"),
         }
         out = []
         for name, (allowed, rule) in rules.items():
@@ -406,7 +414,7 @@ def parse_config(raw: dict[str, Any]) -> RunConfig:
         found = _method_problems(method)
         problems += found
         if train is not None and not found:
-            problems += _objective_method_problems(train, method)
+            problems += _objective_method_problems(train, method) + _loraplus_method_problems(train, method)
     if problems:
         raise DeltatuneError(registry.problem_list("bad run config", problems))
     return RunConfig(model=model, data=data, method=dict(method), output=output, train=train,
@@ -469,6 +477,21 @@ def _objective_method_problems(train: TrainSettings, method: dict[str, Any]) -> 
     options = {k: v for k, v in method.items() if k != "name"}
     problem = objectives.method_problem(objectives.parse(train.objective)[0], str(method["name"]), options)
     return [problem] if problem is not None else []
+
+
+def _loraplus_method_problems(train: TrainSettings, method: dict[str, Any]) -> list[str]:
+    """train.loraplus_ratio with a method that trains from forward passes (no optimizer to give groups to). A
+    method without B factors is refused once its delta is built (``deltatune.core.optim.loraplus_param_groups``)."""
+    if train.loraplus_ratio is None:
+        return []
+    try:
+        free = registry.get(str(method["name"])).has("gradient_free", {k: v for k, v in method.items() if k != "name"})
+    except DeltatuneError:
+        return []  # bad method options: said by the method's own check
+    if not free:
+        return []
+    return [f"train.loraplus_ratio (LoRA+) sets the B factors' learning rate, but {method['name']!r} trains from "
+            "forward passes (its policy takes the whole step): remove train.loraplus_ratio"]
 
 
 def _method_problems(method: dict[str, Any]) -> list[str]:

@@ -43,6 +43,7 @@ from transformers.utils import can_return_loss, find_labels
 
 from deltatune.core import artifact
 from deltatune.core.delta import Delta
+from deltatune.core.optim import LORAPLUS_LR_EMBEDDING, loraplus_optimizer
 from deltatune.core.tuned import ModelWrapper, Tuned
 from deltatune.data import grpo, preference
 from deltatune.data.tasks import LossTerms, classification_head, head_positions
@@ -300,6 +301,10 @@ class DeltaTuneTrainer(Trainer):
     a sequence-classification model: while training, the loss is then computed here from the logits and the
     ``labels`` column (mixed-label cross-entropy, + w·SupCon), as ``deltatune train`` computes it.
 
+    ``loraplus_ratio`` / ``loraplus_lr_embedding`` are ``train.loraplus_ratio`` / ``train.loraplus_lr_embedding``
+    (LoRA+: the B factors of low-rank deltas train at ratio·learning_rate, in PEFT's ``create_loraplus_optimizer``
+    groups, with the Trainer's optimizer class; None: off).
+
     ``objective`` is the run config's ``train.objective`` (``"dpo"``, ``{"name": "dpo", "beta": 0.1}``, ...): with a
     preference objective the datasets are a preference task's pairs and the collator its ``collate``
     (``train_dataset=task.train, eval_dataset=task.eval, data_collator=task.collate``, the task from
@@ -318,9 +323,11 @@ class DeltaTuneTrainer(Trainer):
 
     def __init__(self, model: Tuned | None = None, *args: Any, mixup: float = 0.0, contrastive: float = 0.0,
                  contrastive_temperature: float = 0.1, objective: str | dict[str, Any] | None = None,
-                 task: grpo.GRPOTask | None = None, **kwargs: Any) -> None:
+                 task: grpo.GRPOTask | None = None, loraplus_ratio: float | None = None,
+                 loraplus_lr_embedding: float = LORAPLUS_LR_EMBEDDING, **kwargs: Any) -> None:
         if not isinstance(model, Tuned):
             raise DeltatuneError("DeltaTuneTrainer trains the Tuned model returned by dt.attach / dt.load (model=tuned)")
+        self.loraplus = (loraplus_ratio, loraplus_lr_embedding)  # train.loraplus_ratio / loraplus_lr_embedding
         self.loss_terms = _loss_terms(model, mixup, contrastive, contrastive_temperature)
         self.prompts_task = _prompts_task(task, kwargs.get("data_collator"))
         self.objective = _objective(model, objective, self.prompts_task)
@@ -500,10 +507,22 @@ class DeltaTuneTrainer(Trainer):
         return torch.tensor(loss, device=self.args.device)
 
     def create_optimizer(self, model: torch.nn.Module | None = None) -> torch.optim.Optimizer:
-        """The policy's own optimizer where it needs one (per-element Adam ages, SM3), else the Trainer's."""
+        """The policy's own optimizer where it needs one (per-element Adam ages, SM3), else the Trainer's (with
+        ``loraplus_ratio``: the Trainer's optimizer class over LoRA+'s groups, ``deltatune.core.optim``)."""
         if self.optimizer is None:
             own = self.tuned.policy.make_optimizer(list(self.tuned.deltas.parameters()), self.args.learning_rate,
                                                    self.args.weight_decay)
+            ratio, lr_embedding = self.loraplus
+            if own is not None and ratio is not None:
+                raise DeltatuneError(f"DeltaTuneTrainer(loraplus_ratio=...) groups the Trainer's optimizer, but "
+                                     f"{self.tuned.method.name!r} brings its own (its policy's): leave it out")
+            if ratio is not None:
+                cls, options = self.get_optimizer_cls_and_kwargs(self.args, self.tuned)
+                options = {k: v for k, v in options.items() if k != "lr"}
+                training = [p for p in self.tuned.deltas.parameters() if p.requires_grad]
+                own = loraplus_optimizer(cls, self.tuned.forms, training, lr=self.args.learning_rate, ratio=ratio,
+                                         lr_embedding=lr_embedding, weight_decay=self.args.weight_decay,
+                                         what=f"method {self.tuned.method.name!r}", **options)
             if own is not None:
                 self.optimizer = own
                 return own

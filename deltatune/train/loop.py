@@ -29,6 +29,7 @@ import torch.distributed as dist
 
 from deltatune.core import artifact
 from deltatune.core.forms.base import WeightDelta
+from deltatune.core.optim import loraplus_optimizer
 from deltatune.core.tuned import Tuned, attach
 from deltatune.errors import DeltatuneError
 from deltatune.train import state as ckpt
@@ -120,7 +121,14 @@ def run_length(s: TrainSettings, n_train: int, world: int = 1) -> int:
     return max(1, math.ceil(round(s.epochs * batches_per_epoch / s.grad_accum, 9)))
 
 
-def make_optimizer(params: list[torch.nn.Parameter], s: TrainSettings) -> torch.optim.Optimizer:
+def make_optimizer(params: list[torch.nn.Parameter], s: TrainSettings, tuned: Tuned | None = None
+                   ) -> torch.optim.Optimizer:
+    if s.loraplus_ratio is not None and tuned is not None:  # LoRA+: PEFT's groups, B factors at ratio·lr
+        cls, extra = {"adamw": (torch.optim.AdamW, {}), "adam": (torch.optim.Adam, {}),
+                      "sgd": (torch.optim.SGD, {"momentum": 0.9})}[s.optimizer]
+        return loraplus_optimizer(cls, tuned.forms, params, lr=s.lr, ratio=s.loraplus_ratio,
+                                  lr_embedding=s.loraplus_lr_embedding, weight_decay=s.weight_decay,
+                                  what=f"method {tuned.method.name!r}", **extra)
     if s.optimizer == "adamw":
         return torch.optim.AdamW(params, lr=s.lr, weight_decay=s.weight_decay)
     if s.optimizer == "adam":
@@ -189,6 +197,7 @@ def build(config: RunConfig) -> Run:
     tuned = attach(model, config.method["name"], **options).to(device)
     use_loss_terms(task, tuned, config)
     use_objective(task, tuned, config)
+    task.chunked_loss = s.chunked_loss
     # a run with its own chat template (data.chat_template) saves it with the delta, for generation
     tuned.delta.chat_template = getattr(task, "chat_template", None)
     if s.gradient_checkpointing:
@@ -399,7 +408,11 @@ def _train(cfg: RunConfig, rank: int, world: int, *, resume: bool, force: bool, 
         check_same_run(resumed_from, saved["config"], cfg, force=force)
         restore(tuned, saved, resumed_from)
     params = list(tuned.deltas.parameters())  # all delta tensors, trainable or not: a stable order
-    optimizer = tuned.policy.make_optimizer(params, s.lr, s.weight_decay) or make_optimizer(params, s)
+    own = tuned.policy.make_optimizer(params, s.lr, s.weight_decay)
+    if own is not None and s.loraplus_ratio is not None:
+        raise DeltatuneError(f"train.loraplus_ratio (LoRA+) groups the run's optimizer, but {tuned.method.name!r} "
+                             "brings its own (its policy's): remove train.loraplus_ratio")
+    optimizer = own or make_optimizer(params, s, tuned)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(s, tuned.policy.lr_restarts(s.steps)))
     model_for_step: torch.nn.Module = wrap()
     if saved is not None:

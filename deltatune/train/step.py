@@ -18,6 +18,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from deltatune.core.optim import group_for
 from deltatune.core.policy import Policy
 from deltatune.core.tuned import Tuned
 
@@ -41,10 +42,10 @@ def sync_optimizer(optimizer: torch.optim.Optimizer, tuned: Tuned, before: set[i
       moments, and a frozen tensor keeps no memory).
     - A tensor that left the model (``Tuned.replace_forms``) leaves the optimizer with its state. Parameters
       still in the model stay, so a base tensor the user trains next to the delta keeps training.
-    - A delta tensor the optimizer does not hold joins its first group. ``add_frozen``: frozen ones join too,
-      for an optimizer that holds every delta tensor in a fixed order (the native loop: a resumed run
-      rebuilds it the same way); the Trainer builds its optimizer from the tensors that train, so there a
-      tensor joins when it starts training."""
+    - A delta tensor the optimizer does not hold joins its first group (LoRA+: its role's group, ``group_for``).
+      ``add_frozen``: frozen ones join too, for an optimizer that holds every delta tensor in a fixed order
+      (the native loop: a resumed run rebuilds it the same way); the Trainer builds its optimizer from the
+      tensors that train, so there a tensor joins when it starts training."""
     in_model = {id(p) for p in tuned.parameters()}
     delta = list(tuned.deltas.parameters())
     now = {id(p) for p in delta if p.requires_grad}
@@ -61,7 +62,7 @@ def sync_optimizer(optimizer: torch.optim.Optimizer, tuned: Tuned, before: set[i
             optimizer.state.pop(p, None)
             p.grad = None
         if id(p) not in known and (add_frozen or p.requires_grad):
-            optimizer.param_groups[0]["params"].append(p)
+            optimizer.param_groups[group_for(optimizer, p)]["params"].append(p)  # LoRA+: its own group
             known.add(id(p))
     return now
 

@@ -1,0 +1,224 @@
+"""Next-token losses that never build the (batch, sequence, vocabulary) logits.
+
+A causal LM's head turns every position's hidden state into V logits: for SmolLM2 (V = 49,152) a batch of 4 × 128
+tokens holds 100 MB of float32 logits, as much again for their gradient, and the softmax's copies on top; at long
+context they fill memory before the activations do. The loss needs far less: for each *labelled* position, the
+log-sum-exp over the vocabulary and the target's logit.
+
+``token_nll`` runs the model with its output-embedding module (``lm_head``) swapped for a capture of its input, keeps
+the hidden states of the labelled positions only, and computes their NLL in chunks of positions:
+
+- a plain, frozen ``nn.Linear`` head (LoRA and most methods: the head is not trained) takes the fused path, as
+  Liger's and Apple's cut-cross-entropy kernels do: each chunk's logits give the NLL and, in the same pass, its
+  gradient with respect to the hidden state ((softmax − onehot) · W), kept for the backward; the chunk's logits are
+  freed at once. Its cost is the plain loss's (one head product forward, one backward);
+- any other head (trained in place, a delta on its weight, a quantized layer, hooks) is called as a module on each
+  chunk under activation checkpointing, so its logits are recomputed in the backward (one extra head product).
+
+Liger and cut-cross-entropy are Triton kernels (GPU only) and take the head as a bare weight matrix, which cannot
+carry a delta; this is their idea in plain PyTorch, exact up to summation order. Models whose forward changes the
+logits after the head (Gemma 2's soft-capping, Cohere's and Granite's logit scales) are left to the plain loss
+(``supported`` says which).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from typing import Any, NamedTuple
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
+
+IGNORE_INDEX = -100
+
+# logits of one chunk: positions × vocabulary float32 values kept at once (64 MiB)
+CHUNK_VALUES = 2**24
+
+# configuration attributes of models that transform the head's output before returning it
+_LOGIT_TRANSFORMS = ("final_logit_softcapping", "logit_scale", "logits_scaling", "output_multiplier_scale")
+
+
+class TokenNLL(NamedTuple):
+    """Per position (batch, sequence): the NLL of the next token (0 where it has no label), and, when asked,
+    whether the head's argmax is that token (False where no label)."""
+
+    nll: torch.Tensor
+    hit: torch.Tensor | None
+
+
+def _unwrap(model: nn.Module) -> nn.Module:
+    from deltatune.data.tasks import _unwrap as unwrap
+
+    return unwrap(model)
+
+
+def output_head(model: nn.Module) -> tuple[nn.Module, str, nn.Module] | None:
+    """(parent, attribute, head) of the model's output embeddings, or None when it has none it calls by attribute."""
+    base = _unwrap(model)
+    get = getattr(base, "get_output_embeddings", None)
+    head = get() if callable(get) else None
+    if not isinstance(head, nn.Module):
+        return None
+    for module in base.modules():
+        for attr, child in module.named_children():
+            if child is head:
+                return module, attr, head
+    return None
+
+
+def supported(model: nn.Module) -> bool:
+    """Whether ``token_nll`` gives the model's own loss: a causal LM whose logits are its head's output as is."""
+    base = _unwrap(model)
+    config = getattr(base, "config", None)
+    for attr in _LOGIT_TRANSFORMS:
+        value = getattr(config, attr, None)
+        if value not in (None, 1, 1.0):
+            return False
+    # hooks on the head stay: an in-place form's pre-hook (settle W before use) runs for every chunk it computes
+    return output_head(model) is not None
+
+
+class _Capture(nn.Module):
+    """Stands in for the head during the body's forward: records the hidden states and returns a zero-stride
+    stand-in of the logits' shape (no memory), which the caller never reads."""
+
+    def __init__(self, vocab: int) -> None:
+        super().__init__()
+        self.vocab = vocab
+        self.hidden: torch.Tensor | None = None
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        self.hidden = hidden
+        return hidden.new_zeros(()).expand(*hidden.shape[:-1], self.vocab)
+
+
+@contextlib.contextmanager
+def _head_captured(model: nn.Module) -> Iterator[tuple[_Capture, nn.Module]]:
+    found = output_head(model)
+    if found is None:
+        raise ValueError(f"{type(_unwrap(model)).__name__} has no output embeddings to capture")
+    parent, attr, head = found
+    # out_features, not weight.shape: a quantized layer's weight is stored packed
+    vocab = int(getattr(head, "out_features", 0) or getattr(_unwrap(model).config, "vocab_size", 0) or 1)
+    capture = _Capture(vocab)
+    parent._modules[attr] = capture  # not setattr: a head registered as a Parameter-holding module stays as is
+    try:
+        yield capture, head
+    finally:
+        parent._modules[attr] = head
+
+
+def _plain_frozen_linear(head: nn.Module) -> bool:
+    """A head the fused path can take: exactly nn.Linear (a parametrised or quantized layer is another class), no
+    hooks, nothing in it trained."""
+    return (type(head) is nn.Linear and not head._forward_hooks and not head._forward_pre_hooks
+            and not any(p.requires_grad for p in head.parameters()))
+
+
+class _FusedLinearNLL(torch.autograd.Function):
+    """NLL of each row of ``hidden`` under ``hidden @ weight.T + bias``, chunk by chunk, with the gradient with
+    respect to ``hidden`` made in the forward pass (the head is frozen: nothing else needs one)."""
+
+    @staticmethod
+    def forward(ctx: Any, hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                targets: torch.Tensor, chunk: int, want_grad: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        nll = torch.empty(hidden.shape[0], dtype=torch.float32, device=hidden.device)
+        hit = torch.empty(hidden.shape[0], dtype=torch.bool, device=hidden.device)
+        grad = torch.empty_like(hidden) if want_grad else None
+        for start in range(0, hidden.shape[0], chunk):
+            h = hidden[start:start + chunk]
+            t = targets[start:start + chunk]
+            logits = F.linear(h, weight, bias).float()
+            # the same operation as the module path's: the two give bit-identical values on the same logits
+            nll[start:start + chunk] = F.cross_entropy(logits, t, reduction="none")
+            hit[start:start + chunk] = logits.argmax(-1) == t
+            if grad is not None:
+                probs = torch.softmax(logits, dim=-1)  # d nll / d logits = softmax − onehot
+                del logits
+                probs[torch.arange(len(t), device=t.device), t] -= 1.0
+                grad[start:start + chunk] = probs.to(weight.dtype) @ weight
+        ctx.save_for_backward(grad)
+        ctx.mark_non_differentiable(hit)
+        return nll, hit
+
+    @staticmethod
+    def backward(ctx: Any, grad_nll: torch.Tensor, _grad_hit: Any) -> tuple[Any, ...]:
+        (grad,) = ctx.saved_tensors
+        if grad is None:
+            raise RuntimeError("the fused loss ran without a gradient to keep; call it with grad enabled")
+        return grad * grad_nll.unsqueeze(-1).to(grad.dtype), None, None, None, None, None
+
+
+def _module_chunk(head: nn.Module, h: torch.Tensor, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    logits = head(h).float()
+    nll = F.cross_entropy(logits, t, reduction="none")
+    return nll, (logits.argmax(-1) == t)
+
+
+def _module_nll(head: nn.Module, hidden: torch.Tensor, targets: torch.Tensor,
+                chunk: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Any head called as a module on each chunk; under grad, checkpointed (its logits recomputed in backward)."""
+    nlls, hits = [], []
+    grad = torch.is_grad_enabled()
+    for start in range(0, hidden.shape[0], chunk):
+        h, t = hidden[start:start + chunk], targets[start:start + chunk]
+        if grad:
+            nll, hit = checkpoint(_module_chunk, head, h, t, use_reentrant=False)
+        else:
+            nll, hit = _module_chunk(head, h, t)
+        nlls.append(nll)
+        hits.append(hit)
+    return torch.cat(nlls), torch.cat(hits)
+
+
+def chunk_size(vocab: int) -> int:
+    return max(1, CHUNK_VALUES // max(vocab, 1))
+
+
+def token_nll(model: nn.Module, inputs: dict[str, torch.Tensor], labels: torch.Tensor, *,
+              chunk: int | None = None, **forward: Any) -> TokenNLL:
+    """The next-token NLL at every position of ``labels`` (position t scores token t + 1; IGNORE_INDEX: none),
+    (batch, sequence), float32, differentiable; and the argmax hits. ``inputs`` and ``forward`` go to the model
+    (``use_cache=False`` added). A form that prepends virtual tokens (prefix / prompt tuning) gives the body more
+    positions than ``labels`` has: the last ``labels.shape[1]`` are the real ones, as with the plain loss."""
+    with _head_captured(model) as (capture, head):
+        model(**inputs, use_cache=False, **forward)
+    hidden = capture.hidden
+    if hidden is None:
+        raise ValueError("the model's forward never called its output embeddings")
+    hidden = hidden[:, -labels.shape[1]:]
+    labels = labels.to(hidden.device)
+    targets = F.pad(labels, (0, 1), value=IGNORE_INDEX)[:, 1:]
+    where = (targets != IGNORE_INDEX).flatten().nonzero().squeeze(-1)
+    chosen = hidden.flatten(0, 1).index_select(0, where)
+    wanted = targets.flatten().index_select(0, where)
+    vocab = capture.vocab
+    size = chunk or chunk_size(vocab)
+    nll = torch.zeros(targets.numel(), dtype=torch.float32, device=hidden.device)
+    hit = torch.zeros(targets.numel(), dtype=torch.bool, device=hidden.device)
+    if where.numel():
+        if _plain_frozen_linear(head):
+            want_grad = torch.is_grad_enabled() and chosen.requires_grad
+            picked, hits = _FusedLinearNLL.apply(chosen, head.weight, head.bias, wanted, size, want_grad)
+        else:
+            picked, hits = _module_nll(head, chosen, wanted, size)
+        nll = nll.index_put((where,), picked)
+        hit = hit.index_put((where,), hits)
+    return TokenNLL(nll.view_as(targets), hit.view_as(targets))
+
+
+def head_at(model: nn.Module, inputs: dict[str, torch.Tensor], positions: torch.Tensor,
+            columns: torch.Tensor, **forward: Any) -> torch.Tensor:
+    """The head's logits restricted to ``columns`` (e.g. label words' tokens) at ``positions`` (rows, k) of each
+    row: (rows, k, len(columns)), float32. Only those hidden states go through the head."""
+    with _head_captured(model) as (capture, head):
+        model(**inputs, use_cache=False, **forward)
+    hidden = capture.hidden
+    if hidden is None:
+        raise ValueError("the model's forward never called its output embeddings")
+    positions = positions.to(hidden.device)
+    picked = hidden.gather(1, positions.unsqueeze(-1).expand(-1, -1, hidden.shape[-1]))
+    return head(picked).index_select(-1, columns.to(hidden.device)).float()
