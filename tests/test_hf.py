@@ -192,3 +192,25 @@ def test_a_skipped_step_changes_nothing_the_optimizer_holds(tmp_path) -> None:
     after = snapshot(tuned)
     assert all(torch.equal(after[k], before[k]) for k in before)
     assert tuned.model.model.norm.weight.requires_grad, "the user's tensor still trains"
+
+
+@pytest.mark.parametrize("accumulate", [1, 2])
+def test_the_chunked_loss_trains_as_the_models_own_loss(tmp_path, accumulate: int) -> None:
+    """chunked_loss (default): the Trainer's loss from deltatune.data.lm_loss equals the model's own causal-LM loss
+    (its num_items_in_batch normalisation under gradient accumulation included): the same trained delta."""
+    trained = {}
+    for chunked in (True, False):
+        tuned = dt.attach(base(), "lora", dropout=0.0)
+        trainer = DeltaTuneTrainer(model=tuned, args=arguments(tmp_path / str(chunked),
+                                                               gradient_accumulation_steps=accumulate),
+                                   train_dataset=dataset(), chunked_loss=chunked)
+        batch = {k: torch.stack([r[k] for r in dataset()[:2]]) for k in ("input_ids", "labels")}
+        assert trainer._takes_chunked_loss(tuned, batch, False) == chunked
+        for items in (None, torch.tensor(40)):  # Adam would hide a wrong scale: compare the loss itself
+            loss = trainer.compute_loss(tuned, dict(batch), num_items_in_batch=items)
+            own = tuned(**batch, **({} if items is None else {"num_items_in_batch": items})).loss
+            assert float(loss) == pytest.approx(float(own), rel=1e-5)
+        trainer.train()
+        trained[chunked] = {k: v.clone() for k, v in tuned.deltas.state_dict().items()}
+    for k, v in trained[True].items():  # Adam's normalisation amplifies summation-order noise on tiny gradients
+        torch.testing.assert_close(v, trained[False][k], rtol=1e-4, atol=1e-4 * float(v.abs().max()) + 1e-8)

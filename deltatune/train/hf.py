@@ -45,8 +45,10 @@ from deltatune.core import artifact
 from deltatune.core.delta import Delta
 from deltatune.core.optim import LORAPLUS_LR_EMBEDDING, loraplus_optimizer
 from deltatune.core.tuned import ModelWrapper, Tuned
-from deltatune.data import grpo, preference
+from deltatune.data import grpo, lm_loss, preference
 from deltatune.data.tasks import LossTerms, classification_head, head_positions
+from deltatune.data.tasks import _is_causal as is_causal
+from deltatune.data.tasks import _unwrap as unwrap
 from deltatune.errors import DeltatuneError
 from deltatune.train.state import join, split
 from deltatune.train.step import PolicyStep, inner_optimizer, mean_over_ranks, skips_steps, takes_whole_steps
@@ -305,6 +307,11 @@ class DeltaTuneTrainer(Trainer):
     (LoRA+: the B factors of low-rank deltas train at ratio·learning_rate, in PEFT's ``create_loraplus_optimizer``
     groups, with the Trainer's optimizer class; None: off).
 
+    ``chunked_loss`` is ``train.chunked_loss``: a causal LM's loss (and a preference objective's log-probs) come from
+    the hidden states in chunks of labelled positions, never the whole logits (``deltatune.data.lm_loss``; the same
+    value as the model's own loss up to summation order); the evaluation's loss, which returns the logits, stays the
+    model's own.
+
     ``objective`` is the run config's ``train.objective`` (``"dpo"``, ``{"name": "dpo", "beta": 0.1}``, ...): with a
     preference objective the datasets are a preference task's pairs and the collator its ``collate``
     (``train_dataset=task.train, eval_dataset=task.eval, data_collator=task.collate``, the task from
@@ -324,10 +331,12 @@ class DeltaTuneTrainer(Trainer):
     def __init__(self, model: Tuned | None = None, *args: Any, mixup: float = 0.0, contrastive: float = 0.0,
                  contrastive_temperature: float = 0.1, objective: str | dict[str, Any] | None = None,
                  task: grpo.GRPOTask | None = None, loraplus_ratio: float | None = None,
-                 loraplus_lr_embedding: float = LORAPLUS_LR_EMBEDDING, **kwargs: Any) -> None:
+                 loraplus_lr_embedding: float = LORAPLUS_LR_EMBEDDING, chunked_loss: bool = True,
+                 **kwargs: Any) -> None:
         if not isinstance(model, Tuned):
             raise DeltatuneError("DeltaTuneTrainer trains the Tuned model returned by dt.attach / dt.load (model=tuned)")
         self.loraplus = (loraplus_ratio, loraplus_lr_embedding)  # train.loraplus_ratio / loraplus_lr_embedding
+        self.chunked_loss = chunked_loss  # train.chunked_loss
         self.loss_terms = _loss_terms(model, mixup, contrastive, contrastive_temperature)
         self.prompts_task = _prompts_task(task, kwargs.get("data_collator"))
         self.objective = _objective(model, objective, self.prompts_task)
@@ -392,7 +401,7 @@ class DeltaTuneTrainer(Trainer):
             loss, _ = self.prompts_task.loss(model, inputs)
             metrics = self.prompts_task.take_metrics()
         else:
-            loss, metrics = preference.preference_loss(model, inputs, self.objective)
+            loss, metrics = preference.preference_loss(model, inputs, self.objective, self.chunked_loss)
         self._objective_metrics["train" if model.training else "eval"].append(metrics)
         if model.training and self._scaled_for_accumulation(num_items_in_batch):
             loss = loss / self.current_gradient_accumulation_steps
@@ -430,6 +439,8 @@ class DeltaTuneTrainer(Trainer):
             result = (loss, None) if return_outputs else loss
         elif model.training and self.loss_terms is not None:
             result = self._loss_with_terms(model, inputs, return_outputs, num_items_in_batch)
+        elif self._takes_chunked_loss(model, inputs, return_outputs):
+            result = self._chunked_causal_loss(model, inputs, num_items_in_batch)
         else:
             result = super().compute_loss(model, inputs, return_outputs=return_outputs,
                                           num_items_in_batch=num_items_in_batch)
@@ -444,6 +455,31 @@ class DeltaTuneTrainer(Trainer):
             extra = extra / self.current_gradient_accumulation_steps
         loss = loss + extra.to(loss.device)
         return (loss, outputs) if return_outputs else loss
+
+    def _takes_chunked_loss(self, model: torch.nn.Module, inputs: dict[str, Any], return_outputs: bool) -> bool:
+        """The model's own causal-LM loss can come from ``deltatune.data.lm_loss`` instead (no whole logits): a
+        causal LM whose logits are its head's output, labels given, no outputs asked for, no custom loss."""
+        return (self.chunked_loss and not return_outputs and "labels" in inputs and self.label_smoother is None
+                and self.compute_loss_func is None and is_causal(unwrap(model)) and lm_loss.supported(model))
+
+    def _chunked_causal_loss(self, model: torch.nn.Module, inputs: dict[str, Any], num_items_in_batch: Any
+                             ) -> torch.Tensor:
+        """transformers' ``ForCausalLMLoss`` as the Trainer gets it (the sum over the batch's items / the items in
+        the whole accumulated batch when the model takes loss kwargs, else the mean), and its scaling for averaging
+        tokens across devices, from the chunked next-token NLL."""
+        labels = inputs["labels"]
+        rest = {k: v for k, v in inputs.items() if k != "labels"}
+        total = lm_loss.token_nll(model, rest, labels).nll.sum()
+        counted = self.model_accepts_loss_kwargs and num_items_in_batch is not None
+        if counted:
+            items = num_items_in_batch
+            loss = total / (items.to(total.device) if isinstance(items, torch.Tensor) else items)
+        else:
+            loss = total / (labels[:, 1:] != lm_loss.IGNORE_INDEX).sum().clamp(min=1).to(total.device)
+        if self.args.average_tokens_across_devices and counted:
+            loss = loss * (self.accelerator.num_processes // self.get_tp_size() if self.args.n_gpu <= 1
+                           else self.args.n_gpu)
+        return loss
 
     def _scaled_for_accumulation(self, num_items_in_batch: Any) -> bool:
         """training_step divides the loss by the accumulation steps unless it counts as normalised by
