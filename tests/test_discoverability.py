@@ -97,6 +97,7 @@ def _probed_family(method: registry.Method) -> str:
     from deltatune.core.forms.dense import Dense
     from deltatune.core.forms.inplace import InPlace
     from deltatune.core.forms.module import ModuleForm
+    from deltatune.core.forms.scaling import Scaling
     from deltatune.core.forms.sparse import Sparse
 
     if method.traits.made_by:
@@ -110,6 +111,8 @@ def _probed_family(method: registry.Method) -> str:
         return "low-rank + sparse"
     if any(isinstance(f, ModuleForm) for f in forms):
         return "adapters & prompts"
+    if any(isinstance(f, Scaling) for f in forms):  # W0 rescaled along one axis ((IA)³)
+        return "scaling vectors"
     # a weight delta that is none of the full-size kinds is factorised: low-rank (LoRA, SVD triplets, DoRA, KaSA)
     lowrank = any(isinstance(f, WeightDelta) and not isinstance(f, Dense | InPlace | Sparse) for f in forms)
     sparse = any(isinstance(f, Sparse) for f in forms)

@@ -59,6 +59,7 @@ CASES: list[tuple[str, dict[str, Any], str]] = [
     ("full", {}, "own"),
     ("full", {"layers": "1:"}, "added"),  # the last block only: the head is not one of its tensors
     ("hft", {"rounds": 2}, "own"),
+    ("ia3", {}, "added"),
     ("id3", {"budget": 60}, "added"),
     ("increlora", {"init_r": 2, "init_warmup": 0, "incre_interval": 1}, "added"),
     ("ist", {"base_options": {"r": 2, "alpha": 4}, "update_fraction": 0.5, "score_interval": 2}, "added"),
@@ -66,6 +67,8 @@ CASES: list[tuple[str, dict[str, Any], str]] = [
     ("lift", {"lora_rank": 1, "approx_rank": 1, "update_interval": 2}, "added"),
     ("lightweight", {"parts": ["embeddings"]}, "added"),  # its "head" part is an output embedding: a classifier has none
     ("lisa", {"activated_layers": 1, "interval_steps": 1}, "own"),
+    ("loha", {"r": 2, "alpha": 4}, "added"),
+    ("lokr", {"r": 2, "alpha": 4}, "added"),
     ("locft", {"search_layers": [0, 1]}, "added"),
     ("lora", {"r": 2, "alpha": 4}, "added"),
     ("lt-sft", {"density": 0.05}, "own"),  # its head option: by default what lies outside the base model
@@ -83,6 +86,7 @@ CASES: list[tuple[str, dict[str, Any], str]] = [
     ("sparse_mezo", {"base": "lora", "base_options": {"r": 2, "alpha": 4}, "eps": 1e-2}, "added"),
     ("spiel", {"k": 200, "reselection_steps": 2, "selection_accumulation_steps": 1}, "added"),
     ("spt", {"sensitivity": "random", "budget": 2000, "r": 2}, "added"),
+    ("vera", {"r": 8}, "added"),
     ("vqt", {}, "unused"),
 ]
 OPTIONS = {name: options for name, options, _ in reversed(CASES)}  # each method's first row: its options here
@@ -199,8 +203,9 @@ SAVERS = sorted(name for name in registry.names()
 
 
 def test_the_methods_with_modules_to_save_are_those_expected() -> None:
-    assert set(SAVERS) == {"adapter", "autopeft", "connected", "corda", "dora", "dsee", "kasa", "lora", "mam", "parallel_adapter",
-                           "prefix", "prompt", "ptuning_v2", "scaled_parallel_adapter", "spt"}
+    assert set(SAVERS) == {"adapter", "autopeft", "connected", "corda", "dora", "dsee", "ia3", "kasa", "loha", "lokr",
+                           "lora", "mam", "parallel_adapter", "prefix", "prompt", "ptuning_v2", "scaled_parallel_adapter",
+                           "spt", "vera"}
 
 
 @pytest.mark.parametrize("method", SAVERS)

@@ -84,6 +84,16 @@ CASES = [
     ("dora", {"r": 4, "alpha": 8, "dropout": 0.0}, "llama"),
     ("dora", {"r": 4, "alpha": 8, "dropout": 0.0, "targets": ["c_attn", "mlp.c_fc", "wte"]}, "gpt2"),
     ("dora", {"r": 2, "alpha": 4, "dropout": 0.0, "use_rslora": True, "targets": ["query", "value"], "bias": "all"}, "bert"),
+    ("ia3", {}, "llama"),  # PEFT's defaults: k, v outputs and the down_proj input
+    ("ia3", {}, "gpt2"),  # c_attn (its bias scaled too) and the mlp.c_proj input
+    ("ia3", {"modules_to_save": ["classifier"]}, "bert"),
+    ("vera", {"r": 16}, "llama"),
+    ("vera", {"r": 8, "bias": "vera_only"}, "gpt2"),
+    ("vera", {"r": 8, "targets": ["query", "value", "dense"], "dropout": 0.1}, "bert"),
+    ("loha", {"r": 2, "alpha": 4}, "llama"),
+    ("loha", {"r": 2, "targets": ["query", "value"], "rank_dropout": 0.2, "modules_to_save": ["classifier"]}, "bert"),
+    ("lokr", {"r": 2, "alpha": 4}, "llama"),
+    ("lokr", {"r": 1, "decompose_both": True, "targets": ["query", "value"], "module_dropout": 0.2}, "bert"),
     ("adalora", {"init_r": 4, "target_r": 2, "delta_t": 1}, "llama"),
     ("adalora", {"init_r": 2, "target_r": 1, "delta_t": 1}, "gpt2"),
     ("adalora", {"init_r": 2, "target_r": 1, "targets": ["query", "value"], "delta_t": 1}, "bert"),

@@ -641,8 +641,12 @@ def test_error_non_lora_adapter(tmp_path):
     base = tiny_llama()
     dt.export_peft(dt.attach(copy.deepcopy(base), "lora", r=2, targets=["q_proj"]), tmp_path / "a")
     path = tmp_path / "a" / "adapter_config.json"
+    path.write_text(json.dumps({**json.loads(path.read_text()), "peft_type": "OFT"}))
+    with pytest.raises(dt.DeltatuneError, match="'OFT' adapter; deltatune imports PEFT's LORA, IA3, LOHA, LOKR, VERA"):
+        dt.import_peft(base, tmp_path / "a")
+    # a type deltatune imports, with another type's tensors
     path.write_text(json.dumps({**json.loads(path.read_text()), "peft_type": "IA3"}))
-    with pytest.raises(dt.DeltatuneError, match="IA3.*only PEFT LoRA"):
+    with pytest.raises(dt.DeltatuneError, match="holds no IA3 tensors"):
         dt.import_peft(base, tmp_path / "a")
 
 

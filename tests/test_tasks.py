@@ -124,7 +124,12 @@ def test_packing_gives_full_blocks_of_the_document_stream(tmp_path: Path, smol_t
     assert len(task.train) == len(stream) // 16
     assert [t for f in task.train for t in f["input_ids"]] == stream[: 16 * len(task.train)]
     batch = task.collate(task.train[:3])
-    assert batch["attention_mask"].all() and torch.equal(batch["labels"], batch["input_ids"])
+    # document masks: positions restart at each document (after each EOS) in place of an attention mask
+    assert "attention_mask" not in batch and torch.equal(batch["labels"], batch["input_ids"])
+    eos = smol_tok.eos_token_id
+    for row, ids in zip(batch["position_ids"].tolist(), batch["input_ids"].tolist(), strict=True):
+        assert all(row[k] == 0 for k in range(1, len(ids)) if ids[k - 1] == eos)
+        assert all(row[k] == row[k - 1] + 1 for k in range(1, len(ids)) if ids[k - 1] != eos)
     with pytest.raises(DeltatuneError, match="packing"):
         tasks.build_task(DataConfig(path=path, task="text", text_field="body", packing=True, max_length=2000),
                          smol_tok, tiny_lm())

@@ -105,6 +105,10 @@ DEFAULT_SETUP: dict[str, Any] = {
         "adalora": Row("adalora"),
         "corda": Row("corda"),
         "increlora": Row("increlora"),
+        "vera": Row("vera"),  # its natural size: shared random A, B on q, v; trained vectors only
+        "loha": Row("loha"),  # at LoRA's trainable count (r 4: two factor pairs)
+        "lokr": Row("lokr"),  # its natural size (Kronecker factors)
+        "ia3": Row("ia3"),  # its natural size: vectors on k, v and the down_proj input
         "adapter": Row("adapter"),
         "parallel_adapter": Row("parallel_adapter"),
         "scaled_parallel_adapter": Row("scaled_parallel_adapter"),

@@ -60,6 +60,29 @@ class Traits:
 
 
 @dataclass(frozen=True)
+class PeftFormat:
+    """How a method's delta is written as, and read from, a Hugging Face PEFT adapter of one ``peft_type``, declared
+    where the method registers. ``deltatune.interop.peft`` does the rest for every such method: the files, the
+    ``base_model.model.`` prefix, the task type, fully trained tensors (``modules_to_save``, biases) and attaching;
+    the method only converts its own forms. (PEFT's ``LORA`` type has its own path there.)"""
+
+    peft_type: str  # adapter_config.json's peft_type, e.g. "IA3"
+    tensors: tuple[str, ...]  # the names PEFT gives a layer's tensors: keys "<module path>.<name>" in the adapter
+    # (method config, the method's own forms by name, model) -> (tensors keyed "<module path>.<PEFT name>",
+    # adapter_config.json fields of the method)
+    export: Callable[[Any, dict[str, Form], nn.Module], tuple[dict[str, Any], dict[str, Any]]]
+    # (adapter_config.json, the layers' tensors by module path then PEFT name, the adapter's other tensors that are
+    # no module's (e.g. VeRA's projections), model) -> (the method's options for attach, tensors to load by form
+    # name then the form's own tensor name)
+    import_: Callable[[dict[str, Any], dict[str, dict[str, Any]], dict[str, Any], nn.Module],
+                      tuple[dict[str, Any], dict[str, dict[str, Any]]]]
+    # PEFT's ``bias`` value for "the biases of the adapted modules" ("vera_only"); None: the type has no bias option
+    bias_only: str | None = None
+    # adapter keys outside the model (``base_model.<name>``, not ``base_model.model.<module>``) the type may hold
+    top_level: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
 class Method:
     name: str
     config_cls: type
@@ -70,6 +93,7 @@ class Method:
     mergeable: bool | str = True
     traits: Traits = dataclasses.field(default_factory=Traits)
     family: str = "other"  # one of FAMILIES: how `deltatune methods` groups it
+    peft: PeftFormat | None = None  # how it converts to and from a PEFT adapter (None: no PEFT type of its own)
 
     def has(self, trait: str, config: Any = None) -> bool:
         """Whether the method's delta has ``trait`` (a field of ``Traits``) with these options: a config, a dict
@@ -98,12 +122,13 @@ _REGISTRY: dict[str, Method] = {}
 
 # the kinds of delta, in the order ``deltatune methods`` lists them; a method declares its own where it registers
 # (tests/test_discoverability.py checks each declaration against the forms the method builds)
-FAMILIES = ("low-rank", "low-rank + sparse", "sparse", "full & layer-wise", "chosen tensors", "adapters & prompts",
-            "zeroth-order", "made from artifacts", "other")
+FAMILIES = ("low-rank", "low-rank + sparse", "sparse", "full & layer-wise", "chosen tensors", "scaling vectors",
+            "adapters & prompts", "zeroth-order", "made from artifacts", "other")
 
 
 def register(name: str, config_cls: type, description: str, *, mergeable: bool | str = True,
-             traits: Traits | None = None, family: str = "other") -> Callable[[Builder], Builder]:
+             traits: Traits | None = None, family: str = "other",
+             peft: PeftFormat | None = None) -> Callable[[Builder], Builder]:
     if not dataclasses.is_dataclass(config_cls):
         raise TypeError(f"method {name!r}: config must be a dataclass")
     if family not in FAMILIES:
@@ -112,7 +137,11 @@ def register(name: str, config_cls: type, description: str, *, mergeable: bool |
     def deco(build: Builder) -> Builder:
         if name in _REGISTRY and _REGISTRY[name].build is not build:
             raise ValueError(f"method {name!r} is registered twice")
-        _REGISTRY[name] = Method(name, config_cls, build, description, mergeable, traits or Traits(), family)
+        if peft is not None:
+            other = for_peft_type(peft.peft_type)
+            if other is not None and other.name != name:
+                raise ValueError(f"method {name!r}: PEFT type {peft.peft_type} is already {other.name!r}'s")
+        _REGISTRY[name] = Method(name, config_cls, build, description, mergeable, traits or Traits(), family, peft)
         return build
 
     return deco
@@ -128,6 +157,11 @@ def get(name: str) -> Method:
         hint = f" Did you mean {' or '.join(map(repr, near))}?" if near else ""
         raise DeltatuneError(f"unknown method {name!r}.{hint} Registered methods: {', '.join(sorted(_REGISTRY))}")
     return _REGISTRY[name]
+
+
+def for_peft_type(peft_type: str) -> Method | None:
+    """The method that declares PEFT's ``peft_type`` (``PeftFormat``), or None."""
+    return next((m for m in _REGISTRY.values() if m.peft is not None and m.peft.peft_type == peft_type.upper()), None)
 
 
 def method_of_config(config: Any) -> Method:
@@ -170,6 +204,8 @@ ALIASES: dict[str, str] = {
     "target_modules": "targets", "lora_target_modules": "targets",
     "layers_to_transform": "layers", "exclude_modules": "exclude", "init_lora_weights": "init",
     "num_virtual_tokens": "length", "bottleneck_size": "r",
+    "feedforward_modules": "feedforward", "init_ia3_weights": "init", "init_weights": "init",
+    "projection_prng_key": "seed", "vera_dropout": "dropout",
     # transformers' TrainingArguments, TRL's SFTConfig, axolotl
     "learning_rate": "lr", "num_train_epochs": "epochs", "num_epochs": "epochs", "max_steps": "steps",
     "per_device_train_batch_size": "batch_size", "micro_batch_size": "batch_size", "train_batch_size": "batch_size",

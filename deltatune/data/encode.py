@@ -295,8 +295,15 @@ def pack_labelled(features: list[dict], max_length: int) -> list[dict]:
     out = []
     for group in pack_groups([len(f["input_ids"]) for f in features], max_length):
         out.append({"input_ids": [t for i in group for t in features[i]["input_ids"]],
-                    "labels": [t for i in group for t in features[i]["labels"]]})
+                    "labels": [t for i in group for t in features[i]["labels"]],
+                    "position_ids": restarting_positions([len(features[i]["input_ids"]) for i in group])})
     return out
+
+
+def restarting_positions(lengths: list[int]) -> list[int]:
+    """Position ids that restart at 0 at each document of a packed row: what marks the documents for the
+    attention masks (transformers builds a block-diagonal causal mask from them when no attention mask is given)."""
+    return [k for n in lengths for k in range(n)]
 
 
 # ---------------------------------------------------------------- text
@@ -332,5 +339,16 @@ def blocks(docs: list[list[int]], max_length: int) -> list[dict]:
     """The documents as one stream cut into full blocks of ``max_length`` (TRL's "wrapped" packing: a document
     may run on into the next block; the ragged end is dropped)."""
     stream = [t for d in docs for t in d]
+    starts = {0}  # stream offsets where a document begins
+    for d in docs[:-1]:
+        starts.add(max(starts) + len(d))
     n = max_length
-    return [{"input_ids": stream[s:s + n]} for s in range(0, len(stream) - n + 1, n)]
+    out = []
+    for s in range(0, len(stream) - n + 1, n):
+        # positions restart at each document's start, and at the block's start for a document cut there
+        positions, p = [], 0
+        for k in range(s, s + n):
+            p = 0 if k in starts or k == s else p + 1
+            positions.append(p)
+        out.append({"input_ids": stream[s:s + n], "position_ids": positions})
+    return out

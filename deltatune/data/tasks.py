@@ -37,8 +37,10 @@ the training examples are mixed by weight (``deltatune.data.rows.mix``) and the 
 Packing (``data.packing``) for ``chat`` and label-word classification joins whole training examples (never
 cut) into rows of up to ``max_length`` tokens, best-fit decreasing, each with its loss positions kept: the
 assistant tokens of each conversation, the scored last position of each classification prompt. Within a row
-the examples attend to each other and positions run on across them, as in TRL's "wrapped" packing (issue 23
-adds document masks). Evaluation stays one example per row, so its metrics do not depend on packing. A
+each example is a document of its own: position ids restart at each one and the batch carries them instead of an
+attention mask, from which transformers' mask functions build a block-diagonal causal mask (``Task.with_documents``;
+models whose masks do not come from those functions keep the old behaviour: examples attend to each other and
+positions run on). Text packing marks the documents in its blocks the same way. Evaluation stays one example per row, so its metrics do not depend on packing. A
 classification head reads one label per sequence and cannot be packed.
 """
 
@@ -75,6 +77,7 @@ from deltatune.data.encode import (
     pack_groups,
     pack_labelled,
     pad_id,
+    restarting_positions,
     right_pad,
 )
 from deltatune.data.rows import split_indices
@@ -196,6 +199,25 @@ def _device_of(model: torch.nn.Module) -> torch.device:
         return next(model.parameters()).device
     except StopIteration:
         return torch.device("cpu")
+
+
+def tokens(batch: dict[str, torch.Tensor]) -> int:
+    """The batch's tokens, for throughput: the attention mask's, or every position of packed rows that carry
+    document masks instead (their little padding counted too)."""
+    mask = batch.get("attention_mask")
+    return int(mask.sum()) if mask is not None else batch["input_ids"].numel()
+
+
+def masks_documents(model: torch.nn.Module) -> bool:
+    """Whether the model builds its attention masks with transformers' mask functions, which turn position ids
+    that restart per document into a block-diagonal causal mask when no attention mask is given."""
+    import sys
+
+    module = sys.modules.get(type(_unwrap(model)).__module__)
+    try:
+        return module is not None and "create_causal_mask(" in inspect.getsource(module)
+    except (OSError, TypeError):
+        return False
 
 
 def _split_batch(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
@@ -388,9 +410,29 @@ class Task:
     # train.chunked_loss: next-token losses from the hidden states in chunks, never the full logits
     # (deltatune.data.lm_loss), where the model's logits are its head's output as is
     chunked_loss: bool = True
+    # packed rows keep each document to itself: position ids restarting per document and no attention mask
+    # (set at build time when the model's masks follow such position ids: ``masks_documents``)
+    document_masks: bool = False
 
     def chunked(self, model: torch.nn.Module) -> bool:
         return self.chunked_loss and lm_loss.supported(model)
+
+    def with_documents(self, batch: dict[str, torch.Tensor], features: list[dict]) -> dict[str, torch.Tensor]:
+        """A right-padded batch of packed rows with document masks: each row's restarting position ids (the
+        padding a document of its own) in place of the attention mask, from which transformers' mask functions
+        build a block-diagonal causal mask (``masking_utils.find_packed_sequence_indices``), so no token attends
+        across documents and each sees the positions it would see alone."""
+        if not self.document_masks or "position_ids" not in features[0]:
+            return batch
+        width = batch["input_ids"].shape[1]
+        positions = torch.zeros_like(batch["input_ids"])
+        for i, f in enumerate(features):
+            n = len(f["position_ids"])
+            positions[i, :n] = torch.tensor(f["position_ids"], dtype=torch.long)
+            positions[i, n:] = torch.arange(width - n)
+        batch["position_ids"] = positions
+        del batch["attention_mask"]
+        return batch
 
     def __init__(self, cfg: DataConfig, tokenizer: Any, train: list[dict], eval: list[dict],
                  label_names: list[str] | None = None) -> None:
@@ -454,7 +496,8 @@ class _CausalLMTask(Task):
 
     def collate(self, features: list[dict]) -> dict[str, torch.Tensor]:
         seqs = [f["input_ids"] for f in features]
-        return right_pad(seqs, self.pad_id, [f.get("labels", f["input_ids"]) for f in features])
+        return self.with_documents(right_pad(seqs, self.pad_id, [f.get("labels", f["input_ids"]) for f in features]),
+                                   features)
 
     def _sums(self, model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
         inputs, labels = _split_batch(model, batch)
@@ -472,7 +515,7 @@ class _CausalLMTask(Task):
 
     def loss(self, model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int]:
         total, count = self._sums(model, batch)
-        return total / count.clamp(min=1), int(batch["attention_mask"].sum())
+        return total / count.clamp(min=1), tokens(batch)
 
     def _evaluate(self, model: torch.nn.Module, batch_size: int) -> dict[str, float]:
         total, count = 0.0, 0
@@ -542,7 +585,7 @@ class EditTask(Task):
 
     def loss(self, model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int]:
         mean_nll, _, _ = self._per_edit(model, batch)
-        return mean_nll.mean(), int(batch["attention_mask"].sum())
+        return mean_nll.mean(), tokens(batch)
 
     def _evaluate(self, model: torch.nn.Module, batch_size: int) -> dict[str, float]:
         nll, success, accuracy = 0.0, 0, 0.0
@@ -577,9 +620,9 @@ class HeadClassificationTask(Task):
             head, positions = self.representation_site(model, batch)
             with self.loss_terms.around(head, positions, len(batch["labels"])) as seen:
                 scores = self.scores(model, batch)
-            return seen.loss(scores, batch["labels"].to(scores.device)), int(batch["attention_mask"].sum())
+            return seen.loss(scores, batch["labels"].to(scores.device)), tokens(batch)
         scores = self.scores(model, batch)
-        return F.cross_entropy(scores, batch["labels"].to(scores.device)), int(batch["attention_mask"].sum())
+        return F.cross_entropy(scores, batch["labels"].to(scores.device)), tokens(batch)
 
     def representation_site(self, model: torch.nn.Module, batch: dict[str, torch.Tensor]
                             ) -> tuple[torch.nn.Module, torch.Tensor | int]:
@@ -617,7 +660,7 @@ class GenerativeClassificationTask(HeadClassificationTask):
         if "ends" not in features[0]:
             return super().collate(features)
         # packed rows: right padding, and per row the positions where its examples end and their classes
-        batch = right_pad([f["input_ids"] for f in features], self.pad_id)
+        batch = self.with_documents(right_pad([f["input_ids"] for f in features], self.pad_id), features)
         width = max(len(f["ends"]) for f in features)
         batch["score_positions"] = torch.zeros((len(features), width), dtype=torch.long)
         batch["labels"] = torch.full((len(features), width), IGNORE_INDEX, dtype=torch.long)
@@ -637,7 +680,7 @@ class GenerativeClassificationTask(HeadClassificationTask):
         scores = self.scores(model, batch)  # (rows, examples per row, classes)
         labels = batch["labels"].to(scores.device)
         return (F.cross_entropy(scores.flatten(0, 1), labels.flatten(), ignore_index=IGNORE_INDEX),
-                int(batch["attention_mask"].sum()))
+                tokens(batch))
 
     def scores(self, model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         """Class scores (batch, num_labels), float32; for packed rows (rows, examples, num_labels)."""
@@ -691,6 +734,13 @@ def _build(cfg: DataConfig, tokenizer: Any, model: torch.nn.Module, labelled: li
            objective: Any = None) -> Task:
     cfg.check()
     base = _unwrap(model)
+    task = _build_task(cfg, tokenizer, base, labelled, objective)
+    task.document_masks = bool(cfg.packing) and masks_documents(base)
+    return task
+
+
+def _build_task(cfg: DataConfig, tokenizer: Any, base: torch.nn.Module, labelled: list[data.TextDataset] | None,
+                objective: Any) -> Task:
     if cfg.task == "classification":
         return _build_classification(cfg, tokenizer, base,
                                      labelled if labelled is not None else rows.classification_parts(cfg))
@@ -889,7 +939,8 @@ def _pack_prompts(features: list[dict], max_length: int) -> list[dict]:
             ids += features[i]["input_ids"]
             ends.append(len(ids) - 1)
             classes.append(features[i]["label"])
-        out.append({"input_ids": ids, "ends": ends, "classes": classes})
+        positions = restarting_positions([len(features[i]["input_ids"]) for i in group])
+        out.append({"input_ids": ids, "ends": ends, "classes": classes, "position_ids": positions})
     return out
 
 

@@ -1,5 +1,6 @@
 """Hugging Face PEFT adapter format: export deltas to it (low-rank ones exactly, any weight-side one as a LoRA by
-truncated SVD), import LoRA adapters from it.
+truncated SVD), import LoRA adapters from it; and the same both ways for every other PEFT type a method declares where
+it registers (``registry.PeftFormat``, e.g. PEFT's IA3 or VERA), with no method named here.
 
 On disk PEFT writes ``adapter_config.json`` + ``adapter_model.safetensors`` with keys
 ``base_model.model.<module path>.lora_A.weight`` (r, in) / ``.lora_B.weight`` (out, r);
@@ -11,6 +12,10 @@ module as ``base_layer``, and silently ignores a ``<path>.bias`` key). We emit e
 ranks differ, so PEFT rebuilds exactly our modules and scales. DoRA deltas (method ``dora``) export with
 ``use_dora: true`` and their magnitude under ``<module path>.lora_magnitude_vector`` (no ``.weight`` on disk, as
 PEFT saves it); a DoRA adapter imports back as a ``dora`` delta.
+
+A method with a ``PeftFormat`` converts its own forms (``_method_files``, ``_import_method``); this module does the rest
+as for LoRA: the files, PEFT's key prefix, the task type, fully trained tensors (``modules_to_save``, biases, a fresh
+head) and attaching.
 
 ``export_peft(tuned, out, rank=R)`` writes any weight-side delta (sparse, dense, low-rank, DoRA, sums of forms) as a
 LoRA adapter: each changed weight matrix becomes the truncated SVD of its ΔW at rank R, biases and norm weights
@@ -35,7 +40,7 @@ import torch.nn as nn
 from safetensors import SafetensorError
 from safetensors.torch import load_file
 
-from deltatune.core import artifact
+from deltatune.core import artifact, registry
 from deltatune.core.forms.base import WeightDelta
 from deltatune.core.forms.dense import Dense
 from deltatune.core.forms.lowrank import LowRank, layout_of
@@ -118,20 +123,24 @@ class _Adapter:
 
 
 def export_peft(tuned: Tuned, out: str | os.PathLike, *, rank: int | None = None, overwrite: bool = False) -> Path:
-    """Write ``tuned``'s delta as a PEFT LoRA adapter (``PeftModel.from_pretrained`` loads it unchanged) at ``out``:
+    """Write ``tuned``'s delta as a PEFT adapter (``PeftModel.from_pretrained`` loads it unchanged) at ``out``:
     a new or empty folder, or a PEFT adapter (replaced atomically); ``overwrite`` replaces any other folder.
 
-    Without ``rank`` a low-rank delta is written exactly as it is (its own factors). With ``rank`` every weight-side
+    Without ``rank`` a low-rank delta is written exactly as it is (its own factors), as a LoRA adapter, and a method
+    with a PEFT type of its own (``registry.PeftFormat``) as an adapter of that type. With ``rank`` every weight-side
     delta (sparse, dense, low-rank, DoRA, sums of them) becomes a LoRA of that rank by truncated SVD of each
     tensor's ΔW (see ``svd_adapter``), and ``export-report.json`` beside the adapter gives the error per tensor."""
     if tuned.merged:
         raise DeltatuneError("the delta is merged into the base; unmerge() before exporting it")
     report: dict[str, Any] | None = None
-    if rank is None:
-        adapter = _exact_adapter(tuned)
+    codec = tuned.method.peft
+    if rank is None and codec is not None:  # the method's own PEFT type: exact
+        tensors, config = _method_files(tuned, codec)
+    elif rank is None:
+        tensors, config = _adapter_files(tuned.model, _exact_adapter(tuned))
     else:
         adapter, report = svd_adapter(tuned, rank)
-    tensors, config = _adapter_files(tuned.model, adapter)
+        tensors, config = _adapter_files(tuned.model, adapter)
     base = base_reference(getattr(getattr(tuned.model, "config", None), "_name_or_path", None))
     config["base_model_name_or_path"] = base.path
     card = model_card(base, config, tuned.method.name, out, svd_rank=rank)
@@ -139,6 +148,33 @@ def export_peft(tuned: Tuned, out: str | os.PathLike, *, rank: int | None = None
     with artifact.destination(out, "peft", overwrite=overwrite) as dest:
         dest.write_tensors(tensors, WEIGHTS_FILE, json_files, text_files={CARD_FILE: card})
     return Path(out)
+
+
+def _method_files(tuned: Tuned, codec: registry.PeftFormat) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """The adapter of a method that declares its own PEFT type (``registry.PeftFormat``): its layers as the method
+    writes them, its dense deltas (``modules_to_save``, biases, a fresh head) as trained values."""
+    forms = tuned.forms()
+    dense = {n: f for n, f in forms.items() if isinstance(f, Dense) and f.kind == Dense.kind}
+    layers, fields = codec.export(tuned.method_config, {n: f for n, f in forms.items() if n not in dense}, tuned.model)
+    adapted = {_module_of(k) for k in layers}
+    tensors = {PREFIX + k: v.detach().contiguous() for k, v in layers.items()}
+    more, task, bias_modules, saved_modules = _trained_files(tuned.model, _dense_values(tuned.model, dense.values()),
+                                                             adapted)
+    tensors.update(more)
+    bias_mode = "none"
+    if bias_modules:
+        if codec.bias_only is None:
+            raise DeltatuneError(f"PEFT's {codec.peft_type} adapter has no bias option: it cannot hold the trained "
+                                 f"bias of {sorted(bias_modules)[0]}")
+        bias_mode = codec.bias_only if bias_modules <= adapted else "all"
+    config: dict[str, Any] = {"peft_type": codec.peft_type, "task_type": task, "base_model_name_or_path": None,
+                              "revision": None, "inference_mode": True, **fields,
+                              **({"bias": bias_mode} if codec.bias_only is not None else {}),
+                              "modules_to_save": saved_modules or None, "peft_version": PEFT_VERSION}
+    if task is None:  # AutoPeftModel finds the model class here when no task type names it (PEFT writes it too)
+        config["auto_mapping"] = {"base_model_class": type(tuned.model).__name__,
+                                  "parent_library": type(tuned.model).__module__}
+    return tensors, config
 
 
 def _weight_side(form: Any) -> bool:
@@ -178,15 +214,19 @@ def _exact_adapter(tuned: Tuned) -> _Adapter:
                                  f.magnitude if isinstance(f, DoRA) else None)
         for name, f in low.items()
     }
-    # Dense deltas: PEFT stores trained values, not differences, under every module that holds the tensor
-    # (a tied weight is trained at each of its sites).
-    module_names = _first_names(tuned.model)
+    return _Adapter(layers, _dense_values(tuned.model, dense.values()), rslora=rslora.pop(), dora=bool(dora))
+
+
+def _dense_values(model: nn.Module, dense: Any) -> dict[str, torch.Tensor]:
+    """Dense deltas as PEFT stores them: trained values, not differences, under every module that holds the tensor
+    (a tied weight is trained at each of its sites)."""
+    module_names = _first_names(model)
     trained: dict[str, torch.Tensor] = {}
-    for f in dense.values():
+    for f in dense:
         value = (f.base + f.delta).detach()
         for m, attr in f.sites:
             trained[f"{module_names[id(m)]}.{attr}"] = value
-    return _Adapter(layers, trained, rslora=rslora.pop(), dora=bool(dora))
+    return trained
 
 
 def _adapter_files(model: nn.Module, adapter: _Adapter) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
@@ -201,30 +241,42 @@ def _adapter_files(model: nn.Module, adapter: _Adapter) -> tuple[dict[str, torch
         if layer.magnitude is not None:
             tensors[f"{path}.{MAGNITUDE}"] = layer.magnitude
 
+    more, task, bias_modules, saved_modules = _trained_files(model, adapter.trained, set(adapter.layers))
+    tensors.update(more)
+    bias_mode = "none"
+    if bias_modules:
+        bias_mode = "lora_only" if bias_modules <= set(adapter.layers) else "all"
+    return tensors, _adapter_config(model, adapter, task, bias_mode, saved_modules)
+
+
+def _trained_files(model: nn.Module, trained: dict[str, torch.Tensor], adapted: set[str]
+                   ) -> tuple[dict[str, torch.Tensor], str | None, set[str], list[str]]:
+    """Fully trained tensors (by "<module path>.<tensor>") as PEFT saves them next to the adapter layers of the
+    modules ``adapted``: their tensors, the task type, the modules whose bias alone trained (PEFT's ``bias`` option)
+    and the ``modules_to_save`` entries."""
     # A module with a trained non-bias tensor becomes a modules_to_save entry (PEFT trains a copy of the whole
     # module); a lone trained bias is PEFT's `bias` option.
+    tensors: dict[str, torch.Tensor] = {}
     all_modules = [n for n, _ in model.named_modules(remove_duplicate=False)]
-    lora_paths = set(adapter.layers)
-    trained = adapter.trained
     saved_modules = {_module_of(k) for k in trained if not k.endswith(".bias")}
-    clash = sorted(saved_modules & lora_paths)
+    clash = sorted(saved_modules & adapted)
     if clash:
         raise DeltatuneError(
-            f"{clash[0]} carries a low-rank delta and a fully trained tensor; PEFT cannot hold both on one module"
+            f"{clash[0]} carries an adapter layer and a fully trained tensor; PEFT cannot hold both on one module"
         )
     task = task_type(model)
     # PEFT wraps every module whose name *ends with* (no dot needed) a modules_to_save entry, adds its own entries
     # for classification heads, and then insists on a saved value for each tensor of each wrapped module.
     auto = list(_TASK_SAVED.get(task or "", ()))
-    if any(p.endswith(a) for p in lora_paths for a in auto):
+    if any(p.endswith(a) for p in adapted for a in auto):
         task, auto = None, []  # LoRA on the head: PEFT's task class would wrap it instead; the plain class does not
     entries = sorted(saved_modules) + auto
     wrapped = {n for n in all_modules if n and any(n.endswith(e) for e in entries)}
-    hit = sorted(p for p in lora_paths if any(p == w or p.startswith(w + ".") for w in wrapped))
+    hit = sorted(p for p in adapted if any(p == w or p.startswith(w + ".") for w in wrapped))
     if hit:
         raise DeltatuneError(
             f"PEFT would treat {hit[0]} as (part of) a fully trained module, as its name ends with a "
-            "modules_to_save entry, and drop its low-rank delta"
+            "modules_to_save entry, and drop its adapter layer"
         )
     state = {_unparametrized(k): v for k, v in model.state_dict(keep_vars=True).items()}
     for key, value in state.items():
@@ -238,12 +290,9 @@ def _adapter_files(model: nn.Module, adapter: _Adapter) -> tuple[dict[str, torch
         if not key.endswith(".bias"):
             raise DeltatuneError(f"{key} is fully trained but PEFT could only hold it as a module to save")
         bias_modules.add(path)
-        inner = ".base_layer" if path in lora_paths else ""  # PEFT's LoRA layer keeps the original as base_layer
+        inner = ".base_layer" if path in adapted else ""  # PEFT's adapter layer keeps the original as base_layer
         tensors[f"{PREFIX}{path}{inner}.bias"] = value
-    bias_mode = "none"
-    if bias_modules:
-        bias_mode = "lora_only" if bias_modules <= lora_paths else "all"
-    return tensors, _adapter_config(model, adapter, task, bias_mode, sorted(saved_modules))
+    return tensors, task, bias_modules, sorted(saved_modules)
 
 
 def _adapter_config(model: nn.Module, adapter: _Adapter, task: str | None, bias_mode: str,
@@ -482,9 +531,11 @@ _AUTO_CLASSES = {"CAUSAL_LM": "AutoPeftModelForCausalLM", "SEQ_CLS": "AutoPeftMo
                  "SEQ_2_SEQ_LM": "AutoPeftModelForSeq2SeqLM"}
 
 
-def _card_metadata(shown: str | None, task: str | None) -> list[str]:
-    """The model card's YAML lines as PEFT's ``create_or_update_model_card`` sets them (values JSON-quoted)."""
-    tags = ["transformers", "lora", *([f"base_model:adapter:{shown}"] if shown else []), "deltatune"]
+def _card_metadata(shown: str | None, task: str | None, peft_type: str = "LORA") -> list[str]:
+    """The model card's YAML lines as PEFT's ``create_or_update_model_card`` sets them (values JSON-quoted; PEFT tags
+    only its LORA type by name)."""
+    kind = ["lora"] if peft_type == "LORA" else []
+    tags = ["transformers", *kind, *([f"base_model:adapter:{shown}"] if shown else []), "deltatune"]
     meta = ([f"base_model: {json.dumps(shown)}"] if shown else []) + ["library_name: peft"]
     if task == "CAUSAL_LM":
         meta.append("pipeline_tag: text-generation")
@@ -499,10 +550,16 @@ def model_card(base: BaseReference, config: dict[str, Any], method: str, out: st
     shown = base.hub_id or base.path
     auto = _AUTO_CLASSES.get(config["task_type"] or "", "AutoPeftModel")
     where = os.fspath(out)
-    lines = [*_card_metadata(shown, config["task_type"]), "",
-             f"# {'DoRA' if config['use_dora'] else 'LoRA'} adapter" + (f" for {shown}" if shown else ""), "",
-             f"Exported by deltatune {__version__} from a `{method}` delta: r={config['r']}, "
-             f"lora_alpha={config['lora_alpha']}, {len(config['target_modules'])} target modules.", "",
+    peft_type = config["peft_type"]
+    if peft_type == "LORA":
+        title = "DoRA" if config["use_dora"] else "LoRA"
+        sizes = f"r={config['r']}, lora_alpha={config['lora_alpha']}, "
+    else:  # a method's own type (registry.PeftFormat)
+        title, sizes = peft_type, "".join(f"{k}={config[k]}, " for k in ("r", "alpha") if k in config)
+    lines = [*_card_metadata(shown, config["task_type"], peft_type), "",
+             f"# {title} adapter" + (f" for {shown}" if shown else ""), "",
+             f"Exported by deltatune {__version__} from a `{method}` delta: {sizes}"
+             f"{len(config['target_modules'])} target modules.", "",
              *([f"Each tensor's ΔW is its truncated SVD at rank {svd_rank}; {REPORT_FILE} gives the relative "
                 "error ‖ΔW − B·A‖_F / ‖ΔW‖_F of each.", ""] if svd_rank is not None else []),
              "## How to load", "", "```python", f"from peft import {auto}", "",
@@ -611,17 +668,29 @@ def _normalise_key(key: str) -> str | None:
     if ".original_module." in key:  # ModulesToSaveWrapper's untouched original: the base itself
         return None
     key = re.sub(r"\.modules_to_save\.[^.]+\.", ".", key)  # old files: <path>.modules_to_save.<adapter>.<param>
+    # bias="all" also saves the wrapped copy's biases as <path>.modules_to_save.<param>: the same trained value
+    key = re.sub(r"\.modules_to_save\.([^.]+)$", r".\1", key)
     return key.replace(".base_layer.", ".")  # the original module inside a LoRA layer
 
 
+def peft_types() -> list[str]:
+    """The PEFT adapter types deltatune imports and exports: LORA (lora, dora) and those methods declare."""
+    return ["LORA", *sorted(m.peft.peft_type for m in map(registry.get, registry.names()) if m.peft is not None)]
+
+
 def import_peft(model: nn.Module, adapter: str | os.PathLike) -> Tuned:
-    """Attach a PEFT LoRA adapter to ``model`` as a deltatune ``lora`` delta, or ``dora`` when it was saved with
-    ``use_dora`` (same logits as PEFT)."""
+    """Attach a PEFT adapter to ``model`` as a deltatune delta (same logits as PEFT): a LoRA adapter as ``lora``, or
+    ``dora`` when it was saved with ``use_dora``; another type as the method that declares it (``registry.PeftFormat``)."""
     config, raw = read_peft(adapter)
-    if str(config.get("peft_type", "")).upper() != "LORA":
-        raise DeltatuneError(
-            f"{adapter} is a {config.get('peft_type')!r} adapter; only PEFT LoRA adapters (peft_type 'LORA') import"
-        )
+    peft_type = str(config.get("peft_type", "")).upper()
+    if peft_type != "LORA":
+        method = registry.for_peft_type(peft_type)
+        if method is None or method.peft is None:
+            raise DeltatuneError(
+                f"{adapter} is a {config.get('peft_type')!r} adapter; deltatune imports PEFT's "
+                f"{', '.join(peft_types())} adapters (peft_type in adapter_config.json)"
+            )
+        return _import_method(model, adapter, config, raw, method, method.peft)
     for key, why in _UNSUPPORTED:
         if config.get(key):
             raise DeltatuneError(f"{adapter} uses {why}, which deltatune does not import")
@@ -637,7 +706,7 @@ def import_peft(model: nn.Module, adapter: str | os.PathLike) -> Tuned:
         nk = _normalise_key(k)
         if nk is None:
             continue
-        if nk in tensors:
+        if nk in tensors and not torch.equal(tensors[nk], v):
             raise DeltatuneError(f"{adapter} holds two tensors for {nk!r} (the second is {k!r})")
         tensors[nk] = v
     lora: dict[str, dict[str, torch.Tensor]] = {}
@@ -668,26 +737,8 @@ def import_peft(model: nn.Module, adapter: str | os.PathLike) -> Tuned:
             f"({len(missing)} of {len(lora_modules)} modules missing): it was made for another base model"
         )
 
-    # Fully trained tensors, by module. A LoRA layer's own base weight is saved by PEFT when an embedding is
-    # targeted (save_embedding_layers): it must be the model's weight, or the adapter changes the base.
-    saved = {k: v for k, v in tensors.items() if not _LORA_KEY.match(k)}
-    base_state = model.state_dict(keep_vars=True)
-    for key, value in saved.items():
-        if key not in base_state:
-            raise DeltatuneError(f"{adapter} saves {key!r}, which this model does not have: is it the right base model?")
-        if tuple(base_state[key].shape) != tuple(value.shape):
-            raise DeltatuneError(
-                f"{adapter} saves {key!r} with shape {tuple(value.shape)}, the model has {tuple(base_state[key].shape)} "
-                "(a resized vocabulary?): it was made for another base model"
-            )
-    base_copies = [k for k in saved if _module_of(k) in lora and not k.endswith(".bias")]
-    for key in base_copies:
-        if not torch.equal(saved[key].to(base_state[key].dtype), base_state[key].detach()):
-            raise DeltatuneError(
-                f"{adapter} saves a changed base weight {key!r} under its LoRA layer (e.g. an embedding trained or "
-                "resized next to LoRA): deltatune cannot hold a dense and a low-rank delta on one tensor"
-            )
-        del saved[key]
+    saved, base_state = _saved_values(adapter, model, {k: v for k, v in tensors.items() if not _LORA_KEY.match(k)},
+                                      set(lora), "LoRA")
     modules_to_save = sorted({_module_of(k) for k in saved if not k.endswith(".bias")})
     loose_biases = {_module_of(k) for k in saved if k.endswith(".bias")} - set(modules_to_save)
     bias = config.get("bias", "none")
@@ -733,38 +784,144 @@ def import_peft(model: nn.Module, adapter: str | os.PathLike) -> Tuned:
                 a, b = (parts["lora_embedding_A"], parts["lora_embedding_B"]) if emb else (
                     parts["lora_A.weight"], parts["lora_B.weight"])
                 form.load_stored({"A": a, "B": b} | ({"magnitude": parts[MAGNITUDE]} if use_dora else {}))
-            # a dense delta applies at every site of its tensor: each site must hold the same saved value
-            module_names: dict[int, str] = {}
-            for n, m in model.named_modules(remove_duplicate=False):
-                module_names.setdefault(id(m), n)
-            site_form: dict[str, Dense] = {}
-            for form in forms.values():
-                if isinstance(form, Dense):
-                    for m, attr in form.sites:
-                        site_form[f"{module_names[id(m)]}.{attr}"] = form
-            done: dict[int, str] = {}
-            for name, value in saved.items():
-                form = site_form.get(name)
-                if form is None:
-                    if torch.equal(value.to(base_state[name].dtype), base_state[name].detach()):
-                        continue  # e.g. a buffer of a module to save: the base value
-                    raise DeltatuneError(f"{adapter} saves a changed {name!r}, which a LoRA delta cannot hold")
-                sites = sorted(k for k, f in site_form.items() if f is form)
-                if len(sites) > 1 and not all(k in saved and torch.equal(saved[k], value) for k in sites):
-                    raise DeltatuneError(
-                        f"{adapter} trains {name!r}, whose tensor the model shares with {sorted(set(sites) - {name})} "
-                        "(tied weights), at one site only; deltatune trains a tied tensor at all its sites. Save the "
-                        "adapter with LoraConfig(ensure_weight_tying=True), or untie the weights of the base model"
-                    )
-                if id(form) not in done:
-                    form.delta.copy_(value.to(form.base.dtype) - form.base)
-                    done[id(form)] = name
+            _load_saved(adapter, model, forms, saved, base_state, "a LoRA delta")
     except Exception:
         tuned.detach()
         if previous is not None:
             previous.reattach()
         raise
     return tuned
+
+
+def _import_method(model: nn.Module, adapter: str | os.PathLike, config: dict[str, Any], raw: dict[str, torch.Tensor],
+                   method: registry.Method, codec: registry.PeftFormat) -> Tuned:
+    """A PEFT adapter of a type a method declares (``registry.PeftFormat``): its layers' tensors by module go to the
+    method, which gives its options and its forms' tensors; fully trained tensors become its dense deltas."""
+    kind = codec.peft_type
+    names = "|".join(re.escape(n) for n in sorted(codec.tensors, key=len, reverse=True))
+    layer_key = re.compile(rf"^(?P<mod>.+)\.(?P<t>{names})(\.[^.]+)?$")  # in-memory names end in the adapter name
+    top = "|".join(re.escape(n) for n in codec.top_level) or "(?!)"
+    top_key = re.compile(rf"^base_model\.(?P<t>{top})(\.[^.]+)?$")
+    layers: dict[str, dict[str, torch.Tensor]] = {}
+    extra: dict[str, torch.Tensor] = {}
+    saved: dict[str, torch.Tensor] = {}
+    for key, value in raw.items():
+        if m := top_key.match(key):
+            extra[m.group("t")] = value
+            continue
+        nk = _normalise_key(key)
+        if nk is None:
+            continue
+        if m := layer_key.match(nk):
+            parts = layers.setdefault(m.group("mod"), {})
+            if m.group("t") in parts:
+                raise DeltatuneError(f"{adapter} holds two tensors for {nk!r} (the second is {key!r})")
+            parts[m.group("t")] = value
+        elif nk in saved and not torch.equal(saved[nk], value):
+            raise DeltatuneError(f"{adapter} holds two tensors for {nk!r} (the second is {key!r})")
+        else:
+            saved[nk] = value
+    if not layers:
+        raise DeltatuneError(f"{adapter} holds no {kind} tensors (keys like '<module>.{codec.tensors[0]}')")
+    have = {n for n, _ in model.named_modules()}
+    missing = [m for m in sorted(layers) if m not in have]
+    if missing:
+        raise DeltatuneError(
+            f"{adapter} has {kind} tensors for {missing[0]!r}, which this {type(model).__name__} does not have "
+            f"({len(missing)} of {len(layers)} modules missing): it was made for another base model"
+        )
+    saved, base_state = _saved_values(adapter, model, saved, set(layers), kind)
+    modules_to_save = sorted({_module_of(k) for k in saved if not k.endswith(".bias")})
+    loose_biases = {_module_of(k) for k in saved if k.endswith(".bias")} - set(modules_to_save)
+    options, loaded = codec.import_(config, layers, extra, model)
+    if loose_biases or (codec.bias_only is not None and config.get("bias", "none") != "none"):
+        if codec.bias_only is None:
+            raise DeltatuneError(f"{adapter} saves the bias of {sorted(loose_biases)[0]!r}, which PEFT's {kind} "
+                                 "adapter has no option for: it was not saved by PEFT")
+        # the import's own reading of what trained, as PEFT's option says it loosely (a bias saved under "all")
+        options["bias"] = "all" if loose_biases - set(layers) else (codec.bias_only if loose_biases else "none")
+    options["modules_to_save"] = modules_to_save or None
+    previous = carried_by(model)  # put back on if the adapter is refused below, as dt.load does
+    tuned = attach(model, method.name, **options)
+    try:
+        forms = tuned.forms()
+        with torch.no_grad():
+            for name, values in loaded.items():
+                form = forms.get(name)
+                if form is None:
+                    raise DeltatuneError(f"{adapter}: {name} did not become a {method.name} delta")
+                expected = set(form.stored_tensors_names())
+                if set(values) != expected:
+                    raise DeltatuneError(
+                        f"{adapter}: {_module_of(name)!r} has {kind} tensors {sorted(values)}, but this model's "
+                        f"{method.name} delta there holds {sorted(expected)} (its config gives another structure)"
+                    )
+                form.load_stored(values)
+            _load_saved(adapter, model, forms, saved, base_state, f"a {method.name} delta")
+    except Exception:
+        tuned.detach()
+        if previous is not None:
+            previous.reattach()
+        raise
+    return tuned
+
+
+def _saved_values(adapter: str | os.PathLike, model: nn.Module, saved: dict[str, torch.Tensor], adapted: set[str],
+                  what: str) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """The adapter's fully trained tensors (by model key), checked against the model, without the copies of the
+    adapted modules' own base weights; and the model's state (parametrised names as the model has them)."""
+    # A layer's own base weight is saved by PEFT when an embedding is targeted (save_embedding_layers): it must be the
+    # model's weight, or the adapter changes the base.
+    base_state = model.state_dict(keep_vars=True)
+    for key, value in saved.items():
+        if key not in base_state:
+            raise DeltatuneError(f"{adapter} saves {key!r}, which this model does not have: is it the right base model?")
+        if tuple(base_state[key].shape) != tuple(value.shape):
+            raise DeltatuneError(
+                f"{adapter} saves {key!r} with shape {tuple(value.shape)}, the model has {tuple(base_state[key].shape)} "
+                "(a resized vocabulary?): it was made for another base model"
+            )
+    saved = dict(saved)
+    for key in [k for k in saved if _module_of(k) in adapted and not k.endswith(".bias")]:
+        if not torch.equal(saved[key].to(base_state[key].dtype), base_state[key].detach()):
+            raise DeltatuneError(
+                f"{adapter} saves a changed base weight {key!r} under its {what} layer (e.g. an embedding trained or "
+                f"resized next to {what}): deltatune cannot hold a dense and a {what} delta on one tensor"
+            )
+        del saved[key]
+    return saved, base_state
+
+
+def _load_saved(adapter: str | os.PathLike, model: nn.Module, forms: dict[str, Any], saved: dict[str, torch.Tensor],
+                base_state: dict[str, torch.Tensor], what: str) -> None:
+    """The adapter's fully trained tensors into the dense deltas the import attached (``modules_to_save``, biases);
+    a saved value no dense delta holds must be the base's (``what``: the delta that cannot hold it)."""
+    # a dense delta applies at every site of its tensor: each site must hold the same saved value
+    module_names: dict[int, str] = {}
+    for n, m in model.named_modules(remove_duplicate=False):
+        module_names.setdefault(id(m), n)
+    site_form: dict[str, Dense] = {}
+    for form in forms.values():
+        if isinstance(form, Dense):
+            for m, attr in form.sites:
+                site_form[f"{module_names[id(m)]}.{attr}"] = form
+    done: dict[int, str] = {}
+    for name, value in saved.items():
+        form = site_form.get(name)
+        if form is None:
+            if torch.equal(value.to(base_state[name].dtype), base_state[name].detach()):
+                continue  # e.g. a buffer of a module to save: the base value
+            raise DeltatuneError(f"{adapter} saves a changed {name!r}, which {what} cannot hold")
+        sites = sorted(k for k, f in site_form.items() if f is form)
+        if len(sites) > 1 and not all(k in saved and torch.equal(saved[k], value) for k in sites):
+            raise DeltatuneError(
+                f"{adapter} trains {name!r}, whose tensor the model shares with {sorted(set(sites) - {name})} "
+                "(tied weights), at one site only; deltatune trains a tied tensor at all its sites. Save the "
+                "adapter with LoraConfig(ensure_weight_tying=True), or untie the weights of the base model"
+            )
+        if id(form) not in done:
+            form.delta.copy_(value.to(form.base.dtype) - form.base)
+            done[id(form)] = name
 
 
 # -- PEFT's LoraConfig object given to dt.attach --------------------------------------------------------------

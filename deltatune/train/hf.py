@@ -434,6 +434,9 @@ class DeltaTuneTrainer(Trainer):
     # the policy's regulariser -------------------------------------------------------------------
     def compute_loss(self, model: torch.nn.Module, inputs: dict[str, Any], return_outputs: bool = False,
                      num_items_in_batch: Any = None) -> Any:
+        if "position_ids" in inputs and "attention_mask" not in inputs:
+            # packed rows with document masks (Task.with_documents): transformers builds them only without a cache
+            inputs = {**inputs, "use_cache": False}
         if self.objective is not None:
             loss = self._objective_loss(model, inputs, num_items_in_batch)
             result = (loss, None) if return_outputs else loss
@@ -468,7 +471,7 @@ class DeltaTuneTrainer(Trainer):
         the whole accumulated batch when the model takes loss kwargs, else the mean), and its scaling for averaging
         tokens across devices, from the chunked next-token NLL."""
         labels = inputs["labels"]
-        rest = {k: v for k, v in inputs.items() if k != "labels"}
+        rest = {k: v for k, v in inputs.items() if k not in ("labels", "use_cache")}  # token_nll sets use_cache
         total = lm_loss.token_nll(model, rest, labels).nll.sum()
         counted = self.model_accepts_loss_kwargs and num_items_in_batch is not None
         if counted:

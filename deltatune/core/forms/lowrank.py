@@ -26,7 +26,8 @@ def layout_of(module: nn.Module) -> str:
         return "linear"
     if isinstance(module, nn.Embedding):
         return "embedding"
-    if type(module).__name__ == "Conv1D" and hasattr(module, "nf"):  # transformers' GPT-2 Conv1D
+    # transformers' GPT-2 Conv1D, also while a parametrisation has swapped its class for a subclass
+    if any(c.__name__ == "Conv1D" for c in type(module).__mro__) and hasattr(module, "nf"):
         return "conv1d"
     raise DeltatuneError(
         f"a low-rank delta cannot target a {type(module).__name__}: supported are nn.Linear, GPT-2 Conv1D "
