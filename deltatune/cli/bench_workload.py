@@ -72,11 +72,14 @@ class Workload:
 
 ALL_LINEAR = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 # bench names that are a preset with other method options: the comparisons with LoRA at its trainable count on
-# every linear layer of the blocks, and SpIEL with SM3's regrowth statistics
+# every linear layer of the blocks, SpIEL with SM3's regrowth statistics, and full / LISA with W0 kept in memory
+# (the presets keep it on disk), to measure what the disk saves
 VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
     "lora-all": ("lora", {"targets": ALL_LINEAR}),
     "spiel-all": ("spiel", {"targets": ALL_LINEAR}),
     "spiel-sm3": ("spiel", {"regrow": "sm3"}),
+    "full-memory": ("full", {"keep_w0": "memory"}),
+    "lisa-memory": ("lisa", {"keep_w0": "memory"}),
 }
 # what the bench changes in a preset's method, so that a run of about 10 steps shows the policy at work
 SHORT_RUN: dict[str, dict[str, Any]] = {
@@ -111,7 +114,7 @@ def bench_names() -> list[str]:
 
 
 def method_config(name: str, data: dict[str, Any] | None = None) -> dict[str, Any]:
-    """The method config a bench name stands for: its preset's method (or a variant of one) with the
+    """The method config a bench name stands for: its preset's method (or a variant of one) with its base method's
     ``SHORT_RUN`` changes, or a registered method with its defaults. A method that reads data itself reads
     ``data`` (the workload's) where given."""
     base, options = VARIANTS.get(name, (name, {}))
@@ -119,7 +122,7 @@ def method_config(name: str, data: dict[str, Any] | None = None) -> dict[str, An
     method = {**(dict(preset["method"]) if preset else {"name": base}), **options}
     if data is not None and "data" in method:
         method["data"] = dict(data)
-    return {**method, **SHORT_RUN.get(name, {})}
+    return {**method, **SHORT_RUN.get(base, {})}  # a variant's run is as short as its base method's
 
 
 def learning_rate(name: str, w: Workload) -> float:

@@ -6,7 +6,8 @@ repeated every K optimizer steps, at steps 0, K, 2K, ... as in LMFlow's ``on_ste
 
 Memory is the point, so two choices differ from the reference code:
 - the tensors train in place (``InPlace`` form): no second copy of the model, W0 kept only for
-  tensors that have trained, and the artifact is the dense Δ of those tensors alone;
+  tensors that have trained (on disk by default, ``keep_w0`` as in ``full``), and the artifact is the dense Δ of
+  those tensors alone;
 - at each switch the optimizer state of de-activated blocks is released and activated blocks start
   fresh (step count 0), as the paper's per-interval jobs did. LMFlow keeps one optimizer whose stale
   moments grow with every block it visits (its issues #768, #778). The LR schedule stays global.
@@ -18,7 +19,7 @@ data-parallel rank draw the same blocks without communicating.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal
 
 import torch
 import torch.nn as nn
@@ -26,10 +27,11 @@ import torch.nn as nn
 from deltatune.core.policy import Policy
 from deltatune.core.registry import Built, Traits, register
 from deltatune.errors import DeltatuneError
-from deltatune.methods._common import forms_by_block, layerwise_forms, set_trainable
+from deltatune.methods._common import dense_forms, forms_by_block, set_trainable
+from deltatune.methods._offloaded_w0 import check_keep_w0, kept_w0_forms
 
 if TYPE_CHECKING:
-    from deltatune.core.forms.base import Form
+    from deltatune.core.forms.base import Form, WeightDelta
     from deltatune.core.tuned import Tuned
 
 
@@ -38,8 +40,13 @@ class LisaConfig:
     activated_layers: int = 2  # γ: LMFlow's default (its shipped script uses 1)
     interval_steps: int = 20  # K: optimizer steps between two draws (LMFlow default)
     seed: int = 0  # of the block draws; the same on every rank
+    # where W0 of the tensors that have trained waits (as in full): "disk", a file per tensor (the memory of plain
+    # fine-tuning of the active blocks); "memory", a copy beside the weight on its device
+    keep_w0: Literal["disk", "memory"] = "disk"
+    w0_dir: str | None = None  # the folder of those files (None: the system's temporary folder)
 
     def __post_init__(self) -> None:
+        check_keep_w0(self.keep_w0)
         if self.activated_layers < 1:
             raise ValueError(f"activated_layers={self.activated_layers} must be >= 1")
         if self.interval_steps < 1:
@@ -113,4 +120,9 @@ QUANTIZED_BASE = (
 @register("lisa", LisaConfig, "LISA: embeddings + head + γ randomly drawn blocks train in place, redrawn every K steps",
           traits=Traits(quantized_base=QUANTIZED_BASE), family="full & layer-wise")
 def build(model: nn.Module, cfg: LisaConfig, *, loading: bool = False) -> Built:
-    return Built(layerwise_forms(model, loading), LisaPolicy(cfg))
+    # a delta over every floating tensor; nothing trains until the policy says so. Loading: a plain dense delta
+    params = list(model.named_parameters())
+    forms: dict[str, WeightDelta] = dict(dense_forms(model, params) if loading
+                                         else kept_w0_forms(model, params, cfg.keep_w0, cfg.w0_dir, trainable=False))
+    set_trainable(forms.values(), False)
+    return Built(forms, LisaPolicy(cfg))
