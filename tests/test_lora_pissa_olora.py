@@ -167,12 +167,6 @@ def test_bad_inits_and_ranks_are_refused_with_the_fix() -> None:
         dt.attach(tiny_llama(), "lora", r=20, init="olora")
 
 
-def test_peft_export_refuses_the_residual_rather_than_dropping_it(tmp_path) -> None:
-    tuned = dt.attach(tiny_llama(), "lora", r=2, init="pissa")
-    with pytest.raises(dt.DeltatuneError, match="residual-low-rank"):
-        dt.export_peft(tuned, tmp_path / "peft")
-
-
 def test_a_run_trains_resumes_bit_exactly_and_loads(word_run, tmp_path) -> None:
     from conftest import train_then_resume
 

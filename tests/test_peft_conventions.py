@@ -129,7 +129,7 @@ def tiny_llama_lora_size(r: int) -> int:
 
 
 @pytest.mark.parametrize("config, field", [
-    (LoraConfig(init_lora_weights="pissa"), "init_lora_weights='pissa'"),
+    (LoraConfig(init_lora_weights="corda"), "init_lora_weights='corda'"),
     (LoraConfig(layers_to_transform=[0], layers_pattern="self_attn"), "layers_pattern='self_attn'"),
 ])
 def test_an_unsupported_init_or_layer_pattern_is_refused(config, field):

@@ -655,7 +655,7 @@ def test_error_non_lora_adapter(tmp_path):
     [
         ({"use_dora": True}, "DoRA"),
         ({"init_lora_weights": "pissa_niter_4"}, "rewrites the base weights"),
-        ({"init_lora_weights": "olora"}, "rewrites the base weights"),
+        ({"init_lora_weights": "corda"}, "rewrites the base weights"),  # pissa / olora: tests/test_peft_pissa.py
         ({"layer_replication": [[0, 2], [1, 2]]}, "layer_replication"),
         ({"alora_invocation_tokens": [5, 6]}, "aLoRA"),
     ],

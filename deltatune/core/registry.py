@@ -205,7 +205,7 @@ ALIASES: dict[str, str] = {
     "layers_to_transform": "layers", "exclude_modules": "exclude", "init_lora_weights": "init",
     "num_virtual_tokens": "length", "bottleneck_size": "r",
     "feedforward_modules": "feedforward", "init_ia3_weights": "init", "init_weights": "init",
-    "projection_prng_key": "seed", "vera_dropout": "dropout",
+    "projection_prng_key": "seed", "vera_dropout": "dropout", "loraplus_lr_ratio": "loraplus_ratio",
     # transformers' TrainingArguments, TRL's SFTConfig, axolotl
     "learning_rate": "lr", "num_train_epochs": "epochs", "num_epochs": "epochs", "max_steps": "steps",
     "per_device_train_batch_size": "batch_size", "micro_batch_size": "batch_size", "train_batch_size": "batch_size",

@@ -11,7 +11,10 @@ module as ``base_layer``, and silently ignores a ``<path>.bias`` key). We emit e
 ``target_modules`` / ``modules_to_save`` and per-module ``rank_pattern`` / ``alpha_pattern`` where
 ranks differ, so PEFT rebuilds exactly our modules and scales. DoRA deltas (method ``dora``) export with
 ``use_dora: true`` and their magnitude under ``<module path>.lora_magnitude_vector`` (no ``.weight`` on disk, as
-PEFT saves it); a DoRA adapter imports back as a ``dora`` delta.
+PEFT saves it); a DoRA adapter imports back as a ``dora`` delta. A PiSSA / OLoRA delta (lora's ``init: pissa |
+pissa_niter_K | olora``, s·(B·A − B₀·A₀)) exports exactly as PEFT's converted LoRA for the original base (rank 2r,
+A' = [A; A₀], B' = [B, −B₀]); an unconverted PEFT PiSSA / OLoRA adapter, which fits only PEFT's rewritten base, imports
+with B₀, A₀ computed again from the original base (not ``pissa_niter_K``: a random draw).
 
 A method with a ``PeftFormat`` converts its own forms (``_method_files``, ``_import_method``); this module does the rest
 as for LoRA: the files, PEFT's key prefix, the task type, fully trained tensors (``modules_to_save``, biases, a fresh
@@ -48,7 +51,7 @@ from deltatune.core.targeting import ALL_LINEAR, all_linear, layer_index, match_
 from deltatune.core.tuned import Tuned, attach, carried_by, register_config_converter
 from deltatune.data import models
 from deltatune.errors import DeltatuneError
-from deltatune.methods._lowrank import default_targets, pattern_value
+from deltatune.methods._lowrank import ResidualLowRank, default_targets, pattern_value, residual_init
 from deltatune.methods.dora import DoRA
 from deltatune.version import __version__
 
@@ -193,7 +196,8 @@ def _first_names(model: nn.Module) -> dict[int, str]:
 def _exact_adapter(tuned: Tuned) -> _Adapter:
     """The delta's own LoRA / DoRA factors, plus its dense tensors as trained values: no approximation."""
     forms = tuned.forms()
-    low = {n: f for n, f in forms.items() if isinstance(f, LowRank) and f.kind in (LowRank.kind, DoRA.kind)}
+    low = {n: f for n, f in forms.items()
+           if isinstance(f, LowRank) and f.kind in (LowRank.kind, DoRA.kind, ResidualLowRank.kind)}
     dense = {n: f for n, f in forms.items() if isinstance(f, Dense) and f.kind == Dense.kind}
     other = [n for n in forms if n not in low and n not in dense]
     if not low or other:
@@ -210,11 +214,23 @@ def _exact_adapter(tuned: Tuned) -> _Adapter:
     if dora and len(dora) != len(low):
         raise DeltatuneError("PEFT has one use_dora flag per adapter; this delta mixes LoRA and DoRA modules")
     layers = {
-        _module_of(name): _Layer(f.A, f.B, f.r, f.alpha, f.layout, float(getattr(f.dropout, "p", 0.0)),
-                                 f.magnitude if isinstance(f, DoRA) else None)
+        _module_of(name): _residual_layer(f) if isinstance(f, ResidualLowRank) else
+        _Layer(f.A, f.B, f.r, f.alpha, f.layout, float(getattr(f.dropout, "p", 0.0)),
+               f.magnitude if isinstance(f, DoRA) else None)
         for name, f in low.items()
     }
     return _Adapter(layers, _dense_values(tuned.model, dense.values()), rslora=rslora.pop(), dora=bool(dora))
+
+
+def _residual_layer(f: ResidualLowRank) -> _Layer:
+    """A PiSSA / OLoRA delta s·(B·A − B₀·A₀) as the plain LoRA PEFT converts it to for the original base
+    (``save_pretrained(path_initial_model_for_weight_conversion=...)``, peft_model.py / lora ``subtract_mutated_init``):
+    A' = [A; A₀], B' = [B, −B₀], so B'·A' = B·A − B₀·A₀, at rank 2r with alpha 2·alpha (√2·alpha with rsLoRA), which
+    keeps the scale. Exact; PEFT's dropout would then act on the A₀ half too, which only matters in training."""
+    a = torch.cat([f.A.detach(), f.A0.to(f.A.dtype)], dim=0)
+    b = torch.cat([f.B.detach(), -f.B0.to(f.B.dtype)], dim=1)
+    alpha = f.alpha * (math.sqrt(2) if f.use_rslora else 2)
+    return _Layer(a, b, 2 * f.r, alpha, f.layout, float(getattr(f.dropout, "p", 0.0)))
 
 
 def _dense_values(model: nn.Module, dense: Any) -> dict[str, torch.Tensor]:
@@ -695,7 +711,8 @@ def import_peft(model: nn.Module, adapter: str | os.PathLike) -> Tuned:
         if config.get(key):
             raise DeltatuneError(f"{adapter} uses {why}, which deltatune does not import")
     init = config.get("init_lora_weights", True)
-    if isinstance(init, str) and init.lower().startswith(_BASE_REWRITING_INITS):
+    residual = _residual_import_init(adapter, init, bool(config.get("use_dora")))
+    if residual is None and isinstance(init, str) and init.lower().startswith(_BASE_REWRITING_INITS):
         raise DeltatuneError(
             f"{adapter} was initialised with {init!r}, which rewrites the base weights: convert it to a plain "
             "LoRA with PEFT (save_pretrained(..., path_initial_model_for_weight_conversion=...)) before importing"
@@ -765,6 +782,8 @@ def import_peft(model: nn.Module, adapter: str | os.PathLike) -> Tuned:
         rank_pattern={re.escape(m): r for m, r in ranks.items()},
         alpha_pattern={re.escape(m): float(pattern_value(alpha_pattern, m, alpha)) for m in lora_modules},
         modules_to_save=modules_to_save or None,
+        # an unconverted PiSSA / OLoRA adapter: attach computes A₀, B₀ from the original base as PEFT's init did
+        **({"init": residual} if residual else {}),
     )
     try:
         forms = tuned.forms()
@@ -791,6 +810,28 @@ def import_peft(model: nn.Module, adapter: str | os.PathLike) -> Tuned:
             previous.reattach()
         raise
     return tuned
+
+
+def _residual_import_init(adapter: str | os.PathLike, init: Any, use_dora: bool) -> str | None:
+    """``pissa`` / ``olora`` for an adapter saved unconverted with that init, else None. Its factors fit PEFT's
+    rewritten base W − s·B₀A₀; deltatune rebuilds B₀, A₀ from the original base (a full SVD or QR, deterministic)
+    and imports the delta as ``lora`` with that init: s·(B·A − B₀·A₀) on the original W gives PEFT's model."""
+    if not isinstance(init, str):
+        return None
+    name = init.lower()
+    if name.startswith("pissa_niter"):
+        raise DeltatuneError(
+            f"{adapter} was initialised with {init!r}, which rewrites the base weights with factors from a "
+            "randomised SVD: they cannot be drawn again and the adapter does not hold them. Convert it to a plain "
+            "LoRA with PEFT (save_pretrained(..., path_initial_model_for_weight_conversion=...)) before importing, "
+            "or train with init_lora_weights='pissa' (a full SVD, which deltatune recomputes)"
+        )
+    if residual_init(name) is None:
+        return None
+    if use_dora:
+        raise DeltatuneError(f"{adapter} combines init_lora_weights={init!r} with use_dora, which deltatune's dora "
+                             "does not take: convert it to a plain DoRA with PEFT before importing")
+    return name
 
 
 def _import_method(model: nn.Module, adapter: str | os.PathLike, config: dict[str, Any], raw: dict[str, torch.Tensor],
@@ -939,8 +980,9 @@ _CONVERTED = frozenset({"target_modules", "exclude_modules", "modules_to_save", 
 # what to do instead, for fields deltatune cannot honour (any other field set away from its default gets a plain line)
 _CANNOT_HONOUR = {
     "inference_mode": "dt.attach makes a trainable delta: leave it False (dt.load attaches a saved one to serve)",
-    "init_lora_weights": "deltatune's LoRA starts from True, 'gaussian' or False; for CorDA use dt.attach(model, "
-                         "'corda', ...), other inits (PiSSA, OLoRA, LoftQ, EVA, ...) have no deltatune equivalent",
+    "init_lora_weights": "deltatune's LoRA starts from True, 'gaussian', False, 'pissa', 'pissa_niter_K' or 'olora' "
+                         "(the last three without use_dora); for CorDA use dt.attach(model, 'corda', ...), other "
+                         "inits (LoftQ, EVA, LoRA-GA, ...) have no deltatune equivalent",
     "layers_pattern": "deltatune takes a module's layer index from the first number in its name, which is not the "
                       "number after this pattern here; pick the layers with targets instead",
     "layer_replication": "it duplicates base layers; deltatune never changes the base model",
@@ -1033,7 +1075,9 @@ def lora_config_options(config: Any, model: nn.Module) -> tuple[str, dict[str, A
     init = values["init_lora_weights"]
     if isinstance(init, str):
         init = init.lower()  # PEFT compares the name case-insensitively
-    if not (isinstance(init, bool) or init == "gaussian"):
+    # PiSSA / OLoRA: lora's own init of that name (a residual, the base never rewritten); DoRA takes none of them
+    residual = residual_init(init) is not None and not values["use_dora"]
+    if not (isinstance(init, bool) or init == "gaussian" or residual):
         problems.append(f"init_lora_weights={init!r}: {_CANNOT_HONOUR['init_lora_weights']}")
     pattern = values["layers_pattern"]
     if pattern and not _layers_pattern_agrees(model, pattern):

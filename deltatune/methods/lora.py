@@ -10,8 +10,9 @@ iterations) and ``init: olora`` (OLoRA, Büyükakyüz, 2024, arXiv 2406.01775: B
 W − s·B₀A₀; here W is never written: the delta is s·(B·A − B₀·A₀) with A₀, B₀ frozen and stored in the artifact
 (``methods/_lowrank.py``'s ``ResidualLowRank``), so a fresh delta gives the base model's outputs, the fingerprint,
 detach and unmerge refer to the original base, and the outputs are those of PEFT's model with the same factors.
-As in PEFT, these inits leave a LoRA on an embedding at its default init. PEFT's adapter format cannot hold A₀, B₀
-as such: export such a delta with ``rank=`` (its ΔW by SVD).
+As in PEFT, these inits leave a LoRA on an embedding at its default init. PEFT exports such a delta exactly in
+PEFT's converted form for the original base (rank 2r: A' = [A; A₀], B' = [B, −B₀]), and imports an unconverted PEFT
+PiSSA / OLoRA adapter by computing A₀, B₀ again from the original base (``interop/peft.py``).
 """
 
 from __future__ import annotations
