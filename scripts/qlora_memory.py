@@ -2,7 +2,7 @@
 a quantized base (issue 22's target: nf4 peak <= 0.6x fp32), each base in a fresh process:
 
     OMP_NUM_THREADS=2 .venv/bin/python scripts/qlora_memory.py [--bases fp32 nf4 int8] [--steps 2]
-        [--checkpointing]
+        [--checkpointing] [--loss chunked|model]
 
 Optional (slow on a CPU: a few minutes per base). On a CPU the peak is the process's resident set (VmHWM),
 reset after the model is loaded (its tensors copied out of the memory-mapped checkpoint), attached and the
@@ -10,7 +10,9 @@ allocator trimmed, so it covers the training steps only; "step" is that peak min
 process that imported the same libraries but loaded no model (what the model, the delta, the activations
 and the optimizer state take). On CUDA it is torch's allocator (max_memory_allocated), which sees tensors
 only. LoRA r8 alpha 16 on q_proj / v_proj (PEFT's default targets), AdamW, random token ids as inputs and
-labels (memory does not depend on their values), fp32 compute on the CPU (the QLoRA paper's bf16 on a GPU).
+labels (memory does not depend on their values), fp32 compute on the CPU (the QLoRA paper's bf16 on a GPU). The
+loss is deltatune's chunked one (``train.chunked_loss``, the default; ``--loss model``: the model's own, which
+builds the whole logits).
 Each line is one base; the last line gives the ratios.
 """
 
@@ -64,7 +66,7 @@ def _own_memory(model) -> None:
                 tensor.data = tensor.data.clone()
 
 
-def measure(base: str, steps: int, checkpointing: bool) -> dict[str, float | str]:
+def measure(base: str, steps: int, checkpointing: bool, loss_kind: str = "chunked") -> dict[str, float | str]:
     """One base in this process: load, attach LoRA r8, ``steps`` training steps; the peak over the steps."""
     import gc
 
@@ -72,6 +74,7 @@ def measure(base: str, steps: int, checkpointing: bool) -> dict[str, float | str
     import torch
 
     import deltatune as dt
+    from deltatune.data import lm_loss
 
     cuda = torch.cuda.is_available()
     torch.manual_seed(0)
@@ -95,7 +98,10 @@ def measure(base: str, steps: int, checkpointing: bool) -> dict[str, float | str
     times = []
     for _ in range(steps):
         start = time.perf_counter()
-        loss = tuned(input_ids=ids, labels=ids).loss
+        if loss_kind == "chunked":
+            loss = lm_loss.token_nll(tuned, {"input_ids": ids}, ids).nll.sum() / (BATCH * (LENGTH - 1))
+        else:
+            loss = tuned(input_ids=ids, labels=ids).loss
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
@@ -115,14 +121,15 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=2)
     parser.add_argument("--checkpointing", action="store_true",
                         help="gradient checkpointing (as QLoRA trains)")
+    parser.add_argument("--loss", choices=["chunked", "model"], default="chunked")
     parser.add_argument("--one", help=argparse.SUPPRESS)  # the child process: measure this base, print JSON
     args = parser.parse_args()
     if args.one:
-        print(json.dumps(measure(args.one, args.steps, args.checkpointing)))
+        print(json.dumps(measure(args.one, args.steps, args.checkpointing, args.loss)))
         return
     rows = {}
     for base in args.bases:
-        command = [sys.executable, __file__, "--one", base, "--steps", str(args.steps)]
+        command = [sys.executable, __file__, "--one", base, "--steps", str(args.steps), "--loss", args.loss]
         out = subprocess.run(command + (["--checkpointing"] if args.checkpointing else []),
                              capture_output=True, text=True, check=True).stdout
         row = json.loads(out.strip().splitlines()[-1])
