@@ -248,3 +248,33 @@ def load_smol_tokenizer():
 def smol_tok():
     """``load_smol_tokenizer()``, once per session."""
     return load_smol_tokenizer()
+
+
+# ---------------------------------------------------------------- PEFT parity helpers
+
+
+def close(ours: torch.Tensor, theirs: torch.Tensor, rtol: float = 1e-5) -> bool:
+    """Equal to float rounding, with a tolerance scaled by the values compared."""
+    return torch.allclose(ours, theirs, rtol=rtol, atol=rtol * float(theirs.detach().abs().max()))
+
+
+def eval_logits(model: torch.nn.Module, x: dict[str, torch.Tensor]) -> torch.Tensor:
+    """The model's logits in eval mode (no dropout)."""
+    model.eval()
+    with torch.no_grad():
+        return model(**x).logits
+
+
+def randomised_peft(base: torch.nn.Module, config, seed: int = 3, scale: float = 0.3) -> torch.nn.Module:
+    """PEFT's model with every trainable adapter tensor moved off its init (a trained adapter)."""
+    import copy
+
+    from peft import get_peft_model
+
+    model = get_peft_model(copy.deepcopy(base), config)
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.requires_grad and "modules_to_save" not in name:
+                p.add_(torch.randn(p.shape, generator=g) * scale)
+    return model.eval()

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn as nn
-from conftest import VOCAB, batch, tiny_bert, tiny_gpt2, tiny_llama
+from conftest import VOCAB, batch, close, eval_logits, randomised_peft, tiny_bert, tiny_gpt2, tiny_llama
 from safetensors.torch import load_file, save_file
 from typer.testing import CliRunner
 
@@ -44,27 +44,6 @@ def gpt2_with_biases(seed: int = 0) -> nn.Module:
 MAKERS = {"llama": tiny_llama, "gpt2": gpt2_with_biases, "bert": tiny_bert}
 
 
-def close(ours: torch.Tensor, theirs: torch.Tensor, rtol: float = 1e-5) -> bool:
-    """Equal to float rounding, with a tolerance scaled by the values compared."""
-    return torch.allclose(ours, theirs, rtol=rtol, atol=rtol * float(theirs.detach().abs().max()))
-
-
-def logits(model: nn.Module, x: dict[str, torch.Tensor]) -> torch.Tensor:
-    """The model's logits in eval mode (no dropout)."""
-    model.eval()
-    with torch.no_grad():
-        return model(**x).logits
-
-
-def randomised_peft(base: nn.Module, config, seed: int = 3, scale: float = 0.3) -> nn.Module:
-    """PEFT's model with every trainable adapter tensor moved off its init (a trained adapter)."""
-    model = get_peft_model(copy.deepcopy(base), config)
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if p.requires_grad and "modules_to_save" not in name:
-                p.add_(torch.randn(p.shape, generator=g) * scale)
-    return model.eval()
 
 
 def peft_tensor(model: nn.Module, module: str, name: str) -> torch.nn.Parameter:
@@ -92,18 +71,18 @@ def check_parity(tuned: dt.Tuned, reference: nn.Module, base: nn.Module, x: dict
     assert pairs, "no tensor was copied"
     ours, theirs = tuned(**x).logits, reference(**x).logits
     assert close(ours, theirs), (ours - theirs).abs().max()
-    moved = (theirs - logits(base, x)).abs().max()
+    moved = (theirs - eval_logits(base, x)).abs().max()
     assert moved > 1e-2 * theirs.abs().max(), "the adapter must move the logits for the comparison to mean anything"
     ours.float().pow(2).mean().backward()
     theirs.float().pow(2).mean().backward()
     for mine, ref in pairs:
         assert close(mine.grad, ref.grad.reshape(mine.shape), rtol=1e-4), (mine.grad - ref.grad.reshape(mine.shape))
     w0 = {k: v.detach().clone() for k, v in base.state_dict().items()}
-    unmerged = logits(tuned, x)
-    merged = logits(tuned.merge(), x)
+    unmerged = eval_logits(tuned, x)
+    merged = eval_logits(tuned.merge(), x)
     assert close(merged, unmerged)
     tuned.unmerge()
-    assert close(logits(tuned, x), unmerged)
+    assert close(eval_logits(tuned, x), unmerged)
     tuned.detach()
     for k, v in tuned.model.state_dict().items():
         assert torch.allclose(v, w0[k], rtol=1e-6, atol=1e-6 * float(w0[k].abs().max())), k
@@ -133,7 +112,7 @@ def test_ia3_adapts_peft_default_modules_and_starts_at_the_base(arch: str) -> No
     assert tuned.num_trainable() == sum(p.numel() for p in reference.parameters() if p.requires_grad) - \
         sum(p.numel() for n, p in reference.named_parameters() if p.requires_grad and "classifier" in n)
     x = batch()
-    assert torch.equal(logits(tuned, x), logits(base, x)), "vectors of ones leave the model as it is"
+    assert torch.equal(eval_logits(tuned, x), eval_logits(base, x)), "vectors of ones leave the model as it is"
 
 
 @pytest.mark.parametrize("arch", ["llama", "gpt2", "bert"])
@@ -171,16 +150,16 @@ def test_ia3_beside_another_delta_adds_exactly_its_own_delta() -> None:
     x = batch()
     ia3 = dt.attach(copy.deepcopy(base), "ia3", init=False)
     lora = dt.attach(copy.deepcopy(base), "lora", r=2, alpha=4, targets=["c_attn", "mlp.c_proj"], init=False)
-    alone = logits(ia3, x)
+    alone = eval_logits(ia3, x)
     # the additive path on its own (another hook on every module forces it) gives the multiplicative path's logits
     hooks = [f.sites[0][0].register_forward_hook(lambda m, a, o: o) for f in ia3.forms().values()]
-    assert close(logits(ia3, x), alone)
+    assert close(eval_logits(ia3, x), alone)
     for h in hooks:
         h.remove()
     both = dt.compose(copy.deepcopy(base), [ia3, lora])
-    attached = logits(both, x)
+    attached = eval_logits(both, x)
     assert not close(attached, alone, 1e-3), "the LoRA part must show"
-    assert close(logits(both.merge(), x), attached)
+    assert close(eval_logits(both.merge(), x), attached)
 
 
 def test_ia3_merge_of_a_zero_scale_unmerges_exactly() -> None:
@@ -210,7 +189,7 @@ def test_vera_draws_peft_projections_from_the_seed(seed: int) -> None:
     assert shared.A.shape == (16, 64) and shared.B.shape == (32, 16)  # down_proj takes 64, q_proj gives 32
     assert all(f.shared is shared for f in tuned.forms().values()), "one pair, shared by every layer"
     x = batch()
-    assert torch.equal(logits(tuned, x), logits(base, x)), "b = 0: a fresh delta is the base model"
+    assert torch.equal(eval_logits(tuned, x), eval_logits(base, x)), "b = 0: a fresh delta is the base model"
 
 
 @pytest.mark.parametrize("arch", ["llama", "gpt2"])
@@ -228,13 +207,13 @@ def test_vera_artifact_holds_only_the_vectors_and_regenerates_the_projections(tm
         for f in tuned.forms().values():
             f.lambda_b.normal_()
     x = batch()
-    expected = logits(tuned, x)
+    expected = eval_logits(tuned, x)
     tuned.save(tmp_path / "vera")
     stored = load_file(tmp_path / "vera" / "delta.safetensors")
     assert {k.rsplit(".", 1)[1] for k in stored} == {"lambda_b", "lambda_d"}, "A and B are never stored"
     assert sum(v.numel() for v in stored.values()) == tuned.num_trainable()
     assert dt.inspect(tmp_path / "vera")["config"]["seed"] == 3
-    assert torch.equal(logits(dt.load(copy.deepcopy(base), tmp_path / "vera"), x), expected)
+    assert torch.equal(eval_logits(dt.load(copy.deepcopy(base), tmp_path / "vera"), x), expected)
     # a checkpoint's state dict (tuned.deltas) holds no projection either
     assert not [k for k in tuned.deltas.state_dict() if k.endswith((".A", ".B"))]
 
@@ -262,12 +241,12 @@ def test_peft_adapters_import_and_export_back(case: str, tmp_path: Path) -> None
                 if p.requires_grad and n.endswith("bias"):
                     p.add_(0.1)
     reference.save_pretrained(tmp_path / "peft")
-    expected = logits(reference, x)
-    assert (expected - logits(base, x)).abs().max() > 1e-2 * expected.abs().max()
+    expected = eval_logits(reference, x)
+    assert (expected - eval_logits(base, x)).abs().max() > 1e-2 * expected.abs().max()
 
     tuned = dt.import_peft(copy.deepcopy(base), tmp_path / "peft")
     assert tuned.method.name == case.split("-")[0]
-    assert close(logits(tuned, x), expected)
+    assert close(eval_logits(tuned, x), expected)
 
     dt.export_peft(tuned, tmp_path / "back")
     config_back = json.loads((tmp_path / "back" / "adapter_config.json").read_text())
@@ -277,7 +256,7 @@ def test_peft_adapters_import_and_export_back(case: str, tmp_path: Path) -> None
         assert config_back["save_projection"] is False and "base_model.vera_A" not in load_file(
             tmp_path / "back" / "adapter_model.safetensors")
     again = PeftModel.from_pretrained(copy.deepcopy(base), tmp_path / "back").eval()
-    assert close(logits(again, x), expected)
+    assert close(eval_logits(again, x), expected)
     # and importing the export gives the same tensors again
     twice = dt.import_peft(copy.deepcopy(base), tmp_path / "back")
     assert all(torch.equal(a, b) for a, b in zip(twice.delta_state_dict().values(),
@@ -295,9 +274,9 @@ def test_export_as_a_lora_by_svd_at_full_rank_is_exact(method: str, arch: str, t
     config = json.loads((tmp_path / "svd" / "adapter_config.json").read_text())
     assert config["peft_type"] == "LORA" and not config["modules_to_save"], "every weight matrix became a LoRA layer"
     again = PeftModel.from_pretrained(copy.deepcopy(base), tmp_path / "svd").eval()
-    expected = logits(tuned, x)
-    assert (expected - logits(base, x)).abs().max() > 1e-2 * expected.abs().max()
-    assert close(logits(again, x), expected)
+    expected = eval_logits(tuned, x)
+    assert (expected - eval_logits(base, x)).abs().max() > 1e-2 * expected.abs().max()
+    assert close(eval_logits(again, x), expected)
 
 
 def test_vera_import_refuses_projections_the_seed_does_not_give(tmp_path: Path) -> None:
@@ -326,9 +305,9 @@ def test_cli_export_and_import_an_ia3_artifact(tmp_path: Path) -> None:
     assert result.exit_code == 0, result.output
     x = {"input_ids": torch.randint(0, VOCAB, (2, 7), generator=torch.Generator().manual_seed(4))}
     peft_model = PeftModel.from_pretrained(copy.deepcopy(base), tmp_path / "peft").eval()
-    assert close(logits(peft_model, x), logits(tuned, x))
+    assert close(eval_logits(peft_model, x), eval_logits(tuned, x))
     result = runner.invoke(app, ["import", "--format", "peft", str(tmp_path / "peft"), "--out", str(tmp_path / "back"),
                                  "--base", str(tmp_path / "base")])
     assert result.exit_code == 0, result.output
     assert dt.inspect(tmp_path / "back")["method"] == "ia3"
-    assert close(logits(dt.load(copy.deepcopy(base), tmp_path / "back"), x), logits(tuned, x))
+    assert close(eval_logits(dt.load(copy.deepcopy(base), tmp_path / "back"), x), eval_logits(tuned, x))

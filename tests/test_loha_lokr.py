@@ -16,14 +16,15 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn as nn
-from conftest import batch, tiny_bert, tiny_gpt2, tiny_llama
+from conftest import batch, close, eval_logits, tiny_bert, tiny_gpt2, tiny_llama
+from conftest import randomised_peft as shared_randomised_peft
 
 import deltatune as dt
 from deltatune.methods._lycoris import LycorisDelta
 from deltatune.methods.lokr import factorization
 
 peft = pytest.importorskip("peft")
-from peft import LoHaConfig, LoKrConfig, PeftModel, get_peft_model  # noqa: E402
+from peft import LoHaConfig, LoKrConfig, PeftModel  # noqa: E402
 from peft.tuners.lokr.layer import factorization as peft_factorization  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tiny tensors: threads only add waits
@@ -32,27 +33,9 @@ MAKERS = {"llama": tiny_llama, "bert": tiny_bert}
 PREFIX = {"loha": "hada_", "lokr": "lokr_"}
 
 
-def close(ours: torch.Tensor, theirs: torch.Tensor, rtol: float = 1e-5) -> bool:
-    """Equal to float rounding, with a tolerance scaled by the values compared."""
-    return torch.allclose(ours, theirs, rtol=rtol, atol=rtol * float(theirs.detach().abs().max()))
-
-
-def logits(model: nn.Module, x: dict[str, torch.Tensor]) -> torch.Tensor:
-    """The model's logits in eval mode (no dropout)."""
-    model.eval()
-    with torch.no_grad():
-        return model(**x).logits
-
-
 def randomised_peft(base: nn.Module, config, seed: int = 3, scale: float = 0.1) -> nn.Module:
-    """PEFT's model with every trainable adapter tensor moved off its init (init_weights=False: none is zero)."""
-    model = get_peft_model(copy.deepcopy(base), config)
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if p.requires_grad and "modules_to_save" not in name:
-                p.add_(torch.randn(p.shape, generator=g) * scale)
-    return model.eval()
+    """init_weights=False: no tensor is zero, so a smaller move off the init suffices."""
+    return shared_randomised_peft(base, config, seed, scale)
 
 
 def copy_from_peft(tuned: dt.Tuned, reference: nn.Module) -> list[tuple[torch.Tensor, torch.Tensor]]:
@@ -121,21 +104,21 @@ def test_logits_gradients_and_merge_match_peft(case: str) -> None:
     pairs = copy_from_peft(tuned, reference)
     ours, theirs = tuned(**x).logits, reference(**x).logits
     assert close(ours, theirs), (ours - theirs).abs().max()
-    assert (theirs - logits(base, x)).abs().max() > 1e-2 * theirs.abs().max(), "the delta must move the logits"
+    assert (theirs - eval_logits(base, x)).abs().max() > 1e-2 * theirs.abs().max(), "the delta must move the logits"
     ours.float().pow(2).mean().backward()
     theirs.float().pow(2).mean().backward()
     for mine, ref in pairs:
         assert close(mine.grad, ref.grad, rtol=1e-4), (mine.grad - ref.grad).abs().max()
     # merged = unmerged, and PEFT's own merge gives the same weights
     w0 = {k: v.detach().clone() for k, v in base.state_dict().items()}
-    unmerged = logits(tuned, x)
+    unmerged = eval_logits(tuned, x)
     merged = tuned.merge()
-    assert close(logits(merged, x), unmerged)
+    assert close(eval_logits(merged, x), unmerged)
     peft_merged = reference.merge_and_unload().state_dict()
     for k, v in merged.state_dict().items():
         assert close(v, peft_merged[k]), k
     tuned.unmerge()
-    assert close(logits(tuned, x), unmerged)
+    assert close(eval_logits(tuned, x), unmerged)
     tuned.detach()
     for k, v in tuned.model.state_dict().items():
         assert torch.allclose(v, w0[k], rtol=1e-6, atol=1e-6 * float(w0[k].abs().max())), k
@@ -147,7 +130,7 @@ def test_a_fresh_delta_starts_at_the_base() -> None:
     for method, options in (("loha", {}), ("lokr", {}), ("lokr", {"init": "lycoris"}),
                             ("lokr", {"r": 2, "decompose_both": True})):
         tuned = dt.attach(copy.deepcopy(base), method, **options)
-        assert torch.equal(logits(tuned, x), logits(base, x)), (method, options)
+        assert torch.equal(eval_logits(tuned, x), eval_logits(base, x)), (method, options)
 
 
 @pytest.mark.parametrize(("method", "extra"), [("loha", {}), ("lokr", {}), ("lokr", {"rank_dropout_scale": True})])
@@ -173,7 +156,7 @@ def test_rank_and_module_dropout_draw_as_peft_does(method: str, extra: dict) -> 
             outputs.append(tuned(**x).logits)
             assert close(outputs[-1], theirs), (outputs[-1] - theirs).abs().max()
     assert not close(outputs[0], outputs[1], 1e-3), "the draws must change the output"
-    assert close(logits(tuned, x), logits(reference, x)), "no dropout in eval mode"
+    assert close(eval_logits(tuned, x), eval_logits(reference, x)), "no dropout in eval mode"
 
 
 @pytest.mark.parametrize("dimension", [1, 7, 12, 32, 64, 96, 127, 128, 576, 1536])
@@ -210,19 +193,19 @@ def test_peft_adapters_import_and_export_back(case: str, tmp_path: Path) -> None
             if "modules_to_save" in n:
                 p.add_(0.05)
     reference.save_pretrained(tmp_path / "peft")
-    expected = logits(reference, x)
-    assert (expected - logits(base, x)).abs().max() > 1e-2 * expected.abs().max()
+    expected = eval_logits(reference, x)
+    assert (expected - eval_logits(base, x)).abs().max() > 1e-2 * expected.abs().max()
 
     tuned = dt.import_peft(copy.deepcopy(base), tmp_path / "peft")
     assert tuned.method.name == case.split("-")[0]
-    assert close(logits(tuned, x), expected)
+    assert close(eval_logits(tuned, x), expected)
 
     dt.export_peft(tuned, tmp_path / "back")
     config_back = json.loads((tmp_path / "back" / "adapter_config.json").read_text())
     assert config_back["peft_type"] == config().peft_type.value
     assert set(config_back) <= {f.name for f in dataclasses.fields(type(config()))}, "only fields PEFT's config has"
     again = PeftModel.from_pretrained(copy.deepcopy(base), tmp_path / "back").eval()
-    assert close(logits(again, x), expected)
+    assert close(eval_logits(again, x), expected)
     twice = dt.import_peft(copy.deepcopy(base), tmp_path / "back")
     assert all(torch.equal(a, b) for a, b in zip(twice.delta_state_dict().values(),
                                                  tuned.delta_state_dict().values(), strict=True))

@@ -9,6 +9,7 @@ import pytest
 import torch
 from conftest import batch, output_of, tiny_gpt2, tiny_llama
 from safetensors.torch import load_file
+from test_lora_pissa_olora import train_a_bit
 
 import deltatune as dt
 from deltatune.core import registry
@@ -31,15 +32,6 @@ def close(actual: torch.Tensor, expected: torch.Tensor, rel: float = 1e-5) -> No
 
 def moved(model: torch.nn.Module, x: dict, make) -> None:
     assert (output_of(model, x) - output_of(make(), x)).abs().max() > 1e-2, "the factors moved the model"
-
-
-def train_a_bit(tuned: dt.Tuned, seed: int = 5, size: float = 0.05) -> None:
-    """Move every A and B (A₀, B₀ stay) as training would (random, seeded)."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for form in tuned.forms().values():
-            form.A.add_(torch.randn(form.A.shape, generator=g) * size)
-            form.B.add_(torch.randn(form.B.shape, generator=g) * size)
 
 
 def peft_trained(make, targets: list[str], init: str, initial_dir=None, **options) -> PeftModel:
