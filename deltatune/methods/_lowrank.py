@@ -7,6 +7,7 @@ from __future__ import annotations
 import math
 import re
 import warnings
+from typing import Any
 
 import torch
 import torch.nn as nn
@@ -130,12 +131,39 @@ def residual_init(init: object) -> str | None:
     return None
 
 
-class ResidualLowRank(LowRank):
-    """ΔW = s·(B·A − B₀·A₀): a LoRA whose initial factors A₀, B₀ (frozen buffers) are subtracted, so a fresh delta
-    is exactly zero and the base weight is never rewritten (PEFT's residual W − s·B₀A₀, kept implicit). Dropout
-    acts on the trainable branch only, as in PEFT, whose residual weight sees the undropped input. A₀, B₀ are
-    stored in the artifact: they come from an SVD or QR of W, which is not bit-reproducible across devices and
-    libraries (the randomised SVD not even on one), and a loaded delta must give the trained model's outputs."""
+class FrozenStartLowRank(LowRank):
+    """ΔW = s·(B·A − B₀·A₀): a LoRA whose initial factors A₀, B₀ (frozen buffers, stored in the artifact) are
+    subtracted, so a fresh delta is exactly zero and the base weight is never rewritten (PEFT's residual
+    W − s·B₀A₀, kept implicit). Dropout acts on the trainable branch only, as in PEFT, whose residual weight sees
+    the undropped input. The factors come from the subclass (``ResidualLowRank.start``, CorDA's ``set_factors``)
+    or an artifact."""
+
+    def __init__(self, module: nn.Module, r: int, alpha: float, **options: Any) -> None:
+        super().__init__(module, r, alpha, **options)
+        self.register_buffer("A0", torch.zeros_like(self.A))
+        self.register_buffer("B0", torch.zeros_like(self.B))
+
+    def reset(self, init: str | bool = True) -> None:
+        """No random draw (it would move the global RNG for nothing): the subclass or an artifact fills the factors."""
+        with torch.no_grad():
+            self.A.zero_()
+            self.B.zero_()
+
+    def delta_weight(self) -> torch.Tensor:
+        ba = (self.B @ self.A - self.B0 @ self.A0) * self.scale
+        return ba if self.layout == "linear" else ba.T
+
+    def output_delta(self, module: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        x = x.to(self.A.dtype)
+        trained = self.dropout(x) @ self.A.T @ self.B.T
+        initial = x @ self.A0.T @ self.B0.T  # PEFT's residual weight sees the input without dropout
+        return (trained - initial) * self.scale
+
+
+class ResidualLowRank(FrozenStartLowRank):
+    """PiSSA / OLoRA (``init``): A₀, B₀ from an SVD or QR of W. They are stored in the artifact: neither is
+    bit-reproducible across devices and libraries (the randomised SVD not even on one), and a loaded delta must
+    give the trained model's outputs."""
 
     kind = "residual-low-rank"  # not a plain LoRA: a PEFT LoRA adapter holds B·A only
 
@@ -143,14 +171,6 @@ class ResidualLowRank(LowRank):
                  dropout: float = 0.0, tied: list[tuple[nn.Module, str]] | None = None) -> None:
         super().__init__(module, r, alpha, use_rslora=use_rslora, dropout=dropout, init=init, tied=tied)
         self.init = init
-        self.register_buffer("A0", torch.zeros_like(self.A))
-        self.register_buffer("B0", torch.zeros_like(self.B))
-
-    def reset(self, init: str | bool = True) -> None:
-        """No random draw (it would move the global RNG for nothing): ``start`` or an artifact fills the factors."""
-        with torch.no_grad():
-            self.A.zero_()
-            self.B.zero_()
 
     def start(self) -> None:
         """A = A₀ and B = B₀ from the base weight, by the form's init (PEFT's arithmetic, in float32)."""
@@ -164,16 +184,6 @@ class ResidualLowRank(LowRank):
         """W0 as an (out, in) float32 matrix (GPT-2's Conv1D stores (in, out); a quantized weight dequantized)."""
         w = self.dense_base(torch.float32)
         return w.T if self.layout == "conv1d" else w
-
-    def delta_weight(self) -> torch.Tensor:
-        ba = (self.B @ self.A - self.B0 @ self.A0) * self.scale
-        return ba if self.layout == "linear" else ba.T
-
-    def output_delta(self, module: nn.Module, x: torch.Tensor) -> torch.Tensor:
-        x = x.to(self.A.dtype)
-        trained = self.dropout(x) @ self.A.T @ self.B.T
-        initial = x @ self.A0.T @ self.B0.T  # PEFT's residual weight sees the input without dropout
-        return (trained - initial) * self.scale
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, init={self.init}"

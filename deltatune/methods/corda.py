@@ -67,14 +67,14 @@ import torch.nn as nn
 
 from deltatune.core import artifact, quantized, registry
 from deltatune.core.forms.base import Form
-from deltatune.core.forms.lowrank import LowRank, layout_of
+from deltatune.core.forms.lowrank import layout_of
 from deltatune.core.registry import Built, Traits, register
 from deltatune.core.targeting import sites_of
 from deltatune.core.tuned import Tuned
 from deltatune.errors import DeltatuneError
 from deltatune.methods._calibration import data_config, task_batches
 from deltatune.methods._common import block_matrices, dense_forms, from_rank0
-from deltatune.methods._lowrank import pattern_value
+from deltatune.methods._lowrank import FrozenStartLowRank, pattern_value
 
 log = logging.getLogger(__name__)
 
@@ -146,25 +146,11 @@ def _is_token(t: Any) -> bool:
 # ---------------------------------------------------------------- the form
 
 
-class CordaLowRank(LowRank):
-    """ΔW = s·(B·A − B₀·A₀): a LoRA whose frozen initial factors are subtracted, so the model starts exactly
-    at the base and the base weight is never rewritten (PEFT's residual W − s·B₀A₀, kept implicit). Dropout
-    acts on the trainable branch only, as in PEFT: with dropout in train mode the first step's forward is not
-    the base model's (it is not in PEFT either)."""
+class CordaLowRank(FrozenStartLowRank):
+    """CorDA's form: A₀, B₀ from the covariance-oriented decomposition (``set_factors``). With dropout in train
+    mode the first step's forward is not the base model's (it is not in PEFT either)."""
 
     kind = "corda"  # not a plain LoRA: PEFT export goes through ``to_lora``
-
-    def __init__(self, module: nn.Module, r: int, alpha: float, *, use_rslora: bool = False, dropout: float = 0.0,
-                 tied: list[tuple[nn.Module, str]] | None = None) -> None:
-        super().__init__(module, r, alpha, use_rslora=use_rslora, dropout=dropout, tied=tied)
-        self.register_buffer("A0", torch.zeros_like(self.A))
-        self.register_buffer("B0", torch.zeros_like(self.B))
-
-    def reset(self, init: str | bool = True) -> None:
-        """No random draw (it would move the global RNG for nothing): ``set_factors`` or an artifact fills them."""
-        with torch.no_grad():
-            self.A.zero_()
-            self.B.zero_()
 
     def set_factors(self, a0: torch.Tensor, b0: torch.Tensor) -> None:
         """Start training at A = A₀, B = B₀."""
@@ -173,16 +159,6 @@ class CordaLowRank(LowRank):
                 if dst.shape != src.shape:
                     raise DeltatuneError(f"factor of shape {tuple(src.shape)} does not fit {tuple(dst.shape)}")
                 dst.copy_(src.to(dst.dtype))
-
-    def delta_weight(self) -> torch.Tensor:
-        ba = (self.B @ self.A - self.B0 @ self.A0) * self.scale
-        return ba if self.layout == "linear" else ba.T
-
-    def output_delta(self, module: nn.Module, x: torch.Tensor) -> torch.Tensor:
-        x = x.to(self.A.dtype)
-        trained = self.dropout(x) @ self.A.T @ self.B.T
-        initial = x @ self.A0.T @ self.B0.T  # PEFT's residual has no dropout on this part
-        return (trained - initial) * self.scale
 
 
 # ---------------------------------------------------------------- covariance, damping, decomposition
