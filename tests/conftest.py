@@ -278,3 +278,36 @@ def randomised_peft(base: torch.nn.Module, config, seed: int = 3, scale: float =
             if p.requires_grad and "modules_to_save" not in name:
                 p.add_(torch.randn(p.shape, generator=g) * scale)
     return model.eval()
+
+
+def peft_round_trip(base: torch.nn.Module, reference: torch.nn.Module, config_cls: type, method: str,
+                    x: dict[str, torch.Tensor], folder: Path) -> dict:
+    """A trained PEFT adapter (``reference``) saved, imported by deltatune, exported again and reloaded by PEFT:
+    the logits equal PEFT's at every stage, the export's config holds only fields ``config_cls`` has, and
+    importing the export gives the same tensors again. Returns the exported config."""
+    import copy
+    import dataclasses
+    import json
+
+    from peft import PeftModel
+
+    import deltatune as dt
+
+    reference.save_pretrained(folder / "peft")
+    expected = eval_logits(reference, x)
+    assert (expected - eval_logits(base, x)).abs().max() > 1e-2 * expected.abs().max()
+
+    tuned = dt.import_peft(copy.deepcopy(base), folder / "peft")
+    assert tuned.method.name == method
+    assert close(eval_logits(tuned, x), expected)
+
+    dt.export_peft(tuned, folder / "back")
+    config_back = json.loads((folder / "back" / "adapter_config.json").read_text())
+    assert config_back["peft_type"] == config_cls().peft_type.value
+    assert set(config_back) <= {f.name for f in dataclasses.fields(config_cls)}, "only fields PEFT's config has"
+    again = PeftModel.from_pretrained(copy.deepcopy(base), folder / "back").eval()
+    assert close(eval_logits(again, x), expected)
+    twice = dt.import_peft(copy.deepcopy(base), folder / "back")
+    assert all(torch.equal(a, b) for a, b in zip(twice.delta_state_dict().values(),
+                                                 tuned.delta_state_dict().values(), strict=True))
+    return config_back
