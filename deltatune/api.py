@@ -242,16 +242,26 @@ def eval(path: str | os.PathLike, data: dict[str, Any], *, base: str | None = No
 
 
 def generate(path: str | os.PathLike | None, prompt: str, *, base: str | None = None, max_new_tokens: int = 64,
-             stream: bool = True, chat: bool | None = None) -> str:
+             stream: bool = True, chat: bool | None = None, fuse_large: str | None = None,
+             fuse_small: str | None = None, experts: list[str] | None = None,
+             alpha: str | float | list[float] = "dynamic") -> str:
     """Generate from a prompt with the artifact's delta attached (``path=None``: the base model alone).
 
     The tokenizer's chat template is applied when it has one (``chat=False`` turns it off); with
     ``stream`` the text is printed as it is produced. An artifact trained with a classification head (the
-    quick demo's) has no text to generate: it classifies the prompt and returns the label it predicts."""
+    quick demo's) has no text to generate: it classifies the prompt and returns the label it predicts.
+
+    ``fuse_large`` (with ``experts``, artifacts or PEFT adapters trained on ``fuse_small``): decode from the large
+    model steered by the experts' logits (``dt.fuse``, docs/fusion.md); ``alpha`` "dynamic" or fixed."""
     from transformers import TextStreamer
 
     if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
         raise DeltatuneError(f"max_new_tokens={max_new_tokens!r}: must be a whole number of at least 1")
+    if fuse_large is not None or experts:
+        if path is not None or fuse_large is None or not experts:
+            raise DeltatuneError("fused generation takes --fuse-large and at least one --expert (and no ARTIFACT): "
+                                 "the experts are the small model's artifacts")
+        return _fused_generate(prompt, fuse_large, fuse_small, experts, alpha, max_new_tokens, stream, chat)
     name, head = _artifact_base(path, base) if path is not None else (base, None)
     if not name:
         raise DeltatuneError("generate needs an artifact or base=... (a shipped name or a folder)")
@@ -277,6 +287,37 @@ def generate(path: str | os.PathLike | None, prompt: str, *, base: str | None = 
     with torch.no_grad():
         out = runner.generate(**ids, max_new_tokens=max_new_tokens, do_sample=False, streamer=streamer,
                               pad_token_id=tok.pad_token_id)
+    return tok.decode(out[0, ids["input_ids"].shape[1]:], skip_special_tokens=True)
+
+
+def fuse(large: str | nn.Module, small: str | nn.Module | None = None, experts: list[str] | tuple[str, ...] = (),
+         **options: Any) -> Any:
+    """``dt.fuse``: a large model steered at decoding time by small experts (``deltatune.ops.fusion.fuse``)."""
+    from deltatune.ops.fusion import fuse as fuse_models
+
+    return fuse_models(large, small, experts, **options)
+
+
+def _fused_generate(prompt: str, large: str, small: str | None, experts: list[str], alpha: Any,
+                    max_new_tokens: int, stream: bool, chat: bool | None) -> str:
+    from transformers import TextStreamer
+
+    fused = fuse(large, small, experts, alpha=alpha)
+    tok = models.load_tokenizer(large)
+    use_chat = bool(getattr(tok, "chat_template", None)) if chat is None else chat
+    if use_chat:
+        ids = tok.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True,
+                                      return_tensors="pt", return_dict=True)
+    else:
+        ids = tok(prompt, return_tensors="pt")
+    streamer = TextStreamer(tok, skip_prompt=True, skip_special_tokens=True) if stream else None
+    out = fused.generate(ids["input_ids"], ids.get("attention_mask"), max_new_tokens=max_new_tokens,
+                         eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id, streamer=streamer)
+    if stream and fused.alpha_log:
+        a = torch.cat(fused.alpha_log)  # (steps, experts)
+        per = ", ".join(f"expert {i}: mean {float(a[:, i].mean()):.2f} (min {float(a[:, i].min()):.2f}, "
+                        f"max {float(a[:, i].max()):.2f})" for i in range(a.shape[1]))
+        print(f"\n[alpha over {a.shape[0]} steps: {per}]", end="", flush=True)
     return tok.decode(out[0, ids["input_ids"].shape[1]:], skip_special_tokens=True)
 
 

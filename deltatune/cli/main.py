@@ -503,14 +503,31 @@ def generate(
     base: str = typer.Option(None, "--base", help="Base model (default: the one the artifact names)."),
     max_new_tokens: int = typer.Option(64, "--max-new-tokens"),
     no_chat: bool = typer.Option(False, "--no-chat", help="Do not apply the tokenizer's chat template."),
+    fuse_large: str = typer.Option(None, "--fuse-large", help="Logit fusion: the large model to steer (a shipped "
+                                   "name or folder), with --expert; docs/fusion.md."),
+    fuse_small: str = typer.Option(None, "--fuse-small", help="Logit fusion: the small base the experts were trained "
+                                   "on (default: the one the first expert names)."),
+    expert: list[str] = typer.Option([], "--expert", help="Logit fusion: an artifact or PEFT adapter trained on the "
+                                     "small model (repeat for several)."),
+    alpha: str = typer.Option("dynamic", "--alpha", help="Logit fusion: 'dynamic' (chosen per step) or a number "
+                              "(1.0 with one expert is proxy tuning), or comma-separated, one per expert."),
 ) -> None:
-    """Generate text with the delta attached, streamed as it is produced."""
+    """Generate text with the delta attached, streamed as it is produced (or, with --fuse-large, from a large model
+    steered by small experts)."""
     from deltatune import api
 
     _at_least_one(max_new_tokens, "--max-new-tokens")
     api.generate(artifact, prompt, base=base, max_new_tokens=max_new_tokens, stream=True,
-                 chat=False if no_chat else None)
+                 chat=False if no_chat else None, fuse_large=fuse_large, fuse_small=fuse_small, experts=expert,
+                 alpha=_alpha(alpha))
     typer.echo("")
+
+
+def _alpha(text: str) -> str | float | list[float]:
+    if text == "dynamic":
+        return text
+    values = _floats(text, "--alpha") or []
+    return values[0] if len(values) == 1 else values
 
 
 @app.command(**OLD_ORDER)

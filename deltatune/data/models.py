@@ -12,6 +12,7 @@ import logging
 import os
 import shutil
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -21,6 +22,7 @@ import torch.nn as nn
 
 from deltatune.core import artifact, fresh_head, quantized
 from deltatune.core.artifact import fresh_dir, model_task
+from deltatune.data import pruned
 from deltatune.data.sets import package_folder
 from deltatune.errors import DeltatuneError
 
@@ -147,8 +149,9 @@ def _smollm2_folder(item: ShippedModel) -> Path:
 
 
 def resolve(name_or_path: str | os.PathLike[str]) -> str:
-    """The local from_pretrained folder for a shipped name (building the SmolLM2 cache) or a folder path."""
-    name = os.fspath(name_or_path)
+    """The local from_pretrained folder for a shipped name (building the SmolLM2 cache) or a folder path (a
+    depth-pruned name, ``NAME@layers=...``, resolves to NAME's folder)."""
+    name = pruned.split(os.fspath(name_or_path))[0]
     item = SHIPPED.get(name)
     if item is not None and item.name == "smollm2-135m":
         return str(_smollm2_folder(item))
@@ -179,7 +182,7 @@ def natural_task(name_or_path: str | os.PathLike[str]) -> str:
     artifact) or "encoder": the shipped kind, else read from the folder's config (nothing loaded)."""
     from transformers import AutoConfig
 
-    name = os.fspath(name_or_path)
+    name = pruned.split(os.fspath(name_or_path))[0]
     if name in SHIPPED:
         return SHIPPED[name].kind
     folder = resolve(name)
@@ -228,6 +231,7 @@ def load(
     quantize: str | None = None,
     double_quant: bool = True,
     compute_dtype: torch.dtype | None = None,
+    keep_layers: Iterable[int] | None = None,
     **kwargs: Any,
 ) -> torch.nn.Module:
     """Load a shipped model by name or a local folder, offline, in eval mode.
@@ -241,6 +245,9 @@ def load(
     QLoRA's default, on) quantizes the block scales too. ``compute_dtype`` (4-bit only): the dtype the layers
     compute in, default ``dtype`` (fp32: QLoRA computes in bf16 on GPUs; on a CPU without bf16 kernels fp32
     is as fast and exact). See docs/quantization.md.
+
+    keep_layers: keep only these transformer blocks (a depth-pruned copy: a weaker model with the same tokenizer,
+    e.g. logit fusion's small model); the model is then named ``NAME@layers=SPEC``, which loads it again.
     """
     if task is not None and task not in TASKS:
         raise DeltatuneError(f"unknown task {task!r}; use one of {', '.join(TASKS)} or leave it out")
@@ -251,7 +258,8 @@ def load(
                                                             compute_dtype=compute_dtype or dtype)
         if quantize == "int8":
             quantized.quiet_int8_casts()
-    name = os.fspath(name_or_path)
+    name, named_layers = pruned.split(os.fspath(name_or_path))
+    keep = pruned.checked(keep_layers, named_layers, name)
     folder = resolve(name)
     refuse_pickle_weights(Path(folder))
     auto = _auto_class(name, task)
@@ -271,6 +279,9 @@ def load(
     _report_fresh_weights(model, folder, info)
     if name in SHIPPED:  # artifacts then name the base portably, not by this machine's cache path
         model.config._name_or_path = name
+    if keep is not None:
+        pruned.prune(model, keep)
+        model.config._name_or_path = pruned.name(name if name in SHIPPED else str(Path(folder).resolve()), keep)
     model.eval()
     return model
 
