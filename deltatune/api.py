@@ -223,18 +223,33 @@ def _check_labels(path: str | os.PathLike, head: dict[str, Any] | None, model: n
         )
 
 
-def eval(path: str | os.PathLike, data: dict[str, Any], *, base: str | None = None,  # noqa: A001 (the verb)
-         batch_size: int = 16, objective: str | dict[str, Any] | None = None) -> dict[str, float]:
+def eval(path: str | os.PathLike | None, data: dict[str, Any], *, base: str | None = None,  # noqa: A001 (the verb)
+         batch_size: int = 16, objective: str | dict[str, Any] | None = None, fuse_large: str | None = None,
+         fuse_small: str | None = None, experts: list[str] | None = None,
+         alpha: str | float | list[float] = "dynamic") -> dict[str, float]:
     """Evaluate an artifact on a data config (``deltatune.data.tasks.DataConfig`` keys): loss, perplexity for
     text and chat, accuracy where there are labels, ``edit_success`` and ``token_accuracy`` for task
     ``edit``. The held-out split of the data is used (for edits: the edits themselves). ``objective``: the
     run's ``train.objective`` for data that needs one (preference pairs: the DPO family's β; prompts: GRPO's
-    rewards, e.g. ``{"name": "grpo", "rewards": ["numeric"]}``)."""
+    rewards, e.g. ``{"name": "grpo", "rewards": ["numeric"]}``).
+
+    ``fuse_large`` with ``experts`` (and no ``path``): evaluate the large model steered by the small experts'
+    logits (``dt.fuse``; label words are scored on the fused log-probabilities); adds ``alpha_mean`` per expert."""
     from deltatune.data import tasks
     from deltatune.train.config import parse_data_section
 
-    name, head = _artifact_base(path, base)
     cfg = data if isinstance(data, tasks.DataConfig) else parse_data_section(dict(data))
+    if fuse_large is not None or experts:
+        if path is not None or fuse_large is None or not experts:
+            raise DeltatuneError("fused evaluation takes --fuse-large and at least one --expert (and no ARTIFACT)")
+        fused = fuse(fuse_large, fuse_small, experts, alpha=alpha)
+        task = tasks.build_task(cfg, models.load_tokenizer(fuse_large), fused.large, objective)
+        metrics = task.evaluate(fused, batch_size)
+        used = torch.cat([a.reshape(-1, len(experts)) for a in fused.alpha_log])
+        return {**metrics, **{f"alpha_mean_expert{i}": float(used[:, i].mean()) for i in range(len(experts))}}
+    if path is None:
+        raise DeltatuneError("say which artifact to evaluate (or --fuse-large with --expert)")
+    name, head = _artifact_base(path, base)
     model, _, task = tasks.load_for_task(cfg, name, objective=objective)  # checks cfg first; a head sized to the data
     _check_labels(path, head, model, cfg)
     tuned = load(model, path)

@@ -87,6 +87,7 @@ CASES: list[tuple[str, dict[str, Any], str]] = [
     ("spiel", {"k": 200, "reselection_steps": 2, "selection_accumulation_steps": 1}, "added"),
     ("spt", {"sensitivity": "random", "budget": 2000, "r": 2}, "added"),
     ("vera", {"r": 8}, "added"),
+    ("trainable_tokens", {"token_indices": [1, 2, 3]}, "added"),
     ("vqt", {}, "unused"),
 ]
 OPTIONS = {name: options for name, options, _ in reversed(CASES)}  # each method's first row: its options here

@@ -262,3 +262,35 @@ def test_cli_fused_generation(tmp_path):
     assert result.exit_code != 0 and "tokenizer" in result.output
     result = runner.invoke(app, ["generate", "--fuse-large", str(tmp_path / "large"), "-p", "hi"])
     assert result.exit_code != 0 and "--expert" in result.output
+
+
+def test_cli_eval_and_generate_on_a_fused_model(word_run, tmp_path):
+    """``deltatune eval --fuse-large`` with alpha 0 scores exactly what the large model alone scores; with an expert
+    and dynamic alpha it reports the weights; ``deltatune generate --fuse-large`` runs end to end."""
+    import json
+
+    from typer.testing import CliRunner
+
+    from deltatune.cli.main import app
+    from deltatune.data import tasks
+    from deltatune.train.config import parse_data_section
+
+    folder, data = word_run
+    path = expert(dt.models.load(folder, keep_layers=[0]), tmp_path / "e", 4, scale=0.5)
+    runner = CliRunner()
+    common = ["--fuse-large", folder, "--expert", path, "--data", data, "--task", "classification", "--json"]
+    zero = runner.invoke(app, ["eval", *common, "--alpha", "0"])
+    assert zero.exit_code == 0, zero.output
+    large = dt.models.load(folder)
+    cfg = parse_data_section({"path": data, "task": "classification"})
+    alone = tasks.build_task(cfg, dt.models.load_tokenizer(folder), large).evaluate(large, 16)
+    got = json.loads(zero.output)
+    assert got["accuracy"] == alone["accuracy"]
+    assert math.isclose(got["loss"], alone["loss"], rel_tol=1e-5)
+    dynamic = runner.invoke(app, ["eval", *common])
+    assert dynamic.exit_code == 0, dynamic.output
+    assert 0 <= json.loads(dynamic.output)["alpha_mean_expert0"] <= fusion.ALPHA_MAX
+    gen = runner.invoke(app, ["generate", "--fuse-large", folder, "--expert", path, "-p", "what a day", "--no-chat",
+                              "--max-new-tokens", "3"])
+    assert gen.exit_code == 0, gen.output
+    assert "alpha over" in gen.output

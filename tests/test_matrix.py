@@ -88,6 +88,8 @@ CASES = [
     ("ia3", {}, "gpt2"),  # c_attn (its bias scaled too) and the mlp.c_proj input
     ("ia3", {"modules_to_save": ["classifier"]}, "bert"),
     ("vera", {"r": 16}, "llama"),
+    ("trainable_tokens", {"token_indices": [3, 4, 9]}, "llama"),
+    ("trainable_tokens", {"token_indices": list(range(40)), "targets": ["word_embeddings"]}, "bert"),
     ("vera", {"r": 8, "bias": "vera_only"}, "gpt2"),
     ("vera", {"r": 8, "targets": ["query", "value", "dense"], "dropout": 0.1}, "bert"),
     ("loha", {"r": 2, "alpha": 4}, "llama"),

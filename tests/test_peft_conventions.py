@@ -138,8 +138,8 @@ def test_an_unsupported_init_or_layer_pattern_is_refused(config, field):
 
 
 def test_other_peft_configs_and_keywords_with_a_config_are_refused():
-    with pytest.raises(dt.DeltatuneError, match="IA3Config.*only LoraConfig"):
-        dt.attach(tiny_llama(), peft.IA3Config())
+    with pytest.raises(dt.DeltatuneError, match="BOFTConfig.*has no deltatune conversion"):
+        dt.attach(tiny_llama(), peft.BOFTConfig(boft_block_size=4, target_modules=["q_proj"]))
     with pytest.raises(dt.DeltatuneError, match="not both"):
         dt.attach(tiny_llama(), LoraConfig(), r=4)
 

@@ -642,7 +642,7 @@ def test_error_non_lora_adapter(tmp_path):
     dt.export_peft(dt.attach(copy.deepcopy(base), "lora", r=2, targets=["q_proj"]), tmp_path / "a")
     path = tmp_path / "a" / "adapter_config.json"
     path.write_text(json.dumps({**json.loads(path.read_text()), "peft_type": "OFT"}))
-    with pytest.raises(dt.DeltatuneError, match="'OFT' adapter; deltatune imports PEFT's LORA, IA3, LOHA, LOKR, VERA"):
+    with pytest.raises(dt.DeltatuneError, match="'OFT' adapter; deltatune imports PEFT's LORA, IA3, LOHA, LOKR, TRAINABLE_TOKENS, VERA"):
         dt.import_peft(base, tmp_path / "a")
     # a type deltatune imports, with another type's tensors
     path.write_text(json.dumps({**json.loads(path.read_text()), "peft_type": "IA3"}))

@@ -469,7 +469,7 @@ def _at_least_one(value: int, option: str) -> None:
 @app.command("eval")
 @_errors
 def eval_(
-    artifact: str = typer.Argument(..., help="The deltatune artifact folder."),
+    artifact: str = typer.Argument(None, help="The deltatune artifact folder (leave out with --fuse-large)."),
     data: str = typer.Option(None, "--data", help="A shipped data set (tweets, bbc) or a local file."),
     task: str = typer.Option(None, "--task", help="text | chat | classification | edit."),
     config: str = typer.Option(None, "--config", help="Take the data section of this run config (default, without "
@@ -478,12 +478,24 @@ def eval_(
     base: str = typer.Option(None, "--base", help="Base model (default: the one the artifact names)."),
     batch_size: int = typer.Option(16, "--batch-size"),
     as_json: bool = typer.Option(False, "--json", help="Print JSON."),
+    fuse_large: str = typer.Option(None, "--fuse-large", help="Logit fusion: evaluate this large model steered by "
+                                   "the --expert artifacts (docs/fusion.md)."),
+    fuse_small: str = typer.Option(None, "--fuse-small", help="Logit fusion: the experts' small base (default: the "
+                                   "one the first expert names)."),
+    expert: list[str] = typer.Option([], "--expert", help="Logit fusion: an artifact or PEFT adapter trained on the "
+                                     "small model (repeat for several)."),
+    alpha: str = typer.Option("dynamic", "--alpha", help="Logit fusion: 'dynamic' or a number (or one per expert)."),
 ) -> None:
-    """Evaluate an artifact on held-out data: loss, perplexity, accuracy where labels exist, edit success for edits."""
+    """Evaluate an artifact on held-out data: loss, perplexity, accuracy where labels exist, edit success for edits
+    (or, with --fuse-large, a large model steered by small experts)."""
     from deltatune import api
 
     _at_least_one(batch_size, "--batch-size")
-    metrics = api.eval(artifact, _data_config(data, task, config, set_, artifact), base=base, batch_size=batch_size)
+    if artifact is None and fuse_large is None:
+        raise DeltatuneError("say which artifact to evaluate: deltatune eval ARTIFACT --data ... (or --fuse-large "
+                             "MODEL --expert ARTIFACT)")
+    metrics = api.eval(artifact, _data_config(data, task, config, set_, artifact), base=base, batch_size=batch_size,
+                       fuse_large=fuse_large, fuse_small=fuse_small, experts=expert, alpha=_alpha(alpha))
     if as_json:
         typer.echo(json.dumps(metrics, indent=2))
         return

@@ -80,6 +80,13 @@ class PeftFormat:
     bias_only: str | None = None
     # adapter keys outside the model (``base_model.<name>``, not ``base_model.model.<module>``) the type may hold
     top_level: tuple[str, ...] = ()
+    # PEFT's config object of this type given to ``dt.attach`` (e.g. ``IA3Config(...)``): (PEFT field, the method's
+    # option that takes its value) pairs, the option None for a field that changes nothing deltatune computes (how
+    # PEFT saves the adapter). ``interop.peft`` converts the fields every type shares itself (target_modules,
+    # exclude_modules, layers_to_transform, layers_pattern, modules_to_save, fan_in_fan_out); one string where the
+    # option takes names is PEFT's regular expression on the full name. Any other field set away from PEFT's default
+    # is refused. Empty: the type's config objects do not convert.
+    config_fields: tuple[tuple[str, str | None], ...] = ()
 
 
 @dataclass(frozen=True)

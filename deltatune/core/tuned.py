@@ -436,7 +436,7 @@ class Tuned(ModelWrapper):
 
 
 # Converters of other libraries' config objects into (method name, options): deltatune.interop.peft registers PEFT's
-# LoraConfig here when the package is imported. The core may not import interop (docs/architecture.md), so the layer
+# config objects (LoraConfig, and those of the types methods declare) here when the package is imported. The core may not import interop (docs/architecture.md), so the layer
 # that knows the foreign format plugs itself in rather than the core reaching up to it.
 ConfigConverter = Callable[[Any, nn.Module], tuple[str, dict[str, Any]] | None]
 _CONVERTERS: list[ConfigConverter] = []
@@ -472,8 +472,9 @@ def attach(model: nn.Module, method: str | Any, *, _loading: bool = False, **con
     """Attach a method's delta to ``model`` and return the tuned model (the base is frozen, never written).
 
     ``method`` is a registered name (see ``deltatune.methods()``) with its options as keywords, a method's config
-    object, or PEFT's ``LoraConfig`` (converted to the ``lora`` / ``dora`` options; fields deltatune cannot honour
-    are refused, each named)."""
+    object, or a PEFT config object: ``LoraConfig`` (converted to the ``lora`` / ``dora`` options) or that of another
+    PEFT type a method declares (``IA3Config``, ``VeraConfig``, ...; ``registry.PeftFormat.config_fields``); fields
+    deltatune cannot honour are refused, each named."""
     if isinstance(model, Tuned):
         raise DeltatuneError("this model already has a delta attached; merge() it or attach to the base model")
     m, cfg = _method_and_config(method, config, model)

@@ -113,9 +113,10 @@ def _head_captured(model: nn.Module) -> Iterator[tuple[_Capture, nn.Module]]:
 
 def _plain_frozen_linear(head: nn.Module) -> bool:
     """A head the fused path can take: exactly nn.Linear (a parametrised or quantized layer is another class), no
-    hooks, nothing in it trained."""
+    hooks, no forward of its own (a sparse form replaces the instance's forward: the fused path would read W0 and
+    drop the delta), nothing in it trained."""
     return (type(head) is nn.Linear and not head._forward_hooks and not head._forward_pre_hooks
-            and not any(p.requires_grad for p in head.parameters()))
+            and "forward" not in head.__dict__ and not any(p.requires_grad for p in head.parameters()))
 
 
 class _FusedLinearNLL(torch.autograd.Function):

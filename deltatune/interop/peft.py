@@ -1,6 +1,7 @@
 """Hugging Face PEFT adapter format: export deltas to it (low-rank ones exactly, any weight-side one as a LoRA by
 truncated SVD), import LoRA adapters from it; and the same both ways for every other PEFT type a method declares where
-it registers (``registry.PeftFormat``, e.g. PEFT's IA3 or VERA), with no method named here.
+it registers (``registry.PeftFormat``, e.g. PEFT's IA3 or VERA), with no method named here. PEFT's config objects
+given to ``dt.attach`` convert the same way: ``LoraConfig`` here, another type's through its ``PeftFormat.config_fields``.
 
 On disk PEFT writes ``adapter_config.json`` + ``adapter_model.safetensors`` with keys
 ``base_model.model.<module path>.lora_A.weight`` (r, in) / ``.lora_B.weight`` (out, r);
@@ -32,6 +33,8 @@ import json
 import math
 import os
 import re
+import types
+import typing
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -170,10 +173,16 @@ def _method_files(tuned: Tuned, codec: registry.PeftFormat) -> tuple[dict[str, t
             raise DeltatuneError(f"PEFT's {codec.peft_type} adapter has no bias option: it cannot hold the trained "
                                  f"bias of {sorted(bias_modules)[0]}")
         bias_mode = codec.bias_only if bias_modules <= adapted else "all"
+    # a type whose method trains no module fully has no modules_to_save in PEFT's config either (TRAINABLE_TOKENS)
+    has_saved = "modules_to_save" in {f.name for f in dataclasses.fields(tuned.method.config_cls)}
+    if saved_modules and not has_saved:
+        raise DeltatuneError(f"PEFT's {codec.peft_type} adapter has no modules_to_save: it cannot hold the fully "
+                             f"trained {saved_modules[0]}")
     config: dict[str, Any] = {"peft_type": codec.peft_type, "task_type": task, "base_model_name_or_path": None,
                               "revision": None, "inference_mode": True, **fields,
                               **({"bias": bias_mode} if codec.bias_only is not None else {}),
-                              "modules_to_save": saved_modules or None, "peft_version": PEFT_VERSION}
+                              **({"modules_to_save": saved_modules or None} if has_saved else {}),
+                              "peft_version": PEFT_VERSION}
     if task is None:  # AutoPeftModel finds the model class here when no task type names it (PEFT writes it too)
         config["auto_mapping"] = {"base_model_class": type(tuned.model).__name__,
                                   "parent_library": type(tuned.model).__module__}
@@ -881,7 +890,11 @@ def _import_method(model: nn.Module, adapter: str | os.PathLike, config: dict[st
                                  "adapter has no option for: it was not saved by PEFT")
         # the import's own reading of what trained, as PEFT's option says it loosely (a bias saved under "all")
         options["bias"] = "all" if loose_biases - set(layers) else (codec.bias_only if loose_biases else "none")
-    options["modules_to_save"] = modules_to_save or None
+    if "modules_to_save" in {f.name for f in dataclasses.fields(method.config_cls)}:
+        options["modules_to_save"] = modules_to_save or None
+    elif modules_to_save:
+        raise DeltatuneError(f"{adapter} trains {modules_to_save[0]!r} fully, which a {method.name} delta cannot hold "
+                             f"(PEFT's {kind} adapter has no modules_to_save): it was not saved by PEFT")
     previous = carried_by(model)  # put back on if the adapter is refused below, as dt.load does
     tuned = attach(model, method.name, **options)
     try:
@@ -965,7 +978,7 @@ def _load_saved(adapter: str | os.PathLike, model: nn.Module, forms: dict[str, A
             done[id(form)] = name
 
 
-# -- PEFT's LoraConfig object given to dt.attach --------------------------------------------------------------
+# -- PEFT's config objects given to dt.attach ----------------------------------------------------------------
 # PEFT is a test-only dependency: the object is recognised by its class's module and its peft_type, never imported.
 
 # fields that describe an adapter on disk or how PEFT runs, not what the delta computes
@@ -1055,18 +1068,115 @@ def _layers_pattern_agrees(model: nn.Module, pattern: str | list[str]) -> bool:
     return True
 
 
-def lora_config_options(config: Any, model: nn.Module) -> tuple[str, dict[str, Any]] | None:
-    """PEFT's ``LoraConfig`` as deltatune's ("lora" or "dora", options), for ``dt.attach(model, LoraConfig(...))``;
-    None for an object that is no PEFT config. A field set away from PEFT's default that deltatune cannot honour is
-    refused, all of them in one error."""
+def peft_config_options(config: Any, model: nn.Module) -> tuple[str, dict[str, Any]] | None:
+    """A PEFT config object as deltatune's (method name, options), for ``dt.attach(model, XConfig(...))``: PEFT's
+    ``LoraConfig`` as lora / dora, any other type as the method whose ``PeftFormat`` declares its config fields; None
+    for an object that is no PEFT config. Fields set away from PEFT's default that deltatune cannot honour are refused,
+    all of them in one error."""
     if not _is_peft_config(config):
         return None
     kind = str(_enum_value(config.peft_type)).upper()
-    if kind != "LORA":
+    if kind == "LORA":
+        return lora_config_options(config, model)
+    method = registry.for_peft_type(kind)
+    if method is None or method.peft is None or not method.peft.config_fields:
+        converted = ["LORA", *sorted(m.peft.peft_type for m in map(registry.get, registry.names())
+                                     if m.peft is not None and m.peft.config_fields)]
         raise DeltatuneError(
-            f"PEFT's {type(config).__name__} (peft_type {kind}) has no deltatune conversion, only LoraConfig has: "
-            "attach a deltatune method by name instead (deltatune methods lists them)"
+            f"PEFT's {type(config).__name__} (peft_type {kind}) has no deltatune conversion (deltatune converts the "
+            f"configs of PEFT's {', '.join(converted)}): attach a deltatune method by name instead (deltatune methods "
+            "lists them)"
         )
+    return method.name, _method_config_options(config, model, method)
+
+
+# the fields every PEFT type that picks modules shares, and the option of the same meaning in a method's config
+_SHARED_FIELDS = {"target_modules": "targets", "exclude_modules": "exclude", "layers_to_transform": "layers",
+                  "modules_to_save": "modules_to_save"}
+
+
+def _method_config_options(config: Any, model: nn.Module, method: registry.Method) -> dict[str, Any]:
+    """The options of ``method`` from PEFT's config object of its type: the shared fields converted here, the type's
+    own through its ``PeftFormat.config_fields``."""
+    assert method.peft is not None
+    values = {f.name: _enum_value(getattr(config, f.name)) for f in dataclasses.fields(config)}
+    defaults = {k: _enum_value(v) for k, v in _field_defaults(config).items()}
+    hints = typing.get_type_hints(method.config_cls)
+    own = dict(method.peft.config_fields)
+    options: dict[str, Any] = {}
+    problems: list[str] = []
+    for name, value in values.items():
+        if name in _METADATA_FIELDS or name == "fan_in_fan_out":  # a layout PEFT corrects per layer, as deltatune does
+            continue
+        if name == "layers_pattern":
+            if value and not _layers_pattern_agrees(model, value):
+                problems.append(f"layers_pattern={value!r}: {_CANNOT_HONOUR['layers_pattern']}")
+            continue
+        if name in own and own[name] is None:  # changes nothing deltatune computes
+            continue
+        option = own.get(name, _SHARED_FIELDS.get(name))
+        if option is None or option not in hints:
+            if value != defaults.get(name, value):
+                problems.append(f"{name}={value!r}: {_CANNOT_HONOUR.get(name, 'deltatune has no equivalent')}")
+            continue
+        if name == "target_modules" and isinstance(value, str) and value.lower() == ALL_LINEAR:
+            options[option] = _all_linear_targets(config, model)
+        elif name in _SHARED_FIELDS and name != "layers_to_transform" and value is not None:
+            options[option] = _patterns(value)
+        elif isinstance(value, str) and _takes_names(hints[option]):
+            options[option] = [f"re:{value}"]  # PEFT: one string where names go is a regex on the full name
+        elif name == "layers_to_transform":
+            options[option] = _layers(value, values.get("target_modules"))
+        elif isinstance(value, set | frozenset):
+            options[option] = sorted(value)
+        elif isinstance(value, list | tuple):
+            options[option] = list(value)  # in order (PEFT's token_indices)
+        elif isinstance(value, dict):
+            options[option] = dict(value)
+        else:
+            options[option] = value
+    heads = _task_heads(config, model, options.get("modules_to_save"))
+    if heads and "modules_to_save" in hints:
+        options["modules_to_save"] = sorted({*(options.get("modules_to_save") or []), *heads})
+    elif heads:
+        problems.append(f"task_type={_enum_value(config.task_type)!r}: PEFT trains the task head {heads[0]!r} fully next "
+                        f"to the adapter, which deltatune's {method.name} has no modules_to_save for")
+    if problems:
+        _refuse(config, problems)
+    return options
+
+
+def _layers(layers: Any, targets: Any) -> list[int] | None:
+    """PEFT's layers_to_transform as deltatune's layers; PEFT applies it only to a list of target names (a regular
+    expression picks its modules alone: tuners_utils.check_target_module_exists), and so does the conversion."""
+    if layers is None or (isinstance(targets, str) and targets.lower() != ALL_LINEAR):
+        return None
+    return [layers] if isinstance(layers, int) else list(layers)
+
+
+def _takes_names(hint: Any) -> bool:
+    """Whether an option of this type takes a list of names but not one name (deltatune's module patterns)."""
+    args = typing.get_args(hint) if typing.get_origin(hint) in (typing.Union, types.UnionType) else (hint,)
+    return str not in args and any(typing.get_origin(a) is list and typing.get_args(a) == (str,) for a in args)
+
+
+def _task_heads(config: Any, model: nn.Module, saved: list[str] | None) -> list[str]:
+    """The heads PEFT's task classes train fully on their own (PeftModelForSequenceClassification & co.) that
+    ``saved`` does not name yet."""
+    names = [n for n, _ in model.named_modules() if n]
+    return [head for head in _TASK_HEADS.get(str(_enum_value(config.task_type)), ())
+            if head not in (saved or []) and any(match_name(head, n) for n in names)]
+
+
+def _refuse(config: Any, problems: list[str]) -> None:
+    raise DeltatuneError(
+        f"PEFT {type(config).__name__} fields deltatune cannot honour (drop them, or set PEFT's default):\n  "
+        + "\n  ".join(problems)
+    )
+
+
+def lora_config_options(config: Any, model: nn.Module) -> tuple[str, dict[str, Any]]:
+    """PEFT's ``LoraConfig`` as deltatune's ("lora" or "dora", options)."""
     values = {f.name: getattr(config, f.name) for f in dataclasses.fields(config)}
     defaults = _field_defaults(config)
     problems = [f"{name}={value!r}: {_CANNOT_HONOUR.get(name, 'deltatune has no equivalent')}"
@@ -1083,10 +1193,7 @@ def lora_config_options(config: Any, model: nn.Module) -> tuple[str, dict[str, A
     if pattern and not _layers_pattern_agrees(model, pattern):
         problems.append(f"layers_pattern={pattern!r}: {_CANNOT_HONOUR['layers_pattern']}")
     if problems:
-        raise DeltatuneError(
-            f"PEFT {type(config).__name__} fields deltatune cannot honour (drop them, or set PEFT's default):\n  "
-            + "\n  ".join(problems)
-        )
+        _refuse(config, problems)
 
     options: dict[str, Any] = {ours: values[theirs] for theirs, ours in _RENAMED.items()}
     options["rank_pattern"], options["alpha_pattern"] = dict(options["rank_pattern"]), dict(options["alpha_pattern"])
@@ -1099,17 +1206,13 @@ def lora_config_options(config: Any, model: nn.Module) -> tuple[str, dict[str, A
     else:
         options["targets"] = _patterns(targets)
     options["exclude"] = _patterns(values["exclude_modules"])
-    layers = values["layers_to_transform"]
-    options["layers"] = [layers] if isinstance(layers, int) else (list(layers) if layers is not None else None)
+    options["layers"] = _layers(values["layers_to_transform"], targets)
     options["init"] = init
     # PEFT's task classes train the task head fully on their own (PeftModelForSequenceClassification & co.)
     saved = list(values["modules_to_save"] or [])
-    names = [n for n, _ in model.named_modules() if n]
-    for head in _TASK_HEADS.get(str(_enum_value(config.task_type)), ()):
-        if head not in saved and any(match_name(head, n) for n in names):
-            saved.append(head)
+    saved += _task_heads(config, model, saved)
     options["modules_to_save"] = saved or None
     return ("dora" if values["use_dora"] else "lora"), options
 
 
-register_config_converter(lora_config_options)
+register_config_converter(peft_config_options)

@@ -170,4 +170,10 @@ def peft_format(peft_type: str, prefix: str, names: tuple[str, ...], form_type: 
             tensors[f"{module}.weight"] = {k[len(prefix):]: v for k, v in parts.items()}
         return options, tensors
 
-    return PeftFormat(peft_type, tuple(prefix + n for n in names), to_peft, from_peft)
+    # PEFT's config object (dt.attach(model, LoHaConfig(...))): its fields as the options; use_effective_conv2d changes
+    # only convolutions, which deltatune does not target
+    config_fields = (("r", "r"), ("alpha", "alpha"), ("rank_dropout", "rank_dropout"),
+                     ("module_dropout", "module_dropout"), ("rank_pattern", "rank_pattern"),
+                     ("alpha_pattern", "alpha_pattern"), ("init_weights", "init"), ("use_effective_conv2d", None),
+                     *((k, k) for k in extra_options))
+    return PeftFormat(peft_type, tuple(prefix + n for n in names), to_peft, from_peft, config_fields=config_fields)

@@ -191,6 +191,7 @@ QUANTIZED_BASE = "its scaling is checked against PEFT on full-precision layers o
 
 @register("ia3", IA3Config, "(IA)³: learned vectors scale keys, values and the FFN input (Liu et al., 2022); "
           "PEFT-compatible, mergeable", traits=Traits(quantized_base=QUANTIZED_BASE), family="scaling vectors",
-          peft=PeftFormat("IA3", ("ia3_l",), _to_peft, _from_peft))
+          peft=PeftFormat("IA3", ("ia3_l",), _to_peft, _from_peft,
+                          config_fields=(("feedforward_modules", "feedforward"), ("init_ia3_weights", "init"))))
 def build(model: nn.Module, cfg: IA3Config, *, loading: bool = False) -> Built:
     return Built(build_forms(model, cfg))

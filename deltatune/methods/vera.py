@@ -197,7 +197,11 @@ QUANTIZED_BASE = "its forward is checked against PEFT on full-precision layers o
           "vectors b, d: ΔW = Λ_b·B·Λ_d·A (Kopiczko et al., 2024); PEFT-compatible, mergeable", family="low-rank",
           traits=Traits(quantized_base=QUANTIZED_BASE),
           peft=PeftFormat("VERA", ("vera_lambda_b", "vera_lambda_d"), _to_peft, _from_peft, bias_only="vera_only",
-                          top_level=("vera_A", "vera_B")))
+                          top_level=("vera_A", "vera_B"),
+                          # save_projection: whether PEFT stores A and B in the adapter; deltatune draws them again
+                          config_fields=(("r", "r"), ("projection_prng_key", "seed"), ("vera_dropout", "dropout"),
+                                         ("d_initial", "d_initial"), ("bias", "bias"), ("init_weights", "init"),
+                                         ("save_projection", None))))
 def build(model: nn.Module, cfg: VeraConfig, *, loading: bool = False) -> Built:
     modules = _modules(model, cfg)
     a, b = projections([m for _, m in modules], cfg.r, cfg.seed)
