@@ -311,3 +311,72 @@ def peft_round_trip(base: torch.nn.Module, reference: torch.nn.Module, config_cl
     assert all(torch.equal(a, b) for a, b in zip(twice.delta_state_dict().values(),
                                                  tuned.delta_state_dict().values(), strict=True))
     return config_back
+
+
+# ---------------------------------------------------------------- one tiny model per architecture of the table
+
+
+def tiny_architecture(model_type: str, seed: int = 0) -> torch.nn.Module:
+    """A tiny random model (width 32, two layers per stack) of ``model_type``, a key of
+    ``deltatune.core.architectures.TABLE``, in eval mode; dropout off so that training steps are deterministic."""
+    import transformers as tf
+
+    torch.manual_seed(seed)
+    dec = dict(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+               num_key_value_heads=2, max_position_embeddings=64)
+    enc = dict(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
+               max_position_embeddings=64, num_labels=3, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+    seq2seq = dict(vocab_size=VOCAB, d_model=32, encoder_layers=2, decoder_layers=2, encoder_attention_heads=4,
+                   decoder_attention_heads=4, encoder_ffn_dim=64, decoder_ffn_dim=64, max_position_embeddings=64,
+                   dropout=0.0)
+    vision = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64, num_labels=3)
+    makers = {
+        "llama": lambda: tf.LlamaForCausalLM(tf.LlamaConfig(**dec)),
+        "qwen2": lambda: tf.Qwen2ForCausalLM(tf.Qwen2Config(**dec)),
+        "qwen3": lambda: tf.Qwen3ForCausalLM(tf.Qwen3Config(**dec, head_dim=8)),
+        "mistral": lambda: tf.MistralForCausalLM(tf.MistralConfig(**dec)),
+        "gemma": lambda: tf.GemmaForCausalLM(tf.GemmaConfig(**dec, head_dim=8)),
+        "gemma2": lambda: tf.Gemma2ForCausalLM(tf.Gemma2Config(**dec, head_dim=8)),
+        "gemma3_text": lambda: tf.Gemma3ForCausalLM(tf.Gemma3TextConfig(**dec, head_dim=8)),
+        "phi3": lambda: tf.Phi3ForCausalLM(tf.Phi3Config(**dec, pad_token_id=0)),
+        "qwen3_moe": lambda: tf.Qwen3MoeForCausalLM(tf.Qwen3MoeConfig(**dec, head_dim=8, moe_intermediate_size=16,
+                                                                      num_experts=4, num_experts_per_tok=2)),
+        "mixtral": lambda: tf.MixtralForCausalLM(tf.MixtralConfig(**dec, num_local_experts=4, num_experts_per_tok=2)),
+        "gpt2": lambda: tf.GPT2LMHeadModel(tf.GPT2Config(n_embd=32, n_layer=2, n_head=4, vocab_size=VOCAB,
+                                                         n_positions=64)),
+        "gpt_neox": lambda: tf.GPTNeoXForCausalLM(tf.GPTNeoXConfig(
+            vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+            max_position_embeddings=64)),
+        "bert": lambda: tf.BertForSequenceClassification(tf.BertConfig(**enc)),
+        "roberta": lambda: tf.RobertaForSequenceClassification(tf.RobertaConfig(**enc, pad_token_id=1)),
+        "t5": lambda: tf.T5ForConditionalGeneration(tf.T5Config(
+            vocab_size=VOCAB, d_model=32, d_kv=8, d_ff=64, num_layers=2, num_heads=4, decoder_start_token_id=0,
+            dropout_rate=0.0)),
+        "mt5": lambda: tf.MT5ForConditionalGeneration(tf.MT5Config(
+            vocab_size=VOCAB, d_model=32, d_kv=8, d_ff=64, num_layers=2, num_heads=4, decoder_start_token_id=0,
+            dropout_rate=0.0)),
+        "bart": lambda: tf.BartForConditionalGeneration(tf.BartConfig(**seq2seq)),
+        "mbart": lambda: tf.MBartForConditionalGeneration(tf.MBartConfig(**seq2seq)),
+        "vit": lambda: tf.ViTForImageClassification(tf.ViTConfig(**vision, image_size=16, patch_size=4)),
+        "swin": lambda: tf.SwinForImageClassification(tf.SwinConfig(
+            image_size=16, patch_size=2, embed_dim=16, depths=[2, 2], num_heads=[2, 4], window_size=4, num_labels=3)),
+        "audio-spectrogram-transformer": lambda: tf.ASTForAudioClassification(tf.ASTConfig(
+            **vision, num_mel_bins=16, max_length=32, patch_size=8, frequency_stride=8, time_stride=8)),
+    }
+    return makers[model_type]().eval()
+
+
+def architecture_batch(model: torch.nn.Module, seed: int = 1) -> dict[str, torch.Tensor]:
+    """Two inputs of the kind ``model`` takes: 7 tokens (and 5 decoder tokens), 16×16 images, or 32×16 spectrograms."""
+    from deltatune.core import architectures
+
+    g = torch.Generator().manual_seed(seed)
+    kind = architectures.of(model).inputs
+    if kind == "pixels":
+        return {"pixel_values": torch.randn(2, 3, 16, 16, generator=g)}
+    if kind == "spectrogram":
+        return {"input_values": torch.randn(2, 32, 16, generator=g)}
+    x = {"input_ids": torch.randint(2, VOCAB, (2, 7), generator=g)}
+    if model.config.is_encoder_decoder:
+        x["decoder_input_ids"] = torch.randint(2, VOCAB, (2, 5), generator=g)
+    return x

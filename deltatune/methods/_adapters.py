@@ -33,7 +33,7 @@ from deltatune.core.targeting import resolve_layers
 from deltatune.errors import DeltatuneError
 from deltatune.methods._lowrank import add_trained_extras
 
-SUBLAYER_KINDS = ("attention", "ffn")
+SUBLAYER_KINDS = ("attention", "cross_attention", "ffn")  # cross_attention: an encoder-decoder's decoder blocks
 # the last projection of a sublayer module that is not itself a Linear / Conv1D (Llama, GPT-2, OPT-like)
 _LAST_PROJECTIONS = ("o_proj", "down_proj", "c_proj", "out_proj", "fc2", "dense")
 
@@ -71,6 +71,8 @@ def last_projection(site: Sublayer) -> nn.Module | None:
     """The Linear / GPT-2 Conv1D whose output is the sublayer's output h (None where it is not known)."""
     from transformers.pytorch_utils import Conv1D
 
+    if isinstance(site.out, nn.Linear | Conv1D):  # named by the architecture table
+        return site.out
     if isinstance(site.writes, nn.Linear | Conv1D):
         return site.writes
     for name in _LAST_PROJECTIONS:
@@ -185,6 +187,14 @@ def hidden_size(model: nn.Module) -> int:
     return d
 
 
+def site_width(model: nn.Module, site: Sublayer) -> int:
+    """The width of h at ``site``: its output projection's (Swin's stages differ), else the model's."""
+    proj = last_projection(site)
+    if proj is not None:
+        return int(proj.weight.shape[1] if type(proj).__name__ == "Conv1D" else proj.out_features)
+    return hidden_size(model)
+
+
 def _placement(site: Sublayer) -> tuple[torch.device, torch.dtype]:
     w = next(site.writes.parameters())
     # like LoRA's factors: adapters on a half-precision base train in fp32
@@ -196,13 +206,14 @@ def build_adapters(model: nn.Module, cfg: BottleneckConfig, *, kinds: list[str],
     """One adapter per chosen block and sublayer kind (block order, attention before FFN), named
     ``<sublayer module>.adapter``, plus dense deltas for ``modules_to_save``."""
     layers = chosen_blocks(model, cfg.layers)
-    d = hidden_size(model)
     sites = sorted((s for k in kinds for s in sublayers(model, k, layers)),
                    key=lambda s: (s.block, SUBLAYER_KINDS.index(s.kind)))
+    if not sites:
+        raise DeltatuneError(f"the model has no {' / '.join(kinds)} sublayer in the chosen blocks: choose other sublayers")
     forms: dict = {}
     for site in sites:
         device, dtype = _placement(site)
-        bottleneck = Bottleneck(d, cfg.r, cfg.activation, scale, cfg.init, learnable_scale).to(device, dtype)
+        bottleneck = Bottleneck(site_width(model, site), cfg.r, cfg.activation, scale, cfg.init, learnable_scale).to(device, dtype)
         forms[f"{site.name}.adapter"] = Adapter(site, bottleneck, reads)
     add_trained_extras(model, [], "none", cfg.modules_to_save, forms, "adapter")
     return Built(forms)

@@ -12,6 +12,7 @@ from typing import Any
 import torch
 import torch.nn as nn
 
+from deltatune.core import architectures
 from deltatune.core.forms.lowrank import LowRank
 from deltatune.core.targeting import match_name, module_types, select_modules
 from deltatune.errors import DeltatuneError
@@ -73,7 +74,8 @@ def _as_patterns(model: nn.Module, chosen: list[str], leaves: dict[str, str]) ->
 
 def default_targets(model: nn.Module) -> list[str]:
     """The attention's query and value projections (or its fused q/k/v projection) of ``model``, as PEFT's
-    default ``target_modules`` name them for the architectures it knows."""
+    default ``target_modules`` name them for the architectures it knows: found by their names, else where the
+    architecture table (``core/architectures.py``) puts them."""
     leaves = _attention_projections(model)
     query = [n for n, leaf in leaves.items() if _QUERY.fullmatch(leaf)]
     value = [n for n, leaf in leaves.items() if _VALUE.fullmatch(leaf)]
@@ -82,6 +84,11 @@ def default_targets(model: nn.Module) -> list[str]:
     fused = [n for n, leaf in leaves.items() if _FUSED_QKV.fullmatch(leaf)]
     if fused:
         return _as_patterns(model, fused, leaves)
+    roles = architectures.projections(model)  # the architecture table's names, where the model's are unusual
+    chosen = roles.get("query", []) + roles.get("value", []) if roles.get("query") and roles.get("value") \
+        else roles.get("qkv", [])
+    if chosen:
+        return _as_patterns(model, chosen, {n: n.rsplit(".", 1)[-1] for n in chosen})
     model_type = getattr(getattr(model, "config", None), "model_type", None)
     seen = ", ".join(sorted(set(leaves.values()))[:12]) or "no Linear layer inside a module named like attention"
     raise DeltatuneError(

@@ -57,14 +57,16 @@ def kv_geometry(model: nn.Module) -> tuple[int, int]:
     if not heads or not hidden:
         raise DeltatuneError(f"{type(model).__name__}'s config does not give num_attention_heads / hidden_size")
     kv_heads = getattr(cfg, "num_key_value_heads", None) or heads
-    head_dim = getattr(cfg, "head_dim", None) or hidden // heads
+    head_dim = getattr(cfg, "head_dim", None) or getattr(cfg, "d_kv", None) or hidden // heads  # d_kv: T5
     return int(kv_heads), int(head_dim)
 
 
-def hooked_attention(model: nn.Module, layers: list[int] | str | None = None) -> list[tuple[str, nn.Module]]:
-    """(dotted name, attention module) of every self-attention module the prefix goes into, block order."""
+def hooked_attention(model: nn.Module, layers: list[int] | str | None = None,
+                     method: str | None = None) -> list[tuple[str, nn.Module]]:
+    """(dotted name, attention module) of every attention module the prefix goes into, block order (an
+    encoder-decoder's cross-attention too); ``method`` names the method where the architecture is refused."""
     names = {id(m): n for n, m in model.named_modules()}
-    found = attention_modules(model)
+    found = attention_modules(model, method)
     chosen = resolve_layers(layers, len(found))
     out = [(names[id(m)], m) for i, m in enumerate(found) if chosen is None or i in chosen]
     if not out:
@@ -329,8 +331,8 @@ def prefix_forms(model: nn.Module, length: int, reparam: bool, mid_dim: int, *, 
         raise DeltatuneError(f"mid_dim={mid_dim} must be at least 1")
     if init not in ("random", "vocab"):
         raise DeltatuneError(f"prefix init={init!r}: use 'random' (N(0, 1)) or 'vocab' (keys/values of real tokens)")
+    sites = hooked_attention(model, layers, method)
     kv_heads, head_dim = kv_geometry(model)
-    sites = hooked_attention(model, layers)
     check_kv_hook_reached(model, [attn for _, attn in sites], method)
     encoder = None
     if reparam and not loading:

@@ -19,6 +19,7 @@ from typing import Any
 import torch
 import torch.nn as nn
 
+from deltatune.core import architectures
 from deltatune.core.forms.base import Form
 from deltatune.core.forms.scaling import ScaledBias, Scaling
 from deltatune.core.registry import Built, PeftFormat, Traits, register
@@ -27,7 +28,8 @@ from deltatune.errors import DeltatuneError
 from deltatune.methods._lowrank import add_trained_extras
 
 # PEFT 0.21.2's per-architecture defaults (peft.utils.constants: TRANSFORMERS_MODELS_TO_IA3_TARGET_MODULES_MAPPING and
-# ..._FEEDFORWARD_MODULES_MAPPING), copied so that a default IA³ delta adapts exactly PEFT's modules
+# ..._FEEDFORWARD_MODULES_MAPPING), copied so that a default IA³ delta adapts exactly PEFT's modules; but mixtral's,
+# whose w2 is gone in transformers 5 (its experts are fused 3-D tensors: no Linear to scale)
 PEFT_TARGETS: dict[str, list[str]] = {
     "t5": ["k", "v", "wo"], "mt5": ["k", "v", "wi_1"], "gpt2": ["c_attn", "mlp.c_proj"],
     "bloom": ["query_key_value", "mlp.dense_4h_to_h"], "roberta": ["key", "value", "output.dense"],
@@ -35,7 +37,7 @@ PEFT_TARGETS: dict[str, list[str]] = {
     "gpt_neox": ["query_key_value", "dense_4h_to_h"], "gpt_neo": ["q_proj", "v_proj", "c_proj"],
     "bart": ["q_proj", "v_proj", "fc2"], "gpt_bigcode": ["c_attn", "mlp.c_proj"], "llama": ["k_proj", "v_proj", "down_proj"],
     "llama4": ["q_proj", "v_proj", "down_proj"], "mistral": ["k_proj", "v_proj", "down_proj"],
-    "mixtral": ["k_proj", "v_proj", "w2"], "bert": ["key", "value", "output.dense"],
+    "bert": ["key", "value", "output.dense"],
     "deberta-v2": ["key_proj", "value_proj", "output.dense"], "deberta": ["in_proj", "output.dense"],
     "RefinedWebModel": ["query_key_value", "dense_4h_to_h"], "RefinedWeb": ["query_key_value", "dense_4h_to_h"],
     "falcon": ["query_key_value", "dense_4h_to_h"], "phi": ["q_proj", "v_proj", "fc2"],
@@ -47,7 +49,7 @@ PEFT_FEEDFORWARD: dict[str, list[str]] = {
     "t5": ["wo"], "mt5": [], "gpt2": ["mlp.c_proj"], "bloom": ["mlp.dense_4h_to_h"], "roberta": ["output.dense"],
     "opt": ["fc2"], "gptj": ["fc_out"], "gpt_neox": ["dense_4h_to_h"], "gpt_neo": ["c_proj"], "bart": ["fc2"],
     "gpt_bigcode": ["mlp.c_proj"], "llama": ["down_proj"], "llama4": ["down_proj"], "mistral": ["down_proj"],
-    "mixtral": ["w2"], "bert": ["output.dense"], "deberta-v2": ["output.dense"], "deberta": ["output.dense"],
+    "bert": ["output.dense"], "deberta-v2": ["output.dense"], "deberta": ["output.dense"],
     "RefinedWeb": ["dense_4h_to_h"], "RefinedWebModel": ["dense_4h_to_h"], "falcon": ["dense_4h_to_h"],
     "phi": ["fc2"], "gemma": ["down_proj"], "gemma2": ["down_proj"], "gemma3_text": ["down_proj"],
     "qwen2": ["down_proj"], "qwen3": ["down_proj"],
@@ -90,6 +92,10 @@ def _found_defaults(model: nn.Module) -> tuple[list[str], list[str]]:
             kv.append(name)
         elif any(_FFN.search(p) for p in parents) and _FFN_OUT.fullmatch(leaf):
             down.append(name)
+    if not kv or not down:  # the names say nothing: what the architecture table knows (core/architectures.py)
+        roles = architectures.projections(model)
+        kv = roles.get("key", []) + roles.get("value", []) + roles.get("qkv", [])
+        down = roles.get("ffn_out", [])
     if not kv or not down:
         model_type = getattr(getattr(model, "config", None), "model_type", None)
         raise DeltatuneError(

@@ -32,6 +32,7 @@ from typing import Any, Literal
 import torch
 import torch.nn as nn
 
+from deltatune.core import architectures
 from deltatune.core.forms.attention import attention_modules, check_kv_hook_reached, set_kv_hook
 from deltatune.core.forms.module import ModuleForm
 from deltatune.core.registry import Built, Traits, register
@@ -92,6 +93,7 @@ class SoftPrompt(ModuleForm):
     kind = "prompt"
 
     def __init__(self, model: nn.Module, length: int, init: str = "vocab", loading: bool = False) -> None:
+        architectures.check_text_model(model, "prompt")  # soft tokens need token embeddings and one input stack
         super().__init__()
         table = model.get_input_embeddings().weight
         if loading:

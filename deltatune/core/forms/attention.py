@@ -22,6 +22,7 @@ from typing import Any
 import torch
 import torch.nn as nn
 
+from deltatune.core import architectures
 from deltatune.errors import DeltatuneError
 
 # (module, query, key, value, mask) -> (key, value, mask)
@@ -50,6 +51,9 @@ def _wrapped(base: str) -> Callable:
         hook = module.__dict__.get(_HOOK)
         if hook is not None:
             key, value, attention_mask = hook(module, query, key, value, attention_mask)
+            bias = kwargs.get("position_bias")  # T5: a relative bias added to the scores, one column per key
+            if isinstance(bias, torch.Tensor) and bias.shape[-1] < key.shape[-2]:
+                kwargs["position_bias"] = torch.nn.functional.pad(bias, (key.shape[-2] - bias.shape[-1], 0))
         if base == "sdpa":
             from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
@@ -80,22 +84,35 @@ def _config_of(model: nn.Module) -> Any:
     return cfg
 
 
+def _configs(model: nn.Module) -> list[Any]:
+    """Every distinct config the model's modules read ``_attn_implementation`` from: the model's own and any
+    copy a submodule keeps (T5's encoder and decoder stacks each hold a copy of the model's config)."""
+    found = {id(_config_of(model)): _config_of(model)}
+    for m in model.modules():
+        cfg = getattr(m, "config", None)
+        if cfg is not None and hasattr(cfg, "_attn_implementation"):
+            found.setdefault(id(cfg), cfg)
+    return list(found.values())
+
+
 def set_kv_hook(model: nn.Module, attention: nn.Module, hook: KVHook) -> None:
     """Route ``attention``'s keys and values through ``hook``; the model switches to our attention."""
-    cfg = _config_of(model)
+    configs = _configs(model)
     if _HOOK in attention.__dict__:
         raise DeltatuneError(f"{type(attention).__name__} already has a key/value hook: two prefix deltas on one model")
     count = model.__dict__.get(_COUNT, 0)
     if count == 0:
-        current = cfg._attn_implementation or "sdpa"
-        if current not in SUPPORTED:
+        originals = [cfg._attn_implementation or "sdpa" for cfg in configs]
+        bad = [c for c in originals if c not in SUPPORTED]
+        if bad:
             raise DeltatuneError(
-                f"the model runs attention_implementation={current!r}; prefix and query-token methods support "
+                f"the model runs attention_implementation={bad[0]!r}; prefix and query-token methods support "
                 f"{' and '.join(SUPPORTED)}: load the model with attn_implementation='sdpa'"
             )
         _register()
-        model.__dict__[_ORIGINAL] = current
-        cfg._attn_implementation = _PREFIX + current
+        model.__dict__[_ORIGINAL] = list(zip(configs, originals, strict=True))
+        for cfg, current in zip(configs, originals, strict=True):
+            cfg._attn_implementation = _PREFIX + current
     model.__dict__[_COUNT] = count + 1
     attention.__dict__[_HOOK] = hook
 
@@ -106,15 +123,23 @@ def clear_kv_hook(model: nn.Module, attention: nn.Module) -> None:
     count = model.__dict__.get(_COUNT, 1) - 1
     model.__dict__[_COUNT] = count
     if count == 0:
-        _config_of(model)._attn_implementation = model.__dict__.pop(_ORIGINAL)
+        for cfg, original in model.__dict__.pop(_ORIGINAL):
+            cfg._attn_implementation = original
 
 
-def attention_modules(model: nn.Module) -> list[nn.Module]:
-    """The modules that call the attention function, in block order: those with a ``layer_idx`` and
-    an ``is_causal`` flag (transformers' attention classes; BERT's ``attention.self``)."""
-    found = [m for m in model.modules() if hasattr(m, "is_causal") and hasattr(m, "layer_idx")]
+def attention_modules(model: nn.Module, method: str | None = None) -> list[nn.Module]:
+    """The modules that call the attention function, in block order (self- then cross-attention): as the
+    architecture table says, else those with a ``layer_idx`` and an ``is_causal`` flag (transformers' attention
+    classes; BERT's ``attention.self``). With ``method``, an architecture where the hook cannot work is refused."""
+    if method is not None:
+        architectures.check_kv_hook(model, method)
+    found = architectures.attention_callers(model)
+    if found is None:
+        found = [m for m in model.modules() if hasattr(m, "is_causal") and hasattr(m, "layer_idx")]
     if not found:
-        raise DeltatuneError(f"{type(model).__name__} has no transformers attention modules to hook")
+        raise DeltatuneError(
+            f"{type(model).__name__} has no transformers attention modules to hook (supported: {architectures.supported()})"
+        )
     return found
 
 
@@ -142,11 +167,13 @@ def prepend_keys(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, ma
 
 def check_kv_hook_reached(model: nn.Module, attentions: list[nn.Module], method: str) -> None:
     """Refuse ``method`` unless a forward of ``model`` calls the key/value hook of every module in
-    ``attentions``. Some models (Falcon, T5) compute attention themselves instead of through
+    ``attentions``, after the architecture table's own refusal (``architectures.check_kv_hook``). Some models
+    (Falcon) compute attention themselves instead of through
     ``ALL_ATTENTION_FUNCTIONS``: a hook set there is never called, so a prefix would silently train
     nothing. One forward of two tokens, without gradients, cache or dropout, answers it; the model's
     modes and the RNG are left as they were. A module that already has a hook (another delta's) was
     checked when that delta was attached."""
+    architectures.check_kv_hook(model, method)
     pending = [m for m in attentions if _HOOK not in m.__dict__]
     if not pending:
         return
@@ -171,13 +198,10 @@ def check_kv_hook_reached(model: nn.Module, attentions: list[nn.Module], method:
 
 
 def _probe_forward(model: nn.Module) -> None:
-    """Run ``model`` once on two tokens, changing none of its state: eval mode (no dropout) restored
+    """Run ``model`` once on its smallest input (``architectures.probe_inputs``), changing none of its state: eval mode (no dropout) restored
     after, no KV cache, the RNG of its device forked."""
     ref = next(model.parameters())
-    ids = torch.zeros(1, 2, dtype=torch.long, device=ref.device)
-    inputs: dict[str, Any] = {"input_ids": ids, "use_cache": False}
-    if getattr(model.config, "is_encoder_decoder", False):
-        inputs["decoder_input_ids"] = ids
+    inputs = architectures.probe_inputs(model, ref.device)
     modes = [(m, m.training) for m in model.modules()]
     devices = [ref.device] if ref.device.type == "cuda" else []
     try:

@@ -6,10 +6,10 @@ general it cannot be merged into weights (a nonlinearity or an attention gate si
 so ``merge`` raises a clear error and serving keeps it attached.
 
 ``Sublayer`` and ``sublayers`` say where a block's attention and feed-forward sublayers read their
-input and write their output (before the residual add), for Llama-style, GPT-2 and BERT-style
-blocks; ``add_to_output`` installs h ← h + f(·) there, reading either the sublayer's output
-(sequential insertion) or its input (parallel insertion). ``Bottleneck`` is the down-project /
-nonlinearity / up-project module the adapter family shares.
+input and write their output (before the residual add), as the architecture table
+(``core/architectures.py``) describes each model; ``add_to_output`` installs h ← h + f(·) there,
+reading either the sublayer's output (sequential insertion) or its input (parallel insertion).
+``Bottleneck`` is the down-project / nonlinearity / up-project module the adapter family shares.
 """
 
 from __future__ import annotations
@@ -22,6 +22,7 @@ from typing import Any, Literal
 import torch
 import torch.nn as nn
 
+from deltatune.core import architectures
 from deltatune.core.forms.base import Form
 from deltatune.errors import DeltatuneError
 
@@ -109,75 +110,45 @@ class Bottleneck(nn.Module):
 
 # ---------------------------------------------------------------- where sublayers are
 
-SublayerKind = Literal["attention", "ffn"]
-
-_ATTENTION_NAMES = ("self_attn", "attn", "attention", "self_attention")
-_FFN_NAMES = ("mlp", "feed_forward", "ffn")
+SublayerKind = Literal["attention", "cross_attention", "ffn"]
 
 
 @dataclass
 class Sublayer:
     """One sublayer of block ``block``: ``reads``'s input is the sublayer input x (after the pre-LN of a
-    pre-LN block); ``writes``'s output is the sublayer output h, before dropout / residual / post-LN."""
+    pre-LN block); ``writes``'s output is the sublayer output h, before dropout / residual / post-LN; ``out``
+    the Linear / Conv1D that produces h where the architecture table names one."""
 
     block: int
     kind: SublayerKind
     reads: nn.Module
     writes: nn.Module
     name: str  # dotted name of ``writes`` in the model
+    out: nn.Module | None = None
 
 
 def blocks(model: nn.Module) -> list[tuple[str, nn.Module]]:
-    """The transformer blocks: the children of the longest ``nn.ModuleList`` (``model.layers``,
-    ``transformer.h``, ``bert.encoder.layer``), with their dotted names."""
-    best: tuple[str, nn.ModuleList] | None = None
-    for name, module in model.named_modules():
-        if isinstance(module, nn.ModuleList) and len(module) and (best is None or len(module) > len(best[1])):
-            best = (name, module)
-    if best is None:
-        raise DeltatuneError(
-            f"{type(model).__name__} has no list of transformer blocks (an nn.ModuleList); activation-side "
-            "methods need a transformer with numbered blocks"
-        )
-    return [(f"{best[0]}.{i}", m) for i, m in enumerate(best[1])]
-
-
-def _child(module: nn.Module, names: tuple[str, ...]) -> tuple[str, nn.Module] | None:
-    for n in names:
-        m = getattr(module, n, None)
-        if isinstance(m, nn.Module):
-            return n, m
-    return None
-
-
-def _sublayer(block_name: str, index: int, block: nn.Module, kind: SublayerKind) -> Sublayer:
-    if kind == "attention":
-        found = _child(block, _ATTENTION_NAMES)
-        if found is not None:
-            n, attn = found
-            inner, out = getattr(attn, "self", None), getattr(getattr(attn, "output", None), "dense", None)
-            if isinstance(inner, nn.Module) and isinstance(out, nn.Module):  # BERT: attention.self + attention.output
-                return Sublayer(index, kind, inner, out, f"{block_name}.{n}.output.dense")
-            return Sublayer(index, kind, attn, attn, f"{block_name}.{n}")
-    else:
-        found = _child(block, _FFN_NAMES)
-        if found is not None:
-            return Sublayer(index, kind, found[1], found[1], f"{block_name}.{found[0]}")
-        inter, out = getattr(block, "intermediate", None), getattr(getattr(block, "output", None), "dense", None)
-        if isinstance(inter, nn.Module) and isinstance(out, nn.Module):  # BERT: intermediate + output
-            return Sublayer(index, kind, inter, out, f"{block_name}.output.dense")
-    raise DeltatuneError(
-        f"cannot find the {kind} sublayer of block {block_name} ({type(block).__name__}, children "
-        f"{[n for n, _ in block.named_children()]}); supported: Llama-style (self_attn/mlp), GPT-2 (attn/mlp) "
-        "and BERT-style (attention/intermediate/output) blocks"
-    )
+    """The transformer blocks with their dotted names, as ``core/architectures.py`` describes the model:
+    every stack in forward order (an encoder-decoder's encoder, then decoder; Swin's stages), one global
+    index; for a model the table lacks, the children of the longest ``nn.ModuleList``."""
+    return [(b.name, b.module) for b in architectures.blocks(model)]
 
 
 def sublayers(model: nn.Module, kind: SublayerKind, layers: set[int] | None = None) -> list[Sublayer]:
-    """The ``kind`` sublayer of every block (or of the blocks in ``layers``)."""
-    return [
-        _sublayer(name, i, block, kind) for i, (name, block) in enumerate(blocks(model)) if layers is None or i in layers
-    ]
+    """The ``kind`` sublayer of every block (or of the blocks in ``layers``) that has one (``cross_attention``:
+    the decoder blocks of an encoder-decoder)."""
+    found = []
+    for block in architectures.blocks(model):
+        if layers is not None and block.index not in layers:
+            continue
+        site = architectures.locate(block, kind)
+        if site is not None:
+            found.append(Sublayer(block.index, kind, site.reads, site.writes, site.name, site.out))
+    if not found and layers is None and kind != "cross_attention":
+        raise DeltatuneError(
+            f"{type(model).__name__} has no {kind} sublayer deltatune can find; supported: {architectures.supported()}"
+        )
+    return found
 
 
 def _first(value: Any) -> torch.Tensor:
