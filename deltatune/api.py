@@ -244,6 +244,7 @@ def eval(path: str | os.PathLike | None, data: dict[str, Any], *, base: str | No
             raise DeltatuneError("fused evaluation takes --fuse-large and at least one --expert (and no ARTIFACT)")
         fused = fuse(fuse_large, fuse_small, experts, alpha=alpha)
         task = tasks.build_task(cfg, models.load_tokenizer(fuse_large), fused.large, objective)
+        _use_objective(task, objective)
         metrics = task.evaluate(fused, batch_size)
         used = torch.cat([a.reshape(-1, len(experts)) for a in fused.alpha_log])
         return {**metrics, **{f"alpha_mean_expert{i}": float(used[:, i].mean()) for i in range(len(experts))}}
@@ -251,9 +252,26 @@ def eval(path: str | os.PathLike | None, data: dict[str, Any], *, base: str | No
         raise DeltatuneError("say which artifact to evaluate (or --fuse-large with --expert)")
     name, head = _artifact_base(path, base)
     model, _, task = tasks.load_for_task(cfg, name, objective=objective)  # checks cfg first; a head sized to the data
+    _use_objective(task, objective)
     _check_labels(path, head, model, cfg)
     tuned = load(model, path)
     return task.evaluate(tuned, batch_size)
+
+
+def _use_objective(task: Any, objective: Any) -> None:
+    """Score with the run's objective (the DPO family's β and options), as training did: the preference task is
+    built with DPO's defaults and takes another only this way. An objective made for no data task (sft) changes
+    nothing; one made for another task is refused by name."""
+    from deltatune.data import objectives
+
+    if objective is None:
+        return
+    found, options = objectives.parse(objective)
+    problem = objectives.task_problem(found, task.kind)
+    if problem is not None:
+        raise DeltatuneError(problem)
+    if found.task is not None:
+        task.use_objective(options)
 
 
 def generate(path: str | os.PathLike | None, prompt: str, *, base: str | None = None, max_new_tokens: int = 64,

@@ -455,3 +455,24 @@ def test_trl_defaults_and_every_option_is_documented() -> None:
         for option in (f.name for f in dataclasses.fields(objectives.get(name).options)):
             assert f"`{option}`" in doc, f"{name}.{option}"
     assert load_config(ROOT / "examples" / "dpo.yaml").train.objective == {"name": "dpo", "beta": 0.1}
+
+
+def test_cli_eval_takes_the_runs_objective_or_the_one_given(word_pairs, tmp_path) -> None:
+    """``deltatune eval`` on a DPO run's artifact finds data and objective in its checkpoint; --objective gives
+    another β (the rewards scale with β, so the margins scale too); a bad --objective is one line."""
+    from typer.testing import CliRunner
+
+    from deltatune.cli.main import app
+
+    cfg = run_config(word_pairs, tmp_path / "dpo", objective={"name": "dpo", "beta": 0.1}, steps=4, save_every=4)
+    dt.train(cfg)
+    runner = CliRunner()
+    own = runner.invoke(app, ["eval", str(tmp_path / "dpo"), "--json"])
+    assert own.exit_code == 0, own.output
+    doubled = runner.invoke(app, ["eval", str(tmp_path / "dpo"), "--json", "--objective", '{"name": "dpo", "beta": 0.2}'])
+    assert doubled.exit_code == 0, doubled.output
+    a, b = json.loads(own.output), json.loads(doubled.output)
+    assert a["rewards/margins"] != 0
+    assert math.isclose(b["rewards/margins"], 2 * a["rewards/margins"], rel_tol=1e-5)
+    bad = runner.invoke(app, ["eval", str(tmp_path / "dpo"), "--objective", "{beta: 1"])
+    assert bad.exit_code != 0 and "neither a name nor a JSON mapping" in bad.output

@@ -485,9 +485,12 @@ def eval_(
     expert: list[str] = typer.Option([], "--expert", help="Logit fusion: an artifact or PEFT adapter trained on the "
                                      "small model (repeat for several)."),
     alpha: str = typer.Option("dynamic", "--alpha", help="Logit fusion: 'dynamic' or a number (or one per expert)."),
+    objective: str = typer.Option(None, "--objective", help="The run's train.objective, for data that needs one: a "
+                                  "name (dpo, simpo, ...) or a JSON mapping, e.g. '{\"name\": \"dpo\", \"beta\": "
+                                  "0.2}' (default: the one of --config, else of the run that wrote ARTIFACT)."),
 ) -> None:
-    """Evaluate an artifact on held-out data: loss, perplexity, accuracy where labels exist, edit success for edits
-    (or, with --fuse-large, a large model steered by small experts)."""
+    """Evaluate an artifact on held-out data: loss, perplexity, accuracy where labels exist, edit success for edits,
+    reward margins for preference pairs (or, with --fuse-large, a large model steered by small experts)."""
     from deltatune import api
 
     _at_least_one(batch_size, "--batch-size")
@@ -495,7 +498,8 @@ def eval_(
         raise DeltatuneError("say which artifact to evaluate: deltatune eval ARTIFACT --data ... (or --fuse-large "
                              "MODEL --expert ARTIFACT)")
     metrics = api.eval(artifact, _data_config(data, task, config, set_, artifact), base=base, batch_size=batch_size,
-                       fuse_large=fuse_large, fuse_small=fuse_small, experts=expert, alpha=_alpha(alpha))
+                       objective=_objective(objective, config, artifact), fuse_large=fuse_large,
+                       fuse_small=fuse_small, experts=expert, alpha=_alpha(alpha))
     if as_json:
         typer.echo(json.dumps(metrics, indent=2))
         return
@@ -533,6 +537,25 @@ def generate(
                  chat=False if no_chat else None, fuse_large=fuse_large, fuse_small=fuse_small, experts=expert,
                  alpha=_alpha(alpha))
     typer.echo("")
+
+
+def _objective(text: str | None, config: str | None, artifact: str | None) -> Any:
+    """``--objective`` (a name or a JSON mapping), else the run config's ``train.objective``, else the one of the run
+    that wrote ``artifact`` (its newest checkpoint); None when none says (data that needs none)."""
+    from deltatune.train.config import load_config
+    from deltatune.train.state import saved_config
+
+    if text is not None:
+        if not text.lstrip().startswith("{"):
+            return text
+        try:
+            return json.loads(text)
+        except ValueError as e:
+            raise DeltatuneError(f"--objective {text!r} is neither a name nor a JSON mapping ({e})") from None
+    if config:
+        return getattr(load_config(config).train, "objective", None)
+    saved = saved_config(artifact) if artifact is not None else None
+    return ((saved or {}).get("train") or {}).get("objective")
 
 
 def _alpha(text: str) -> str | float | list[float]:

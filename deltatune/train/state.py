@@ -91,17 +91,24 @@ def checkpoints(folder: Path) -> list[Path]:
     return sorted(found, key=lambda p: int(STEP_DIR.match(p.name).group(1)))
 
 
-def saved_data_section(run_folder: str | Path) -> dict[str, Any] | None:
-    """The data section of the run that wrote ``run_folder`` (a ``deltatune train`` output: the artifact with its
-    ``checkpoints/``), read from its newest checkpoint's state.json; None when it keeps no checkpoint."""
+def saved_config(run_folder: str | Path) -> dict[str, Any] | None:
+    """The run config of the run that wrote ``run_folder``, read from its newest readable checkpoint's state.json;
+    None when it keeps no checkpoint."""
     for path in reversed(checkpoints(Path(run_folder) / "checkpoints")):
         try:
-            data = json.loads((path / STATE_JSON).read_text()).get("config", {}).get("data")
+            config = json.loads((path / STATE_JSON).read_text()).get("config")
         except (OSError, ValueError, AttributeError):
             continue  # a damaged checkpoint: an older one may still say
-        if isinstance(data, dict | list):
-            return data
+        if isinstance(config, dict):
+            return config
     return None
+
+
+def saved_data_section(run_folder: str | Path) -> dict[str, Any] | list | None:
+    """The data section of the run that wrote ``run_folder`` (a ``deltatune train`` output: the artifact with its
+    ``checkpoints/``), read from its newest checkpoint's state.json; None when it keeps no checkpoint."""
+    data = (saved_config(run_folder) or {}).get("data")
+    return data if isinstance(data, dict | list) else None
 
 
 def load_checkpoint(path: Path) -> dict[str, Any]:
