@@ -320,7 +320,9 @@ def generate(path: str | os.PathLike | None, prompt: str, *, base: str | None = 
     with torch.no_grad():
         out = runner.generate(**ids, max_new_tokens=max_new_tokens, do_sample=False, streamer=streamer,
                               pad_token_id=tok.pad_token_id)
-    return tok.decode(out[0, ids["input_ids"].shape[1]:], skip_special_tokens=True)
+    # a decoder-only model's output starts with the prompt; an encoder-decoder's (T5, BART) is the answer alone
+    start = 0 if getattr(model.config, "is_encoder_decoder", False) else ids["input_ids"].shape[1]
+    return tok.decode(out[0, start:], skip_special_tokens=True)
 
 
 def fuse(large: str | nn.Module, small: str | nn.Module | None = None, experts: list[str] | tuple[str, ...] = (),

@@ -98,28 +98,44 @@ def test_load_quantizes_every_linear_but_the_head(folder: Path) -> None:
         models.load(folder, quantize="int4")
 
 
+def stored_nf4(layer: nn.Module, code: torch.Tensor, stored_absmax: torch.Tensor) -> torch.Tensor:
+    """The weights a 4-bit layer stores, decoded in plain torch: two codes per byte (high nibble first), each the
+    NF4 value times its block's stored absmax."""
+    packed = layer.weight.data.reshape(-1)
+    codes = torch.stack([(packed >> 4) & 15, packed & 15], 1).reshape(-1).long()
+    return code[codes].reshape(-1, 64) * stored_absmax.float().reshape(-1, 1)
+
+
 @pytest.mark.parametrize("double_quant", [True, False])
 def test_nf4_dequantize_error_within_the_code_bound(folder: Path, double_quant: bool) -> None:
     """The bound: NF4 rounds each weight divided by its block's absmax a (blocks of 64 consecutive weights) to
     the nearest of bitsandbytes' 16 NF4 code values (``bitsandbytes.functional.get_4bit_type("nf4")``, the
     QLoRA paper's quantiles of N(0, 1) scaled to [-1, 1]), so |W - code·a| <= a·g/2 with g the largest gap
     between neighbouring codes (0.277, between 0.7230 and 1). Double quantization stores a itself in 8 bits
-    as a', which adds at most |a - a'| (the codes are within [-1, 1])."""
+    as a', which adds at most |a - a'| (the codes are within [-1, 1]).
+
+    The bound is checked on the stored codes decoded in plain torch, and ``quantized.dequantize`` must be what
+    bitsandbytes' own ``dequantize_4bit`` gives (what its forward computes with). bitsandbytes 0.50.2's CPU
+    ``dequantize_4bit`` does not decode the stored codes exactly on every CPU (on an AVX-512 machine some values
+    came out off the code grid, up to 0.3·a away: docs/quantization.md), so the two are not compared."""
     plain = models.load(folder)
     model = nf4(folder, double_quant=double_quant)
-    code = bnbf.get_4bit_type("nf4", device="cpu").sort().values
+    raw = bnbf.get_4bit_type("nf4", device="cpu")
+    code = raw.sort().values
     half_gap = (code[1:] - code[:-1]).max().item() / 2
     worst = 0.0
     for name, layer in quantized.quantized_layers(model):
         w = plain.get_submodule(name).weight.detach().reshape(-1, 64)
-        err = (quantized.dequantize(layer, torch.float32).reshape(-1, 64) - w).abs().amax(dim=1)
         state = layer.weight.quant_state
         stored = (bnbf.dequantize_blockwise(state.absmax, state.state2) + state.offset) if state.nested \
             else state.absmax
+        err = (stored_nf4(layer, raw, stored) - w).abs().amax(dim=1)
         absmax = w.abs().amax(dim=1)
         bound = absmax * half_gap + (absmax - stored.float()).abs() + 1e-7
         assert bool((err <= bound).all()), name
         worst = max(worst, (err / bound).max().item())
+        theirs = bnbf.dequantize_4bit(layer.weight.data, state).float()
+        assert torch.equal(quantized.dequantize(layer, torch.float32), theirs.reshape(layer.out_features, -1)), name
     assert worst > 0.5, "the weights are really quantized: some error comes near the bound"
 
 
@@ -313,16 +329,17 @@ def test_merge_requantizes_within_the_scheme_bound(folder: Path, scheme: str) ->
     requantized = tuned.merge(quantize=scheme)
     layers = quantized.quantized_layers(requantized)
     assert {n for n, _ in layers} == set(fp) and all(quantized.scheme_of(m) == scheme for _, m in layers)
-    code = bnbf.get_4bit_type("nf4", device="cpu").sort().values
+    raw = bnbf.get_4bit_type("nf4", device="cpu")
+    code = raw.sort().values
     half_gap = (code[1:] - code[:-1]).max().item() / 2
     for name, layer in layers:
         w, back = fp[name], quantized.dequantize(layer, torch.float32)
-        if scheme == "nf4":
+        if scheme == "nf4":  # the stored codes, decoded in plain torch (see the dequantize test)
             state = layer.weight.quant_state
             stored = bnbf.dequantize_blockwise(state.absmax, state.state2) + state.offset
             absmax = w.reshape(-1, 64).abs().amax(dim=1)
             bound = (absmax * half_gap + (absmax - stored).abs() + 1e-7)[:, None]
-            assert bool(((back - w).reshape(-1, 64).abs() <= bound).all()), name
+            assert bool(((stored_nf4(layer, raw, stored) - w.reshape(-1, 64)).abs() <= bound).all()), name
         else:
             step = w.abs().amax(dim=1, keepdim=True) / 127
             assert bool(((back - w).abs() <= step / 2 + w.abs() * 2**-10 + 1e-7).all()), name
@@ -400,3 +417,22 @@ def test_a_run_config_trains_on_a_quantized_base(tmp_path: Path, smol_tok) -> No
         parse_config(bad)
     for part in ("model.quantize='nf3'", "model.double_quant='yes'", "unknown key model.bits"):
         assert part in str(e.value), (part, str(e.value))
+
+
+def test_the_cpu_repacking_fast_path_is_kept_off() -> None:
+    """bitsandbytes' AVX-512 BF16 CPU path repacks a 4-bit weight in place at its first inference forward (another
+    byte layout, bf16 absmax). Every 4-bit layer deltatune makes or loads has it switched off; a layer already
+    repacked is refused in one line (bitsandbytes' inverse does not give the weights back)."""
+    from bitsandbytes.functional import _convert_weight_packed_for_cpu
+
+    torch.manual_seed(0)
+    layer = quantized.quantize_linear(torch.randn(64, 128) * 0.05, None, "nf4", double_quant=False)
+    assert layer.support_avx512bf16_for_cpu is False
+    before = layer.weight.data.clone()
+    with torch.no_grad():
+        layer.eval()(torch.randn(2, 128))  # an inference forward: the fast path would repack here
+    assert torch.equal(layer.weight.data, before)
+    layer.weight.data, layer.weight.quant_state = _convert_weight_packed_for_cpu(layer.weight.data,
+                                                                                layer.weight.quant_state)
+    with pytest.raises(dt.DeltatuneError, match="repacked by bitsandbytes' CPU inference path"):
+        quantized.keep_standard_layout(layer)

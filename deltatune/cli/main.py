@@ -471,7 +471,8 @@ def _at_least_one(value: int, option: str) -> None:
 def eval_(
     artifact: str = typer.Argument(None, help="The deltatune artifact folder (leave out with --fuse-large)."),
     data: str = typer.Option(None, "--data", help="A shipped data set (tweets, bbc) or a local file."),
-    task: str = typer.Option(None, "--task", help="text | chat | classification | edit."),
+    task: str = typer.Option(None, "--task", help="text | chat | classification | edit | preference | prompts | "
+                             "seq2seq."),
     config: str = typer.Option(None, "--config", help="Take the data section of this run config (default, without "
                                "--data: the one of the run that wrote ARTIFACT, from its newest checkpoint)."),
     set_: list[str] = typer.Option([], "--set", metavar="KEY=VALUE", help="A data option, e.g. --set max_eval=200."),

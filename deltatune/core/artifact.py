@@ -534,10 +534,35 @@ def write_tensor_dir(path: str | os.PathLike, tensors: dict[str, torch.Tensor], 
     atomic_dir(path, fill, carry=carry)
 
 
+def check_whole(tensors: dict[str, torch.Tensor]) -> None:
+    """Refuse tensors that are not the whole delta: a DTensor (one rank's shard), or empty tensors (shape [0]: what a
+    parameter partitioned by DeepSpeed ZeRO-3 or FSDP looks like on a rank that did not gather it) where they cannot
+    be the delta's own: every tensor empty (PEFT's "adapter saved empty"), or an empty tensor next to a non-empty one
+    of the same form (a low-rank A without its B). A form whose tensors are all empty next to others that are not
+    is a real delta: a sparse layer that was given no entries."""
+    from torch.distributed.tensor import DTensor
+
+    for name, t in tensors.items():
+        if isinstance(t, DTensor):
+            raise DeltatuneError(
+                f"artifact tensor {name!r} is one rank's shard of a sharded (FSDP) tensor, not the whole tensor: "
+                "gather the delta first (DTensor.full_tensor(), or train with deltatune's loop, which does)")
+    empty = [n for n, t in tensors.items() if t.numel() == 0]
+    filled_forms = {n.rsplit(".", 1)[0] for n, t in tensors.items() if t.numel()}
+    suspect = empty if len(empty) == len(tensors) else [n for n in empty if n.rsplit(".", 1)[0] in filled_forms]
+    if suspect:
+        t = tensors[suspect[0]]
+        raise DeltatuneError(
+            f"artifact tensor {suspect[0]!r} is empty (shape {list(t.shape)}): a parameter partitioned by ZeRO-3 / "
+            "FSDP and not gathered before saving; gather the parameters first (nothing was written)")
+
+
 def write_artifact(path: str | os.PathLike, meta: dict[str, Any], tensors: dict[str, torch.Tensor], *,
                    overwrite: bool = False) -> None:
     """Write an artifact at ``path``: a new or empty folder, or one holding an artifact (replaced atomically);
-    ``overwrite`` replaces any other folder."""
+    ``overwrite`` replaces any other folder. Tensors that are not whole are refused before anything is written
+    (``check_whole``)."""
+    check_whole(tensors)
     with destination(path, "artifact", overwrite=overwrite) as dest:
         dest.write_tensors(tensors, TENSOR_FILE, {META_FILE: meta}, checksum_into=META_FILE)
 

@@ -109,6 +109,29 @@ def quantized_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
     return [(name, m) for name, m in model.named_modules() if is_quantized(m)]
 
 
+def keep_standard_layout(model: nn.Module) -> None:
+    """Keep every 4-bit layer of ``model`` in bitsandbytes' standard layout (codes in blocks of 64, float32 absmax).
+
+    On a CPU with AVX-512 BF16, bitsandbytes 0.50's ``Linear4bit.forward`` repacks the weight in place at the first
+    inference-mode call (``_convert_weight_packed_for_cpu``: another code order, the absmax cast to bf16). That
+    rewrites what deltatune hashes into the base fingerprint, dequantizes to merge and exports, loses absmax
+    precision, and fails outright on layers narrower than a block. Switching the layer's fast-path flag off keeps
+    the standard kernel on every CPU. A layer already repacked is refused: bitsandbytes' inverse conversion does
+    not give the weights back (tested), so only a fresh load can."""
+    bnb = _bnb()
+    if bnb is None:
+        return
+    for name, module in model.named_modules():
+        if isinstance(module, bnb.nn.Linear4bit):
+            module.support_avx512bf16_for_cpu = False
+            state = getattr(module.weight, "quant_state", None)
+            if state is not None and getattr(state, "packing_format_for_cpu", False):
+                raise DeltatuneError(
+                    f"{name or type(module).__name__} was repacked by bitsandbytes' CPU inference path (an AVX-512 "
+                    "BF16 layout deltatune cannot read back exactly): load the quantized model with "
+                    "dt.models.load(..., quantize=...) and attach before running it")
+
+
 def is_quantized_model(model: nn.Module) -> bool:
     return any(True for _ in quantized_layers(model))
 
@@ -299,7 +322,9 @@ def quantize_linear(weight: torch.Tensor, bias: torch.Tensor | None, scheme: str
         quiet_int8_casts()
     if bias is not None:
         layer.bias = nn.Parameter(bias.detach().to(dtype, copy=True), requires_grad=False)
-    return layer.to(weight.device)  # bitsandbytes quantizes when the layer moves to its device
+    layer = layer.to(weight.device)  # bitsandbytes quantizes when the layer moves to its device
+    keep_standard_layout(layer)
+    return layer
 
 
 def quantizable(model: nn.Module) -> list[tuple[str, nn.Module]]:
@@ -421,6 +446,7 @@ def refuse_method(model: nn.Module, method: Any, config: Any) -> None:
     rec = record(model)
     if rec is None:
         return
+    keep_standard_layout(model)  # before the first forward of a delta on it (see there)
     reason = method.quantized_refusal(config)
     if reason is None:
         return

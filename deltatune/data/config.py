@@ -26,12 +26,15 @@ from typing import Any
 from deltatune import data
 from deltatune.errors import DeltatuneError
 
-TASKS = ("text", "chat", "classification", "edit", "preference", "prompts")
+TASKS = ("text", "chat", "classification", "edit", "preference", "prompts", "seq2seq")
 DEFAULT_PROMPT = "Text: {text}\nLabel:"
 SHIPPED_PROMPTS = {"tweets": "Tweet: {text}\nSentiment:"}
 # keys that shape the run as a whole: one value for every part of a mix
 STEP_KEYS = ("select", "prune", "curate", "augment")  # the data steps (deltatune.data.steps.ORDER)
-SHARED = ("task", "max_length", "packing", "head", "seed", "labels", "prompt", "chat_template")
+SHARED = ("task", "max_length", "packing", "head", "seed", "labels", "prompt", "chat_template", "max_target_length",
+          "max_new_tokens")
+SEQ2SEQ_ONLY = ("max_target_length", "max_new_tokens")  # keys of task seq2seq alone
+SEQ2SEQ_NEW_TOKENS = 32  # seq2seq evaluation: greedy generation's length limit when data.max_new_tokens is null
 
 
 @dataclass
@@ -40,8 +43,10 @@ class DataConfig:
 
     name: str | None = None  # shipped data set: "tweets", "bbc"
     path: str | None = None  # local file (.jsonl .json .csv .tsv .parquet .txt), a .txt folder or a save_to_disk folder
-    task: str = "classification"  # "text" | "chat" | "classification" | "edit" | "preference" | "prompts" (GRPO's)
-    max_length: int = 128  # tokens per example (longer ones are cut; a packed row holds up to this many)
+    # "text" | "chat" | "classification" | "edit" | "preference" | "prompts" (GRPO's) | "seq2seq" (source -> target, for
+    # encoder-decoder models such as T5 and BART)
+    task: str = "classification"
+    max_length: int = 128  # tokens per example (longer ones are cut; a packed row holds this many; seq2seq: the source)
     eval_fraction: float = 0.1  # the share of rows held out for evaluation
     seed: int = 0  # the split and subsample seed
     text_field: str = "text"  # the field with the text (text and classification tasks)
@@ -56,6 +61,8 @@ class DataConfig:
     # the method (next to its own delta)
     head: bool | None = None
     chat_template: str | None = None  # chat, preference, prompts: a Jinja template, or a .jinja file, used instead of the tokenizer's
+    max_target_length: int | None = None  # seq2seq: target tokens per example, longer ones cut (null: data.max_length)
+    max_new_tokens: int | None = None  # seq2seq evaluation: the most tokens greedy generation makes per example (null: 32)
     weight: float = 1.0  # in a list of data sets: this part gives weight x its training examples
     mix: list[Any] | None = None  # several data sets in one run: a list of data sections (a YAML list under data:)
     # data steps on the training part, after the split and before max_train, in this order (docs/data.md); each a
@@ -82,6 +89,11 @@ class DataConfig:
                 f"the shipped data set {self.name!r} holds labelled texts, not prompts; for task 'prompts' (GRPO) "
                 "set data.path to a file with rows {prompt, ...} (the other columns reach the reward functions)"
             )
+        if self.name is not None and self.task == "seq2seq":
+            raise DeltatuneError(
+                f"the shipped data set {self.name!r} holds labelled texts, not source/target pairs; for task 'seq2seq' "
+                "set data.path to a file with rows {source, target}"
+            )
         if self.name is not None and self.task in ("chat", "edit"):
             rows = "chat (messages, ShareGPT, Alpaca or prompt/completion)" if self.task == "chat" else "prompt/target"
             raise DeltatuneError(
@@ -101,6 +113,14 @@ class DataConfig:
             value = getattr(self, key)
             if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
                 raise DeltatuneError(f"data.{key}={value!r} must be a positive integer or null (all)")
+        for key in SEQ2SEQ_ONLY:
+            value = getattr(self, key)
+            if value is None:
+                continue
+            if self.task != "seq2seq":
+                raise DeltatuneError(f"data.{key} applies to task 'seq2seq' only; remove it for task {self.task!r}")
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise DeltatuneError(f"data.{key}={value!r} must be a positive integer or null (the default)")
         classification_only = {"labels": self.labels is not None, "prompt": self.prompt is not None,
                                "head": self.head is not None}
         for key, given in classification_only.items():
@@ -130,9 +150,13 @@ class DataConfig:
                 if self.task == "prompts":
                     raise DeltatuneError(f"data.{step} does not apply to task 'prompts' (the steps keep labelled "
                                          "examples, not prompts for sampling); remove it")
-        if self.packing and self.task in ("edit", "preference", "prompts"):
+                if self.task == "seq2seq":
+                    raise DeltatuneError(f"data.{step} does not apply to task 'seq2seq' (the steps keep labelled "
+                                         "texts, not source/target pairs); remove it")
+        if self.packing and self.task in ("edit", "preference", "prompts", "seq2seq"):
             what = {"edit": "one edit per row", "preference": "a chosen and a rejected sequence per pair",
-                    "prompts": "each prompt is sampled on its own"}[self.task]
+                    "prompts": "each prompt is sampled on its own",
+                    "seq2seq": "the encoder reads one source per row"}[self.task]
             raise DeltatuneError(f"data.packing does not apply to task {self.task!r} ({what}); remove it")
         if self.packing and self.task == "classification" and self.head is True:
             raise DeltatuneError(_HEAD_PACKING)

@@ -1,6 +1,6 @@
 """Token encodings shared by the tasks: padding, prompts for label-word classification, chat rendering
-with assistant-only labels, plain prompt/completion pairs, model-editing pairs, plain or packed text, and
-packing whole examples into rows.
+with assistant-only labels, plain prompt/completion pairs, model-editing pairs, seq2seq source/target pairs, plain
+or packed text, and packing whole examples into rows.
 
 Every encoder returns plain lists of token ids (and labels, -100 where no loss is taken); the tasks in
 ``deltatune.data.tasks`` batch them.
@@ -264,6 +264,23 @@ def encode_completion(tokenizer: Any, prompt: str, completion: str) -> tuple[lis
     context = _bos(tokenizer) + list(tokenizer(prompt, add_special_tokens=False)["input_ids"])
     answer = list(tokenizer(completion, add_special_tokens=False)["input_ids"]) + [int(eos)]
     return context + answer, [IGNORE_INDEX] * len(context) + answer
+
+
+# ---------------------------------------------------------------- seq2seq
+
+
+def encode_seq2seq(tokenizer: Any, source: str, target: str, max_length: int, max_target_length: int
+                   ) -> dict[str, list[int]]:
+    """Encoder ids and decoder labels of one (source, target) pair, each tokenized on its own with the tokenizer's
+    special tokens (T5: text </s>; BART: <s> text </s>), as transformers' seq2seq examples do (``text_target``):
+    the source cut to ``max_length`` tokens and the target to ``max_target_length``. A target that does not end in
+    the EOS token (a tokenizer that adds none) gets it, so the model learns where to stop."""
+    ids = list(tokenizer(source, truncation=True, max_length=max_length)["input_ids"])
+    eos = tokenizer.eos_token_id
+    labels = list(tokenizer(text_target=target, truncation=True, max_length=max_target_length)["input_ids"])
+    if eos is not None and labels[-1:] != [eos]:
+        labels = labels[: max_target_length - 1] + [int(eos)]
+    return {"input_ids": ids, "labels": labels}
 
 
 # ---------------------------------------------------------------- packing

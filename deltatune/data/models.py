@@ -66,7 +66,7 @@ SHIPPED: dict[str, ShippedModel] = {
     ),
 }
 
-TASKS = ("causal_lm", "classification", "encoder")
+TASKS = ("causal_lm", "classification", "encoder", "seq2seq_lm")
 _GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 _CACHE_FILES = ("config.json", "model.safetensors", "tokenizer.json")
 _PARTIAL = ".partial-"
@@ -175,11 +175,19 @@ def resolve(name_or_path: str | os.PathLike[str]) -> str:
 
 
 CAUSAL_SUFFIXES = artifact.CAUSAL_SUFFIXES  # transformers class names of causal LMs (callers ask this module)
+SEQ2SEQ_SUFFIXES = ("ForConditionalGeneration", "ForSeq2SeqLM")  # with is_encoder_decoder: T5, BART, Marian, ...
+
+
+def is_seq2seq(class_name: str, config: Any) -> bool:
+    """Whether a transformers class (by name) with this config is an encoder-decoder LM (T5, BART): a
+    ``...ForConditionalGeneration`` of an encoder-decoder config (LLaVA-style ones are decoders)."""
+    return bool(getattr(config, "is_encoder_decoder", False)) and class_name.endswith(SEQ2SEQ_SUFFIXES)
 
 
 def natural_task(name_or_path: str | os.PathLike[str]) -> str:
     """"causal_lm", "classification" (a folder saved with a sequence-classification head, e.g. a merged demo
-    artifact) or "encoder": the shipped kind, else read from the folder's config (nothing loaded)."""
+    artifact), "seq2seq_lm" (an encoder-decoder LM such as T5 or BART) or "encoder": the shipped kind, else read
+    from the folder's config (nothing loaded)."""
     from transformers import AutoConfig
 
     name = pruned.split(os.fspath(name_or_path))[0]
@@ -191,18 +199,28 @@ def natural_task(name_or_path: str | os.PathLike[str]) -> str:
     except (OSError, ValueError) as e:
         raise DeltatuneError(f"{folder} is not a model folder ({e}); pass a save_pretrained folder") from e
     tasks = {model_task(a) for a in config.architectures or []}
-    return "causal_lm" if "causal_lm" in tasks else "classification" if "classification" in tasks else "encoder"
+    if "causal_lm" in tasks:
+        return "causal_lm"
+    if any(is_seq2seq(a, config) for a in config.architectures or []):
+        return "seq2seq_lm"
+    return "classification" if "classification" in tasks else "encoder"
 
 
 def _auto_class(name: str, task: str | None) -> Any:
     """Pick the transformers auto class: the task if given, else the model's natural one."""
-    from transformers import AutoModel, AutoModelForCausalLM, AutoModelForSequenceClassification
+    from transformers import (
+        AutoModel,
+        AutoModelForCausalLM,
+        AutoModelForSeq2SeqLM,
+        AutoModelForSequenceClassification,
+    )
 
     task = task or natural_task(name)
     return {
         "causal_lm": AutoModelForCausalLM,
         "classification": AutoModelForSequenceClassification,
         "encoder": AutoModel,
+        "seq2seq_lm": AutoModelForSeq2SeqLM,
     }[task]
 
 
@@ -236,8 +254,8 @@ def load(
 ) -> torch.nn.Module:
     """Load a shipped model by name or a local folder, offline, in eval mode.
 
-    task: None (the model's natural head), "causal_lm", "encoder" (bare AutoModel) or "classification"
-    (a fresh sequence-classification head; pass num_labels=...). Extra kwargs go to from_pretrained.
+    task: None (the model's natural head), "causal_lm", "seq2seq_lm" (an encoder-decoder LM), "encoder" (bare
+    AutoModel) or "classification" (a fresh sequence-classification head; pass num_labels=...). Extra kwargs go to from_pretrained.
 
     quantize: "nf4" | "fp4" | "int8" loads a quantized base (QLoRA-style) through transformers'
     ``BitsAndBytesConfig``: every Linear but the output head (and the last module, e.g. a classification
@@ -277,6 +295,8 @@ def load(
             f"could not load a model from {folder}: {e}; pass a save_pretrained folder"
         ) from e
     _report_fresh_weights(model, folder, info)
+    if quantize is not None:
+        quantized.keep_standard_layout(model)
     if name in SHIPPED:  # artifacts then name the base portably, not by this machine's cache path
         model.config._name_or_path = name
     if keep is not None:

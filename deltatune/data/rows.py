@@ -1,5 +1,5 @@
-"""Reading a data config's rows, once: cached file reads, labelled texts, conversations, edits and plain
-texts, the deterministic train / eval split and the weighted mix of several data sets.
+"""Reading a data config's rows, once: cached file reads, labelled texts, conversations, edits, seq2seq pairs and
+plain texts, the deterministic train / eval split and the weighted mix of several data sets.
 
 Chat rows are recognised by their fields, row by row (``CHAT_FORMATS``): a list of messages
 (``data.messages_field``), ShareGPT's ``conversations`` of ``{from, value}``, Alpaca's ``instruction`` /
@@ -133,6 +133,34 @@ def edits(table: data.Records) -> list[tuple[str, str]]:
                 f"'prompt' and 'target' (or 'target_new'); its fields: {', '.join(map(str, row)) or 'none'}"
             )
         out.append((prompt, target))
+    return out
+
+
+# seq2seq rows: (source, target) field pairs, tried in this order on each row
+SEQ2SEQ_FIELDS = (("source", "target"), ("input", "output"), ("prompt", "completion"))
+
+
+def seq2seq_pairs(table: data.Records) -> list[tuple[str, str]]:
+    """(source, target) of every row: the fields ``source`` / ``target``, else ``input`` / ``output`` or ``prompt`` /
+    ``completion`` (the first pair whose source the row has); both non-empty texts, else an error naming the row."""
+    names = " or ".join(f"{s!r}/{t!r}" for s, t in SEQ2SEQ_FIELDS)
+    out = []
+    for i, row in enumerate(table.rows):
+        where = f"row {i + 1} of {table.source}"
+        fields = ", ".join(map(str, row)) or "none"
+        pair = next(((s, t) for s, t in SEQ2SEQ_FIELDS if row.get(s) is not None), None)
+        if pair is None:
+            raise DeltatuneError(f"{where} has no source text: task 'seq2seq' reads rows with the fields {names}; its "
+                                 f"fields: {fields}")
+        source, target = row.get(pair[0]), row.get(pair[1])
+        if target is None:
+            raise DeltatuneError(f"{where} has no {pair[1]!r}: task 'seq2seq' needs the target text beside "
+                                 f"{pair[0]!r} (fields {names}); its fields: {fields}")
+        for field, value in zip(pair, (source, target), strict=True):
+            if not isinstance(value, str) or not value.strip():
+                raise DeltatuneError(f"{where}: field {field!r} must be a non-empty text for task 'seq2seq', got "
+                                     f"{str(value)[:120]!r}")
+        out.append((source, target))
     return out
 
 

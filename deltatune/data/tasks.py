@@ -22,6 +22,9 @@ Formats (``Task.kind``):
 - ``preference`` (``deltatune.data.preference``): pairs {prompt, chosen, rejected} for the DPO family;
   ``prompts`` (``deltatune.data.grpo``): prompts {prompt, ...} that GRPO samples completions for and scores with
   its reward functions (built with the run's ``train.objective``).
+- ``seq2seq`` (``deltatune.data.seq2seq``): source -> target pairs for an encoder-decoder model (T5, BART), the
+  model's own cross-entropy on the target tokens; evaluation adds exact match, token F1 and ROUGE-L of greedy
+  generations.
 - ``edit``: model editing requests ``{"prompt", "target"}`` (``target_new`` is read too): the target gets a
   leading space if it has none and the EOS token after it; prompt and target are tokenized separately and
   concatenated (joint tokenization can merge tokens across the boundary and shift the target), batches are
@@ -131,13 +134,21 @@ def _accepts(cls: type, name: str) -> bool:
 
 def model_request(cfg: DataConfig, model_name: str) -> dict[str, Any]:
     """Keyword arguments for ``deltatune.data.models.load(model_name, ...)`` so the model fits this data:
-    ``{"task": "classification", "num_labels": n}`` when a classification head is used, else ``{}``."""
+    ``{"task": "classification", "num_labels": n}`` when a classification head is used, ``{"task": "seq2seq_lm"}``
+    for task seq2seq, else ``{}``."""
     return _request(cfg, model_name, None)
 
 
 def _request(cfg: DataConfig, model_name: str, labelled: list[data.TextDataset] | None) -> dict[str, Any]:
     cfg.check()
-    causal = models.natural_task(model_name) == "causal_lm"
+    natural = models.natural_task(model_name)
+    causal = natural == "causal_lm"
+    if cfg.task == "seq2seq":
+        from deltatune.data.seq2seq import model_problem  # it builds on this module's Task
+
+        if natural != "seq2seq_lm":
+            raise DeltatuneError(model_problem(f"{model_name!r} loads as a {natural.replace('_', ' ')} model"))
+        return {"task": "seq2seq_lm"}
     if cfg.task != "classification":
         if not causal:
             raise DeltatuneError(
@@ -744,6 +755,10 @@ def _build_task(cfg: DataConfig, tokenizer: Any, base: torch.nn.Module, labelled
     if cfg.task == "classification":
         return _build_classification(cfg, tokenizer, base,
                                      labelled if labelled is not None else rows.classification_parts(cfg))
+    if cfg.task == "seq2seq":
+        from deltatune.data.seq2seq import build_seq2seq  # it builds on this module's Task
+
+        return build_seq2seq(cfg, tokenizer, base)
     if not _is_causal(base):
         raise DeltatuneError(
             f"task {cfg.task!r} trains a causal language model, but the model is a {type(base).__name__}; "

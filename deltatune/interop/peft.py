@@ -16,6 +16,12 @@ PEFT saves it); a DoRA adapter imports back as a ``dora`` delta. A PiSSA / OLoRA
 pissa_niter_K | olora``, s·(B·A − B₀·A₀)) exports exactly as PEFT's converted LoRA for the original base (rank 2r,
 A' = [A; A₀], B' = [B, −B₀]); an unconverted PEFT PiSSA / OLoRA adapter, which fits only PEFT's rewritten base, imports
 with B₀, A₀ computed again from the original base (not ``pissa_niter_K``: a random draw).
+LoRA on a convolution is PEFT's conv layer (``lora_A.weight`` (r, in, *kernel), ``lora_B.weight`` (out, r, 1, …)).
+Parameters adapted by name (``target_parameters``: an MoE's expert stacks, its router's weight) are PEFT's
+``ParamWrapper`` layers: one per parameter on the module that holds it, nested in the module's parameter order, so
+the first parameter's tensors are at ``<module>.base_layer…base_layer.lora_A.weight`` (one ``base_layer`` per later
+one) and the last one's at ``<module>.lora_A.weight``; an expert stack's E pairs are PEFT's ``lora_A.weight``
+(E·r, in), row e·r + k, and ``lora_B.weight`` (out, r·E), column k·E + e.
 
 A method with a ``PeftFormat`` converts its own forms (``_method_files``, ``_import_method``); this module does the rest
 as for LoRA: the files, PEFT's key prefix, the task type, fully trained tensors (``modules_to_save``, biases, a fresh
@@ -33,6 +39,7 @@ import json
 import math
 import os
 import re
+import sys
 import types
 import typing
 from collections import Counter
@@ -49,7 +56,7 @@ from safetensors.torch import load_file
 from deltatune.core import artifact, registry
 from deltatune.core.forms.base import WeightDelta
 from deltatune.core.forms.dense import Dense
-from deltatune.core.forms.lowrank import LowRank, layout_of
+from deltatune.core.forms.lowrank import ConvLowRank, LowRank, ParamLowRank, layout_of
 from deltatune.core.targeting import ALL_LINEAR, all_linear, layer_index, match_name, module_types
 from deltatune.core.tuned import Tuned, attach, carried_by, register_config_converter
 from deltatune.data import models
@@ -112,9 +119,10 @@ class _Layer:
     B: torch.Tensor
     r: int
     alpha: float
-    layout: str  # LowRank's layouts: "linear", "conv1d" or "embedding"
+    layout: str  # LowRank's layouts: "linear", "conv1d", "embedding", "conv", "param" or "experts"
     dropout: float = 0.0
     magnitude: torch.Tensor | None = None  # DoRA's magnitude vector
+    param: str | None = None  # a target parameter's attribute on its module (its layer is keyed by its full name)
 
 
 @dataclass
@@ -222,13 +230,50 @@ def _exact_adapter(tuned: Tuned) -> _Adapter:
     dora = {n for n, f in low.items() if isinstance(f, DoRA)}
     if dora and len(dora) != len(low):
         raise DeltatuneError("PEFT has one use_dora flag per adapter; this delta mixes LoRA and DoRA modules")
+    for name, f in low.items():
+        if isinstance(f, ConvLowRank):
+            _check_peft_conv(name, f.sites[0][0])
     layers = {
-        _module_of(name): _residual_layer(f) if isinstance(f, ResidualLowRank) else
+        name if isinstance(f, ParamLowRank) else _module_of(name):
+        _residual_layer(f) if isinstance(f, ResidualLowRank) else
         _Layer(f.A, f.B, f.r, f.alpha, f.layout, float(getattr(f.dropout, "p", 0.0)),
-               f.magnitude if isinstance(f, DoRA) else None)
+               f.magnitude if isinstance(f, DoRA) else None, f.param_name if isinstance(f, ParamLowRank) else None)
         for name, f in low.items()
     }
     return _Adapter(layers, _dense_values(tuned.model, dense.values()), rslora=rslora.pop(), dora=bool(dora))
+
+
+def _check_peft_conv(name: str, module: nn.Module) -> None:
+    """PEFT's conv layer builds A from the base's kernel size, stride and padding only: a dilated or non-zero-padded
+    convolution computes something else there."""
+    if any(d != 1 for d in module.dilation) or module.padding_mode != "zeros":
+        raise DeltatuneError(
+            f"{name}: PEFT's conv LoRA layer ignores dilation={tuple(module.dilation)} and "
+            f"padding_mode={module.padding_mode!r}, so it would compute another delta; serve this one with deltatune"
+        )
+
+
+def _to_peft_factors(layer: _Layer) -> tuple[torch.Tensor, torch.Tensor]:
+    """A layer's (lora_A.weight, lora_B.weight) as PEFT stores them: an expert stack's (E, r, in) / (E, out, r) pairs
+    become PEFT's (E·r, in) / (out, r·E) (``ParamWrapper.get_delta_weight``'s reshapes), anything else as it is."""
+    if layer.layout != "experts":
+        return layer.A, layer.B
+    experts, r, d_in = layer.A.shape
+    return (layer.A.reshape(experts * r, d_in).contiguous(),
+            layer.B.permute(1, 2, 0).reshape(layer.B.shape[1], r * experts).contiguous())
+
+
+def _from_peft_factors(a: torch.Tensor, b: torch.Tensor, experts: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """PEFT's (E·r, in) / (out, r·E) expert factors as (E, r, in) / (E, out, r)."""
+    r = a.shape[0] // experts
+    return a.reshape(experts, r, a.shape[1]), b.reshape(b.shape[0], r, experts).permute(2, 0, 1)
+
+
+def _wrapper_paths(owners: dict[str, list[str]]) -> dict[str, str]:
+    """Parameter full name -> the module path of its PEFT ``ParamWrapper`` (``owners``: module -> its targeted
+    parameters' full names in the module's parameter order; PEFT wraps them in that order, each around the last)."""
+    return {name: module + ".base_layer" * (len(names) - 1 - i)
+            for module, names in owners.items() for i, name in enumerate(names)}
 
 
 def _residual_layer(f: ResidualLowRank) -> _Layer:
@@ -257,20 +302,26 @@ def _dense_values(model: nn.Module, dense: Any) -> dict[str, torch.Tensor]:
 def _adapter_files(model: nn.Module, adapter: _Adapter) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     """The adapter's safetensors (PEFT's keys) and adapter_config.json (without base_model_name_or_path)."""
     tensors: dict[str, torch.Tensor] = {}
+    owners: dict[str, list[str]] = {}  # the layers' order is the forms', built in the model's parameter order
+    for name, layer in adapter.layers.items():
+        if layer.param is not None:
+            owners.setdefault(_module_of(name), []).append(name)
+    wrappers = _wrapper_paths(owners)
     for module, layer in adapter.layers.items():
-        path = PREFIX + module
+        path = PREFIX + wrappers.get(module, module)
         if layer.layout == "embedding":
             tensors[f"{path}.lora_embedding_A"], tensors[f"{path}.lora_embedding_B"] = layer.A, layer.B
         else:
-            tensors[f"{path}.lora_A.weight"], tensors[f"{path}.lora_B.weight"] = layer.A, layer.B
+            tensors[f"{path}.lora_A.weight"], tensors[f"{path}.lora_B.weight"] = _to_peft_factors(layer)
         if layer.magnitude is not None:
             tensors[f"{path}.{MAGNITUDE}"] = layer.magnitude
 
-    more, task, bias_modules, saved_modules = _trained_files(model, adapter.trained, set(adapter.layers))
+    modules = {m for m, layer in adapter.layers.items() if layer.param is None}
+    more, task, bias_modules, saved_modules = _trained_files(model, adapter.trained, modules | set(owners))
     tensors.update(more)
     bias_mode = "none"
     if bias_modules:
-        bias_mode = "lora_only" if bias_modules <= set(adapter.layers) else "all"
+        bias_mode = "lora_only" if bias_modules <= modules else "all"
     return tensors, _adapter_config(model, adapter, task, bias_mode, saved_modules)
 
 
@@ -337,7 +388,7 @@ def _adapter_config(model: nn.Module, adapter: _Adapter, task: str | None, bias_
         "r": r0,
         "lora_alpha": _number(a0),
         "lora_dropout": max(layer.dropout for layer in layers.values()),
-        "target_modules": sorted(ranks),
+        "target_modules": sorted(m for m, layer in layers.items() if layer.param is None),
         "exclude_modules": None,
         "bias": bias_mode,
         # PEFT corrects the flag per layer (with a warning) when an adapter mixes Conv1D and Linear targets
@@ -353,6 +404,9 @@ def _adapter_config(model: nn.Module, adapter: _Adapter, task: str | None, bias_
         "lora_bias": False,
         "peft_version": PEFT_VERSION,
     }
+    params = sorted(m for m, layer in layers.items() if layer.param is not None)
+    if params:  # exact full names: PEFT matches a name or a dotted suffix; rank_pattern is keyed by them too
+        config["target_parameters"] = params
     if task is None:  # AutoPeftModel finds the model class here when no task type names it (PEFT writes it too)
         config["auto_mapping"] = {"base_model_class": type(model).__name__, "parent_library": type(model).__module__}
     return config
@@ -584,7 +638,9 @@ def model_card(base: BaseReference, config: dict[str, Any], method: str, out: st
     lines = [*_card_metadata(shown, config["task_type"], peft_type), "",
              f"# {title} adapter" + (f" for {shown}" if shown else ""), "",
              f"Exported by deltatune {__version__} from a `{method}` delta: {sizes}"
-             f"{len(config['target_modules'])} target modules.", "",
+             f"{len(config['target_modules'])} target modules"
+             + (f" and {len(config['target_parameters'])} target parameters" if config.get("target_parameters") else "")
+             + ".", "",
              *([f"Each tensor's ΔW is its truncated SVD at rank {svd_rank}; {REPORT_FILE} gives the relative "
                 "error ‖ΔW − B·A‖_F / ‖ΔW‖_F of each.", ""] if svd_rank is not None else []),
              "## How to load", "", "```python", f"from peft import {auto}", "",
@@ -669,7 +725,6 @@ _LORA_KEY = re.compile(
 _UNSUPPORTED = (
     ("lora_bias", "lora_bias (a bias on B)"),
     ("layer_replication", "layer_replication (it duplicates base layers)"),
-    ("target_parameters", "target_parameters (LoRA on raw nn.Parameters)"),
     ("trainable_token_indices", "trainable_token_indices (trainable tokens)"),
     ("alora_invocation_tokens", "aLoRA (activated only after invocation tokens)"),
     ("use_bdlora", "BD-LoRA"),
@@ -727,6 +782,7 @@ def import_peft(model: nn.Module, adapter: str | os.PathLike) -> Tuned:
             "LoRA with PEFT (save_pretrained(..., path_initial_model_for_weight_conversion=...)) before importing"
         )
 
+    params, raw = _parameter_layers(adapter, model, config, raw)
     tensors: dict[str, torch.Tensor] = {}
     for k, v in raw.items():
         nk = _normalise_key(k)
@@ -739,7 +795,7 @@ def import_peft(model: nn.Module, adapter: str | os.PathLike) -> Tuned:
     for k, v in tensors.items():
         if m := _LORA_KEY.match(k):
             lora.setdefault(m.group("mod"), {})[m.group("t")] = v
-    if not lora:
+    if not lora and not params:
         raise DeltatuneError(f"{adapter} holds no LoRA tensors (keys like '<module>.lora_A.weight')")
     use_dora = bool(config.get("use_dora"))
     for mod, parts in lora.items():
@@ -778,6 +834,7 @@ def import_peft(model: nn.Module, adapter: str | os.PathLike) -> Tuned:
     alpha = float(config.get("lora_alpha", 8))
     alpha_pattern = config.get("alpha_pattern") or {}
     ranks = {mod: int(parts.get("lora_A.weight", parts.get("lora_embedding_A")).shape[0]) for mod, parts in lora.items()}
+    ranks |= {name: _parameter_rank(adapter, model, name, a) for name, (a, _) in params.items()}
     previous = carried_by(model)  # put back on if the adapter is refused below, as dt.load does
     tuned = attach(
         model,
@@ -786,17 +843,18 @@ def import_peft(model: nn.Module, adapter: str | os.PathLike) -> Tuned:
         alpha=alpha,
         dropout=float(config.get("lora_dropout") or 0.0),
         targets=lora_modules,
+        target_parameters=sorted(params) or None,
         use_rslora=bool(config.get("use_rslora", False)),
         bias=bias,
         rank_pattern={re.escape(m): r for m, r in ranks.items()},
-        alpha_pattern={re.escape(m): float(pattern_value(alpha_pattern, m, alpha)) for m in lora_modules},
+        alpha_pattern={re.escape(m): float(pattern_value(alpha_pattern, m, alpha)) for m in [*lora_modules, *params]},
         modules_to_save=modules_to_save or None,
         # an unconverted PiSSA / OLoRA adapter: attach computes A₀, B₀ from the original base as PEFT's init did
         **({"init": residual} if residual else {}),
     )
     try:
         forms = tuned.forms()
-        unexpected = sorted(set(f"{m}.weight" for m in lora_modules) - set(forms))
+        unexpected = sorted((set(f"{m}.weight" for m in lora_modules) | set(params)) - set(forms))
         if unexpected:
             raise DeltatuneError(f"the LoRA modules {unexpected[:3]} did not become LoRA deltas")
         with torch.no_grad():
@@ -812,6 +870,12 @@ def import_peft(model: nn.Module, adapter: str | os.PathLike) -> Tuned:
                 a, b = (parts["lora_embedding_A"], parts["lora_embedding_B"]) if emb else (
                     parts["lora_A.weight"], parts["lora_B.weight"])
                 form.load_stored({"A": a, "B": b} | ({"magnitude": parts[MAGNITUDE]} if use_dora else {}))
+            for name, (a, b) in params.items():
+                form = forms[name]
+                assert isinstance(form, ParamLowRank)
+                if form.layout == "experts":
+                    a, b = _from_peft_factors(a, b, form.experts)
+                form.load_stored({"A": a, "B": b})
             _load_saved(adapter, model, forms, saved, base_state, "a LoRA delta")
     except Exception:
         tuned.detach()
@@ -819,6 +883,55 @@ def import_peft(model: nn.Module, adapter: str | os.PathLike) -> Tuned:
             previous.reattach()
         raise
     return tuned
+
+
+def _parameter_layers(adapter: str | os.PathLike, model: nn.Module, config: dict[str, Any], raw: dict[str, torch.Tensor]
+                      ) -> tuple[dict[str, tuple[torch.Tensor, torch.Tensor]], dict[str, torch.Tensor]]:
+    """An adapter saved with ``target_parameters``: its ``ParamWrapper`` layers as parameter full name -> PEFT's
+    (lora_A.weight, lora_B.weight), found where PEFT nests them (``_wrapper_paths``); and the adapter's other tensors.
+    The parameters are those PEFT picks: a module's own parameter whose full name is a target or ends with
+    ``.<target>``, in the model's module order and each module's parameter order."""
+    targets = config.get("target_parameters") or []
+    if not targets:
+        return {}, raw
+    if isinstance(targets, str) or not all(isinstance(t, str) for t in targets):
+        raise DeltatuneError(f"{adapter}: target_parameters={targets!r} must be a list of parameter names")
+    owners: dict[str, list[str]] = {}
+    for module_name, module in model.named_modules():
+        for pname, _ in module.named_parameters(recurse=False):
+            key = f"{module_name}.{pname}" if module_name else pname
+            if key in targets or any(key.endswith(f".{t}") for t in targets):
+                owners.setdefault(module_name, []).append(key)
+    if not owners:
+        raise DeltatuneError(f"{adapter}: its target_parameters {sorted(targets)} match no parameter of this "
+                             f"{type(model).__name__}: it was made for another base model")
+    by_path = {path: name for name, path in _wrapper_paths(owners).items()}
+    found: dict[str, dict[str, torch.Tensor]] = {name: {} for name in by_path.values()}
+    rest: dict[str, torch.Tensor] = {}
+    for key, value in raw.items():
+        k = key[len(PREFIX):] if key.startswith(PREFIX) else key
+        k = re.sub(r"\.lora_(A|B)\.[^.]+\.weight$", r".lora_\1.weight", k)  # adapter name left in (old files)
+        m = re.fullmatch(r"(?P<path>.+)\.lora_(?P<t>A|B)\.weight", k)
+        if m and m.group("path") in by_path:
+            found[by_path[m.group("path")]][m.group("t")] = value
+        else:
+            rest[key] = value
+    for name, parts in found.items():
+        if set(parts) != {"A", "B"}:
+            path = next(p for p, n in by_path.items() if n == name)
+            raise DeltatuneError(f"{adapter} has no lora_A / lora_B pair for the target parameter {name!r} (PEFT's "
+                                 f"{path}.lora_A.weight): it was made for another base model or is incomplete")
+    return {name: (parts["A"], parts["B"]) for name, parts in found.items()}, rest
+
+
+def _parameter_rank(adapter: str | os.PathLike, model: nn.Module, name: str, a: torch.Tensor) -> int:
+    """The rank of a ``ParamWrapper`` layer: PEFT's lora_A holds r rows per expert of a 3-D stack."""
+    param = model.get_parameter(name)
+    experts = int(param.shape[0]) if param.dim() == 3 else 1
+    if a.dim() != 2 or a.shape[0] % experts:
+        raise DeltatuneError(f"{adapter}: lora_A of {name!r} has shape {tuple(a.shape)}, not (r·{experts}, in) for "
+                             f"a parameter of shape {tuple(param.shape)}: it was made for another base model")
+    return int(a.shape[0]) // experts
 
 
 def _residual_import_init(adapter: str | os.PathLike, init: Any, use_dora: bool) -> str | None:
@@ -989,7 +1102,7 @@ _RENAMED = {"r": "r", "lora_alpha": "alpha", "lora_dropout": "dropout", "use_rsl
 # read below with their own conversion; fan_in_fan_out is a layout PEFT corrects per layer from the layer type, as
 # deltatune always does, and deltatune trains a tied tensor at all its sites, as ensure_weight_tying=True asks
 _CONVERTED = frozenset({"target_modules", "exclude_modules", "modules_to_save", "layers_to_transform", "layers_pattern",
-                        "init_lora_weights", "use_dora", "fan_in_fan_out", "ensure_weight_tying"})
+                        "init_lora_weights", "use_dora", "fan_in_fan_out", "ensure_weight_tying", "target_parameters"})
 # what to do instead, for fields deltatune cannot honour (any other field set away from its default gets a plain line)
 _CANNOT_HONOUR = {
     "inference_mode": "dt.attach makes a trainable delta: leave it False (dt.load attaches a saved one to serve)",
@@ -1000,7 +1113,6 @@ _CANNOT_HONOUR = {
                       "number after this pattern here; pick the layers with targets instead",
     "layer_replication": "it duplicates base layers; deltatune never changes the base model",
     "lora_bias": "a bias on B has no deltatune equivalent",
-    "target_parameters": "LoRA on raw nn.Parameters has no deltatune equivalent: target their modules",
     "trainable_token_indices": "train the embedding fully with modules_to_save instead",
     "loftq_config": "LoftQ re-quantises the base weights; no deltatune equivalent",
     "eva_config": "EVA initialises from data; no deltatune equivalent",
@@ -1175,6 +1287,22 @@ def _refuse(config: Any, problems: list[str]) -> None:
     )
 
 
+def _peft_table_targets(model: nn.Module, params: list[str]) -> list[str]:
+    """The target_modules PEFT adds next to ``target_parameters`` when target_modules is None. On a model with
+    fused 3-D expert stacks (Mixtral, Qwen3-MoE, ...) PEFT's transformers-5 conversion of MoE configs clears it: the
+    parameters alone. Elsewhere its per-architecture table (``TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING``)
+    fills it where it has the model type, read from the PEFT that made the config object, never imported."""
+    names = {n for n, p in model.named_parameters() if p.dim() == 3}
+    if any(match_name(t, n) for t in params for n in names):
+        return []
+    constants = sys.modules.get("peft.utils.constants")
+    table = getattr(constants, "TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING", None) or {}
+    found = table.get(getattr(getattr(model, "config", None), "model_type", None))
+    if found is None:
+        return []
+    return [f"re:{found}"] if isinstance(found, str) else sorted(found)
+
+
 def lora_config_options(config: Any, model: nn.Module) -> tuple[str, dict[str, Any]]:
     """PEFT's ``LoraConfig`` as deltatune's ("lora" or "dora", options)."""
     values = {f.name: getattr(config, f.name) for f in dataclasses.fields(config)}
@@ -1192,6 +1320,12 @@ def lora_config_options(config: Any, model: nn.Module) -> tuple[str, dict[str, A
     pattern = values["layers_pattern"]
     if pattern and not _layers_pattern_agrees(model, pattern):
         problems.append(f"layers_pattern={pattern!r}: {_CANNOT_HONOUR['layers_pattern']}")
+    params = values.get("target_parameters")
+    if params and values["layers_to_transform"] is not None:
+        problems.append(f"layers_to_transform={values['layers_to_transform']!r} with target_parameters: PEFT applies "
+                        "it to target_modules only, deltatune's layers to both; pick the layers in the names instead")
+    if params and values["use_dora"]:
+        problems.append("use_dora=True with target_parameters: PEFT's parameter wrappers take no DoRA")
     if problems:
         _refuse(config, problems)
 
@@ -1199,7 +1333,11 @@ def lora_config_options(config: Any, model: nn.Module) -> tuple[str, dict[str, A
     options["rank_pattern"], options["alpha_pattern"] = dict(options["rank_pattern"]), dict(options["alpha_pattern"])
     options["bias"] = str(_enum_value(options["bias"]))
     targets = values["target_modules"]
-    if targets is None:  # PEFT's per-architecture default (explicit, as DoRA's own default differs from PEFT's)
+    if params:  # PEFT's names match a full name or a dotted suffix, as deltatune's plain patterns do
+        options["target_parameters"] = sorted(params)
+    if targets is None and params:  # PEFT adds its own per-architecture modules only where its table has the type
+        options["targets"] = _peft_table_targets(model, sorted(params))
+    elif targets is None:  # PEFT's per-architecture default (explicit, as DoRA's own default differs from PEFT's)
         options["targets"] = default_targets(model)
     elif isinstance(targets, str) and targets.lower() == ALL_LINEAR:
         options["targets"] = _all_linear_targets(config, model)

@@ -29,7 +29,9 @@ class TensorFile:
     removed when this object is collected or the process exits."""
 
     def __init__(self, tensor: torch.Tensor, directory: str | None = None) -> None:
-        t = tensor.detach().to("cpu").contiguous()  # no copy for a contiguous host tensor
+        # a copy: numpy's view below would pin the storage of the model's own tensor as not resizable, which FSDP2
+        # frees and regrows around every forward ("Trying to resize storage that is not resizable")
+        t = tensor.detach().to("cpu", copy=True).contiguous()
         self.shape, self.dtype, self.nbytes = t.shape, t.dtype, t.numel() * t.element_size()
         if directory is not None:
             os.makedirs(directory, exist_ok=True)  # a w0_dir named in a config need not exist yet

@@ -32,6 +32,7 @@ from deltatune.core.forms.base import WeightDelta
 from deltatune.core.optim import loraplus_optimizer
 from deltatune.core.tuned import Tuned, attach
 from deltatune.errors import DeltatuneError
+from deltatune.train import distributed_fsdp as fsdp
 from deltatune.train import state as ckpt
 from deltatune.train.callbacks import Callback, ProgressBar, SummaryTable
 from deltatune.train.config import RunConfig, TrainSettings, config_differences, load_config, loss_terms
@@ -385,8 +386,12 @@ def _train(cfg: RunConfig, rank: int, world: int, *, resume: bool, force: bool, 
     callbacks = ([ProgressBar(), SummaryTable()] if s.progress and rank == 0 else []) + \
         (reporters(out, s.report_to, cfg.to_dict()) if rank == 0 else []) + list(callbacks or [])
 
+    # FSDP2 when the launcher asks for it (train/distributed_fsdp.py): sharded once, after a resume restored the
+    # delta and before the optimizer holds its (then sharded) tensors; otherwise DDP
+    sharding = fsdp.requested() if world > 1 else None
+
     def wrap() -> torch.nn.Module:
-        if world == 1:
+        if world == 1 or sharding is not None:  # FSDP2 follows the trainable set itself: never re-wrapped
             return tuned
         ids = [torch.cuda.current_device()] if device.type == "cuda" else None
         return torch.nn.parallel.DistributedDataParallel(tuned, device_ids=ids)
@@ -407,6 +412,8 @@ def _train(cfg: RunConfig, rank: int, world: int, *, resume: bool, force: bool, 
             warnings.warn(note, stacklevel=3)
         check_same_run(resumed_from, saved["config"], cfg, force=force)
         restore(tuned, saved, resumed_from)
+    if sharding is not None:
+        fsdp.shard(tuned, sharding)
     params = list(tuned.deltas.parameters())  # all delta tensors, trainable or not: a stable order
     own = tuned.policy.make_optimizer(params, s.lr, s.weight_decay)
     if own is not None and s.loraplus_ratio is not None:
@@ -416,7 +423,8 @@ def _train(cfg: RunConfig, rank: int, world: int, *, resume: bool, force: bool, 
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(s, tuned.policy.lr_restarts(s.steps)))
     model_for_step: torch.nn.Module = wrap()
     if saved is not None:
-        optimizer.load_state_dict(saved["optimizer"])
+        optimizer.load_state_dict(saved["optimizer"] if sharding is None
+                                  else fsdp.shard_optimizer_state(optimizer, saved["optimizer"]))
         scheduler.load_state_dict(saved["scheduler"])
         batches.load_state_dict(saved["data"])
         set_rng_state(saved["rng"][rank] if isinstance(saved["rng"], list) else saved["rng"])
@@ -431,15 +439,20 @@ def _train(cfg: RunConfig, rank: int, world: int, *, resume: bool, force: bool, 
             gathered: list[Any] = [None] * world
             dist.all_gather_object(gathered, rngs[0])
             rngs = gathered
-        if rank != 0:
-            return None
+        # sharded: every rank gathers the delta and the optimizer state whole, rank 0 writes them
+        gather = fsdp.gathered(tuned) if sharding is not None else contextlib.nullcontext()
+        with gather:
+            optimizer_state = optimizer.state_dict() if sharding is None else fsdp.full_optimizer_state(optimizer)
+            if rank != 0:
+                return None
+            delta_state = tuned.deltas.state_dict()
         return ckpt.save_checkpoint(ckpt_dir, step, {
             "step": step,
             "config": cfg.identity(),
-            "delta": tuned.deltas.state_dict(),
+            "delta": delta_state,
             "trainable": {str(i): p.requires_grad for i, p in enumerate(params)},
             "policy": tuned.policy.state_dict(),
-            "optimizer": optimizer.state_dict(),
+            "optimizer": optimizer_state,
             "scheduler": scheduler.state_dict(),
             "data": batches.state_dict(),
             "rng": rngs if world > 1 else rngs[0],
@@ -548,22 +561,26 @@ def _train(cfg: RunConfig, rank: int, world: int, *, resume: bool, force: bool, 
                 break
 
         best = stopper.summary() if stopper is not None else None
-        if rank == 0:
-            for note in restore_best(tuned, ckpt_dir, best, history[-1]["step"] if history else start):
+        # sharded: every rank gathers the whole delta (a collective), rank 0 judges and writes it
+        with fsdp.gathered(tuned) if sharding is not None else contextlib.nullcontext():
+            if rank == 0:
+                for note in restore_best(tuned, ckpt_dir, best, history[-1]["step"] if history else start):
+                    warnings.warn(note, stacklevel=3)
+                    notes.append(note)
+            summary = _summary(cfg, tuned, history, step_times, tokens_seen, device, start)
+            if stopper is not None:
+                summary["best"] = best
+            diverged = divergence(history, tuned, weights=sharding is None) if rank == 0 else []
+            for note in diverged:
                 warnings.warn(note, stacklevel=3)
-                notes.append(note)
-        summary = _summary(cfg, tuned, history, step_times, tokens_seen, device, start)
-        if stopper is not None:
-            summary["best"] = best
-        diverged = divergence(history, tuned) if rank == 0 else []
-        for note in diverged:
-            warnings.warn(note, stacklevel=3)
-        summary["warnings"] = notes + diverged
-        if rank == 0:
-            tuned.save(out)
-            logs = out / "logs"
-            logs.mkdir(exist_ok=True)
-            (logs / "metrics.json").write_text(json.dumps(summary, indent=2) + "\n")
+            summary["warnings"] = notes + diverged
+            if sharding is not None:
+                summary["fsdp"] = dataclasses.asdict(sharding)
+            if rank == 0:
+                tuned.save(out)
+                logs = out / "logs"
+                logs.mkdir(exist_ok=True)
+                (logs / "metrics.json").write_text(json.dumps(summary, indent=2) + "\n")
     except BaseException:
         for cb in callbacks:  # a progress bar stops, a callback lets go of what it holds
             cb.on_end(None)
@@ -591,10 +608,11 @@ FLAT_SPREAD = 1e-4  # the spread of their losses, relative to their mean, under 
 EXPLODED_RMS = 10.0  # trained weights are of order 0.01 to 1: a change of this root-mean-square wipes a tensor out
 
 
-def divergence(history: list[dict[str, Any]], tuned: Tuned) -> list[str]:
+def divergence(history: list[dict[str, Any]], tuned: Tuned, *, weights: bool = True) -> list[str]:
     """Warnings for a run that looks diverged: a loss flat over the last ``FLAT_STEPS`` steps (on different
     batches) that did not fall to half of where it started, or a weight delta ΔW whose root-mean-square exceeds
-    ``EXPLODED_RMS`` (or is not finite). Activation-side deltas (adapters, prompts) are judged by the loss only."""
+    ``EXPLODED_RMS`` (or is not finite). Activation-side deltas (adapters, prompts) are judged by the loss only, and so is every delta
+    without ``weights`` (under FSDP: ΔW of a form such as DoRA's reads base tensors that are sharded)."""
     found = []
     losses = [r["loss"] for r in history if not r.get("skipped")]
     if len(losses) >= 2 * FLAT_STEPS:
@@ -603,6 +621,8 @@ def divergence(history: list[dict[str, Any]], tuned: Tuned) -> list[str]:
         if max(last) - min(last) <= FLAT_SPREAD * abs(mean) and mean >= 0.5 * sum(first) / len(first):
             found.append(f"the training loss stayed at {mean:.4g} over the last {FLAT_STEPS} steps without falling: "
                          "the run looks diverged (saturated outputs); lower train.lr")
+    if not weights:
+        return found
     name, rms = _largest_change(tuned)
     if not math.isfinite(rms) or rms > EXPLODED_RMS:
         found.append(f"the delta changes {name} by a root-mean-square of {rms:.3g} (trained weights are of order 1): "
