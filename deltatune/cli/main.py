@@ -466,6 +466,17 @@ def _at_least_one(value: int, option: str) -> None:
         raise DeltatuneError(f"{option} {value}: must be at least 1")
 
 
+# logit fusion's options, shared by eval and generate (docs/fusion.md)
+_FUSE_LARGE = typer.Option(None, "--fuse-large", help="Logit fusion: the large model to steer (a shipped name or "
+                           "folder), with --expert; docs/fusion.md.")
+_FUSE_SMALL = typer.Option(None, "--fuse-small", help="Logit fusion: the small base the experts were trained on "
+                           "(default: the one the first expert names).")
+_EXPERT = typer.Option([], "--expert", help="Logit fusion: an artifact or PEFT adapter trained on the small model "
+                       "(repeat for several).")
+_ALPHA = typer.Option("dynamic", "--alpha", help="Logit fusion: 'dynamic' (chosen per step) or a number (1.0 with one "
+                      "expert is proxy tuning), or comma-separated, one per expert.")
+
+
 @app.command("eval")
 @_errors
 def eval_(
@@ -479,13 +490,10 @@ def eval_(
     base: str = typer.Option(None, "--base", help="Base model (default: the one the artifact names)."),
     batch_size: int = typer.Option(16, "--batch-size"),
     as_json: bool = typer.Option(False, "--json", help="Print JSON."),
-    fuse_large: str = typer.Option(None, "--fuse-large", help="Logit fusion: evaluate this large model steered by "
-                                   "the --expert artifacts (docs/fusion.md)."),
-    fuse_small: str = typer.Option(None, "--fuse-small", help="Logit fusion: the experts' small base (default: the "
-                                   "one the first expert names)."),
-    expert: list[str] = typer.Option([], "--expert", help="Logit fusion: an artifact or PEFT adapter trained on the "
-                                     "small model (repeat for several)."),
-    alpha: str = typer.Option("dynamic", "--alpha", help="Logit fusion: 'dynamic' or a number (or one per expert)."),
+    fuse_large: str = _FUSE_LARGE,
+    fuse_small: str = _FUSE_SMALL,
+    expert: list[str] = _EXPERT,  # noqa: B006 (typer's option object, not a mutable default)
+    alpha: str = _ALPHA,
     objective: str = typer.Option(None, "--objective", help="The run's train.objective, for data that needs one: a "
                                   "name (dpo, simpo, ...) or a JSON mapping, e.g. '{\"name\": \"dpo\", \"beta\": "
                                   "0.2}' (default: the one of --config, else of the run that wrote ARTIFACT)."),
@@ -520,14 +528,10 @@ def generate(
     base: str = typer.Option(None, "--base", help="Base model (default: the one the artifact names)."),
     max_new_tokens: int = typer.Option(64, "--max-new-tokens"),
     no_chat: bool = typer.Option(False, "--no-chat", help="Do not apply the tokenizer's chat template."),
-    fuse_large: str = typer.Option(None, "--fuse-large", help="Logit fusion: the large model to steer (a shipped "
-                                   "name or folder), with --expert; docs/fusion.md."),
-    fuse_small: str = typer.Option(None, "--fuse-small", help="Logit fusion: the small base the experts were trained "
-                                   "on (default: the one the first expert names)."),
-    expert: list[str] = typer.Option([], "--expert", help="Logit fusion: an artifact or PEFT adapter trained on the "
-                                     "small model (repeat for several)."),
-    alpha: str = typer.Option("dynamic", "--alpha", help="Logit fusion: 'dynamic' (chosen per step) or a number "
-                              "(1.0 with one expert is proxy tuning), or comma-separated, one per expert."),
+    fuse_large: str = _FUSE_LARGE,
+    fuse_small: str = _FUSE_SMALL,
+    expert: list[str] = _EXPERT,  # noqa: B006 (typer's option object, not a mutable default)
+    alpha: str = _ALPHA,
 ) -> None:
     """Generate text with the delta attached, streamed as it is produced (or, with --fuse-large, from a large model
     steered by small experts)."""
