@@ -109,6 +109,7 @@ DEFAULT_SETUP: dict[str, Any] = {
         "loha": Row("loha"),  # at LoRA's trainable count (r 4: two factor pairs)
         "lokr": Row("lokr"),  # its natural size (Kronecker factors)
         "ia3": Row("ia3"),  # its natural size: vectors on k, v and the down_proj input
+        "trainable_tokens": Row("trainable_tokens"),  # the label words' embedding rows (the tied head's too)
         "adapter": Row("adapter"),
         "parallel_adapter": Row("parallel_adapter"),
         "scaled_parallel_adapter": Row("scaled_parallel_adapter"),
