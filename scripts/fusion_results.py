@@ -135,7 +135,11 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", required=True)
     ap.add_argument("--only", choices=["tweets", "bbc", "multi", "speed"], action="append")
+    ap.add_argument("--experts", type=int, default=SEEDS, help="fuse with the first N experts of a task (one per "
+                    "training seed; fewer to save time: each fused pass over 500 held-out texts takes minutes)")
+    ap.add_argument("--alphas", default=",".join(map(str, ALPHAS)), help="the alphas, e.g. 1.5,dynamic")
     args = ap.parse_args()
+    alphas = [a if a == "dynamic" else float(a) for a in args.alphas.split(",")]
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     record_path = out / "fusion.json"
@@ -159,10 +163,11 @@ def main() -> None:
         kept = {k: lora.get(k) for k in ("accuracy", "accuracy_se", "lr", "lr_search", "seeds", "trainable")}
         record[task] = {"weak_zero_shot": weak["zero_shot"], "weak_lora": kept, "experts": experts,
                         "strong_zero_shot": strong_zero,
-                        "fused": fused_accuracies(strong, task_obj, [[e] for e in experts], ALPHAS)}
+                        "fused": fused_accuracies(strong, task_obj, [[e] for e in experts[:args.experts]], alphas)}
         save()
     if "multi" in parts:
         both = [[t, b] for t, b in zip(record["tweets"]["experts"], record["bbc"]["experts"], strict=True)]
+        both = both[:args.experts]
         record["multi"] = {}
         for task in ("tweets", "bbc"):
             task_obj = held_out_task(task, tokenizer, strong)
