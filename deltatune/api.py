@@ -309,13 +309,7 @@ def generate(path: str | os.PathLike | None, prompt: str, *, base: str | None = 
             "causal LM (e.g. smollm2-135m), or `deltatune eval` for a model trained on classification"
         )
     # the template the delta was trained with (data.chat_template), else the tokenizer's own
-    template = runner.delta.chat_template if isinstance(runner, Tuned) else None
-    use_chat = bool(template or getattr(tok, "chat_template", None)) if chat is None else chat
-    if use_chat:
-        ids = tok.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True,
-                                      return_tensors="pt", return_dict=True, chat_template=template)
-    else:
-        ids = tok(prompt, return_tensors="pt")
+    ids = _prompt_ids(tok, prompt, chat, runner.delta.chat_template if isinstance(runner, Tuned) else None)
     streamer = TextStreamer(tok, skip_prompt=True, skip_special_tokens=True) if stream else None
     with torch.no_grad():
         out = runner.generate(**ids, max_new_tokens=max_new_tokens, do_sample=False, streamer=streamer,
@@ -333,18 +327,23 @@ def fuse(large: str | nn.Module, small: str | nn.Module | None = None, experts: 
     return fuse_models(large, small, experts, **options)
 
 
+def _prompt_ids(tok: Any, prompt: str, chat: bool | None, template: str | None = None) -> Any:
+    """The prompt's ids: as a user message in the chat template (``template``, else the tokenizer's) when there is
+    one and ``chat`` is not False, else the plain text."""
+    use_chat = bool(template or getattr(tok, "chat_template", None)) if chat is None else chat
+    if use_chat:
+        return tok.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True,
+                                       return_tensors="pt", return_dict=True, chat_template=template)
+    return tok(prompt, return_tensors="pt")
+
+
 def _fused_generate(prompt: str, large: str, small: str | None, experts: list[str], alpha: Any,
                     max_new_tokens: int, stream: bool, chat: bool | None) -> str:
     from transformers import TextStreamer
 
     fused = fuse(large, small, experts, alpha=alpha)
     tok = models.load_tokenizer(large)
-    use_chat = bool(getattr(tok, "chat_template", None)) if chat is None else chat
-    if use_chat:
-        ids = tok.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True,
-                                      return_tensors="pt", return_dict=True)
-    else:
-        ids = tok(prompt, return_tensors="pt")
+    ids = _prompt_ids(tok, prompt, chat)
     streamer = TextStreamer(tok, skip_prompt=True, skip_special_tokens=True) if stream else None
     out = fused.generate(ids["input_ids"], ids.get("attention_mask"), max_new_tokens=max_new_tokens,
                          eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id, streamer=streamer)

@@ -112,14 +112,15 @@ def solve(large: torch.Tensor, small: torch.Tensor, experts: torch.Tensor, *, ob
     g = alphas.to(lz.dtype).to(lz.device)
     chosen = torch.zeros(n, T, dtype=lz.dtype, device=lz.device)
     rows = max(1, _CANDIDATE_ELEMENTS // (len(g) * vocab))
+    # the chunks of positions, each with its KL targets computed once (they do not depend on α) for every sweep
+    chunks = [(slice(lo, lo + rows), FusionStep(step.large[lo:lo + rows], step.small[lo:lo + rows],
+                                                step.experts[:, lo:lo + rows])) for lo in range(0, n, rows)]
     for _ in range(sweeps if T > 1 else 1):
         for t in range(T):
-            for lo in range(0, n, rows):
-                sl = slice(lo, lo + rows)
+            for sl, part in chunks:
                 others = lz[sl] + torch.einsum("nt,tnv->nv", chosen[sl], directions[:, sl]) \
                     - chosen[sl, t:t + 1] * directions[t, sl]
                 fused = F.log_softmax(others.unsqueeze(0) + g.view(-1, 1, 1) * directions[t, sl].unsqueeze(0), -1)
-                part = FusionStep(step.large[sl], step.small[sl], step.experts[:, sl])
                 loss = objective(fused, part)  # (G, rows)
                 best = loss.min(0).values
                 tol = 1e-9 * (1.0 + best.abs())
