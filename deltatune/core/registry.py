@@ -194,9 +194,15 @@ def _is_instance(value: Any, hint: Any) -> bool:
     if hint is int:  # a bool is an int to Python, but `steps: true` is a mistake, not 1 step
         return isinstance(value, int) and not isinstance(value, bool)
     if origin in (list, tuple):
-        return isinstance(value, list | tuple)
+        args = typing.get_args(hint)
+        if not isinstance(value, list | tuple):
+            return False
+        # list[X] / tuple[X, ...]: every item an X (a word where token ids go is a mistake, not a one-name list)
+        item = args[0] if origin is list and len(args) == 1 else args[0] if len(args) == 2 and args[1] is ... else None
+        return item is None or all(_is_instance(v, item) for v in value)
     if origin is dict:
-        return isinstance(value, dict)
+        args = typing.get_args(hint)
+        return isinstance(value, dict) and (len(args) != 2 or all(_is_instance(v, args[1]) for v in value.values()))
     if isinstance(hint, type):
         return isinstance(value, hint)
     return True

@@ -62,6 +62,7 @@ from deltatune.core.tuned import Tuned, attach, carried_by, register_config_conv
 from deltatune.data import models
 from deltatune.errors import DeltatuneError
 from deltatune.methods._lowrank import ResidualLowRank, default_targets, pattern_value, residual_init
+from deltatune.methods._token_rows import PEFT_TENSOR, TokenRows
 from deltatune.methods.dora import DoRA
 from deltatune.version import __version__
 
@@ -134,6 +135,8 @@ class _Adapter:
     trained: dict[str, torch.Tensor]
     rslora: bool = False
     dora: bool = False
+    # LoRA's trainable_token_indices: embedding module path -> (token ids, the rows' trained values)
+    tokens: dict[str, tuple[list[int], torch.Tensor]] = dataclasses.field(default_factory=dict)
 
 
 def export_peft(tuned: Tuned, out: str | os.PathLike, *, rank: int | None = None, overwrite: bool = False) -> Path:
@@ -216,7 +219,8 @@ def _exact_adapter(tuned: Tuned) -> _Adapter:
     low = {n: f for n, f in forms.items()
            if isinstance(f, LowRank) and f.kind in (LowRank.kind, DoRA.kind, ResidualLowRank.kind)}
     dense = {n: f for n, f in forms.items() if isinstance(f, Dense) and f.kind == Dense.kind}
-    other = [n for n in forms if n not in low and n not in dense]
+    rows = {n: f for n, f in forms.items() if isinstance(f, TokenRows) and tuned.method.name == "lora"}
+    other = [n for n in forms if n not in low and n not in dense and n not in rows]
     if not low or other:
         svd = all(_weight_side(f) for f in forms.values()) and forms
         raise DeltatuneError(
@@ -240,7 +244,9 @@ def _exact_adapter(tuned: Tuned) -> _Adapter:
                f.magnitude if isinstance(f, DoRA) else None, f.param_name if isinstance(f, ParamLowRank) else None)
         for name, f in low.items()
     }
-    return _Adapter(layers, _dense_values(tuned.model, dense.values()), rslora=rslora.pop(), dora=bool(dora))
+    tokens = {_module_of(n): (list(f.tokens), f.rows().to(f.base.dtype)) for n, f in rows.items()}
+    return _Adapter(layers, _dense_values(tuned.model, dense.values()), rslora=rslora.pop(), dora=bool(dora),
+                    tokens=tokens)
 
 
 def _check_peft_conv(name: str, module: nn.Module) -> None:
@@ -315,6 +321,8 @@ def _adapter_files(model: nn.Module, adapter: _Adapter) -> tuple[dict[str, torch
             tensors[f"{path}.lora_A.weight"], tensors[f"{path}.lora_B.weight"] = _to_peft_factors(layer)
         if layer.magnitude is not None:
             tensors[f"{path}.{MAGNITUDE}"] = layer.magnitude
+    for module, (_, values) in adapter.tokens.items():  # PEFT saves a tied head's rows under the embedding only
+        tensors[f"{PREFIX}{module}.{TOKEN_ADAPTER}.{PEFT_TENSOR}"] = values.contiguous()
 
     modules = {m for m, layer in adapter.layers.items() if layer.param is None}
     more, task, bias_modules, saved_modules = _trained_files(model, adapter.trained, modules | set(owners))
@@ -404,6 +412,11 @@ def _adapter_config(model: nn.Module, adapter: _Adapter, task: str | None, bias_
         "lora_bias": False,
         "peft_version": PEFT_VERSION,
     }
+    if adapter.tokens:  # a list: the input embedding's rows (PEFT's default); else {module: ids}
+        embedding = model.get_input_embeddings() if callable(getattr(model, "get_input_embeddings", None)) else None
+        (first, (ids, _)), *more = adapter.tokens.items()
+        config["trainable_token_indices"] = list(ids) if not more and model.get_submodule(first) is embedding else \
+            {m: list(t) for m, (t, _) in adapter.tokens.items()}
     params = sorted(m for m, layer in layers.items() if layer.param is not None)
     if params:  # exact full names: PEFT matches a name or a dotted suffix; rank_pattern is keyed by them too
         config["target_parameters"] = params
@@ -725,7 +738,6 @@ _LORA_KEY = re.compile(
 _UNSUPPORTED = (
     ("lora_bias", "lora_bias (a bias on B)"),
     ("layer_replication", "layer_replication (it duplicates base layers)"),
-    ("trainable_token_indices", "trainable_token_indices (trainable tokens)"),
     ("alora_invocation_tokens", "aLoRA (activated only after invocation tokens)"),
     ("use_bdlora", "BD-LoRA"),
     ("arrow_config", "Arrow routing"),
@@ -783,6 +795,7 @@ def import_peft(model: nn.Module, adapter: str | os.PathLike) -> Tuned:
         )
 
     params, raw = _parameter_layers(adapter, model, config, raw)
+    token_rows, raw = _token_layers(adapter, model, config, raw)
     tensors: dict[str, torch.Tensor] = {}
     for k, v in raw.items():
         nk = _normalise_key(k)
@@ -795,7 +808,7 @@ def import_peft(model: nn.Module, adapter: str | os.PathLike) -> Tuned:
     for k, v in tensors.items():
         if m := _LORA_KEY.match(k):
             lora.setdefault(m.group("mod"), {})[m.group("t")] = v
-    if not lora and not params:
+    if not lora and not params and not token_rows:
         raise DeltatuneError(f"{adapter} holds no LoRA tensors (keys like '<module>.lora_A.weight')")
     use_dora = bool(config.get("use_dora"))
     for mod, parts in lora.items():
@@ -851,6 +864,7 @@ def import_peft(model: nn.Module, adapter: str | os.PathLike) -> Tuned:
         modules_to_save=modules_to_save or None,
         # an unconverted PiSSA / OLoRA adapter: attach computes A₀, B₀ from the original base as PEFT's init did
         **({"init": residual} if residual else {}),
+        **({"trainable_token_indices": config["trainable_token_indices"]} if token_rows else {}),
     )
     try:
         forms = tuned.forms()
@@ -876,6 +890,7 @@ def import_peft(model: nn.Module, adapter: str | os.PathLike) -> Tuned:
                 if form.layout == "experts":
                     a, b = _from_peft_factors(a, b, form.experts)
                 form.load_stored({"A": a, "B": b})
+            _load_token_rows(adapter, forms, token_rows)
             _load_saved(adapter, model, forms, saved, base_state, "a LoRA delta")
     except Exception:
         tuned.detach()
@@ -922,6 +937,65 @@ def _parameter_layers(adapter: str | os.PathLike, model: nn.Module, config: dict
             raise DeltatuneError(f"{adapter} has no lora_A / lora_B pair for the target parameter {name!r} (PEFT's "
                                  f"{path}.lora_A.weight): it was made for another base model or is incomplete")
     return {name: (parts["A"], parts["B"]) for name, parts in found.items()}, rest
+
+
+TOKEN_ADAPTER = "token_adapter"  # PEFT's TrainableTokensWrapper keeps LoRA's trainable_token_indices rows here
+_TOKEN_KEY = re.compile(rf"^(?:{re.escape(PREFIX)})?(?P<mod>.+)\.{TOKEN_ADAPTER}\.{PEFT_TENSOR}(\.[^.]+)?$")
+
+
+def _token_layers(adapter: str | os.PathLike, model: nn.Module, config: dict[str, Any], raw: dict[str, torch.Tensor]
+                  ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """LoRA's ``trainable_token_indices`` rows: module path -> the rows' values (one entry per weight tensor: a tied
+    head's copy is dropped when it equals its embedding's), and the adapter's other tensors."""
+    found: dict[str, torch.Tensor] = {}
+    rest: dict[str, torch.Tensor] = {}
+    for key, value in raw.items():
+        if m := _TOKEN_KEY.match(key):
+            found[m.group("mod")] = value
+        else:
+            rest[key] = value
+    tokens = config.get("trainable_token_indices")
+    if not found:
+        if tokens:
+            raise DeltatuneError(f"{adapter} sets trainable_token_indices but holds no '<embedding>.{TOKEN_ADAPTER}."
+                                 f"{PEFT_TENSOR}' rows: it is incomplete")
+        return {}, raw
+    if not tokens:
+        raise DeltatuneError(f"{adapter} holds trainable-token rows but its config has no trainable_token_indices: "
+                             "fix the config or re-save the adapter with PEFT")
+    have = {n for n, _ in model.named_modules()}
+    by_tensor: dict[int, str] = {}
+    rows: dict[str, torch.Tensor] = {}
+    embedding = model.get_input_embeddings() if callable(getattr(model, "get_input_embeddings", None)) else None
+    for module in sorted(found, key=lambda n: n not in have or model.get_submodule(n) is not embedding):
+        if module not in have:
+            raise DeltatuneError(f"{adapter} has trainable-token rows for {module!r}, which this {type(model).__name__} "
+                                 "does not have: it was made for another base model")
+        weight = model.get_submodule(module).weight
+        if id(weight) in by_tensor:  # a tied head's copy of its embedding's rows
+            if not torch.equal(found[module], found[by_tensor[id(weight)]]):
+                raise DeltatuneError(f"{adapter} holds other trainable-token rows for {module} than for "
+                                     f"{by_tensor[id(weight)]}, which share one weight (tied)")
+            continue
+        by_tensor[id(weight)] = module
+        rows[module] = found[module]
+    return rows, rest
+
+
+def _load_token_rows(adapter: str | os.PathLike, forms: dict[str, Any], rows: dict[str, torch.Tensor]) -> None:
+    """PEFT's rows' values into the ``TokenRows`` forms the import attached (deltatune holds ΔW = rows − W0[ids])."""
+    for module, values in rows.items():
+        form = forms.get(f"{module}.weight")
+        if not isinstance(form, TokenRows):
+            raise DeltatuneError(f"{adapter}: the trainable-token rows of {module!r} did not become a token-rows delta "
+                                 "(trainable_token_indices names other modules than the saved rows)")
+        shape = (len(form.tokens), form.width)
+        if tuple(values.shape) != shape:
+            raise DeltatuneError(f"{adapter}: the trainable-token rows of {module!r} have shape {tuple(values.shape)}, "
+                                 f"{len(form.tokens)} token ids of a {form.width}-wide embedding need {shape}")
+        ids = torch.tensor(form.tokens, dtype=torch.long, device=form.base.device)
+        base = form.base.detach()[ids]
+        form.load_stored({"values": values.to(form.values.dtype) - base.to(form.values.dtype)})
 
 
 def _parameter_rank(adapter: str | os.PathLike, model: nn.Module, name: str, a: torch.Tensor) -> int:
@@ -1102,19 +1176,18 @@ _RENAMED = {"r": "r", "lora_alpha": "alpha", "lora_dropout": "dropout", "use_rsl
 # read below with their own conversion; fan_in_fan_out is a layout PEFT corrects per layer from the layer type, as
 # deltatune always does, and deltatune trains a tied tensor at all its sites, as ensure_weight_tying=True asks
 _CONVERTED = frozenset({"target_modules", "exclude_modules", "modules_to_save", "layers_to_transform", "layers_pattern",
-                        "init_lora_weights", "use_dora", "fan_in_fan_out", "ensure_weight_tying", "target_parameters"})
+                        "init_lora_weights", "use_dora", "fan_in_fan_out", "ensure_weight_tying", "target_parameters",
+                        "trainable_token_indices", "loftq_config"})
 # what to do instead, for fields deltatune cannot honour (any other field set away from its default gets a plain line)
 _CANNOT_HONOUR = {
     "inference_mode": "dt.attach makes a trainable delta: leave it False (dt.load attaches a saved one to serve)",
-    "init_lora_weights": "deltatune's LoRA starts from True, 'gaussian', False, 'pissa', 'pissa_niter_K' or 'olora' "
-                         "(the last three without use_dora); for CorDA use dt.attach(model, 'corda', ...), other "
-                         "inits (LoftQ, EVA, LoRA-GA, ...) have no deltatune equivalent",
+    "init_lora_weights": "deltatune's LoRA starts from True, 'gaussian', False, 'pissa', 'pissa_niter_K', 'olora' or "
+                         "'loftq' (the last four without use_dora); for CorDA use dt.attach(model, 'corda', ...), "
+                         "other inits (EVA, LoRA-GA, ...) have no deltatune conversion",
     "layers_pattern": "deltatune takes a module's layer index from the first number in its name, which is not the "
                       "number after this pattern here; pick the layers with targets instead",
     "layer_replication": "it duplicates base layers; deltatune never changes the base model",
     "lora_bias": "a bias on B has no deltatune equivalent",
-    "trainable_token_indices": "train the embedding fully with modules_to_save instead",
-    "loftq_config": "LoftQ re-quantises the base weights; no deltatune equivalent",
     "eva_config": "EVA initialises from data; no deltatune equivalent",
     "corda_config": "use dt.attach(model, 'corda', ...), deltatune's CorDA",
     "lora_ga_config": "LoRA-GA initialises from gradients; no deltatune equivalent",
@@ -1315,8 +1388,14 @@ def lora_config_options(config: Any, model: nn.Module) -> tuple[str, dict[str, A
         init = init.lower()  # PEFT compares the name case-insensitively
     # PiSSA / OLoRA: lora's own init of that name (a residual, the base never rewritten); DoRA takes none of them
     residual = residual_init(init) is not None and not values["use_dora"]
-    if not (isinstance(init, bool) or init == "gaussian" or residual):
+    loftq = dict(values.get("loftq_config") or {})
+    if init == "loftq" and not values["use_dora"]:  # lora's own LoftQ (Q kept in the delta, the base never rewritten)
+        if int(loftq.get("loftq_bits", 4)) != 4:
+            problems.append(f"loftq_config={loftq!r}: deltatune's LoftQ quantizes to 4-bit NF4 (loftq_bits=4)")
+    elif not (isinstance(init, bool) or init == "gaussian" or residual):
         problems.append(f"init_lora_weights={init!r}: {_CANNOT_HONOUR['init_lora_weights']}")
+    elif loftq:
+        problems.append(f"loftq_config={loftq!r}: it only acts with init_lora_weights='loftq'")
     pattern = values["layers_pattern"]
     if pattern and not _layers_pattern_agrees(model, pattern):
         problems.append(f"layers_pattern={pattern!r}: {_CANNOT_HONOUR['layers_pattern']}")
@@ -1346,10 +1425,18 @@ def lora_config_options(config: Any, model: nn.Module) -> tuple[str, dict[str, A
     options["exclude"] = _patterns(values["exclude_modules"])
     options["layers"] = _layers(values["layers_to_transform"], targets)
     options["init"] = init
+    if init == "loftq":
+        options["loftq_iter"] = int(loftq.get("loftq_iter", 1))
     # PEFT's task classes train the task head fully on their own (PeftModelForSequenceClassification & co.)
     saved = list(values["modules_to_save"] or [])
     saved += _task_heads(config, model, saved)
     options["modules_to_save"] = saved or None
+    tokens = values.get("trainable_token_indices")
+    if tokens is not None:
+        if values["use_dora"]:
+            _refuse(config, ["trainable_token_indices with use_dora: deltatune's dora takes no token rows; train them "
+                             "with a lora delta, or method trainable_tokens"])
+        options["trainable_token_indices"] = dict(tokens) if isinstance(tokens, dict) else list(tokens)
     return ("dora" if values["use_dora"] else "lora"), options
 
 

@@ -6,6 +6,10 @@ B normal), so training starts at the base model. ``target_parameters`` (PEFT's o
 by name that no such layer holds: an MoE's fused 3-D expert stacks (one B·A per expert) or its router's weight
 (``core/forms/lowrank.py``'s ``ParamLowRank``).
 ``bias`` and ``modules_to_save`` train base tensors fully, as dense deltas next to the low-rank ones.
+``trainable_token_indices`` (PEFT's option of that name) trains chosen rows of the input embedding (and so of an LM
+head tied to it), or of each embedding a mapping names, next to the LoRA layers: ``methods/_token_rows.py``'s
+``TokenRows``, the trainable_tokens method's form; PEFT stores the rows' values under
+``<embedding>.token_adapter.trainable_tokens_delta`` and ``interop/peft.py`` converts both ways.
 
 PEFT's base-rewriting inits are options too: ``init: pissa`` (PiSSA, Meng et al., 2024, arXiv 2404.02948: A, B
 from the top r singular triplets of W), ``init: pissa_niter_K`` (the same by a randomised SVD with K subspace
@@ -16,6 +20,9 @@ detach and unmerge refer to the original base, and the outputs are those of PEFT
 As in PEFT, these inits leave a LoRA on an embedding at its default init. PEFT exports such a delta exactly in
 PEFT's converted form for the original base (rank 2r: A' = [A; A₀], B' = [B, −B₀]), and imports an unconverted PEFT
 PiSSA / OLoRA adapter by computing A₀, B₀ again from the original base (``interop/peft.py``).
+``init: loftq`` (LoftQ, Li et al., 2023, arXiv 2310.08659; PEFT's loftq_bits=4, ``loftq_iter``) keeps LoftQ's NF4
+weight Q inside the delta as frozen state and adds (Q − W0) + s·B·A (``methods/_loftq.py``); over an NF4 base it is a
+plain LoRA whose A, B come from the SVD of W − Q.
 """
 
 from __future__ import annotations
@@ -23,13 +30,17 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal
 
+import torch
 import torch.nn as nn
 
+from deltatune.core import quantized
 from deltatune.core.forms.base import Form
 from deltatune.core.forms.lowrank import CONV_TYPES, ConvLowRank, LowRank, ParamLowRank, layout_of
 from deltatune.core.registry import Built, Traits, register
 from deltatune.core.targeting import select_modules, select_parameters, sites_of
 from deltatune.errors import DeltatuneError
+from deltatune.methods._common import from_rank0
+from deltatune.methods._loftq import LoftQLowRank, original_weight, quantized_base_factors
 from deltatune.methods._lowrank import (
     ResidualLowRank,
     add_trained_extras,
@@ -39,6 +50,7 @@ from deltatune.methods._lowrank import (
     pattern_value,
     residual_init,
 )
+from deltatune.methods._token_rows import check_token_ids, input_embedding, row_modules, token_forms
 
 
 @dataclass
@@ -51,9 +63,11 @@ class LoraConfig:
     types: list[str] | None = None  # module types kept: linear, conv1d, embedding, layernorm (None: all)
     exclude: list[str] | None = None  # name patterns left out (as in targets)
     use_rslora: bool = False  # scale = alpha / sqrt(r) (Kalajdzievski, 2023)
-    # True (Kaiming A, zero B) | gaussian | pissa | pissa_niter_K (randomised SVD, K iterations) | olora |
-    # False (random B: tests only); pissa / olora start A, B at W's principal part, kept as a frozen residual
+    # True (Kaiming A, zero B) | gaussian | pissa | pissa_niter_K (randomised SVD, K iterations) | olora | loftq |
+    # False (random B: tests only); pissa / olora start A, B at W's principal part, kept as a frozen residual; loftq
+    # (4-bit NF4) keeps LoftQ's quantized Q inside the delta and starts B·A at W − Q
     init: bool | str = True
+    loftq_iter: int = 1  # init loftq: alternating quantize / SVD steps (PEFT's LoftQConfig default)
     # biases trained too: none, all, or lora_only (those of LoRA's modules)
     bias: Literal["none", "all", "lora_only"] = "none"
     rank_pattern: dict[str, int] = field(default_factory=dict)  # PEFT semantics: module-name regex -> r
@@ -64,6 +78,9 @@ class LoraConfig:
     # weights no Linear holds (an MoE router's) or 3-D stacks of expert matrices (one B·A per expert); with it,
     # targets None adapts no module
     target_parameters: list[str] | None = None
+    # embedding rows that train next to LoRA (PEFT's trainable_token_indices): token ids of the input embedding (a tied
+    # LM head's rows move with it), or {embedding module pattern: token ids} (e.g. an untied lm_head's own rows)
+    trainable_token_indices: list[int] | dict[str, list[int]] | None = None
 
     def __post_init__(self) -> None:
         if self.r <= 0:
@@ -73,6 +90,7 @@ class LoraConfig:
         check_alpha(self.alpha)
         check_init(self)
         check_target_parameters(self)
+        check_token_indices(self)
 
 
 _PLAIN_INITS = (True, False, "gaussian", "kaiming")
@@ -81,16 +99,18 @@ _PLAIN_INITS = (True, False, "gaussian", "kaiming")
 def check_init(cfg: LoraConfig) -> None:
     """``init`` is one LoRA knows; PiSSA / OLoRA only for ``lora`` itself (a method built on its config, e.g. DoRA,
     builds its own forms from LoRA's and would drop the residual)."""
-    if residual_init(cfg.init) is not None:
+    if residual_init(cfg.init) is not None or cfg.init == "loftq":
         if type(cfg) is not LoraConfig:
             raise ValueError(f"init={cfg.init!r} is an option of the lora method; {type(cfg).__name__} takes "
                              "init true, 'gaussian' or false")
+        if cfg.loftq_iter < 1:
+            raise ValueError(f"loftq_iter={cfg.loftq_iter} must be >= 1 (PEFT's LoftQConfig default is 1)")
         return
     if isinstance(cfg.init, bool) or cfg.init in _PLAIN_INITS:
         return
     hint = " (CorDA is its own method: method corda)" if str(cfg.init).startswith("corda") else ""
     raise ValueError(f"init={cfg.init!r} is not a LoRA init{hint}: use true (Kaiming A, zero B), 'gaussian', "
-                     "'pissa', 'pissa_niter_K' (e.g. pissa_niter_4), 'olora', or false (tests only)")
+                     "'pissa', 'pissa_niter_K' (e.g. pissa_niter_4), 'olora', 'loftq', or false (tests only)")
 
 
 def check_target_parameters(cfg: LoraConfig) -> None:
@@ -106,9 +126,38 @@ def check_target_parameters(cfg: LoraConfig) -> None:
     if cfg.dropout:
         raise ValueError(f"dropout={cfg.dropout} cannot act with target_parameters: their delta is added to the weight, "
                          "so there is no input of its own to drop (PEFT refuses it too); set dropout: 0")
-    if residual_init(cfg.init) is not None:
+    if residual_init(cfg.init) is not None or cfg.init == "loftq":
         raise ValueError(f"init={cfg.init!r} needs a weight matrix's SVD or QR, which target_parameters' expert stacks "
                          "do not have; use init true or 'gaussian'")
+
+
+def check_token_indices(cfg: LoraConfig) -> None:
+    """``trainable_token_indices`` is lora's own option (a method built on its config turns LoRA's forms into its own),
+    a list of token ids or a mapping of embedding modules to lists."""
+    tokens = cfg.trainable_token_indices
+    if tokens is None:
+        return
+    if type(cfg) is not LoraConfig:
+        raise ValueError(f"trainable_token_indices is an option of the lora method; {type(cfg).__name__} takes none "
+                         "(train the rows with method trainable_tokens next to it)")
+    if isinstance(tokens, dict):
+        if not tokens:
+            raise ValueError("trainable_token_indices={} names no embedding: give token ids or {module: [ids]}")
+        for module, ids in tokens.items():
+            check_token_ids(ids, f"trainable_token_indices[{module!r}]")
+    else:
+        check_token_ids(tokens, "trainable_token_indices")
+        cfg.trainable_token_indices = list(tokens)
+
+
+def _token_forms(model: nn.Module, cfg: LoraConfig) -> dict[str, Form]:
+    """PEFT's trainable_token_indices: the rows of the input embedding (a list) or of each module a key names."""
+    tokens = cfg.trainable_token_indices
+    if isinstance(tokens, dict):
+        modules = [(n, m, list(ids)) for key, ids in tokens.items() for n, m in row_modules(model, [key])]
+    else:
+        modules = [(*input_embedding(model), list(tokens or []))]
+    return token_forms(model, modules)
 
 
 def _parameter_forms(model: nn.Module, cfg: LoraConfig) -> dict[str, Form]:
@@ -147,6 +196,9 @@ def build(model: nn.Module, cfg: LoraConfig, *, loading: bool = False) -> Built:
             forms[f"{name}.weight"] = _conv_form(name, module, r, alpha, cfg)
             continue
         tied = [s for s in sites_of(model, module.weight) if s[0] is not module]
+        if cfg.init == "loftq":
+            forms[f"{name}.weight"] = _loftq_form(model, name, module, r, alpha, cfg, tied, loading)
+            continue
         if residual is None or layout_of(module) == "embedding":  # PEFT's Embedding: the default init for these
             forms[f"{name}.weight"] = LowRank(module, r, alpha, use_rslora=cfg.use_rslora, dropout=cfg.dropout,
                                               init=cfg.init if residual is None else True, tied=tied)
@@ -164,6 +216,12 @@ def build(model: nn.Module, cfg: LoraConfig, *, loading: bool = False) -> Built:
                                      "one of targets / target_parameters")
             forms[name] = form
     add_trained_extras(model, modules, cfg.bias, cfg.modules_to_save, forms, "LoRA")
+    if cfg.trainable_token_indices is not None:
+        for name, form in _token_forms(model, cfg).items():
+            if name in forms:
+                raise DeltatuneError(f"{name} is both a LoRA target (or fully trained) and has trainable_token_indices: "
+                                     "drop the embedding from targets / modules_to_save, or the token ids")
+            forms[name] = form
     return Built(forms)
 
 
@@ -173,10 +231,37 @@ def _conv_form(name: str, module: nn.Module, r: int, alpha: float, cfg: LoraConf
     if type(cfg) is not LoraConfig:
         raise DeltatuneError(f"{name} is a {type(module).__name__}: {type(cfg).__name__} adapts Linear, GPT-2 Conv1D and "
                              "Embedding layers only (the lora method also takes convolutions); leave it out of targets")
-    if residual_init(cfg.init) is not None:
+    if residual_init(cfg.init) is not None or cfg.init == "loftq":
         raise DeltatuneError(f"{name} is a {type(module).__name__}: init={cfg.init!r} takes a weight matrix's SVD or QR "
                              "(PEFT has none for convolutions either); use init true or 'gaussian'")
     try:
         return ConvLowRank(module, r, alpha, use_rslora=cfg.use_rslora, dropout=cfg.dropout, init=cfg.init)
     except DeltatuneError as e:
         raise DeltatuneError(f"{name}: {e}") from e
+
+
+def _loftq_form(model: nn.Module, name: str, module: nn.Module, r: int, alpha: float, cfg: LoraConfig,
+                tied: list, loading: bool) -> Form:
+    """``init: loftq``: on a full-precision weight ``LoftQLowRank`` (Q kept in the delta); on an NF4 base a plain LoRA
+    whose A, B come from the SVD of W − Q (W from the model's safetensors, as PEFT's replace_lora_weights_loftq)."""
+    if layout_of(module) == "embedding":
+        raise DeltatuneError(f"{name} is an embedding: init='loftq' quantizes weight matrices of Linear / Conv1D layers "
+                             "here; leave it out of targets (or train it with trainable_token_indices)")
+    if not quantized.is_quantized(module):
+        form = LoftQLowRank(module, r, alpha, loftq_iter=cfg.loftq_iter, use_rslora=cfg.use_rslora,
+                            dropout=cfg.dropout, tied=tied)
+        check_residual_rank(r, (form.B.shape[0], form.A.shape[1]), name, "loftq")
+        if not loading:
+            form.start()
+        return form
+    if quantized.scheme_of(module) != "nf4":
+        raise DeltatuneError(f"{name} is quantized to {quantized.scheme_of(module)}: init='loftq' takes an nf4 base "
+                             "(model quantize: nf4) or a full-precision one")
+    form = LowRank(module, r, alpha, use_rslora=cfg.use_rslora, dropout=cfg.dropout, init=True, tied=tied)
+    if not loading:  # an artifact carries A, B
+        a, b = quantized_base_factors(original_weight(model, f"{name}.weight"),
+                                      quantized.dequantize(module, torch.float32), r)
+        with torch.no_grad():
+            form.A.copy_(from_rank0(a.to(form.A.device)).to(form.A.dtype))
+            form.B.copy_(from_rank0(b.to(form.B.device)).to(form.B.dtype))
+    return form
