@@ -3,8 +3,10 @@
 #  1. `deltatune bench`: LoRA vs PEFT's LoRA on SmolLM2-135M (bf16 autocast: train.precision "auto" on a GPU with
 #     bf16, for deltatune's loop and the PEFT baseline alike), absolute step times and peak CUDA memory
 #     (torch.cuda.max_memory_allocated, the bench's peak_memory_bytes on CUDA);
-#  2. with more than one GPU: a 2-process FSDP2 LoRA smoke run (torchrun, DELTATUNE_FSDP=1) and the same run
-#     under DDP, each printing seconds per step and max_memory_allocated per rank.
+#  2. with more than one GPU: a 2-process FSDP2 LoRA smoke run (torchrun, DELTATUNE_FSDP=1), the same with bf16
+#     compute (FSDP2's MixedPrecisionPolicy, fp32 delta) and the same run under DDP, each printing seconds per
+#     step and max_memory_allocated per rank.
+# Worst case (every timeout reached): 220 + 3 x 80 = 460 s.
 # Without CUDA it says so and exits 0. Output folder: $GPU_CHECK_OUT (default: a fresh temporary folder).
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -22,7 +24,7 @@ fi
 status=0
 
 echo "== 1. bench: LoRA vs PEFT LoRA (bf16 autocast), 20 steps"
-timeout 300 "${DT[@]}" bench --methods lora --steps 20 --batch-size 8 --seq-len 256 --device cuda \
+timeout 220 "${DT[@]}" bench --methods lora --steps 20 --batch-size 8 --seq-len 256 --device cuda \
     --json "$OUT/bench.json" || { echo "gpu_check: bench failed or timed out (exit $?)"; status=1; }
 if [ -f "$OUT/bench.json" ]; then
   "$PY" - "$OUT/bench.json" <<'PYEOF'
@@ -46,10 +48,11 @@ rank = dist.get_rank() if dist.is_initialized() else 0
 print(json.dumps({"rank": rank, "fsdp": summary.get("fsdp"), "seconds_per_step": summary["seconds_per_step"],
                   "max_memory_allocated_mib": torch.cuda.max_memory_allocated() / 2**20}), flush=True)
 PYEOF
-  for mode in fsdp ddp; do
+  for mode in fsdp fsdp-bf16 ddp; do
     echo "== 2. two GPUs: LoRA on SmolLM2-135M, 20 steps, $mode"
-    flag=0; [ "$mode" = fsdp ] && flag=1
-    DELTATUNE_FSDP=$flag timeout 150 "$PY" -m torch.distributed.run --standalone --nproc_per_node=2 \
+    flag=0; [ "$mode" != ddp ] && flag=1
+    mixed=no; [ "$mode" = fsdp-bf16 ] && mixed=bf16
+    DELTATUNE_FSDP=$flag DELTATUNE_FSDP_MIXED_PRECISION=$mixed timeout 80 "$PY" -m torch.distributed.run --standalone --nproc_per_node=2 \
         "$OUT/driver.py" "$OUT/run-$mode" 2> "$OUT/$mode.stderr" | grep '^{' \
       || { echo "gpu_check: the $mode run failed (tail of its stderr below)"; tail -5 "$OUT/$mode.stderr"; status=1; }
   done

@@ -257,7 +257,7 @@ def test_mix_errors_name_the_part(tmp_path: Path, smol_tok: Any) -> None:
         "under data:"
     ]
     assert DataConfig(mix=[{"path": a}, {"task": "text"}]).problems() == [
-        "set exactly one of data[1].name (a shipped data set: tweets, bbc) and data[1].path "
+        "set exactly one of data[1].name (a shipped data set: tweets, bbc, bbc-long) and data[1].path "
         f"(a {', '.join(data.FILE_TYPES)} file or a datasets save_to_disk folder)"
     ]
     missing = str(tmp_path / "missing.jsonl")

@@ -130,12 +130,28 @@ def _probe_forms(method: registry.Method, loading: bool) -> list:
     """The forms ``method`` builds with its default options on a small probe model ([] if it cannot build there)."""
     import copy
 
-    try:
-        config = registry.make_config(method, {})
-        model = copy.deepcopy(_probe_template(method.traits.new_head))
-        return list(method.build(model, config, loading=loading).forms.values())
-    except Exception:  # noqa: BLE001 (a refusal to build on the probe just means "not known from forms")
-        return []
+    # a method for image / audio encoders refuses the Llama: it is probed on a ViT classifier instead
+    for template in (_probe_template(method.traits.new_head), _probe_vit()):
+        try:
+            config = registry.make_config(method, {})
+            forms = list(method.build(copy.deepcopy(template), config, loading=loading).forms.values())
+        except Exception:  # noqa: BLE001 (a refusal to build on the probe just means "not known from forms")
+            continue
+        if forms:
+            return forms
+    return []
+
+
+@functools.cache
+def _probe_vit():
+    """A 2-block ViT classifier on 8x8 one-channel images (the shipped digits' shape)."""
+    import torch
+    from transformers import ViTConfig, ViTForImageClassification
+
+    torch.manual_seed(0)
+    cfg = ViTConfig(image_size=8, patch_size=4, num_channels=1, hidden_size=128, intermediate_size=256,
+                    num_hidden_layers=2, num_attention_heads=4, num_labels=2)
+    return ViTForImageClassification(cfg).eval()
 
 
 @functools.cache

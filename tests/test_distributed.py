@@ -40,6 +40,8 @@ from deltatune.core.tuned import Tuned
 from deltatune.train import loop
 
 out = sys.argv[2]
+if os.environ.get("KILL_RANK", os.environ.get("RANK", "0")) != os.environ.get("RANK", "0"):
+    os.environ.pop("DELTATUNE_FAULT_KILL_AT_STEP", None)  # KILL_RANK: only that rank kills itself
 built = []
 _build = loop.build
 
@@ -61,10 +63,19 @@ def save(self, path):  # log every artifact write, per process
 
 
 Tuned.save = save
-summary = dt.train(json.loads(open(sys.argv[1]).read()))
+
+
+def summed(v):  # a policy state with every tensor as its sum (nested dicts too)
+    if torch.is_tensor(v):
+        return float(v.double().sum())
+    return {k: summed(x) for k, x in sorted(v.items())} if isinstance(v, dict) else v
+
+
+summary = dt.train(json.loads(open(sys.argv[1]).read()), resume=os.environ.get("RESUME") == "1")
 rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
 tuned = built[0].tuned
 delta = tuned.delta_state_dict()
+policy_state = tuned.policy.state_dict()
 save_file({k: v.detach().contiguous().clone() for k, v in delta.items()}, os.path.join(out, f"rank{rank}.safetensors"))
 flat = torch.cat([v.detach().float().flatten() for _, v in sorted(delta.items())])
 gathered = [torch.empty_like(flat) for _ in range(world)]
@@ -75,11 +86,10 @@ else:
 same = all(torch.equal(g, flat) for g in gathered)
 with open(os.path.join(out, f"summary-{rank}.json"), "w") as f:
     json.dump({"rank": rank, "world": world, "same_as_all": same, "steps": summary["steps"],
-               "losses": [h["loss"] for h in summary["history"]],
+               "resumed_from": summary.get("resumed_from"), "losses": [h["loss"] for h in summary["history"]],
                # the policy's choices: what trains now, and its state (tensors as sums)
                "trainable": sorted(n for n, p in tuned.named_parameters() if p.requires_grad),
-               "policy": {k: (float(v.double().sum()) if torch.is_tensor(v) else v)
-                          for k, v in tuned.policy.state_dict().items() if k != "generator"}}, f, default=str)
+               "policy": summed({k: v for k, v in policy_state.items() if k != "generator"})}, f, default=str)
 if dist.is_initialized():
     dist.barrier()
     dist.destroy_process_group()
@@ -119,8 +129,9 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _launch(launcher: list[str], tmp_path: Path, cfg: dict, driver: str = DRIVER, extra_env: dict | None = None
-            ) -> tuple[subprocess.CompletedProcess, Path]:
+def _launch(launcher: list[str], tmp_path: Path, cfg: dict, driver: str = DRIVER, extra_env: dict | None = None,
+            retry: bool = True) -> tuple[subprocess.CompletedProcess, Path]:
+    tmp_path.mkdir(exist_ok=True)
     dumps = tmp_path / "dumps"
     dumps.mkdir()
     (tmp_path / "run.json").write_text(json.dumps(cfg))
@@ -129,7 +140,7 @@ def _launch(launcher: list[str], tmp_path: Path, cfg: dict, driver: str = DRIVER
            "TOKENIZERS_PARALLELISM": "false", "CUDA_VISIBLE_DEVICES": "", **(extra_env or {})}
     cmd = [*launcher, str(tmp_path / "driver.py"), str(tmp_path / "run.json"), str(dumps)]
     done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240, cwd=tmp_path)
-    if done.returncode != 0 and "Signal " in done.stderr:
+    if retry and done.returncode != 0 and "Signal " in done.stderr:
         # A rank killed by a signal (once in CI: SIGABRT, not reproduced in 15 local runs) is a crash of the
         # process, not a wrong result: keep its stderr as a warning and run once more from a clean slate.
         # A second crash, or any ordinary failure, still fails the test.
@@ -168,8 +179,9 @@ def _check(done: subprocess.CompletedProcess, dumps: Path, out: Path, learns: bo
     assert sum(losses[-4:]) / 4 < sum(losses[:4]) / 4 - 0.05, losses
 
 
-# SpIEL's regrowth ranks candidates by each rank's own gradients: rank 0 decides and broadcasts, so the
-# supports (and the seeded optimizer state) must still end identical on every rank. LISA draws blocks from a
+# SpIEL's regrowth ranks candidates by the gradient statistics averaged over the ranks (the global batch's):
+# every rank decides the same (rank 0's decision is broadcast too), so supports, seeded optimizer state and
+# the candidate statistics must end identical on every rank. LISA draws blocks from a
 # seeded generator (8 switches here), ID3 unmasks by the all-reduced gradients (and switches to sparse at
 # step 10): every rank must take the same decisions without being told.
 METHODS = {"lora": {"name": "lora", "r": 4, "alpha": 8, "dropout": 0.0},
@@ -186,8 +198,7 @@ def test_torchrun_two_cpu_processes(method, tiny_folder, sentiment_file, tmp_pat
     cfg["method"] = METHODS[method]
     done, dumps = _launch(launcher, tmp_path, cfg)
     # the learning check is LoRA's; for SpIEL the point is identical supports on both ranks
-    # SpIEL's candidate statistics are each rank's own (rank 0 decides): only its decisions must agree
-    _check(done, dumps, out, learns=method == "lora", same_policy=method != "spiel")
+    _check(done, dumps, out, learns=method == "lora")
     tuned = dt.load(dt.models.load(str(tiny_folder)), out)  # the artifact loads on a single process
     assert tuned.num_trainable() > 0
 
@@ -218,9 +229,10 @@ FSDP_DRIVER = DRIVER.replace(
     "shard_dtypes = sorted({str(p.dtype) for p in tuned.deltas.parameters()})\n"
     "shard_kinds = sorted({type(p).__name__ for p in tuned.deltas.parameters()})\n"
     "with fsdp.gathered(tuned):\n"
-    "    delta = {k: v.detach().clone() for k, v in tuned.delta_state_dict().items()}\n",
-).replace('"rank": rank, "world": world,', '"rank": rank, "world": world, "shard_dtypes": shard_dtypes, '
-                                           '"shard_kinds": shard_kinds,')
+    "    delta = {k: v.detach().clone() for k, v in tuned.delta_state_dict().items()}\n"
+    "    policy_state = tuned.policy.state_dict()\n",  # a prefix's policy state holds its (sharded) MLP
+).replace("policy_state = tuned.policy.state_dict()\nsave_file", "save_file").replace(
+    '"rank": rank, "world": world,', '"rank": rank, "world": world, "shard_dtypes": shard_dtypes, "shard_kinds": shard_kinds,')
 assert FSDP_DRIVER != DRIVER and "shard_kinds" in FSDP_DRIVER
 
 # full / lisa keep W0 in memory: keep_w0=disk maps a CPU weight through numpy, which makes its storage
@@ -229,7 +241,10 @@ FSDP_METHODS = {"lora": {"name": "lora", "r": 4, "alpha": 8, "dropout": 0.0},
                 "full": {"name": "full", "keep_w0": "memory"},
                 "adapter": {"name": "adapter"},
                 "dora": {"name": "dora", "r": 4, "alpha": 8, "dropout": 0.0},
-                "lisa": {"name": "lisa", "activated_layers": 1, "interval_steps": 2, "keep_w0": "memory"}}
+                "lisa": {"name": "lisa", "activated_layers": 1, "interval_steps": 2, "keep_w0": "memory"},
+                # a reselection after steps 1, 3, 5 (each ranked by one backward's candidate statistics)
+                "spiel": {"name": "spiel", "k": 1500, "reselection_steps": 2, "selection_accumulation_steps": 1},
+                "prefix": {"name": "prefix", "length": 4, "mid_dim": 16}}
 # how far the sharded run's artifact may be from the single process's, relative to each tensor's largest entry:
 # fp32 sums in another order, through a few Adam steps (which divide by sqrt(v) and so amplify an ulp where a
 # gradient is near 0). LISA's in-place tensors are settled on the gathered copy at each forward (W0 + (W - W0)),
@@ -237,19 +252,29 @@ FSDP_METHODS = {"lora": {"name": "lora", "r": 4, "alpha": 8, "dropout": 0.0},
 FSDP_RTOL = {"lisa": 2e-2}
 
 
-@pytest.mark.parametrize("method", list(FSDP_METHODS))
-def test_fsdp2_torchrun_matches_one_process(method, tiny_folder, sentiment_file, tmp_path) -> None:
-    out = tmp_path / "fsdp"
-    launcher = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--standalone"]
-    cfg = config(tiny_folder, sentiment_file, out, steps=FSDP_STEPS, save_every=FSDP_STEPS // 2)
-    cfg["method"] = FSDP_METHODS[method]
-    done, dumps = _launch(launcher, tmp_path, cfg, FSDP_DRIVER, {"DELTATUNE_FSDP": "1"})
+TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--standalone"]
+
+
+def _summaries(done: subprocess.CompletedProcess, dumps: Path) -> list[dict]:
     if done.returncode != 0:
         pytest.fail(f"the launcher exited with {done.returncode}\n--- stderr ---\n{done.stderr[-12000:]}")
-    summaries = [json.loads((dumps / f"summary-{r}.json").read_text()) for r in range(2)]
+    return [json.loads((dumps / f"summary-{r}.json").read_text()) for r in range(2)]
+
+
+def _fsdp_config(folder: Path, data: Path, out: Path, method: str) -> dict:
+    cfg = config(folder, data, out, steps=FSDP_STEPS, save_every=FSDP_STEPS // 2)
+    cfg["method"] = FSDP_METHODS[method]
+    return cfg
+
+
+def _check_fsdp(done: subprocess.CompletedProcess, dumps: Path, out: Path, method: str, folder: Path, data: Path
+                ) -> None:
+    """A 2-process FSDP2 run: really sharded, the same delta and policy state gathered on both ranks, written once by
+    rank 0, never empty, and equal (fp32 summation tolerance) to one process with the same global batch."""
+    summaries = _summaries(done, dumps)
     assert [s["shard_kinds"] for s in summaries] == [["DTensor"], ["DTensor"]], "the delta was not sharded"
     assert summaries[0]["trainable"] == summaries[1]["trainable"] and summaries[0]["trainable"]
-    # a dynamic policy (LISA's draws) took the same decisions on both ranks
+    # a dynamic policy (LISA's draws, SpIEL's regrowth) took the same decisions on both ranks
     assert summaries[0]["policy"] == summaries[1]["policy"], "the policies' states differ"
     a, b = load_file(dumps / "rank0.safetensors"), load_file(dumps / "rank1.safetensors")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), "the gathered deltas differ"
@@ -259,8 +284,8 @@ def test_fsdp2_torchrun_matches_one_process(method, tiny_folder, sentiment_file,
     assert all(v.numel() > 0 for v in saved.values())
     assert sorted(os.listdir(out / "checkpoints")) == [f"step-{FSDP_STEPS // 2:07d}", f"step-{FSDP_STEPS:07d}"]
     # the same global batch in one process: the same artifact, within fp32 summation tolerance
-    ref_out = tmp_path / "one"
-    ref_cfg = config(tiny_folder, sentiment_file, ref_out, steps=FSDP_STEPS, save_every=0, batch_size=8)
+    ref_out = out.parent / "one"
+    ref_cfg = config(folder, data, ref_out, steps=FSDP_STEPS, save_every=0, batch_size=8)
     ref_cfg["method"] = FSDP_METHODS[method]
     ref_summary = dt.train(ref_cfg)
     ref = load_file(ref_out / "delta.safetensors")
@@ -274,9 +299,99 @@ def test_fsdp2_torchrun_matches_one_process(method, tiny_folder, sentiment_file,
     torch.testing.assert_close(torch.tensor(global_losses), torch.tensor(one), rtol=max(rtol, 1e-5), atol=0)
     if method == "lisa":  # it switched blocks during the run (the same draws: the same tensors were trained)
         assert summaries[0]["policy"]["draws"] >= 2, summaries[0]["policy"]
+    if method == "spiel":  # it regrew 3 times (the same supports on both ranks: the gathered indices are equal)
+        assert summaries[0]["policy"]["selections"] == 3, summaries[0]["policy"]
     # the checkpoint holds whole tensors, in the single-process format
     last = load_file(out / "checkpoints" / f"step-{FSDP_STEPS:07d}" / "state.safetensors")
     assert all(v.numel() > 0 for v in last.values())
+
+
+@pytest.mark.parametrize("method", list(FSDP_METHODS))
+def test_fsdp2_torchrun_matches_one_process(method, tiny_folder, sentiment_file, tmp_path) -> None:
+    out = tmp_path / "fsdp"
+    cfg = _fsdp_config(tiny_folder, sentiment_file, out, method)
+    done, dumps = _launch(TORCHRUN, tmp_path, cfg, FSDP_DRIVER, {"DELTATUNE_FSDP": "1"})
+    _check_fsdp(done, dumps, out, method, tiny_folder, sentiment_file)
+
+
+def test_accelerate_launch_fsdp2_config_file(tiny_folder, sentiment_file, tmp_path) -> None:
+    """``accelerate launch --config_file examples/accelerate/fsdp2.yaml``: accelerate's variables (no
+    DELTATUNE_FSDP, no train.fsdp) make the loop shard, with the same result as under torchrun."""
+    accelerate = shutil.which("accelerate", path=os.path.dirname(sys.executable)) or shutil.which("accelerate")
+    if accelerate is None:
+        pytest.skip("the accelerate launcher is not installed")
+    config_file = Path(__file__).resolve().parent.parent / "examples" / "accelerate" / "fsdp2.yaml"
+    out = tmp_path / "fsdp"
+    launcher = [accelerate, "launch", "--config_file", str(config_file), "--main_process_port", str(_free_port())]
+    done, dumps = _launch(launcher, tmp_path, _fsdp_config(tiny_folder, sentiment_file, out, "lora"), FSDP_DRIVER,
+                          {"DELTATUNE_FSDP": ""})
+    _check_fsdp(done, dumps, out, "lora", tiny_folder, sentiment_file)
+    metrics = json.loads((out / "logs" / "metrics.json").read_text())
+    assert metrics["fsdp"] == {"mixed_precision": None, "reshard_after_forward": True}
+
+
+# bf16 keeps 8 significant bits: one rounding moves a value by up to 2^-9 ≈ 2e-3 relative. The base's forward and
+# backward round at every matmul output and activation, but the errors are independent and mostly average out in
+# the loss (a mean over tokens and examples): measured up to 2.8e-3 over 6 steps (0.7 bf16 ulps of 2^-8), as the
+# updates then follow slightly different gradients. 1e-2 (2.5 ulps) keeps a margin and still fails a run whose
+# compute or reduction went wrong (a wrong average is off by a factor, a dropped gradient by whole percent).
+# The delta is not compared entry by entry: Adam's steps are about lr whatever the size of the gradient, so an
+# entry whose gradient is near 0 moves by ±lr on one rounding (as it would on another seed).
+BF16_LOSS_RTOL = 1e-2
+
+
+def test_fsdp2_bf16_compute_keeps_the_delta_fp32(tiny_folder, sentiment_file, tmp_path) -> None:
+    """``train.fsdp: {mixed_precision: bf16}`` in the run config (no environment variable): FSDP2 gathers the
+    parameters as bf16 for the forward and backward, keeps fp32 shards (the delta and its optimizer state) and
+    reduces the gradients in fp32. The loss follows the fp32 run within bf16 tolerance, and it really ran in bf16."""
+    out = tmp_path / "bf16"
+    cfg = config(tiny_folder, sentiment_file, out, steps=FSDP_STEPS, save_every=0, fsdp={"mixed_precision": "bf16"})
+    summaries = _summaries(*_launch(TORCHRUN, tmp_path, cfg, FSDP_DRIVER))
+    for s in summaries:
+        assert s["shard_kinds"] == ["DTensor"] and s["shard_dtypes"] == ["torch.float32"], s
+    metrics = json.loads((out / "logs" / "metrics.json").read_text())
+    assert metrics["fsdp"] == {"mixed_precision": "bf16", "reshard_after_forward": True}
+    saved = load_file(out / "delta.safetensors")
+    assert saved and all(v.dtype == torch.float32 and v.numel() > 0 for v in saved.values())
+    ckpt = load_file(out / "checkpoints" / f"step-{FSDP_STEPS:07d}" / "state.safetensors")
+    assert all(v.dtype == torch.float32 for v in ckpt.values() if v.is_floating_point())  # delta and Adam state
+    ref_out = tmp_path / "fp32"
+    ref_summary = dt.train(config(tiny_folder, sentiment_file, ref_out, steps=FSDP_STEPS, save_every=0, batch_size=8))
+    one = torch.tensor([h["loss"] for h in ref_summary["history"]])
+    sharded = torch.tensor([(x + y) / 2 for x, y in zip(summaries[0]["losses"], summaries[1]["losses"], strict=True)])
+    torch.testing.assert_close(sharded, one, rtol=BF16_LOSS_RTOL, atol=0)
+    assert not torch.allclose(sharded, one, rtol=1e-5, atol=0), "the losses are fp32's: bf16 compute did not happen"
+
+
+def test_fsdp2_resume_after_sigkill_of_a_rank(tiny_folder, sentiment_file, tmp_path) -> None:
+    """Rank 1 is SIGKILLed after the first checkpoint (torchrun then stops rank 0); the same command with --resume
+    continues from that checkpoint (whole tensors, cut back to shards) and ends with exactly the artifact and the
+    losses of an uninterrupted sharded run."""
+    from deltatune.train.loop import FAULT_ENV
+
+    def cfg(name: str) -> dict:
+        return config(tiny_folder, sentiment_file, tmp_path / name / "out", steps=FSDP_STEPS,
+                      save_every=FSDP_STEPS // 2)
+
+    env = {"DELTATUNE_FSDP": "1"}
+    straight = _summaries(*_launch(TORCHRUN, tmp_path / "straight", cfg("straight"), FSDP_DRIVER, env))
+    killed_out = tmp_path / "killed" / "out"
+    # rank 1 kills itself before step 5 (0-based 4): steps 1-4 done, the checkpoint of step 3 written by rank 0
+    # (rank 1 cannot pass step 4's first collective before rank 0 has written it)
+    crash, _ = _launch(TORCHRUN, tmp_path / "killed", cfg("killed"), FSDP_DRIVER,
+                       {**env, FAULT_ENV: str(FSDP_STEPS // 2 + 1), "KILL_RANK": "1"}, retry=False)
+    assert crash.returncode != 0 and "Signal 9" in crash.stderr + crash.stdout, crash.stderr[-4000:]
+    assert sorted(os.listdir(killed_out / "checkpoints")) == [f"step-{FSDP_STEPS // 2:07d}"]
+    assert not (killed_out / "deltatune.json").exists()
+    shutil.rmtree(tmp_path / "killed" / "dumps")
+    resumed = _summaries(*_launch(TORCHRUN, tmp_path / "killed", cfg("killed"), FSDP_DRIVER, {**env, "RESUME": "1"}))
+    assert [s["resumed_from"] for s in resumed] == [FSDP_STEPS // 2] * 2
+    for a, b in zip(straight, resumed, strict=True):
+        assert a["losses"] == b["losses"] and a["policy"] == b["policy"]
+    a = load_file(tmp_path / "straight" / "out" / "delta.safetensors")
+    b = load_file(killed_out / "delta.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), "the resumed artifact differs"
+    assert sorted(os.listdir(killed_out / "checkpoints")) == [f"step-{FSDP_STEPS // 2:07d}", f"step-{FSDP_STEPS:07d}"]
 
 
 def test_fsdp_requested_from_the_environment() -> None:
@@ -294,6 +409,36 @@ def test_fsdp_requested_from_the_environment() -> None:
         requested({"ACCELERATE_USE_FSDP": "true", "FSDP_VERSION": "1"})
     with pytest.raises(DeltatuneError, match="fp16"):
         requested({"DELTATUNE_FSDP": "1", "DELTATUNE_FSDP_MIXED_PRECISION": "fp16"})
+    # accelerate launch with a DeepSpeed config: the native loop does not run DeepSpeed, and says what does
+    with pytest.raises(DeltatuneError, match="does not run.*fsdp2.yaml.*DeltaTuneTrainer"):
+        requested({"ACCELERATE_USE_DEEPSPEED": "true", "ACCELERATE_DEEPSPEED_ZERO_STAGE": "3"})
+
+
+def test_fsdp_from_the_run_config() -> None:
+    """``train.fsdp``: true (with the launcher's variables), a mapping (as written), false (the environment decides);
+    a single process ignores it with a warning, so one run config serves one process and many."""
+    from deltatune.errors import DeltatuneError
+    from deltatune.train.config import parse_config
+    from deltatune.train.distributed_fsdp import FsdpSettings, resolve
+
+    assert resolve(False, 2, {}) is None
+    assert resolve(False, 2, {"DELTATUNE_FSDP": "1"}) == FsdpSettings()  # the environment variable keeps working
+    assert resolve(True, 2, {}) == FsdpSettings()
+    assert resolve(True, 2, {"DELTATUNE_FSDP_MIXED_PRECISION": "bf16"}) == FsdpSettings(mixed_precision="bf16")
+    written = FsdpSettings(mixed_precision="bf16", reshard_after_forward=False)
+    assert resolve(written, 2, {"DELTATUNE_FSDP_MIXED_PRECISION": "no"}) == written
+    with pytest.raises(DeltatuneError, match="fsdp_version: 2"):  # an accelerate FSDP1 config is still refused
+        resolve(written, 2, {"ACCELERATE_USE_FSDP": "true", "FSDP_VERSION": "1"})
+    for field in (True, written):
+        with pytest.warns(UserWarning, match="single process: FSDP2 shards only under torchrun"):
+            assert resolve(field, 1, {}) is None
+    base = {"model": "m", "data": {"path": "d.jsonl", "task": "classification"}, "method": "lora", "output": "o"}
+    assert parse_config({**base, "train": {"fsdp": True}}).train.fsdp is True
+    assert parse_config({**base, "train": {"fsdp": {"mixed_precision": "bf16"}}}).train.fsdp == FsdpSettings("bf16")
+    with pytest.raises(DeltatuneError, match=r"train.fsdp: mixed_precision='fp16'.*use bf16 or null"):
+        parse_config({**base, "train": {"fsdp": {"mixed_precision": "fp16"}}})
+    with pytest.raises(DeltatuneError, match="unknown key train.fsdp.reshard"):
+        parse_config({**base, "train": {"fsdp": {"reshard": False}}})
 
 
 def test_an_empty_or_sharded_artifact_is_refused_and_never_written(tiny_folder, tmp_path) -> None:
@@ -323,3 +468,91 @@ def test_a_sparse_layer_with_no_entries_still_saves(tmp_path) -> None:
         artifact.check_whole({"a.values": torch.empty(0), "a.indices": torch.empty(0, dtype=torch.long)})
     with pytest.raises(DeltatuneError, match="'b.values' is empty"):
         artifact.check_whole({**ok, "b.values": torch.empty(0)})
+
+
+# -- DeepSpeed through the transformers.Trainer bridge (not a deltatune dependency: these run where it is installed) --
+# deltatune's native loop refuses accelerate's DeepSpeed configs (above); DeltaTuneTrainer is the DeepSpeed path.
+TRAINER_DRIVER = r'''
+import json, os, sys
+import torch
+import deltatune as dt
+from deltatune.hf import DeltaTuneTrainer
+from transformers import LlamaConfig, LlamaForCausalLM, TrainingArguments
+
+dumps, rank = sys.argv[2], int(os.environ.get("RANK", "0"))
+stage = os.environ.get("ZERO_STAGE")  # set: TrainingArguments(deepspeed=...); unset: the accelerate config's
+torch.manual_seed(0)
+model = LlamaForCausalLM(LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                     num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True))
+tuned = dt.attach(model, "lora", r=4)
+g = torch.Generator().manual_seed(3)
+rows = [{"input_ids": ids, "labels": ids.clone()} for ids in (torch.randint(0, 64, (12,), generator=g) for _ in range(16))]
+# every delta tensor partitioned (a threshold of 0: none kept whole for being small, as large models' factors are not)
+ds = None if stage is None else {
+    "train_micro_batch_size_per_gpu": 2, "gradient_accumulation_steps": 1, "train_batch_size": 4,
+    "zero_optimization": {"stage": int(stage), "stage3_param_persistence_threshold": 0},
+    "zero_allow_untested_optimizer": True}
+out = os.path.join(dumps, "trainer")
+args = TrainingArguments(output_dir=out, max_steps=3, per_device_train_batch_size=2, report_to=[], save_strategy="no",
+                         learning_rate=1e-2, logging_steps=1, disable_tqdm=True, seed=0, deepspeed=ds, use_cpu=True)
+trainer = DeltaTuneTrainer(model=tuned, args=args, train_dataset=rows)
+seen = {}
+
+
+def partitioned():
+    seen["partitioned"] = any(p.numel() == 0 for p in tuned.deltas.parameters())
+
+
+trainer.add_callback(type("Watch", (__import__("transformers").TrainerCallback,),
+                          {"on_step_end": lambda self, *a, **k: partitioned()})())
+result = {"rank": rank}
+try:
+    trainer.train()
+except dt.DeltatuneError as e:
+    result["error"] = str(e)
+engine = trainer.model_wrapped
+result.update(seen, deepspeed=trainer.is_deepspeed_enabled, engine=type(engine).__name__,
+              stage=engine.zero_optimization_stage() if hasattr(engine, "zero_optimization_stage") else None)
+with open(os.path.join(dumps, f"summary-{rank}.json"), "w") as f:
+    json.dump(result, f)
+'''
+
+
+def _deepspeed_summaries(launcher: list[str], tmp_path: Path, env: dict) -> tuple[list[dict], Path]:
+    pytest.importorskip("deepspeed", reason="DeepSpeed is not installed (it is not a deltatune dependency)")
+    done, dumps = _launch(launcher, tmp_path, {}, TRAINER_DRIVER, env)
+    return _summaries(done, dumps), dumps / "trainer" / "deltatune"
+
+
+@pytest.mark.parametrize("stage", [2, 3])
+def test_deepspeed_zero_through_the_trainer_bridge(stage, tmp_path) -> None:
+    """ZeRO-2 keeps the delta whole on every rank: the artifact is written. ZeRO-3 partitions it (shape [0] outside
+    DeepSpeed's gather, the PEFT failure): the bridge does not gather yet, so the save must be refused, never an
+    empty artifact written."""
+    summaries, artifact = _deepspeed_summaries(TORCHRUN, tmp_path, {"ZERO_STAGE": str(stage)})
+    for s in summaries:
+        assert s["deepspeed"] and s["engine"] == "DeepSpeedEngine" and s["stage"] == stage, s
+        assert s["partitioned"] is (stage == 3), s
+    if stage == 2:
+        assert all("error" not in s for s in summaries), summaries
+        tensors = load_file(artifact / "delta.safetensors")
+        assert tensors and all(v.numel() > 0 for v in tensors.values())
+        return
+    assert "is empty (shape [0])" in summaries[0]["error"] and "nothing was written" in summaries[0]["error"]
+    assert not (artifact / "delta.safetensors").exists()
+
+
+def test_accelerate_launch_deepspeed_zero3_config_file(tmp_path) -> None:
+    """``accelerate launch --config_file examples/accelerate/deepspeed_zero3.yaml`` starts DeepSpeed ZeRO-3 (on CPU:
+    gloo) for a DeltaTuneTrainer script. This tiny LoRA's factors are below DeepSpeed's
+    stage3_param_persistence_threshold, kept whole, so the artifact is written."""
+    accelerate = shutil.which("accelerate", path=os.path.dirname(sys.executable)) or shutil.which("accelerate")
+    if accelerate is None:
+        pytest.skip("the accelerate launcher is not installed")
+    config_file = Path(__file__).resolve().parent.parent / "examples" / "accelerate" / "deepspeed_zero3.yaml"
+    launcher = [accelerate, "launch", "--config_file", str(config_file), "--main_process_port", str(_free_port())]
+    summaries, artifact = _deepspeed_summaries(launcher, tmp_path, {})
+    for s in summaries:
+        assert s["deepspeed"] and s["stage"] == 3 and "error" not in s, s
+    tensors = load_file(artifact / "delta.safetensors")
+    assert tensors and all(v.numel() > 0 for v in tensors.values())

@@ -18,7 +18,9 @@ def trains_full_model(method: dict) -> bool:
 
 def test_every_method_has_a_preset() -> None:
     used = {load_config(name).method["name"] for name in PRESETS}
-    trained = set(dt.methods()) - {"compeft"}  # made by `deltatune compress`, not trained
+    # compeft is made by `deltatune compress`, not trained; q_adapter needs an image / audio encoder and no such
+    # model ships (its example, examples/q-adapter-digits.yaml, names a ViT the user saves)
+    trained = set(dt.methods()) - {"compeft", "q_adapter"}
     assert trained <= used, f"methods without a preset: {trained - used}"
 
 

@@ -37,7 +37,9 @@ STEPS = 3
 HEAD = ("classifier.weight", "classifier.bias")
 
 # methods that cannot train on this model, with the reason (asserted in test_a_skipped_method_cannot_train_here)
-SKIPPED = {"compeft": "made by `deltatune compress` from a saved artifact, never trained"}
+SKIPPED = {"compeft": "made by `deltatune compress` from a saved artifact, never trained",
+           "q_adapter": "ViT / AST encoders only, and this model is a text encoder; its fresh head trains on a tiny "
+                        "ViT in tests/test_vision_audio.py"}
 
 # (method, options, what happens to the fresh head). Options fit the tiny encoder (2 blocks of width 32, 64
 # positions) and make each policy act within STEPS steps. The head is

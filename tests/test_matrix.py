@@ -143,7 +143,25 @@ CASES = [
     ("autopeft", {"serial": 4, "parallel": 2, "prefix": 3, "mid_dim": 16, "leave_out": [1]}, "llama"),
     ("autopeft", {"serial": 2, "parallel": 0, "prefix": 2, "reparam": False, "modules_to_save": ["classifier"]},
      "bert"),
+    ("q_adapter", {"tokens": 2}, "vit"),  # a ViT backbone on the shipped digits (task image-classification)
 ]
+# rows on an image model: their data and inputs instead of the text ones
+IMAGE_DATA = {"name": "digits", "task": "image-classification", "labels": ["0", "1", "2"], "eval_fraction": 0.25,
+              "max_train": 16, "max_eval": 6}
+
+
+def tiny_vit_backbone() -> torch.nn.Module:
+    """A ViT body without a head on 8×8 grey images: the loader adds a fresh head sized to the data."""
+    import transformers as tf
+
+    torch.manual_seed(0)
+    return tf.ViTModel(tf.ViTConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
+                                    image_size=8, patch_size=4, num_channels=1, hidden_dropout_prob=0.0,
+                                    attention_probs_dropout_prob=0.0), add_pooling_layer=False)
+
+
+def pixels(seed: int = 1) -> dict[str, torch.Tensor]:
+    return {"pixel_values": torch.randn(2, 1, 8, 8, generator=torch.Generator().manual_seed(seed))}
 
 
 def test_every_method_has_a_row() -> None:
@@ -181,6 +199,8 @@ def folders(tmp_path_factory) -> dict[str, str]:
         make().save_pretrained(folder)
         tokenizer.save_pretrained(folder)
         out[arch] = str(folder)
+    tiny_vit_backbone().save_pretrained(root / "vit")
+    out["vit"] = str(root / "vit")
     return out
 
 
@@ -204,6 +224,8 @@ def _base_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
 def test_life_of_a_delta(method: str, options: dict, arch: str, folders, data_path, tmp_path) -> None:
     data = {"path": data_path, "task": "classification", "labels": list(WORDS), "max_length": 16,
             "eval_fraction": 0.25, "max_train": 16, "max_eval": 6}
+    if arch == "vit":
+        data = dict(IMAGE_DATA)
     cfg = _run_config(folders[arch], data, method, options, tmp_path / "run")
     resolved = {k: v for k, v in cfg["method"].items() if k != "name"}
     m = registry.get(method)
@@ -214,7 +236,7 @@ def test_life_of_a_delta(method: str, options: dict, arch: str, folders, data_pa
         return model, task
 
     model, _ = fresh()
-    x = batch()
+    x = pixels() if arch == "vit" else batch()
     before = output_of(model, x)
     torch.manual_seed(0)  # as the loop seeds its attach: the delta the run starts from
     initial = output_of(dt.attach(model, method, **resolved), x)

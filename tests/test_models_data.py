@@ -144,7 +144,7 @@ def test_bad_split_and_subset_arguments() -> None:
 
 
 def test_unknown_and_missing_data() -> None:
-    assert data.names() == ["tweets", "bbc"]
+    assert data.names() == ["tweets", "bbc", "bbc-long"]
     with pytest.raises(DeltatuneError) as err:
         data.load("imdb")
     assert "tweets" in str(err.value) and "bbc" in str(err.value)

@@ -15,7 +15,7 @@ from typing import Any
 import torch
 import torch.nn as nn
 
-from deltatune.core import artifact, fresh_head, quantized, registry
+from deltatune.core import artifact, fresh_head, quantized, registry, vocabulary
 from deltatune.core.forms.base import Form
 from deltatune.core.policy import Policy
 from deltatune.errors import DeltatuneError
@@ -49,6 +49,11 @@ class Delta:
         # the parameters of a fresh classification head it trains fully next to the method's own forms
         # (``deltatune.core.fresh_head``): decided when it is built for training, read back from an artifact
         self.fresh_head: list[str] = fresh_head.recorded(self.record)
+        # a vocabulary resized before training (``deltatune.core.vocabulary``): its sizes and the added rows
+        self.vocabulary: dict[str, Any] | None = self.record.get("vocabulary")
+        self.vocabulary_rows: dict[str, torch.Tensor] = {}
+        if tensors is not None:
+            self._unloaded, self.vocabulary_rows = vocabulary.split(tensors)
 
     # -- reading -------------------------------------------------------------------------------
     @classmethod
@@ -68,6 +73,7 @@ class Delta:
         copy = Delta(self.method, config, tensors=tensors, fingerprint=self.fingerprint())
         copy.chat_template = self.chat_template
         copy.fresh_head = list(self.fresh_head)
+        copy.vocabulary, copy.vocabulary_rows = self.vocabulary, dict(self.vocabulary_rows)
         return copy
 
     # -- building on a model ---------------------------------------------------------------------
@@ -84,6 +90,11 @@ class Delta:
         if self.built:
             raise DeltatuneError(f"the {self.name!r} delta is already built on a model")
         quantized.refuse_method(model, self.method, self.config)  # before the method touches the model
+        if self.vocabulary is not None and loading:  # the resized base first: its shapes are the fingerprint's
+            vocabulary.restore(model, self.vocabulary, self.vocabulary_rows, self.where)
+            shapes = None
+        elif not loading and (found := vocabulary.record(model)) is not None:
+            self.vocabulary, self.vocabulary_rows = found
         shapes = shapes or artifact.shapes_hash(model)
         built = self.method.build(model, self.config, loading=loading)
         # a fresh classification head trains fully whatever the method (loading: the heads the artifact records)
@@ -220,9 +231,12 @@ class Delta:
             meta["chat_template"] = self.chat_template
         if self.fresh_head:
             meta["fresh_head"] = list(self.fresh_head)
+        if self.vocabulary is not None:
+            meta["vocabulary"] = dict(self.vocabulary)
         return meta
 
     def save(self, path: str | os.PathLike, *, overwrite: bool = False) -> None:
         """Write ``deltatune.json`` + ``delta.safetensors`` atomically (an interrupted save keeps the old one).
         A folder holding anything but an artifact is refused unless ``overwrite``."""
-        artifact.write_artifact(path, self.describe(), self.state_dict(), overwrite=overwrite)
+        artifact.write_artifact(path, self.describe(), vocabulary.joined(self.state_dict(), self.vocabulary_rows),
+                                overwrite=overwrite)

@@ -26,7 +26,9 @@ from typing import Any
 from deltatune import data
 from deltatune.errors import DeltatuneError
 
-TASKS = ("text", "chat", "classification", "edit", "preference", "prompts", "seq2seq")
+TASKS = ("text", "chat", "classification", "edit", "preference", "prompts", "seq2seq", "image-classification",
+         "audio-classification")
+MEDIA_TASKS = ("image-classification", "audio-classification")  # deltatune.data.vision / deltatune.data.audio
 DEFAULT_PROMPT = "Text: {text}\nLabel:"
 SHIPPED_PROMPTS = {"tweets": "Tweet: {text}\nSentiment:"}
 # keys that shape the run as a whole: one value for every part of a mix
@@ -41,10 +43,11 @@ SEQ2SEQ_NEW_TOKENS = 32  # seq2seq evaluation: greedy generation's length limit 
 class DataConfig:
     """The ``data`` section of a run config (keys are named ``data.<key>`` in errors)."""
 
-    name: str | None = None  # shipped data set: "tweets", "bbc"
+    name: str | None = None  # shipped data set: "tweets", "bbc" (texts), "digits" (images), "tones" (audio)
     path: str | None = None  # local file (.jsonl .json .csv .tsv .parquet .txt), a .txt folder or a save_to_disk folder
     # "text" | "chat" | "classification" | "edit" | "preference" | "prompts" (GRPO's) | "seq2seq" (source -> target, for
-    # encoder-decoder models such as T5 and BART)
+    # encoder-decoder models such as T5 and BART) | "image-classification" (ViT / Swin) | "audio-classification" (AST):
+    # a folder of class folders, an .npz or a .parquet of arrays + labels (docs/vision-audio.md)
     task: str = "classification"
     max_length: int = 128  # tokens per example (longer ones are cut; a packed row holds this many; seq2seq: the source)
     eval_fraction: float = 0.1  # the share of rows held out for evaluation
@@ -84,6 +87,8 @@ class DataConfig:
                 f"unknown data set {self.name!r}; shipped data sets are: {', '.join(data.names())} "
                 "(set data.path for a local file)"
             )
+        if self.name is not None:
+            self._check_shipped_kind()
         if self.name is not None and self.task == "prompts":
             raise DeltatuneError(
                 f"the shipped data set {self.name!r} holds labelled texts, not prompts; for task 'prompts' (GRPO) "
@@ -126,6 +131,8 @@ class DataConfig:
         for key, given in classification_only.items():
             if given and self.task == "preference" and key != "head" and self.name is not None:
                 continue  # preference pairs built from a shipped labelled set: its labels and prompt
+            if given and key == "labels" and self.task in MEDIA_TASKS:
+                continue  # the classes to keep, in this order
             if given and self.task != "classification":
                 also = " (and to task 'preference' on a shipped data set)" if key != "head" else ""
                 raise DeltatuneError(f"data.{key} applies to task 'classification' only{also}; remove it for task "
@@ -153,10 +160,14 @@ class DataConfig:
                 if self.task == "seq2seq":
                     raise DeltatuneError(f"data.{step} does not apply to task 'seq2seq' (the steps keep labelled "
                                          "texts, not source/target pairs); remove it")
-        if self.packing and self.task in ("edit", "preference", "prompts", "seq2seq"):
+                if self.task in MEDIA_TASKS:
+                    raise DeltatuneError(f"data.{step} does not apply to task {self.task!r} (the steps keep labelled "
+                                         "texts, not images or audio); remove it")
+        if self.packing and self.task in ("edit", "preference", "prompts", "seq2seq", *MEDIA_TASKS):
             what = {"edit": "one edit per row", "preference": "a chosen and a rejected sequence per pair",
                     "prompts": "each prompt is sampled on its own",
-                    "seq2seq": "the encoder reads one source per row"}[self.task]
+                    "seq2seq": "the encoder reads one source per row", "image-classification": "one image per row",
+                    "audio-classification": "one clip per row"}[self.task]
             raise DeltatuneError(f"data.packing does not apply to task {self.task!r} ({what}); remove it")
         if self.packing and self.task == "classification" and self.head is True:
             raise DeltatuneError(_HEAD_PACKING)
@@ -169,6 +180,18 @@ class DataConfig:
                 f"data.prompt={self.prompt!r} must contain {{text}} exactly once, where the text goes, "
                 f"e.g. {DEFAULT_PROMPT!r}"
             )
+
+    def _check_shipped_kind(self) -> None:
+        """A shipped set of images or audio goes with its task only, and a text set with the text tasks."""
+        from deltatune.data.sets import KIND_TASKS
+
+        kind = data.SHIPPED[str(self.name)].kind
+        if kind != "text" and self.task != KIND_TASKS[kind]:
+            raise DeltatuneError(f"the shipped data set {self.name!r} holds {kind}s; set data.task: {KIND_TASKS[kind]}")
+        if kind == "text" and self.task in MEDIA_TASKS:
+            media = [n for n, item in data.SHIPPED.items() if KIND_TASKS[item.kind] == self.task]
+            raise DeltatuneError(f"the shipped data set {self.name!r} holds texts; task {self.task!r} reads "
+                                 f"{', '.join(media)} or data.path (a folder of class folders, .npz or .parquet)")
 
     def _resolve_mix(self) -> None:
         """Build the parts, give each the shared keys, check they agree, and take them at the top level."""

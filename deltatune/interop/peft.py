@@ -15,7 +15,9 @@ ranks differ, so PEFT rebuilds exactly our modules and scales. DoRA deltas (meth
 PEFT saves it); a DoRA adapter imports back as a ``dora`` delta. A PiSSA / OLoRA delta (lora's ``init: pissa |
 pissa_niter_K | olora``, s·(B·A − B₀·A₀)) exports exactly as PEFT's converted LoRA for the original base (rank 2r,
 A' = [A; A₀], B' = [B, −B₀]); an unconverted PEFT PiSSA / OLoRA adapter, which fits only PEFT's rewritten base, imports
-with B₀, A₀ computed again from the original base (not ``pissa_niter_K``: a random draw).
+with B₀, A₀ computed again from the original base (not ``pissa_niter_K``: a random draw). An EVA adapter
+(``init_lora_weights="eva"``) is a plain LoRA once initialised (the base is not rewritten): it imports as ``lora`` with
+its ranks, and a lora ``init: eva`` delta exports as a plain LoRA with its ``rank_pattern``.
 LoRA on a convolution is PEFT's conv layer (``lora_A.weight`` (r, in, *kernel), ``lora_B.weight`` (out, r, 1, …)).
 Parameters adapted by name (``target_parameters``: an MoE's expert stacks, its router's weight) are PEFT's
 ``ParamWrapper`` layers: one per parameter on the module that holds it, nested in the module's parameter order, so
@@ -1177,18 +1179,17 @@ _RENAMED = {"r": "r", "lora_alpha": "alpha", "lora_dropout": "dropout", "use_rsl
 # deltatune always does, and deltatune trains a tied tensor at all its sites, as ensure_weight_tying=True asks
 _CONVERTED = frozenset({"target_modules", "exclude_modules", "modules_to_save", "layers_to_transform", "layers_pattern",
                         "init_lora_weights", "use_dora", "fan_in_fan_out", "ensure_weight_tying", "target_parameters",
-                        "trainable_token_indices", "loftq_config"})
+                        "trainable_token_indices", "loftq_config", "eva_config"})
 # what to do instead, for fields deltatune cannot honour (any other field set away from its default gets a plain line)
 _CANNOT_HONOUR = {
     "inference_mode": "dt.attach makes a trainable delta: leave it False (dt.load attaches a saved one to serve)",
-    "init_lora_weights": "deltatune's LoRA starts from True, 'gaussian', False, 'pissa', 'pissa_niter_K', 'olora' or "
-                         "'loftq' (the last four without use_dora); for CorDA use dt.attach(model, 'corda', ...), "
-                         "other inits (EVA, LoRA-GA, ...) have no deltatune conversion",
+    "init_lora_weights": "deltatune's LoRA starts from True, 'gaussian', False, 'pissa', 'pissa_niter_K', 'olora', "
+                         "'loftq' or 'eva' (the last five without use_dora); for CorDA use dt.attach(model, 'corda', "
+                         "...), other inits (LoRA-GA, ...) have no deltatune conversion",
     "layers_pattern": "deltatune takes a module's layer index from the first number in its name, which is not the "
                       "number after this pattern here; pick the layers with targets instead",
     "layer_replication": "it duplicates base layers; deltatune never changes the base model",
     "lora_bias": "a bias on B has no deltatune equivalent",
-    "eva_config": "EVA initialises from data; no deltatune equivalent",
     "corda_config": "use dt.attach(model, 'corda', ...), deltatune's CorDA",
     "lora_ga_config": "LoRA-GA initialises from gradients; no deltatune equivalent",
     "kasa_config": "use dt.attach(model, 'kasa', ...), deltatune's KaSA",
@@ -1392,10 +1393,15 @@ def lora_config_options(config: Any, model: nn.Module) -> tuple[str, dict[str, A
     if init == "loftq" and not values["use_dora"]:  # lora's own LoftQ (Q kept in the delta, the base never rewritten)
         if int(loftq.get("loftq_bits", 4)) != 4:
             problems.append(f"loftq_config={loftq!r}: deltatune's LoftQ quantizes to 4-bit NF4 (loftq_bits=4)")
-    elif not (isinstance(init, bool) or init == "gaussian" or residual):
+    elif not (isinstance(init, bool) or init == "gaussian" or residual or (init == "eva" and not values["use_dora"])):
         problems.append(f"init_lora_weights={init!r}: {_CANNOT_HONOUR['init_lora_weights']}")
     elif loftq:
         problems.append(f"loftq_config={loftq!r}: it only acts with init_lora_weights='loftq'")
+    eva = values.get("eva_config")
+    if init == "eva" and values.get("target_parameters"):
+        problems.append("init_lora_weights='eva' with target_parameters: EVA initialises Linear layers from their inputs")
+    elif eva is not None and init != "eva":
+        problems.append(f"eva_config={eva!r}: it only acts with init_lora_weights='eva'")
     pattern = values["layers_pattern"]
     if pattern and not _layers_pattern_agrees(model, pattern):
         problems.append(f"layers_pattern={pattern!r}: {_CANNOT_HONOUR['layers_pattern']}")
@@ -1427,6 +1433,8 @@ def lora_config_options(config: Any, model: nn.Module) -> tuple[str, dict[str, A
     options["init"] = init
     if init == "loftq":
         options["loftq_iter"] = int(loftq.get("loftq_iter", 1))
+    if init == "eva":  # PEFT's EvaConfig as lora's eva block; the calibration batches come with eva.data
+        options["eva"] = {k: _enum_value(v) for k, v in dataclasses.asdict(eva).items()} if eva is not None else {}
     # PEFT's task classes train the task head fully on their own (PeftModelForSequenceClassification & co.)
     saved = list(values["modules_to_save"] or [])
     saved += _task_heads(config, model, saved)

@@ -23,12 +23,17 @@ PiSSA / OLoRA adapter by computing A₀, B₀ again from the original base (``in
 ``init: loftq`` (LoftQ, Li et al., 2023, arXiv 2310.08659; PEFT's loftq_bits=4, ``loftq_iter``) keeps LoftQ's NF4
 weight Q inside the delta as frozen state and adds (Q − W0) + s·B·A (``methods/_loftq.py``); over an NF4 base it is a
 plain LoRA whose A, B come from the SVD of W − Q.
+``init: eva`` (EVA, Paischer et al., 2024, arXiv 2410.07170; PEFT's init_lora_weights="eva" with its EvaConfig as the
+``eva`` block) sets A from the right singular vectors of each layer's inputs on calibration data and redistributes the
+ranks by explained variance (``methods/_eva.py``); B = 0. The builder writes the ranks into ``rank_pattern`` (a layer
+given rank 0 carries no LoRA), so the delta is a plain LoRA from then on, and loading needs no data.
 """
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 import torch.nn as nn
@@ -40,6 +45,7 @@ from deltatune.core.registry import Built, Traits, register
 from deltatune.core.targeting import select_modules, select_parameters, sites_of
 from deltatune.errors import DeltatuneError
 from deltatune.methods._common import from_rank0
+from deltatune.methods._eva import eva_components, eva_options
 from deltatune.methods._loftq import LoftQLowRank, original_weight, quantized_base_factors
 from deltatune.methods._lowrank import (
     ResidualLowRank,
@@ -65,9 +71,13 @@ class LoraConfig:
     use_rslora: bool = False  # scale = alpha / sqrt(r) (Kalajdzievski, 2023)
     # True (Kaiming A, zero B) | gaussian | pissa | pissa_niter_K (randomised SVD, K iterations) | olora | loftq |
     # False (random B: tests only); pissa / olora start A, B at W's principal part, kept as a frozen residual; loftq
-    # (4-bit NF4) keeps LoftQ's quantized Q inside the delta and starts B·A at W − Q
+    # (4-bit NF4) keeps LoftQ's quantized Q inside the delta and starts B·A at W − Q; eva: A from the SVD of each
+    # layer's inputs on calibration data (the eva block), ranks redistributed by explained variance, B zero
     init: bool | str = True
     loftq_iter: int = 1  # init loftq: alternating quantize / SVD steps (PEFT's LoftQConfig default)
+    # init eva: PEFT's EvaConfig (rho 2.0, tau 0.99, use_label_mask, label_mask_value, whiten, adjust_scaling_factors)
+    # and the calibration (data, samples, batch_size, random_length, tokenizer, seed, max_steps, device)
+    eva: dict[str, Any] | None = None
     # biases trained too: none, all, or lora_only (those of LoRA's modules)
     bias: Literal["none", "all", "lora_only"] = "none"
     rank_pattern: dict[str, int] = field(default_factory=dict)  # PEFT semantics: module-name regex -> r
@@ -94,11 +104,20 @@ class LoraConfig:
 
 
 _PLAIN_INITS = (True, False, "gaussian", "kaiming")
+EVA = "eva"
 
 
 def check_init(cfg: LoraConfig) -> None:
     """``init`` is one LoRA knows; PiSSA / OLoRA only for ``lora`` itself (a method built on its config, e.g. DoRA,
     builds its own forms from LoRA's and would drop the residual)."""
+    if cfg.init == EVA or getattr(cfg, "eva", None) is not None:
+        if type(cfg) is not LoraConfig:
+            raise ValueError(f"init='eva' is an option of the lora method; {type(cfg).__name__} takes init true, "
+                             "'gaussian' or false")
+        if cfg.init != EVA:
+            raise ValueError(f"the eva block acts with init='eva' only (init is {cfg.init!r}): drop it or set init: eva")
+        cfg.eva = eva_options(cfg.eva)
+        return
     if residual_init(cfg.init) is not None or cfg.init == "loftq":
         if type(cfg) is not LoraConfig:
             raise ValueError(f"init={cfg.init!r} is an option of the lora method; {type(cfg).__name__} takes "
@@ -110,7 +129,7 @@ def check_init(cfg: LoraConfig) -> None:
         return
     hint = " (CorDA is its own method: method corda)" if str(cfg.init).startswith("corda") else ""
     raise ValueError(f"init={cfg.init!r} is not a LoRA init{hint}: use true (Kaiming A, zero B), 'gaussian', "
-                     "'pissa', 'pissa_niter_K' (e.g. pissa_niter_4), 'olora', 'loftq', or false (tests only)")
+                     "'pissa', 'pissa_niter_K' (e.g. pissa_niter_4), 'olora', 'loftq', 'eva', or false (tests only)")
 
 
 def check_target_parameters(cfg: LoraConfig) -> None:
@@ -126,7 +145,7 @@ def check_target_parameters(cfg: LoraConfig) -> None:
     if cfg.dropout:
         raise ValueError(f"dropout={cfg.dropout} cannot act with target_parameters: their delta is added to the weight, "
                          "so there is no input of its own to drop (PEFT refuses it too); set dropout: 0")
-    if residual_init(cfg.init) is not None or cfg.init == "loftq":
+    if residual_init(cfg.init) is not None or cfg.init in ("loftq", EVA):
         raise ValueError(f"init={cfg.init!r} needs a weight matrix's SVD or QR, which target_parameters' expert stacks "
                          "do not have; use init true or 'gaussian'")
 
@@ -189,15 +208,26 @@ def build(model: nn.Module, cfg: LoraConfig, *, loading: bool = False) -> Built:
         modules = select_modules(model, targets, layers=cfg.layers, types=cfg.types, exclude=cfg.exclude)
     forms: dict[str, Form] = {}
     residual = residual_init(cfg.init)
+    eva = _eva_ranks(model, modules, cfg) if cfg.init == EVA and not loading else None
     for name, module in modules:
         r = int(pattern_value(cfg.rank_pattern, name, cfg.r))
         alpha = pattern_value(cfg.alpha_pattern, name, cfg.alpha)
+        if cfg.init == EVA and r == 0:  # EVA gave it no component: no LoRA here (PEFT removes the layer)
+            continue
         if isinstance(module, CONV_TYPES):
             forms[f"{name}.weight"] = _conv_form(name, module, r, alpha, cfg)
             continue
         tied = [s for s in sites_of(model, module.weight) if s[0] is not module]
         if cfg.init == "loftq":
             forms[f"{name}.weight"] = _loftq_form(model, name, module, r, alpha, cfg, tied, loading)
+            continue
+        if cfg.init == EVA:  # B zero, A the layer's EVA components (set below; an artifact carries them)
+            form = LowRank(module, r, alpha, use_rslora=cfg.use_rslora, dropout=cfg.dropout, init=True, tied=tied)
+            if eva is not None and name in eva:
+                with torch.no_grad():
+                    form.A.copy_(eva[name].to(form.A.device, form.A.dtype))
+                    form.B.zero_()
+            forms[f"{name}.weight"] = form
             continue
         if residual is None or layout_of(module) == "embedding":  # PEFT's Embedding: the default init for these
             forms[f"{name}.weight"] = LowRank(module, r, alpha, use_rslora=cfg.use_rslora, dropout=cfg.dropout,
@@ -225,6 +255,46 @@ def build(model: nn.Module, cfg: LoraConfig, *, loading: bool = False) -> Built:
     return Built(forms)
 
 
+def _eva_ranks(model: nn.Module, modules: list[tuple[str, nn.Module]], cfg: LoraConfig) -> dict[str, torch.Tensor]:
+    """``init: eva``: A's rows of each Linear / Conv1D target from its inputs' incremental PCA, the ranks redistributed
+    by explained variance; the config's rank / alpha patterns then name every target's rank and alpha exactly (rank 0:
+    no LoRA), so the delta is a plain LoRA from here on. Embeddings and convolutions keep LoRA's default init (as in
+    PEFT, whose EVA leaves them out)."""
+    opts = cfg.eva or {}
+    ranks = {n: int(pattern_value(cfg.rank_pattern, n, cfg.r)) for n, _ in modules}
+    alphas = {n: float(pattern_value(cfg.alpha_pattern, n, cfg.alpha)) for n, _ in modules}
+    order = {n: i for i, (n, _) in enumerate(model.named_modules())}
+    layers = sorted(((n, m, ranks[n]) for n, m in modules if _eva_target(m)), key=lambda t: order.get(t[0], 0))
+    if not layers:
+        raise DeltatuneError("init='eva' found no Linear / Conv1D target to initialise: widen targets")
+    rows, info = eva_components(model, layers, cfg.r, opts)
+    for name, a in rows.items():
+        new = int(a.shape[0])
+        if new and new != ranks[name] and opts.get("adjust_scaling_factors", True):
+            alphas[name] *= new / ranks[name]
+        ranks[name] = new
+    cfg.rank_pattern = {re.escape(n): r for n, r in ranks.items()}
+    cfg.alpha_pattern = {re.escape(n): a for n, a in alphas.items() if a != cfg.alpha}
+    if not isinstance(opts.get("data"), dict | str | type(None)) and not _token_lists(opts.get("data")):
+        opts["data"] = None  # batches held in memory are not written to the artifact
+    opts["calibration"] = {k: v for k, v in info.items() if k != "ranks"}
+    return rows
+
+
+def _eva_target(module: nn.Module) -> bool:
+    """A Linear / GPT-2 Conv1D (PEFT's EVA adapts those; embeddings, convolutions keep LoRA's default init)."""
+    if isinstance(module, (*CONV_TYPES, nn.Embedding)):
+        return False
+    try:
+        return layout_of(module) in ("linear", "conv1d")
+    except DeltatuneError:
+        return False
+
+
+def _token_lists(data: Any) -> bool:
+    return isinstance(data, list) and all(isinstance(s, list) and all(isinstance(t, int) for t in s) for s in data)
+
+
 def _conv_form(name: str, module: nn.Module, r: int, alpha: float, cfg: LoraConfig) -> Form:
     """LoRA on an nn.Conv1d / Conv2d / Conv3d, in PEFT's layout (``ConvLowRank``): lora's own (a method built on its
     config turns plain ``LowRank`` forms into its own and would leave this one a LoRA), with LoRA's plain inits."""
@@ -234,8 +304,9 @@ def _conv_form(name: str, module: nn.Module, r: int, alpha: float, cfg: LoraConf
     if residual_init(cfg.init) is not None or cfg.init == "loftq":
         raise DeltatuneError(f"{name} is a {type(module).__name__}: init={cfg.init!r} takes a weight matrix's SVD or QR "
                              "(PEFT has none for convolutions either); use init true or 'gaussian'")
-    try:
-        return ConvLowRank(module, r, alpha, use_rslora=cfg.use_rslora, dropout=cfg.dropout, init=cfg.init)
+    try:  # init eva: LoRA's default init here, as PEFT's EVA leaves convolutions out
+        return ConvLowRank(module, r, alpha, use_rslora=cfg.use_rslora, dropout=cfg.dropout,
+                           init=True if cfg.init == EVA else cfg.init)
     except DeltatuneError as e:
         raise DeltatuneError(f"{name}: {e}") from e
 

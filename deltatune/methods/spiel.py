@@ -14,8 +14,10 @@ the sparse values are added to the dequantized weight inside each layer's forwar
 
 from __future__ import annotations
 
+import contextlib
 import math
 import re
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -140,15 +142,19 @@ class SpielPolicy(Policy):
             form.grad_observer = self._accumulate if wanted else None
 
     def _accumulate(self, form: Sparse, grad: torch.Tensor) -> None:
+        """Data parallel (DDP, FSDP2): the statistics are the global batch's, averaged over the ranks (a collective
+        in backward, where every rank observes the same layers in the same order), so every rank ranks the same
+        candidates and a sharded run regrows as one process with the global batch would."""
         name = self._names[id(form)]
         flat = grad.detach().reshape(-1).float()
         c = self.candidates.get(name)
         if c is None:  # the phase's first backward fixes the candidate set: the top-k |G|
+            flat = _mean_over_ranks(flat)  # the whole gradient once per phase; after it, the k candidates only
             idx = torch.topk(flat.abs(), min(form.k, flat.numel())).indices
             g = flat[idx]
             self.candidates[name] = {"idx": idx, "sum": g.clone(), "sum_sq": g * g, "count": torch.ones((), dtype=torch.long)}
         else:
-            g = flat[c["idx"]]
+            g = _mean_over_ranks(flat[c["idx"]])
             c["sum"] += g
             c["sum_sq"] += g * g
             c["count"] += 1
@@ -181,10 +187,11 @@ class SpielPolicy(Policy):
     def reselect(self, p: float, optimizer: torch.optim.Optimizer | None) -> None:
         for name, form in self.forms.items():
             n = math.floor(form.k * p)
-            if n > 0:
-                self._swap(name, form, n, optimizer)
-            if dist.is_available() and dist.is_initialized():
-                _broadcast_form(form, optimizer)  # rank 0 decides; every rank takes the same support
+            with _whole(form, optimizer):  # FSDP2: the swap on whole copies of the sharded values and state
+                if n > 0:
+                    self._swap(name, form, n, optimizer)
+                if dist.is_available() and dist.is_initialized():
+                    _broadcast_form(form, optimizer)  # rank 0's decision is every rank's (already the same)
         self.selections += 1
 
     def _grow_scores(self, name: str, form: Sparse, optimizer: torch.optim.Optimizer | None
@@ -269,6 +276,63 @@ class SpielPolicy(Policy):
         self.selections = int(state["selections"])
         self.candidates = {n: {k: v.clone() for k, v in c.items()} for n, c in state["candidates"].items()}
         self._observe(self.phase_open)
+
+
+def _distributed() -> bool:
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def _mean_over_ranks(t: torch.Tensor) -> torch.Tensor:
+    """The mean of ``t`` over the ranks (a new tensor; ``t`` itself when not distributed)."""
+    if not _distributed():
+        return t
+    out = t.clone()
+    dist.all_reduce(out)
+    return out.div_(dist.get_world_size())
+
+
+def _is_dtensor(t: Any) -> bool:
+    if not _distributed():
+        return False
+    from torch.distributed.tensor import DTensor
+
+    return isinstance(t, DTensor)
+
+
+def _put(shard: torch.Tensor, whole: torch.Tensor) -> None:
+    """Write this rank's part of ``whole`` into the DTensor ``shard`` in place (the optimizer keeps holding it)."""
+    from torch.distributed.tensor import distribute_tensor
+
+    piece = distribute_tensor(whole.detach().to(shard.device_mesh.device_type), shard.device_mesh, shard.placements)
+    with torch.no_grad():
+        shard.to_local().copy_(piece.to_local())
+
+
+@contextlib.contextmanager
+def _whole(form: Sparse, optimizer: torch.optim.Optimizer | None) -> Iterator[None]:
+    """Under FSDP2 (``train/distributed_fsdp.py``) the values and their optimizer state are this rank's shards
+    (DTensors) outside the forward: inside, ``form.values`` and its state are whole copies (gathered: a collective,
+    every rank enters it for every form), written back into the shards on exit. Anything else: a no-op."""
+    shard = form.values
+    if not _is_dtensor(shard):
+        yield
+        return
+    whole = nn.Parameter(shard.full_tensor().detach().clone(), requires_grad=shard.requires_grad)
+    state = optimizer.state.get(shard) if optimizer is not None else None
+    sharded = {k: v for k, v in (state or {}).items() if _is_dtensor(v)}
+    whole_state = {**(state or {}), **{k: v.full_tensor() for k, v in sharded.items()}}
+    form._parameters["values"] = whole
+    if state:
+        optimizer.state[whole] = whole_state
+    try:
+        yield
+    finally:
+        form._parameters["values"] = shard
+        if state:
+            optimizer.state.pop(whole, None)
+    _put(shard, whole)
+    for k, v in sharded.items():
+        _put(v, whole_state[k])
 
 
 def _broadcast_form(form: Sparse, optimizer: torch.optim.Optimizer | None) -> None:

@@ -32,6 +32,8 @@ import yaml
 from deltatune.core import registry
 from deltatune.core.options import set_dotted
 from deltatune.errors import DeltatuneError
+from deltatune.train.distributed_fsdp import FsdpSettings
+from deltatune.train.token_elimination import TokenEliminationSettings
 
 if typing.TYPE_CHECKING:
     from deltatune.data.tasks import LossTerms
@@ -120,7 +122,13 @@ class TrainSettings:
     precision: str = "auto"  # auto: bf16 autocast on CUDA, fp32 on CPU
     gradient_checkpointing: bool = False  # recompute activations in backward: less memory, slower steps
     chunked_loss: bool = True  # next-token losses from the hidden states in chunks, never the whole logits (exact)
+    # LeMo token elimination (docs/lemo.md): {sparsity, segment, exempt_layers, predictor_every}; null: off
+    token_elimination: TokenEliminationSettings | None = None
     device: str = "auto"  # auto | cpu | cuda | cuda:N
+    # FSDP2 instead of DDP under torchrun / accelerate launch with 2+ processes (docs/distributed.md): true, or
+    # {mixed_precision: bf16 | null, reshard_after_forward: true}; one process ignores it (a warning); false: DDP
+    # unless DELTATUNE_FSDP=1 or an accelerate FSDP config asks for FSDP2
+    fsdp: bool | FsdpSettings = False
     progress: bool = True  # a progress bar and the summary table on the terminal
     early_stopping: EarlyStopping | None = None  # judged at every eval_every; the artifact is the best delta
     report_to: list[str] | str = field(default_factory=list)  # tensorboard, csv, wandb, mlflow (logs/metrics.jsonl always)

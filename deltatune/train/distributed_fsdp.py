@@ -16,13 +16,16 @@ back after; ``full_optimizer_state`` / ``shard_optimizer_state`` do the same for
 checkpoint holds whole tensors in the format of a single process and resumes under any world size.
 
 A policy's hooks see the shards: one that only reads gradients or switches ``requires_grad`` (FSDP2 copies the flag
-onto the gathered tensor at every forward) works; one that writes its tensors' ``.data`` or broadcasts them cannot.
+onto the gathered tensor at every forward) works; one that rewrites its tensors must gather them whole and write its
+rank's part back in place (SpIEL's regrowth, ``methods/spiel.py``), never replace ``.data`` of a shard.
+A policy's ``state_dict`` is read inside ``gathered`` for checkpoints (a prefix's carries its MLP's tensors).
 """
 
 from __future__ import annotations
 
 import contextlib
 import os
+import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -34,25 +37,61 @@ from deltatune.core import architectures
 from deltatune.core.tuned import Tuned
 from deltatune.errors import DeltatuneError
 
-ENV = "DELTATUNE_FSDP"  # "1": shard with FSDP2 under torchrun (a run-config field would be train.fsdp)
+ENV = "DELTATUNE_FSDP"  # "1": shard with FSDP2 under torchrun (or the run config's train.fsdp)
 MIXED_ENV = "DELTATUNE_FSDP_MIXED_PRECISION"  # "bf16": FSDP2 computes in bf16, keeps fp32 shards, reduces in fp32
 TRUE = ("1", "true", "yes", "on")
 
 
 @dataclass(frozen=True)
 class FsdpSettings:
-    mixed_precision: str | None = None  # None or "bf16"
-    reshard_after_forward: bool = True
+    """``train.fsdp`` as a mapping (``true`` is all the defaults): how FSDP2 shards."""
+
+    # bf16: FSDP2 computes in bf16 (MixedPrecisionPolicy param_dtype), keeps fp32 shards, reduces gradients in fp32;
+    # null: fp32
+    mixed_precision: str | None = None
+    reshard_after_forward: bool = True  # free the gathered blocks after the forward (false: keep them for backward)
+
+    def __post_init__(self) -> None:
+        if self.mixed_precision not in (None, "bf16"):
+            raise DeltatuneError(f"mixed_precision={self.mixed_precision!r}: FSDP2 here computes in bf16 or fp32; "
+                                 "use bf16 or null")
+        if not isinstance(self.reshard_after_forward, bool):
+            raise DeltatuneError(f"reshard_after_forward={self.reshard_after_forward!r}: should be true or false")
+
+
+def resolve(field: bool | FsdpSettings | None, world: int, environ: dict[str, str] | None = None
+            ) -> FsdpSettings | None:
+    """What the run shards with: the run config's ``train.fsdp`` (``true`` takes the environment's mixed precision
+    and resharding variables, if any; a mapping is used as written), else the launcher's environment
+    (``requested``); None: DDP, or one process. ``train.fsdp`` in a single process is ignored with a warning
+    (as accelerate ignores its FSDP settings there): the same run config then trains on one process or many."""
+    if world <= 1:
+        if field:
+            warnings.warn("train.fsdp is set, but this is a single process: FSDP2 shards only under torchrun / "
+                          "accelerate launch with 2 or more processes; training unsharded", stacklevel=3)
+        return None
+    if isinstance(field, FsdpSettings):
+        requested(environ)  # still refuse an accelerate FSDP version 1 config
+        return field
+    if field:
+        env = dict(os.environ if environ is None else environ)
+        return requested({**env, ENV: "1"})
+    return requested(environ)
 
 
 def requested(environ: dict[str, str] | None = None) -> FsdpSettings | None:
-    """The FSDP2 settings the launcher's environment asks for, or None (data parallel: DDP).
+    """The FSDP2 settings the launcher's environment asks for, or None (data parallel: DDP); an accelerate DeepSpeed
+    config is refused (the loop would otherwise train unsharded with DDP while the user asked for ZeRO).
 
     ``DELTATUNE_FSDP=1`` (torchrun), or accelerate's own variables (``accelerate launch --use_fsdp
     --fsdp_version 2``, or a config file with ``distributed_type: FSDP``); accelerate's FSDP version 1 is refused
     (the native loop shards with FSDP2 only). Mixed precision: ``DELTATUNE_FSDP_MIXED_PRECISION=bf16``, or
     accelerate's ``--mixed_precision bf16`` under its FSDP config."""
     env = os.environ if environ is None else environ
+    if env.get("ACCELERATE_USE_DEEPSPEED", "").strip().lower() in TRUE:
+        raise DeltatuneError(
+            "accelerate asks for DeepSpeed, which deltatune's native loop does not run: shard with FSDP2 "
+            "(examples/accelerate/fsdp2.yaml or train.fsdp: true), or train through DeltaTuneTrainer (docs/distributed.md)")
     ours = env.get(ENV, "").strip().lower() in TRUE
     accelerate = env.get("ACCELERATE_USE_FSDP", "").strip().lower() in TRUE
     if not (ours or accelerate):

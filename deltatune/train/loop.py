@@ -34,6 +34,7 @@ from deltatune.core.tuned import Tuned, attach
 from deltatune.errors import DeltatuneError
 from deltatune.train import distributed_fsdp as fsdp
 from deltatune.train import state as ckpt
+from deltatune.train import token_elimination
 from deltatune.train.callbacks import Callback, ProgressBar, SummaryTable
 from deltatune.train.config import RunConfig, TrainSettings, config_differences, load_config, loss_terms
 from deltatune.train.early_stopping import Stopper
@@ -386,9 +387,9 @@ def _train(cfg: RunConfig, rank: int, world: int, *, resume: bool, force: bool, 
     callbacks = ([ProgressBar(), SummaryTable()] if s.progress and rank == 0 else []) + \
         (reporters(out, s.report_to, cfg.to_dict()) if rank == 0 else []) + list(callbacks or [])
 
-    # FSDP2 when the launcher asks for it (train/distributed_fsdp.py): sharded once, after a resume restored the
-    # delta and before the optimizer holds its (then sharded) tensors; otherwise DDP
-    sharding = fsdp.requested() if world > 1 else None
+    # FSDP2 when train.fsdp or the launcher asks for it (train/distributed_fsdp.py): sharded once, after a resume
+    # restored the delta and before the optimizer holds its (then sharded) tensors; otherwise DDP
+    sharding = fsdp.resolve(s.fsdp, world)
 
     def wrap() -> torch.nn.Module:
         if world == 1 or sharding is not None:  # FSDP2 follows the trainable set itself: never re-wrapped
@@ -397,6 +398,7 @@ def _train(cfg: RunConfig, rank: int, world: int, *, resume: bool, force: bool, 
         return torch.nn.parallel.DistributedDataParallel(tuned, device_ids=ids)
 
     tuned.policy.plan(s.steps, s.grad_accum)
+    elimination = token_elimination.install(tuned, s.token_elimination, task, cfg.data)  # docs/lemo.md
     batches = Batches(len(task.train), s.batch_size, s.seed, rank, world)
     history: list[dict[str, Any]] = []
     start = 0
@@ -429,6 +431,7 @@ def _train(cfg: RunConfig, rank: int, world: int, *, resume: bool, force: bool, 
         batches.load_state_dict(saved["data"])
         set_rng_state(saved["rng"][rank] if isinstance(saved["rng"], list) else saved["rng"])
         history, start = saved["history"], int(saved["step"])
+        elimination.load_state_dict(saved.get("token_elimination"))
     # early stopping replays the history: a resumed run judges as the run it continues
     stopper = Stopper(s.early_stopping, history) if s.early_stopping is not None else None
     policy_step = PolicyStep(tuned)  # the optimizer holds every delta tensor (add_frozen): a stable order
@@ -446,17 +449,19 @@ def _train(cfg: RunConfig, rank: int, world: int, *, resume: bool, force: bool, 
             if rank != 0:
                 return None
             delta_state = tuned.deltas.state_dict()
+            policy_state = tuned.policy.state_dict()  # whole too (a prefix's policy carries its MLP's tensors)
         return ckpt.save_checkpoint(ckpt_dir, step, {
             "step": step,
             "config": cfg.identity(),
             "delta": delta_state,
             "trainable": {str(i): p.requires_grad for i, p in enumerate(params)},
-            "policy": tuned.policy.state_dict(),
+            "policy": policy_state,
             "optimizer": optimizer_state,
             "scheduler": scheduler.state_dict(),
             "data": batches.state_dict(),
             "rng": rngs if world > 1 else rngs[0],
             "history": history,
+            "token_elimination": elimination.state_dict(),
         }, s.keep_last, keep=stopper.best_step if stopper is not None else None)
 
     def next_batch() -> dict[str, torch.Tensor]:
@@ -464,7 +469,7 @@ def _train(cfg: RunConfig, rank: int, world: int, *, resume: bool, force: bool, 
 
     def batch_loss(batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int]:
         """The task loss (+ the policy's regulariser) under the run's mixed precision, and the batch's tokens."""
-        with autocast(s, device):
+        with autocast(s, device), elimination.batch(batch):
             loss, n_tok = task.loss(model_for_step, batch)
             extra = tuned.policy.extra_loss(tuned)
             if extra is not None:
