@@ -75,6 +75,8 @@ NOT_HERE = {
     "compeft": "made from a trained artifact, not trained: `deltatune compress --calibrate` on the table's LoRA and "
                "full artifacts (docs/compression.md)",
     "autopeft": "the search space's delta: `deltatune search` with `space: autopeft` (docs/search.md)",
+    "polyhistor": "a multi-task method (one delta generating each task's adapters, a head per task); the demo is "
+                  "one text task: scripts/multitask_results.py compares it with separate adapters (docs/polyhistor.md)",
     "q_adapter": "a ViT / AST encoder method (query tokens in the image or audio encoder); the demo is text, SmolLM2 "
                  "on tweets: docs/vision-audio.md",
 }

@@ -495,7 +495,14 @@ ds = None if stage is None else {
 out = os.path.join(dumps, "trainer")
 args = TrainingArguments(output_dir=out, max_steps=3, per_device_train_batch_size=2, report_to=[], save_strategy="no",
                          learning_rate=1e-2, logging_steps=1, disable_tqdm=True, seed=0, deepspeed=ds, use_cpu=True)
-trainer = DeltaTuneTrainer(model=tuned, args=args, train_dataset=rows)
+if rank == 0:
+    tuned.save(os.path.join(out, "before"))  # the delta whole, before DeepSpeed partitions it
+try:
+    trainer = DeltaTuneTrainer(model=tuned, args=args, train_dataset=rows)
+except dt.DeltatuneError as e:  # ZeRO-1/2: refused (the delta would not train)
+    with open(os.path.join(dumps, f"summary-{rank}.json"), "w") as f:
+        json.dump({"rank": rank, "refused": str(e)}, f)
+    sys.exit(0)
 seen = {}
 
 
@@ -526,20 +533,24 @@ def _deepspeed_summaries(launcher: list[str], tmp_path: Path, env: dict) -> tupl
 
 @pytest.mark.parametrize("stage", [2, 3])
 def test_deepspeed_zero_through_the_trainer_bridge(stage, tmp_path) -> None:
-    """ZeRO-2 keeps the delta whole on every rank: the artifact is written. ZeRO-3 partitions it (shape [0] outside
-    DeepSpeed's gather, the PEFT failure): the bridge does not gather yet, so the save must be refused, never an
-    empty artifact written."""
+    """ZeRO-3 partitions the delta (shape [0] outside DeepSpeed's gather, the PEFT failure), and the bridge gathers
+    it on every rank before the saving rank writes: the artifact holds whole tensors of the shapes the delta had
+    before DeepSpeed took it, and it trained (B moved from 0). ZeRO-2 delivered no gradient to DeepSpeed's fp32
+    partitions (the delta stayed at its init): refused, in one line, before training."""
     summaries, artifact = _deepspeed_summaries(TORCHRUN, tmp_path, {"ZERO_STAGE": str(stage)})
+    if stage == 2:
+        assert all("ZeRO stage 2" in s["refused"] and "untrained" in s["refused"] for s in summaries), summaries
+        assert not (artifact / "delta.safetensors").exists()
+        return
     for s in summaries:
         assert s["deepspeed"] and s["engine"] == "DeepSpeedEngine" and s["stage"] == stage, s
         assert s["partitioned"] is (stage == 3), s
-    if stage == 2:
-        assert all("error" not in s for s in summaries), summaries
-        tensors = load_file(artifact / "delta.safetensors")
-        assert tensors and all(v.numel() > 0 for v in tensors.values())
-        return
-    assert "is empty (shape [0])" in summaries[0]["error"] and "nothing was written" in summaries[0]["error"]
-    assert not (artifact / "delta.safetensors").exists()
+    assert all("error" not in s for s in summaries), summaries
+    tensors = load_file(artifact / "delta.safetensors")
+    assert tensors and all(v.numel() > 0 for v in tensors.values())
+    before = load_file(artifact.parent / "before" / "delta.safetensors")
+    assert {k: v.shape for k, v in tensors.items()} == {k: v.shape for k, v in before.items()}
+    assert any(not torch.equal(tensors[k], before[k]) for k in before), "the saved delta never trained"
 
 
 def test_accelerate_launch_deepspeed_zero3_config_file(tmp_path) -> None:

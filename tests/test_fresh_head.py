@@ -79,6 +79,7 @@ CASES: list[tuple[str, dict[str, Any], str]] = [
     ("mezo", {"eps": 1e-2}, "own"),  # every tensor of the model, the head among them
     ("mezo", {"base": "lora", "base_options": {"r": 2, "alpha": 4}, "eps": 1e-2}, "added"),  # head by SPSA too
     ("parallel_adapter", {"r": 4}, "added"),
+    ("polyhistor", {"r": 4, "k": 2, "embedding": 8}, "added"),  # one task; a head per task: tests/test_polyhistor.py
     ("prefix", {"length": 4}, "added"),
     ("prompt", {"length": 4}, "added"),
     ("ptuning_v2", {"length": 4}, "own"),  # train_head: true
@@ -207,7 +208,7 @@ SAVERS = sorted(name for name in registry.names()
 
 def test_the_methods_with_modules_to_save_are_those_expected() -> None:
     assert set(SAVERS) == {"adapter", "autopeft", "connected", "corda", "dora", "dsee", "ia3", "kasa", "loha", "lokr",
-                           "lora", "mam", "parallel_adapter", "prefix", "prompt", "ptuning_v2", "scaled_parallel_adapter",
+                           "lora", "mam", "parallel_adapter", "polyhistor", "prefix", "prompt", "ptuning_v2", "scaled_parallel_adapter",
                            "spt", "vera"}
 
 

@@ -143,6 +143,8 @@ CASES = [
     ("autopeft", {"serial": 4, "parallel": 2, "prefix": 3, "mid_dim": 16, "leave_out": [1]}, "llama"),
     ("autopeft", {"serial": 2, "parallel": 0, "prefix": 2, "reparam": False, "modules_to_save": ["classifier"]},
      "bert"),
+    ("polyhistor", {"r": 4, "k": 2, "embedding": 8}, "bert"),  # one task here; two in tests/test_polyhistor.py
+    ("polyhistor", {"r": 4, "k": 2, "lite": True, "placement": "houlsby"}, "llama"),
     ("q_adapter", {"tokens": 2}, "vit"),  # a ViT backbone on the shipped digits (task image-classification)
 ]
 # rows on an image model: their data and inputs instead of the text ones

@@ -73,16 +73,23 @@ def fingerprint(model: nn.Module, base_tensors: dict[str, torch.Tensor], shapes:
 
 CAUSAL_SUFFIXES = ("ForCausalLM", "LMHeadModel")  # transformers class names of causal LMs
 CLASSIFIER_SUFFIX = "ForSequenceClassification"
+# image / audio classifiers (ViT, Swin, AST), as deltatune.data.models.load(task=...) names them
+MEDIA_CLASSIFIERS = {"ForImageClassification": "image_classification",
+                     "ForAudioClassification": "audio_classification"}
 
 
 def model_task(class_name: str) -> str | None:
     """What a transformers model class is, in the words ``deltatune.data.models.load(task=...)`` takes:
-    "causal_lm", "classification" (a sequence-classification head) or "encoder" (a bare ``AutoModel`` class such
-    as ``BertModel``); None for any other head (masked LM, token classification, ...)."""
+    "causal_lm", "classification" (a sequence-classification head), "image_classification" /
+    "audio_classification" (ViT, Swin, AST classifiers) or "encoder" (a bare ``AutoModel`` class such as
+    ``BertModel``); None for any other head (masked LM, token classification, ...)."""
     if class_name.endswith(CAUSAL_SUFFIXES):
         return "causal_lm"
     if class_name.endswith(CLASSIFIER_SUFFIX):
         return "classification"
+    for suffix, task in MEDIA_CLASSIFIERS.items():
+        if class_name.endswith(suffix):
+            return task
     if class_name.endswith("Model") and "For" not in class_name:
         return "encoder"
     return None
@@ -98,7 +105,7 @@ def head_record(model: nn.Module) -> dict[str, Any] | None:
         return None
     name = architecture(model)
     record: dict[str, Any] = {"class": name, "task": model_task(name)}
-    if record["task"] == "classification":
+    if record["task"] in ("classification", *MEDIA_CLASSIFIERS.values()):
         record["num_labels"] = int(cfg.num_labels)
         # JSON object keys are strings; id2label's keys are the class indices
         record["id2label"] = {str(k): str(v) for k, v in sorted((getattr(cfg, "id2label", None) or {}).items())}

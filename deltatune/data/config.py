@@ -68,6 +68,9 @@ class DataConfig:
     max_new_tokens: int | None = None  # seq2seq evaluation: the most tokens greedy generation makes per example (null: 32)
     weight: float = 1.0  # in a list of data sets: this part gives weight x its training examples
     mix: list[Any] | None = None  # several data sets in one run: a list of data sections (a YAML list under data:)
+    # several classification tasks in one run, one head each and one shared delta (a task-conditioned method generates
+    # each task's adapters from it): a list of data sections (docs/polyhistor.md)
+    multitask: list[Any] | None = None
     # data steps on the training part, after the split and before max_train, in this order (docs/data.md); each a
     # mapping {method: ..., options}, its result cached by its manifest's key
     select: dict[str, Any] | None = None  # a subset chosen for a target: {method: gotd, budget: 0.1, target: t.jsonl}
@@ -76,6 +79,10 @@ class DataConfig:
     augment: dict[str, Any] | None = None  # label-keeping variants of every row: {method: eda, num_aug: 4}
 
     def __post_init__(self) -> None:
+        if self.multitask is not None:
+            from deltatune.data.multitask import resolve_parts  # it builds on this module
+
+            self.multitask = resolve_parts(self)
         if self.mix is not None:
             self._resolve_mix()
         if self.task not in TASKS:
@@ -252,6 +259,8 @@ class DataConfig:
 
     def parts(self) -> list[DataConfig]:
         """The data sets of the run: the parts of a mix, else this section alone."""
+        if self.multitask is not None:
+            return list(self.multitask)
         return list(self.mix) if self.mix is not None else [self]
 
     def paths(self) -> list[str]:
@@ -269,6 +278,8 @@ class DataConfig:
         """What is still missing (bad values already raise on construction, so DataConfig() itself works)."""
         if self.mix is not None:
             return [part_message(p, i) for i, part in enumerate(self.mix) for p in part._missing()]
+        if self.multitask is not None:
+            return [f"data.multitask[{i}]: {p}" for i, part in enumerate(self.multitask) for p in part._missing()]
         out = self._missing()
         if self.weight != 1.0:  # a part is a DataConfig too, so only the top level can tell that it is not one
             out.append(f"data.weight={self.weight!r} applies to a part of a list of data sets only; remove it, or "

@@ -66,7 +66,8 @@ SHIPPED: dict[str, ShippedModel] = {
     ),
 }
 
-TASKS = ("causal_lm", "classification", "encoder", "seq2seq_lm")
+TASKS = ("causal_lm", "classification", "encoder", "seq2seq_lm", "image_classification", "audio_classification")
+HEAD_TASKS = ("classification", "image_classification", "audio_classification")  # tasks with num_labels
 _GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 _CACHE_FILES = ("config.json", "model.safetensors", "tokenizer.json")
 _PARTIAL = ".partial-"
@@ -186,8 +187,9 @@ def is_seq2seq(class_name: str, config: Any) -> bool:
 
 def natural_task(name_or_path: str | os.PathLike[str]) -> str:
     """"causal_lm", "classification" (a folder saved with a sequence-classification head, e.g. a merged demo
-    artifact), "seq2seq_lm" (an encoder-decoder LM such as T5 or BART) or "encoder": the shipped kind, else read
-    from the folder's config (nothing loaded)."""
+    artifact; "image_classification" / "audio_classification" for a ViT / Swin / AST one), "seq2seq_lm" (an
+    encoder-decoder LM such as T5 or BART) or "encoder": the shipped kind, else read from the folder's config
+    (nothing loaded)."""
     from transformers import AutoConfig
 
     name = pruned.split(os.fspath(name_or_path))[0]
@@ -203,14 +205,17 @@ def natural_task(name_or_path: str | os.PathLike[str]) -> str:
         return "causal_lm"
     if any(is_seq2seq(a, config) for a in config.architectures or []):
         return "seq2seq_lm"
-    return "classification" if "classification" in tasks else "encoder"
+    # a folder saved with its image / audio head (a merged ViT / AST artifact) loads as that classifier
+    return next((t for t in HEAD_TASKS if t in tasks), "encoder")
 
 
 def _auto_class(name: str, task: str | None) -> Any:
     """Pick the transformers auto class: the task if given, else the model's natural one."""
     from transformers import (
         AutoModel,
+        AutoModelForAudioClassification,
         AutoModelForCausalLM,
+        AutoModelForImageClassification,
         AutoModelForSeq2SeqLM,
         AutoModelForSequenceClassification,
     )
@@ -221,6 +226,8 @@ def _auto_class(name: str, task: str | None) -> Any:
         "classification": AutoModelForSequenceClassification,
         "encoder": AutoModel,
         "seq2seq_lm": AutoModelForSeq2SeqLM,
+        "image_classification": AutoModelForImageClassification,
+        "audio_classification": AutoModelForAudioClassification,
     }[task]
 
 
@@ -255,7 +262,10 @@ def load(
     """Load a shipped model by name or a local folder, offline, in eval mode.
 
     task: None (the model's natural head), "causal_lm", "seq2seq_lm" (an encoder-decoder LM), "encoder" (bare
-    AutoModel) or "classification" (a fresh sequence-classification head; pass num_labels=...). Extra kwargs go to from_pretrained.
+    AutoModel), "classification" (a fresh sequence-classification head; pass num_labels=...) or
+    "image_classification" / "audio_classification" (a ViT / Swin / AST classifier; pass num_labels=... or
+    id2label=...: what an artifact trained through task image- / audio-classification records). Extra kwargs go
+    to from_pretrained.
 
     quantize: "nf4" | "fp4" | "int8" loads a quantized base (QLoRA-style) through transformers'
     ``BitsAndBytesConfig``: every Linear but the output head (and the last module, e.g. a classification
@@ -352,7 +362,7 @@ def _report_fresh_weights(model: nn.Module, folder: str, info: dict[str, Any]) -
         log.debug("fresh weights for %s (not in %s): %s", type(model).__name__, folder, ", ".join(missing))
     # only a sequence classifier's head: a causal LM's missing lm_head (untied in the config, absent from the
     # folder) is a vocabulary-sized matrix no method should silently start training
-    if model_task(type(model).__name__) == "classification":
+    if model_task(type(model).__name__) in HEAD_TASKS:
         params = {n for n, _ in model.named_parameters()}
         fresh_head.mark(model, [k for k in missing if k not in inside and k in params])
 
@@ -400,7 +410,7 @@ def head_request(head: dict[str, Any] | None) -> dict[str, Any]:
     if task not in TASKS:  # no record, or a head deltatune does not load (masked LM, ...): the natural class
         return quantization
     request: dict[str, Any] = {"task": task, **quantization}
-    if task == "classification":
+    if task in HEAD_TASKS:
         labels = head.get("id2label") or {}  # type: ignore[union-attr]
         if len(labels) == head.get("num_labels"):  # type: ignore[union-attr]
             request["id2label"] = {int(k): v for k, v in labels.items()}

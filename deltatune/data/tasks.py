@@ -151,6 +151,9 @@ def model_request(cfg: DataConfig, model_name: str) -> dict[str, Any]:
 
 def _request(cfg: DataConfig, model_name: str, labelled: list[data.TextDataset] | None) -> dict[str, Any]:
     cfg.check()
+    if cfg.multitask is not None:
+        raise DeltatuneError("data.multitask loads its model with one head per task, which deltatune.data.models.load "
+                             "does not make; use deltatune.data.tasks.load_for_task")
     if cfg.task in MEDIA_TASKS:
         raise DeltatuneError(f"task {cfg.task!r} loads its model with an image / audio classification head that "
                              "deltatune.data.models.load does not make; use deltatune.data.tasks.load_for_task")
@@ -206,6 +209,10 @@ def load_for_task(cfg: DataConfig, model_name: str, *, seed: int | None = None, 
     if seed is not None:
         torch.manual_seed(seed)
         random.seed(seed)
+    if cfg.multitask is not None:
+        from deltatune.data.multitask import load_multitask  # it builds on this module's Task
+
+        return load_multitask(cfg, model_name, quantization)
     if cfg.task in MEDIA_TASKS:
         if quantization:
             raise DeltatuneError(f"task {cfg.task!r} loads a full-precision image / audio classifier; remove "
@@ -770,6 +777,10 @@ def _objective_options(cfg: DataConfig, objective: Any) -> Any:
 def _build(cfg: DataConfig, tokenizer: Any, model: torch.nn.Module, labelled: list[data.TextDataset] | None,
            objective: Any = None) -> Task:
     cfg.check()
+    if cfg.multitask is not None:
+        from deltatune.data.multitask import build_multitask  # it builds on this module's Task
+
+        return build_multitask(cfg, tokenizer, model)
     base = _unwrap(model)
     task = _build_task(cfg, tokenizer, base, labelled, objective)
     task.document_masks = bool(cfg.packing) and masks_documents(base)

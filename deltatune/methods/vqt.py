@@ -1,4 +1,5 @@
-"""VQT, Visual Query Tuning (Tu, Mai, Chao; CVPR 2023; arXiv 2212.03220), on transformers text classifiers.
+"""VQT, Visual Query Tuning (Tu, Mai, Chao; CVPR 2023; arXiv 2212.03220), on transformers classifiers: ViT image
+and AST audio classifiers (the paper's setting) and text sequence classifiers.
 
 Every block l gets T learned query rows Q_l. They go through block l like extra tokens, but only as
 *queries* of self-attention: the keys and values are those of the real tokens, and the real tokens never
@@ -20,8 +21,10 @@ real tokens do not depend on Q (tests/test_vqt.py checks both).
 As in the official code (``Head2ToeEncoder.train`` keeps every backbone module in eval mode), the
 backbone runs in eval mode even while training (no dropout in it); only the dropout on Q follows the
 form's mode. CLS_L is what the model's own classifier pools: token 0 of the final hidden state for
-encoders, the last non-padding token (from ``attention_mask``) for decoders. The model's own classifier
-stays frozen and unused while the form is attached; detaching the form gives the model back untouched.
+encoders (ViT's CLS after its final LayerNorm, as the paper), the mean of the CLS and distillation tokens for AST
+(``POOLED_TOKENS``), the last non-padding token (from ``attention_mask``) for decoders. Q's init range is VPT's
+for the model's own patch size (ViT, AST) or p = 16 (text). Swin is refused (windowed attention). The model's own
+classifier stays frozen and unused while the form is attached; detaching the form gives the model back untouched.
 """
 
 from __future__ import annotations
@@ -38,6 +41,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from deltatune.core.architectures import check_kv_hook
 from deltatune.core.forms.attention import (
     attention_modules,
     check_kv_hook_reached,
@@ -52,6 +56,12 @@ from deltatune.errors import DeltatuneError
 # Text models have no patch; we keep p = 16, which puts the queries at ~0.06-0.07 for D = 384..768, the
 # scale the method was tuned at (official VQT: h2t_vit.py, Head2ToeEncoder.__init__).
 VPT_PATCH = 16
+
+# classifier classes VQT reads (a linear head on the pooled final state): text, image and audio classifiers
+CLASSIFIERS = ("ForSequenceClassification", "ForImageClassification", "ForAudioClassification")
+# how many leading tokens the model's own classifier averages (AST pools its CLS and distillation tokens);
+# every other model reads token 0 (encoders) or the last real token (decoders)
+POOLED_TOKENS = {"audio-spectrogram-transformer": 2}
 
 
 @dataclass
@@ -72,6 +82,12 @@ class VqtConfig:
 
 def vpt_range(d: int, patch: int = VPT_PATCH) -> float:
     return math.sqrt(6.0 / (3 * patch * patch + d))
+
+
+def _patch(config: Any) -> int:
+    """The model's own patch size (ViT, AST: square patches, as VPT's formula takes them), else VPT_PATCH."""
+    patch = getattr(config, "patch_size", None)
+    return patch if isinstance(patch, int) and not isinstance(patch, bool) and patch > 0 else VPT_PATCH
 
 
 @dataclass
@@ -96,6 +112,7 @@ class QueryTokens(ModuleForm):
         self._blocks = [m for _, m in blocks(model)]
         self._attention = _attention_per_block(model, self._blocks)
         self._causal = bool(getattr(self._attention[0], "is_causal", False))
+        self._pool = POOLED_TOKENS.get(str(getattr(model.config, "model_type", "")), 1)
         check_kv_hook_reached(model, self._attention, "vqt")
         cfg = model.config
         d, n_layers = int(cfg.hidden_size), len(self._blocks)
@@ -104,7 +121,7 @@ class QueryTokens(ModuleForm):
         self.normalize = normalize
         # T = 0 (linear probing) keeps an empty Q that does not train (DDP refuses a trainable unused tensor)
         self.queries = nn.Parameter(torch.empty(n_layers, tokens, d, device=ref.device), requires_grad=tokens > 0)
-        v = init_range if init_range is not None else vpt_range(d)
+        v = init_range if init_range is not None else vpt_range(d, _patch(cfg))
         nn.init.uniform_(self.queries, -v, v)
         self.dropout = nn.Dropout(dropout)
         # nn.Linear's default init, as the official head (h2t_vit.py: Linear(features, num_classes))
@@ -222,7 +239,7 @@ class QueryTokens(ModuleForm):
         final = self._final
         assert final is not None
         if not self._causal:
-            return final[:, 0]
+            return sum(final[:, j] for j in range(self._pool)) / self._pool if self._pool > 1 else final[:, 0]
         n = final.shape[1]
         if attention_mask is None:
             return final[:, n - 1]
@@ -333,14 +350,17 @@ def _attention_per_block(model: nn.Module, block_list: list[nn.Module]) -> list[
 
 def _check_model(model: nn.Module) -> None:
     name = type(model).__name__
-    if not name.endswith("ForSequenceClassification") or not hasattr(model, "base_model"):
+    if not name.endswith(CLASSIFIERS) or not hasattr(model, "base_model"):
         raise DeltatuneError(
             f"VQT trains a linear head on a classification model, but {name} is not a ...ForSequenceClassification "
-            "model; load one with deltatune.data.models.load(name, task='classification', num_labels=n) (in a YAML "
-            "config: data: {task: classification, head: true})"
+            "(or ViT / AST ...ForImageClassification / ...ForAudioClassification) model; load one with "
+            "deltatune.data.models.load(name, task='classification', num_labels=n) (in a YAML config: data: {task: "
+            "classification, head: true}; images / audio: data: {task: image-classification} / "
+            "{task: audio-classification})"
         )
     if model.base_model is model:
         raise DeltatuneError(f"{name} has no separate backbone (base_model) whose final hidden states VQT can read")
+    check_kv_hook(model, "vqt")  # Swin: windowed attention has no sequence for a query to read
 
 
 @register("vqt", VqtConfig,

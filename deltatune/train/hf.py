@@ -29,6 +29,7 @@ tensors train), next to the Trainer's own ``optimizer.pt``, ``scheduler.pt``, ``
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import json
 import math
@@ -59,6 +60,33 @@ POLICY_TENSORS = "deltatune_policy.safetensors"
 
 
 # -- policy state on disk -------------------------------------------------------------------
+@contextlib.contextmanager
+def zero3_gathered(tuned: Tuned) -> Any:
+    """The delta's tensors whole on every rank while the block runs, when DeepSpeed ZeRO-3 has partitioned them
+    (outside its gather they are shape [0]: PEFT's empty-adapter failure). A collective: every rank must enter, so
+    callers gather on all ranks and write on the one that saves. A no-op without DeepSpeed."""
+    partitioned = [p for p in tuned.deltas.parameters() if hasattr(p, "ds_id")]
+    if not partitioned:
+        yield
+        return
+    import deepspeed  # present: only DeepSpeed marks parameters with ds_id
+
+    with deepspeed.zero.GatheredParameters(partitioned, modifier_rank=None):
+        yield
+
+
+def _refuse_zero_below_3(trainer: Trainer) -> None:
+    """DeepSpeed ZeRO-1/2 through this bridge trains nothing: measured on DeepSpeed 0.19.8's CPU accelerator, no
+    gradient reaches its fp32 partitions, so the saved delta would be the initial one. Refused until that is
+    understood; ZeRO-3 (gathered for the save) and the native loop's FSDP2 / DDP train (docs/distributed.md)."""
+    plugin = getattr(trainer.accelerator.state, "deepspeed_plugin", None) if trainer.is_deepspeed_enabled else None
+    stage = getattr(plugin, "zero_stage", None)
+    if stage is not None and stage < 3:
+        raise DeltatuneError(f"DeepSpeed ZeRO stage {stage} through DeltaTuneTrainer leaves the delta untrained (no "
+                             "gradient reaches DeepSpeed's partitions: docs/distributed.md); use zero_optimization."
+                             "stage 3, or deltatune's own loop with DDP / FSDP2 (torchrun, train.fsdp)")
+
+
 def save_policy_state(tuned: Tuned, folder: str | os.PathLike) -> None:
     """Write the policy's ``state_dict`` and the trainable flags of the delta tensors into ``folder``."""
     folder = Path(folder)
@@ -172,16 +200,22 @@ class DeltaTuneCallback(TrainerCallback):
 
     # saving ---------------------------------------------------------------------------------
     def on_save(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kw: Any):
-        if not (self.save_on_checkpoint and args.should_save):
+        if not self.save_on_checkpoint:
             return
-        folder = Path(args.output_dir) / f"checkpoint-{state.global_step}"
-        if not (folder / self.artifact_dir / artifact.META_FILE).is_file():  # DeltaTuneTrainer wrote it already
-            self.tuned.save(folder / self.artifact_dir)
-        save_policy_state(self.tuned, folder)
+        with zero3_gathered(self.tuned):  # every rank gathers; the one that saves writes
+            if not args.should_save:
+                return
+            folder = Path(args.output_dir) / f"checkpoint-{state.global_step}"
+            if not (folder / self.artifact_dir / artifact.META_FILE).is_file():  # DeltaTuneTrainer wrote it already
+                self.tuned.save(folder / self.artifact_dir)
+            save_policy_state(self.tuned, folder)
 
     def on_train_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kw: Any):
-        if self.save_artifact and args.should_save:
-            self.tuned.save(Path(args.output_dir) / self.artifact_dir)
+        if not self.save_artifact:
+            return
+        with zero3_gathered(self.tuned):
+            if args.should_save:
+                self.tuned.save(Path(args.output_dir) / self.artifact_dir)
 
 
 class DeltaStateModel(ModelWrapper):
@@ -349,6 +383,7 @@ class DeltaTuneTrainer(Trainer):
         self._objective_metrics: dict[str, list[dict[str, float]]] = {"train": [], "eval": []}
         super().__init__(model, *args, **kwargs)
         self.tuned = model
+        _refuse_zero_below_3(self)
         found = [cb for cb in self.callback_handler.callbacks if isinstance(cb, DeltaTuneCallback)]
         if not found:
             self.add_callback(DeltaTuneCallback(model))
@@ -573,6 +608,15 @@ class DeltaTuneTrainer(Trainer):
         return super()._clip_grad_norm(model)
 
     # delta-only saving and resuming ------------------------------------------------------------
+    def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
+        # Trainer.save_model calls _save on the saving rank only; a ZeRO-3-partitioned delta is gathered on every
+        # rank first (the delta alone: never the 16-bit base that Trainer's own ZeRO-3 path would gather)
+        if any(hasattr(p, "ds_id") for p in self.tuned.deltas.parameters()):
+            with zero3_gathered(self.tuned):
+                self._save(output_dir)
+            return
+        super().save_model(output_dir, _internal_call)
+
     def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
         output_dir = output_dir if output_dir is not None else self.args.output_dir
         if not self.args.should_save:
