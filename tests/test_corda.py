@@ -22,6 +22,7 @@ from conftest import (
 import deltatune as dt
 from deltatune.core import artifact
 from deltatune.methods import corda
+from deltatune.methods._calibration import padded_batches
 
 TOL = 1e-5
 
@@ -92,7 +93,7 @@ def test_covariance_is_the_hook_formula_and_padding_stays_out() -> None:
     seen: list[torch.Tensor] = []
     handle = module.register_forward_hook(lambda _m, args, _o: seen.append(args[0].detach().clone()))
     seqs = [[5, 6, 7, 8], [9, 10], [11, 12, 13]]
-    batches = corda._token_batches(seqs, 2)  # one padded batch of 2, one of 1
+    batches = padded_batches(seqs, 2, always_mask=False)  # one padded batch of 2, one of 1
     assert "attention_mask" in batches[0] and "attention_mask" not in batches[1]
     covs, tokens = corda.covariances(model, [(name, module)], batches)
     handle.remove()

@@ -47,3 +47,23 @@ def task_batches(
     size = min(batch_size, len(order))
     chunks = [order[i:i + size] for i in range(0, len(order) - size + 1, size)][:batches]
     return [task.collate([task.train[i] for i in c]) for c in chunks], lambda m, b: task.loss(m, b)[0]
+
+
+def padded_batches(seqs: list[list[int]], batch_size: int, *, drop_last: bool = False,
+                   always_mask: bool = True) -> list[dict[str, torch.Tensor]]:
+    """Token-id sequences as right-padded batches with an attention mask (padding stays out of the statistics).
+    ``drop_last``: no short final batch (PEFT's EVA dataloader drops it); ``always_mask=False``: a batch with no
+    padding carries input_ids alone."""
+    out = []
+    stop = len(seqs) - batch_size + 1 if drop_last else len(seqs)
+    for i in range(0, max(stop, 0), batch_size):
+        chunk = seqs[i:i + batch_size]
+        width = max(len(s) for s in chunk)
+        ids = torch.zeros(len(chunk), width, dtype=torch.long)
+        mask = torch.zeros(len(chunk), width, dtype=torch.long)
+        for j, s in enumerate(chunk):
+            ids[j, :len(s)] = torch.tensor(s)
+            mask[j, :len(s)] = 1
+        out.append({"input_ids": ids} if not always_mask and bool(mask.all()) else
+                   {"input_ids": ids, "attention_mask": mask})
+    return out

@@ -34,7 +34,7 @@ import torch
 import torch.nn as nn
 
 from deltatune.errors import DeltatuneError
-from deltatune.methods._calibration import data_config, task_batches
+from deltatune.methods._calibration import data_config, padded_batches, task_batches
 from deltatune.methods._common import from_rank0
 
 log = logging.getLogger(__name__)
@@ -220,20 +220,6 @@ def _digest(t: torch.Tensor) -> str:
 # ---------------------------------------------------------------- calibration batches
 
 
-def _token_batches(seqs: list[list[int]], batch_size: int) -> list[dict[str, torch.Tensor]]:
-    out = []
-    for i in range(0, len(seqs) - batch_size + 1, batch_size):
-        chunk = seqs[i:i + batch_size]
-        width = max(len(s) for s in chunk)
-        ids = torch.zeros(len(chunk), width, dtype=torch.long)
-        mask = torch.zeros(len(chunk), width, dtype=torch.long)
-        for j, s in enumerate(chunk):
-            ids[j, :len(s)] = torch.tensor(s)
-            mask[j, :len(s)] = 1
-        out.append({"input_ids": ids, "attention_mask": mask})
-    return out
-
-
 def calibration_batches(model: nn.Module, opts: dict[str, Any]) -> tuple[list[dict[str, Any]], Any]:
     """The batches, and how to run one (None: ``model(**batch)``; a data section: the task's own forward)."""
     data = opts["data"]
@@ -254,14 +240,15 @@ def calibration_batches(model: nn.Module, opts: dict[str, Any]) -> tuple[list[di
             raise DeltatuneError("eva.data='random' needs the model's config.vocab_size: give batches or a data section")
         g = torch.Generator().manual_seed(opts["seed"])
         seqs = torch.randint(0, vocab, (opts["samples"], opts["random_length"]), generator=g).tolist()
-        return _token_batches(seqs, opts["batch_size"]), None
+        return padded_batches(seqs, opts["batch_size"], drop_last=True), None
     items = list(data)
     if items and all(isinstance(b, Mapping) for b in items):
         if not all(isinstance(b.get("input_ids"), torch.Tensor) for b in items):
             raise DeltatuneError("eva.data batches must each hold an input_ids tensor (as a dataloader gives them)")
         return [dict(b) for b in items], None
     if items and all(isinstance(s, list | tuple) for s in items):
-        return _token_batches([list(s) for s in items][: opts["samples"]], min(opts["batch_size"], len(items))), None
+        return padded_batches([list(s) for s in items][: opts["samples"]], min(opts["batch_size"], len(items)),
+                              drop_last=True), None
     raise DeltatuneError("eva.data is empty or of a kind EVA cannot read: give a data section, 'random', a list of "
                          "token-id lists, or a list of batches")
 

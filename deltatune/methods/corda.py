@@ -72,7 +72,7 @@ from deltatune.core.registry import Built, Traits, register
 from deltatune.core.targeting import sites_of
 from deltatune.core.tuned import Tuned
 from deltatune.errors import DeltatuneError
-from deltatune.methods._calibration import data_config, task_batches
+from deltatune.methods._calibration import data_config, padded_batches, task_batches
 from deltatune.methods._common import block_matrices, dense_forms, from_rank0
 from deltatune.methods._lowrank import FrozenStartLowRank, pattern_value
 
@@ -301,21 +301,6 @@ def _max_positions(model: nn.Module) -> int | None:
     return None
 
 
-def _token_batches(seqs: list[list[int]], batch_size: int) -> list[dict[str, torch.Tensor]]:
-    """Right-padded batches with an attention mask (the padding rows stay out of the covariance)."""
-    out = []
-    for i in range(0, len(seqs), batch_size):
-        chunk = seqs[i:i + batch_size]
-        width = max(len(s) for s in chunk)
-        ids = torch.zeros(len(chunk), width, dtype=torch.long)
-        mask = torch.zeros(len(chunk), width, dtype=torch.long)
-        for j, s in enumerate(chunk):
-            ids[j, :len(s)] = torch.tensor(s)
-            mask[j, :len(s)] = 1
-        out.append({"input_ids": ids} if bool(mask.all()) else {"input_ids": ids, "attention_mask": mask})
-    return out
-
-
 def random_samples(model: nn.Module, cfg: CordaConfig) -> list[list[int]]:
     """``samples`` seeded sequences of uniform token ids (the calibration of ``data="random"``)."""
     vocab = getattr(getattr(model, "config", None), "vocab_size", None)
@@ -341,7 +326,7 @@ def calibration_batches(model: nn.Module, cfg: CordaConfig) -> tuple[list[dict[s
                                         batch_size=cfg.batch_size, seed=cfg.seed)
         return batches, loss_fn
     seqs = random_samples(model, cfg) if cfg.data == RANDOM else [list(s) for s in cfg.data][:cfg.samples]
-    return _token_batches(seqs, cfg.batch_size), None
+    return padded_batches(seqs, cfg.batch_size, always_mask=False), None
 
 
 def _device(cfg: CordaConfig) -> torch.device:
