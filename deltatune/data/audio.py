@@ -43,12 +43,12 @@ import numpy as np
 import torch
 
 from deltatune.data.config import DataConfig
-from deltatune.data.sets import SHIPPED
 from deltatune.data.vision import (
     MediaClassificationTask,
     MediaDataset,
     _renamed,
     check_model,
+    check_shipped_kind,
     class_names,
     load_classifier,
     read_once,
@@ -152,10 +152,7 @@ def synthesise_tones(per_class: int = TONES_PER_CLASS, seconds: float = TONES_SE
 
 
 def _shipped_audio(name: str) -> MediaDataset:
-    if SHIPPED.get(name) is None or SHIPPED[name].kind != "audio":
-        kind = SHIPPED[name].kind if name in SHIPPED else "unknown"
-        raise DeltatuneError(f"data set {name!r} is not an audio set ({kind}); task 'audio-classification' reads "
-                             f"{', '.join(n for n, s in SHIPPED.items() if s.kind == 'audio')} or data.path")
+    check_shipped_kind(name, "audio")
     clips, labels = synthesise_tones()
     return MediaDataset("tones", [(c, RATE) for c in clips], labels, list(TONES))
 

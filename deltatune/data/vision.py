@@ -314,11 +314,16 @@ def load_digits_arrays() -> tuple[np.ndarray, np.ndarray]:
     return (table[:, :64] / 16.0).reshape(-1, 8, 8), table[:, 64].astype(np.int64)
 
 
+def check_shipped_kind(name: str, kind: str) -> None:
+    """``name`` is a shipped set of ``kind`` ("image" / "audio"), else one line naming the ones that are."""
+    if SHIPPED.get(name) is None or SHIPPED[name].kind != kind:
+        found = SHIPPED[name].kind if name in SHIPPED else "unknown"
+        raise DeltatuneError(f"data set {name!r} is not an {kind} set ({found}); task '{kind}-classification' reads "
+                             f"{', '.join(n for n, s in SHIPPED.items() if s.kind == kind)} or data.path")
+
+
 def _shipped_image(name: str) -> MediaDataset:
-    if SHIPPED.get(name) is None or SHIPPED[name].kind != "image":
-        kind = SHIPPED[name].kind if name in SHIPPED else "unknown"
-        raise DeltatuneError(f"data set {name!r} is not an image set ({kind}); task 'image-classification' reads "
-                             f"{', '.join(n for n, s in SHIPPED.items() if s.kind == 'image')} or data.path")
+    check_shipped_kind(name, "image")
     images, labels = load_digits_arrays()
     return MediaDataset("digits", list(images), [int(y) for y in labels], [str(d) for d in range(10)])
 
