@@ -349,3 +349,27 @@ def test_unsupported_models_and_settings_are_refused(copy_run, tmp_path) -> None
         load_config(copy_config(copy_run, tmp_path / "bad", {"sparsity": 1.5}))
     with pytest.raises(DeltatuneError, match="token_elimination.segmnt"):
         load_config(copy_config(copy_run, tmp_path / "bad", {"segmnt": 4}))
+
+
+def test_long_document_rows_are_written_whole_and_never_over_a_file(tmp_path) -> None:
+    import json
+
+    from deltatune.data.long_documents import LongDocument, write_jsonl
+    from deltatune.errors import DeltatuneError
+
+    class Words:  # decode: ids as words
+        def decode(self, ids: list[int]) -> str:
+            return " ".join(f"w{i}" for i in ids)
+
+    docs = [LongDocument("tech", [1, 2, 3], [4, 5]), LongDocument("sport", [6], [7])]
+    path = write_jsonl(tmp_path / "sub" / "long.jsonl", docs, Words())
+    rows = [json.loads(line) for line in path.read_text().splitlines()]
+    assert rows == [{"prompt": "w1 w2 w3", "completion": "w4 w5", "topic": "tech"},
+                    {"prompt": "w6", "completion": "w7", "topic": "sport"}]
+    assert sorted(p.name for p in path.parent.iterdir()) == ["long.jsonl"], "no temporary left behind"
+    with pytest.raises(DeltatuneError, match="never replaces a file"):
+        write_jsonl(path, docs[:1], Words())
+    assert path.read_text().count("\n") == 2, "the existing file is untouched"
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(DeltatuneError, match="cannot write"):
+        write_jsonl(tmp_path / "file" / "long.jsonl", docs, Words())  # a file where the folder should be

@@ -22,7 +22,9 @@ tokenizer.
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
 import random
 from dataclasses import dataclass
 from pathlib import Path
@@ -99,10 +101,21 @@ def rows(docs: list[LongDocument], tokenizer: Any) -> list[dict[str, str]]:
 
 
 def write_jsonl(path: str | Path, docs: list[LongDocument], tokenizer: Any) -> Path:
-    """``rows`` as a jsonl file for ``data: {path: PATH, task: chat, max_length: ...}``."""
+    """``rows`` as a jsonl file for ``data: {path: PATH, task: chat, max_length: ...}``: a new file, written whole
+    (a temporary renamed into place), never over an existing one."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows(docs, tokenizer)))
+    if path.exists():
+        raise DeltatuneError(f"{path} exists and write_jsonl never replaces a file: give a new path or remove it")
+    text = "".join(json.dumps(r) + "\n" for r in rows(docs, tokenizer))
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp.write_text(text)
+        os.replace(tmp, path)
+    except OSError as e:
+        with contextlib.suppress(OSError):  # nothing to remove where the folder itself could not be made
+            tmp.unlink()
+        raise DeltatuneError(f"cannot write {path}: {e.strerror or e}; choose a writable folder") from e
     return path
 
 
