@@ -59,6 +59,25 @@ def test_peft_prefix_and_prompt_run_next_to_deltatune_s(tiny_folder):
     assert all(r["artifact_bytes"] > 0 and r["eval_loss"] > 0 for r in records)
 
 
+@pytest.mark.slow  # a subprocess per run
+def test_peft_runs_of_the_same_method_train_what_deltatune_trains(tiny_folder):
+    """`peft-<method>` runs PEFT's implementation at the preset's options: the same trainable count as deltatune's
+    run, and each deltatune run is compared with it."""
+    names = ["ia3", "vera", "loha", "lokr", "trainable_tokens"]
+    records = bench_module.bench(str(tiny_folder), ",".join(f"{m},peft-{m}" for m in names), 2, batch_size=2,
+                                 seq_len=16, max_train=40, max_eval=4, threads=1, baselines=False)
+    by = {r["name"]: r for r in records}
+    assert all(r.get("error") is None for r in records), [r["error"] for r in records if r.get("error")]
+    for m in names:
+        ours, theirs = by[f"deltatune {m}"], by[f"peft {m}"]
+        assert theirs["framework"] == "peft" and ours["trainable"] == theirs["trainable"] > 0, (m, ours, theirs)
+        assert ours["peft_same"] == f"peft {m}"
+        assert ours["ratios_to_peft_same"]["trainable"] == 1.0
+    text = bench_module.write_markdown(records, bench_module.Workload(model=str(tiny_folder)),
+                                       tiny_folder / "bench.md", "cmd").read_text()
+    assert "| deltatune vera | peft vera |" in text
+
+
 def test_bench_rejects_unknown_method(tiny_folder):
     with pytest.raises(DeltatuneError, match="unknown method"):
         bench_module.bench(str(tiny_folder), "nope", 3)

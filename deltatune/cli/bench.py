@@ -10,6 +10,10 @@ fresh subprocess, so its peak memory is its own:
 - ``peft prefix`` / ``peft prompt`` (named in ``methods`` as ``peft-prefix`` / ``peft-prompt``): PEFT's prefix tuning
   (30 virtual tokens through its reparametrisation MLP of 800) and prompt tuning (100 virtual tokens), the
   ``prefix`` / ``prompt`` presets' sizes, to compare those with PEFT's own;
+- ``peft <method>`` (named ``peft-<method>``) for every method with a PEFT type of its own (``peft-ia3``,
+  ``peft-vera``, ``peft-loha``, ``peft-lokr``, ``peft-trainable_tokens``): PEFT's implementation with the config
+  ``deltatune export`` writes for the method's preset, so both train the same modules at the same sizes;
+  each ``deltatune <method>`` run is then also compared with it;
 - ``plain full``: the bare transformers model with every parameter trainable;
 - ``plain forward``: the bare model running the same batches forward only, under ``torch.no_grad`` (inference):
   the floor that a method with "the memory of inference" (VQT, MeZO) is measured against.
@@ -50,10 +54,11 @@ from deltatune.cli.bench_report import equal_count_lines, gib, machine, table, w
 from deltatune.cli.bench_workload import (
     ALL_LINEAR,
     DEFAULT_MODEL,
-    PEFT_EXTRA,
+    PEFT_SAME,
     TASKS,
     Workload,
     bench_names,
+    is_peft_run,
     method_config,
 )
 from deltatune.errors import DeltatuneError
@@ -90,7 +95,7 @@ class _Run:
 
 
 def _runs(methods: list[str], baselines: bool) -> list[_Run]:
-    runs = [_Run(m.replace("-", " "), "peft", m) if m in PEFT_EXTRA else _Run(f"deltatune {m}", "deltatune", m)
+    runs = [_Run(m.replace("-", " ", 1), "peft", m) if is_peft_run(m) else _Run(f"deltatune {m}", "deltatune", m)
             for m in methods]
     if baselines:
         runs += [_Run("peft lora", "peft", "peft-lora"), _Run("plain full", "plain", "plain-full"),
@@ -150,6 +155,10 @@ def _add_ratios(records: list[dict[str, Any]]) -> None:
         if same is not None and r["framework"] == "deltatune" and method_config(r["method"])["name"] != "lora":
             r["same_count_lora"] = same["name"]
             r["ratios_to_same_count_lora"] = _ratios_to(r, same)
+        twin = next((p for p in ok if r["framework"] == "deltatune" and p["method"] == PEFT_SAME + r["method"]), None)
+        if twin is not None and r.get("error") is None:  # PEFT's implementation of the same method, same run
+            r["peft_same"] = twin["name"]
+            r["ratios_to_peft_same"] = _ratios_to(r, twin)
         if forward is not None and r is not forward and r.get("error") is None:
             r["ratios_to_forward"] = _ratios_to(r, forward)
 

@@ -140,6 +140,7 @@ def markdown(records: list[dict[str, Any]], w: Workload, command: str) -> str:
     ]
     lines += ["| " + " | ".join(row) + " |" for row in rows(records)]
     lines += equal_count_lines(records)
+    lines += peft_same_lines(records)
     lines += forward_lines(records)
     lines += [
         "",
@@ -179,6 +180,22 @@ def equal_count_lines(records: list[dict[str, Any]]) -> list[str]:
         out.append(f"| {r['name']} | {r['same_count_lora']} | {r['trainable']:,} | {q['seconds_per_step']:.2f}× | "
                    f"{q['peak_memory_bytes']:.2f}× | {q['eval_loss']:.2f}× | "
                    + ("-" if over is None else f"{100 * over:.1f} %") + " |")
+    return out
+
+
+def peft_same_lines(records: list[dict[str, Any]]) -> list[str]:
+    """A table of each deltatune method against PEFT's implementation of the same method, in the same bench."""
+    paired = [r for r in records if r.get("ratios_to_peft_same")]
+    if not paired:
+        return []
+    out = ["", "Against PEFT's implementation of the same method (`peft-<method>`: the config `deltatune export` "
+           "writes for the preset, so both train the same modules at the same sizes):", "",
+           "| run | compared with | trainable | s / step | tokens / s | peak memory | eval loss |",
+           "|---|---|---:|---:|---:|---:|---:|"]
+    for r in paired:
+        q = r["ratios_to_peft_same"]
+        out.append(f"| {r['name']} | {r['peft_same']} | {r['trainable']:,} | {q['seconds_per_step']:.2f}× | "
+                   f"{q['tokens_per_s']:.2f}× | {q['peak_memory_bytes']:.2f}× | {q['eval_loss']:.2f}× |")
     return out
 
 

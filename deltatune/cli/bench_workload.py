@@ -29,6 +29,7 @@ from deltatune.train.callbacks import Callback
 
 DEFAULT_MODEL = "smollm2-135m"
 PEFT_EXTRA = ("peft-prefix", "peft-prompt")  # PEFT runs named in ``methods``, next to deltatune's prefix / prompt
+PEFT_SAME = "peft-"  # ``peft-<method>``: PEFT's own implementation of a method that has a PEFT type (ia3, vera, ...)
 TASKS = ("text", "classification")
 
 
@@ -110,7 +111,19 @@ def bench_names() -> list[str]:
 
     names = list(registry.names())
     names += [n for n in [*preset_names(), *VARIANTS] if n not in names]
-    return names + list(PEFT_EXTRA)
+    return names + list(PEFT_EXTRA) + [PEFT_SAME + m for m in peft_typed_methods()]
+
+
+def peft_typed_methods() -> list[str]:
+    """Registered methods with a PEFT type of their own (IA3, VERA, LOHA, ...): each has a ``peft-<name>`` run."""
+    from deltatune.core import registry
+
+    return [m for m in registry.names() if registry.get(m).peft is not None]
+
+
+def is_peft_run(name: str) -> bool:
+    """Whether a bench name is a PEFT run (``peft-prefix``, ``peft-prompt`` or ``peft-<method>``)."""
+    return name in PEFT_EXTRA or (name.startswith(PEFT_SAME) and name[len(PEFT_SAME):] in peft_typed_methods())
 
 
 def method_config(name: str, data: dict[str, Any] | None = None) -> dict[str, Any]:
@@ -189,7 +202,10 @@ def _run_baseline(w: Workload, kind: str, out: Path) -> dict[str, Any]:
     if kind.startswith("peft-"):
         from peft import get_peft_model
 
-        model = get_peft_model(model, _peft_config(kind, "SEQ_CLS" if w.task == "classification" else "CAUSAL_LM"))
+        task_type = "SEQ_CLS" if w.task == "classification" else "CAUSAL_LM"
+        config = _peft_config(kind, task_type) if kind in ("peft-lora", *PEFT_EXTRA) else \
+            _peft_config_of(kind[len(PEFT_SAME):], model, task_type, w)
+        model = get_peft_model(model, config)
     else:
         for p in model.parameters():
             p.requires_grad_(True)
@@ -263,6 +279,25 @@ def _peft_config(kind: str, task_type: str) -> Any:
     if kind == "peft-prompt":
         return peft.PromptTuningConfig(num_virtual_tokens=method_config("prompt")["length"], task_type=task_type)
     raise DeltatuneError(f"no PEFT run is called {kind!r}")
+
+
+def _peft_config_of(method: str, model: Any, task_type: str, w: Workload) -> Any:
+    """PEFT's config for the method's own PEFT type at the method's preset options (``method_config``): the config
+    ``deltatune export`` writes for that delta, so both runs train the same modules with the same sizes."""
+    import peft
+
+    import deltatune as dt
+    from deltatune.interop.peft import export_peft
+
+    options = method_config(method, w.data())
+    tuned = dt.attach(model, options.pop("name"), **options)
+    with tempfile.TemporaryDirectory(prefix="deltatune-bench-peft-") as tmp:
+        export_peft(tuned, tmp, overwrite=True)
+        tuned.detach()
+        config = peft.PeftConfig.from_pretrained(tmp)
+    config.inference_mode = False
+    config.task_type = task_type
+    return config
 
 
 def _run_forward(model: Any, task: Any, s: Any, device: Any) -> dict[str, Any]:

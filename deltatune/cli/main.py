@@ -881,7 +881,8 @@ def bench(
     model: str = typer.Option("smollm2-135m", "--model", help="A shipped model name or a from_pretrained folder."),
     methods: str = typer.Option("lora,full", "--methods", help="Comma-separated deltatune methods, presets or bench "
                                 "variants (lora-all, spiel-all, spiel-sm3) to run; peft-prefix and peft-prompt add "
-                                "PEFT's prefix and prompt tuning."),
+                                "PEFT's prefix and prompt tuning, peft-<method> PEFT's own ia3, vera, loha, lokr "
+                                "or trainable_tokens."),
     steps: int = typer.Option(10, "--steps", help="Training steps per run (the first is warm-up, not in the median)."),
     json_path: str = typer.Option(None, "--json", help="Write the records (one per run) to this JSON file."),
     docs: str = typer.Option(None, "--docs", help="Write the markdown report here (e.g. docs/benchmarks.md)."),
