@@ -40,13 +40,16 @@ def plain_sum(model: torch.nn.Module, ids: torch.Tensor, labels: torch.Tensor) -
 
 
 @pytest.mark.parametrize("arch", [tiny_llama, tiny_gpt2])
-@pytest.mark.parametrize("method,fused", [("lora", True), ("full", False), ("prefix", True), ("spiel", False)])
+@pytest.mark.parametrize("method,fused", [("lora", True), ("full", True), ("prefix", True), ("spiel", False),
+                                          ("trainable_tokens", True)])
 def test_token_nll_equals_the_plain_loss_in_value_and_gradient(arch: Any, method: str, fused: bool) -> None:
     # spiel: a sparse delta on the head itself (its forward replaced), which the fused path must not take
-    options = {"length": 3} if method == "prefix" else {"targets": ["lm_head"]} if method == "spiel" else {}
+    # trainable_tokens: rows of the (tied) embedding, so the head's weight is parametrised: W0 + rows, fused
+    options = {"length": 3} if method == "prefix" else {"targets": ["lm_head"]} if method == "spiel" else \
+        {"token_indices": [3, 17, 40]} if method == "trainable_tokens" else {}
     tuned = dt.attach(arch(tied=False) if method == "spiel" and arch is tiny_llama else arch(), method,
                       **options).train()
-    if method == "spiel":
+    if method in ("spiel", "trainable_tokens"):
         with torch.no_grad():
             for p in tuned.parameters():
                 if p.requires_grad:
@@ -55,7 +58,7 @@ def test_token_nll_equals_the_plain_loss_in_value_and_gradient(arch: Any, method
         if isinstance(m, torch.nn.Dropout):
             m.p = 0.0
     head = lm_loss.output_head(tuned)
-    assert head is not None and lm_loss._plain_frozen_linear(head[2]) == fused
+    assert head is not None and lm_loss._linear_head(head[2]) == fused
     g = torch.Generator().manual_seed(0)
     ids = torch.randint(0, 128, (3, 11), generator=g)
     labels = ids.clone()
@@ -68,6 +71,39 @@ def test_token_nll_equals_the_plain_loss_in_value_and_gradient(arch: Any, method
                                                                             chunk=c).nll.sum())
         assert close(got, want), (chunk, float(got), float(want))
         assert all(close(a, b) for a, b in zip(grads, want_grads, strict=True)), chunk
+
+
+@pytest.mark.parametrize("method", ["full", "trainable_tokens"])
+def test_a_trained_head_gets_the_gradient_of_a_loss_that_weighs_positions_differently(method: str) -> None:
+    """The fused path keeps the head's gradient for a loss that weighs every position alike; per-sequence weights
+    (as the preference losses give) take the recompute in the backward: both equal the plain loss's gradient."""
+    tuned = dt.attach(tiny_llama(), method, **({"token_indices": [3, 17]} if method == "trainable_tokens" else {}))
+    tuned.train()
+    if method == "trainable_tokens":
+        with torch.no_grad():
+            for p in tuned.parameters():
+                if p.requires_grad:
+                    p.normal_(0, 0.5)
+    head = lm_loss.output_head(tuned)
+    assert head is not None and lm_loss._linear_head(head[2])
+    g = torch.Generator().manual_seed(2)
+    ids = torch.randint(0, 128, (3, 9), generator=g)
+    labels = ids.clone()
+    labels[1, :5] = -100
+    weights = torch.rand(3, 1, generator=g) + 0.5  # one weight per sequence
+
+    def plain() -> torch.Tensor:
+        logits = tuned(input_ids=ids, use_cache=False).logits
+        targets = F.pad(labels, (0, 1), value=-100)[:, 1:]
+        nll = F.cross_entropy(logits.flatten(0, 1).float(), targets.reshape(-1), ignore_index=-100,
+                              reduction="none").view_as(targets)
+        return (nll * weights).sum()
+
+    want, want_grads = loss_and_grads(tuned, plain)
+    got, grads = loss_and_grads(tuned, lambda: (lm_loss.token_nll(tuned, {"input_ids": ids}, labels, chunk=4).nll
+                                                * weights).sum())
+    assert close(got, want)
+    assert all(close(a, b) for a, b in zip(grads, want_grads, strict=True))
 
 
 def test_hits_and_unlabelled_positions() -> None:

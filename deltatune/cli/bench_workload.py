@@ -73,9 +73,12 @@ class Workload:
 
 ALL_LINEAR = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 # bench names that are a preset with other method options: the comparisons with LoRA at its trainable count on
-# every linear layer of the blocks, SpIEL with SM3's regrowth statistics, and full / LISA with W0 kept in memory
-# (the presets keep it on disk), to measure what the disk saves
+# every linear layer of the blocks, SpIEL with SM3's regrowth statistics, full / LISA with W0 kept in memory
+# (the presets keep it on disk), to measure what the disk saves, and LoRA with PiSSA's init by PEFT's fast SVD
+# (PEFT rewrites W0, so its PiSSA trains at plain LoRA's cost: ``peft lora``; deltatune keeps W0 and carries the
+# principal part as frozen factors, which this run prices)
 VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
+    "lora-pissa": ("lora", {"init": "pissa_niter_4"}),
     "lora-all": ("lora", {"targets": ALL_LINEAR}),
     "spiel-all": ("spiel", {"targets": ALL_LINEAR}),
     "spiel-sm3": ("spiel", {"regrow": "sm3"}),

@@ -8,12 +8,14 @@ log-sum-exp over the vocabulary and the target's logit.
 ``token_nll`` runs the model with its output-embedding module (``lm_head``) swapped for a capture of its input, keeps
 the hidden states of the labelled positions only, and computes their NLL in chunks of positions:
 
-- a plain, frozen ``nn.Linear`` head (LoRA and most methods: the head is not trained) takes the fused path, as
-  Liger's and Apple's cut-cross-entropy kernels do: each chunk's logits give the NLL and, in the same pass, its
-  gradient with respect to the hidden state ((softmax − onehot) · W), kept for the backward; the chunk's logits are
-  freed at once. Its cost is the plain loss's (one head product forward, one backward);
-- any other head (trained in place, a delta on its weight, a quantized layer, hooks) is called as a module on each
-  chunk under activation checkpointing, so its logits are recomputed in the backward (one extra head product).
+- an ``nn.Linear`` head, frozen (LoRA and most methods), trained in place (full fine-tuning) or with a delta on its
+  weight (trainable tokens on a tied head), takes the fused path, as Liger's and Apple's cut-cross-entropy kernels
+  do: each chunk's logits give the NLL and, in the same pass, its gradients with respect to the hidden state
+  ((softmax − onehot) · W) and, when the head trains, to its weight and bias (summed over chunks), kept for the
+  backward; the chunk's logits are freed at once. Its cost is the plain loss's (one head product forward, the
+  backward's two);
+- any other head (a quantized layer, hooks, a forward of its own) is called as a module on each chunk under
+  activation checkpointing, so its logits are recomputed in the backward (one extra head product).
 
 Liger and cut-cross-entropy are Triton kernels (GPU only) and take the head as a bare weight matrix, which cannot
 carry a delta; this is their idea in plain PyTorch, exact up to summation order. Models whose forward changes the
@@ -30,6 +32,7 @@ from typing import Any, NamedTuple
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.nn.utils import parametrize
 from torch.utils.checkpoint import checkpoint
 
 IGNORE_INDEX = -100
@@ -111,24 +114,35 @@ def _head_captured(model: nn.Module) -> Iterator[tuple[_Capture, nn.Module]]:
         parent._modules[attr] = head
 
 
-def _plain_frozen_linear(head: nn.Module) -> bool:
-    """A head the fused path can take: exactly nn.Linear (a parametrised or quantized layer is another class), no
-    hooks, no forward of its own (a sparse form replaces the instance's forward: the fused path would read W0 and
-    drop the delta), nothing in it trained."""
-    return (type(head) is nn.Linear and not head._forward_hooks and not head._forward_pre_hooks
-            and "forward" not in head.__dict__ and not any(p.requires_grad for p in head.parameters()))
+def _linear_head(head: nn.Module) -> bool:
+    """A head the fused path can take: an ``nn.Linear`` whose forward is exactly ``F.linear(h, weight, bias)``:
+    plain, or with its weight parametrised (a delta on the weight: W0 + ΔW is read once per batch); no hooks but
+    those that only ready the weight (``prepares_weight``: an in-place form settling W, run once by the caller), no
+    forward of its own (a sparse form replaces the instance's forward: the fused path would read W0 and drop the
+    delta), not a quantized layer (another class, with its own forward)."""
+    cls = type(head)
+    linear = (cls.__bases__[0] if parametrize.is_parametrized(head) else cls) is nn.Linear
+    return (linear and not head._forward_hooks and "forward" not in head.__dict__
+            and all(getattr(hook, "prepares_weight", False) for hook in head._forward_pre_hooks.values()))
 
 
 class _FusedLinearNLL(torch.autograd.Function):
-    """NLL of each row of ``hidden`` under ``hidden @ weight.T + bias``, chunk by chunk, with the gradient with
-    respect to ``hidden`` made in the forward pass (the head is frozen: nothing else needs one)."""
+    """NLL of each row of ``hidden`` under ``hidden @ weight.T + bias``, chunk by chunk, with the gradients made in
+    the forward pass, as Liger's and cut-cross-entropy's kernels do: with respect to ``hidden`` and, when the head's
+    weight (bias) is trained or carries a delta, to it. The head-side gradients are sums over rows, so they are kept
+    for the usual case of a loss that weighs every labelled position alike (a mean or a sum); a loss that weighs
+    positions differently (per-sequence log-probabilities in the preference losses) has them recomputed chunk by
+    chunk in the backward, which is what a checkpointed head costs."""
 
     @staticmethod
     def forward(ctx: Any, hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
-                targets: torch.Tensor, chunk: int, want_grad: bool) -> tuple[torch.Tensor, torch.Tensor]:
+                targets: torch.Tensor, chunk: int, want: tuple[bool, bool, bool]) -> tuple[torch.Tensor, torch.Tensor]:
         nll = torch.empty(hidden.shape[0], dtype=torch.float32, device=hidden.device)
         hit = torch.empty(hidden.shape[0], dtype=torch.bool, device=hidden.device)
-        grad = torch.empty_like(hidden) if want_grad else None
+        grad_h = torch.empty_like(hidden) if want[0] else None
+        grad_w = torch.zeros_like(weight, dtype=torch.float32) if want[1] else None
+        grad_b = torch.zeros_like(bias, dtype=torch.float32) if want[2] and bias is not None else None
+        want_grad, head = any(want), want[1] or want[2]
         for start in range(0, hidden.shape[0], chunk):
             h = hidden[start:start + chunk]
             t = targets[start:start + chunk]
@@ -136,21 +150,64 @@ class _FusedLinearNLL(torch.autograd.Function):
             # the same operation as the module path's: the two give bit-identical values on the same logits
             nll[start:start + chunk] = F.cross_entropy(logits, t, reduction="none")
             hit[start:start + chunk] = logits.argmax(-1) == t
-            if grad is not None:
-                probs = torch.softmax(logits, dim=-1)  # d nll / d logits = softmax − onehot
+            if want_grad:
+                d = _softmax_minus_onehot(logits, t)
                 del logits
-                probs[torch.arange(len(t), device=t.device), t] -= 1.0
-                grad[start:start + chunk] = probs.to(weight.dtype) @ weight
-        ctx.save_for_backward(grad)
+                _accumulate(d, h, weight, grad_h, grad_w, grad_b, start)
+        ctx.chunk = chunk
+        ctx.head = head
+        # the head's inputs are kept only for the recompute of a non-uniform loss; the weight is the parameter (or
+        # the parametrised W0 + ΔW, which the plain loss keeps for its backward as well)
+        ctx.save_for_backward(grad_h, grad_w, grad_b, *((hidden, weight, bias, targets) if head else ()))
         ctx.mark_non_differentiable(hit)
         return nll, hit
 
     @staticmethod
     def backward(ctx: Any, grad_nll: torch.Tensor, _grad_hit: Any) -> tuple[Any, ...]:
-        (grad,) = ctx.saved_tensors
-        if grad is None:
-            raise RuntimeError("the fused loss ran without a gradient to keep; call it with grad enabled")
-        return grad * grad_nll.unsqueeze(-1).to(grad.dtype), None, None, None, None, None
+        grad_h, grad_w, grad_b, *inputs = ctx.saved_tensors
+        if not ctx.needs_input_grad[0] and not ctx.head:
+            return None, None, None, None, None, None
+        if grad_h is None and grad_w is None and grad_b is None:
+            raise RuntimeError("the fused loss ran without gradients to keep; call it with grad enabled")
+        scale = grad_nll.unsqueeze(-1)
+        gh = grad_h * scale.to(grad_h.dtype) if grad_h is not None else None
+        gw = gb = None
+        if ctx.head:
+            hidden, weight, bias, targets = inputs
+            if bool((grad_nll == grad_nll[0]).all()):  # a mean or a sum: the kept sums, scaled
+                c = grad_nll[0]
+                gw = (grad_w * c).to(weight.dtype) if grad_w is not None else None
+                gb = (grad_b * c).to(bias.dtype) if grad_b is not None else None
+            else:  # positions weighed differently: the head-side sums again, each row weighed
+                gw = torch.zeros_like(weight, dtype=torch.float32) if grad_w is not None else None
+                gb = torch.zeros_like(bias, dtype=torch.float32) if grad_b is not None else None
+                for start in range(0, hidden.shape[0], ctx.chunk):
+                    h, t = hidden[start:start + ctx.chunk], targets[start:start + ctx.chunk]
+                    with torch.no_grad():
+                        d = _softmax_minus_onehot(F.linear(h, weight, bias).float(), t)
+                    d *= grad_nll[start:start + ctx.chunk].unsqueeze(-1)
+                    _accumulate(d, h, weight, None, gw, gb, start)
+                gw = gw.to(weight.dtype) if gw is not None else None
+                gb = gb.to(bias.dtype) if gb is not None else None
+        return gh, gw, gb, None, None, None
+
+
+def _softmax_minus_onehot(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """d nll / d logits of each row, in place of the logits."""
+    d = torch.softmax(logits, dim=-1)
+    d[torch.arange(len(targets), device=targets.device), targets] -= 1.0
+    return d
+
+
+def _accumulate(d: torch.Tensor, h: torch.Tensor, weight: torch.Tensor, grad_h: torch.Tensor | None,
+                grad_w: torch.Tensor | None, grad_b: torch.Tensor | None, start: int) -> None:
+    """One chunk's share of the gradients: rows of d·W for the hidden states, dᵀ·h summed into the weight's."""
+    if grad_h is not None:
+        grad_h[start:start + len(d)] = d.to(weight.dtype) @ weight.detach()
+    if grad_w is not None:
+        grad_w += d.t() @ h.detach().float()
+    if grad_b is not None:
+        grad_b += d.sum(0)
 
 
 def _module_chunk(head: nn.Module, h: torch.Tensor, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -201,9 +258,14 @@ def token_nll(model: nn.Module, inputs: dict[str, torch.Tensor], labels: torch.T
     nll = torch.zeros(targets.numel(), dtype=torch.float32, device=hidden.device)
     hit = torch.zeros(targets.numel(), dtype=torch.bool, device=hidden.device)
     if where.numel():
-        if _plain_frozen_linear(head):
-            want_grad = torch.is_grad_enabled() and chosen.requires_grad
-            picked, hits = _FusedLinearNLL.apply(chosen, head.weight, head.bias, wanted, size, want_grad)
+        if _linear_head(head):
+            for hook in list(head._forward_pre_hooks.values()):  # readying the weight, as a call would
+                hook(head, (chosen,))
+            weight, bias = head.weight, head.bias  # read once: a parametrised weight is W0 + ΔW, built here
+            grad = torch.is_grad_enabled()
+            want = (grad and chosen.requires_grad, grad and weight.requires_grad,
+                    grad and bias is not None and bias.requires_grad)
+            picked, hits = _FusedLinearNLL.apply(chosen, weight, bias, wanted, size, want)
         else:
             picked, hits = _module_nll(head, chosen, wanted, size)
         nll = nll.index_put((where,), picked)

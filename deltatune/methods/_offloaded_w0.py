@@ -180,6 +180,8 @@ class OffloadedInPlace(InPlace):
             self.snapshot()  # gradient training: before any optimizer step writes W
         self.settle()
 
+    _forward_pre_hook.prepares_weight = True  # type: ignore[attr-defined]  # as InPlace's: it never reads the input
+
 
 def offloaded_forms(model: nn.Module, params: Iterable[tuple[str, nn.Parameter]], keep_w0: str = "disk",
                     directory: str | None = None) -> dict[str, OffloadedInPlace]:

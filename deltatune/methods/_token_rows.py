@@ -43,6 +43,13 @@ class TokenRows(Sparse):
     def _functional(self) -> bool:
         return False  # a parametrisation at every site: every reader of the weight sees the rows
 
+    def added_to(self, weight: torch.Tensor) -> torch.Tensor:
+        # W0 with the k rows added (one copy of W0, as PEFT's index_copy): no dense ΔW, and the backward to the
+        # values gathers k rows of the weight's gradient
+        ids = torch.tensor(self.tokens, dtype=torch.long, device=weight.device)
+        rows = self.values.view(len(self.tokens), self.width).to(weight.dtype)
+        return weight.index_add(0, ids, rows * self.scale if self.scale != 1.0 else rows)
+
     # -- the rows as (k, hidden) ------------------------------------------------------------------------------
     def rows(self) -> torch.Tensor:
         """The trained rows' values W0[tokens] + ΔW, (k, hidden), as PEFT holds them."""

@@ -113,7 +113,7 @@ class _AddDelta(nn.Module):
         object.__setattr__(self, "form", form)
 
     def forward(self, weight: torch.Tensor) -> torch.Tensor:
-        return weight + self.form.delta_weight().to(weight.dtype)
+        return self.form.added_to(weight)
 
 
 class WeightDelta(Form):
@@ -182,6 +182,11 @@ class WeightDelta(Form):
             return quantized.dequantize(self._sites[0][0], dtype)
         base = self.base.detach()
         return base if dtype is None else base.to(dtype)
+
+    def added_to(self, weight: torch.Tensor) -> torch.Tensor:
+        """W0 + ΔW as the parametrisation computes it in every forward; a form whose ΔW touches few entries
+        overrides it to add them without a dense ΔW the size of W0."""
+        return weight + self.delta_weight().to(weight.dtype)
 
     def delta_weight(self) -> torch.Tensor:
         """ΔW in the layout of the base tensor."""

@@ -111,6 +111,10 @@ class InPlace(WeightDelta):
         # with a W that its artifact reproduces bit for bit
         self.settle()
 
+    # the hook only readies the weight and never reads the input: a caller that reads the weight itself (the
+    # chunked loss's fused head, deltatune.data.lm_loss) may run it once instead of calling the module
+    _forward_pre_hook.prepares_weight = True  # type: ignore[attr-defined]
+
     def stored_tensors(self) -> dict[str, torch.Tensor]:
         # forced: a fused optimizer kernel (the Trainer's default AdamW) may write W without moving its version
         self.settle(force=True)
