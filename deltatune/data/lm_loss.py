@@ -156,6 +156,8 @@ class _FusedLinearNLL(torch.autograd.Function):
                 _accumulate(d, h, weight, grad_h, grad_w, grad_b, start)
         ctx.chunk = chunk
         ctx.head = head
+        device = hidden.device.type  # the recompute runs under the forward's autocast (bf16 logits on CUDA)
+        ctx.autocast = (device, torch.get_autocast_dtype(device), torch.is_autocast_enabled(device))
         # the head's inputs are kept only for the recompute of a non-uniform loss; the weight is the parameter (or
         # the parametrised W0 + ΔW, which the plain loss keeps for its backward as well)
         ctx.save_for_backward(grad_h, grad_w, grad_b, *((hidden, weight, bias, targets) if head else ()))
@@ -183,7 +185,8 @@ class _FusedLinearNLL(torch.autograd.Function):
                 gb = torch.zeros_like(bias, dtype=torch.float32) if grad_b is not None else None
                 for start in range(0, hidden.shape[0], ctx.chunk):
                     h, t = hidden[start:start + ctx.chunk], targets[start:start + ctx.chunk]
-                    with torch.no_grad():
+                    device, dtype, enabled = ctx.autocast
+                    with torch.no_grad(), torch.autocast(device, dtype=dtype, enabled=enabled):
                         d = _softmax_minus_onehot(F.linear(h, weight, bias).float(), t)
                     d *= grad_nll[start:start + ctx.chunk].unsqueeze(-1)
                     _accumulate(d, h, weight, None, gw, gb, start)
