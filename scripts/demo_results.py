@@ -58,6 +58,14 @@ FIRST = {
     "id3": Row("id3"),
     "ist": Row("ist"),
     "sparse_mezo": Row("sparse_mezo", MEZO_BUDGET),
+    # PEFT's inits of LoRA (issue 27): the lora preset (r 8 on q, v) with another init. EVA calibrates on 64 training
+    # tweets' inputs (the data section's training part, which in the search includes the dev tweets: their inputs,
+    # never their labels)
+    "lora-pissa": Row("lora", method={"init": "pissa_niter_4"}),
+    "lora-olora": Row("lora", method={"init": "olora"}),
+    "lora-loftq": Row("lora", method={"init": "loftq"}),
+    "lora-eva": Row("lora", method={"init": "eva", "eva": {"data": dict(DEFAULT_SETUP["data"]), "samples": 64,
+                                                            "batch_size": 16}}),
 }
 TABLE: dict[str, Any] = {
     **DEFAULT_SETUP,
