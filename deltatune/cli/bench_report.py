@@ -165,52 +165,54 @@ def markdown(records: list[dict[str, Any]], w: Workload, command: str) -> str:
     return "\n".join(lines)
 
 
-def equal_count_lines(records: list[dict[str, Any]]) -> list[str]:
-    """A second table: each method against the deltatune LoRA run with exactly its trainable count."""
-    paired = [r for r in records if r.get("ratios_to_same_count_lora")]
+def _ratio_table(records: list[dict[str, Any]], key: str, intro: str,
+                 columns: list[tuple[str, Any]]) -> list[str]:
+    """A table of the records that carry ratios under ``key``: one row each, ``columns`` as (header, cell of
+    (record, its ratios)); the run's name first. Nothing when no record has them."""
+    paired = [r for r in records if r.get(key)]
     if not paired:
         return []
-    out = ["", "At equal trainable parameters (ratio to the deltatune LoRA run with the same count; the presets in "
-           "`deltatune/presets/` with the bench's changes in `deltatune/cli/bench_workload.py`):", "",
-           "| run | compared with | trainable | s / step | peak memory | eval loss | amortised slow-step overhead |",
-           "|---|---|---:|---:|---:|---:|---:|"]
-    for r in paired:
-        q = r["ratios_to_same_count_lora"]
-        over = r.get("amortised_overhead")
-        out.append(f"| {r['name']} | {r['same_count_lora']} | {r['trainable']:,} | {q['seconds_per_step']:.2f}× | "
-                   f"{q['peak_memory_bytes']:.2f}× | {q['eval_loss']:.2f}× | "
-                   + ("-" if over is None else f"{100 * over:.1f} %") + " |")
+    out = ["", intro, "", "| run | " + " | ".join(h for h, _ in columns) + " |",
+           "|---|" + "|".join("---" if h == "compared with" else "---:" for h, _ in columns) + "|"]
+    out += ["| " + " | ".join([r["name"], *(cell(r, r[key]) for _, cell in columns)]) + " |" for r in paired]
     return out
+
+
+def _times(field: str) -> Any:
+    return lambda r, q: f"{q[field]:.2f}×"
+
+
+def equal_count_lines(records: list[dict[str, Any]]) -> list[str]:
+    """A second table: each method against the deltatune LoRA run with exactly its trainable count."""
+    over = lambda r, q: "-" if r.get("amortised_overhead") is None else f"{100 * r['amortised_overhead']:.1f} %"  # noqa: E731
+    return _ratio_table(records, "ratios_to_same_count_lora",
+                        "At equal trainable parameters (ratio to the deltatune LoRA run with the same count; the "
+                        "presets in `deltatune/presets/` with the bench's changes in `deltatune/cli/bench_workload.py`):",
+                        [("compared with", lambda r, q: r["same_count_lora"]),
+                         ("trainable", lambda r, q: f"{r['trainable']:,}"), ("s / step", _times("seconds_per_step")),
+                         ("peak memory", _times("peak_memory_bytes")), ("eval loss", _times("eval_loss")),
+                         ("amortised slow-step overhead", over)])
 
 
 def peft_same_lines(records: list[dict[str, Any]]) -> list[str]:
     """A table of each deltatune method against PEFT's implementation of the same method, in the same bench."""
-    paired = [r for r in records if r.get("ratios_to_peft_same")]
-    if not paired:
-        return []
-    out = ["", "Against PEFT's implementation of the same method (`peft-<method>`: the config `deltatune export` "
-           "writes for the preset, so both train the same modules at the same sizes):", "",
-           "| run | compared with | trainable | s / step | tokens / s | peak memory | eval loss |",
-           "|---|---|---:|---:|---:|---:|---:|"]
-    for r in paired:
-        q = r["ratios_to_peft_same"]
-        out.append(f"| {r['name']} | {r['peft_same']} | {r['trainable']:,} | {q['seconds_per_step']:.2f}× | "
-                   f"{q['tokens_per_s']:.2f}× | {q['peak_memory_bytes']:.2f}× | {q['eval_loss']:.2f}× |")
-    return out
+    return _ratio_table(records, "ratios_to_peft_same",
+                        "Against PEFT's implementation of the same method (`peft-<method>`: the config `deltatune "
+                        "export` writes for the preset, so both train the same modules at the same sizes):",
+                        [("compared with", lambda r, q: r["peft_same"]),
+                         ("trainable", lambda r, q: f"{r['trainable']:,}"), ("s / step", _times("seconds_per_step")),
+                         ("tokens / s", _times("tokens_per_s")), ("peak memory", _times("peak_memory_bytes")),
+                         ("eval loss", _times("eval_loss"))])
 
 
 def forward_lines(records: list[dict[str, Any]]) -> list[str]:
     """A third table: each run against a forward-only pass of the same batches (inference's floor)."""
-    paired = [r for r in records if r.get("ratios_to_forward")]
-    if not paired:
-        return []
-    out = ["", "Against a forward-only pass of the same batches (`plain forward`: the frozen model under "
-           "`torch.no_grad`): s / step as a ratio to one forward pass, peak memory as a ratio to its peak:", "",
-           "| run | s / step vs forward | peak memory vs forward |", "|---|---:|---:|"]
-    for r in paired:
-        q = r["ratios_to_forward"]
-        out.append(f"| {r['name']} | {q['seconds_per_step']:.2f}× | {q['peak_memory_bytes']:.2f}× |")
-    return out
+    return _ratio_table(records, "ratios_to_forward",
+                        "Against a forward-only pass of the same batches (`plain forward`: the frozen model under "
+                        "`torch.no_grad`): s / step as a ratio to one forward pass, peak memory as a ratio to its "
+                        "peak:",
+                        [("s / step vs forward", _times("seconds_per_step")),
+                         ("peak memory vs forward", _times("peak_memory_bytes"))])
 
 
 def write_markdown(records: list[dict[str, Any]], w: Workload, path: str | os.PathLike, command: str) -> Path:
