@@ -523,3 +523,32 @@ def test_evaluate_is_greedy_and_leaves_rng_and_modes_alone(tmp_path: Path, smol_
     assert set(first) == {"reward", "rewards/chars/mean", "rewards/length/mean", "completions/mean_length"}
     expect = sum(s["reward"] for s in task.last_eval_completions) / len(texts)
     assert first["reward"] == pytest.approx(expect)
+
+
+@pytest.mark.parametrize("method,eos_boost", [("lora", 0.0), ("lora", 3.0), ("full", 0.0)])
+def test_chunked_log_probs_equal_the_full_logits(tmp_path: Path, smol_tok: Any, method: str, eos_boost: float) -> None:
+    """train.chunked_loss: the completion tokens' log-probs (at a temperature), their entropy and the gradient of a
+    loss that weighs tokens differently equal those from the whole (N, C, V) logits, whichever path the head
+    takes (plain: fused; a hooked head: checkpointed module calls; trained in place: fused with its gradient)."""
+    task = make_task(tmp_path, smol_tok, temperature=0.7)
+    tuned = dt.attach(tiny_model(eos_boost=eos_boost), method, **({"r": 2} if method == "lora" else {}))
+    tuned.train()
+    if method == "lora":
+        with torch.no_grad():
+            for p in tuned.deltas.parameters():
+                p.add_(torch.randn_like(p) * 0.3)
+    torch.manual_seed(0)
+    rollout = task.rollout(tuned, task.collate(task.train[:2]))
+    weights = torch.rand(rollout.completion_ids.shape, generator=torch.Generator().manual_seed(3))
+    params = [p for p in tuned.parameters() if p.requires_grad]
+    results = []
+    for chunked in (True, False):
+        task.chunked_loss = chunked
+        logps, entropy = task.token_logps(tuned, rollout, entropy=True)
+        grads = torch.autograd.grad((logps * weights).sum(), params)
+        results.append((logps.detach(), entropy, grads))
+    (a, ea, ga), (b, eb, gb) = results
+    assert a.shape == b.shape and torch.allclose(a, b, rtol=1e-5, atol=1e-5 * float(b.abs().max()))
+    assert ea is not None and eb is not None and torch.allclose(ea, eb, rtol=1e-5, atol=1e-5 * float(eb.abs().max()))
+    for x, y in zip(ga, gb, strict=True):
+        assert torch.allclose(x, y, rtol=1e-4, atol=1e-5 * float(y.abs().max()) + 1e-12)

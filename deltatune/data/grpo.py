@@ -60,12 +60,15 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 
 from deltatune.core.policy import Policy
+from deltatune.data import lm_loss
 from deltatune.data import rewards as reward_fns
 from deltatune.data import rows as data_rows
 from deltatune.data.config import DataConfig
 from deltatune.data.encode import check_template, left_pad
+from deltatune.data.lm_loss import IGNORE_INDEX
 from deltatune.data.tasks import Task, _accepts, _device_of, _Modes, _unwrap
 from deltatune.errors import DeltatuneError
 
@@ -609,10 +612,16 @@ class GRPOTask(Task):
         per-token entropy (no gradient). The vocabulary-wide head runs on the completion positions only."""
         inputs = {k: v.to(_device_of(model)) for k, v in rollout.inputs().items()}
         width = rollout.completion_ids.shape[1]
-        extra: dict[str, Any] = {"use_cache": False}
+        extra: dict[str, Any] = {}
         if _accepts(type(_unwrap(model)), "logits_to_keep"):
             extra["logits_to_keep"] = width + 1
-        logits = model(**inputs, **extra).logits[:, -width - 1:-1, :]
+        if self.chunked(model):  # train.chunked_loss: from the hidden states in chunks, never (N, C, V) logits
+            # the last prompt position and the completion's: position j scores completion token j
+            labels = F.pad(rollout.completion_ids.to(_device_of(model)), (1, 0), value=IGNORE_INDEX)
+            out = lm_loss.token_nll(model, inputs, labels, temperature=self.options.temperature, entropy=entropy,
+                                    **extra)
+            return -out.nll[:, :width], (out.entropy[:, :width] if out.entropy is not None else None)
+        logits = model(**inputs, use_cache=False, **extra).logits[:, -width - 1:-1, :]
         logp_all = torch.log_softmax(logits.float() / self.options.temperature, dim=-1)
         targets = rollout.completion_ids.to(logp_all.device).unsqueeze(-1)
         logps = logp_all.gather(-1, targets).squeeze(-1)

@@ -45,11 +45,13 @@ _LOGIT_TRANSFORMS = ("final_logit_softcapping", "logit_scale", "logits_scaling",
 
 
 class TokenNLL(NamedTuple):
-    """Per position (batch, sequence): the NLL of the next token (0 where it has no label), and, when asked,
-    whether the head's argmax is that token (False where no label)."""
+    """Per position (batch, sequence): the NLL of the next token (0 where it has no label), whether the head's
+    argmax is that token (False where no label), and when asked the entropy of the next-token distribution (no
+    gradient; 0 where no label)."""
 
     nll: torch.Tensor
     hit: torch.Tensor | None
+    entropy: torch.Tensor | None = None
 
 
 def _unwrap(model: nn.Module) -> nn.Module:
@@ -136,9 +138,11 @@ class _FusedLinearNLL(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx: Any, hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
-                targets: torch.Tensor, chunk: int, want: tuple[bool, bool, bool]) -> tuple[torch.Tensor, torch.Tensor]:
+                targets: torch.Tensor, chunk: int, want: tuple[bool, bool, bool], temperature: float,
+                entropy: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         nll = torch.empty(hidden.shape[0], dtype=torch.float32, device=hidden.device)
         hit = torch.empty(hidden.shape[0], dtype=torch.bool, device=hidden.device)
+        ent = torch.empty(hidden.shape[0] if entropy else 0, dtype=torch.float32, device=hidden.device)
         grad_h = torch.empty_like(hidden) if want[0] else None
         grad_w = torch.zeros_like(weight, dtype=torch.float32) if want[1] else None
         grad_b = torch.zeros_like(bias, dtype=torch.float32) if want[2] and bias is not None else None
@@ -146,29 +150,33 @@ class _FusedLinearNLL(torch.autograd.Function):
         for start in range(0, hidden.shape[0], chunk):
             h = hidden[start:start + chunk]
             t = targets[start:start + chunk]
-            logits = F.linear(h, weight, bias).float()
-            # the same operation as the module path's: the two give bit-identical values on the same logits
+            logits = _scaled(F.linear(h, weight, bias).float(), temperature)
+            # the same operations as the module path's: the two give bit-identical values on the same logits
             nll[start:start + chunk] = F.cross_entropy(logits, t, reduction="none")
             hit[start:start + chunk] = logits.argmax(-1) == t
+            if entropy:
+                ent[start:start + chunk] = _entropy(logits)
             if want_grad:
-                d = _softmax_minus_onehot(logits, t)
+                d = _softmax_minus_onehot(logits, t, temperature)
                 del logits
                 _accumulate(d, h, weight, grad_h, grad_w, grad_b, start)
         ctx.chunk = chunk
+        ctx.temperature = temperature
         ctx.head = head
         device = hidden.device.type  # the recompute runs under the forward's autocast (bf16 logits on CUDA)
         ctx.autocast = (device, torch.get_autocast_dtype(device), torch.is_autocast_enabled(device))
         # the head's inputs are kept only for the recompute of a non-uniform loss; the weight is the parameter (or
         # the parametrised W0 + ΔW, which the plain loss keeps for its backward as well)
         ctx.save_for_backward(grad_h, grad_w, grad_b, *((hidden, weight, bias, targets) if head else ()))
-        ctx.mark_non_differentiable(hit)
-        return nll, hit
+        ctx.mark_non_differentiable(hit, ent)
+        return nll, hit, ent
 
     @staticmethod
-    def backward(ctx: Any, grad_nll: torch.Tensor, _grad_hit: Any) -> tuple[Any, ...]:
+    def backward(ctx: Any, grad_nll: torch.Tensor, _grad_hit: Any, _grad_ent: Any) -> tuple[Any, ...]:
+        none = (None,) * 6  # targets, chunk, want, temperature, entropy and one of the three below
         grad_h, grad_w, grad_b, *inputs = ctx.saved_tensors
         if not ctx.needs_input_grad[0] and not ctx.head:
-            return None, None, None, None, None, None
+            return None, None, *none
         if grad_h is None and grad_w is None and grad_b is None:
             raise RuntimeError("the fused loss ran without gradients to keep; call it with grad enabled")
         scale = grad_nll.unsqueeze(-1)
@@ -187,19 +195,31 @@ class _FusedLinearNLL(torch.autograd.Function):
                     h, t = hidden[start:start + ctx.chunk], targets[start:start + ctx.chunk]
                     device, dtype, enabled = ctx.autocast
                     with torch.no_grad(), torch.autocast(device, dtype=dtype, enabled=enabled):
-                        d = _softmax_minus_onehot(F.linear(h, weight, bias).float(), t)
+                        d = _softmax_minus_onehot(_scaled(F.linear(h, weight, bias).float(), ctx.temperature), t,
+                                                  ctx.temperature)
                     d *= grad_nll[start:start + ctx.chunk].unsqueeze(-1)
                     _accumulate(d, h, weight, None, gw, gb, start)
                 gw = gw.to(weight.dtype) if gw is not None else None
                 gb = gb.to(bias.dtype) if gb is not None else None
-        return gh, gw, gb, None, None, None
+        return gh, gw, gb, *none[1:]
 
 
-def _softmax_minus_onehot(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """d nll / d logits of each row, in place of the logits."""
+def _scaled(logits: torch.Tensor, temperature: float) -> torch.Tensor:
+    """The logits divided by the sampling temperature (GRPO's log-probs are of logits / T, as TRL's)."""
+    return logits if temperature == 1.0 else logits / temperature
+
+
+def _entropy(logits: torch.Tensor) -> torch.Tensor:
+    with torch.no_grad():
+        logp = torch.log_softmax(logits, dim=-1)
+        return -(logp.exp() * logp).sum(-1)
+
+
+def _softmax_minus_onehot(logits: torch.Tensor, targets: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
+    """d nll / d (the head's output) of each row, from the (temperature-scaled) logits, in place of them."""
     d = torch.softmax(logits, dim=-1)
     d[torch.arange(len(targets), device=targets.device), targets] -= 1.0
-    return d
+    return d if temperature == 1.0 else d.div_(temperature)
 
 
 def _accumulate(d: torch.Tensor, h: torch.Tensor, weight: torch.Tensor, grad_h: torch.Tensor | None,
@@ -213,26 +233,27 @@ def _accumulate(d: torch.Tensor, h: torch.Tensor, weight: torch.Tensor, grad_h: 
         grad_b += d.sum(0)
 
 
-def _module_chunk(head: nn.Module, h: torch.Tensor, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    logits = head(h).float()
+def _module_chunk(head: nn.Module, h: torch.Tensor, t: torch.Tensor, temperature: float,
+                  entropy: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    logits = _scaled(head(h).float(), temperature)
     nll = F.cross_entropy(logits, t, reduction="none")
-    return nll, (logits.argmax(-1) == t)
+    ent = _entropy(logits) if entropy else logits.new_empty(0)
+    return nll, (logits.argmax(-1) == t), ent
 
 
-def _module_nll(head: nn.Module, hidden: torch.Tensor, targets: torch.Tensor,
-                chunk: int) -> tuple[torch.Tensor, torch.Tensor]:
+def _module_nll(head: nn.Module, hidden: torch.Tensor, targets: torch.Tensor, chunk: int, temperature: float,
+                entropy: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Any head called as a module on each chunk; under grad, checkpointed (its logits recomputed in backward)."""
-    nlls, hits = [], []
+    parts = []
     grad = torch.is_grad_enabled()
     for start in range(0, hidden.shape[0], chunk):
         h, t = hidden[start:start + chunk], targets[start:start + chunk]
         if grad:
-            nll, hit = checkpoint(_module_chunk, head, h, t, use_reentrant=False)
+            parts.append(checkpoint(_module_chunk, head, h, t, temperature, entropy, use_reentrant=False))
         else:
-            nll, hit = _module_chunk(head, h, t)
-        nlls.append(nll)
-        hits.append(hit)
-    return torch.cat(nlls), torch.cat(hits)
+            parts.append(_module_chunk(head, h, t, temperature, entropy))
+    nll, hit, ent = (torch.cat(column) for column in zip(*parts, strict=True))
+    return nll, hit, ent
 
 
 def chunk_size(vocab: int) -> int:
@@ -240,11 +261,13 @@ def chunk_size(vocab: int) -> int:
 
 
 def token_nll(model: nn.Module, inputs: dict[str, torch.Tensor], labels: torch.Tensor, *,
-              chunk: int | None = None, **forward: Any) -> TokenNLL:
+              chunk: int | None = None, temperature: float = 1.0, entropy: bool = False, **forward: Any) -> TokenNLL:
     """The next-token NLL at every position of ``labels`` (position t scores token t + 1; IGNORE_INDEX: none),
     (batch, sequence), float32, differentiable; and the argmax hits. ``inputs`` and ``forward`` go to the model
     (``use_cache=False`` added). A form that prepends virtual tokens (prefix / prompt tuning) gives the body more
-    positions than ``labels`` has: the last ``labels.shape[1]`` are the real ones, as with the plain loss."""
+    positions than ``labels`` has: the last ``labels.shape[1]`` are the real ones, as with the plain loss.
+    ``temperature``: the NLL of softmax(logits / T) (GRPO's sampling temperature); ``entropy``: also each labelled
+    position's entropy of that distribution (no gradient)."""
     with _head_captured(model) as (capture, head):
         model(**inputs, use_cache=False, **forward)
     hidden = capture.hidden
@@ -260,6 +283,7 @@ def token_nll(model: nn.Module, inputs: dict[str, torch.Tensor], labels: torch.T
     size = chunk or chunk_size(vocab)
     nll = torch.zeros(targets.numel(), dtype=torch.float32, device=hidden.device)
     hit = torch.zeros(targets.numel(), dtype=torch.bool, device=hidden.device)
+    ent = torch.zeros(targets.numel(), dtype=torch.float32, device=hidden.device)
     if where.numel():
         if _linear_head(head):
             for hook in list(head._forward_pre_hooks.values()):  # readying the weight, as a call would
@@ -268,12 +292,14 @@ def token_nll(model: nn.Module, inputs: dict[str, torch.Tensor], labels: torch.T
             grad = torch.is_grad_enabled()
             want = (grad and chosen.requires_grad, grad and weight.requires_grad,
                     grad and bias is not None and bias.requires_grad)
-            picked, hits = _FusedLinearNLL.apply(chosen, weight, bias, wanted, size, want)
+            picked, hits, ents = _FusedLinearNLL.apply(chosen, weight, bias, wanted, size, want, temperature, entropy)
         else:
-            picked, hits = _module_nll(head, chosen, wanted, size)
+            picked, hits, ents = _module_nll(head, chosen, wanted, size, temperature, entropy)
         nll = nll.index_put((where,), picked)
         hit = hit.index_put((where,), hits)
-    return TokenNLL(nll.view_as(targets), hit.view_as(targets))
+        if entropy:
+            ent = ent.index_put((where,), ents)
+    return TokenNLL(nll.view_as(targets), hit.view_as(targets), ent.view_as(targets) if entropy else None)
 
 
 def head_at(model: nn.Module, inputs: dict[str, torch.Tensor], positions: torch.Tensor,
