@@ -182,16 +182,20 @@ def _times(field: str) -> Any:
     return lambda r, q: f"{q[field]:.2f}×"
 
 
+def _against(name_key: str) -> list[tuple[str, Any]]:
+    """The first columns of a comparison table: the run compared with, the trainable count, the step time."""
+    return [("compared with", lambda r, q: r[name_key]), ("trainable", lambda r, q: f"{r['trainable']:,}"),
+            ("s / step", _times("seconds_per_step"))]
+
+
 def equal_count_lines(records: list[dict[str, Any]]) -> list[str]:
     """A second table: each method against the deltatune LoRA run with exactly its trainable count."""
     over = lambda r, q: "-" if r.get("amortised_overhead") is None else f"{100 * r['amortised_overhead']:.1f} %"  # noqa: E731
     return _ratio_table(records, "ratios_to_same_count_lora",
                         "At equal trainable parameters (ratio to the deltatune LoRA run with the same count; the "
                         "presets in `deltatune/presets/` with the bench's changes in `deltatune/cli/bench_workload.py`):",
-                        [("compared with", lambda r, q: r["same_count_lora"]),
-                         ("trainable", lambda r, q: f"{r['trainable']:,}"), ("s / step", _times("seconds_per_step")),
-                         ("peak memory", _times("peak_memory_bytes")), ("eval loss", _times("eval_loss")),
-                         ("amortised slow-step overhead", over)])
+                        [*_against("same_count_lora"), ("peak memory", _times("peak_memory_bytes")),
+                         ("eval loss", _times("eval_loss")), ("amortised slow-step overhead", over)])
 
 
 def peft_same_lines(records: list[dict[str, Any]]) -> list[str]:
@@ -199,10 +203,8 @@ def peft_same_lines(records: list[dict[str, Any]]) -> list[str]:
     return _ratio_table(records, "ratios_to_peft_same",
                         "Against PEFT's implementation of the same method (`peft-<method>`: the config `deltatune "
                         "export` writes for the preset, so both train the same modules at the same sizes):",
-                        [("compared with", lambda r, q: r["peft_same"]),
-                         ("trainable", lambda r, q: f"{r['trainable']:,}"), ("s / step", _times("seconds_per_step")),
-                         ("tokens / s", _times("tokens_per_s")), ("peak memory", _times("peak_memory_bytes")),
-                         ("eval loss", _times("eval_loss"))])
+                        [*_against("peft_same"), ("tokens / s", _times("tokens_per_s")),
+                         ("peak memory", _times("peak_memory_bytes")), ("eval loss", _times("eval_loss"))])
 
 
 def forward_lines(records: list[dict[str, Any]]) -> list[str]:
