@@ -33,6 +33,8 @@ from typing import Any
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from deltatune.core.artifact import report_folder  # noqa: E402
+
 MODEL = "smollm2-135m"
 DATA = {"name": "tweets", "task": "preference", "labels": ["negative", "positive"], "max_length": 64,
         "eval_fraction": 0.1, "max_eval": 16, "max_train": 400}
@@ -46,20 +48,14 @@ def peak() -> int:
 
 def run_deltatune(a: argparse.Namespace, out: Path) -> dict[str, Any]:
     import deltatune as dt
-    from deltatune.train.callbacks import Callback
-
-    class Peak(Callback):  # after each step, before the end-of-run checkpoint (TRL's side writes none)
-        peak = 0
-
-        def on_step_end(self, record: dict[str, Any]) -> None:
-            self.peak = peak()
+    from deltatune.train.callbacks import PeakMemory
 
     cfg = {"model": MODEL, "data": DATA, "method": {"name": "lora", **LORA, "dropout": 0.0},
            "train": {"objective": {"name": "dpo", "beta": BETA}, "steps": a.steps, "batch_size": a.pairs, "lr": LR,
                      "warmup": 0.0, "schedule": "linear", "seed": 0, "eval_every": 0, "save_every": 0,
                      "progress": False, "device": "cpu"},
            "output": str(out / "deltatune")}
-    cb = Peak()
+    cb = PeakMemory()  # after each step, before the end-of-run checkpoint (TRL's side writes none)
     summary = dt.train(cfg, overwrite=True, callbacks=[cb])
     times = [r["seconds"] for r in summary["history"]]
     return {"run": "deltatune", "times": times, "peak_memory_bytes": cb.peak, "trainable": summary["trainable"],
@@ -130,6 +126,16 @@ def main() -> None:
         result["median_s_per_step"] = statistics.median(result["times"][1:] or result["times"])
         print("RESULT " + json.dumps(result), flush=True)
         return
+    with report_folder(out, "scripts/dpo_bench.py"):  # refuses a folder holding anything else
+        results = measure(a, out)
+    d, t = results["deltatune"], results["trl"]
+    print(json.dumps({"s_per_step_ratio": d["median_s_per_step"] / t["median_s_per_step"],
+                      "peak_memory_ratio": d["peak_memory_bytes"] / t["peak_memory_bytes"],
+                      "trainable": [d["trainable"], t["trainable"]]}))
+
+
+def measure(a: argparse.Namespace, out: Path) -> dict[str, dict[str, Any]]:
+    """Each side in a process of its own (its peak memory is its own)."""
     results = {}
     for one in ("deltatune", "trl"):
         proc = subprocess.run([sys.executable, __file__, "--one", one, "--steps", str(a.steps), "--pairs", str(a.pairs),
@@ -140,10 +146,7 @@ def main() -> None:
         results[one] = json.loads(line[len("RESULT "):])
         r = results[one]
         print(json.dumps({k: v for k, v in r.items() if k != "times"}), flush=True)
-    d, t = results["deltatune"], results["trl"]
-    print(json.dumps({"s_per_step_ratio": d["median_s_per_step"] / t["median_s_per_step"],
-                      "peak_memory_ratio": d["peak_memory_bytes"] / t["peak_memory_bytes"],
-                      "trainable": [d["trainable"], t["trainable"]]}))
+    return results
 
 
 if __name__ == "__main__":

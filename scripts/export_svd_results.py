@@ -24,6 +24,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import deltatune as dt  # noqa: E402
 from deltatune.cli.demo import DEFAULT_SETUP, run_config  # noqa: E402
+from deltatune.core.artifact import report_folder  # noqa: E402
 
 
 def trained(out: Path, name: str, a: argparse.Namespace) -> tuple[Path, dict[str, Any]]:
@@ -46,7 +47,14 @@ def main() -> None:
     ap.add_argument("--held-out", type=int, default=500)
     a = ap.parse_args()
     out = Path(a.out)
-    out.mkdir(parents=True, exist_ok=True)
+    # a folder holding anything but this script's earlier output is refused; its earlier runs are reused
+    with report_folder(out, "scripts/export_svd_results.py", resume=True):
+        results = measure(out, a)
+        (out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
+        table(out, results)
+
+
+def measure(out: Path, a: argparse.Namespace) -> list[dict[str, Any]]:
     results: list[dict[str, Any]] = []
     for name in a.methods.split(","):
         folder, data = trained(out, name, a)
@@ -64,7 +72,10 @@ def main() -> None:
                             "adapter_bytes": (adapter / "adapter_model.safetensors").stat().st_size,
                             "accuracy": scored["accuracy"], "loss": scored["loss"]})
             print(json.dumps(results[-1]), flush=True)
-    (out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
+    return results
+
+
+def table(out: Path, results: list[dict[str, Any]]) -> None:
     lines = ["| method | rank | pooled error | largest | adapter | held-out accuracy | loss |", "|---|---:|---:|---:|---:|---:|---:|"]
     for r in results:
         if r["rank"] is None:

@@ -38,6 +38,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 import deltatune as dt  # noqa: E402
+from deltatune.core.artifact import report_folder  # noqa: E402
 from deltatune.data import rows  # noqa: E402
 from deltatune.data.config import DataConfig  # noqa: E402
 from deltatune.methods.polyhistor import PolyhistorConfig, parameter_count  # noqa: E402
@@ -188,10 +189,10 @@ def main() -> None:
     if a.tiny:
         a.steps, a.batch_size, a.max_train, a.max_length, a.dev, a.held_out, a.seeds = 2, 4, 16, 32, 8, 8, 2
         a.grid = (1.0,)
-    lines = protocol(a)
-    text = "\n".join(lines) + "\n"
-    Path(a.out).mkdir(parents=True, exist_ok=True)
-    (Path(a.out) / "results.md").write_text(text)
+    # a folder holding anything but this script's earlier output is refused; its earlier runs are reused
+    with report_folder(a.out, "scripts/multitask_results.py", resume=True):
+        text = "\n".join(protocol(a)) + "\n"
+        (Path(a.out) / "results.md").write_text(text)
     print(text)
 
 

@@ -20,6 +20,7 @@ import time
 from pathlib import Path
 
 import deltatune as dt
+from deltatune.core.artifact import report_folder
 from deltatune.data import rows
 from deltatune.data.config import DataConfig
 
@@ -132,7 +133,9 @@ def main() -> None:
         unknown = [v for v in args.variants.split(",") if v not in VARIANTS]
         if unknown:
             raise SystemExit(f"unknown variants {unknown}; known: {', '.join(VARIANTS)}")
-        run(out, args.variants.split(","), [int(s) for s in args.seeds.split(",")])
+        # a folder holding anything but this script's earlier output is refused; its earlier runs are reused
+        with report_folder(out, "scripts/spiel_study.py", resume=True):
+            run(out, args.variants.split(","), [int(s) for s in args.seeds.split(",")])
     print(report(out))
 
 

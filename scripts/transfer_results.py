@@ -363,7 +363,12 @@ def main(argv: list[str] | None = None) -> int:
     if unknown or any(s not in SETTINGS for s in chosen):
         parser.error(f"unknown method(s) {unknown} or setting(s) {chosen}")
     out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
+    # a folder holding anything but this script's earlier output is refused; its pre-trained bodies are reused
+    with artifact.report_folder(out, "scripts/transfer_results.py", resume=True):
+        return measure(args, out, seeds, chosen, methods)
+
+
+def measure(args: argparse.Namespace, out: Path, seeds: int, chosen: list[str], methods: list[str]) -> int:
     start = time.time()
 
     def log(msg: str) -> None:

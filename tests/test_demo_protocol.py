@@ -15,6 +15,7 @@ from test_demo_report import stand_in
 
 import deltatune as dt
 from deltatune.cli.demo import Row, aggregate, choose_lr, demo, mean_se, parse_lr_grid
+from deltatune.core.artifact import REPORT_MARKER
 from deltatune.data.tasks import load_for_task
 from deltatune.errors import DeltatuneError
 from deltatune.train.config import load_config
@@ -251,6 +252,7 @@ def test_a_run_killed_part_way_leaves_nothing_that_stops_the_next_one(tmp_path: 
         (out / "lr-search" / "artifacts" / stem / "logs").mkdir(parents=True)
     (out / "artifacts" / "lora").mkdir(parents=True)
     (out / "artifacts" / "lora" / "stale.txt").write_text("from a killed run")
+    (out / REPORT_MARKER).write_text(json.dumps({"writer": "deltatune demo"}))  # written as the killed demo began
     rows = demo(setup=setup, out=out, methods=["lora"], lr_grid="0.5,2", show=False, isolate=False, resume=True)
     assert all(r["dev_accuracy"] is not None for r in rows[1]["lr_search"]["runs"]) and rows[1]["accuracy"] is not None
     assert not (out / "artifacts" / "lora" / "stale.txt").exists()

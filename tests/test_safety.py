@@ -148,6 +148,29 @@ def test_cli_writers_take_overwrite(word_run, tmp_path) -> None:
     assert (out / "config.json").is_file() and not (out / "notes.txt").exists()
 
 
+def test_a_report_folder_holds_one_writers_output_and_a_fresh_report_replaces_the_old(tmp_path) -> None:
+    from deltatune.cli.demo import demo
+
+    out = users_folder(tmp_path / "report")
+    for attempt in (lambda: artifact.report_folder(out, "study").__enter__(),
+                    lambda: demo(quick=True, out=out, show=False)):
+        with pytest.raises(dt.DeltatuneError, match=r"is not empty and is not a deltatune report.*notes.txt"):
+            attempt()
+    assert (out / "notes.txt").read_text() == "mine"
+
+    fresh = tmp_path / "fresh"
+    with artifact.report_folder(fresh, "study") as folder:
+        (folder / "runs").mkdir()
+        (folder / "runs" / "a.json").write_text("{}")
+    with artifact.report_folder(fresh, "study", resume=True):  # a long study continued: its runs stay
+        assert (fresh / "runs" / "a.json").is_file()
+    with pytest.raises(dt.DeltatuneError, match="holds the output of study, not of deltatune demo"):
+        demo(quick=True, out=fresh, show=False)
+    with artifact.report_folder(fresh, "study"):  # a new report: nothing of the old one mixes in
+        assert [p.name for p in fresh.iterdir()] == [artifact.REPORT_MARKER]
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")], "no lock is left"
+
+
 # -- A. one owner per folder; readers repair nothing a writer is doing --------------------------------------
 HOLD = """
 import sys

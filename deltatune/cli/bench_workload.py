@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from deltatune.errors import DeltatuneError
-from deltatune.train.callbacks import Callback
+from deltatune.train.callbacks import PeakMemory
 
 DEFAULT_MODEL = "smollm2-135m"
 PEFT_EXTRA = ("peft-prefix", "peft-prompt")  # PEFT runs named in ``methods``, next to deltatune's prefix / prompt
@@ -151,27 +151,13 @@ def _file_bytes(folder: Path, pattern: str) -> int:
     return sum(p.stat().st_size for p in folder.glob(pattern))
 
 
-class _PeakBeforeCheckpoint(Callback):
-    """The process's peak memory after each step, before that step's checkpoint is written: at the end of the
-    run it is training's peak (evaluation included) without the checkpoint's serialised copy of the state."""
-
-    def __init__(self, device: Any) -> None:
-        self.device = device
-        self.peak: int | None = None
-
-    def on_step_end(self, record: dict[str, Any]) -> None:
-        from deltatune.train.loop import peak_memory_bytes
-
-        self.peak = peak_memory_bytes(self.device)
-
-
 def _run_engine(w: Workload, method: str, out: Path) -> dict[str, Any]:
     import deltatune as dt
     from deltatune.train.loop import pick_device
 
     config = w.run_config(method_config(method, w.data()), str(out))
     config["train"]["lr"] = learning_rate(method, w)
-    peak = _PeakBeforeCheckpoint(pick_device(w.device))
+    peak = PeakMemory(pick_device(w.device))
     summary = dt.train(config, callbacks=[peak])
     times = [r["seconds"] for r in summary["history"]]
     return {

@@ -382,7 +382,7 @@ def _cached_run(plan: Plan, stem: str, spec: dict[str, Any], artifact: Path | No
     a long protocol (``scripts/demo_results.py``) continues where it stopped, run by run. A run that is made starts
     from an empty output folder (``artifact``, or ``scratch`` for a run whose folder is not kept): a run killed
     part-way leaves its folder behind, and training refuses a folder that is not empty."""
-    from deltatune.train.reporting import replace_text
+    from deltatune.core.artifact import replace_text
 
     spec = {**spec, "config": {**spec["config"], "train": {**spec["config"]["train"], "device": plan.device}}}
     path = plan.out / RUNS / f"{stem}.json"
@@ -651,13 +651,23 @@ def demo(
     _check_options(setup, methods, steps, lora_options, quick, seeds)
     grid = parse_lr_grid(lr_grid)
 
-    console = console or Console()
+    from deltatune.core.artifact import report_folder
+
     out = Path(out)
+    plan = Plan(setup, out, seed, [seed + k for k in range(seeds)], steps, lora_options, grid, show,
+                console or Console(), isolate, resume, device)
+    with report_folder(out, "deltatune demo", resume=resume):
+        return _demo(plan, methods, quick, command)
+
+
+def _demo(plan: Plan, methods: list[str], quick: bool, command: str | None) -> list[dict[str, Any]]:
+    """``demo`` in the folder it owns."""
+    from deltatune.core.artifact import replace_text
+
+    setup, out, seed, steps, grid, console = plan.setup, plan.out, plan.seed, plan.steps, plan.lr_grid, plan.console
     (out / "artifacts").mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
     total = len(methods) + 1
-    plan = Plan(setup, out, seed, [seed + k for k in range(seeds)], steps, lora_options, grid, show, console, isolate,
-                resume, device)
     console.print(f"[bold]deltatune demo[/]: {setup['title']}; report in {out}/")
 
     search = search_data(setup, seed, out) if grid else None  # before any run: a split that fails, fails first
@@ -667,13 +677,15 @@ def demo(
         rows.append(_method_row(plan, name, i, total, search))
 
     seconds = time.perf_counter() - start
-    info = {"setup": setup, "base": base, "seconds": seconds, "seed": seed, "quick": quick, "out": out, "isolate": isolate,
-            "command": command or _command(quick, out, methods, steps, seed, seeds, grid), "seeds": plan.train_seeds,
+    info = {"setup": setup, "base": base, "seconds": seconds, "seed": seed, "quick": quick, "out": out,
+            "isolate": plan.isolate,
+            "command": command or _command(quick, out, methods, steps, seed, len(plan.train_seeds), grid),
+            "seeds": plan.train_seeds,
             "search": search}
     _plots(rows, out, setup, base["majority_accuracy"])
-    (out / "report.md").write_text(_markdown(rows, info))
-    (out / "rows.json").write_text(json.dumps(rows, indent=2) + "\n")
-    if show:
+    replace_text(out / "report.md", _markdown(rows, info))
+    replace_text(out / "rows.json", json.dumps(rows, indent=2) + "\n")
+    if plan.show:
         console.print(_table(rows, setup, base, seconds, len(plan.train_seeds)))
         console.print(f"report: {out / 'report.md'} (plots, example predictions, the commands that use the "
                       "artifacts)")

@@ -368,7 +368,7 @@ def _parse_options(items: list[str]) -> dict[str, Any]:
 @_errors
 def demo(
     quick: bool = typer.Option(False, "--quick", help="MiniLM on BBC news topics: under a minute on 2 CPU cores."),
-    out: str = typer.Option("demo-report", "--out", help="Where report.md, the plots and the artifacts go."),
+    out: str = typer.Option("demo-report", "--out", help="Where report.md, the plots and the artifacts go (an earlier demo's report there is replaced, or continued with --resume; a folder of other files is refused)."),
     methods: str = typer.Option(
         None, "--methods", help="Comma-separated methods to train, e.g. lora,full (default: the demo's default set; more, e.g. kasa,dora, by name)."
     ),

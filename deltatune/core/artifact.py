@@ -292,6 +292,9 @@ def atomic_dir(path: str | os.PathLike, fill: Callable[[Path], None], *, carry: 
 
 
 # -- one writer per folder, and nothing replaced that is not the writer's own --------------------
+REPORT_MARKER = "deltatune-report.json"  # names the writer of a report folder (report_folder)
+
+
 @dataclass(frozen=True)
 class OutputKind:
     """What a writer writes, so that ``destination`` knows what it may replace without being told to."""
@@ -317,6 +320,8 @@ OUTPUT_KINDS = {
     "gguf": OutputKind("a GGUF export", "model.gguf", frozenset({"model.gguf"})),
     "model": OutputKind("a saved model (a save_pretrained folder)", "config.json"),
     "data": OutputKind("a data step's output", "manifest.json", frozenset({"manifest.json", "data.jsonl"})),
+    # a folder of many outputs written over a long time (the demo's report, a study script's runs): see report_folder
+    "report": OutputKind("a deltatune report folder", REPORT_MARKER, fix="remove it first"),
     # a run adds to its folder as it goes (checkpoints, then the artifact): it starts in an empty one
     "run": OutputKind("a training run", fix="pass --resume to continue the run there or --overwrite to replace it "
                                             "(resume=True / overwrite=True in Python)"),
@@ -462,6 +467,46 @@ def destination(out: str | os.PathLike, kind: str, *, inputs: Iterable[Any] = ()
             del _OWNED[path]
     finally:
         _unlock(path, fd)
+
+
+def replace_text(path: Path, text: str) -> None:
+    """Write ``path`` whole through a temporary sibling and a rename: a crash leaves the old file or the new one.
+    (``open`` gives it the umask's mode, as every output of a run.)"""
+    tmp = path.with_name(f".{path.name}.tmp-{secrets.token_hex(6)}")
+    try:
+        with open(tmp, "w", newline="") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+@contextlib.contextmanager
+def report_folder(out: str | os.PathLike, writer: str, *, resume: bool = False) -> Iterator[Path]:
+    """Own ``out`` for ``writer`` (the demo, a study script), which fills it with many outputs over a long time:
+    runs, reports, plots. Taken: a new or empty folder, or one holding an earlier report of the same writer (its
+    marker ``REPORT_MARKER`` says whose). Without ``resume`` the earlier report goes first, so that no output of an
+    older run mixes with the new ones; with it, what is there stays for the writer to reuse. Refused: a folder
+    holding anything else, or another writer's report. The folder stays locked against other processes until the
+    block ends (runs inside it own their sub-folders with their own locks)."""
+    with destination(out, "report") as dest:
+        marker = dest.path / REPORT_MARKER
+        if marker.is_file():
+            try:
+                kept = json.loads(marker.read_text()).get("writer")
+            except (json.JSONDecodeError, AttributeError):
+                kept = None
+            if kept != writer:
+                raise DeltatuneError(f"{out} holds the output of {kept or 'another writer'}, not of {writer}: "
+                                     "choose another output folder, or remove it first")
+            if not resume:
+                for child in dest.path.iterdir():
+                    (shutil.rmtree if child.is_dir() and not child.is_symlink() else os.unlink)(child)
+        dest.path.mkdir(parents=True, exist_ok=True)
+        replace_text(marker, json.dumps({"writer": writer}) + "\n")
+        yield dest.path
 
 
 def _recover_to_read(path: Path) -> None:

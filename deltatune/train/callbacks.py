@@ -75,6 +75,23 @@ class ProgressBar(Callback):
             self.bar = None
 
 
+class PeakMemory(Callback):
+    """The process's peak memory (``peak_memory_bytes``: the RSS high-water mark, or CUDA's peak allocation)
+    after each step, before that step's checkpoint is written: at the end of the run it is training's peak
+    (evaluation included) without the checkpoint's serialised copy of the state. Benchmarks read ``peak``."""
+
+    def __init__(self, device: Any = "cpu") -> None:
+        import torch
+
+        self.device = torch.device(device)
+        self.peak: int | None = None
+
+    def on_step_end(self, record: dict[str, Any]) -> None:
+        from deltatune.train.loop import peak_memory_bytes
+
+        self.peak = peak_memory_bytes(self.device)
+
+
 class SummaryTable(Callback):
     """The run's summary as a table at the end: trainable share, artifact size, speed, memory, final metrics."""
 

@@ -23,11 +23,11 @@ import csv
 import io
 import json
 import os
-import secrets
 import shutil
 from pathlib import Path
 from typing import Any
 
+from deltatune.core.artifact import replace_text
 from deltatune.train.callbacks import Callback
 
 LOGS = "logs"
@@ -44,20 +44,6 @@ def reporters(output: str | os.PathLike, report_to: list[str], config: dict[str,
     for name in report_to:
         out.append(made[name](logs, config) if name in ("wandb", "mlflow") else made[name](logs))
     return out
-
-
-def replace_text(path: Path, text: str) -> None:
-    """Write ``path`` whole through a temporary sibling and a rename: a crash leaves the old file or the new one.
-    (``open`` gives it the umask's mode, as every output of a run.)"""
-    tmp = path.with_name(f".{path.name}.tmp-{secrets.token_hex(6)}")
-    try:
-        with open(tmp, "w", newline="") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 def _kept_lines(path: Path, start_step: int) -> list[str]:
