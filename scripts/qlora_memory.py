@@ -2,7 +2,7 @@
 a quantized base (issue 22's target: nf4 peak <= 0.6x fp32), each base in a fresh process:
 
     OMP_NUM_THREADS=2 .venv/bin/python scripts/qlora_memory.py [--bases fp32 nf4 int8] [--steps 2]
-        [--checkpointing] [--loss chunked|model]
+        [--checkpointing] [--loss chunked|model] [--mmap-threshold BYTES]
 
 Optional (slow on a CPU: a few minutes per base). On a CPU the peak is the process's resident set (VmHWM),
 reset after the model is loaded (its tensors copied out of the memory-mapped checkpoint), attached and the
@@ -13,6 +13,10 @@ only. LoRA r8 alpha 16 on q_proj / v_proj (PEFT's default targets), AdamW, rando
 labels (memory does not depend on their values), fp32 compute on the CPU (the QLoRA paper's bf16 on a GPU). The
 loss is deltatune's chunked one (``train.chunked_loss``, the default; ``--loss model``: the model's own, which
 builds the whole logits).
+``--mmap-threshold 1048576`` runs each base with glibc's ``MALLOC_MMAP_THRESHOLD_`` set: every allocation of 1 MiB
+or more is its own mapping, handed back to the system when the tensor is freed, instead of glibc's default (a
+threshold that rises to 32 MiB as large blocks are freed, after which they come from a heap that keeps freed memory
+resident): see "The allocator's share" in docs/quantization.md.
 Each line is one base; the last line gives the ratios.
 """
 
@@ -21,6 +25,7 @@ from __future__ import annotations
 import argparse
 import ctypes
 import json
+import os
 import statistics
 import subprocess
 import sys
@@ -122,6 +127,8 @@ def main() -> None:
     parser.add_argument("--checkpointing", action="store_true",
                         help="gradient checkpointing (as QLoRA trains)")
     parser.add_argument("--loss", choices=["chunked", "model"], default="chunked")
+    parser.add_argument("--mmap-threshold", type=int, default=None,
+                        help="glibc's MALLOC_MMAP_THRESHOLD_ for each base's process (bytes; default: glibc's own)")
     parser.add_argument("--one", help=argparse.SUPPRESS)  # the child process: measure this base, print JSON
     args = parser.parse_args()
     if args.one:
@@ -130,8 +137,11 @@ def main() -> None:
     rows = {}
     for base in args.bases:
         command = [sys.executable, __file__, "--one", base, "--steps", str(args.steps), "--loss", args.loss]
+        env = dict(os.environ)
+        if args.mmap_threshold is not None:
+            env["MALLOC_MMAP_THRESHOLD_"] = str(args.mmap_threshold)
         out = subprocess.run(command + (["--checkpointing"] if args.checkpointing else []),
-                             capture_output=True, text=True, check=True).stdout
+                             capture_output=True, text=True, check=True, env=env).stdout
         row = json.loads(out.strip().splitlines()[-1])
         rows[base] = row
         print(f"{base:5s} step memory {row['step_bytes'] / 2**20:8.1f} MiB "
