@@ -78,6 +78,25 @@ def test_peft_runs_of_the_same_method_train_what_deltatune_trains(tiny_folder):
     assert "| deltatune vera | peft vera |" in text
 
 
+@pytest.mark.slow  # a subprocess per run
+def test_quantized_base_runs_are_compared_with_the_full_precision_ones(tiny_folder):
+    """`lora-nf4` trains the lora preset over an nf4 base, `peft-lora-nf4` PEFT's LoRA over the same base; each is
+    compared with its framework's run over the full-precision base, and deltatune's with PEFT's."""
+    records = bench_module.bench(str(tiny_folder), "lora,lora-nf4,peft-lora-nf4", 2, batch_size=2, seq_len=16,
+                                 max_train=40, max_eval=4, threads=1)
+    by = {r["name"]: r for r in records}
+    assert all(r.get("error") is None for r in records), [r["error"] for r in records if r.get("error")]
+    ours, theirs = by["deltatune lora-nf4"], by["peft lora-nf4"]
+    assert ours["trainable"] == theirs["trainable"] == by["peft lora"]["trainable"] > 0
+    assert ours["full_precision"] == "deltatune lora" and theirs["full_precision"] == "peft lora"
+    assert ours["peft_same"] == "peft lora-nf4"
+    # the 4-bit base computes with other weights: the same batches give another loss than the full-precision base
+    assert ours["eval_loss"] != by["deltatune lora"]["eval_loss"]
+    text = bench_module.write_markdown(records, bench_module.Workload(model=str(tiny_folder)),
+                                       tiny_folder / "bench-q.md", "cmd").read_text()
+    assert "| deltatune lora-nf4 | deltatune lora |" in text and "| peft lora-nf4 | peft lora |" in text
+
+
 def test_bench_rejects_unknown_method(tiny_folder):
     with pytest.raises(DeltatuneError, match="unknown method"):
         bench_module.bench(str(tiny_folder), "nope", 3)

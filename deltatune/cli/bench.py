@@ -14,6 +14,9 @@ fresh subprocess, so its peak memory is its own:
   ``peft-vera``, ``peft-loha``, ``peft-lokr``, ``peft-trainable_tokens``): PEFT's implementation with the config
   ``deltatune export`` writes for the method's preset, so both train the same modules at the same sizes;
   each ``deltatune <method>`` run is then also compared with it;
+- ``deltatune lora-nf4`` / ``lora-int8``: the lora preset over a base quantized with bitsandbytes (the run config's
+  ``model: {name, quantize}``), and ``peft lora-nf4`` / ``peft lora-int8``: PEFT's LoRA over the same base (QLoRA as
+  PEFT users run it); each is also compared with its framework's run over the full-precision base;
 - ``plain full``: the bare transformers model with every parameter trainable;
 - ``plain forward``: the bare model running the same batches forward only, under ``torch.no_grad`` (inference):
   the floor that a method with "the memory of inference" (VQT, MeZO) is measured against.
@@ -60,6 +63,7 @@ from deltatune.cli.bench_workload import (
     bench_names,
     is_peft_run,
     method_config,
+    quantization,
 )
 from deltatune.errors import DeltatuneError
 
@@ -155,6 +159,12 @@ def _add_ratios(records: list[dict[str, Any]]) -> None:
         if same is not None and r["framework"] == "deltatune" and method_config(r["method"])["name"] != "lora":
             r["same_count_lora"] = same["name"]
             r["ratios_to_same_count_lora"] = _ratios_to(r, same)
+        if quantization(r["method"]) and r.get("error") is None:  # the same framework's run over the plain base
+            plain = next((p for p in ok if p["framework"] == r["framework"]
+                          and p["method"] == ("peft-lora" if r["framework"] == "peft" else "lora")), None)
+            if plain is not None:
+                r["full_precision"] = plain["name"]
+                r["ratios_to_full_precision"] = _ratios_to(r, plain)
         twin = next((p for p in ok if r["framework"] == "deltatune" and p["method"] == PEFT_SAME + r["method"]), None)
         if twin is not None and r.get("error") is None:  # PEFT's implementation of the same method, same run
             r["peft_same"] = twin["name"]

@@ -141,6 +141,7 @@ def markdown(records: list[dict[str, Any]], w: Workload, command: str) -> str:
     lines += ["| " + " | ".join(row) + " |" for row in rows(records)]
     lines += equal_count_lines(records)
     lines += peft_same_lines(records)
+    lines += full_precision_lines(records)
     lines += forward_lines(records)
     lines += [
         "",
@@ -205,6 +206,16 @@ def peft_same_lines(records: list[dict[str, Any]]) -> list[str]:
                         "export` writes for the preset, so both train the same modules at the same sizes):",
                         [*_against("peft_same"), ("tokens / s", _times("tokens_per_s")),
                          ("peak memory", _times("peak_memory_bytes")), ("eval loss", _times("eval_loss"))])
+
+
+def full_precision_lines(records: list[dict[str, Any]]) -> list[str]:
+    """A table of each run over a quantized base (``lora-nf4``, ``peft-lora-nf4``) against the same framework's run
+    of the same method over the full-precision base, in the same bench (QLoRA's saving and its cost)."""
+    return _ratio_table(records, "ratios_to_full_precision",
+                        "Over a quantized base (bitsandbytes; `docs/quantization.md`), against the same framework's run "
+                        "over the full-precision base:",
+                        [*_against("full_precision"), ("peak memory", _times("peak_memory_bytes")),
+                         ("eval loss", _times("eval_loss"))])
 
 
 def forward_lines(records: list[dict[str, Any]]) -> list[str]:

@@ -84,7 +84,13 @@ VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
     "spiel-sm3": ("spiel", {"regrow": "sm3"}),
     "full-memory": ("full", {"keep_w0": "memory"}),
     "lisa-memory": ("lisa", {"keep_w0": "memory"}),
+    # over a quantized base (bitsandbytes, docs/quantization.md): QLoRA's setting, the lora preset unchanged
+    "lora-nf4": ("lora", {}),
+    "lora-int8": ("lora", {}),
 }
+# the variants whose base model is quantized (the run config's ``model: {name, quantize}``); each has a PEFT twin
+# (``peft-lora-nf4``: PEFT's LoRA on the same quantized base, as PEFT users run QLoRA with bitsandbytes)
+QUANTIZED = {"lora-nf4": "nf4", "lora-int8": "int8"}
 # what the bench changes in a preset's method, so that a run of about 10 steps shows the policy at work
 SHORT_RUN: dict[str, dict[str, Any]] = {
     # a switch every 5 steps (the preset: 20): the peak after a switch (released and fresh optimizer state) is
@@ -114,7 +120,7 @@ def bench_names() -> list[str]:
 
     names = list(registry.names())
     names += [n for n in [*preset_names(), *VARIANTS] if n not in names]
-    return names + list(PEFT_EXTRA) + [PEFT_SAME + m for m in peft_typed_methods()]
+    return names + list(PEFT_EXTRA) + [PEFT_SAME + m for m in [*peft_typed_methods(), *QUANTIZED]]
 
 
 def peft_typed_methods() -> list[str]:
@@ -126,7 +132,14 @@ def peft_typed_methods() -> list[str]:
 
 def is_peft_run(name: str) -> bool:
     """Whether a bench name is a PEFT run (``peft-prefix``, ``peft-prompt`` or ``peft-<method>``)."""
-    return name in PEFT_EXTRA or (name.startswith(PEFT_SAME) and name[len(PEFT_SAME):] in peft_typed_methods())
+    rest = name[len(PEFT_SAME):] if name.startswith(PEFT_SAME) else None
+    return name in PEFT_EXTRA or rest in QUANTIZED or (rest is not None and rest in peft_typed_methods())
+
+
+def quantization(name: str) -> dict[str, Any] | None:
+    """The model mapping's quantization keys of a bench name's base (``lora-nf4``, ``peft-lora-nf4``), or None."""
+    scheme = QUANTIZED.get(name[len(PEFT_SAME):] if name.startswith(PEFT_SAME) else name)
+    return {"quantize": scheme} if scheme else None
 
 
 def method_config(name: str, data: dict[str, Any] | None = None) -> dict[str, Any]:
@@ -157,6 +170,8 @@ def _run_engine(w: Workload, method: str, out: Path) -> dict[str, Any]:
 
     config = w.run_config(method_config(method, w.data()), str(out))
     config["train"]["lr"] = learning_rate(method, w)
+    if quantization(method):
+        config["model"] = {"name": w.model, **quantization(method)}
     peak = PeakMemory(pick_device(w.device))
     summary = dt.train(config, callbacks=[peak])
     times = [r["seconds"] for r in summary["history"]]
@@ -184,7 +199,7 @@ def _run_baseline(w: Workload, kind: str, out: Path) -> dict[str, Any]:
     cfg = load_config(w.run_config(method_config("lora"), str(out)))  # the workload's data and schedule
     s = cfg.train
     device = loop.pick_device(s.device)
-    model, _, task = load_for_task(cfg.data, cfg.model, seed=s.seed)
+    model, _, task = load_for_task(cfg.data, cfg.model, seed=s.seed, quantization=quantization(kind))
     torch.manual_seed(s.seed)
     if kind == "plain-forward":
         return _run_forward(model, task, s, device)
@@ -192,8 +207,9 @@ def _run_baseline(w: Workload, kind: str, out: Path) -> dict[str, Any]:
         from peft import get_peft_model
 
         task_type = "SEQ_CLS" if w.task == "classification" else "CAUSAL_LM"
-        config = _peft_config(kind, task_type) if kind in ("peft-lora", *PEFT_EXTRA) else \
-            _peft_config_of(kind[len(PEFT_SAME):], model, task_type, w)
+        lora = kind == "peft-lora" or quantization(kind) is not None
+        config = _peft_config("peft-lora", task_type) if lora else _peft_config(kind, task_type) \
+            if kind in PEFT_EXTRA else _peft_config_of(kind[len(PEFT_SAME):], model, task_type, w)
         model = get_peft_model(model, config)
     else:
         for p in model.parameters():
