@@ -90,6 +90,8 @@ def test_quantized_base_runs_are_compared_with_the_full_precision_ones(tiny_fold
     assert ours["trainable"] == theirs["trainable"] == by["peft lora"]["trainable"] > 0
     assert ours["full_precision"] == "deltatune lora" and theirs["full_precision"] == "peft lora"
     assert ours["peft_same"] == "peft lora-nf4"
+    for r in (ours, theirs, by["deltatune lora"], by["peft lora"]):  # the steps' own peak: within the process's
+        assert 0 < r["train_peak_memory_bytes"] <= r["peak_memory_bytes"], r
     # the 4-bit base computes with other weights: the same batches give another loss than the full-precision base
     assert ours["eval_loss"] != by["deltatune lora"]["eval_loss"]
     text = bench_module.write_markdown(records, bench_module.Workload(model=str(tiny_folder)),

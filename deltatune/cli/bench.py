@@ -130,7 +130,7 @@ def _record(run: _Run, w: Workload, raw: dict[str, Any] | None, error: str | Non
         "device": raw["device"],
         "torch_threads": raw["torch_threads"],
     })
-    for key in ("stored_bytes", "engine_peak_memory_bytes", "engine_seconds_per_step"):
+    for key in ("stored_bytes", "engine_peak_memory_bytes", "engine_seconds_per_step", "train_peak_memory_bytes"):
         if key in raw:
             rec[key] = raw[key]
     if timed and sps:  # what occasional slow steps (a policy's selection phase) add over the run, amortised
@@ -165,6 +165,8 @@ def _add_ratios(records: list[dict[str, Any]]) -> None:
             if plain is not None:
                 r["full_precision"] = plain["name"]
                 r["ratios_to_full_precision"] = _ratios_to(r, plain)
+                a, b = r.get("train_peak_memory_bytes"), plain.get("train_peak_memory_bytes")
+                r["ratios_to_full_precision"]["train_peak_memory_bytes"] = a / b if a and b else None
         twin = next((p for p in ok if r["framework"] == "deltatune" and p["method"] == PEFT_SAME + r["method"]), None)
         if twin is not None and r.get("error") is None:  # PEFT's implementation of the same method, same run
             r["peft_same"] = twin["name"]

@@ -180,7 +180,14 @@ def _ratio_table(records: list[dict[str, Any]], key: str, intro: str,
 
 
 def _times(field: str) -> Any:
-    return lambda r, q: f"{q[field]:.2f}×"
+    return lambda r, q: "-" if q.get(field) is None else f"{q[field]:.2f}×"
+
+
+def _train_peak(r: dict[str, Any], q: dict[str, Any]) -> str:
+    """The steps' own peak (the high-water mark reset after loading) and its ratio."""
+    if r.get("train_peak_memory_bytes") is None or q.get("train_peak_memory_bytes") is None:
+        return "-"
+    return f"{gib(r['train_peak_memory_bytes'])} ({q['train_peak_memory_bytes']:.2f}×)"
 
 
 def _against(name_key: str) -> list[tuple[str, Any]]:
@@ -213,8 +220,11 @@ def full_precision_lines(records: list[dict[str, Any]]) -> list[str]:
     of the same method over the full-precision base, in the same bench (QLoRA's saving and its cost)."""
     return _ratio_table(records, "ratios_to_full_precision",
                         "Over a quantized base (bitsandbytes; `docs/quantization.md`), against the same framework's run "
-                        "over the full-precision base:",
+                        "over the full-precision base. Peak memory is the whole process's, loading included (a "
+                        "quantized base reads the full-precision weights as it quantizes them); the peak over the "
+                        "steps is the high-water mark reset once the model is loaded and the delta attached:",
                         [*_against("full_precision"), ("peak memory", _times("peak_memory_bytes")),
+                         ("peak over the steps", _train_peak),
                          ("eval loss", _times("eval_loss"))])
 
 

@@ -78,18 +78,32 @@ class ProgressBar(Callback):
 class PeakMemory(Callback):
     """The process's peak memory (``peak_memory_bytes``: the RSS high-water mark, or CUDA's peak allocation)
     after each step, before that step's checkpoint is written: at the end of the run it is training's peak
-    (evaluation included) without the checkpoint's serialised copy of the state. Benchmarks read ``peak``."""
+    (evaluation included) without the checkpoint's serialised copy of the state. Benchmarks read ``peak``.
+
+    ``train_peak``: the peak over the steps alone, the high-water mark reset when training begins (after the model
+    was loaded and the delta attached: a quantized base's loading peak, the full-precision weights it reads, is not
+    in it); ``peak`` stays the whole process's (the larger of the two). None where the mark cannot be reset."""
 
     def __init__(self, device: Any = "cpu") -> None:
         import torch
 
         self.device = torch.device(device)
         self.peak: int | None = None
+        self.train_peak: int | None = None
+        self._before: int | None = None
+
+    def on_begin(self, total_steps: int, start_step: int) -> None:
+        from deltatune.train.loop import peak_memory_bytes, reset_peak_memory
+
+        before = peak_memory_bytes(self.device)
+        self._before = before if reset_peak_memory(self.device) else None
 
     def on_step_end(self, record: dict[str, Any]) -> None:
         from deltatune.train.loop import peak_memory_bytes
 
-        self.peak = peak_memory_bytes(self.device)
+        now = peak_memory_bytes(self.device)
+        self.train_peak = now if self._before is not None else None
+        self.peak = max(now, self._before or 0)
 
 
 class SummaryTable(Callback):

@@ -150,6 +150,21 @@ def peak_memory_bytes(device: torch.device) -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
 
 
+def reset_peak_memory(device: torch.device) -> bool:
+    """Reset the peak ``peak_memory_bytes`` reads to the current use (CUDA's peak allocation; on Linux the
+    resident set's high-water mark, through /proc/self/clear_refs, which ru_maxrss reads too). False where it
+    cannot be reset."""
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+        return True
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+    except OSError:
+        return False
+    return True
+
+
 def rng_state() -> dict[str, Any]:
     out: dict[str, Any] = {"torch": torch.get_rng_state(), "python": random.getstate()}
     if torch.cuda.is_available():
