@@ -106,6 +106,22 @@ def stored_nf4(layer: nn.Module, code: torch.Tensor, stored_absmax: torch.Tensor
     return code[codes].reshape(-1, 64) * stored_absmax.float().reshape(-1, 1)
 
 
+@pytest.mark.skipif(not Path("/proc/self/maps").exists(), reason="reads the process's mappings (Linux)")
+def test_a_quantized_model_keeps_no_mapping_of_the_full_precision_checkpoint(folder: Path) -> None:
+    """The full-precision tensors a quantized model keeps (embeddings, norms) are copied out of the memory-mapped
+    checkpoint, so the mapping, and the full-precision weights quantizing read through it, do not stay resident."""
+    import gc
+
+    checkpoint = str((folder / "model.safetensors").resolve())
+    model = nf4(folder)
+    gc.collect()
+    assert checkpoint not in Path("/proc/self/maps").read_text()
+    plain = models.load(folder)  # a full-precision model computes from the mapping itself: nothing to copy
+    gc.collect()
+    assert checkpoint in Path("/proc/self/maps").read_text()
+    del model, plain
+
+
 @pytest.mark.parametrize("double_quant", [True, False])
 def test_nf4_dequantize_error_within_the_code_bound(folder: Path, double_quant: bool) -> None:
     """The bound: NF4 rounds each weight divided by its block's absmax a (blocks of 64 consecutive weights) to

@@ -307,6 +307,7 @@ def load(
     _report_fresh_weights(model, folder, info)
     if quantize is not None:
         quantized.keep_standard_layout(model)
+        _copy_out_of_checkpoint(model)
     if name in SHIPPED:  # artifacts then name the base portably, not by this machine's cache path
         model.config._name_or_path = name
     if keep is not None:
@@ -314,6 +315,18 @@ def load(
         model.config._name_or_path = pruned.name(name if name in SHIPPED else str(Path(folder).resolve()), keep)
     model.eval()
     return model
+
+
+def _copy_out_of_checkpoint(model: nn.Module) -> None:
+    """Give a quantized model's full-precision tensors (embeddings, norms, biases) memory of their own. Loaded,
+    they are views of the memory-mapped checkpoint, so the mapping stays alive with every page that quantizing
+    read: the full-precision weights of the quantized layers stay in the process's resident set (a 4-bit
+    SmolLM2-135M held 513 MiB of them). Copied, the mapping is released and the resident set is what the
+    quantized model holds."""
+    with torch.no_grad():
+        for tensor in [*model.parameters(), *model.buffers()]:
+            if tensor.is_floating_point() and not quantized.is_quantized_weight(tensor):
+                tensor.data = tensor.data.clone()
 
 
 def quantization_config(scheme: str, *, double_quant: bool = True,
