@@ -435,6 +435,30 @@ def test_a_run_config_trains_on_a_quantized_base(tmp_path: Path, smol_tok) -> No
         assert part in str(e.value), (part, str(e.value))
 
 
+def test_transformers_trainer_trains_a_delta_on_a_quantized_base(folder: Path, tmp_path: Path) -> None:
+    """QLoRA through ``transformers.Trainer``: it refuses a quantized model that carries no adapters; a Tuned carries
+    its delta, so ``DeltaTuneTrainer`` (and a plain Trainer with the callback) trains it, and only the delta moves."""
+    from transformers import Trainer, TrainingArguments
+
+    from deltatune.train.hf import DeltaTuneCallback, DeltaTuneTrainer
+
+    g = torch.Generator().manual_seed(3)
+    rows = [{"input_ids": ids, "labels": ids.clone()} for ids in torch.randint(0, 100, (8, 12), generator=g)]
+    for trainer_cls in (DeltaTuneTrainer, Trainer):
+        tuned = dt.attach(nf4(folder), "lora", r=4)
+        base = {name: quantized.identity(m).clone() for name, m in quantized.quantized_layers(tuned.model)}
+        before = {k: v.clone() for k, v in tuned.delta_state_dict().items()}
+        args = TrainingArguments(output_dir=str(tmp_path / trainer_cls.__name__), max_steps=2,
+                                 per_device_train_batch_size=4, learning_rate=1e-2, report_to=[], use_cpu=True,
+                                 save_strategy="no", disable_tqdm=True, remove_unused_columns=False)
+        extra = {} if trainer_cls is DeltaTuneTrainer else {"callbacks": [DeltaTuneCallback(tuned)]}
+        trainer_cls(model=tuned, args=args, train_dataset=rows, **extra).train()
+        after = tuned.delta_state_dict()
+        assert any(not torch.equal(after[k], before[k]) for k in before), trainer_cls
+        assert all(torch.equal(quantized.identity(m), base[name]) for name, m in quantized.quantized_layers(tuned.model))
+    assert not getattr(tuned.model, "_hf_peft_config_loaded", False)  # the model's own flag stays unset
+
+
 def test_the_cpu_repacking_fast_path_is_kept_off() -> None:
     """bitsandbytes' AVX-512 BF16 CPU path repacks a 4-bit weight in place at its first inference forward (another
     byte layout, bf16 absmax). Every 4-bit layer deltatune makes or loads has it switched off; a layer already

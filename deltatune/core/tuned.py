@@ -114,6 +114,11 @@ class Tuned(ModelWrapper):
                 f"the delta; to write the full model, model = tuned.merge() and call model.{name}(...)"
             ) from None
 
+    # transformers' Trainer refuses a quantized model unless it carries trainable adapters, which it reads from this
+    # flag (set by its own PEFT integration; ``validate_quantization_for_training``): a Tuned carries its delta. Only
+    # the wrapper says so: the model's own methods read the model's flag, which stays unset.
+    _hf_peft_config_loaded = True
+
     def __init__(self, model: nn.Module, delta: Delta) -> None:
         super().__init__()
         self.model = model
