@@ -18,7 +18,7 @@ from typing import Any
 import torch
 import torch.nn as nn
 
-from deltatune.core import artifact, registry
+from deltatune.core import artifact, quantized, registry
 from deltatune.core.options import describe as describe_method
 from deltatune.core.tuned import Tuned, load
 from deltatune.data import models
@@ -251,7 +251,13 @@ def eval(path: str | os.PathLike | None, data: dict[str, Any], *, base: str | No
     if path is None:
         raise DeltatuneError("say which artifact to evaluate (or --fuse-large with --expert)")
     name, head = _artifact_base(path, base)
-    model, _, task = tasks.load_for_task(cfg, name, objective=objective)  # checks cfg first; a head sized to the data
+    # a delta trained on a quantized base is evaluated on the base quantized as it records (the data section's way:
+    # the compute dtype by name)
+    quant = quantized.load_options((head or {}).get("quantization"))
+    if "compute_dtype" in quant:
+        quant["compute_dtype"] = str(quant["compute_dtype"]).removeprefix("torch.")
+    model, _, task = tasks.load_for_task(cfg, name, objective=objective,  # checks cfg first; a head sized to the data
+                                         quantization=quant or None)
     _use_objective(task, objective)
     _check_labels(path, head, model, cfg)
     tuned = load(model, path)

@@ -66,6 +66,10 @@ FIRST = {
     "lora-loftq": Row("lora", method={"init": "loftq"}),
     "lora-eva": Row("lora", method={"init": "eva", "eva": {"data": dict(DEFAULT_SETUP["data"]), "samples": 64,
                                                             "batch_size": 16}}),
+    # over a 4-bit base (issue 22: QLoRA; SpIEL's paper has a quantized variant): the presets unchanged, the model
+    # loaded with model: {name, quantize: nf4} (bitsandbytes NF4, double quantization)
+    "lora-nf4": Row("lora", model={"quantize": "nf4"}),
+    "spiel-nf4": Row("spiel", model={"quantize": "nf4"}),
 }
 TABLE: dict[str, Any] = {
     **DEFAULT_SETUP,

@@ -125,6 +125,9 @@ def test_rows_train_their_presets_with_the_demos_changes() -> None:
     subset = {**DEFAULT_SETUP, "methods": {"sub": Row("lora", data={"prune": {"method": "random", "budget": 100}})}}
     data = run_config(subset, "sub", seed=2)["data"]
     assert data == {**DEFAULT_SETUP["data"], "prune": {"method": "random", "budget": 100}, "seed": 2}
+    # a row's own model keys (a quantized base) make the model a mapping for that row only
+    nf4 = load_config(run_config({**DEFAULT_SETUP, "methods": {"q": Row("lora", model={"quantize": "nf4"})}}, "q"))
+    assert nf4.model == DEFAULT_SETUP["model"] and nf4.quantization == {"quantize": "nf4"}
 
 
 def test_cli_passes_the_protocol_options(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:

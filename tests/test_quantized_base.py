@@ -106,6 +106,23 @@ def stored_nf4(layer: nn.Module, code: torch.Tensor, stored_absmax: torch.Tensor
     return code[codes].reshape(-1, 64) * stored_absmax.float().reshape(-1, 1)
 
 
+@pytest.mark.parametrize("scheme", ["nf4", "int8"])
+def test_a_fresh_head_over_a_quantized_base_stays_full_precision(tmp_path: Path, scheme: str) -> None:
+    """An encoder loaded as a classifier gets a fresh head the checkpoint lacks; transformers made it a bitsandbytes
+    layer that was never quantized (its forward failed on the float init). It is a plain Linear, the delta trains
+    it, and the model classifies."""
+    from conftest import tiny_bert
+
+    tiny_bert().bert.save_pretrained(tmp_path / "encoder")  # the body alone, as a pre-trained encoder is shipped
+    model = models.load(tmp_path / "encoder", task="classification", num_labels=3, quantize=scheme)
+    assert type(model.classifier) is nn.Linear and model.classifier.weight.shape == (3, model.config.hidden_size)
+    assert quantized.quantized_layers(model)  # the body stays quantized
+    tuned = dt.attach(model, "lora", r=4)
+    logits = tuned(input_ids=torch.randint(1, 100, (2, 6))).logits
+    logits.sum().backward()
+    assert logits.shape == (2, 3) and model.classifier.weight.grad is not None  # the fresh head trains
+
+
 @pytest.mark.skipif(not Path("/proc/self/maps").exists(), reason="reads the process's mappings (Linux)")
 def test_a_quantized_model_keeps_no_mapping_of_the_full_precision_checkpoint(folder: Path) -> None:
     """The full-precision tensors a quantized model keeps (embeddings, norms) are copied out of the memory-mapped
@@ -425,9 +442,14 @@ def test_a_run_config_trains_on_a_quantized_base(tmp_path: Path, smol_tok) -> No
               "method": {"name": "lora", "r": 4}, "train": {"steps": 2, "batch_size": 4, "lr": 1e-3},
               "output": str(tmp_path / "run")}
     assert parse_config(config).quantization == {"quantize": "nf4"}
-    dt.train(config)
+    summary = dt.train(config)
     meta = json.loads((tmp_path / "run" / "deltatune.json").read_text())
     assert meta["fingerprint"]["head"]["quantization"]["scheme"] == "nf4", meta["fingerprint"]["head"]
+    # deltatune eval loads the base quantized as the artifact records: the run's own final evaluation again
+    again = dt.eval(str(tmp_path / "run"), config["data"], batch_size=4)
+    final = summary["final"]
+    assert again["accuracy"] == final["eval_accuracy"], (again, final)
+    assert again["loss"] == pytest.approx(final["eval_loss"], rel=1e-4), (again, final)
     bad = {**config, "model": {"name": "x", "quantize": "nf3", "double_quant": "yes", "bits": 4}}
     with pytest.raises(dt.DeltatuneError) as e:
         parse_config(bad)

@@ -58,14 +58,16 @@ EXAMPLES = 4  # example predictions in the report: at least this many, and at le
 
 
 class Row(NamedTuple):
-    """A demo row: the preset it trains, and ``train`` settings, ``method`` options and ``data`` keys the demo changes
-    for this row only (a variant of a method: ``Row("spiel", method={"reselection_steps": 1000})``; a data step:
-    ``Row("lora", data={"select": {"method": "random", "budget": 0.1}})``)."""
+    """A demo row: the preset it trains, and ``train`` settings, ``method`` options, ``data`` keys and ``model`` keys
+    the demo changes for this row only (a variant of a method: ``Row("spiel", method={"reselection_steps": 1000})``;
+    a data step: ``Row("lora", data={"select": {"method": "random", "budget": 0.1}})``; a quantized base:
+    ``Row("lora", model={"quantize": "nf4"})``)."""
 
     preset: str
     train: dict[str, Any] = {}
     method: dict[str, Any] = {}
     data: dict[str, Any] = {}
+    model: dict[str, Any] = {}  # the run config's model mapping keys besides the name (quantize, double_quant, ...)
 
 
 # The default demo: SmolLM2-135M, tweets positive vs negative, label-word scoring.
@@ -190,7 +192,8 @@ def run_config(setup: dict[str, Any], name: str, *, seed: int = 0, output: str |
     if lr is not None:
         train["lr"] = lr
     train["eval_every"] = eval_every(train["steps"], setup.get("eval_points", 1))
-    return {"model": setup["model"], "data": data, "method": method, "train": train, "output": str(output)}
+    model = {"name": setup["model"], **row.model} if row.model else setup["model"]
+    return {"model": model, "data": data, "method": method, "train": train, "output": str(output)}
 
 
 COLUMNS = ("method", "trainable params", "peak memory", "s / step", "held-out accuracy", "artifact", "run config",
@@ -263,7 +266,7 @@ def _zero_shot(config: dict[str, Any]) -> dict[str, Any]:
     from deltatune.train.config import load_config
 
     cfg = load_config(config)
-    model, _, task = load_for_task(cfg.data, cfg.model, seed=cfg.train.seed)
+    model, _, task = load_for_task(cfg.data, cfg.model, seed=cfg.train.seed, quantization=cfg.quantization)
     seen = predict(model, task, cfg.train.eval_batch_size)
     # a fresh head is drawn from the training seed, so only then does the baseline differ between seeds
     fresh_head = isinstance(task, HeadClassificationTask) and not isinstance(task, GenerativeClassificationTask)
@@ -284,7 +287,7 @@ def _after_training(config: dict[str, Any]) -> dict[str, Any]:
     from deltatune.train.config import load_config
 
     cfg = load_config(config)
-    model, _, task = load_for_task(cfg.data, cfg.model, seed=cfg.train.seed)
+    model, _, task = load_for_task(cfg.data, cfg.model, seed=cfg.train.seed, quantization=cfg.quantization)
     tuned = dt.load(model, cfg.output)
     seen = predict(tuned, task, cfg.train.eval_batch_size)
     uses = {"export": True, "merge": True}

@@ -304,6 +304,8 @@ def load(
         raise DeltatuneError(
             f"could not load a model from {folder}: {e}; pass a save_pretrained folder"
         ) from e
+    if quantize is not None:
+        _unquantized_layers_made_plain(model)
     _report_fresh_weights(model, folder, info)
     if quantize is not None:
         quantized.keep_standard_layout(model)
@@ -315,6 +317,26 @@ def load(
         model.config._name_or_path = pruned.name(name if name in SHIPPED else str(Path(folder).resolve()), keep)
     model.eval()
     return model
+
+
+def _unquantized_layers_made_plain(model: nn.Module) -> None:
+    """transformers makes the Linear layers of a quantized model bitsandbytes layers before it loads the weights; a
+    layer the checkpoint lacks (a fresh classification head) is never quantized and holds its float init in a
+    bitsandbytes layer whose forward fails on it. Such a layer becomes a plain ``nn.Linear`` with the same values:
+    a fresh head trains in full precision, as PEFT's ``modules_to_save`` train a QLoRA classifier's head."""
+    bnb = quantized._bnb()
+    if bnb is None:
+        return
+    for name, m in list(model.named_modules()):
+        if isinstance(m, bnb.nn.Linear4bit | bnb.nn.Linear8bitLt) and not quantized.is_quantized(m):
+            weight = m.weight.data
+            plain = nn.Linear(weight.shape[1], weight.shape[0], bias=m.bias is not None, dtype=weight.dtype,
+                              device=weight.device)
+            with torch.no_grad():
+                plain.weight.copy_(weight)
+                if m.bias is not None:
+                    plain.bias.copy_(m.bias.data)
+            quantized.replace_module(model, name, plain)
 
 
 def _copy_out_of_checkpoint(model: nn.Module) -> None:
