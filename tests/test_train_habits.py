@@ -6,6 +6,7 @@ from __future__ import annotations
 import csv
 import importlib.machinery
 import json
+import os
 import shutil
 import sys
 import types
@@ -291,3 +292,36 @@ def test_a_failed_run_leaves_the_streams_where_resume_continues(word_run, tmp_pa
         dt.train({**cfg, "output": str(fresh)}, callbacks=[FailAt(1)])
     assert not [p for p in fresh.rglob("*") if p.is_file()], "no file of a failed run without a checkpoint"
     assert dt.train({**cfg, "output": str(fresh)})["steps"] == 6, "and the same run starts there again"
+
+
+@pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="reads the resident set (Linux)")
+def test_the_heap_freed_by_a_step_is_handed_back_on_a_cpu(word_run, tmp_path, monkeypatch) -> None:
+    """``train.trim_memory`` (on by default): after each CPU step the heap's free pages go back to the system, so a
+    step's freed tensors do not stay resident; off, nothing is trimmed. And the trim itself returns freed memory."""
+    from deltatune.train import loop
+
+    calls: list[int] = []
+    real = loop.release_freed_memory
+    monkeypatch.setattr(loop, "release_freed_memory", lambda: calls.append(1) or real())
+    dt.train(word_run_config(word_run, LORA, tmp_path / "on", steps=3, save_every=0))
+    assert len(calls) == 3
+    calls.clear()
+    dt.train(word_run_config(word_run, LORA, tmp_path / "off", steps=3, save_every=0, trim_memory=False))
+    assert calls == []
+
+    def resident() -> int:
+        line = next(x for x in Path("/proc/self/status").read_text().splitlines() if x.startswith("VmRSS:"))
+        return int(line.split()[1]) * 1024
+
+    if loop._malloc_trim() is None or "MALLOC_MMAP_THRESHOLD_" in os.environ:
+        pytest.skip("not glibc's default heap")
+    # 2,048 blocks of 64 KiB (under glibc's mmap threshold: heap memory), then one more that keeps them off the heap's
+    # top (which glibc would shrink by itself): freed, they stay resident until trimmed
+    blocks = [torch.ones(2**14) for _ in range(2048)]
+    pin = torch.ones(2**14)
+    held = resident()
+    del blocks
+    assert resident() > held - 16 * 2**20  # freed, still resident
+    loop.release_freed_memory()
+    assert resident() < held - 96 * 2**20  # most of the 128 MiB is handed back
+    del pin
