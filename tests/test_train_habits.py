@@ -296,17 +296,18 @@ def test_a_failed_run_leaves_the_streams_where_resume_continues(word_run, tmp_pa
 
 @pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="reads the resident set (Linux)")
 def test_the_heap_freed_by_a_step_is_handed_back_on_a_cpu(word_run, tmp_path, monkeypatch) -> None:
-    """``train.trim_memory`` (on by default): after each CPU step the heap's free pages go back to the system, so a
-    step's freed tensors do not stay resident; off, nothing is trimmed. And the trim itself returns freed memory."""
+    """``train.trim_memory`` (off by default: it costs step time): after each CPU step the heap's free pages go back
+    to the system, so a step's freed tensors do not stay resident; off, nothing is trimmed. And the trim itself
+    returns freed memory."""
     from deltatune.train import loop
 
     calls: list[int] = []
     real = loop.release_freed_memory
     monkeypatch.setattr(loop, "release_freed_memory", lambda: calls.append(1) or real())
-    dt.train(word_run_config(word_run, LORA, tmp_path / "on", steps=3, save_every=0))
+    dt.train(word_run_config(word_run, LORA, tmp_path / "on", steps=3, save_every=0, trim_memory=True))
     assert len(calls) == 3
     calls.clear()
-    dt.train(word_run_config(word_run, LORA, tmp_path / "off", steps=3, save_every=0, trim_memory=False))
+    dt.train(word_run_config(word_run, LORA, tmp_path / "off", steps=3, save_every=0))
     assert calls == []
 
     def resident() -> int:
