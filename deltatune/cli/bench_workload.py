@@ -208,9 +208,12 @@ def _run_baseline(w: Workload, kind: str, out: Path) -> dict[str, Any]:
         from peft import get_peft_model
 
         task_type = "SEQ_CLS" if w.task == "classification" else "CAUSAL_LM"
-        lora = kind == "peft-lora" or quantization(kind) is not None
-        config = _peft_config("peft-lora", task_type) if lora else _peft_config(kind, task_type) \
-            if kind in PEFT_EXTRA else _peft_config_of(kind[len(PEFT_SAME):], model, task_type, w)
+        if kind == "peft-lora" or quantization(kind) is not None:  # PEFT's LoRA, over a quantized base or not
+            config = _peft_config("peft-lora", task_type)
+        elif kind in PEFT_EXTRA:
+            config = _peft_config(kind, task_type)
+        else:
+            config = _peft_config_of(kind[len(PEFT_SAME):], model, task_type, w)
         model = get_peft_model(model, config)
     else:
         for p in model.parameters():

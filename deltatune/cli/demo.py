@@ -681,10 +681,8 @@ def _demo(plan: Plan, methods: list[str], quick: bool, command: str | None) -> l
 
     seconds = time.perf_counter() - start
     info = {"setup": setup, "base": base, "seconds": seconds, "seed": seed, "quick": quick, "out": out,
-            "isolate": plan.isolate,
-            "command": command or _command(quick, out, methods, steps, seed, len(plan.train_seeds), grid),
-            "seeds": plan.train_seeds,
-            "search": search}
+            "isolate": plan.isolate, "seeds": plan.train_seeds, "search": search,
+            "command": command or _command(quick, out, methods, steps, seed, len(plan.train_seeds), grid)}
     _plots(rows, out, setup, base["majority_accuracy"])
     replace_text(out / "report.md", _markdown(rows, info))
     replace_text(out / "rows.json", json.dumps(rows, indent=2) + "\n")
