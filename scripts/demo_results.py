@@ -43,6 +43,8 @@ SPIEL_FIXED = {"reselection_steps": 1000, "selection_accumulation_steps": 0}
 SPIEL_LATE = {"reselection_steps": 1000, "selection_accumulation_steps": 20}
 # (both at 5e-3, the rate at which they did best in the study, so that the grid is centred on it)
 
+DPO = {"name": "dpo", "beta": 0.1}
+
 # the rows in the order they are run: the issue's question first, then the methods without a row so far
 FIRST = {
     "lora": Row("lora"),
@@ -70,6 +72,13 @@ FIRST = {
     # loaded with model: {name, quantize: nf4} (bitsandbytes NF4, double quantization)
     "lora-nf4": Row("lora", model={"quantize": "nf4"}),
     "spiel-nf4": Row("spiel", model={"quantize": "nf4"}),
+    # preference tuning (issue 21): DPO with TRL's beta 0.1 on pairs built from the labels (the right label word + EOS
+    # chosen, the wrong one rejected; not human preferences), at the preset's budget and on the same grid around its
+    # rate, scored by label-word accuracy like every row: the rows lora, spiel and lisa are the same deltas trained
+    # on the label words (SFT)
+    "dpo-lora": Row("lora", {"objective": DPO}, data={"task": "preference"}),
+    "dpo-spiel": Row("spiel", {"objective": DPO}, data={"task": "preference"}),
+    "dpo-lisa": Row("lisa", {"objective": DPO}, data={"task": "preference"}),
 }
 TABLE: dict[str, Any] = {
     **DEFAULT_SETUP,

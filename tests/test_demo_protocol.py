@@ -190,6 +190,40 @@ def test_a_label_word_demo_runs_its_baseline_once_and_searches_on_its_prompt(
     assert not dev & held and not dev & search_train and not search_train & held
 
 
+def test_a_dpo_row_is_scored_by_label_word_accuracy_on_the_same_splits(word_run: tuple[str, str],
+                                                                       tmp_path: Path) -> None:
+    """A row trained with DPO on pairs built from the labels (issue 21): its search trains on pairs of the search's
+    training tweets and is judged by the label-word accuracy on the same dev tweets as a classification row; each
+    seed's accuracy is its saved delta's label-word accuracy on the held-out tweets, and DPO's own held-out metrics
+    (the reward margin) stay in the run's summary."""
+    folder, path = word_run
+    setup = {"title": "a tiny Llama scoring label words", "model": folder,
+             "data": {"path": path, "task": "classification", "labels": ["negative", "positive"], "max_length": 16,
+                      "eval_fraction": 0.25, "max_train": 24, "max_eval": 8},
+             "batch_size": 4, "eval_batch_size": 16, "baseline": "zero-shot", "eval_points": 1,
+             "methods": {"lora": Row("lora", {"steps": 4}),
+                         "dpo": Row("lora", {"steps": 4, "objective": {"name": "dpo", "beta": 0.1}},
+                                    data={"task": "preference"})}}
+    out = tmp_path / "report"
+    rows = demo(setup=setup, out=out, methods="lora,dpo", seeds=2, lr_grid="0.5,2", show=False, isolate=False)
+    sft, dpo = rows[1]["lr_search"], rows[2]["lr_search"]
+    searched = [load_config(out / s["runs"][0]["config_file"]) for s in (sft, dpo)]
+    assert searched[1].data.task == "preference" and searched[1].data.pairs_from_labels
+    assert searched[1].train.objective["name"] == "dpo"
+    _, tokenizer, dev_sft = load_for_task(searched[0].data, searched[0].model)
+    _, _, dev_dpo = load_for_task(searched[1].data, searched[1].model)
+    # the same dev tweets: each classification dev prompt is a DPO dev pair's prompt
+    assert sorted(tuple(f["input_ids"]) for f in dev_sft.eval) == sorted(tuple(f["prompt_ids"]) for f in dev_dpo.eval)
+    assert all(r["dev_accuracy"] is not None for r in dpo["runs"])
+    seed = rows[2]["seeds"][0]
+    reported = load_config(out / seed["config_file"])
+    scored = dt.eval(out / seed["artifact"], {**yaml.safe_load((out / seed["config_file"]).read_text())["data"],
+                                               "task": "classification"}, batch_size=16)
+    assert reported.data.task == "preference" and seed["accuracy"] == scored["accuracy"]
+    kept = json.loads((out / "runs" / "dpo-seed0.json").read_text())["result"]["summary"]["final"]
+    assert "eval_rewards/margins" in kept and kept["eval_accuracy"] == scored["accuracy"]
+
+
 def test_resume_reuses_kept_runs_and_reruns_what_changed_or_is_gone(tmp_path: Path,
                                                                      monkeypatch: pytest.MonkeyPatch) -> None:
     """A long protocol stopped part-way continues run by run: with resume, a run whose spec and artifact are kept

@@ -55,6 +55,27 @@ def test_the_pool_is_the_training_part_and_the_trial_holds_out_the_dev_rows(task
     assert Path(again["path"]).read_text() == Path(section["path"]).read_text()
 
 
+def test_preference_pairs_built_from_labels_carve_the_labelled_texts(word_run: tuple[str, str], tmp_path: Path) -> None:
+    """``task: preference`` on labelled data (pairs built from the labels): the pool holds the labelled texts (the
+    classification pool), so a trial builds its pairs from the search's own training texts and is scored on dev
+    pairs whose prompts are exactly the classification dev split's."""
+    from deltatune.data.tasks import load_for_task
+
+    folder, path = word_run
+    data = {"path": path, "task": "preference", "labels": ["negative", "positive"], "max_length": 16,
+            "eval_fraction": 0.25, "max_train": 24, "max_eval": 8}
+    section, sizes = dev_data(data, tmp_path / "dpo", None)
+    assert section["task"] == "preference" and section["labels"] == ["negative", "positive"] and "prompt" in section
+    as_words, _ = dev_data({**data, "task": "classification"}, tmp_path / "words", None)
+    assert Path(section["path"]).read_text() == Path(as_words["path"]).read_text()
+    _, _, pairs = load_for_task(DataConfig(**section), folder)
+    _, _, words = load_for_task(DataConfig(**as_words), folder)
+    assert len(pairs.eval) == sizes["dev"] == 8 and len(pairs.train) == sizes["train"] == 24
+    for part in ("train", "eval"):
+        assert sorted(f["prompt_ids"] for f in getattr(pairs, part)) == sorted(f["input_ids"]
+                                                                              for f in getattr(words, part))
+
+
 def test_a_shipped_text_set_and_a_mix_get_one_pool_per_part(tmp_path: Path) -> None:
     a = jsonl(tmp_path / "a.jsonl", [{"body": f"a{i}"} for i in range(40)])
     b = jsonl(tmp_path / "b.jsonl", [{"body": f"b{i}"} for i in range(100)])

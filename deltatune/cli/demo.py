@@ -278,6 +278,28 @@ def _zero_shot(config: dict[str, Any]) -> dict[str, Any]:
             "fresh_head": fresh_head}
 
 
+def _scored_apart(config: dict[str, Any]) -> bool:
+    """A row trained on preference pairs built from the labels (DPO and its family): its evaluation reports the
+    objective's metrics, and the label-word accuracy is scored after training on the same held-out texts."""
+    return config["data"].get("task") == "preference"
+
+
+def _label_words(config: dict[str, Any]) -> dict[str, Any]:
+    """The run config with the label-word classification task of its data: the same texts, split and prompt."""
+    train = {k: v for k, v in config["train"].items() if k != "objective"}
+    return {**config, "data": {**config["data"], "task": "classification"}, "train": train}
+
+
+def _score_label_words(config: dict[str, Any], summary: dict[str, Any]) -> None:
+    """Add the label-word accuracy and loss of the saved delta on the run's held-out (or dev) texts to the run's
+    final metrics, as a classification row's evaluation reports them (the objective's own metrics stay)."""
+    import deltatune as dt
+
+    metrics = dt.eval(config["output"], _label_words(config)["data"], batch_size=config["train"]["eval_batch_size"])
+    summary["final"]["eval_accuracy"] = metrics["accuracy"]
+    summary["final"]["eval_label_loss"] = metrics["loss"]
+
+
 def _after_training(config: dict[str, Any]) -> dict[str, Any]:
     """The saved artifact loaded back onto a fresh base: its predictions, and which of ``deltatune export`` (PEFT)
     and ``deltatune merge`` apply to it (tried, so the report offers only commands that work)."""
@@ -286,7 +308,7 @@ def _after_training(config: dict[str, Any]) -> dict[str, Any]:
     from deltatune.data.tasks import load_for_task
     from deltatune.train.config import load_config
 
-    cfg = load_config(config)
+    cfg = load_config(_label_words(config) if _scored_apart(config) else config)
     model, _, task = load_for_task(cfg.data, cfg.model, seed=cfg.train.seed, quantization=cfg.quantization)
     tuned = dt.load(model, cfg.output)
     seen = predict(tuned, task, cfg.train.eval_batch_size)
@@ -324,6 +346,8 @@ def run_spec(spec: dict[str, Any]) -> dict[str, Any]:
             # a progress bar, but no summary table per run: the demo prints one table for all of them
             result = {"summary": dt.train(spec["config"], callbacks=[ProgressBar()] if spec.get("show") else [])}
             result["train_seconds"] = time.perf_counter() - start
+            if _scored_apart(spec["config"]):
+                _score_label_words(spec["config"], result["summary"])
             # the run's peak (the process RSS high-water mark), before the artifact is loaded back
             result["peak_rss_bytes"] = peak_memory_bytes(torch.device("cpu"))
             if not spec.get("search"):  # a learning-rate search run is judged by its dev accuracy alone
@@ -561,7 +585,7 @@ def _search_config(plan: Plan, name: str, search: SearchData, multiplier: float,
     config = run_config(plan.setup, name, seed=plan.seed, output=folder, steps=plan.steps,
                         lora_options=plan.lora_options)
     config["train"]["lr"] = float(f"{config['train']['lr'] * multiplier:.12g}")  # 0.005, not 0.005000000000000001
-    data = dict(search.data)
+    data = {**search.data, **plan.setup["methods"][name].data}  # a row's own data keys (task: preference) too
     if "head" in config["data"]:
         data["head"] = config["data"]["head"]
     config["data"] = data

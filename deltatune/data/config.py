@@ -136,12 +136,12 @@ class DataConfig:
         classification_only = {"labels": self.labels is not None, "prompt": self.prompt is not None,
                                "head": self.head is not None}
         for key, given in classification_only.items():
-            if given and self.task == "preference" and key != "head" and self.name is not None:
-                continue  # preference pairs built from a shipped labelled set: its labels and prompt
+            if given and key != "head" and self.pairs_from_labels:
+                continue  # preference pairs built from a labelled set: its labels and prompt
             if given and key == "labels" and self.task in MEDIA_TASKS:
                 continue  # the classes to keep, in this order
             if given and self.task != "classification":
-                also = " (and to task 'preference' on a shipped data set)" if key != "head" else ""
+                also = " (and to task 'preference' on a labelled data set)" if key != "head" else ""
                 raise DeltatuneError(f"data.{key} applies to task 'classification' only{also}; remove it for task "
                                      f"{self.task!r}")
         if self.chat_template is not None and self.task not in ("chat", "preference", "prompts"):
@@ -293,6 +293,12 @@ class DataConfig:
         """Raise the first of problems(), if any."""
         for problem in self.problems():
             raise DeltatuneError(problem)
+
+    @property
+    def pairs_from_labels(self) -> bool:
+        """Task 'preference' on labelled data, whose pairs are built from the labels: a shipped set (``name``), or a
+        labelled file (text, label) whose ``labels`` are given, as the dev pools of the learning-rate searches are."""
+        return self.task == "preference" and (self.name is not None or self.labels is not None)
 
     def resolved_prompt(self) -> str:
         """The label-word prompt: data.prompt, else the shipped set's own, else the default (a mix: its first part's)."""

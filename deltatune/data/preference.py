@@ -459,7 +459,7 @@ def build_preference(cfg: DataConfig, tokenizer: Any) -> PreferenceTask:
     template = cfg.resolved_chat_template()
 
     def encode_part(_: int, part: DataConfig) -> tuple[list, list]:
-        if part.name is not None:
+        if part.pairs_from_labels:
             return _labelled_part(cfg, part, tokenizer)
         return _file_part(part, tokenizer, template)
 

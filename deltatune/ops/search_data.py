@@ -56,7 +56,8 @@ def _carve(raw: dict[str, Any], cfg: Any, path: Path, dev_size: int | None, who:
     if cfg.task == "edit":
         raise DeltatuneError(f"{who}: {where} is task 'edit', which has no held-out part (every edit trains and is "
                              "scored); search an edit run by its edit success on a data set of its own")
-    if cfg.task == "classification":
+    labelled = cfg.task == "classification" or cfg.pairs_from_labels  # preference pairs are built after the carve
+    if labelled:
         pool_of, labels, held, n_train = _classification_pool(cfg)
     else:
         pool_of, labels, held, n_train = _row_pool(cfg)
@@ -71,7 +72,7 @@ def _carve(raw: dict[str, Any], cfg: Any, path: Path, dev_size: int | None, who:
     section = {k: v for k, v in raw.items() if k not in ("name", "path", "text_field", "label_field")}
     section.update(path=str(path), eval_fraction=dev / (dev + train), max_train=None, max_eval=None,
                    seed=cfg.seed)
-    if cfg.task == "classification":
+    if labelled:
         section.update(labels=labels, prompt=cfg.resolved_prompt())
     elif cfg.name is not None or cfg.task == "text":
         section["text_field"] = "text"
