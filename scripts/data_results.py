@@ -39,6 +39,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from deltatune.cli.demo import DEFAULT_SETUP, RUNS, Row, demo  # noqa: E402
+from deltatune.errors import run_script  # noqa: E402
 
 DOC = ROOT / "docs" / "data-results.md"
 SEEDS = 3
@@ -175,4 +176,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_script(main)

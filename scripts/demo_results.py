@@ -30,6 +30,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from deltatune.cli.demo import DEFAULT_SETUP, MEZO_BUDGET, RUNS, SEARCH, Row, demo, human_bytes  # noqa: E402
+from deltatune.errors import run_script  # noqa: E402
 
 DOC = ROOT / "docs" / "demo-results.md"
 NOTES_MARKER = "<!-- notes: everything below this line is written by hand and kept when the table is rebuilt -->"
@@ -244,4 +245,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_script(main)

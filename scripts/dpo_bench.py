@@ -34,6 +34,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from deltatune.core.artifact import report_folder  # noqa: E402
+from deltatune.errors import run_script  # noqa: E402
 
 MODEL = "smollm2-135m"
 DATA = {"name": "tweets", "task": "preference", "labels": ["negative", "positive"], "max_length": 64,
@@ -150,4 +151,4 @@ def measure(a: argparse.Namespace, out: Path) -> dict[str, dict[str, Any]]:
 
 
 if __name__ == "__main__":
-    main()
+    run_script(main)

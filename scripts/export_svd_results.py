@@ -25,6 +25,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import deltatune as dt  # noqa: E402
 from deltatune.cli.demo import DEFAULT_SETUP, run_config  # noqa: E402
 from deltatune.core.artifact import report_folder  # noqa: E402
+from deltatune.errors import run_script  # noqa: E402
 
 
 def trained(out: Path, name: str, a: argparse.Namespace) -> tuple[Path, dict[str, Any]]:
@@ -88,4 +89,4 @@ def table(out: Path, results: list[dict[str, Any]]) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_script(main)

@@ -33,6 +33,7 @@ import torch  # noqa: E402
 import deltatune as dt  # noqa: E402
 from deltatune.cli.demo import DEFAULT_SETUP, TWEETS, Row, demo  # noqa: E402
 from deltatune.data import models, tasks  # noqa: E402
+from deltatune.errors import run_script  # noqa: E402
 from deltatune.ops.fusion import _fixed_alpha  # noqa: E402
 from deltatune.train.config import parse_data_section  # noqa: E402
 
@@ -186,4 +187,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_script(main)

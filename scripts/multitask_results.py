@@ -41,6 +41,7 @@ import deltatune as dt  # noqa: E402
 from deltatune.core.artifact import report_folder  # noqa: E402
 from deltatune.data import rows  # noqa: E402
 from deltatune.data.config import DataConfig  # noqa: E402
+from deltatune.errors import run_script  # noqa: E402
 from deltatune.methods.polyhistor import PolyhistorConfig, parameter_count  # noqa: E402
 
 TASKS = ("tweets", "bbc")
@@ -197,4 +198,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_script(main)

@@ -26,6 +26,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from deltatune import api  # noqa: E402
+from deltatune.errors import run_script  # noqa: E402
 from deltatune.ops import search_pareto as pareto  # noqa: E402
 from deltatune.ops.search_refit import mean_se  # noqa: E402
 
@@ -126,4 +127,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_script(main)

@@ -23,6 +23,7 @@ import deltatune as dt
 from deltatune.core.artifact import report_folder
 from deltatune.data import rows
 from deltatune.data.config import DataConfig
+from deltatune.errors import run_script
 
 LABELS = ["negative", "positive"]
 # the demo's recipe (presets/lora.yaml, presets/spiel.yaml): 60 steps of 8 tweets, q and v of SmolLM2-135M
@@ -140,4 +141,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_script(main)

@@ -44,6 +44,7 @@ import deltatune as dt
 from deltatune.core import artifact
 from deltatune.data import audio, models, vision
 from deltatune.data.tasks import DataConfig, load_for_task
+from deltatune.errors import run_script
 
 # each method at its natural size, and its learning-rate grid (the dev split picks one)
 METHODS: dict[str, tuple[dict[str, Any], list[float]]] = {
@@ -390,4 +391,4 @@ def measure(args: argparse.Namespace, out: Path, seeds: int, chosen: list[str], 
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    run_script(main)

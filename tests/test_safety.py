@@ -171,6 +171,17 @@ def test_a_report_folder_holds_one_writers_output_and_a_fresh_report_replaces_th
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")], "no lock is left"
 
 
+def test_a_study_script_refuses_a_folder_in_one_line_not_a_traceback(tmp_path) -> None:
+    """scripts/spiel_study.py on a folder holding someone's files: the refusal is the error's message on stderr
+    and exit code 2, as the CLI gives it; the files stay."""
+    out = users_folder(tmp_path / "study")
+    script = Path(__file__).resolve().parent.parent / "scripts" / "spiel_study.py"
+    done = subprocess.run([sys.executable, str(script), "--out", str(out)], capture_output=True, text=True)
+    assert done.returncode == 2 and "Traceback" not in done.stderr, done.stderr
+    assert done.stderr.startswith("error: ") and "notes.txt" in done.stderr and done.stderr.count("\n") == 1
+    assert (out / "notes.txt").read_text() == "mine"
+
+
 # -- A. one owner per folder; readers repair nothing a writer is doing --------------------------------------
 HOLD = """
 import sys
