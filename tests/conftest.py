@@ -97,6 +97,18 @@ def cache(tmp_path_factory: pytest.TempPathFactory):
     patch.undo()
 
 
+@pytest.fixture(scope="session", autouse=True)
+def no_curves():
+    """No ``logs/curves.png`` after the suite's hundreds of tiny runs (matplotlib would add minutes on a loaded
+    machine); test_curves.py draws them with the real function."""
+    from deltatune.train import reporting
+
+    patch = pytest.MonkeyPatch()
+    patch.setattr(reporting, "write_curves", lambda *args, **kwargs: False)
+    yield
+    patch.undo()
+
+
 @pytest.fixture(scope="session")
 def smollm2() -> torch.nn.Module:
     """The shipped SmolLM2-135M, loaded once per session; tests deep-copy it before changing it."""

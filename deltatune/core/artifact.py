@@ -470,12 +470,18 @@ def destination(out: str | os.PathLike, kind: str, *, inputs: Iterable[Any] = ()
 
 
 def replace_text(path: Path, text: str) -> None:
+    """Write ``path`` whole (UTF-8) through a temporary sibling and a rename: a crash leaves the old file or the
+    new one."""
+    replace_bytes(path, text.encode("utf-8"))
+
+
+def replace_bytes(path: Path, data: bytes) -> None:
     """Write ``path`` whole through a temporary sibling and a rename: a crash leaves the old file or the new one.
     (``open`` gives it the umask's mode, as every output of a run.)"""
     tmp = path.with_name(f".{path.name}.tmp-{secrets.token_hex(6)}")
     try:
-        with open(tmp, "w", newline="") as f:
-            f.write(text)
+        with open(tmp, "wb") as f:
+            f.write(data)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)

@@ -39,6 +39,7 @@ from typing import Any
 
 import numpy as np
 
+from deltatune.core.artifact import replace_bytes
 from deltatune.errors import DeltatuneError
 from deltatune.ops import search_pareto as pareto
 from deltatune.ops.search_data import dev_data, write_text
@@ -552,6 +553,4 @@ def plot(study: Any, search: Search, path: Path) -> None:
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=110)
     plt.close(fig)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_bytes(buf.getvalue())
-    os.replace(tmp, path)
+    replace_bytes(path, buf.getvalue())

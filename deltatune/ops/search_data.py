@@ -16,11 +16,10 @@ data steps of a section (select, prune, ...) stay in it: they run in each trial 
 from __future__ import annotations
 
 import json
-import os
-import secrets
 from pathlib import Path
 from typing import Any
 
+from deltatune.core.artifact import replace_text
 from deltatune.errors import DeltatuneError
 
 POOL = Path("data") / "pool.jsonl"  # under the study folder
@@ -120,9 +119,4 @@ def write_text(path: Path, text: str) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     if path.is_file() and path.read_text() == text:
         return
-    tmp = path.with_name(f".{path.name}.tmp-{secrets.token_hex(6)}")
-    try:
-        tmp.write_text(text)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    replace_text(path, text)

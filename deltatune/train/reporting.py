@@ -4,7 +4,8 @@ Every reporter is a ``Callback`` on rank 0 and writes under ``<output>/logs/`` (
 artifact is swapped into ``<output>`` at the end and only sub-folders are carried across that swap.
 
 - ``logs/metrics.jsonl`` (always): one JSON line per optimizer step as it ends, flushed, with the step's ``eval_*``
-  metrics when it evaluated, so a run can be watched (``tail -f``) or read after a crash;
+  metrics when it evaluated, so a run can be watched (``tail -f``) or read after a crash; and ``logs/curves.png``
+  drawn from it when the run has finished (loss, evaluated metrics, an objective's reward);
 - ``csv``: ``logs/metrics.csv``, the same records as a table (a new column, e.g. the first evaluation's metrics,
   rewrites it with the wider header);
 - ``tensorboard``: ``logs/tensorboard/`` through ``torch.utils.tensorboard`` (``train/loss``,
@@ -22,6 +23,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+import logging
 import os
 import shutil
 from pathlib import Path
@@ -29,9 +31,12 @@ from typing import Any
 
 from deltatune.core.artifact import replace_text
 from deltatune.train.callbacks import Callback
+from deltatune.train.curves import write_curves
+
+log = logging.getLogger(__name__)
 
 LOGS = "logs"
-JSONL, CSV, TENSORBOARD = "metrics.jsonl", "metrics.csv", "tensorboard"
+JSONL, CSV, TENSORBOARD, CURVES = "metrics.jsonl", "metrics.csv", "tensorboard", "curves.png"
 FIRST_COLUMNS = ["step", "epoch", "loss", "lr"]  # the CSV's first columns; the rest in the order they appear
 
 
@@ -40,10 +45,20 @@ def reporters(output: str | os.PathLike, report_to: list[str], config: dict[str,
     logs = Path(output) / LOGS
     made: dict[str, Any] = {"csv": CsvReporter, "tensorboard": TensorBoardReporter, "wandb": WandbReporter,
                             "mlflow": MlflowReporter}
-    out: list[Callback] = [JsonlReporter(logs)]
+    out: list[Callback] = [JsonlReporter(logs, title=_title(config))]
     for name in report_to:
         out.append(made[name](logs, config) if name in ("wandb", "mlflow") else made[name](logs))
     return out
+
+
+def _title(config: dict[str, Any]) -> str:
+    """``lora on smollm2-135m (objective dpo)``: what the curves of a run are of."""
+    def name(section: Any) -> str:
+        return str(section.get("name") or section.get("path") or "?") if isinstance(section, dict) else str(section)
+
+    objective = (config.get("train") or {}).get("objective")
+    return (f"{name(config.get('method'))} on {name(config.get('model'))}"
+            + (f" (objective {name(objective)})" if objective else ""))
 
 
 def _kept_lines(path: Path, start_step: int) -> list[str]:
@@ -104,11 +119,21 @@ def _remove_if_empty(folder: Path) -> None:
 
 
 class JsonlReporter(_Stream):
-    """``logs/metrics.jsonl``: one line per step, written and flushed as the step ends."""
+    """``logs/metrics.jsonl``: one line per step, written and flushed as the step ends; and when the run has
+    finished, ``logs/curves.png`` drawn from it (``deltatune.train.curves``)."""
 
-    def __init__(self, logs: Path) -> None:
+    def __init__(self, logs: Path, title: str | None = None) -> None:
         super().__init__(logs / JSONL)
         self.file: io.TextIOBase | None = None
+        self.title = title
+
+    def on_end(self, summary: dict[str, Any] | None) -> None:
+        super().on_end(summary)
+        if summary is not None:
+            try:
+                write_curves(self.path, self.path.parent / CURVES, self.title)
+            except Exception as e:  # a plot that fails must not fail a finished run
+                log.warning("could not draw %s: %s", self.path.parent / CURVES, e)
 
     def start(self, start_step: int) -> None:
         self.cut(start_step)
