@@ -25,17 +25,23 @@ MAX_PANELS = 6
 Series = list[tuple[int, float]]
 
 
-def read_records(path: Path) -> list[dict[str, Any]]:
-    """The step records of a JSONL stream; a torn line (a run killed while writing it) is skipped."""
-    records = []
+def step_lines(path: Path) -> list[tuple[str, dict[str, Any]]]:
+    """Each line of a JSONL stream that holds a step record, with the record; a torn line (a run killed while
+    writing it) is skipped."""
+    out = []
     for line in path.read_text().splitlines() if path.is_file() else []:
         try:
             record = json.loads(line)
         except json.JSONDecodeError:
             continue
         if isinstance(record, dict) and isinstance(record.get("step"), int):
-            records.append(record)
-    return records
+            out.append((line, record))
+    return out
+
+
+def read_records(path: Path) -> list[dict[str, Any]]:
+    """The step records of a JSONL stream (``step_lines``)."""
+    return [record for _, record in step_lines(path)]
 
 
 def panels(records: list[dict[str, Any]]) -> list[tuple[str, Series, Series]]:

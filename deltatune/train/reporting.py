@@ -31,7 +31,7 @@ from typing import Any
 
 from deltatune.core.artifact import replace_text
 from deltatune.train.callbacks import Callback
-from deltatune.train.curves import write_curves
+from deltatune.train.curves import step_lines, write_curves
 
 log = logging.getLogger(__name__)
 
@@ -64,15 +64,7 @@ def _title(config: dict[str, Any]) -> str:
 def _kept_lines(path: Path, start_step: int) -> list[str]:
     """The JSON lines of ``path`` up to ``start_step`` (where a resumed run continues); a torn last line (the run
     died while writing it) is dropped."""
-    kept = []
-    for line in path.read_text().splitlines() if path.is_file() else []:
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError:
-            continue
-        if isinstance(record, dict) and isinstance(record.get("step"), int) and record["step"] <= start_step:
-            kept.append(line)
-    return kept
+    return [line for line, record in step_lines(path) if record["step"] <= start_step]
 
 
 class _Stream(Callback):
