@@ -11,7 +11,7 @@ from typer.testing import CliRunner
 
 import deltatune as dt
 from deltatune.cli import demo as demo_module
-from deltatune.cli.demo import DEFAULT_SETUP, QUICK_SETUP, Row, demo, run_config
+from deltatune.cli.demo import DEFAULT_SETUP, QUICK_SETUP, Row, baseline_config, demo, run_config
 from deltatune.cli.main import app
 from deltatune.errors import DeltatuneError
 
@@ -128,6 +128,10 @@ def test_rows_train_their_presets_with_the_demos_changes() -> None:
     # a row's own model keys (a quantized base) make the model a mapping for that row only
     nf4 = load_config(run_config({**DEFAULT_SETUP, "methods": {"q": Row("lora", model={"quantize": "nf4"})}}, "q"))
     assert nf4.model == DEFAULT_SETUP["model"] and nf4.quantization == {"quantize": "nf4"}
+    # the baseline is the setup's model as it is, whichever row comes first (a row over nf4 did change it)
+    base = load_config(baseline_config({**DEFAULT_SETUP, "methods": {"q": Row("lora", model={"quantize": "nf4"})}},
+                                       "q", seed=0, train_seed=0, output="x"))
+    assert base.model == DEFAULT_SETUP["model"] and not base.quantization
 
 
 def test_cli_passes_the_protocol_options(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:

@@ -717,6 +717,17 @@ def _demo(plan: Plan, methods: list[str], quick: bool, command: str | None) -> l
     return rows
 
 
+def baseline_config(setup: dict[str, Any], first: str, *, seed: int, train_seed: int,
+                    output: str | os.PathLike) -> dict[str, Any]:
+    """The zero-shot run's config: the first row's, with the setup's own data and model. The base model as the
+    setup names it: no head a preset asks for, and not the quantized base a row (``lora-nf4``) trains on, so the
+    first row run does not change the table's baseline."""
+    config = run_config(setup, first, seed=seed, output=output, train_seed=train_seed)
+    config["data"] = {**setup["data"], "seed": seed}
+    config["model"] = setup["model"]
+    return config
+
+
 def _baseline_row(plan: Plan, first: str, total: int) -> tuple[dict[str, Any], dict[str, Any]]:
     """The model before training on the held-out set: the row, and the first run's figures (held-out size,
     majority class). Once per training seed when the model has a fresh head (drawn from the seed), else once."""
@@ -725,9 +736,8 @@ def _baseline_row(plan: Plan, first: str, total: int) -> tuple[dict[str, Any], d
     plan.console.print(f"[bold][1/{total}] {baseline}[/]: the model before training, on the held-out set")
     runs, zero = [], []
     for train_seed in plan.train_seeds:
-        config = run_config(setup, first, seed=plan.seed, output=plan.out / "artifacts" / ZERO_SHOT,
-                            train_seed=train_seed)
-        config["data"] = {**setup["data"], "seed": plan.seed}  # the base model as it is: no head a preset asks for
+        config = baseline_config(setup, first, seed=plan.seed, train_seed=train_seed,
+                                 output=plan.out / "artifacts" / ZERO_SHOT)
         zs = _cached_run(plan, f"{ZERO_SHOT}-seed{train_seed}", {"kind": ZERO_SHOT, "config": config,
                                                                  "label": baseline})
         if "error" in zs:
