@@ -69,6 +69,9 @@ FIRST = {
     "lora-loftq": Row("lora", method={"init": "loftq"}),
     "lora-eva": Row("lora", method={"init": "eva", "eva": {"data": dict(DEFAULT_SETUP["data"]), "samples": 64,
                                                             "batch_size": 16}}),
+    # LoRA+ (issue 27): B at 16x A's rate (the paper's and PEFT's ratio); the grid centred on 5e-4 for A, a quarter of
+    # LoRA's rate, so that B's (8e-3) is within the 4x of LoRA's that the LoRA+ paper tunes over
+    "lora-plus": Row("lora", {"loraplus_ratio": 16, "lr": 5e-4}),
     # over a 4-bit base (issue 22: QLoRA; SpIEL's paper has a quantized variant): the presets unchanged, the model
     # loaded with model: {name, quantize: nf4} (bitsandbytes NF4, double quantization)
     "lora-nf4": Row("lora", model={"quantize": "nf4"}),
