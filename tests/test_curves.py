@@ -10,7 +10,7 @@ from conftest import word_run_config
 
 import deltatune as dt
 from deltatune.train import curves, reporting
-from deltatune.train.callbacks import Callback
+from deltatune.train.callbacks import Callback, SummaryTable
 
 PNG = b"\x89PNG\r\n\x1a\n"
 
@@ -21,12 +21,16 @@ def drawn(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(reporting, "write_curves", curves.write_curves)
 
 
-def test_a_finished_run_leaves_its_curves_and_a_failed_one_does_not(word_run, tmp_path: Path, drawn) -> None:
+def test_a_finished_run_leaves_its_curves_and_a_failed_one_does_not(
+        word_run, tmp_path: Path, drawn, capsys: pytest.CaptureFixture, monkeypatch: pytest.MonkeyPatch) -> None:
     cfg = word_run_config(word_run, {"name": "lora", "r": 2, "targets": ["q_proj", "v_proj"]}, tmp_path / "run",
                           eval_every=4, save_every=0)
-    dt.train(cfg)
+    monkeypatch.setenv("COLUMNS", "400")  # the summary table at full width
+    dt.train(cfg, callbacks=[SummaryTable()])
     png = tmp_path / "run" / "logs" / "curves.png"
     assert png.read_bytes().startswith(PNG)
+    shown = [line.split("│")[1:3] for line in capsys.readouterr().out.splitlines() if line.startswith("│")]
+    assert [cell.strip() for cell in shown[-1]] == ["curves", str(png)]  # the summary table names it
     records = curves.read_records(tmp_path / "run" / "logs" / "metrics.jsonl")
     drawn_panels = curves.panels(records)
     assert [name for name, _, _ in drawn_panels] == ["loss", "accuracy"]

@@ -134,6 +134,9 @@ def print_summary(summary: dict[str, Any]) -> None:
     for k, v in rows:
         table.add_row(k, v)
     table.add_row("output", summary["output"])
+    curves = Path(summary["output"]) / "logs" / "curves.png"  # drawn by the metrics stream's reporter, which ends first
+    if curves.is_file():
+        table.add_row("curves", str(curves))
     for note in summary.get("warnings", []):  # a skipped corrupt checkpoint, a run that looks diverged
         table.add_row("[yellow]warning[/]", f"[yellow]{escape(note)}[/]")
     Console().print(table)
