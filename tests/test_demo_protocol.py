@@ -6,15 +6,18 @@ from __future__ import annotations
 
 import json
 import math
+import shlex
 import shutil
 from pathlib import Path
 
 import pytest
 import yaml
 from test_demo_report import stand_in
+from typer.testing import CliRunner
 
 import deltatune as dt
 from deltatune.cli.demo import Row, aggregate, choose_lr, demo, mean_se, parse_lr_grid
+from deltatune.cli.main import app
 from deltatune.core.artifact import REPORT_MARKER
 from deltatune.data.tasks import load_for_task
 from deltatune.errors import DeltatuneError
@@ -222,6 +225,12 @@ def test_a_dpo_row_is_scored_by_label_word_accuracy_on_the_same_splits(word_run:
     assert reported.data.task == "preference" and seed["accuracy"] == scored["accuracy"]
     kept = json.loads((out / "runs" / "dpo-seed0.json").read_text())["result"]["summary"]["final"]
     assert "eval_rewards/margins" in kept and kept["eval_accuracy"] == scored["accuracy"]
+    # the report's command evaluates what the table shows: the label-word accuracy
+    line = next(x for x in (out / "report.md").read_text().splitlines() if x.startswith("deltatune eval")
+                and "dpo-seed0" in x)
+    result = CliRunner().invoke(app, shlex.split(line)[1:])
+    assert result.exit_code == 0, result.output
+    assert f"{scored['accuracy']:.4f}" in result.output
 
 
 def test_resume_reuses_kept_runs_and_reruns_what_changed_or_is_gone(tmp_path: Path,

@@ -278,6 +278,12 @@ def _zero_shot(config: dict[str, Any]) -> dict[str, Any]:
             "fresh_head": fresh_head}
 
 
+def _read_yaml(path: Path) -> dict[str, Any]:
+    import yaml
+
+    return yaml.safe_load(path.read_text())
+
+
 def _scored_apart(config: dict[str, Any]) -> bool:
     """A row trained on preference pairs built from the labels (DPO and its family): its evaluation reports the
     objective's metrics, and the label-word accuracy is scored after training on the same held-out texts."""
@@ -1013,7 +1019,10 @@ def next_commands(row: dict[str, Any], out: Path, example: str) -> list[str]:
     held-out data, run it on one text, export it to PEFT and merge it into its base (where those apply)."""
     art = shlex.quote(row["artifact"])
     prompt = (row["predictions"] or {}).get("prompt")
-    commands = [f"deltatune eval {art} --config {shlex.quote(str(out / row['config_file']))}"]
+    config = out / row["config_file"]
+    commands = [f"deltatune eval {art} --config {shlex.quote(str(config))}"]
+    if _scored_apart(_read_yaml(config)):  # trained on pairs: the label-word accuracy the table shows, not DPO's metrics
+        commands[0] += " --set data.task=classification"
     if prompt:  # a causal LM scoring label words: what it writes after the prompt (eval is what scores the words)
         commands.append(f"deltatune generate {art} --prompt {bash_word(prompt.replace('{text}', example))} "
                         "--no-chat --max-new-tokens 8")

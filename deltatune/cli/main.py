@@ -506,8 +506,9 @@ def eval_(
     if artifact is None and fuse_large is None:
         raise DeltatuneError("say which artifact to evaluate: deltatune eval ARTIFACT --data ... (or --fuse-large "
                              "MODEL --expert ARTIFACT)")
-    metrics = api.eval(artifact, _data_config(data, task, config, set_, artifact), base=base, batch_size=batch_size,
-                       objective=_objective(objective, config, artifact), fuse_large=fuse_large,
+    data_config = _data_config(data, task, config, set_, artifact)
+    metrics = api.eval(artifact, data_config, base=base, batch_size=batch_size,
+                       objective=_objective(objective, config, artifact, data_config.task), fuse_large=fuse_large,
                        fuse_small=fuse_small, experts=expert, alpha=_alpha(alpha))
     if as_json:
         typer.echo(json.dumps(metrics, indent=2))
@@ -544,11 +545,18 @@ def generate(
     typer.echo("")
 
 
-def _objective(text: str | None, config: str | None, artifact: str | None) -> Any:
+def _objective(text: str | None, config: str | None, artifact: str | None, task: str | None = None) -> Any:
     """``--objective`` (a name or a JSON mapping), else the run config's ``train.objective``, else the one of the run
-    that wrote ``artifact`` (its newest checkpoint); None when none says (data that needs none)."""
+    that wrote ``artifact`` (its newest checkpoint); None when none says (data that needs none). The run's objective
+    counts only for the data ``task`` it was made for: a DPO run evaluated on its texts' labels (``--set
+    data.task=classification``) is scored as a classifier; an objective given with --objective is checked."""
+    from deltatune.data import objectives
     from deltatune.train.config import load_config
     from deltatune.train.state import saved_config
+
+    if text is None and task is not None:
+        run = _objective(None, config, artifact)
+        return run if run is None or objectives.task_problem(objectives.parse(run)[0], task) is None else None
 
     if text is not None:
         if not text.lstrip().startswith("{"):
