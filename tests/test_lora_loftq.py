@@ -9,6 +9,7 @@ LoRA model with its base weight replaced by that Q and lora_A / lora_B by those 
 from __future__ import annotations
 
 import copy
+import json
 from pathlib import Path
 
 import pytest
@@ -148,3 +149,47 @@ def test_over_an_nf4_base_the_factors_absorb_its_quantization_error(tmp_path: Pa
         out = _low_rank_decomposition(w - q, reduced_rank=R)
         assert close(form.A.detach(), out["R"]) and close(form.B.detach(), out["L"])
         assert torch.linalg.norm(w - q - form.B.detach() @ form.A.detach()) < 0.9 * torch.linalg.norm(w - q)
+
+
+@pytest.mark.parametrize("num_iter", [1, 2])
+def test_an_unconverted_peft_loftq_adapter_imports_on_the_original_base(num_iter: int, tmp_path: Path) -> None:
+    """PEFT's LoftQ rewrites the base into Q and saves only the factors (init_lora_weights 'loftq' in the config):
+    imported onto the original base, deltatune rebuilds Q from W0 and gives the logits of PEFT's model on its
+    rewritten base. (PEFT's LoftQ needs CUDA: its model is built here as loftq_init leaves it, from the restated
+    algorithm, then its factors are moved as training would.)"""
+    rewritten = tiny_llama()
+    factors = {}
+    with torch.no_grad():
+        for name, module in rewritten.named_modules():
+            if name.endswith(tuple(TARGETS)):
+                q, a, b = peft_loftq(module.weight, R, num_iter)
+                module.weight.copy_(q)
+                factors[name] = (a, b)
+    peft_model = get_peft_model(rewritten, LoraConfig(r=R, lora_alpha=2 * R, target_modules=TARGETS))
+    g = torch.Generator().manual_seed(5)
+    with torch.no_grad():
+        for name, module in peft_model.base_model.model.named_modules():
+            if name in factors:
+                a, b = factors[name]
+                module.lora_A["default"].weight.copy_(a + torch.randn(a.shape, generator=g) * 0.05)
+                module.lora_B["default"].weight.copy_(b + torch.randn(b.shape, generator=g) * 0.05)
+    x = batch()
+    expected = eval_logits(peft_model, x)
+    peft_model.save_pretrained(tmp_path / "a")
+    config_file = tmp_path / "a" / "adapter_config.json"
+    saved = json.loads(config_file.read_text())
+    config_file.write_text(json.dumps({**saved, "init_lora_weights": "loftq",
+                                       "loftq_config": {"loftq_bits": 4, "loftq_iter": num_iter}}))
+    base = tiny_llama()
+    w0 = {k: v.clone() for k, v in base.state_dict().items()}
+    imported = dt.import_peft(base, tmp_path / "a")
+    forms = imported.forms()
+    assert set(forms) == {f"{name}.weight" for name in factors}
+    assert all(isinstance(f, LoftQLowRank) and f.loftq_iter == num_iter for f in forms.values())
+    assert close(eval_logits(imported, x), expected, rtol=1e-5)
+    imported.detach()
+    assert all(torch.equal(v, w0[k]) for k, v in base.state_dict().items()), "the original base is never written"
+
+    config_file.write_text(json.dumps({**saved, "init_lora_weights": "loftq", "loftq_config": {"loftq_bits": 2}}))
+    with pytest.raises(dt.DeltatuneError, match="LoftQ at 2 bits.*convert it to a plain LoRA"):
+        dt.import_peft(tiny_llama(), tmp_path / "a")

@@ -789,7 +789,7 @@ def import_peft(model: nn.Module, adapter: str | os.PathLike) -> Tuned:
         if config.get(key):
             raise DeltatuneError(f"{adapter} uses {why}, which deltatune does not import")
     init = config.get("init_lora_weights", True)
-    residual = _residual_import_init(adapter, init, bool(config.get("use_dora")))
+    residual = _residual_import_init(adapter, config)
     if residual is None and isinstance(init, str) and init.lower().startswith(_BASE_REWRITING_INITS):
         raise DeltatuneError(
             f"{adapter} was initialised with {init!r}, which rewrites the base weights: convert it to a plain "
@@ -864,8 +864,10 @@ def import_peft(model: nn.Module, adapter: str | os.PathLike) -> Tuned:
         rank_pattern={re.escape(m): r for m, r in ranks.items()},
         alpha_pattern={re.escape(m): float(pattern_value(alpha_pattern, m, alpha)) for m in [*lora_modules, *params]},
         modules_to_save=modules_to_save or None,
-        # an unconverted PiSSA / OLoRA adapter: attach computes A₀, B₀ from the original base as PEFT's init did
+        # an unconverted PiSSA / OLoRA adapter: attach computes A₀, B₀ from the original base as PEFT's init did;
+        # a LoftQ one: attach computes LoftQ's Q from the original base, kept in the delta (PEFT wrote it into W)
         **({"init": residual} if residual else {}),
+        **({"loftq_iter": int((config.get("loftq_config") or {}).get("loftq_iter", 1))} if residual == "loftq" else {}),
         **({"trainable_token_indices": config["trainable_token_indices"]} if token_rows else {}),
     )
     try:
@@ -1010,13 +1012,24 @@ def _parameter_rank(adapter: str | os.PathLike, model: nn.Module, name: str, a: 
     return int(a.shape[0]) // experts
 
 
-def _residual_import_init(adapter: str | os.PathLike, init: Any, use_dora: bool) -> str | None:
-    """``pissa`` / ``olora`` for an adapter saved unconverted with that init, else None. Its factors fit PEFT's
-    rewritten base W − s·B₀A₀; deltatune rebuilds B₀, A₀ from the original base (a full SVD or QR, deterministic)
-    and imports the delta as ``lora`` with that init: s·(B·A − B₀·A₀) on the original W gives PEFT's model."""
+def _residual_import_init(adapter: str | os.PathLike, config: dict[str, Any]) -> str | None:
+    """``pissa`` / ``olora`` / ``loftq`` for an adapter saved unconverted with that init, else None. A PiSSA / OLoRA
+    adapter's factors fit PEFT's rewritten base W − s·B₀A₀; deltatune rebuilds B₀, A₀ from the original base (a full
+    SVD or QR, deterministic) and imports the delta as ``lora`` with that init: s·(B·A − B₀·A₀) on the original W
+    gives PEFT's model. A LoftQ adapter's factors fit PEFT's base rewritten into Q, LoftQ's NF4 weight, which is a
+    function of W (``methods/_loftq.py``): the delta (Q − W0) + s·B·A on the original W gives PEFT's model."""
+    init, use_dora = config.get("init_lora_weights", True), bool(config.get("use_dora"))
     if not isinstance(init, str):
         return None
     name = init.lower()
+    if name == "loftq":
+        bits = int((config.get("loftq_config") or {}).get("loftq_bits", 4))
+        if use_dora or bits != 4:
+            raise DeltatuneError(
+                f"{adapter} was initialised with LoftQ at {bits} bits{' with use_dora' if use_dora else ''}; deltatune "
+                "rebuilds LoftQ's 4-bit NF4 weight for a plain LoRA only: convert it to a plain LoRA with PEFT "
+                "(save_pretrained(..., path_initial_model_for_weight_conversion=...)) before importing")
+        return name
     if name.startswith("pissa_niter"):
         raise DeltatuneError(
             f"{adapter} was initialised with {init!r}, which rewrites the base weights with factors from a "
