@@ -498,3 +498,19 @@ def test_the_cpu_repacking_fast_path_is_kept_off() -> None:
                                                                                 layer.weight.quant_state)
     with pytest.raises(dt.DeltatuneError, match="repacked by bitsandbytes' CPU inference path"):
         quantized.keep_standard_layout(layer)
+
+
+def test_loading_a_quantized_base_prints_no_advice_about_a_kernel_deltatune_does_not_use(tmp_path: Path) -> None:
+    """On a CPU with AVX-512 BF16 (this project's), importing bitsandbytes warns that the fused kernel of its repacked
+    inference path could not be fetched from the Hub. deltatune turns that path off, so loading a quantized model
+    through it says nothing of the kind (elsewhere the warning never fires and this holds trivially)."""
+    import subprocess
+    import sys
+
+    folder = tmp_path / "tiny"
+    tiny_llama().save_pretrained(folder)
+    code = f"import deltatune as dt; dt.models.load({str(folder)!r}, quantize='nf4')"
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          cwd=Path(__file__).resolve().parent.parent)
+    assert done.returncode == 0, done.stderr
+    assert "gemm_4bit_forward" not in done.stderr and "pip install kernels" not in done.stderr

@@ -48,6 +48,7 @@ def _bnb() -> Any | None:
 
 
 def _import_bnb() -> Any:
+    quiet_unused_cpu_kernel()
     try:
         import bitsandbytes
     except ImportError as e:  # a dependency of deltatune: only a broken install gets here
@@ -68,6 +69,23 @@ class _Once(logging.Filter):
             return False
         self.seen.add(record.msg)
         return True
+
+
+class _NotTheFastCpuKernel(logging.Filter):
+    """Drops bitsandbytes' import-time warning that the optional fused CPU kernel of its AVX-512 BF16 inference path
+    (``kernels-community``, fetched from the Hub) is missing: deltatune switches that path off on every 4-bit layer
+    (``keep_standard_layout``), and nothing may be downloaded at run time, so the advice cannot and need not be
+    followed."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith("Failed to load CPU gemm_4bit_forward")
+
+
+def quiet_unused_cpu_kernel() -> None:
+    """Before bitsandbytes is imported: no warning about a kernel deltatune does not use (``_NotTheFastCpuKernel``)."""
+    logger = logging.getLogger("bitsandbytes.backends.cpu.ops")
+    if not any(isinstance(f, _NotTheFastCpuKernel) for f in logger.filters):
+        logger.addFilter(_NotTheFastCpuKernel())
 
 
 def quiet_int8_casts() -> None:

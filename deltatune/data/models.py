@@ -284,6 +284,7 @@ def load(
             raise DeltatuneError("pass either quantize=... or quantization_config=..., not both")
         kwargs["quantization_config"] = quantization_config(quantize, double_quant=double_quant,
                                                             compute_dtype=compute_dtype or dtype)
+        quantized.quiet_unused_cpu_kernel()
         if quantize == "int8":
             quantized.quiet_int8_casts()
     name, named_layers = pruned.split(os.fspath(name_or_path))
