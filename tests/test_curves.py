@@ -63,6 +63,13 @@ def test_panels_follow_the_objective() -> None:
     assert [n for n, _, _ in curves.panels(dpo)] == ["loss", "rewards/margins", "rewards/accuracies"]
 
 
+def test_the_title_says_what_the_curves_are_of() -> None:
+    assert reporting._title({"model": {"name": "smollm2-135m", "quantize": "nf4"}, "method": {"name": "lora"},
+                             "train": {"objective": "sft"}}) == "lora on smollm2-135m (nf4)"
+    assert reporting._title({"model": "m", "method": {"name": "spiel"},
+                             "train": {"objective": {"name": "dpo", "beta": 0.1}}}) == "spiel on m, objective dpo"
+
+
 def test_running_mean() -> None:
     assert curves.running_mean([1.0, 3.0, 5.0, 7.0], 2) == [1.0, 2.0, 4.0, 6.0]
     assert curves.running_mean([2.0], 5) == [2.0]

@@ -52,13 +52,16 @@ def reporters(output: str | os.PathLike, report_to: list[str], config: dict[str,
 
 
 def _title(config: dict[str, Any]) -> str:
-    """``lora on smollm2-135m (objective dpo)``: what the curves of a run are of."""
+    """``lora on smollm2-135m (nf4), objective dpo``: what the curves of a run are of (the default objective, sft,
+    left out)."""
     def name(section: Any) -> str:
         return str(section.get("name") or section.get("path") or "?") if isinstance(section, dict) else str(section)
 
+    model = config.get("model")
+    quantize = model.get("quantize") if isinstance(model, dict) else None
     objective = (config.get("train") or {}).get("objective")
-    return (f"{name(config.get('method'))} on {name(config.get('model'))}"
-            + (f" (objective {name(objective)})" if objective else ""))
+    return (f"{name(config.get('method'))} on {name(model)}" + (f" ({quantize})" if quantize else "")
+            + (f", objective {name(objective)}" if objective and name(objective) != "sft" else ""))
 
 
 def _kept_lines(path: Path, start_step: int) -> list[str]:
