@@ -49,7 +49,7 @@ Required. A shipped model name ({shipped}) or a local `from_pretrained` folder. 
 A quantized base (QLoRA; `docs/quantization.md`) is a mapping: `model: {{name: smollm2-135m, quantize: nf4}}`, with
 `quantize` one of nf4, fp4, int8 (bitsandbytes), optional `double_quant` (default true) and `compute_dtype` (float32,
 bfloat16 or float16; default the model's, float32). The artifact records the quantization, and a delta trained on
-it refuses another base.
+it refuses another base. A mapping with the name alone (`model: {{name: smollm2-135m}}`) is the full-precision base.
 """
 
 METHOD = """## method

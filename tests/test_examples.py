@@ -3,6 +3,8 @@ small subset."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 import deltatune as dt
@@ -40,3 +42,22 @@ def test_preset_runs(name: str, tmp_path) -> None:
     summary = dt.train(cfg)
     assert summary["steps"] == 1 and "eval_loss" in summary["final"]
     assert dt.inspect(tmp_path / "run")["method"] == cfg.method["name"]
+
+
+EXAMPLES = sorted((Path(__file__).resolve().parent.parent / "examples").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("path", EXAMPLES, ids=lambda p: p.name)
+def test_every_example_config_validates(path: Path) -> None:
+    """The YAML files the docs point to (examples/) are valid run configs (or search configs): every key and value
+    checked, nothing trained. (examples/accelerate/ holds accelerate's own configs.)"""
+    import yaml
+
+    if "search" in yaml.safe_load(path.read_text()):  # a `deltatune search` config: its space and the run in it
+        from deltatune import api
+        from deltatune.ops import search
+
+        assert search.prepare(api.search_config(path, []), api.config_problems).trials >= 1
+        return
+    cfg = load_config(path)
+    assert cfg.method["name"] in dt.methods() and cfg.train.steps >= 1

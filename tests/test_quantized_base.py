@@ -455,6 +455,12 @@ def test_a_run_config_trains_on_a_quantized_base(tmp_path: Path, smol_tok) -> No
         parse_config(bad)
     for part in ("model.quantize='nf3'", "model.double_quant='yes'", "unknown key model.bits"):
         assert part in str(e.value), (part, str(e.value))
+    # a mapping with the name alone is the full-precision base (examples/lora-loftq.yaml writes it so); options of a
+    # quantized base without quantize are named
+    plain = parse_config({**config, "model": {"name": "x"}})
+    assert plain.model == "x" and plain.quantization is None
+    with pytest.raises(dt.DeltatuneError, match=r"model.double_quant apply to a quantized base: add model.quantize"):
+        parse_config({**config, "model": {"name": "x", "double_quant": True}})
 
 
 def test_transformers_trainer_trains_a_delta_on_a_quantized_base(folder: Path, tmp_path: Path) -> None:

@@ -441,9 +441,14 @@ def _model_section(raw: dict[str, Any], problems: list[str]) -> tuple[Any, dict[
     quantization = {k: raw[k] for k in MODEL_KEYS[1:] if k in raw}
     if "name" not in raw:
         problems.append("model: the mapping needs a name (model: {name: smollm2-135m, quantize: nf4})")
-    if quantization.get("quantize") not in QUANTIZE_SCHEMES:
-        problems.append(f"model.quantize={quantization.get('quantize')!r}: one of {', '.join(QUANTIZE_SCHEMES)} "
-                        "(or write model: NAME for a full-precision base)")
+    if not quantization:  # model: {name: X} is the full-precision base, as model: X
+        return raw.get("name"), None
+    if "quantize" not in quantization:
+        problems.append(f"model.{', model.'.join(quantization)} apply to a quantized base: add model.quantize (one of "
+                        f"{', '.join(QUANTIZE_SCHEMES)}) or remove them")
+    elif quantization["quantize"] not in QUANTIZE_SCHEMES:
+        problems.append(f"model.quantize={quantization['quantize']!r}: one of {', '.join(QUANTIZE_SCHEMES)} "
+                        "(or leave it out for a full-precision base)")
     if not isinstance(quantization.get("double_quant", True), bool):
         problems.append(f"model.double_quant={quantization['double_quant']!r}: true or false")
     if quantization.get("compute_dtype", "float32") not in COMPUTE_DTYPES:
