@@ -1021,7 +1021,7 @@ def next_commands(row: dict[str, Any], out: Path, example: str) -> list[str]:
     prompt = (row["predictions"] or {}).get("prompt")
     config = out / row["config_file"]
     commands = [f"deltatune eval {art} --config {shlex.quote(str(config))}"]
-    if _scored_apart(_read_yaml(config)):  # trained on pairs: the label-word accuracy the table shows, not DPO's metrics
+    if config.is_file() and _scored_apart(_read_yaml(config)):  # trained on pairs: the label-word accuracy the table shows, not DPO's metrics
         commands[0] += " --set data.task=classification"
     if prompt:  # a causal LM scoring label words: what it writes after the prompt (eval is what scores the words)
         commands.append(f"deltatune generate {art} --prompt {bash_word(prompt.replace('{text}', example))} "
