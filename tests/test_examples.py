@@ -9,6 +9,7 @@ import pytest
 
 import deltatune as dt
 from deltatune.train import load_config, preset_names
+from deltatune.train.config import read_config
 
 PRESETS = preset_names()
 
@@ -51,9 +52,7 @@ EXAMPLES = sorted((Path(__file__).resolve().parent.parent / "examples").glob("*.
 def test_every_example_config_validates(path: Path) -> None:
     """The YAML files the docs point to (examples/) are valid run configs (or search configs): every key and value
     checked, nothing trained. (examples/accelerate/ holds accelerate's own configs.)"""
-    import yaml
-
-    if "search" in yaml.safe_load(path.read_text()):  # a `deltatune search` config: its space and the run in it
+    if "search" in read_config(path):  # a `deltatune search` config: its space and the run in it
         from deltatune import api
         from deltatune.ops import search
 

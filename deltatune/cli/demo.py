@@ -278,12 +278,6 @@ def _zero_shot(config: dict[str, Any]) -> dict[str, Any]:
             "fresh_head": fresh_head}
 
 
-def _read_yaml(path: Path) -> dict[str, Any]:
-    import yaml
-
-    return yaml.safe_load(path.read_text())
-
-
 def _scored_apart(config: dict[str, Any]) -> bool:
     """A row trained on preference pairs built from the labels (DPO and its family): its evaluation reports the
     objective's metrics, and the label-word accuracy is scored after training on the same held-out texts."""
@@ -296,14 +290,16 @@ def _label_words(config: dict[str, Any]) -> dict[str, Any]:
     return {**config, "data": {**config["data"], "task": "classification"}, "train": train}
 
 
-def _score_label_words(config: dict[str, Any], summary: dict[str, Any]) -> None:
+def _score_label_words(config: dict[str, Any], result: dict[str, Any]) -> None:
     """Add the label-word accuracy and loss of the saved delta on the run's held-out (or dev) texts to the run's
-    final metrics, as a classification row's evaluation reports them (the objective's own metrics stay)."""
+    final metrics, as a classification row's evaluation reports them (the objective's own metrics stay): from the
+    predictions ``_after_training`` made where it ran, else from one evaluation of the artifact (a search run)."""
     import deltatune as dt
 
-    metrics = dt.eval(config["output"], _label_words(config)["data"], batch_size=config["train"]["eval_batch_size"])
-    summary["final"]["eval_accuracy"] = metrics["accuracy"]
-    summary["final"]["eval_label_loss"] = metrics["loss"]
+    metrics = result.get("predictions") or dt.eval(config["output"], _label_words(config)["data"],
+                                                   batch_size=config["train"]["eval_batch_size"])
+    result["summary"]["final"]["eval_accuracy"] = metrics["accuracy"]
+    result["summary"]["final"]["eval_label_loss"] = metrics["loss"]
 
 
 def _after_training(config: dict[str, Any]) -> dict[str, Any]:
@@ -352,12 +348,12 @@ def run_spec(spec: dict[str, Any]) -> dict[str, Any]:
             # a progress bar, but no summary table per run: the demo prints one table for all of them
             result = {"summary": dt.train(spec["config"], callbacks=[ProgressBar()] if spec.get("show") else [])}
             result["train_seconds"] = time.perf_counter() - start
-            if _scored_apart(spec["config"]):
-                _score_label_words(spec["config"], result["summary"])
             # the run's peak (the process RSS high-water mark), before the artifact is loaded back
             result["peak_rss_bytes"] = peak_memory_bytes(torch.device("cpu"))
             if not spec.get("search"):  # a learning-rate search run is judged by its dev accuracy alone
                 result.update(_after_training(spec["config"]))
+            if _scored_apart(spec["config"]):
+                _score_label_words(spec["config"], result)
     except DeltatuneError as e:  # the method does not apply to this model: a note, not a crash
         result = {"error": " ".join(str(e).split())}
     result["seconds"] = time.perf_counter() - start
@@ -1021,7 +1017,7 @@ def next_commands(row: dict[str, Any], out: Path, example: str) -> list[str]:
     prompt = (row["predictions"] or {}).get("prompt")
     config = out / row["config_file"]
     commands = [f"deltatune eval {art} --config {shlex.quote(str(config))}"]
-    if config.is_file() and _scored_apart(_read_yaml(config)):  # trained on pairs: the label-word accuracy the table shows, not DPO's metrics
+    if config.is_file() and _scored_apart(read_config(config)):  # pairs: score what the table shows, the label words
         commands[0] += " --set data.task=classification"
     if prompt:  # a causal LM scoring label words: what it writes after the prompt (eval is what scores the words)
         commands.append(f"deltatune generate {art} --prompt {bash_word(prompt.replace('{text}', example))} "

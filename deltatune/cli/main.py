@@ -554,10 +554,6 @@ def _objective(text: str | None, config: str | None, artifact: str | None, task:
     from deltatune.train.config import load_config
     from deltatune.train.state import saved_config
 
-    if text is None and task is not None:
-        run = _objective(None, config, artifact)
-        return run if run is None or objectives.task_problem(objectives.parse(run)[0], task) is None else None
-
     if text is not None:
         if not text.lstrip().startswith("{"):
             return text
@@ -566,9 +562,13 @@ def _objective(text: str | None, config: str | None, artifact: str | None, task:
         except ValueError as e:
             raise DeltatuneError(f"--objective {text!r} is neither a name nor a JSON mapping ({e})") from None
     if config:
-        return getattr(load_config(config).train, "objective", None)
-    saved = saved_config(artifact) if artifact is not None else None
-    return ((saved or {}).get("train") or {}).get("objective")
+        run = getattr(load_config(config).train, "objective", None)
+    else:
+        saved = saved_config(artifact) if artifact is not None else None
+        run = ((saved or {}).get("train") or {}).get("objective")
+    if run is not None and task is not None and objectives.task_problem(objectives.parse(run)[0], task) is not None:
+        return None  # made for another data task than the one evaluated
+    return run
 
 
 def _alpha(text: str) -> str | float | list[float]:
