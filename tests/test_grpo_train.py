@@ -72,8 +72,8 @@ def run_config(grpo_run: tuple[str, str], out: Path, method: dict | str = "lora"
     }
 
 
-def lines(out: Path) -> list[dict[str, Any]]:
-    return [json.loads(line) for line in (out / "logs" / "metrics.jsonl").read_text().splitlines()]
+def lines(out: Path, name: str = "metrics.jsonl") -> list[dict[str, Any]]:
+    return [json.loads(line) for line in (out / "logs" / name).read_text().splitlines()]
 
 
 # ---------------------------------------------------------------- the native loop
@@ -100,6 +100,19 @@ def test_a_grpo_run_logs_trls_metrics_everywhere_and_judges_by_the_eval_reward(g
         assert "kl" not in h, "beta 0: no reference pass"
     assert "eval_loss" not in history[1] and {"eval_reward", "eval_rewards/length/mean"} <= set(history[1])
     assert lines(out) == history, "metrics.jsonl holds every step's GRPO metrics"
+    completions = lines(out, "completions.jsonl")
+    for h in history:
+        # every completion of both micro-batches (2 prompts x 4 samples each), whose rewards average to the step's
+        train = [c for c in completions if c["step"] == h["step"] and c["split"] == "train"]
+        assert len(train) == 2 * 2 * 4 and all(isinstance(c["completion"], str) for c in train)
+        assert sum(c["reward"] for c in train) / len(train) == pytest.approx(h["reward"], rel=1e-6)
+        assert all(c["rewards"]["length"] == c["reward"] for c in train), "one reward function, weight 1"
+        evaluated = [c for c in completions if c["step"] == h["step"] and c["split"] == "eval"]
+        if "eval_reward" in h:  # the 4 eval prompts' greedy completions
+            assert len(evaluated) == 4
+            assert sum(c["reward"] for c in evaluated) / 4 == pytest.approx(h["eval_reward"], rel=1e-6)
+        else:
+            assert evaluated == []
     with open(out / "logs" / "metrics.csv", newline="") as f:
         rows = list(csv.DictReader(f))
     assert [float(r["reward"]) for r in rows] == pytest.approx([h["reward"] for h in history], rel=1e-12)
@@ -129,7 +142,11 @@ def test_the_reward_rises_when_it_is_learnable(grpo_run, tmp_path) -> None:
 
 def test_a_grpo_run_resumes_bit_identical(grpo_run, tmp_path) -> None:
     cfg = run_config(grpo_run, tmp_path / "resume", method={"name": "lora", "r": 2}, eval_every=0)
-    straight, resumed = train_then_resume(cfg, keep=1)
+    logged: list[list[dict[str, Any]]] = []
+    straight, resumed = train_then_resume(cfg, keep=1, inspect=lambda _: logged.append(lines(Path(cfg["output"]),
+                                                                                               "completions.jsonl")))
+    assert lines(Path(cfg["output"]), "completions.jsonl") == logged[0], \
+        "the resumed run's completions log is cut back to its checkpoint and goes on with the same samples"
     assert resumed["resumed_from"] == 2
     # the steps after the checkpoint sampled the same completions: the same rewards, bit for bit
     assert [h["reward"] for h in resumed["history"]] == [h["reward"] for h in straight["history"]]

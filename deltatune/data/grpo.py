@@ -431,6 +431,8 @@ class GRPOTask(Task):
         self.last_metrics: dict[str, float] = {}
         self._seen: list[dict[str, float]] = []
         self.last_completions: list[dict[str, Any]] = []
+        self._completions_seen: list[dict[str, Any]] = []
+        self.step_completions: list[dict[str, Any]] = []  # every micro-batch's of the step take_metrics closed
         self.last_eval_completions: list[dict[str, Any]] = []
         self.last_rollout: Rollout | None = None
         self._warned_unswitchable = False
@@ -450,8 +452,10 @@ class GRPOTask(Task):
 
     def take_metrics(self) -> dict[str, float]:
         """The step's metrics over the micro-batches ``loss`` saw since the last call: the mean of each (NaN ones
-        left out), the minimum / maximum of the completions' min / max lengths."""
+        left out), the minimum / maximum of the completions' min / max lengths. The step's completions (those of
+        all its micro-batches) move to ``step_completions``, which the run's ``logs/completions.jsonl`` reads."""
         seen, self._seen = self._seen, []
+        self.step_completions, self._completions_seen = self._completions_seen, []
         if not seen:
             return {}
         out = {}
@@ -682,6 +686,7 @@ class GRPOTask(Task):
                         "and the step learns nothing (logged as frac_reward_zero_std; said once)")
             self._warned_flat = True
         self.last_completions = self._samples(rollout)
+        self._completions_seen += self.last_completions
         tokens = int(rollout.prompt_mask.sum()) + int(rollout.completion_mask.sum())
         return loss, tokens
 

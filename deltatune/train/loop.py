@@ -421,7 +421,7 @@ def _train(cfg: RunConfig, rank: int, world: int, *, resume: bool, force: bool, 
     out = Path(cfg.output)
     ckpt_dir = out / "checkpoints"
     callbacks = ([ProgressBar(), SummaryTable()] if s.progress and rank == 0 else []) + \
-        (reporters(out, s.report_to, cfg.to_dict()) if rank == 0 else []) + list(callbacks or [])
+        (reporters(out, s.report_to, cfg.to_dict(), task) if rank == 0 else []) + list(callbacks or [])
 
     # FSDP2 when train.fsdp or the launcher asks for it (train/distributed_fsdp.py): sharded once, after a resume
     # restored the delta and before the optimizer holds its (then sharded) tensors; otherwise DDP

@@ -6,6 +6,9 @@ artifact is swapped into ``<output>`` at the end and only sub-folders are carrie
 - ``logs/metrics.jsonl`` (always): one JSON line per optimizer step as it ends, flushed, with the step's ``eval_*``
   metrics when it evaluated, so a run can be watched (``tail -f``) or read after a crash; and ``logs/curves.png``
   drawn from it when the run has finished (loss, evaluated metrics, an objective's reward);
+- ``logs/completions.jsonl`` (an objective that samples, GRPO): every completion a step trained on and the
+  evaluation's greedy ones, one JSON line each (TRL's ``log_completions``, as a file: the samples of the first
+  steps against the last show what the run learnt);
 - ``csv``: ``logs/metrics.csv``, the same records as a table (a new column, e.g. the first evaluation's metrics,
   rewrites it with the wider header);
 - ``tensorboard``: ``logs/tensorboard/`` through ``torch.utils.tensorboard`` (``train/loss``,
@@ -37,15 +40,20 @@ log = logging.getLogger(__name__)
 
 LOGS = "logs"
 JSONL, CSV, TENSORBOARD, CURVES = "metrics.jsonl", "metrics.csv", "tensorboard", "curves.png"
+COMPLETIONS = "completions.jsonl"
 FIRST_COLUMNS = ["step", "epoch", "loss", "lr"]  # the CSV's first columns; the rest in the order they appear
 
 
-def reporters(output: str | os.PathLike, report_to: list[str], config: dict[str, Any]) -> list[Callback]:
-    """The reporters of a run writing to ``output``: the JSONL stream, then those ``report_to`` names."""
+def reporters(output: str | os.PathLike, report_to: list[str], config: dict[str, Any], task: Any = None
+              ) -> list[Callback]:
+    """The reporters of a run writing to ``output``: the JSONL stream, the completions of a task that samples
+    (one with ``step_completions``), then those ``report_to`` names."""
     logs = Path(output) / LOGS
     made: dict[str, Any] = {"csv": CsvReporter, "tensorboard": TensorBoardReporter, "wandb": WandbReporter,
                             "mlflow": MlflowReporter}
     out: list[Callback] = [JsonlReporter(logs, title=_title(config))]
+    if hasattr(task, "step_completions"):
+        out.append(CompletionsReporter(logs, task))
     for name in report_to:
         out.append(made[name](logs, config) if name in ("wandb", "mlflow") else made[name](logs))
     return out
@@ -113,13 +121,37 @@ def _remove_if_empty(folder: Path) -> None:
         pass  # other reporters' files are still there
 
 
-class JsonlReporter(_Stream):
+class _Lines(_Stream):
+    """A JSONL file held open for the run: lines written and flushed as each step ends, cut back on resume."""
+
+    def __init__(self, path: Path) -> None:
+        super().__init__(path)
+        self.file: io.TextIOBase | None = None
+
+    def start(self, start_step: int) -> None:
+        self.cut(start_step)
+        self.file = open(self.path, "a")  # noqa: SIM115 - held open for the run, closed in on_end
+
+    def cut(self, step: int) -> None:
+        replace_text(self.path, "".join(line + "\n" for line in _kept_lines(self.path, step)))
+
+    def write(self, records: list[dict[str, Any]]) -> None:
+        if self.file is not None and records:
+            self.file.write("".join(json.dumps(r) + "\n" for r in records))
+            self.file.flush()
+
+    def close(self) -> None:
+        if self.file is not None:
+            self.file.close()
+            self.file = None
+
+
+class JsonlReporter(_Lines):
     """``logs/metrics.jsonl``: one line per step, written and flushed as the step ends; and when the run has
     finished, ``logs/curves.png`` drawn from it (``deltatune.train.curves``)."""
 
     def __init__(self, logs: Path, title: str | None = None) -> None:
         super().__init__(logs / JSONL)
-        self.file: io.TextIOBase | None = None
         self.title = title
 
     def on_end(self, summary: dict[str, Any] | None) -> None:
@@ -130,22 +162,25 @@ class JsonlReporter(_Stream):
             except Exception as e:  # a plot that fails must not fail a finished run
                 log.warning("could not draw %s: %s", self.path.parent / CURVES, e)
 
-    def start(self, start_step: int) -> None:
-        self.cut(start_step)
-        self.file = open(self.path, "a")  # noqa: SIM115 - held open for the run, closed in on_end
+    def on_step_end(self, record: dict[str, Any]) -> None:
+        self.write([record])
 
-    def cut(self, step: int) -> None:
-        replace_text(self.path, "".join(line + "\n" for line in _kept_lines(self.path, step)))
+
+class CompletionsReporter(_Lines):
+    """``logs/completions.jsonl``: per step, each completion the step trained on (``split: train``: its prompt,
+    text, summed reward, per-function rewards and advantage) and, when the step evaluated, each greedy completion
+    of the evaluation (``split: eval``), every line with its ``step``."""
+
+    def __init__(self, logs: Path, task: Any) -> None:
+        super().__init__(logs / COMPLETIONS)
+        self.task = task
 
     def on_step_end(self, record: dict[str, Any]) -> None:
-        if self.file is not None:
-            self.file.write(json.dumps(record) + "\n")
-            self.file.flush()
-
-    def close(self) -> None:
-        if self.file is not None:
-            self.file.close()
-            self.file = None
+        step = record["step"]
+        lines = [{"step": step, "split": "train", **c} for c in self.task.step_completions]
+        if any(key.startswith("eval_") for key in record):
+            lines += [{"step": step, "split": "eval", **c} for c in self.task.last_eval_completions]
+        self.write(lines)
 
 
 class CsvReporter(_Stream):
