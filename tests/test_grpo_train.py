@@ -246,3 +246,32 @@ def test_the_example_config_reads() -> None:
     cfg = load_config(ROOT / "examples" / "grpo.yaml")
     assert cfg.data.task == "prompts" and cfg.train.objective["name"] == "grpo"
     assert [r if isinstance(r, str) else r["name"] for r in cfg.train.objective["rewards"]] == ["numeric", "format"]
+
+
+def test_the_results_script_scores_the_base_and_the_artifact_and_draws_the_reward(grpo_run, tmp_path) -> None:
+    """scripts/grpo_results.py reads a finished run's config from its checkpoint: its "after" is what `deltatune
+    eval` gives the artifact, its "before" the same prompts with the delta off (a LoRA whose B is zero: the base)."""
+    import subprocess
+    import sys
+
+    from transformers import AutoModelForCausalLM
+
+    out = tmp_path / "run"
+    cfg = run_config(grpo_run, out, method={"name": "lora", "r": 2}, steps=2, eval_every=2)
+    summary = dt.train(cfg)
+    objective = cfg["train"]["objective"]
+    untrained = tmp_path / "untrained"  # a fresh LoRA: B = 0, so exactly the base model
+    dt.attach(AutoModelForCausalLM.from_pretrained(grpo_run[0]), "lora", r=2).save(untrained)
+    script = ROOT / "scripts" / "grpo_results.py"
+    done = subprocess.run([sys.executable, str(script), "--run", str(out), "--out", str(tmp_path / "results")],
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    results = json.loads((tmp_path / "results" / "grpo-results.json").read_text())
+    after = dt.eval(str(out), cfg["data"], objective=objective)
+    assert results["after"]["reward"] == pytest.approx(after["reward"], rel=1e-6)
+    assert results["after"]["reward"] == pytest.approx(summary["history"][-1]["eval_reward"], rel=1e-6)
+    base = dt.eval(str(untrained), cfg["data"], objective=objective)
+    assert results["before"]["reward"] == pytest.approx(base["reward"], rel=1e-6)
+    assert len(results["completions"]) == 4, "every held-out prompt, before and after"
+    assert (tmp_path / "results" / "grpo-reward.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "| base model (before) |" in (tmp_path / "results" / "grpo-results.md").read_text()
