@@ -56,6 +56,22 @@ def test_overrides_and_yaml(tiny_folder, sentiment_file, tmp_path) -> None:
         load_config(path, ["train.steps"])
 
 
+def test_exponents_without_a_dot_are_numbers_in_files_and_overrides(tiny_folder, sentiment_file, tmp_path) -> None:
+    """PyYAML (YAML 1.1) reads `1e-4` as a string: `lr: 1e-4`, as papers write it, was refused as not a number."""
+    import yaml
+
+    raw = config(tiny_folder, sentiment_file, tmp_path / "o")
+    text = yaml.safe_dump(raw).replace("lr: ", "lr: 1e-4 # was ", 1)
+    assert "lr: 1e-4 #" in text and yaml.safe_load(text)["train"]["lr"] == "1e-4", "the case PyYAML gets wrong"
+    path = tmp_path / "run.yaml"
+    path.write_text(text)
+    assert load_config(path).train.lr == 1e-4
+    assert load_config(path, ["train.lr=3E-5"]).train.lr == 3e-5
+    assert load_config(path, ["train.weight_decay=1e-2"]).train.weight_decay == 0.01
+    # what is not a number stays text: a name may look like one only in part
+    assert load_config(path, ["output=1e"]).output == "1e"
+
+
 def test_schedules_warm_up_then_decay() -> None:
     lin = lr_lambda(TrainSettings(steps=10, warmup=2, schedule="linear"))
     assert [round(lin(i), 3) for i in (0, 1, 2, 6, 10)] == [0.5, 1.0, 1.0, 0.5, 0.0]

@@ -23,6 +23,7 @@ from rich.table import Table
 from rich.text import Text
 
 from deltatune.cli.demo import human_bytes
+from deltatune.core.yamlfile import load_yaml
 from deltatune.errors import DeltatuneError
 from deltatune.version import __version__
 
@@ -356,7 +357,7 @@ def _parse_options(items: list[str]) -> dict[str, Any]:
         if not sep or not key.strip():
             raise DeltatuneError(f"option {item!r} is not key=value, e.g. --option r=16")
         try:
-            options[key.strip()] = yaml.safe_load(value)
+            options[key.strip()] = load_yaml(value)
         except yaml.YAMLError as e:
             problem = getattr(e, "problem", None) or str(e).splitlines()[0]
             raise DeltatuneError(f"option {item!r} has a value that is not valid YAML ({problem}); quote it as a "

@@ -31,6 +31,7 @@ import yaml
 
 from deltatune.core import registry
 from deltatune.core.options import set_dotted
+from deltatune.core.yamlfile import load_yaml
 from deltatune.errors import DeltatuneError
 from deltatune.train.distributed_fsdp import FsdpSettings
 from deltatune.train.token_elimination import TokenEliminationSettings
@@ -591,7 +592,7 @@ def apply_overrides(raw: dict[str, Any], overrides: list[str] | None) -> dict[st
 
 def _yaml_value(item: str, value: str) -> Any:
     try:
-        return yaml.safe_load(value)
+        return load_yaml(value)
     except yaml.YAMLError as e:
         problem = getattr(e, "problem", None) or str(e).splitlines()[0]
         raise DeltatuneError(
@@ -627,7 +628,7 @@ def read_config(config: str | Path) -> dict[str, Any]:
         )
     source = preset or path
     try:
-        raw = yaml.safe_load(source.read_text())
+        raw = load_yaml(source.read_text())
     except yaml.YAMLError as e:
         raise DeltatuneError(f"{source} is not valid YAML: {e}") from e
     if preset is not None and isinstance(raw, dict) and isinstance(raw.get("data"), dict):

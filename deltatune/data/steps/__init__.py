@@ -104,9 +104,9 @@ def read_pool(source: Any, *, text_field: str | None = None, label_field: str | 
     if isinstance(source, str | os.PathLike) and str(source) in data.SHIPPED:
         return Pool(_labelled_rows(data.load(str(source))), "text", "label", source=str(source))
     if isinstance(source, str | os.PathLike) and Path(source).suffix in (".yaml", ".yml"):
-        import yaml
+        from deltatune.core.yamlfile import load_yaml
 
-        raw = yaml.safe_load(Path(source).read_text())
+        raw = load_yaml(Path(source).read_text())
         if not isinstance(raw, dict) or "data" not in raw:
             raise DeltatuneError(f"{source} has no data section; pass a run config with `data:` or a data file")
         source = raw["data"]
