@@ -16,7 +16,6 @@ Reads the run's config from its newest checkpoint (the exact sections it trained
 from __future__ import annotations
 
 import argparse
-import io
 import json
 import sys
 from pathlib import Path
@@ -27,12 +26,12 @@ sys.path.insert(0, str(ROOT))
 
 import torch  # noqa: E402
 
-from deltatune.core.artifact import replace_bytes, replace_text, report_folder  # noqa: E402
+from deltatune.core.artifact import replace_text, report_folder  # noqa: E402
 from deltatune.core.tuned import load  # noqa: E402
 from deltatune.data import objectives, tasks  # noqa: E402
 from deltatune.errors import DeltatuneError, run_script  # noqa: E402
 from deltatune.train.config import load_config  # noqa: E402
-from deltatune.train.curves import read_records, running_mean  # noqa: E402
+from deltatune.train.curves import draw_panel, read_records, save_figure  # noqa: E402
 from deltatune.train.state import checkpoints  # noqa: E402
 
 SHOWN = 6  # prompts whose completions the page shows
@@ -59,31 +58,15 @@ def plot(records: list[dict[str, Any]], before: dict[str, float], names: list[st
     import matplotlib.pyplot as plt
 
     trained = [r for r in records if "reward" in r]
-    steps = [r["step"] for r in trained]
-    window = max(1, len(trained) // 8)
     fig, axes = plt.subplots(1, 1 + len(names), figsize=(4.4 * (1 + len(names)), 3.4), squeeze=False)
     panels = [("reward (weighted sum)", "reward", "eval_reward")] + \
         [(f"{n} reward", f"rewards/{n}/mean", f"eval_rewards/{n}/mean") for n in names]
     for ax, (label, key, eval_key) in zip(axes.flat, panels, strict=True):
-        values = [r[key] for r in trained]
-        ax.plot(steps, values, color="tab:blue", alpha=0.25, linewidth=0.8)
-        ax.plot(steps, running_mean(values, window), color="tab:blue",
-                label=f"sampled, training (mean of {window} steps)")
         evals = [(r["step"], r[eval_key]) for r in records if eval_key in r]
-        evals = [(0, before[eval_key.removeprefix("eval_")])] + evals  # the base model's, at step 0
-        if evals:
-            x, y = zip(*evals, strict=True)
-            ax.plot(x, y, "o-", color="tab:orange", label="greedy, held-out prompts")
-        ax.set_title(label, fontsize=10)
-        ax.set_xlabel("step")
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=7)
-    fig.suptitle(title, fontsize=10)
-    fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=100)
-    plt.close(fig)
-    replace_bytes(png, buf.getvalue())
+        draw_panel(ax, label, [(r["step"], r[key]) for r in trained],
+                   [(0, before[eval_key.removeprefix("eval_")])] + evals,  # the base model's at step 0
+                   train_label="sampled, training", eval_label="greedy, held-out prompts", window_share=8)
+    save_figure(fig, png, title)
 
 
 def text_of(prompt: Any) -> str:

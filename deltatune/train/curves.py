@@ -87,22 +87,37 @@ def write_curves(jsonl: Path, png: Path, title: str | None = None) -> bool:
     rows = math.ceil(len(chosen) / columns)
     fig, axes = plt.subplots(rows, columns, figsize=(4.2 * columns, 3.2 * rows), squeeze=False)
     for ax, (name, train, evals) in zip(axes.flat, chosen, strict=False):
-        if train:
-            steps, values = zip(*train, strict=True)
-            window = max(1, len(values) // 10)
-            if window > 1:
-                ax.plot(steps, values, color="tab:blue", alpha=0.25, linewidth=0.8)
-            ax.plot(steps, running_mean(list(values), window), color="tab:blue",
-                    label="training" + (f" (mean of {window} steps)" if window > 1 else ""))
-        if evals:
-            steps, values = zip(*evals, strict=True)
-            ax.plot(steps, values, "o-", color="tab:orange", label="evaluation")
-        ax.set_title(name, fontsize=10)
-        ax.set_xlabel("step")
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=7)
+        draw_panel(ax, name, train, evals)
     for ax in list(axes.flat)[len(chosen):]:
         ax.axis("off")
+    save_figure(fig, png, title)
+    return True
+
+
+def draw_panel(ax: Any, name: str, train: Series, evals: Series, *, train_label: str = "training",
+               eval_label: str = "evaluation", window_share: int = 10) -> None:
+    """One quantity over the steps: each training step faint with a running mean over 1/``window_share`` of them,
+    the evaluations as points."""
+    if train:
+        steps, values = zip(*train, strict=True)
+        window = max(1, len(values) // window_share)
+        if window > 1:
+            ax.plot(steps, values, color="tab:blue", alpha=0.25, linewidth=0.8)
+        ax.plot(steps, running_mean(list(values), window), color="tab:blue",
+                label=train_label + (f" (mean of {window} steps)" if window > 1 else ""))
+    if evals:
+        steps, values = zip(*evals, strict=True)
+        ax.plot(steps, values, "o-", color="tab:orange", label=eval_label)
+    ax.set_title(name, fontsize=10)
+    ax.set_xlabel("step")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+
+
+def save_figure(fig: Any, png: Path, title: str | None = None) -> None:
+    """Title, lay out and write ``fig`` to ``png`` atomically; the figure is closed."""
+    import matplotlib.pyplot as plt
+
     if title:
         fig.suptitle(title, fontsize=10)
     fig.tight_layout()
@@ -110,4 +125,3 @@ def write_curves(jsonl: Path, png: Path, title: str | None = None) -> bool:
     fig.savefig(buf, format="png", dpi=100)
     plt.close(fig)
     replace_bytes(png, buf.getvalue())
-    return True
