@@ -307,6 +307,14 @@ def test_numeric_never_evaluates_code():
     assert verify.parse_number("(2**10)**2") == 2 ** 20
 
 
+@pytest.mark.parametrize("text", ["(14", "14)", "(2+3", "((", "2*(3", ")14(", "(2))(("])
+def test_unbalanced_parentheses_are_not_a_number_and_never_an_error(text):
+    """A GRPO run stopped at its reward: a sampled "the answer is (14" made SymPy's tokenizer raise."""
+    assert verify.parse_number(text) is None
+    # the verifier reads the number inside the mark (14 where there is one) and never raises
+    assert verify.numeric(f"The answer is {text}.", "14") == ("14" in text)
+
+
 def test_exact_verifier():
     assert verify.exact("The answer is Paris.", "paris")
     assert verify.exact("  Blue  whale ", "blue whale")

@@ -206,6 +206,8 @@ def test_numeric_reward() -> None:
     assert call("numeric", texts, answer=[42] * 6) == [1.0, 1.0, 0.0, 1.0, 0.0, 1.0]
     assert call({"name": "numeric", "tolerance": 0.5}, ["41.9"], answer=["42"]) == [1.0]
     assert call({"name": "numeric", "tolerance": 0}, ["42.0000001"], answer=["42"]) == [0.0]
+    # a sampled "(42" stopped a run (SymPy's tokenizer raised): the number in it is read, never an error
+    assert call("numeric", ["The answer is (42", "The answer is (42).", "so 7)"], answer=["42"] * 3) == [1.0] * 2 + [0.0]
     with pytest.raises(DeltatuneError, match="not a number"):
         call("numeric", ["42"], answer=["forty"])
 

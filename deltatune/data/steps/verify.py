@@ -145,8 +145,10 @@ def parse_number(text: str) -> Any | None:
     if not s or len(s) > _MAX_EXPR or not _SAFE.fullmatch(s):
         return None
     powers = s.count("**")
-    if powers > 2 or len(_POWER.findall(s)) != powers:
+    if powers > 2 or len(_POWER.findall(s)) != powers or not _balanced(s):
         return None
+    import tokenize
+
     import sympy
     from sympy.parsing.sympy_parser import parse_expr
 
@@ -154,11 +156,23 @@ def parse_number(text: str) -> Any | None:
         names = {"Integer": sympy.Integer, "Float": sympy.Float, "Rational": sympy.Rational,
                  "Symbol": sympy.Symbol}
         value = parse_expr(s, local_dict={"sqrt": sympy.sqrt, "pi": sympy.pi}, global_dict=names)
-    except (SyntaxError, TypeError, ValueError, ZeroDivisionError, AttributeError, sympy.SympifyError):
+    except (SyntaxError, TypeError, ValueError, ZeroDivisionError, AttributeError, sympy.SympifyError,
+            tokenize.TokenError):  # what a model writes may be any text: never an error, only not a number
         return None
     if not getattr(value, "is_number", False) or not value.is_finite:
         return None
     return value
+
+
+def _balanced(s: str) -> bool:
+    """Every ``)`` closes an earlier ``(`` and every ``(`` is closed: ``the answer is (14`` is not a number (SymPy's
+    tokenizer raised on it, which stopped a GRPO run at its reward)."""
+    depth = 0
+    for ch in s:
+        depth += (ch == "(") - (ch == ")")
+        if depth < 0:
+            return False
+    return depth == 0
 
 
 def same_number(a: Any, b: Any) -> bool:
