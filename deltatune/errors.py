@@ -13,10 +13,11 @@ class DeltatuneError(Exception):
 
 def run_script(main: Callable[[], int | None]) -> NoReturn:
     """Run a study script's ``main`` as the CLI runs a verb: a DeltatuneError (a folder it may not write, a row
-    that does not exist) ends it with the message on stderr and exit code 2, not with a traceback."""
+    that does not exist) or an OSError (a full disk, a path it may not read) ends it with the message on stderr
+    and exit code 2, not with a traceback."""
     try:
         code = main()
-    except DeltatuneError as e:
+    except (DeltatuneError, OSError) as e:  # OSError: a disk full, a path it may not read or write
         print(f"error: {e}", file=sys.stderr)
         raise SystemExit(2) from None
     raise SystemExit(code)

@@ -32,18 +32,19 @@ from deltatune.data import objectives, tasks  # noqa: E402
 from deltatune.errors import DeltatuneError, run_script  # noqa: E402
 from deltatune.train.config import load_config  # noqa: E402
 from deltatune.train.curves import draw_panel, read_records, save_figure  # noqa: E402
-from deltatune.train.state import checkpoints  # noqa: E402
+from deltatune.train.state import saved_config  # noqa: E402
 
 SHOWN = 6  # prompts whose completions the page shows
 
 
 def run_config(run: Path) -> dict[str, Any]:
-    """The config the run trained with, as its newest checkpoint keeps it (which leaves the output folder out)."""
-    kept = checkpoints(run / "checkpoints")
-    if not kept:
+    """The config the run trained with, as its newest readable checkpoint keeps it (which leaves the output folder
+    out)."""
+    config = saved_config(run)
+    if config is None:
         raise DeltatuneError(f"{run} has no checkpoint to read its config from: give the output folder of a "
                              "finished `deltatune train` run with save_every > 0")
-    return {**json.loads((kept[-1] / "state.json").read_text())["config"], "output": str(run)}
+    return {**config, "output": str(run)}
 
 
 def greedy(task: Any, model: torch.nn.Module, batch_size: int) -> tuple[dict[str, float], list[dict[str, Any]]]:

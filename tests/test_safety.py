@@ -182,6 +182,16 @@ def test_a_study_script_refuses_a_folder_in_one_line_not_a_traceback(tmp_path) -
     assert (out / "notes.txt").read_text() == "mine"
 
 
+def test_a_study_script_reports_an_oserror_in_one_line(tmp_path) -> None:
+    """scripts/dpo_results.py with its output folder under a file (NotADirectoryError): one line, exit code 2."""
+    (tmp_path / "file").write_text("x")
+    script = Path(__file__).resolve().parent.parent / "scripts" / "dpo_results.py"
+    done = subprocess.run([sys.executable, str(script), "--demo", str(tmp_path), "--out", str(tmp_path / "file" / "out")],
+                          capture_output=True, text=True)
+    assert done.returncode == 2 and "Traceback" not in done.stderr, done.stderr
+    assert done.stderr.startswith("error: ") and done.stderr.count("\n") == 1, done.stderr
+
+
 # -- A. one owner per folder; readers repair nothing a writer is doing --------------------------------------
 HOLD = """
 import sys
