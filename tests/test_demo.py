@@ -132,6 +132,11 @@ def test_rows_train_their_presets_with_the_demos_changes() -> None:
     base = load_config(baseline_config({**DEFAULT_SETUP, "methods": {"q": Row("lora", model={"quantize": "nf4"})}},
                                        "q", seed=0, train_seed=0, output="x"))
     assert base.model == DEFAULT_SETUP["model"] and not base.quantization
+    # and the base model's label-word accuracy whatever the first row trains with: a DPO row first in a fresh
+    # folder made the zero-shot run a DPO run on classification data, which load_config refuses
+    dpo = {**DEFAULT_SETUP, "methods": {"d": Row("lora", {"objective": {"name": "dpo"}}, data={"task": "preference"})}}
+    base = load_config(baseline_config(dpo, "d", seed=0, train_seed=0, output="x"))
+    assert base.data.task == "classification" and base.train.objective == "sft"
 
 
 def test_cli_passes_the_protocol_options(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:

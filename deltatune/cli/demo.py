@@ -723,8 +723,9 @@ def baseline_config(setup: dict[str, Any], first: str, *, seed: int, train_seed:
                     output: str | os.PathLike) -> dict[str, Any]:
     """The zero-shot run's config: the first row's, with the setup's own data and model. The base model as the
     setup names it: no head a preset asks for, and not the quantized base a row (``lora-nf4``) trains on, so the
-    first row run does not change the table's baseline."""
-    config = run_config(setup, first, seed=seed, output=output, train_seed=train_seed)
+    first row run does not change the table's baseline; and scored on the label words whatever objective that row
+    trains with (a DPO row first in a fresh folder made the baseline a DPO run on classification data)."""
+    config = _label_words(run_config(setup, first, seed=seed, output=output, train_seed=train_seed))
     config["data"] = {**setup["data"], "seed": seed}
     config["model"] = setup["model"]
     return config
