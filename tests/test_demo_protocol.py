@@ -299,3 +299,18 @@ def test_a_run_killed_part_way_leaves_nothing_that_stops_the_next_one(tmp_path: 
     rows = demo(setup=setup, out=out, methods=["lora"], lr_grid="0.5,2", show=False, isolate=False, resume=True)
     assert all(r["dev_accuracy"] is not None for r in rows[1]["lr_search"]["runs"]) and rows[1]["accuracy"] is not None
     assert not (out / "artifacts" / "lora" / "stale.txt").exists()
+
+
+def test_a_failed_baseline_kept_in_the_folder_is_made_again(tmp_path: Path) -> None:
+    """A zero-shot run that failed stops the demo; with resume it is made again, not repeated from its kept error
+    (a DPO row first in a fresh folder left such a failure behind until the baseline was fixed)."""
+    setup = stand_in(tmp_path)
+    setup["methods"]["lora"] = Row("lora-minilm", {"steps": 2, "lr": 2e-2})
+    out = tmp_path / "report"
+    first = demo(setup=setup, out=out, methods=["lora"], show=False, isolate=False, resume=True)
+    for kept_run in (out / "runs").glob("zero-shot-seed*.json"):
+        kept = json.loads(kept_run.read_text())
+        kept["result"] = {"error": "bad run config: from an older version"}
+        kept_run.write_text(json.dumps(kept))
+    again = demo(setup=setup, out=out, methods=["lora"], show=False, isolate=False, resume=True)
+    assert again[0]["accuracy"] == first[0]["accuracy"] and again[1]["accuracy"] == first[1]["accuracy"]

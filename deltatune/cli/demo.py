@@ -418,7 +418,9 @@ def _cached_run(plan: Plan, stem: str, spec: dict[str, Any], artifact: Path | No
     if plan.resume and path.is_file():
         kept = json.loads(path.read_text())
         saved = artifact is None or "error" in kept["result"] or (artifact / "deltatune.json").is_file()
-        if _spec_key(kept["spec"]) == _spec_key(spec) and saved:
+        # a failed baseline stops the demo, so it is made again rather than repeated (a fix may have come since)
+        failed_baseline = spec["kind"] == ZERO_SHOT and "error" in kept["result"]
+        if _spec_key(kept["spec"]) == _spec_key(spec) and saved and not failed_baseline:
             return kept["result"]
     for folder in (artifact, scratch):
         if folder is not None:
