@@ -547,6 +547,8 @@ def plot(study: Any, search: Search, path: Path) -> None:
     hv.plot([t.number for t in done], history, "-", color="tab:green")
     hv.set_xlabel("trial")
     hv.set_ylabel("hypervolume")
+    # each tick its own number: matplotlib's shared offset ("1e6") sits on the title
+    hv.yaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(lambda v, _: f"{v:.4g}"))
     ref_text = ", ".join(f"{n} {abs(r):.4g}" for n, r in zip(names, ref if ref is not None else [], strict=False))
     hv.set_title(f"hypervolume (reference: {ref_text})", fontsize=9)
     fig.tight_layout()
