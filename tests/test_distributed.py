@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import SENTIMENT_WORDS, assert_close_after_adam, save_word_llama, write_sentiment_jsonl
+from conftest import SENTIMENT_WORDS, save_word_llama, write_sentiment_jsonl
 from safetensors.torch import load_file
 
 import deltatune as dt
@@ -306,7 +306,8 @@ def _check_fsdp(done: subprocess.CompletedProcess, dumps: Path, out: Path, metho
     saved, ref = _by_index(saved), _by_index(ref)
     rtol = FSDP_RTOL.get(method, 1e-4)
     for k in ref:
-        assert_close_after_adam(saved[k], ref[k], rtol, msg=k)
+        scale = float(ref[k].abs().max())
+        torch.testing.assert_close(saved[k], ref[k], rtol=rtol, atol=rtol * max(scale, 1e-6), msg=k)
     global_losses = [(x + y) / 2 for x, y in zip(summaries[0]["losses"], summaries[1]["losses"], strict=True)]
     one = [h["loss"] for h in ref_summary["history"]]
     torch.testing.assert_close(torch.tensor(global_losses), torch.tensor(one), rtol=max(rtol, 1e-5), atol=0)

@@ -405,22 +405,23 @@ def _spec_key(spec: dict[str, Any]) -> str:
 
 
 def _cached_run(plan: Plan, stem: str, spec: dict[str, Any], artifact: Path | None = None,
-                scratch: Path | None = None) -> dict[str, Any]:
+                scratch: Path | None = None, reuse_error: bool = True) -> dict[str, Any]:
     """Run ``spec`` (in a worker), keeping its spec and result in OUT/runs/``stem``.json. With ``plan.resume`` a
     kept result of the same spec is returned instead, when the run's ``artifact`` (if it keeps one) is still there:
     a long protocol (``scripts/demo_results.py``) continues where it stopped, run by run. A run that is made starts
     from an empty output folder (``artifact``, or ``scratch`` for a run whose folder is not kept): a run killed
-    part-way leaves its folder behind, and training refuses a folder that is not empty."""
+    part-way leaves its folder behind, and training refuses a folder that is not empty. A kept failure is a result
+    (the method does not apply) unless ``reuse_error`` is False: a run whose failure stops the demo is made again,
+    since a fix may have come since."""
     from deltatune.core.artifact import replace_text
 
     spec = {**spec, "config": {**spec["config"], "train": {**spec["config"]["train"], "device": plan.device}}}
     path = plan.out / RUNS / f"{stem}.json"
     if plan.resume and path.is_file():
         kept = json.loads(path.read_text())
-        saved = artifact is None or "error" in kept["result"] or (artifact / "deltatune.json").is_file()
-        # a failed baseline stops the demo, so it is made again rather than repeated (a fix may have come since)
-        failed_baseline = spec["kind"] == ZERO_SHOT and "error" in kept["result"]
-        if _spec_key(kept["spec"]) == _spec_key(spec) and saved and not failed_baseline:
+        failed = "error" in kept["result"]
+        saved = artifact is None or failed or (artifact / "deltatune.json").is_file()
+        if _spec_key(kept["spec"]) == _spec_key(spec) and saved and (reuse_error or not failed):
             return kept["result"]
     for folder in (artifact, scratch):
         if folder is not None:
@@ -744,8 +745,8 @@ def _baseline_row(plan: Plan, first: str, total: int) -> tuple[dict[str, Any], d
         config = baseline_config(setup, first, seed=plan.seed, train_seed=train_seed,
                                  output=plan.out / "artifacts" / ZERO_SHOT)
         zs = _cached_run(plan, f"{ZERO_SHOT}-seed{train_seed}", {"kind": ZERO_SHOT, "config": config,
-                                                                 "label": baseline})
-        if "error" in zs:
+                                                                 "label": baseline}, reuse_error=False)
+        if "error" in zs:  # it stops the demo, so a later demo makes it again
             raise DeltatuneError(f"the {baseline} evaluation failed: {zs['error']}")
         z = zs["zero_shot"]
         zero.append(z)
