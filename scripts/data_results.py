@@ -13,8 +13,11 @@ LoRA's 2e-3 is also the rate the demo table's dev-split search chose (docs/demo-
 searched here (said on the page).
 
 - select: the pool is the training part of the tweets (both labels); GOT-D moves it towards a target of 500 tweets
-  drawn from that same training part (labels unused; ``OUT/target.jsonl``): the task's own distribution, as the
-  paper uses a small sample of the target task. Random: a stratified random 10%. All: the training part.
+  (labels unused), the task's own distribution, as the paper uses a small sample of the target task. Two targets:
+  500 tweets drawn from the training part itself (``OUT/target.jsonl``: inside the pool, so GOT-D can choose the
+  target rows themselves), and 500 tweets of the eval split that the held-out evaluation never scores, none of
+  them in the pool (``OUT/target-unseen.jsonl``); with the second also GOT-D ``stratify: true`` (each label's
+  share of the pool, GOT-D's choice within a label). Random: a stratified random 10%. All: the training part.
   The demo caps training data at 2,000 rows (``data.max_train``, after the step): 60 steps of 8 see 480 of them.
 - prune: DEALRec at 2% and 10% against random subsets of the same size; its "all" row is the select group's
   runs (the same config), not trained again. Its effort term needs one SmolLM2
@@ -52,7 +55,9 @@ MIXUP = {"mixup": 0.4}
 CONTRASTIVE = {"contrastive": 0.3, "contrastive_temperature": 0.1}
 
 
-LABELS = {"all": "all (the training part)", "random-10": "random 10%", "gotd-10": "GOT-D 10%",
+LABELS = {"all": "all (the training part)", "random-10": "random 10%",
+          "gotd-10": "GOT-D 10%, target inside the pool", "gotd-10-unseen": "GOT-D 10%, target outside the pool",
+          "gotd-10-unseen-stratified": "GOT-D 10%, target outside the pool, stratified by label",
           "random-2": "random 2%", "dealrec-2": "DEALRec 2% (influence only, no effort)",
           "dealrec-10": "DEALRec 10% (influence only, no effort)"}
 
@@ -66,12 +71,16 @@ def label(name: str) -> str:
 
 def groups(out: Path) -> dict[str, dict[str, Row]]:
     target = str((out / "target.jsonl").resolve())
+    unseen = str((out / "target-unseen.jsonl").resolve())
     few = {"prune": {"method": "random", "budget": LOW_DATA}}
     return {
         "select": {
             "all": Row("lora"),
             "random-10": Row("lora", data={"select": {"method": "random", "budget": 0.1}}),
             "gotd-10": Row("lora", data={"select": {"method": "gotd", "budget": 0.1, "target": target}}),
+            "gotd-10-unseen": Row("lora", data={"select": {"method": "gotd", "budget": 0.1, "target": unseen}}),
+            "gotd-10-unseen-stratified": Row("lora", data={"select": {"method": "gotd", "budget": 0.1,
+                                                                      "target": unseen, "stratify": True}}),
         },
         "prune": {  # its "all" row is the select group's (the same config): render shows those runs
             "random-2": Row("lora", data={"prune": {"method": "random", "budget": 0.02}}),
@@ -101,21 +110,27 @@ def setup_for(group: str, out: Path) -> dict[str, Any]:
             "default": list(rows)}
 
 
-def write_target(out: Path) -> None:
-    """500 tweets of the training part (the demo's split), labels dropped: GOT-D's target."""
+def write_targets(out: Path) -> None:
+    """GOT-D's two targets (labels dropped), 500 tweets each: ``target.jsonl`` from the training part (inside the
+    pool), ``target-unseen.jsonl`` from the eval split's rows that the held-out evaluation never scores and whose
+    text is in neither the pool nor the scored rows."""
     from deltatune.data import rows
     from deltatune.data.config import DataConfig
 
-    path = out / "target.jsonl"
-    if path.is_file():
-        return
     cfg = DataConfig(**{**DEFAULT_SETUP["data"], "seed": 0})
-    train, _ = rows.classification_data(cfg).split(cfg.eval_fraction, seed=cfg.seed)
-    chosen = random.Random(0).sample(range(len(train.texts)), TARGET_ROWS)
+    train, held = rows.classification_data(cfg).split(cfg.eval_fraction, seed=cfg.seed)
+    seen = set(train.texts) | set(held.subset(HELD_OUT, seed=cfg.seed).texts)
+    spare = sorted({t for t in held.texts if t not in seen})
+    picks = {"target.jsonl": random.Random(0).sample(train.texts, TARGET_ROWS),
+             "target-unseen.jsonl": random.Random(0).sample(spare, TARGET_ROWS)}
     out.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text("".join(json.dumps({"text": train.texts[i]}) + "\n" for i in chosen))
-    tmp.replace(path)
+    for name, texts in picks.items():
+        path = out / name
+        if path.is_file():
+            continue
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text("".join(json.dumps({"text": t}) + "\n" for t in texts))
+        tmp.replace(path)
 
 
 def finished(out: Path, group: str) -> list[str]:
@@ -174,7 +189,7 @@ def main() -> None:
         return
     if args.group is None:
         raise SystemExit("give --group select|prune|augment, or --render")
-    write_target(out)
+    write_targets(out)
     names = list(groups(out)[args.group]) if args.rows is None else [r.strip() for r in args.rows.split(",")]
     demo(setup=setup_for(args.group, out), out=out / args.group, methods=names, seeds=SEEDS, resume=True)
 

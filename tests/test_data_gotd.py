@@ -227,6 +227,40 @@ def test_a_text_target_serves_a_classification_pool():
     assert list(kind[out.indices]) == [2] * 10
 
 
+def test_stratify_keeps_the_pools_label_shares_and_each_labels_most_negative_rows():
+    target, points, kind = toy()
+    pool, table = points_pool(points, "p")
+    for row, k in zip(pool.rows, kind, strict=True):
+        row["label"] = "far" if k == 0 else "near"  # 490 far, 510 near (T1 and T2)
+    tgt, ttable = points_pool(target, "t")
+    embed = table_embed(table, ttable)
+    plain = gotd.run(pool, gotd.Options(budget=100), seed=0, target=tgt, embed=embed)
+    assert all(kind[i] != 0 for i in plain.indices)  # the paper's rule takes no far row: every label share moves
+    out = gotd.run(pool, gotd.Options(budget=100, stratify=True), seed=0, target=tgt, embed=embed)
+    labels = [pool.rows[i]["label"] for i in out.indices]
+    assert labels.count("far") == 49 and labels.count("near") == 51  # 100 x 490/1000 and x 510/1000
+    assert out.scores == sorted(out.scores) and out.info["stratified"] and not plain.info["stratified"]
+    # within "near" the choice is the plain rule's: its 51 lowest, which the unstratified 100 hold
+    near = [i for i in out.indices if pool.rows[i]["label"] == "near"]
+    assert near == [i for i in plain.indices if pool.rows[i]["label"] == "near"][:51]
+
+
+def test_stratify_refuses_a_pool_without_labels():
+    target, points, _ = toy()
+    pool, table = points_pool(points, "p", task="text")
+    pool.label_field = None
+    tgt, ttable = points_pool(target, "t")
+    with pytest.raises(DeltatuneError, match="stratify=true needs a labelled pool"):
+        gotd.run(pool, gotd.Options(budget=10, stratify=True), seed=0, target=tgt, embed=table_embed(table, ttable))
+
+
+def test_lowest_takes_each_labels_share_from_its_own_lowest_scores():
+    scores = np.array([0.5, -3.0, 2.0, -1.0, 0.0, -2.0])
+    assert gotd.lowest(scores, 3) == [1, 5, 3]
+    labels = ["a", "a", "b", "a", "b", "b"]  # shares 1/2 and 1/2 of 4: two each
+    assert gotd.lowest(scores, 4, labels) == [1, 5, 3, 4]
+
+
 # ---------------------------------------------------------------- bad input
 
 
@@ -249,6 +283,7 @@ def test_budget_errors():
     ({"chunk": 0}, "chunk=0 must be a whole number ≥ 1"),
     ({"max_iter": 1.5}, "max_iter=1.5 must be a whole number ≥ 1"),
     ({"max_target": 0}, "max_target=0 must be a whole number ≥ 1, or null"),
+    ({"stratify": "yes"}, "stratify='yes' must be true or false"),
 ])
 def test_bad_options(options: dict, match: str):
     pool, table = points_pool(torch.zeros(4, 2), "p")

@@ -76,6 +76,20 @@ def options_from(cls: type, given: Mapping[str, Any] | None, where: str) -> Any:
     return cls(**given)
 
 
+def per_label_counts(labels: list[Any], k: int) -> dict[Any, int]:
+    """How many of k rows each label gets to keep its share of ``labels``: k split by the shares, the remainders to
+    the largest fractions (ties to the label seen first). The baseline's and GOT-D's ``stratify``."""
+    groups: dict[Any, int] = {}
+    for y in labels:
+        groups[y] = groups.get(y, 0) + 1
+    exact = {y: k * n / len(labels) for y, n in groups.items()}
+    counts = {y: int(v) for y, v in exact.items()}
+    order = sorted(groups, key=lambda y: -(exact[y] - counts[y]))  # stable: ties keep first-seen label order
+    for y in order[: k - sum(counts.values())]:
+        counts[y] += 1
+    return counts
+
+
 def budget_count(budget: float | int, n: int, where: str) -> int:
     """How many rows a budget keeps from a pool of n: a share (0 < b < 1) or a count (an integer ≥ 1, at most n)."""
     if isinstance(budget, bool) or not isinstance(budget, int | float):

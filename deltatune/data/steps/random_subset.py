@@ -12,7 +12,7 @@ from collections import defaultdict
 from dataclasses import dataclass
 from typing import Any
 
-from deltatune.data.steps._base import Outcome, Pool, Progress, budget_count, no_progress
+from deltatune.data.steps._base import Outcome, Pool, Progress, budget_count, no_progress, per_label_counts
 
 WHERE = "random"
 
@@ -23,19 +23,6 @@ class Options:
     stratify: bool = True  # a labelled pool: keep each label's share (False, or no labels: a plain uniform sample)
 
 
-def _per_label(labels: list[Any], k: int) -> dict[Any, int]:
-    """How many rows of each label: k split by the labels' shares, remainders to the largest fractions."""
-    groups: dict[Any, int] = defaultdict(int)
-    for y in labels:
-        groups[y] += 1
-    exact = {y: k * n / len(labels) for y, n in groups.items()}
-    counts = {y: int(v) for y, v in exact.items()}
-    order = sorted(groups, key=lambda y: -(exact[y] - counts[y]))  # stable: ties keep first-seen label order
-    for y in order[: k - sum(counts.values())]:
-        counts[y] += 1
-    return counts
-
-
 def run(pool: Pool, options: Options, *, seed: int, progress: Progress = no_progress, **context: Any) -> Outcome:
     k = budget_count(options.budget, len(pool.rows), WHERE)
     rng = random.Random(seed)
@@ -44,7 +31,7 @@ def run(pool: Pool, options: Options, *, seed: int, progress: Progress = no_prog
         by_label: dict[Any, list[int]] = defaultdict(list)
         for i, y in enumerate(labels):
             by_label[y].append(i)
-        chosen = [i for y, n in _per_label(labels, k).items() for i in rng.sample(by_label[y], n)]
+        chosen = [i for y, n in per_label_counts(labels, k).items() for i in rng.sample(by_label[y], n)]
     else:
         chosen = rng.sample(range(len(pool.rows)), k)
     chosen.sort()
