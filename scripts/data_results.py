@@ -19,13 +19,15 @@ searched here (said on the page).
   them in the pool (``OUT/target-unseen.jsonl``); with the second also GOT-D ``stratify: true`` (each label's
   share of the pool, GOT-D's choice within a label). Random: a stratified random 10%. All: the training part.
   The demo caps training data at 2,000 rows (``data.max_train``, after the step): 60 steps of 8 see 480 of them.
-- prune: DEALRec at 2% and 10% against random subsets of the same size; its "all" row is the select group's
-  runs (the same config), not trained again. Its effort term needs one SmolLM2
+- prune: DEALRec at 2% and 10% against random subsets of the same size; its "all" and "random 10%" rows are the
+  select group's runs, not trained again (the random baseline is one rule for both steps: the same seed chooses
+  the same rows). Its effort term needs one SmolLM2
   backward per row (0.41 s each here: 2.3 hours over the pool), so this measurement runs ``effort: false``
   (influence from the surrogate only, the paper's λ = 0 ablation) and says so.
 - augment: 100 training tweets (a stratified random 100: ``prune: {method: random, budget: 100}``), then none /
   EDA (the paper's code defaults, num_aug 9 per tweet) / mixup (α 0.4) / contrastive (w 0.3, τ 0.1), with LoRA and
-  P-tuning v2 (the paper's two PEFT methods).
+  P-tuning v2 (the paper's two PEFT methods); and P-tuning v2 with EDA *and* the contrastive term, the paper's
+  remedy for P-tuning on augmented data.
 
 Runs are kept in OUT/<group>/runs/ and reused: a killed measurement continues where it stopped.
 """
@@ -55,6 +57,8 @@ MIXUP = {"mixup": 0.4}
 CONTRASTIVE = {"contrastive": 0.3, "contrastive_temperature": 0.1}
 
 
+PRUNE_ORDER = ("all", "random-2", "dealrec-2", "random-10", "dealrec-10")
+SHARED = ("all", "random-10")  # prune's rows that are select's: the same training rows (random: same seed and rule)
 LABELS = {"all": "all (the training part)", "random-10": "random 10%",
           "gotd-10": "GOT-D 10%, target inside the pool", "gotd-10-unseen": "GOT-D 10%, target outside the pool",
           "gotd-10-unseen-stratified": "GOT-D 10%, target outside the pool, stratified by label",
@@ -66,7 +70,8 @@ def label(name: str) -> str:
     if name in LABELS:
         return LABELS[name]
     method, _, rest = name.partition("-100")
-    return f"{method}, {LOW_DATA} tweets" + (f" + {rest.lstrip('-')}" if rest else "")
+    extras = [part for part in rest.split("-") if part]
+    return f"{method}, {LOW_DATA} tweets" + "".join(f" + {part}" for part in extras)
 
 
 def groups(out: Path) -> dict[str, dict[str, Row]]:
@@ -82,11 +87,10 @@ def groups(out: Path) -> dict[str, dict[str, Row]]:
             "gotd-10-unseen-stratified": Row("lora", data={"select": {"method": "gotd", "budget": 0.1,
                                                                       "target": unseen, "stratify": True}}),
         },
-        "prune": {  # its "all" row is the select group's (the same config): render shows those runs
+        "prune": {  # its "all" and "random-10" rows are the select group's (the same rows): render shows those runs
             "random-2": Row("lora", data={"prune": {"method": "random", "budget": 0.02}}),
             "dealrec-2": Row("lora", data={"prune": {"method": "dealrec", "budget": 0.02,
                                                                   "effort": False}}),
-            "random-10": Row("lora", data={"prune": {"method": "random", "budget": 0.1}}),
             "dealrec-10": Row("lora", data={"prune": {"method": "dealrec", "budget": 0.1,
                                                                    "effort": False}}),
         },
@@ -99,6 +103,8 @@ def groups(out: Path) -> dict[str, dict[str, Row]]:
             "ptuning_v2-100-eda": Row("ptuning_v2", data={**few, "augment": EDA}),
             "ptuning_v2-100-mixup": Row("ptuning_v2", train=MIXUP, data=few),
             "ptuning_v2-100-contrastive": Row("ptuning_v2", train=CONTRASTIVE, data=few),
+            # the paper's remedy for P-tuning on augmented data: the contrastive term with EDA's rows
+            "ptuning_v2-100-eda-contrastive": Row("ptuning_v2", train=CONTRASTIVE, data={**few, "augment": EDA}),
         },
     }
 
@@ -160,8 +166,9 @@ def render(out: Path) -> str:
             continue
         rows = demo(setup=setup_for(group, out), out=out / group, methods=done, seeds=SEEDS, resume=True)
         made[group] = rows
-        if group == "prune":  # the select group's "all" runs: the same config, trained once
-            rows = rows[:1] + [r for r in made.get("select", [])[1:] if r["method"] == "all"] + rows[1:]
+        if group == "prune":  # the select group's "all" and "random-10": the same rows, trained once
+            rows = rows[:1] + sorted([r for r in made.get("select", [])[1:] if r["method"] in SHARED] + rows[1:],
+                                     key=lambda r: PRUNE_ORDER.index(r["method"]))
         lines += [f"## {group}", "", f"Zero-shot: {cell(rows[0])} %.", "",
                   "| condition | held-out accuracy (%) | per seed | s / step |", "|---|---:|---|---:|"]
         for row in rows[1:]:
@@ -172,7 +179,8 @@ def render(out: Path) -> str:
         if missing:
             lines += ["", f"Not finished yet: {', '.join(missing)}."]
         lines.append("")
-    lines.append(f"Rebuild: `.venv/bin/python scripts/data_results.py --out {out} --group GROUP`, then `--render`.")
+    lines.append("Rebuild: `.venv/bin/python scripts/data_results.py --out data-results --group GROUP` for each group, "
+                 "then `--render`. s / step: two or three runs shared the 2 CPU cores, so it says little.")
     return "\n".join(lines) + "\n"
 
 
