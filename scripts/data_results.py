@@ -51,6 +51,7 @@ DOC = ROOT / "docs" / "data-results.md"
 SEEDS = 3
 HELD_OUT = 500
 TARGET_ROWS = 500
+TARGETS = ("target.jsonl", "target-unseen.jsonl")  # GOT-D's targets: inside the pool, outside it
 LOW_DATA = 100
 EDA = {"method": "eda", "num_aug": 9}
 MIXUP = {"mixup": 0.4}
@@ -75,8 +76,7 @@ def label(name: str) -> str:
 
 
 def groups(out: Path) -> dict[str, dict[str, Row]]:
-    target = str((out / "target.jsonl").resolve())
-    unseen = str((out / "target-unseen.jsonl").resolve())
+    target, unseen = (str((out / name).resolve()) for name in TARGETS)
     few = {"prune": {"method": "random", "budget": LOW_DATA}}
     return {
         "select": {
@@ -123,12 +123,14 @@ def write_targets(out: Path) -> None:
     from deltatune.data import rows
     from deltatune.data.config import DataConfig
 
+    if all((out / name).is_file() for name in TARGETS):
+        return  # kept from the first run: the data is not read and split again
     cfg = DataConfig(**{**DEFAULT_SETUP["data"], "seed": 0})
     train, held = rows.classification_data(cfg).split(cfg.eval_fraction, seed=cfg.seed)
     seen = set(train.texts) | set(held.subset(HELD_OUT, seed=cfg.seed).texts)
     spare = sorted({t for t in held.texts if t not in seen})
-    picks = {"target.jsonl": random.Random(0).sample(train.texts, TARGET_ROWS),
-             "target-unseen.jsonl": random.Random(0).sample(spare, TARGET_ROWS)}
+    picks = dict(zip(TARGETS, (random.Random(0).sample(train.texts, TARGET_ROWS),
+                               random.Random(0).sample(spare, TARGET_ROWS)), strict=True))
     out.mkdir(parents=True, exist_ok=True)
     for name, texts in picks.items():
         path = out / name
