@@ -94,6 +94,36 @@ def test_choose_takes_the_smallest_within_tolerance_else_the_best_score() -> Non
     assert choose(losses, 1.0, "loss", 1.0) == (2, "best score (none within tolerance)")
 
 
+def test_choose_with_a_size_target_takes_the_best_score_among_the_points_that_small() -> None:
+    def at(ratio: float, accuracy: float, loss: float = 0.5) -> dict:
+        return {**_point(int(1000 / ratio), accuracy, loss), "ratio": ratio}
+
+    points = [at(40, 0.80), at(20, 0.84), at(20, 0.84, loss=0.3), at(12, 0.83), at(5, 0.86)]
+    assert choose(points, 0.85, "accuracy", 1.0, 10) == (2, "best score at >= 10x"), "not the 5x; ties: lower loss"
+    assert choose(points, 0.85, "accuracy", 1.0, 30) == (0, "best score at >= 30x (not within tolerance)")
+    assert choose(points, 0.85, "accuracy", 1.0, 4)[0] == 4, "a looser target admits the larger, better point"
+    same = [at(20, 0.84), at(30, 0.84)]
+    assert choose(same, 0.84, "accuracy", 1.0, 10)[0] == 1, "equal scores: the smaller artifact"
+    assert choose(points, 0.85, "accuracy", 0.5)[0] == 4, "without a target: the smallest within tolerance"
+
+
+def test_a_size_target_evaluates_every_point_that_small_and_no_other(word_run, lora: Path, tmp_path: Path) -> None:
+    data = _data(word_run, "text")
+    out = dt.compress(lora, tmp_path / "c", calibrate=data, alphas=[1.0, 4.0], densities=[0.05, 0.1, 0.3],
+                      scope="tensor", dev_size=12, min_ratio=20)
+    meta, _ = artifact.read_artifact(out)
+    cal = meta["compression"]["calibration"]
+    evaluated = [p for p in cal["points"] if p["metrics"] is not None]
+    assert cal["min_ratio"] == 20 and {p["ratio"] >= 20 for p in cal["points"]} == {True, False}, "the grid straddles"
+    assert evaluated == [p for p in cal["points"] if p["ratio"] >= 20], "every point that small, no other"
+    chosen = _chosen(cal)
+    assert chosen["score"] == min(p["score"] for p in evaluated) and cal["chosen"]["rule"].startswith("best score at")
+    assert meta["compression"]["ratio"] >= 20
+    with pytest.raises(DeltatuneError, match="no grid point is at least 1000x smaller .* lower min_ratio"):
+        dt.compress(lora, tmp_path / "x", calibrate=data, alphas=[1.0], densities=[0.3], dev_size=12, min_ratio=1000)
+    assert not (tmp_path / "x").exists(), "nothing written"
+
+
 def _chosen(cal: dict) -> dict:
     keys = ("scope", "density", "alpha")
     [point] = [p for p in cal["points"] if all(p[k] == cal["chosen"][k] for k in keys)]
@@ -176,7 +206,7 @@ def test_without_calibrate_nothing_changes(lora: Path, tmp_path: Path) -> None:
 @pytest.mark.parametrize(("options", "message"), [
     ({"tolerance": -1}, "tolerance=-1 must be a number >= 0"), ({"dev_size": 0}, "dev_size=0"),
     ({"density": 0.1, "densities": [0.2]}, "density .one. or densities"), ({"alphas": []}, "alphas=.. must be"),
-    ({"densities": [0.1, 2.0]}, r"densities=\[0.1, 2.0\]"),
+    ({"densities": [0.1, 2.0]}, r"densities=\[0.1, 2.0\]"), ({"min_ratio": 0.5}, "min_ratio=0.5 must be a number >= 1"),
 ])
 def test_bad_calibration_options_are_refused_before_anything_loads(options: dict, message: str,
                                                                    tmp_path: Path) -> None:
@@ -198,5 +228,6 @@ def test_cli_prints_the_curve_and_writes_only_the_artifact(word_run, lora: Path,
     assert "warning: the dev split has 12 examples" in result.stderr
     assert sorted(p.name for p in (tmp_path / "c").iterdir()) == sorted([artifact.META_FILE, artifact.TENSOR_FILE])
     json.dumps(cal)  # the record is plain JSON
-    refused = runner.invoke(app, ["compress", str(lora), "--out", str(tmp_path / "d"), "--data", word_run[1]])
-    assert refused.exit_code == 2 and "add --calibrate" in refused.stderr and not (tmp_path / "d").exists()
+    for extra in (["--data", word_run[1]], ["--min-ratio", "10"]):
+        refused = runner.invoke(app, ["compress", str(lora), "--out", str(tmp_path / "d"), *extra])
+        assert refused.exit_code == 2 and "add --calibrate" in refused.stderr and not (tmp_path / "d").exists()

@@ -614,10 +614,14 @@ def compress(
     tolerance: float = typer.Option(1.0, "--tolerance", help="With --calibrate: the dev score a compressed delta may "
                                     "lose: points of accuracy, or percent of the loss for text and chat."),
     batch_size: int = typer.Option(16, "--batch-size", help="With --calibrate: evaluation batch size."),
+    min_ratio: float = typer.Option(None, "--min-ratio", help="With --calibrate: a size target, e.g. 10: the best "
+                                    "dev score among the grid points at least this many times smaller (instead of "
+                                    "the smallest point within --tolerance)."),
 ) -> None:
     """Compress a saved delta with ComPEFT (top-k + ternary, bit-packed): compress ARTIFACT --out FOLDER. The
     result loads like any artifact. With --calibrate --data NAME_OR_FILE (or --config RUN.yaml): the smallest
-    grid point within --tolerance of the uncompressed delta on a dev split, the curve printed as a table."""
+    grid point within --tolerance of the uncompressed delta on a dev split (with --min-ratio R: the best dev score
+    at least R times smaller), the curve printed as a table."""
     import warnings
 
     from deltatune import api
@@ -628,10 +632,11 @@ def compress(
     if calibrate:
         grid = {"calibrate": _data_config(data, task, config, set_, artifact), "densities": _floats(densities, "--densities"),
                 "alphas": _floats(alphas, "--alphas"), "dev_size": dev_size, "tolerance": tolerance,
-                "batch_size": batch_size}
+                "batch_size": batch_size, "min_ratio": min_ratio}
     else:
         given = [name for name, value in (("--data", data), ("--task", task), ("--config", config), ("--set", set_),
-                                          ("--densities", densities), ("--alphas", alphas)) if value]
+                                          ("--densities", densities), ("--alphas", alphas),
+                                          ("--min-ratio", min_ratio)) if value]
         if given:
             raise DeltatuneError(f"{', '.join(given)} choose the calibration data and grid: add --calibrate, e.g. "
                                  "deltatune compress ARTIFACT --out FOLDER --calibrate --data tweets")
@@ -663,8 +668,10 @@ def _print_calibration(record: dict[str, Any]) -> None:
         return f"{value:.2%}" if metric == "accuracy" else f"{value:.4f}"
 
     unit = "points" if metric == "accuracy" else "%"
-    table = Table(title=f"calibration on {dev['examples']} dev examples (dev {metric}; within {record['tolerance']:g} "
-                  f"{unit} of the uncompressed delta)")
+    target = record.get("min_ratio")
+    rule = (f"the best at >= {target:g}x smaller" if target is not None else
+            f"within {record['tolerance']:g} {unit} of the uncompressed delta")
+    table = Table(title=f"calibration on {dev['examples']} dev examples (dev {metric}; {rule})")
     for name, justify in (("scope", "left"), ("density", "right"), ("alpha", "right"), ("size", "right"),
                           ("ratio", "right"), (f"dev {metric}", "right"), ("", "left")):
         table.add_column(name, justify=justify)  # type: ignore[arg-type]
@@ -676,7 +683,8 @@ def _print_calibration(record: dict[str, Any]) -> None:
             if (p["scope"], p["density"]) not in shown:
                 shown.add((p["scope"], p["density"]))
                 table.add_row(p["scope"], f"{p['density']:g}", "all", human_bytes(p["stored_bytes"]),
-                              f"{p['ratio']:.1f}x", "-", "skipped: larger than a point within tolerance")
+                              f"{p['ratio']:.1f}x", "-", f"skipped: less than {target:g}x smaller"
+                              if target is not None else "skipped: larger than a point within tolerance")
             continue
         is_chosen = all(p[k] == chosen[k] for k in ("scope", "density", "alpha"))
         table.add_row(p["scope"], f"{p['density']:g}", f"{p['alpha']:g}", human_bytes(p["stored_bytes"]),

@@ -302,7 +302,7 @@ def compress(path: str | os.PathLike, out: str | os.PathLike, *, density: float 
              alpha: float | None = None, scope: str | None = None, lowrank: str | None = None, values: str = "ternary",
              base: str | nn.Module | None = None, overwrite: bool = False, calibrate: Any = None,
              densities: list[float] | None = None, alphas: list[float] | None = None, dev_size: int = 200,
-             tolerance: float = 1.0, batch_size: int = 16) -> Path:
+             tolerance: float = 1.0, batch_size: int = 16, min_ratio: float | None = None) -> Path:
     """Compress the weight-side delta saved at ``path`` with ComPEFT and write the result at ``out``.
 
     ``density``: the fraction of task-vector entries kept (the paper's k/100; default 0.2, the code's);
@@ -318,7 +318,8 @@ def compress(path: str | os.PathLike, out: str | os.PathLike, *, density: float 
     from its training part (``deltatune.ops.compress_calibrate``): ``densities`` × ``alphas`` × both scopes (defaults:
     0.05, 0.1, 0.2, 0.3 × 0.5, 1, 2, …, 10; a ``density``, ``alpha`` or ``scope`` given fixes it), ``dev_size`` dev
     examples, the smallest artifact within ``tolerance`` (points of dev accuracy, or percent of dev loss for text and chat) of
-    the uncompressed delta. The search is recorded in the artifact (``compression.calibration``). Returns ``out``."""
+    the uncompressed delta; or, with ``min_ratio`` (a size target, e.g. 10), the best dev score among the grid points at
+    least that many times smaller. The search is recorded in the artifact (``compression.calibration``). Returns ``out``."""
     from deltatune.core import artifact
 
     options = {"density": DENSITY if density is None else density, "alpha": ALPHA if alpha is None else alpha,
@@ -330,11 +331,11 @@ def compress(path: str | os.PathLike, out: str | os.PathLike, *, density: float 
         from deltatune.ops import compress_calibrate
 
         grid = compress_calibrate.grid_of(density, alpha, scope, densities, alphas, values, dev_size, tolerance,
-                                          batch_size)
+                                          batch_size, min_ratio)
         data = compress_calibrate.data_config(calibrate)
-    elif densities is not None or alphas is not None:
-        raise DeltatuneError("densities / alphas are the grid a calibration searches: pass calibrate=DATA "
-                             "(--calibrate --data NAME_OR_FILE), or one density= / alpha=")
+    elif densities is not None or alphas is not None or min_ratio is not None:
+        raise DeltatuneError("densities / alphas / min_ratio are the grid and rule of a calibration: pass "
+                             "calibrate=DATA (--calibrate --data NAME_OR_FILE), or one density= / alpha=")
     delta = Delta.read(path)
     source = delta.method
     if source.traits.made_by == "compress":

@@ -26,6 +26,12 @@ them per task). Here:
   The choice is the smallest artifact whose score is within ``tolerance`` of it (points of accuracy; percent of
   the loss for text and chat), ties broken by the better score (then the lower loss, then grid order). If no point
   is within tolerance, the best score (with a warning).
+- **a size target** (``min_ratio``, ``--min-ratio R``): the artifact must be at least R× smaller than the
+  uncompressed delta; every grid point that small is evaluated (none larger), and the choice is the best dev score
+  among them (ties: the smaller artifact). The smallest-within-tolerance rule picks a point at the edge of the
+  tolerance, whose dev score is the best of many noisy α at that density: on held-out data it tends to lose more
+  than the tolerance (the winner's curse). With a size target, the tolerance only decides whether a warning says
+  that the best point that small still loses more than it.
 
 The written artifact is exactly ``dt.compress(ART, OUT, density=d, alpha=a, scope=s)`` of the chosen point, plus
 ``compression.calibration``: the data, the dev split, the reference, every point's size, ratio and dev metrics,
@@ -72,10 +78,12 @@ class Grid:
     dev_size: int
     tolerance: float  # points of accuracy, or percent of the loss
     batch_size: int
+    min_ratio: float | None = None  # a size target: the best dev score among points at least this many times smaller
 
 
 def grid_of(density: float | None, alpha: float | None, scope: str | None, densities: list[float] | None,
-            alphas: list[float] | None, values: str, dev_size: int, tolerance: float, batch_size: int) -> Grid:
+            alphas: list[float] | None, values: str, dev_size: int, tolerance: float, batch_size: int,
+            min_ratio: float | None = None) -> Grid:
     """The grid from ``compress``'s options (a given density / alpha / scope fixes it), every problem in one error."""
     problems = []
     if density is not None and densities is not None:
@@ -92,6 +100,10 @@ def grid_of(density: float | None, alpha: float | None, scope: str | None, densi
             math.isfinite(tolerance) and tolerance >= 0):
         problems.append(f"tolerance={tolerance!r} must be a number >= 0 (points of dev accuracy, or percent of the "
                         "dev loss for text and chat)")
+    if min_ratio is not None and (isinstance(min_ratio, bool) or not isinstance(min_ratio, int | float) or not (
+            math.isfinite(min_ratio) and min_ratio >= 1)):
+        problems.append(f"min_ratio={min_ratio!r} must be a number >= 1 (how many times smaller than the "
+                        "uncompressed delta the artifact must be, e.g. 10)")
     if problems:
         raise DeltatuneError(problem_list("bad calibration options", problems))
     d_grid = (float(density),) if density is not None else d_grid or DENSITIES
@@ -99,7 +111,8 @@ def grid_of(density: float | None, alpha: float | None, scope: str | None, densi
     if values == "pruned":  # pruned values keep τ: α changes nothing, so searching it would only repeat points
         a_grid = a_grid[:1]
     scopes = SCOPES if scope is None else (scope,)
-    return Grid(d_grid, a_grid, scopes, int(dev_size), float(tolerance), int(batch_size))
+    return Grid(d_grid, a_grid, scopes, int(dev_size), float(tolerance), int(batch_size),
+                None if min_ratio is None else float(min_ratio))
 
 
 def _numbers(items: list[float] | None, name: str, ok: Any, rule: str, problems: list[str]) -> tuple[float, ...]:
@@ -215,13 +228,13 @@ def calibrated(path: str | os.PathLike, delta: Delta, base: str | nn.Module | No
         tuned.detach()
     kept = {(sc, d): keep(src.pieces, d, sc) for sc in grid.scopes for d in grid.densities}
     points = _search(src, dev, kept, grid, options, metric, reference[metric])
-    index, rule = choose(points, reference[metric], metric, grid.tolerance)
+    index, rule = choose(points, reference[metric], metric, grid.tolerance, grid.min_ratio)
     chosen = points[index]
     record = {
         "data": dataclasses.asdict(data), "dev": dev_record, "metric": metric,
         "reference": {"stored_bytes": src.original, "score": reference[metric], "metrics": reference},
         "tolerance": grid.tolerance, "tolerance_unit": "points" if metric == "accuracy" else "percent",
-        "grid": {"scopes": list(grid.scopes), "densities": list(grid.densities), "alphas": list(grid.alphas)},
+        "min_ratio": grid.min_ratio, "grid": {"scopes": list(grid.scopes), "densities": list(grid.densities), "alphas": list(grid.alphas)},
         "points": points, "chosen": {**{k: chosen[k] for k in ("scope", "density", "alpha")}, "rule": rule},
         "warnings": [],
     }
@@ -234,16 +247,24 @@ def calibrated(path: str | os.PathLike, delta: Delta, base: str | nn.Module | No
 
 def _search(src: Source, dev: Any, kept: dict[tuple[str, float], Kept], grid: Grid, options: dict[str, Any],
             metric: str, reference: float) -> list[dict[str, Any]]:
-    """Every grid point (scope, then density, then α, in the grid's order) with its size, ratio and dev metrics;
-    the points of a (scope, density) skipped because its artifact is larger than one within tolerance have
-    ``metrics`` None."""
+    """Every grid point (scope, then density, then α, in the grid's order) with its size, ratio and dev metrics.
+    The points of a (scope, density) that cannot be chosen are skipped, with ``metrics`` None: without a size target,
+    those larger than a point already within tolerance; with one (``grid.min_ratio``), those not that many times
+    smaller (an error when that leaves none)."""
     encoded = {key: src.compressed(k, {**options, "scope": key[0], "density": key[1], "alpha": grid.alphas[0]})
                for key, k in kept.items()}
     size = {key: meta["sizes"]["stored_bytes"] for key, (meta, _) in encoded.items()}
+    ratio = {key: meta["compression"]["ratio"] for key, (meta, _) in encoded.items()}
+    if grid.min_ratio is not None and not any(r >= grid.min_ratio for r in ratio.values()):
+        raise DeltatuneError(f"no grid point is at least {grid.min_ratio:g}x smaller than the uncompressed delta (the "
+                             f"smallest is {max(ratio.values()):.1f}x): lower min_ratio (--min-ratio) or add smaller "
+                             "densities (--densities)")
     scores: dict[tuple[str, float, float], dict[str, float]] = {}
     smallest_ok: int | None = None
     for key in sorted(kept, key=lambda k: (size[k], k[1], grid.scopes.index(k[0]))):  # the smallest artifacts first
-        if smallest_ok is not None and size[key] > smallest_ok:
+        if grid.min_ratio is not None and ratio[key] < grid.min_ratio:
+            continue  # not small enough for the size target
+        if grid.min_ratio is None and smallest_ok is not None and size[key] > smallest_ok:
             continue  # larger than a point already within tolerance: it cannot be chosen
         meta, tensors = encoded[key]
         with _attached(src, meta, tensors) as candidate:
@@ -309,10 +330,18 @@ def _better_first(point: dict[str, Any], metric: str) -> tuple[float, ...]:
     return (-metrics["accuracy"], metrics["loss"]) if metric == "accuracy" else (metrics["loss"],)
 
 
-def choose(points: list[dict[str, Any]], reference: float, metric: str, tolerance: float) -> tuple[int, str]:
+def choose(points: list[dict[str, Any]], reference: float, metric: str, tolerance: float,
+           min_ratio: float | None = None) -> tuple[int, str]:
     """The index of the chosen point among the evaluated ones, and the rule that chose it: the smallest artifact
-    within tolerance of the reference (ties: the better score, then grid order), else the best score."""
+    within tolerance of the reference (ties: the better score, then grid order), else the best score. With a size
+    target ``min_ratio``: the best score among the points at least that many times smaller (ties: the smaller
+    artifact, then grid order)."""
     scored = [i for i, p in enumerate(points) if p["metrics"] is not None]
+    if min_ratio is not None:
+        small = [i for i in scored if points[i]["ratio"] >= min_ratio]
+        best = min(small, key=lambda i: (_better_first(points[i], metric), points[i]["stored_bytes"], i))
+        within = _within(points[best]["score"], reference, metric, tolerance)
+        return best, f"best score at >= {min_ratio:g}x" + ("" if within else " (not within tolerance)")
     ok = [i for i in scored if _within(points[i]["score"], reference, metric, tolerance)]
     if ok:
         best = min(ok, key=lambda i: (points[i]["stored_bytes"], _better_first(points[i], metric), i))
@@ -331,7 +360,12 @@ def _warn(record: dict[str, Any], dev: dict[str, Any], rule: str) -> None:
     if dev["examples"] < dev["requested"]:
         lines.append(f"the dev split has {dev['examples']} examples, fewer than the {dev['requested']} asked for: "
                      "every training example the run did not use")
-    if rule.startswith("best"):
+    if rule.endswith("(not within tolerance)"):
+        unit = "points" if record["metric"] == "accuracy" else "percent"
+        lines.append(f"the best grid point at least {record['min_ratio']:g}x smaller is not within "
+                     f"{record['tolerance']:g} {unit} of the uncompressed delta's dev {record['metric']}: lower "
+                     "--min-ratio, or search more densities / alphas")
+    elif rule.startswith("best score (none"):
         unit = "points" if record["metric"] == "accuracy" else "percent"
         lines.append(f"no grid point is within {record['tolerance']:g} {unit} of the uncompressed delta's dev "
                      f"{record['metric']}: chose the best dev score; try larger densities (--densities) or a larger "
