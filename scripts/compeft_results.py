@@ -11,7 +11,9 @@ with that section (so its dev split is carved from the training part, minus the 
 minus duplicates of held-out texts), the grid ``--densities`` × ``--alphas`` at one ``--scope`` (both when not given),
 ``--dev-size`` dev tweets, and the size target ``--min-ratio`` (the best dev score among the points at least that
 many times smaller). Then ``dt.eval`` scores the uncompressed and the compressed artifact on the held-out split
-(``data.max_eval`` tweets). One JSON per run config in OUT (reused when present: delete it to measure again).
+(``data.max_eval`` tweets). One JSON per run config in OUT (reused when present: delete it to measure again); the
+compressed artifacts go to OUT/artifacts/<config stem> (an earlier artifact there is replaced, any other folder is
+refused, as ``deltatune compress`` does).
 """
 
 from __future__ import annotations
@@ -31,9 +33,9 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from deltatune import api  # noqa: E402
+from deltatune.cli.demo import human_bytes  # noqa: E402
 from deltatune.core import artifact  # noqa: E402
 from deltatune.errors import DeltatuneError, run_script  # noqa: E402
-from deltatune.ops.search_data import write_text  # noqa: E402
 
 
 def measure(config: Path, out: Path, args: argparse.Namespace) -> dict[str, Any]:
@@ -47,21 +49,22 @@ def measure(config: Path, out: Path, args: argparse.Namespace) -> dict[str, Any]
             "alphas": [float(x) for x in args.alphas.split(",")], "scope": args.scope, "dev_size": args.dev_size,
             "tolerance": args.tolerance, "min_ratio": args.min_ratio, "batch_size": args.batch_size}
     started = time.time()
-    compressed = api.compress(source, out / "artifacts" / config.stem, calibrate=cfg["data"], overwrite=True, **grid)
+    compressed = api.compress(source, out / "artifacts" / config.stem, calibrate=cfg["data"], **grid)
     seconds = time.time() - started
     meta = artifact.read_meta(compressed)
     cal = meta["compression"]["calibration"]
     held_out = {"uncompressed": api.eval(source, cfg["data"], batch_size=args.batch_size),
                 "compressed": api.eval(compressed, cfg["data"], batch_size=args.batch_size)}
     chosen = next(p for p in cal["points"] if all(p[k] == cal["chosen"][k] for k in ("scope", "density", "alpha")))
-    record = {"config": str(config), "artifact": str(source), "method": artifact.read_meta(source)["method"], "grid": grid, "calibration_seconds": round(seconds, 1),
+    record = {"config": str(config), "artifact": str(source), "method": artifact.read_meta(source)["method"],
+              "grid": grid, "calibration_seconds": round(seconds, 1),
               "evaluated_points": sum(p["metrics"] is not None for p in cal["points"]),
               "dev": {"examples": cal["dev"]["examples"], "reference": cal["reference"]["score"],
                       "chosen": chosen["score"]},
               "chosen": cal["chosen"], "ratio": meta["compression"]["ratio"],
               "bytes": {"uncompressed": cal["reference"]["stored_bytes"], "compressed": chosen["stored_bytes"]},
               "held_out": held_out, "warnings": cal["warnings"]}
-    write_text(out / f"{config.stem}.json", json.dumps(record, indent=1) + "\n")
+    artifact.replace_text(out / f"{config.stem}.json", json.dumps(record, indent=1) + "\n")
     return record
 
 
@@ -82,8 +85,9 @@ def render(out: Path) -> str:
         before, after = (100 * r["held_out"][k]["accuracy"] for k in ("uncompressed", "compressed"))
         c = r["chosen"]
         lines.append(f"| {Path(r['config']).stem} | {c['scope']}, {c['density']:g}, {c['alpha']:g} | "
-                     f"{r['bytes']['compressed'] / 1024:,.1f} KiB | {r['ratio']:.1f}× | {100 * r['dev']['reference']:.1f}"
-                     f" → {100 * r['dev']['chosen']:.1f} | {before:.1f} → {after:.1f} | {after - before:+.1f} |")
+                     f"{human_bytes(r['bytes']['compressed'])} | {r['ratio']:.1f}× | "
+                     f"{100 * r['dev']['reference']:.1f} → {100 * r['dev']['chosen']:.1f} | "
+                     f"{before:.1f} → {after:.1f} | {after - before:+.1f} |")
         by_method.setdefault(Path(r["config"]).stem.rsplit("-seed", 1)[0], []).append((after - before, r["ratio"]))
     lines.append("")
     for name, rows in by_method.items():

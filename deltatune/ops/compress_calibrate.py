@@ -234,7 +234,8 @@ def calibrated(path: str | os.PathLike, delta: Delta, base: str | nn.Module | No
         "data": dataclasses.asdict(data), "dev": dev_record, "metric": metric,
         "reference": {"stored_bytes": src.original, "score": reference[metric], "metrics": reference},
         "tolerance": grid.tolerance, "tolerance_unit": "points" if metric == "accuracy" else "percent",
-        "min_ratio": grid.min_ratio, "grid": {"scopes": list(grid.scopes), "densities": list(grid.densities), "alphas": list(grid.alphas)},
+        "min_ratio": grid.min_ratio,
+        "grid": {"scopes": list(grid.scopes), "densities": list(grid.densities), "alphas": list(grid.alphas)},
         "points": points, "chosen": {**{k: chosen[k] for k in ("scope", "density", "alpha")}, "rule": rule},
         "warnings": [],
     }
@@ -360,13 +361,12 @@ def _warn(record: dict[str, Any], dev: dict[str, Any], rule: str) -> None:
     if dev["examples"] < dev["requested"]:
         lines.append(f"the dev split has {dev['examples']} examples, fewer than the {dev['requested']} asked for: "
                      "every training example the run did not use")
+    unit = "points" if record["metric"] == "accuracy" else "percent"
     if rule.endswith("(not within tolerance)"):
-        unit = "points" if record["metric"] == "accuracy" else "percent"
         lines.append(f"the best grid point at least {record['min_ratio']:g}x smaller is not within "
                      f"{record['tolerance']:g} {unit} of the uncompressed delta's dev {record['metric']}: lower "
                      "--min-ratio, or search more densities / alphas")
     elif rule.startswith("best score (none"):
-        unit = "points" if record["metric"] == "accuracy" else "percent"
         lines.append(f"no grid point is within {record['tolerance']:g} {unit} of the uncompressed delta's dev "
                      f"{record['metric']}: chose the best dev score; try larger densities (--densities) or a larger "
                      "--tolerance")
