@@ -6,9 +6,10 @@
 Times, in this process and on the same random hidden states, the three ways of getting a chunk's NLL and its
 gradient with respect to the hidden states from SmolLM2-135M's head (49,152 x 576), chunked as ``token_nll`` chunks:
 
-- ``two-pass``: ``cross_entropy``, ``argmax`` and ``softmax`` on each chunk's logits (the fused loss before this
-  change: two log-sum-exps and two fresh chunk-sized tensors);
-- ``one-pass``: ``lm_loss._nll_in_place`` (one max, one exp, one sum, in place);
+- ``two-pass``: ``cross_entropy``, ``argmax`` and ``softmax`` on each chunk's logits (the fused loss before
+  2026-12-05: two log-sum-exps, an argmax for the hits and two fresh chunk-sized tensors);
+- ``one-pass``: ``lm_loss._nll_in_place`` (one ``amax``, one exp, one sum, in place; the hits only when a metric
+  asks for them);
 - ``matmuls``: the two head products alone (the floor both share).
 
 Prints the median of ``--repeats`` of each, interleaved so that load on the machine hits all three alike, and the
@@ -50,7 +51,7 @@ def one_pass(h: torch.Tensor, w: torch.Tensor, t: torch.Tensor, chunk: int) -> R
     nll, grad = torch.empty(len(h)), torch.empty_like(h)
     for s in range(0, len(h), chunk):
         logits = F.linear(h[s:s + chunk], w)
-        nll[s:s + chunk], _ = lm_loss._nll_in_place(logits, t[s:s + chunk], grad=True)
+        nll[s:s + chunk] = lm_loss._nll_in_place(logits, t[s:s + chunk], grad=True)
         grad[s:s + chunk] = logits @ w
     return nll, grad
 

@@ -112,7 +112,7 @@ def test_hits_and_unlabelled_positions() -> None:
     labels = ids.clone()
     labels[:, :3] = -100
     with torch.no_grad():
-        out = lm_loss.token_nll(model, {"input_ids": ids}, labels, chunk=4)
+        out = lm_loss.token_nll(model, {"input_ids": ids}, labels, chunk=4, hits=True)
         logits = model(input_ids=ids).logits
     targets = F.pad(labels, (0, 1), value=-100)[:, 1:]
     mask = targets != -100

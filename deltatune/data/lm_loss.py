@@ -45,8 +45,8 @@ _LOGIT_TRANSFORMS = ("final_logit_softcapping", "logit_scale", "logits_scaling",
 
 
 class TokenNLL(NamedTuple):
-    """Per position (batch, sequence): the NLL of the next token (0 where it has no label), whether the head's
-    argmax is that token (False where no label), and when asked the entropy of the next-token distribution (no
+    """Per position (batch, sequence): the NLL of the next token (0 where it has no label), when asked whether the
+    head's argmax is that token (False where no label; None unless ``hits``), and when asked the entropy of the next-token distribution (no
     gradient; 0 where no label)."""
 
     nll: torch.Tensor
@@ -139,9 +139,9 @@ class _FusedLinearNLL(torch.autograd.Function):
     @staticmethod
     def forward(ctx: Any, hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
                 targets: torch.Tensor, chunk: int, want: tuple[bool, bool, bool], temperature: float,
-                entropy: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                entropy: bool, hits: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         nll = torch.empty(hidden.shape[0], dtype=torch.float32, device=hidden.device)
-        hit = torch.empty(hidden.shape[0], dtype=torch.bool, device=hidden.device)
+        hit = torch.empty(hidden.shape[0] if hits else 0, dtype=torch.bool, device=hidden.device)
         ent = torch.empty(hidden.shape[0] if entropy else 0, dtype=torch.float32, device=hidden.device)
         grad_h = torch.empty_like(hidden) if want[0] else None
         grad_w = torch.zeros_like(weight, dtype=torch.float32) if want[1] else None
@@ -153,8 +153,10 @@ class _FusedLinearNLL(torch.autograd.Function):
             logits = _scaled(F.linear(h, weight, bias).float(), temperature)
             if entropy:
                 ent[start:start + chunk] = _entropy(logits)
-            # under grad the chunk's logits become softmax − onehot in place (the NLL and the hits read on the way)
-            nll[start:start + chunk], hit[start:start + chunk] = _nll_in_place(logits, t, want_grad)
+            if hits:  # an argmax is as slow as the rest of the softmax: only where a metric reads it
+                hit[start:start + chunk] = logits.argmax(-1) == t
+            # under grad the chunk's logits become softmax − onehot in place (the NLL read on the way)
+            nll[start:start + chunk] = _nll_in_place(logits, t, want_grad)
             if want_grad:
                 if temperature != 1.0:
                     logits.div_(temperature)
@@ -173,7 +175,7 @@ class _FusedLinearNLL(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx: Any, grad_nll: torch.Tensor, _grad_hit: Any, _grad_ent: Any) -> tuple[Any, ...]:
-        none = (None,) * 6  # targets, chunk, want, temperature, entropy and one of the three below
+        none = (None,) * 7  # targets, chunk, want, temperature, entropy, hits and one of the three below
         grad_h, grad_w, grad_b, *inputs = ctx.saved_tensors
         if not ctx.needs_input_grad[0] and not ctx.head:
             return None, None, *none
@@ -215,21 +217,20 @@ def _entropy(logits: torch.Tensor) -> torch.Tensor:
         return -(logp.exp() * logp).sum(-1)
 
 
-def _nll_in_place(logits: torch.Tensor, targets: torch.Tensor, grad: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """Each row's NLL of its target and whether the row's argmax is the target; with ``grad``, ``logits`` are left
-    holding softmax − onehot (d nll / d logits), made in place (without, they are left as exp(x − max)). One max (which gives the argmax too), one exp and one sum over
-    the vocabulary: ``cross_entropy`` then ``softmax`` would take two log-sum-exps, a separate argmax and two fresh
-    chunk-sized tensors, ≈ 0.15 s of a 0.8 s head on SmolLM2's 4 × 128 batch (scripts/loss_pass_check.py). The
+def _nll_in_place(logits: torch.Tensor, targets: torch.Tensor, grad: bool) -> torch.Tensor:
+    """Each row's NLL of its target; with ``grad``, ``logits`` are left holding softmax − onehot (d nll / d logits),
+    made in place (without, exp(x − max)). One max, one exp and one sum over the vocabulary: ``cross_entropy`` then
+    ``softmax`` would take two log-sum-exps and two fresh chunk-sized tensors (scripts/loss_pass_check.py). The
     same arithmetic as ``log_softmax`` (x − max − log Σ exp(x − max)), so equal to it up to rounding."""
     rows = torch.arange(len(targets), device=targets.device)
-    top, arg = logits.max(-1)
+    top = logits.amax(-1)  # not max(-1): its indices make it several times slower
     target = logits[rows, targets]
     total = logits.sub_(top.unsqueeze(-1)).exp_().sum(-1)
     nll = total.log() - (target - top)
     if grad:
         logits.div_(total.unsqueeze(-1))
         logits[rows, targets] -= 1.0
-    return nll, arg == targets
+    return nll
 
 
 def _softmax_minus_onehot(logits: torch.Tensor, targets: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
@@ -250,24 +251,24 @@ def _accumulate(d: torch.Tensor, h: torch.Tensor, weight: torch.Tensor, grad_h: 
 
 
 def _module_chunk(head: nn.Module, h: torch.Tensor, t: torch.Tensor, temperature: float,
-                  entropy: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                  entropy: bool, hits: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     logits = _scaled(head(h).float(), temperature)
     nll = F.cross_entropy(logits, t, reduction="none")
     ent = _entropy(logits) if entropy else logits.new_empty(0)
-    return nll, (logits.argmax(-1) == t), ent
+    return nll, (logits.argmax(-1) == t) if hits else t.new_empty(0, dtype=torch.bool), ent
 
 
 def _module_nll(head: nn.Module, hidden: torch.Tensor, targets: torch.Tensor, chunk: int, temperature: float,
-                entropy: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                entropy: bool, hits: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Any head called as a module on each chunk; under grad, checkpointed (its logits recomputed in backward)."""
     parts = []
     grad = torch.is_grad_enabled()
     for start in range(0, hidden.shape[0], chunk):
         h, t = hidden[start:start + chunk], targets[start:start + chunk]
         if grad:
-            parts.append(checkpoint(_module_chunk, head, h, t, temperature, entropy, use_reentrant=False))
+            parts.append(checkpoint(_module_chunk, head, h, t, temperature, entropy, hits, use_reentrant=False))
         else:
-            parts.append(_module_chunk(head, h, t, temperature, entropy))
+            parts.append(_module_chunk(head, h, t, temperature, entropy, hits))
     nll, hit, ent = (torch.cat(column) for column in zip(*parts, strict=True))
     return nll, hit, ent
 
@@ -277,9 +278,10 @@ def chunk_size(vocab: int) -> int:
 
 
 def token_nll(model: nn.Module, inputs: dict[str, torch.Tensor], labels: torch.Tensor, *,
-              chunk: int | None = None, temperature: float = 1.0, entropy: bool = False, **forward: Any) -> TokenNLL:
+              chunk: int | None = None, temperature: float = 1.0, entropy: bool = False, hits: bool = False,
+              **forward: Any) -> TokenNLL:
     """The next-token NLL at every position of ``labels`` (position t scores token t + 1; IGNORE_INDEX: none),
-    (batch, sequence), float32, differentiable; and the argmax hits. ``inputs`` and ``forward`` go to the model
+    (batch, sequence), float32, differentiable; with ``hits``, whether each position's argmax is its target. ``inputs`` and ``forward`` go to the model
     (``use_cache=False`` added). A form that prepends virtual tokens (prefix / prompt tuning) gives the body more
     positions than ``labels`` has: the last ``labels.shape[1]`` are the real ones, as with the plain loss.
     ``temperature``: the NLL of softmax(logits / T) (GRPO's sampling temperature); ``entropy``: also each labelled
@@ -308,14 +310,17 @@ def token_nll(model: nn.Module, inputs: dict[str, torch.Tensor], labels: torch.T
             grad = torch.is_grad_enabled()
             want = (grad and chosen.requires_grad, grad and weight.requires_grad,
                     grad and bias is not None and bias.requires_grad)
-            picked, hits, ents = _FusedLinearNLL.apply(chosen, weight, bias, wanted, size, want, temperature, entropy)
+            picked, hit_of, ents = _FusedLinearNLL.apply(chosen, weight, bias, wanted, size, want, temperature,
+                                                         entropy, hits)
         else:
-            picked, hits, ents = _module_nll(head, chosen, wanted, size, temperature, entropy)
+            picked, hit_of, ents = _module_nll(head, chosen, wanted, size, temperature, entropy, hits)
         nll = nll.index_put((where,), picked)
-        hit = hit.index_put((where,), hits)
+        if hits:
+            hit = hit.index_put((where,), hit_of)
         if entropy:
             ent = ent.index_put((where,), ents)
-    return TokenNLL(nll.view_as(targets), hit.view_as(targets), ent.view_as(targets) if entropy else None)
+    return TokenNLL(nll.view_as(targets), hit.view_as(targets) if hits else None,
+                    ent.view_as(targets) if entropy else None)
 
 
 def head_at(model: nn.Module, inputs: dict[str, torch.Tensor], positions: torch.Tensor,

@@ -612,7 +612,7 @@ class EditTask(Task):
         inputs, labels = _split_batch(model, batch)
         targets = F.pad(labels, (0, 1), value=IGNORE_INDEX)[:, 1:]  # position t predicts token t + 1
         if self.chunked(model):
-            nll, argmax_hit, _ = lm_loss.token_nll(model, inputs, labels)
+            nll, argmax_hit, _ = lm_loss.token_nll(model, inputs, labels, hits=True)
         else:
             logits = model(**inputs, use_cache=False).logits
             nll = F.cross_entropy(logits.flatten(0, 1).float(), targets.reshape(-1), ignore_index=IGNORE_INDEX,
