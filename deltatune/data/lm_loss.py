@@ -45,9 +45,9 @@ _LOGIT_TRANSFORMS = ("final_logit_softcapping", "logit_scale", "logits_scaling",
 
 
 class TokenNLL(NamedTuple):
-    """Per position (batch, sequence): the NLL of the next token (0 where it has no label), when asked whether the
-    head's argmax is that token (False where no label; None unless ``hits``), and when asked the entropy of the next-token distribution (no
-    gradient; 0 where no label)."""
+    """Per position (batch, sequence): the NLL of the next token (0 where it has no label); when asked (else None)
+    whether the head's argmax is that token (False where no label) and the entropy of the next-token distribution
+    (no gradient; 0 where no label)."""
 
     nll: torch.Tensor
     hit: torch.Tensor | None
@@ -281,9 +281,10 @@ def token_nll(model: nn.Module, inputs: dict[str, torch.Tensor], labels: torch.T
               chunk: int | None = None, temperature: float = 1.0, entropy: bool = False, hits: bool = False,
               **forward: Any) -> TokenNLL:
     """The next-token NLL at every position of ``labels`` (position t scores token t + 1; IGNORE_INDEX: none),
-    (batch, sequence), float32, differentiable; with ``hits``, whether each position's argmax is its target. ``inputs`` and ``forward`` go to the model
-    (``use_cache=False`` added). A form that prepends virtual tokens (prefix / prompt tuning) gives the body more
-    positions than ``labels`` has: the last ``labels.shape[1]`` are the real ones, as with the plain loss.
+    (batch, sequence), float32, differentiable; with ``hits``, whether each position's argmax is its target.
+    ``inputs`` and ``forward`` go to the model (``use_cache=False`` added). A form that prepends virtual tokens
+    (prefix / prompt tuning) gives the body more positions than ``labels`` has: the last ``labels.shape[1]`` are the
+    real ones, as with the plain loss.
     ``temperature``: the NLL of softmax(logits / T) (GRPO's sampling temperature); ``entropy``: also each labelled
     position's entropy of that distribution (no gradient)."""
     with _head_captured(model) as (capture, head):
@@ -300,8 +301,9 @@ def token_nll(model: nn.Module, inputs: dict[str, torch.Tensor], labels: torch.T
     vocab = capture.vocab
     size = chunk or chunk_size(vocab)
     nll = torch.zeros(targets.numel(), dtype=torch.float32, device=hidden.device)
-    hit = torch.zeros(targets.numel(), dtype=torch.bool, device=hidden.device)
-    ent = torch.zeros(targets.numel(), dtype=torch.float32, device=hidden.device)
+    # the hits and entropies only when asked for (empty otherwise, never read)
+    hit = torch.zeros(targets.numel() if hits else 0, dtype=torch.bool, device=hidden.device)
+    ent = torch.zeros(targets.numel() if entropy else 0, dtype=torch.float32, device=hidden.device)
     if where.numel():
         if _linear_head(head):
             for hook in list(head._forward_pre_hooks.values()):  # readying the weight, as a call would
