@@ -7,6 +7,7 @@ import json
 import pytest
 
 from deltatune.cli import bench as bench_module
+from deltatune.cli.bench_report import markdown, rows
 from deltatune.errors import DeltatuneError
 
 
@@ -167,3 +168,51 @@ def test_bench_methods_are_the_presets_with_the_short_run_changes() -> None:
     peft_lora = workload._peft_config("peft-lora", "CAUSAL_LM")
     assert (peft_lora.r, peft_lora.lora_alpha, sorted(peft_lora.target_modules)) == (
         lora["r"], lora["alpha"], sorted(lora["targets"]))
+
+
+def test_several_seeds_report_mean_and_standard_error_with_ratios_paired_by_seed(tiny_folder, monkeypatch):
+    """--seeds N runs every workload once per seed, seed by seed; each figure is the mean ± standard error over
+    the seeds and each ratio to PEFT's LoRA the mean of the per-seed ratios (not the ratio of the means)."""
+    step = {("lora", 0): 1.0, ("lora", 1): 2.0, ("peft-lora", 0): 2.0, ("peft-lora", 1): 8.0}
+    calls = []
+
+    def fake_run(run, w, timeout):
+        calls.append((run.method, w.seed))
+        s = step[(run.method, w.seed)]
+        return {"times": [9.0, s, s, s], "tokens": [256] * 4, "peak_memory_bytes": 2**30 * (1 + w.seed),
+                "trainable": 100, "artifact_bytes": 10, "eval_loss": 3.0 + w.seed, "train_loss": 3.0,
+                "device": "cpu", "torch_threads": 1}, None
+
+    monkeypatch.setattr(bench_module, "_run_one", fake_run)
+    records = bench_module.bench(str(tiny_folder), "lora", 4, seeds=2, baselines=False, threads=1)
+    assert calls == [("lora", 0), ("lora", 1)]
+    calls.clear()
+    # peft-lora named: PEFT's LoRA without the other baselines (plain full, plain forward)
+    records = bench_module.bench(str(tiny_folder), "lora,peft-lora", 4, seeds=2, baselines=False, threads=1)
+    assert calls == [("lora", 0), ("peft-lora", 0), ("lora", 1), ("peft-lora", 1)]  # seed by seed
+    lora = records[0]
+    assert lora["seconds_per_step"] == pytest.approx(1.5) and lora["seconds_per_step_se"] == pytest.approx(0.5)
+    assert lora["eval_loss"] == pytest.approx(3.5) and lora["eval_loss_se"] == pytest.approx(0.5)
+    assert lora["peak_memory_bytes"] == round(1.5 * 2**30) and lora["seed"] == [0, 1]
+    assert [r["seconds_per_step"] for r in lora["per_seed"]] == [1.0, 2.0]
+    # per-seed ratios 0.5 and 0.25: mean 0.375 ± 0.125 (the ratio of the means would be 1.5 / 5 = 0.3)
+    assert lora["ratios"]["seconds_per_step"] == pytest.approx(0.375)
+    assert lora["ratios_se"]["seconds_per_step"] == pytest.approx(0.125)
+    cells = rows(records)[0]
+    assert cells[1] == "1.500 ± 0.500 (0.38 ± 0.12×)" and cells[6].startswith("3.5000 ± 0.5000")
+    text = markdown(records, bench_module.Workload(model=str(tiny_folder), seed=0), "CMD", seeds=2)
+    assert "seeds 0 to 1 (every run once per seed" in text and "| deltatune lora | 1.500 ± 0.500 (0.38" in text
+
+
+def test_a_failed_seed_fails_the_run_and_names_the_seed(tiny_folder, monkeypatch):
+    def fake_run(run, w, timeout):
+        if w.seed == 1:
+            return None, "exit code 1: boom"
+        return {"times": [1.0, 1.0], "tokens": [8, 8], "peak_memory_bytes": 1, "trainable": 1, "artifact_bytes": 1,
+                "eval_loss": 1.0, "train_loss": 1.0, "device": "cpu", "torch_threads": 1}, None
+
+    monkeypatch.setattr(bench_module, "_run_one", fake_run)
+    [record] = bench_module.bench(str(tiny_folder), "lora", 2, seeds=3, baselines=False, threads=1)
+    assert record["error"] == "seed 1: exit code 1: boom"
+    with pytest.raises(DeltatuneError, match="seeds=0"):
+        bench_module.bench(str(tiny_folder), "lora", 2, seeds=0, baselines=False)

@@ -43,12 +43,13 @@ The runs themselves (in each run's subprocess) are in ``bench_workload.py``, the
 from __future__ import annotations
 
 import json
+import math
 import os
 import subprocess
 import sys
 import tempfile
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -102,14 +103,16 @@ def _runs(methods: list[str], baselines: bool) -> list[_Run]:
     runs = [_Run(m.replace("-", " ", 1), "peft", m) if is_peft_run(m) else _Run(f"deltatune {m}", "deltatune", m)
             for m in methods]
     if baselines:
-        runs += [_Run("peft lora", "peft", "peft-lora"), _Run("plain full", "plain", "plain-full"),
-                 _Run("plain forward", "plain", "plain-forward")]
+        named = {run.name for run in runs}
+        runs += [b for b in (_Run("peft lora", "peft", "peft-lora"), _Run("plain full", "plain", "plain-full"),
+                             _Run("plain forward", "plain", "plain-forward")) if b.name not in named]
     return runs
 
 
 def _record(run: _Run, w: Workload, raw: dict[str, Any] | None, error: str | None, wall: float) -> dict[str, Any]:
     rec: dict[str, Any] = {"name": run.name, "framework": run.framework, "method": run.method, "model": w.model,
-                           "steps": w.steps, "batch_size": w.batch_size, "seq_len": w.seq_len, "wall_s": wall}
+                           "steps": w.steps, "batch_size": w.batch_size, "seq_len": w.seq_len, "seed": w.seed,
+                           "wall_s": wall}
     if raw is None:
         rec.update({f: None for f in FIELDS})
         rec["error"] = error
@@ -136,6 +139,55 @@ def _record(run: _Run, w: Workload, raw: dict[str, Any] | None, error: str | Non
     if timed and sps:  # what occasional slow steps (a policy's selection phase) add over the run, amortised
         rec["amortised_overhead"] = sum(timed) / (len(timed) * sps) - 1
     return rec
+
+
+# the figures that vary from seed to seed, reported as mean ± standard error when a bench runs several seeds
+SPREAD = ("seconds_per_step", "tokens_per_s", "peak_memory_bytes", "eval_loss")
+
+
+def _mean_se(values: list[float]) -> tuple[float, float]:
+    mean = sum(values) / len(values)
+    var = sum((v - mean) ** 2 for v in values) / (len(values) - 1)
+    return mean, math.sqrt(var / len(values))
+
+
+def _combine(recs: list[dict[str, Any]]) -> dict[str, Any]:
+    """One run's records over its seeds as one record: every number the mean over the seeds (SPREAD's figures with
+    their standard error, ``<field>_se``), each seed's own record under ``per_seed``. A failed seed fails the run."""
+    if len(recs) == 1:
+        return recs[0]
+    failed = next((r for r in recs if r.get("error")), None)
+    if failed is not None:
+        return {**failed, "error": f"seed {failed['seed']}: {failed['error']}"}
+    out = dict(recs[0])
+    for key, value in recs[0].items():
+        values = [r.get(key) for r in recs]
+        if isinstance(value, bool) or not all(isinstance(v, int | float) and not isinstance(v, bool) for v in values):
+            continue
+        mean, se = _mean_se(values)
+        out[key] = round(mean) if all(isinstance(v, int) for v in values) else mean
+        if key in SPREAD:
+            out[f"{key}_se"] = se
+    out["seed"] = [r["seed"] for r in recs]
+    out["per_seed"] = recs
+    return out
+
+
+def _paired_ratios(records: list[dict[str, Any]]) -> None:
+    """With several seeds, each run's ratio to PEFT's LoRA is the mean of the per-seed ratios (the two runs of a
+    seed train the same data, one right after the other), with its standard error under ``ratios_se``: the spread
+    that tells a 5 % difference from the machine's drift."""
+    ref = next((r for r in records if r["name"] == REFERENCE and r.get("error") is None), None)
+    if ref is None or "per_seed" not in ref:
+        return
+    for r in records:
+        if r.get("error") is not None or "per_seed" not in r:
+            continue
+        r["ratios_se"] = {}
+        for f in FIELDS:
+            pairs = [(a.get(f), b.get(f)) for a, b in zip(r["per_seed"], ref["per_seed"], strict=True)]
+            if all(a is not None and b for a, b in pairs):
+                r["ratios"][f], r["ratios_se"][f] = _mean_se([a / b for a, b in pairs])
 
 
 def _ratios_to(r: dict[str, Any], ref: dict[str, Any] | None) -> dict[str, float | None]:
@@ -207,6 +259,7 @@ def bench(
     seq_len: int = 128,
     lr: float = 2e-4,
     seed: int = 0,
+    seeds: int = 1,
     threads: int = 2,
     warmup: int = 1,
     device: str = "auto",
@@ -221,7 +274,9 @@ def bench(
     """Train the same workload with each deltatune method, PEFT's LoRA and plain full fine-tuning, each in a
     fresh subprocess; return one record per run (figures and their ratios to PEFT's LoRA).
 
-    ``json_path`` writes the records as JSON; ``write_docs`` writes ``docs_path`` (markdown table, machine,
+    ``seeds`` > 1 runs every workload once per seed (``seed``, ``seed`` + 1, ...; seed by seed, so a drift of the
+    machine's load falls on every run alike) and reports each figure as the mean ± standard error over the seeds,
+    each ratio to PEFT's LoRA paired by seed. ``json_path`` writes the records as JSON; ``write_docs`` writes ``docs_path`` (markdown table, machine,
     the command), keeping any notes below the notes marker of an existing file."""
     if isinstance(methods, str):
         methods = [m.strip() for m in methods.split(",") if m.strip()]
@@ -234,7 +289,7 @@ def bench(
         raise DeltatuneError(f"--steps {steps} must be more than the {warmup} warm-up step(s) left out of the median")
     if task not in TASKS:
         raise DeltatuneError(f"task={task!r} is not a bench workload; use one of {', '.join(TASKS)}")
-    for name, value in (("batch_size", batch_size), ("seq_len", seq_len), ("threads", threads)):
+    for name, value in (("batch_size", batch_size), ("seq_len", seq_len), ("threads", threads), ("seeds", seeds)):
         if value < 1:
             raise DeltatuneError(f"{name}={value} must be at least 1")
     from deltatune.data import models
@@ -247,38 +302,48 @@ def bench(
 
         console = Console(stderr=True)
     runs = _runs(methods, baselines)
-    records = []
-    for i, run in enumerate(runs, 1):
-        t0 = time.perf_counter()
-        with console.status(f"[{i}/{len(runs)}] {run.name}: training {steps} steps in a subprocess ..."):
-            raw, error = _run_one(run, w, timeout)
-        wall = time.perf_counter() - t0
-        rec = _record(run, w, raw, error, wall)
-        records.append(rec)
-        if error:
-            console.print(f"[{i}/{len(runs)}] {run.name}: failed ({error})", style="red", highlight=False)
-        else:
-            console.print(f"[{i}/{len(runs)}] {run.name}: {rec['seconds_per_step']:.3f} s/step, "
-                          f"{gib(rec['peak_memory_bytes'])} peak, eval loss {rec['eval_loss']:.4f} "
-                          f"({wall:.0f} s)", highlight=False)
+    per_run: dict[str, list[dict[str, Any]]] = {run.name: [] for run in runs}
+    total = len(runs) * seeds
+    for k in range(seeds):
+        wk = replace(w, seed=seed + k)
+        for j, run in enumerate(runs, 1):
+            label = f"[{k * len(runs) + j}/{total}] {run.name}" + (f", seed {wk.seed}" if seeds > 1 else "")
+            t0 = time.perf_counter()
+            with console.status(f"{label}: training {steps} steps in a subprocess ..."):
+                raw, error = _run_one(run, wk, timeout)
+            wall = time.perf_counter() - t0
+            rec = _record(run, wk, raw, error, wall)
+            per_run[run.name].append(rec)
+            if error:
+                console.print(f"{label}: failed ({error})", style="red", highlight=False)
+            else:
+                console.print(f"{label}: {rec['seconds_per_step']:.3f} s/step, "
+                              f"{gib(rec['peak_memory_bytes'])} peak, eval loss {rec['eval_loss']:.4f} "
+                              f"({wall:.0f} s)", highlight=False)
+    records = [_combine(per_run[run.name]) for run in runs]
     _add_ratios(records)
-    cmd = command or _default_command(model, methods, steps, json_path, task)
+    _paired_ratios(records)
+    cmd = command or _default_command(model, methods, steps, json_path, task, seeds)
     if json_path is not None:
-        payload = {"workload": asdict(w), "machine": machine(threads), "command": cmd, "records": records}
+        payload = {"workload": asdict(w), "seeds": seeds, "machine": machine(threads), "command": cmd,
+                   "records": records}
         Path(json_path).parent.mkdir(parents=True, exist_ok=True)
         Path(json_path).write_text(json.dumps(payload, indent=2) + "\n")
     if write_docs:
-        write_markdown(records, w, docs_path, cmd)
+        write_markdown(records, w, docs_path, cmd, seeds)
     return records
 
 
-def _default_command(model: str, methods: list[str], steps: int, json_path: Any, task: str = "text") -> str:
+def _default_command(model: str, methods: list[str], steps: int, json_path: Any, task: str = "text",
+                     seeds: int = 1) -> str:
     parts = ["deltatune bench"]
     if model != DEFAULT_MODEL:
         parts.append(f"--model {model}")
     if task != "text":
         parts.append(f"--task {task}")
     parts += [f"--methods {','.join(methods)}", f"--steps {steps}"]
+    if seeds > 1:
+        parts.append(f"--seeds {seeds}")
     if json_path is not None:
         parts.append(f"--json {json_path}")
     return " ".join(parts)

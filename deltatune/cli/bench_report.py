@@ -30,7 +30,14 @@ def _bytes(n: int | None) -> str:
 
 def _ratio(r: dict[str, Any], field: str) -> str:
     x = (r.get("ratios") or {}).get(field)
-    return "" if x is None else f" ({x:.2f}×)"
+    se = (r.get("ratios_se") or {}).get(field)
+    return "" if x is None else f" ({x:.2f}×)" if se is None else f" ({x:.2f} ± {se:.2f}×)"
+
+
+def _se(r: dict[str, Any], field: str, fmt: str, scale: float = 1.0) -> str:
+    """The " ± SE" after a figure measured over several seeds; nothing for one seed."""
+    se = r.get(f"{field}_se")
+    return "" if se is None else f" ± {se / scale:{fmt}}"
 
 
 def rows(records: list[dict[str, Any]]) -> list[list[str]]:
@@ -42,12 +49,13 @@ def rows(records: list[dict[str, Any]]) -> list[list[str]]:
             continue
         out.append([
             r["name"],
-            f"{r['seconds_per_step']:.3f}{_ratio(r, 'seconds_per_step')}",
-            f"{r['tokens_per_s']:.0f}{_ratio(r, 'tokens_per_s')}",
-            f"{gib(r['peak_memory_bytes'])}{_ratio(r, 'peak_memory_bytes')}",
+            f"{r['seconds_per_step']:.3f}{_se(r, 'seconds_per_step', '.3f')}{_ratio(r, 'seconds_per_step')}",
+            f"{r['tokens_per_s']:.0f}{_se(r, 'tokens_per_s', '.0f')}{_ratio(r, 'tokens_per_s')}",
+            f"{gib(r['peak_memory_bytes'])}{_se(r, 'peak_memory_bytes', '.2f', 2**30)}"
+            f"{_ratio(r, 'peak_memory_bytes')}",
             f"{r['trainable']:,}{_ratio(r, 'trainable')}",
             f"{_bytes(r['artifact_bytes'])}{_ratio(r, 'artifact_bytes')}",
-            f"{r['eval_loss']:.4f}{_ratio(r, 'eval_loss')}",
+            f"{r['eval_loss']:.4f}{_se(r, 'eval_loss', '.4f')}{_ratio(r, 'eval_loss')}",
         ])
     return out
 
@@ -116,8 +124,11 @@ def machine(threads: int) -> dict[str, Any]:
     return info
 
 
-def markdown(records: list[dict[str, Any]], w: Workload, command: str) -> str:
+def markdown(records: list[dict[str, Any]], w: Workload, command: str, seeds: int = 1) -> str:
     m = machine(w.threads)
+    seed = (f"seed {w.seed}" if seeds == 1 else
+            f"seeds {w.seed} to {w.seed + seeds - 1} (every run once per seed, seed by seed; each figure the mean "
+            "± standard error over the seeds, each ratio to `peft lora` the mean of the per-seed ratios)")
     lines = [
         "# Benchmarks: deltatune vs. Hugging Face PEFT and plain full fine-tuning",
         "",
@@ -127,7 +138,7 @@ def markdown(records: list[dict[str, Any]], w: Workload, command: str) -> str:
         "",
         f"Workload: `{w.model}`, batch {w.batch_size} × {w.seq_len} tokens (the `tweets` texts packed into "
         f"{w.seq_len}-token blocks, the same tokens in the same order for every run), AdamW lr {w.lr:g} with "
-        f"linear decay, gradient clipping at 1.0, seed {w.seed}, {w.steps} steps (median over the steps after "
+        f"linear decay, gradient clipping at 1.0, {seed}, {w.steps} steps (median over the steps after "
         f"the first {w.warmup}), fp32 on CPU / bf16 autocast on CUDA. Each run is a fresh subprocess.",
         "",
         f"Machine: {m['cpu']}, {m['cores']} cores, {m['torch_threads']} torch threads"
@@ -238,7 +249,8 @@ def forward_lines(records: list[dict[str, Any]]) -> list[str]:
                          ("peak memory vs forward", _times("peak_memory_bytes"))])
 
 
-def write_markdown(records: list[dict[str, Any]], w: Workload, path: str | os.PathLike, command: str) -> Path:
+def write_markdown(records: list[dict[str, Any]], w: Workload, path: str | os.PathLike, command: str,
+                   seeds: int = 1) -> Path:
     path = Path(path)
     notes = ""
     if path.is_file():
@@ -246,5 +258,5 @@ def write_markdown(records: list[dict[str, Any]], w: Workload, path: str | os.Pa
         if NOTES_MARKER in old:
             notes = old.split(NOTES_MARKER, 1)[1]
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(markdown(records, w, command) + "\n" + NOTES_MARKER + (notes or "\n"))
+    path.write_text(markdown(records, w, command, seeds) + "\n" + NOTES_MARKER + (notes or "\n"))
     return path

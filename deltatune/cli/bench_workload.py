@@ -120,7 +120,7 @@ def bench_names() -> list[str]:
 
     names = list(registry.names())
     names += [n for n in [*preset_names(), *VARIANTS] if n not in names]
-    return names + list(PEFT_EXTRA) + [PEFT_SAME + m for m in [*peft_typed_methods(), *QUANTIZED]]
+    return names + list(PEFT_EXTRA) + [PEFT_SAME + m for m in ["lora", *peft_typed_methods(), *QUANTIZED]]
 
 
 def peft_typed_methods() -> list[str]:
@@ -131,9 +131,11 @@ def peft_typed_methods() -> list[str]:
 
 
 def is_peft_run(name: str) -> bool:
-    """Whether a bench name is a PEFT run (``peft-prefix``, ``peft-prompt`` or ``peft-<method>``)."""
+    """Whether a bench name is a PEFT run (``peft-lora``: the reference, named to run it without the other
+    baselines; ``peft-prefix``, ``peft-prompt`` or ``peft-<method>``)."""
     rest = name[len(PEFT_SAME):] if name.startswith(PEFT_SAME) else None
-    return name in PEFT_EXTRA or rest in QUANTIZED or (rest is not None and rest in peft_typed_methods())
+    return (name in PEFT_EXTRA or rest == "lora" or rest in QUANTIZED
+            or (rest is not None and rest in peft_typed_methods()))
 
 
 def quantization(name: str) -> dict[str, Any] | None:

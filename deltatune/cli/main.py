@@ -899,13 +899,16 @@ def bench(
     methods: str = typer.Option("lora,full", "--methods", help="Comma-separated deltatune methods, presets or bench "
                                 "variants (lora-all, spiel-all, spiel-sm3) to run; peft-prefix and peft-prompt add "
                                 "PEFT's prefix and prompt tuning, peft-<method> PEFT's own ia3, vera, loha, lokr "
-                                "or trainable_tokens."),
+                                "or trainable_tokens; peft-lora (a baseline) runs PEFT's LoRA with --no-baselines."),
     steps: int = typer.Option(10, "--steps", help="Training steps per run (the first is warm-up, not in the median)."),
     json_path: str = typer.Option(None, "--json", help="Write the records (one per run) to this JSON file."),
     docs: str = typer.Option(None, "--docs", help="Write the markdown report here (e.g. docs/benchmarks.md)."),
     batch_size: int = typer.Option(4, "--batch-size", help="Sequences per step."),
     seq_len: int = typer.Option(128, "--seq-len", help="Tokens per sequence (packed text blocks)."),
     threads: int = typer.Option(2, "--threads", help="torch threads in each run."),
+    seeds: int = typer.Option(1, "--seeds", help="Run every workload this many times (seeds 0, 1, ..., seed by "
+                              "seed) and report each figure as mean ± standard error, each ratio to PEFT's LoRA "
+                              "paired by seed."),
     device: str = typer.Option("auto", "--device", help="auto | cpu | cuda | cuda:N."),
     task: str = typer.Option("text", "--task", help="text (packed causal-LM text) | classification (tweet "
                              "sentiment with a fresh sequence-classification head, for head-training methods "
@@ -922,8 +925,8 @@ def bench(
     command = "deltatune " + " ".join(shlex.quote(a) for a in sys.argv[1:])
     records = bench_module.bench(
         model, methods, steps, json_path=json_path, write_docs=docs is not None, docs_path=docs or "",
-        batch_size=batch_size, seq_len=seq_len, threads=threads, device=device, task=task, baselines=not no_baselines,
-        console=_err(), command=command,
+        batch_size=batch_size, seq_len=seq_len, threads=threads, seeds=seeds, device=device, task=task,
+        baselines=not no_baselines, console=_err(), command=command,
     )
     from deltatune.cli.bench_report import print_whole
 
