@@ -200,6 +200,7 @@ def main() -> None:
     p.add_argument("--loss-length", type=int, default=8192)
     p.add_argument("--loss-gc", action="store_true", help="gradient checkpointing in the held-out-loss runs")
     p.add_argument("--train-steps", type=int, default=100)
+    p.add_argument("--loss-only", action="store_true", help="skip the memory rows: only the held-out-loss runs")
     p.add_argument("--eval-docs", type=int, default=8)
     p.add_argument("--lr", type=float, default=2e-4)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -214,7 +215,7 @@ def main() -> None:
     out.mkdir(parents=True, exist_ok=True)
     rows: list[dict[str, Any]] = []
     passthrough = [a for a in sys.argv[1:]]
-    for length in args.lengths:
+    for length in [] if args.loss_only else args.lengths:
         for gc in (False, True):
             for variant in VARIANTS:
                 spec = {"length": length, "gc": gc, "variant": variant}
@@ -227,12 +228,19 @@ def main() -> None:
                 rows.append(row)
                 print(json.dumps(row), flush=True)
     result: dict[str, Any] = {"settings": {k: v for k, v in vars(args).items() if k != "one"}, "memory": rows}
-    dense, lemo = heldout(args, False), heldout(args, True)
-    result["heldout_loss"] = {"lora": dense, "lora+lemo": lemo, "relative": lemo / dense - 1}
+    t0 = time.perf_counter()
+    dense = heldout(args, False)
+    t1 = time.perf_counter()
+    lemo = heldout(args, True)
+    t2 = time.perf_counter()
+    result["heldout_loss"] = {"length": args.loss_length, "train_steps": args.train_steps, "lora": dense,
+                              "lora+lemo": lemo, "relative": lemo / dense - 1,
+                              "seconds": {"lora": t1 - t0, "lora+lemo": t2 - t1}}
     print(json.dumps(result["heldout_loss"]), flush=True)
     (out / "lemo_results.json").write_text(json.dumps(result, indent=2) + "\n")
-    plot([r for r in rows if "peak_bytes" in r] or [{}], out / "lemo_memory.png")
-    print(f"wrote {out / 'lemo_results.json'} and {out / 'lemo_memory.png'}")
+    if rows:
+        plot([r for r in rows if "peak_bytes" in r] or [{}], out / "lemo_memory.png")
+    print(f"wrote {out / 'lemo_results.json'}" + (f" and {out / 'lemo_memory.png'}" if rows else ""))
 
 
 if __name__ == "__main__":
