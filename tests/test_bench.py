@@ -200,6 +200,7 @@ def test_several_seeds_report_mean_and_standard_error_with_ratios_paired_by_seed
     assert lora["ratios_se"]["seconds_per_step"] == pytest.approx(0.125)
     cells = rows(records)[0]
     assert cells[1] == "1.500 ± 0.500 (0.38 ± 0.12×)" and cells[6].startswith("3.5000 ± 0.5000")
+    assert cells[4] == "100 (1.00×)"  # the same in every seed: no spread shown
     text = markdown(records, bench_module.Workload(model=str(tiny_folder), seed=0), "CMD", seeds=2)
     assert "seeds 0 to 1 (every run once per seed" in text and "| deltatune lora | 1.500 ± 0.500 (0.38" in text
 

@@ -31,7 +31,8 @@ def _bytes(n: int | None) -> str:
 def _ratio(r: dict[str, Any], field: str) -> str:
     x = (r.get("ratios") or {}).get(field)
     se = (r.get("ratios_se") or {}).get(field)
-    return "" if x is None else f" ({x:.2f}×)" if se is None else f" ({x:.2f} ± {se:.2f}×)"
+    # a ratio that no seed moves (the trainable count, the artifact) needs no spread
+    return "" if x is None else f" ({x:.2f}×)" if not se else f" ({x:.2f} ± {se:.2f}×)"
 
 
 def _se(r: dict[str, Any], field: str, fmt: str, scale: float = 1.0) -> str:
