@@ -43,7 +43,6 @@ The runs themselves (in each run's subprocess) are in ``bench_workload.py``, the
 from __future__ import annotations
 
 import json
-import math
 import os
 import subprocess
 import sys
@@ -67,6 +66,7 @@ from deltatune.cli.bench_workload import (
     quantization,
 )
 from deltatune.errors import DeltatuneError
+from deltatune.ops.search_refit import mean_se  # the rule `deltatune demo` reports its seeds with
 
 # the bench's names other modules and tests reach through this one
 __all__ = ["ALL_LINEAR", "DEFAULT_MODEL", "FIELDS", "Workload", "bench", "equal_count_lines", "method_config", "table",
@@ -145,12 +145,6 @@ def _record(run: _Run, w: Workload, raw: dict[str, Any] | None, error: str | Non
 SPREAD = ("seconds_per_step", "tokens_per_s", "peak_memory_bytes", "eval_loss")
 
 
-def _mean_se(values: list[float]) -> tuple[float, float]:
-    mean = sum(values) / len(values)
-    var = sum((v - mean) ** 2 for v in values) / (len(values) - 1)
-    return mean, math.sqrt(var / len(values))
-
-
 def _combine(recs: list[dict[str, Any]]) -> dict[str, Any]:
     """One run's records over its seeds as one record: every number the mean over the seeds (SPREAD's figures with
     their standard error, ``<field>_se``), each seed's own record under ``per_seed``. A failed seed fails the run."""
@@ -164,7 +158,7 @@ def _combine(recs: list[dict[str, Any]]) -> dict[str, Any]:
         values = [r.get(key) for r in recs]
         if isinstance(value, bool) or not all(isinstance(v, int | float) and not isinstance(v, bool) for v in values):
             continue
-        mean, se = _mean_se(values)
+        mean, se = mean_se(values)
         out[key] = round(mean) if all(isinstance(v, int) for v in values) else mean
         if key in SPREAD:
             out[f"{key}_se"] = se
@@ -187,7 +181,7 @@ def _paired_ratios(records: list[dict[str, Any]]) -> None:
         for f in FIELDS:
             pairs = [(a.get(f), b.get(f)) for a, b in zip(r["per_seed"], ref["per_seed"], strict=True)]
             if all(a is not None and b for a, b in pairs):
-                r["ratios"][f], r["ratios_se"][f] = _mean_se([a / b for a, b in pairs])
+                r["ratios"][f], r["ratios_se"][f] = mean_se([a / b for a, b in pairs])
 
 
 def _ratios_to(r: dict[str, Any], ref: dict[str, Any] | None) -> dict[str, float | None]:
@@ -276,8 +270,9 @@ def bench(
 
     ``seeds`` > 1 runs every workload once per seed (``seed``, ``seed`` + 1, ...; seed by seed, so a drift of the
     machine's load falls on every run alike) and reports each figure as the mean ± standard error over the seeds,
-    each ratio to PEFT's LoRA paired by seed. ``json_path`` writes the records as JSON; ``write_docs`` writes ``docs_path`` (markdown table, machine,
-    the command), keeping any notes below the notes marker of an existing file."""
+    each ratio to PEFT's LoRA paired by seed. ``json_path`` writes the records as JSON; ``write_docs`` writes
+    ``docs_path`` (markdown table, machine, the command), keeping any notes below the notes marker of an existing
+    file."""
     if isinstance(methods, str):
         methods = [m.strip() for m in methods.split(",") if m.strip()]
     methods = list(methods) if methods is not None else list(DEFAULT_METHODS)
