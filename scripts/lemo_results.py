@@ -239,8 +239,7 @@ def main() -> None:
     lemo = heldout(args, True)
     t2 = time.perf_counter()
     result["heldout_loss"] = {"length": args.loss_length, "train_steps": args.train_steps, "seed": args.seed,
-                              "lora": dense,
-                              "lora+lemo": lemo, "relative": lemo / dense - 1,
+                              "lora": dense, "lora+lemo": lemo, "relative": lemo / dense - 1,
                               "seconds": {"lora": t1 - t0, "lora+lemo": t2 - t1}}
     print(json.dumps(result["heldout_loss"]), flush=True)
     (out / "lemo_results.json").write_text(json.dumps(result, indent=2) + "\n")

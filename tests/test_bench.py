@@ -184,7 +184,7 @@ def test_several_seeds_report_mean_and_standard_error_with_ratios_paired_by_seed
                 "device": "cpu", "torch_threads": 1}, None
 
     monkeypatch.setattr(bench_module, "_run_one", fake_run)
-    records = bench_module.bench(str(tiny_folder), "lora", 4, seeds=2, baselines=False, threads=1)
+    bench_module.bench(str(tiny_folder), "lora", 4, seeds=2, baselines=False, threads=1)
     assert calls == [("lora", 0), ("lora", 1)]
     calls.clear()
     # peft-lora named: PEFT's LoRA without the other baselines (plain full, plain forward)
