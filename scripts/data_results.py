@@ -21,9 +21,10 @@ searched here (said on the page).
   The demo caps training data at 2,000 rows (``data.max_train``, after the step): 60 steps of 8 see 480 of them.
 - prune: DEALRec at 2% and 10% against random subsets of the same size; its "all" and "random 10%" rows are the
   select group's runs, not trained again (the random baseline is one rule for both steps: the same seed chooses
-  the same rows). Its effort term needs one SmolLM2
-  backward per row (0.41 s each here: 2.3 hours over the pool), so this measurement runs ``effort: false``
-  (influence from the surrogate only, the paper's λ = 0 ablation) and says so.
+  the same rows). Both budgets run twice: with the paper's score (influence + λ·effort, λ 0.3, the effort from
+  SmolLM2-135M, the model being tuned) and with ``effort: false`` (influence from the surrogate only, the paper's
+  λ = 0 ablation). The effort needs one SmolLM2 forward and a short backward per pool row (0.08 s a tweet on two
+  quiet cores, about 30 minutes for the pool); it is cached per row, so the second budget reuses it.
 - augment: 100 training tweets (a stratified random 100: ``prune: {method: random, budget: 100}``), then none /
   EDA (the paper's code defaults, num_aug 9 per tweet) / mixup (α 0.4) / contrastive (w 0.3, τ 0.1), with LoRA and
   P-tuning v2 (the paper's two PEFT methods); and P-tuning v2 with EDA *and* the contrastive term, the paper's
@@ -58,13 +59,15 @@ MIXUP = {"mixup": 0.4}
 CONTRASTIVE = {"contrastive": 0.3, "contrastive_temperature": 0.1}
 
 
-PRUNE_ORDER = ("all", "random-2", "dealrec-2", "random-10", "dealrec-10")
+PRUNE_ORDER = ("all", "random-2", "dealrec-2", "dealrec-2-effort", "random-10", "dealrec-10", "dealrec-10-effort")
 SHARED = ("all", "random-10")  # prune's rows that are select's: the same training rows (random: same seed and rule)
 LABELS = {"all": "all (the training part)", "random-10": "random 10%",
           "gotd-10": "GOT-D 10%, target inside the pool", "gotd-10-unseen": "GOT-D 10%, target outside the pool",
           "gotd-10-unseen-stratified": "GOT-D 10%, target outside the pool, stratified by label",
           "random-2": "random 2%", "dealrec-2": "DEALRec 2% (influence only, no effort)",
-          "dealrec-10": "DEALRec 10% (influence only, no effort)"}
+          "dealrec-10": "DEALRec 10% (influence only, no effort)",
+          "dealrec-2-effort": "DEALRec 2% (influence + 0.3 effort)",
+          "dealrec-10-effort": "DEALRec 10% (influence + 0.3 effort)"}
 
 
 def label(name: str) -> str:
@@ -93,6 +96,9 @@ def groups(out: Path) -> dict[str, dict[str, Row]]:
                                                                   "effort": False}}),
             "dealrec-10": Row("lora", data={"prune": {"method": "dealrec", "budget": 0.1,
                                                                    "effort": False}}),
+            # the paper's score: influence + λ·effort (λ 0.3, the target model SmolLM2-135M itself)
+            "dealrec-2-effort": Row("lora", data={"prune": {"method": "dealrec", "budget": 0.02}}),
+            "dealrec-10-effort": Row("lora", data={"prune": {"method": "dealrec", "budget": 0.1}}),
         },
         "augment": {
             "lora-100": Row("lora", data=few),

@@ -232,6 +232,36 @@ def test_effort_scores_batched_equal_batch_one_and_append_eos():
     assert dealrec._tokenize(tok, "abc", 8)[-1] == 1 and len(dealrec._tokenize(tok, "abcdefghij", 8)) == 8
 
 
+def test_effort_cache_reuses_rows_and_keys_them_by_tokens_weights_and_a(monkeypatch):
+    """The effort pass is paid once per row: a second pool sharing rows runs the model on the new ones only, with
+    the values of a fresh pass; another A (seed), another truncation or the cache turned off runs them again."""
+    texts = ["cache test: first row", "cache test: a second, longer row of text", "cache test: third", "cache: 4th"]
+    model, tok = tiny_llama(), CharTokenizer()
+    fresh, _ = dealrec.effort_scores(model, tok, texts, batch=2, generator=torch.Generator().manual_seed(0))
+    ran: list[int] = []  # rows of each forward pass
+    model.register_forward_pre_hook(lambda m, args, kwargs: ran.append(len(kwargs["input_ids"])), with_kwargs=True)
+
+    def cached(rows: list[str], seed: int = 0, max_length: int = 256) -> torch.Tensor:
+        ran.clear()
+        return dealrec.cached_effort_scores(model, tok, rows, r=8, alpha=16.0, max_length=max_length, batch=2,
+                                            generator=torch.Generator().manual_seed(seed))
+
+    torch.testing.assert_close(cached(texts[:3]), fresh[:3], rtol=1e-4, atol=0)
+    assert sum(ran) == 3
+    torch.testing.assert_close(cached(texts[1:]), fresh[1:], rtol=1e-4, atol=0)
+    assert sum(ran) == 1  # rows 1 and 2 from the cache
+    other_a = cached(texts[:2], seed=1)
+    assert sum(ran) == 2 and not torch.allclose(other_a, fresh[:2])
+    short = cached(texts[:2], max_length=12)  # both rows truncate to "cache test: ": new tokens, one key
+    assert sum(ran) == 2 and not torch.allclose(short, fresh[:2])
+    torch.testing.assert_close(short[0], short[1])
+    torch.testing.assert_close(cached(texts[:2], max_length=12), short)
+    assert sum(ran) == 0
+    monkeypatch.setenv("DELTATUNE_EMBED_CACHE", "0")
+    torch.testing.assert_close(cached(texts[:2]), fresh[:2], rtol=1e-4, atol=0)
+    assert sum(ran) == 2
+
+
 def test_effort_text_of_a_classification_row_ends_with_its_label_name():
     pool = Pool([{"text": "good day", "label": 2}, {"text": "bad", "label": "neg"}])
     assert dealrec.effort_texts(pool, pool.texts(), ["n", "m", "pos"]) == ["good day\npos", "bad\nneg"]

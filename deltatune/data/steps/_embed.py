@@ -28,13 +28,18 @@ from deltatune.data.steps._base import Progress, no_progress
 DEFAULT_ENCODER = "minilm-l6"
 
 
-def _text_hashes(texts: list[str]) -> torch.Tensor:
+def cache_enabled() -> bool:
+    """False when ``DELTATUNE_EMBED_CACHE=0``: the per-text caches (these embeddings, DEALRec's effort) are off."""
+    return os.environ.get("DELTATUNE_EMBED_CACHE", "1") != "0"
+
+
+def text_hashes(texts: list[str]) -> torch.Tensor:
     """(n, 32) uint8: each text's sha256."""
     digests = b"".join(hashlib.sha256(t.encode("utf-8")).digest() for t in texts)
     return torch.frombuffer(bytearray(digests), dtype=torch.uint8).view(len(texts), 32)
 
 
-def _weights_hash(model: torch.nn.Module) -> str:
+def weights_hash(model: torch.nn.Module) -> str:
     h = hashlib.sha256()
     for name, t in sorted(model.state_dict().items()):
         h.update(name.encode())
@@ -42,8 +47,9 @@ def _weights_hash(model: torch.nn.Module) -> str:
     return h.hexdigest()[:16]
 
 
-class _Store:
-    """The cached embeddings of one encoder (see the module docstring)."""
+class VectorStore:
+    """One cache file, a vector per key: an encoder's embeddings by the sha256 of each text (module docstring),
+    or DEALRec's effort by the sha256 of each row's tokens."""
 
     def __init__(self, path: Path) -> None:
         self.path = path
@@ -80,11 +86,11 @@ class _Store:
             tmp.unlink(missing_ok=True)
 
 
-def _store_for(encoder: str, model: torch.nn.Module, max_length: int) -> _Store:
+def _store_for(encoder: str, model: torch.nn.Module, max_length: int) -> VectorStore:
     from deltatune.data.steps._manifest import cache_root
 
     name = "".join(c if c.isalnum() or c in "-_." else "_" for c in Path(encoder).name)[:40]
-    return _Store(cache_root() / "embeddings" / f"{name}-{_weights_hash(model)}-mean-{max_length}.safetensors")
+    return VectorStore(cache_root() / "embeddings" / f"{name}-{weights_hash(model)}-mean-{max_length}.safetensors")
 
 
 @torch.no_grad()
@@ -97,9 +103,9 @@ def embed_texts(texts: list[str], encoder: str = DEFAULT_ENCODER, *, batch_size:
 
     model = models.load(encoder, task="encoder")
     tokenizer = models.load_tokenizer(encoder)
-    cache = cache and os.environ.get("DELTATUNE_EMBED_CACHE", "1") != "0"
+    cache = cache and cache_enabled()
     store = _store_for(encoder, model, max_length) if cache and texts else None
-    hashes = _text_hashes(texts) if store is not None else None
+    hashes = text_hashes(texts) if store is not None else None
     found = store.lookup(hashes) if store is not None else [None] * len(texts)
     todo = [i for i, j in enumerate(found) if j is None]
     pooled = torch.empty(len(texts), model.config.hidden_size)
