@@ -4,6 +4,7 @@
     .venv/bin/python scripts/data_results.py --out data-results --group prune       # DEALRec 2% / 10% vs random
     .venv/bin/python scripts/data_results.py --out data-results --group augment     # 100 tweets: none/EDA/mixup/SCL
     .venv/bin/python scripts/data_results.py --out data-results --render            # docs/data-results.md
+    .venv/bin/python scripts/data_results.py --effort-stats     # what DEALRec's effort measures on the pool
 
 Every condition is a row of ``deltatune demo`` on its task (SmolLM2-135M scores " negative" / " positive" after the
 tweet; 500 held-out tweets, the same for every row), with the data step inline in the row's data section, so the
@@ -21,10 +22,11 @@ searched here (said on the page).
   The demo caps training data at 2,000 rows (``data.max_train``, after the step): 60 steps of 8 see 480 of them.
 - prune: DEALRec at 2% and 10% against random subsets of the same size; its "all" and "random 10%" rows are the
   select group's runs, not trained again (the random baseline is one rule for both steps: the same seed chooses
-  the same rows). Both budgets run twice: with the paper's score (influence + λ·effort, λ 0.3, the effort from
-  SmolLM2-135M, the model being tuned) and with ``effort: false`` (influence from the surrogate only, the paper's
-  λ = 0 ablation). The effort needs one SmolLM2 forward and a short backward per pool row (0.08 s a tweet on two
-  quiet cores, about 30 minutes for the pool); it is cached per row, so the second budget reuses it.
+  the same rows). Both budgets run three times: with the paper's score (influence + λ·effort, λ 0.3, the effort
+  from SmolLM2-135M, the model being tuned), with λ 1.0 (the paper's setting for two of its three data sets) and
+  with ``effort: false`` (influence from the surrogate only, the paper's λ = 0 ablation). The effort needs one
+  SmolLM2 forward and a short backward per pool row (23 minutes for the pool on two quiet cores); it is cached
+  per row, so the other rows reuse it.
 - augment: 100 training tweets (a stratified random 100: ``prune: {method: random, budget: 100}``), then none /
   EDA (the paper's code defaults, num_aug 9 per tweet) / mixup (α 0.4) / contrastive (w 0.3, τ 0.1), with LoRA and
   P-tuning v2 (the paper's two PEFT methods); and P-tuning v2 with EDA *and* the contrastive term, the paper's
@@ -59,7 +61,8 @@ MIXUP = {"mixup": 0.4}
 CONTRASTIVE = {"contrastive": 0.3, "contrastive_temperature": 0.1}
 
 
-PRUNE_ORDER = ("all", "random-2", "dealrec-2", "dealrec-2-effort", "random-10", "dealrec-10", "dealrec-10-effort")
+PRUNE_ORDER = ("all", "random-2", "dealrec-2", "dealrec-2-effort", "dealrec-2-effort-1", "random-10", "dealrec-10",
+               "dealrec-10-effort", "dealrec-10-effort-1")
 SHARED = ("all", "random-10")  # prune's rows that are select's: the same training rows (random: same seed and rule)
 LABELS = {"all": "all (the training part)", "random-10": "random 10%",
           "gotd-10": "GOT-D 10%, target inside the pool", "gotd-10-unseen": "GOT-D 10%, target outside the pool",
@@ -67,7 +70,9 @@ LABELS = {"all": "all (the training part)", "random-10": "random 10%",
           "random-2": "random 2%", "dealrec-2": "DEALRec 2% (influence only, no effort)",
           "dealrec-10": "DEALRec 10% (influence only, no effort)",
           "dealrec-2-effort": "DEALRec 2% (influence + 0.3 effort)",
-          "dealrec-10-effort": "DEALRec 10% (influence + 0.3 effort)"}
+          "dealrec-10-effort": "DEALRec 10% (influence + 0.3 effort)",
+          "dealrec-2-effort-1": "DEALRec 2% (influence + 1.0 effort)",
+          "dealrec-10-effort-1": "DEALRec 10% (influence + 1.0 effort)"}
 
 
 def label(name: str) -> str:
@@ -99,6 +104,9 @@ def groups(out: Path) -> dict[str, dict[str, Row]]:
             # the paper's score: influence + λ·effort (λ 0.3, the target model SmolLM2-135M itself)
             "dealrec-2-effort": Row("lora", data={"prune": {"method": "dealrec", "budget": 0.02}}),
             "dealrec-10-effort": Row("lora", data={"prune": {"method": "dealrec", "budget": 0.1}}),
+            # the paper's other λ (Book, MicroLens): the effort as heavy as the influence
+            "dealrec-2-effort-1": Row("lora", data={"prune": {"method": "dealrec", "budget": 0.02, "lam": 1.0}}),
+            "dealrec-10-effort-1": Row("lora", data={"prune": {"method": "dealrec", "budget": 0.1, "lam": 1.0}}),
         },
         "augment": {
             "lora-100": Row("lora", data=few),
@@ -192,14 +200,64 @@ def render(out: Path) -> str:
     return "\n".join(lines) + "\n"
 
 
+def ranks(values: Any) -> Any:
+    """Average ranks (ties share their mean rank), for a Spearman correlation without scipy."""
+    import numpy as np
+
+    values = np.asarray(values, dtype=np.float64)
+    order = np.argsort(values, kind="stable")
+    r = np.empty(len(values))
+    r[order] = np.arange(len(values), dtype=np.float64)
+    _, inverse, counts = np.unique(values, return_inverse=True, return_counts=True)
+    sums = np.bincount(inverse, weights=r)
+    return sums[inverse] / counts[inverse]
+
+
+def effort_stats() -> str:
+    """What DEALRec's effort term measures on the prune group's pool (the training part of the demo's data, seed 0,
+    the step's defaults): its spread, its rank correlation with each row's token count and with the label, and
+    the rows at both ends. Reads the effort from the per-row cache (computes it when absent: 23 minutes)."""
+    import numpy as np
+
+    from deltatune.data import models
+    from deltatune.data.config import DataConfig
+    from deltatune.data.steps import dealrec, read_pool
+
+    pool = read_pool(DataConfig(**{**DEFAULT_SETUP["data"], "max_eval": HELD_OUT, "seed": 0}))
+    texts = dealrec.effort_texts(pool, pool.texts())
+    opts = dealrec.Options(budget=0.02)
+    model, tok = models.load(opts.model, task="causal_lm"), models.load_tokenizer(opts.model)
+    effort = dealrec.cached_effort_scores(model, tok, texts, r=opts.lora_r, alpha=opts.lora_alpha,
+                                          max_length=opts.max_length, batch=opts.effort_batch,
+                                          generator=dealrec._generator(0, 2)).numpy()
+    tokens = np.array([len(dealrec._tokenize(tok, t, opts.max_length)) for t in texts])
+    positive = np.array([r["label"] == "positive" for r in pool.rows], dtype=np.float64)
+
+    def spearman(a: Any, b: Any) -> float:
+        return float(np.corrcoef(ranks(a), ranks(b))[0, 1])
+
+    q = np.quantile(effort, [0.01, 0.5, 0.99])
+    lines = [f"pool: {len(texts)} rows; effort 1% / 50% / 99% quantiles {q[0]:.3f} / {q[1]:.3f} / {q[2]:.3f}",
+             f"Spearman(effort, tokens) = {spearman(effort, tokens):+.2f}; "
+             f"Spearman(effort, positive) = {spearman(effort, positive):+.2f}",
+             f"mean effort: negative {effort[positive == 0].mean():.4f}, positive {effort[positive == 1].mean():.4f}"]
+    for name, idx in (("highest", np.argsort(-effort)[:3]), ("lowest", np.argsort(effort)[:3])):
+        lines += [f"{name}: {effort[i]:.3f} ({tokens[i]} tokens) {texts[i][:60]!r}" for i in idx]
+    return "\n".join(lines)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", default="data-results")
     ap.add_argument("--group", choices=["select", "prune", "augment"])
     ap.add_argument("--rows", default=None, help="comma-separated conditions of the group (default: all)")
     ap.add_argument("--render", action="store_true", help="run nothing new: write the page from finished rows")
+    ap.add_argument("--effort-stats", action="store_true", help="print what DEALRec's effort measures on the pool")
     args = ap.parse_args()
     out = Path(args.out)
+    if args.effort_stats:
+        print(effort_stats())
+        return
     if args.render:
         DOC.write_text(render(out))
         return
