@@ -102,8 +102,6 @@ BESIDE = {
     "ist": {"ist-higher-rate": Row("ist", {"lr": 4e-3})},
     # VQT chose the top of its grid with dev accuracy rising 2.8 points to it (80.7 -> 83.5 %)
     "vqt": {"vqt-higher-rate": Row("vqt", {"lr": 2e-2})},
-    # CorDA chose the bottom of its grid, with dev accuracy falling 11 points above it (86.5 -> 75.3 %)
-    "corda": {"corda-lower-rate": Row("corda", {"lr": 5e-4})},
 }
 ROWS = {**FIRST, **{k: v for k, v in DEFAULT_SETUP["methods"].items() if k not in FIRST}}
 TABLE: dict[str, Any] = {
