@@ -33,10 +33,15 @@ def cache_enabled() -> bool:
     return os.environ.get("DELTATUNE_EMBED_CACHE", "1") != "0"
 
 
+def sha256_rows(blobs: list[bytes]) -> torch.Tensor:
+    """(n, 32) uint8: each blob's sha256, the keys of a ``VectorStore``."""
+    digests = b"".join(hashlib.sha256(b).digest() for b in blobs)
+    return torch.frombuffer(bytearray(digests), dtype=torch.uint8).view(len(blobs), 32)
+
+
 def text_hashes(texts: list[str]) -> torch.Tensor:
     """(n, 32) uint8: each text's sha256."""
-    digests = b"".join(hashlib.sha256(t.encode("utf-8")).digest() for t in texts)
-    return torch.frombuffer(bytearray(digests), dtype=torch.uint8).view(len(texts), 32)
+    return sha256_rows([t.encode("utf-8") for t in texts])
 
 
 def weights_hash(model: torch.nn.Module) -> str:

@@ -75,7 +75,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from deltatune.data.steps._base import Outcome, Pool, Progress, budget_count, no_progress
-from deltatune.data.steps._embed import VectorStore, cache_enabled, weights_hash
+from deltatune.data.steps._embed import VectorStore, cache_enabled, sha256_rows, weights_hash
 from deltatune.errors import DeltatuneError
 
 WHERE = "dealrec"
@@ -544,8 +544,7 @@ def effort_scores(model: nn.Module, tokenizer: Any, texts: list[str], *, r: int 
 
 def _token_hashes(encoded: list[list[int]]) -> torch.Tensor:
     """(n, 32) uint8: the sha256 of each row's token ids (int64, little-endian)."""
-    digests = b"".join(hashlib.sha256(np.asarray(ids, dtype="<i8").tobytes()).digest() for ids in encoded)
-    return torch.frombuffer(bytearray(digests), dtype=torch.uint8).view(len(encoded), 32)
+    return sha256_rows([np.asarray(ids, dtype="<i8").tobytes() for ids in encoded])
 
 
 def cached_effort_scores(model: nn.Module, tokenizer: Any, texts: list[str], *, r: int, alpha: float,
